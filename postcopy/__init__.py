@@ -1,0 +1,1 @@
+"""Postcopy live migration speaking QEMU's migration stream."""

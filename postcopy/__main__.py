@@ -1,0 +1,5 @@
+import sys
+
+from postcopy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Test-wide policy: prerequisites are checked once, by marker.
+
+A test marked ``root``, ``hugetlb`` or ``qemu`` is skipped with a stated reason
+when its prerequisite is missing, except when POSTCOPY_REQUIRE_ALL=1 (set by
+tests/run.sh as root, and so in CI): then the missing prerequisite fails the
+test, so nothing is silently skipped where it should run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REQUIRE_ALL = os.environ.get("POSTCOPY_REQUIRE_ALL") == "1"
+
+
+def _free_hugepages(size_kb: int) -> int:
+    path = Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/free_hugepages")
+    try:
+        return int(path.read_text())
+    except OSError:
+        return 0
+
+
+def _missing(marker: str) -> str | None:
+    if marker == "root":
+        return None if os.geteuid() == 0 else "needs root"
+    if marker == "hugetlb":
+        return None if _free_hugepages(2048) >= 16 else (
+            "needs free 2 MiB hugepages: echo 1200 > /proc/sys/vm/nr_hugepages"
+        )
+    if marker == "qemu":
+        return None if shutil.which("qemu-system-x86_64") else (
+            "needs qemu-system-x86_64: apt-get install qemu-system-x86"
+        )
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in ("root", "hugetlb", "qemu"):
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = _missing(marker)
+        if reason is None:
+            continue
+        if REQUIRE_ALL:
+            pytest.fail(f"prerequisite missing in a run that requires all: {reason}")
+        pytest.skip(reason)
+
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+CAPTURES = SHARED / "captures" / "qemu-7.2"
+
+
+@pytest.fixture(scope="session")
+def captures_dir() -> Path:
+    """The recorded real QEMU 7.2 streams in ../shared (CI has it beside the clone)."""
+    if not CAPTURES.is_dir():
+        pytest.fail(f"captures not found at {CAPTURES}: ../shared must sit beside the project")
+    return CAPTURES

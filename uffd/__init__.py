@@ -1,0 +1,1 @@
+"""userfaultfd and guest memory: the only package that touches the kernel."""
