@@ -1,0 +1,97 @@
+/* Memory touching from C threads (see memtouch.h). */
+#define _GNU_SOURCE
+#include "memtouch.h"
+
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline volatile uint8_t *at(uint64_t addr) { return (volatile uint8_t *)(uintptr_t)addr; }
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int pc_mt_read_byte(uint64_t addr) { return *at(addr); }
+void pc_mt_write_byte(uint64_t addr, uint8_t value) { *at(addr) = value; }
+
+uint64_t pc_mt_touch_range(uint64_t addr, uint64_t len, uint64_t stride, int write)
+{
+    uint64_t sum = 0;
+    if (stride == 0)
+        stride = 1;
+    for (uint64_t off = 0; off < len; off += stride) {
+        uint8_t v = *at(addr + off);
+        sum += v;
+        if (write)
+            *at(addr + off) = (uint8_t)(v + 1);
+    }
+    return sum;
+}
+
+uint64_t pc_mt_sum(uint64_t addr, uint64_t len)
+{
+    uint64_t sum = 0, off = 0;
+    const uint8_t *p = (const uint8_t *)(uintptr_t)addr;
+    for (; off < len; off++)
+        sum += p[off];
+    return sum;
+}
+
+static inline uint8_t pattern_byte(uint64_t k, uint64_t seed) { return (uint8_t)(seed + (k >> 12) * 7 + k); }
+
+void pc_mt_fill_pattern(uint64_t addr, uint64_t len, uint64_t seed)
+{
+    uint8_t *p = (uint8_t *)(uintptr_t)addr;
+    for (uint64_t k = 0; k < len; k++)
+        p[k] = pattern_byte(k, seed);
+}
+
+int64_t pc_mt_check_pattern(uint64_t addr, uint64_t len, uint64_t seed)
+{
+    const uint8_t *p = (const uint8_t *)(uintptr_t)addr;
+    for (uint64_t k = 0; k < len; k++)
+        if (p[k] != pattern_byte(k, seed))
+            return (int64_t)k;
+    return -1;
+}
+
+int64_t pc_mt_write_to_fd(int fd, uint64_t addr, uint64_t len)
+{
+    ssize_t n;
+    do {
+        n = write(fd, (const void *)(uintptr_t)addr, len);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : (int64_t)n;
+}
+
+uint64_t pc_mt_fault_sequence(uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t *lat_ns)
+{
+    uint64_t sum = 0;
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t t0 = now_ns();
+        sum += *at(addr + i * page_size);
+        if (lat_ns)
+            lat_ns[i] = now_ns() - t0;
+    }
+    return sum;
+}
+
+int pc_mt_fork_child_reads(uint64_t addr)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0)
+        _exit(*at(addr)); /* async-signal-safe only: we forked a threaded process */
+    return pid;
+}
+
+void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len)
+{
+    memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, len);
+}

@@ -1,0 +1,249 @@
+/* userfaultfd ioctls and guest-memory shims: thin, EINTR-safe, -errno. */
+#define _GNU_SOURCE
+#include "uffd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef __NR_userfaultfd
+#error "the build host does not know the userfaultfd syscall number"
+#endif
+
+static int ioctl_retry(int fd, unsigned long req, void *arg)
+{
+    for (;;) {
+        if (ioctl(fd, req, arg) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+int pc_uffd_open_syscall(int flags)
+{
+    long fd = syscall(__NR_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int pc_uffd_open_device(int flags)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    int err = fd < 0 ? -errno : fd;
+    close(dev);
+    return err;
+}
+
+int pc_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    int rc = ioctl_retry(fd, UFFDIO_API, &api);
+    if (rc == 0) {
+        *features_out = api.features;
+        *ioctls_out = api.ioctls;
+    }
+    return rc;
+}
+
+int pc_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out)
+{
+    struct uffdio_register reg = { .range = { .start = start, .len = len }, .mode = mode };
+    int rc = ioctl_retry(fd, UFFDIO_REGISTER, &reg);
+    if (rc == 0 && ioctls_out)
+        *ioctls_out = reg.ioctls;
+    return rc;
+}
+
+int pc_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { .start = start, .len = len };
+    return ioctl_retry(fd, UFFDIO_UNREGISTER, &r);
+}
+
+/* COPY/ZEROPAGE/CONTINUE/POISON may stop part way (signal, EAGAIN, EEXIST);
+ * on EINTR resume after what was done, otherwise report progress. */
+int pc_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied)
+{
+    int64_t done = 0;
+    for (;;) {
+        struct uffdio_copy c = { .dst = dst + done, .src = src + done, .len = len - done, .mode = mode };
+        int rc = ioctl(fd, UFFDIO_COPY, &c) == 0 ? 0 : -errno;
+        if (c.copy > 0)
+            done += c.copy;
+        if (rc == -EINTR && (uint64_t)done < len)
+            continue;
+        if (copied)
+            *copied = done;
+        return rc == -EINTR ? 0 : rc;
+    }
+}
+
+int pc_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode, int64_t *zeroed)
+{
+    int64_t done = 0;
+    for (;;) {
+        struct uffdio_zeropage z = { .range = { .start = dst + done, .len = len - done }, .mode = mode };
+        int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : -errno;
+        if (z.zeropage > 0)
+            done += z.zeropage;
+        if (rc == -EINTR && (uint64_t)done < len)
+            continue;
+        if (zeroed)
+            *zeroed = done;
+        return rc == -EINTR ? 0 : rc;
+    }
+}
+
+int pc_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped)
+{
+    int64_t done = 0;
+    for (;;) {
+        struct pc_uffdio_continue c = { .range = { .start = start + done, .len = len - done }, .mode = mode };
+        int rc = ioctl(fd, UFFDIO_CONTINUE, &c) == 0 ? 0 : -errno;
+        if (c.mapped > 0)
+            done += c.mapped;
+        if (rc == -EINTR && (uint64_t)done < len)
+            continue;
+        if (mapped)
+            *mapped = done;
+        return rc == -EINTR ? 0 : rc;
+    }
+}
+
+int pc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated)
+{
+    int64_t done = 0;
+    for (;;) {
+        struct pc_uffdio_poison p = { .range = { .start = start + done, .len = len - done }, .mode = mode };
+        int rc = ioctl(fd, UFFDIO_POISON, &p) == 0 ? 0 : -errno;
+        if (p.updated > 0)
+            done += p.updated;
+        if (rc == -EINTR && (uint64_t)done < len)
+            continue;
+        if (updated)
+            *updated = done;
+        return rc == -EINTR ? 0 : rc;
+    }
+}
+
+int pc_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { .start = start, .len = len };
+    return ioctl_retry(fd, UFFDIO_WAKE, &r);
+}
+
+int pc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_writeprotect w = { .range = { .start = start, .len = len }, .mode = mode };
+    return ioctl_retry(fd, UFFDIO_WRITEPROTECT, &w);
+}
+
+void pc_uffd_event_from_msg(const struct uffd_msg *msg, pc_uffd_event *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->event = msg->event;
+    out->ufd = -1;
+    switch (msg->event) {
+    case UFFD_EVENT_PAGEFAULT:
+        out->a = msg->arg.pagefault.address;
+        out->b = msg->arg.pagefault.flags;
+        out->tid = msg->arg.pagefault.feat.ptid;
+        break;
+    case UFFD_EVENT_FORK:
+        out->ufd = (int32_t)msg->arg.fork.ufd;
+        break;
+    case UFFD_EVENT_REMAP:
+        out->a = msg->arg.remap.from;
+        out->b = msg->arg.remap.to;
+        out->c = msg->arg.remap.len;
+        break;
+    case UFFD_EVENT_REMOVE:
+    case UFFD_EVENT_UNMAP:
+        out->a = msg->arg.remove.start;
+        out->b = msg->arg.remove.end;
+        break;
+    default:
+        break;
+    }
+}
+
+
+int pc_uffd_read_events(int fd, pc_uffd_event *out, uint32_t max)
+{
+    struct uffd_msg msgs[64];
+    if (max > 64)
+        max = 64; /* one stack buffer; callers loop until -EAGAIN */
+    if (max == 0)
+        return -EINVAL;
+    ssize_t n;
+    do {
+        n = read(fd, msgs, sizeof(msgs[0]) * max);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    uint32_t count = (uint32_t)(n / (ssize_t)sizeof(msgs[0]));
+    for (uint32_t i = 0; i < count; i++)
+        pc_uffd_event_from_msg(&msgs[i], &out[i]);
+    return (int)count;
+}
+
+int pc_mem_map(int fd, uint64_t len, uint64_t *addr_out)
+{
+    void *p = fd < 0 ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+                     : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    *addr_out = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int pc_mem_unmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, len) == 0 ? 0 : -errno;
+}
+
+int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t *new_addr_out)
+{
+    void *p = mremap((void *)(uintptr_t)old_addr, len, len, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED)
+        return -errno;
+    *new_addr_out = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+static int madvise_retry(uint64_t addr, uint64_t len, int advice)
+{
+    for (;;) {
+        if (madvise((void *)(uintptr_t)addr, len, advice) == 0)
+            return 0;
+        if (errno != EINTR && errno != EAGAIN)
+            return -errno;
+    }
+}
+
+int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_DONTNEED); }
+int pc_mem_madvise_remove(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_REMOVE); }
+
+int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len)
+{
+    for (;;) {
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+uint64_t pc_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
