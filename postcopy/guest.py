@@ -1,0 +1,407 @@
+"""The built-in synthetic guest: vCPU threads in C over plain RAM regions.
+
+The vCPUs are pthreads created by the C core (``uffd/csrc/guest.c``), so they
+touch guest memory without the GIL: on a destination whose memory is registered
+with userfaultfd, a vCPU that touches a missing page blocks in the kernel until
+the page-fault service places it, and the rest of the process keeps running.
+
+Every access is a function of (seed, vCPU, step), so :meth:`Guest.verify` can
+replay the workload and predict every page exactly; the guest's position in
+that workload (:meth:`Guest.save_state`) is the device state a migration
+carries, and the destination continues where the source stopped.
+
+Regions are plain ``(addr, length, host_page_size)`` tuples: the caller owns
+the memory and must keep it mapped for as long as the :class:`Guest` exists.
+Every call into C runs with the GIL released (cffi does so).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from uffd._native import ffi, lib
+
+__all__ = [
+    "DEFAULT_SEED",
+    "MAX_VCPUS",
+    "TARGET_PAGE_SIZE",
+    "Guest",
+    "GuestBusyError",
+    "GuestConfigError",
+    "GuestStateError",
+    "GuestStats",
+    "Mismatch",
+    "MismatchDetail",
+    "MismatchKind",
+    "Pattern",
+    "Region",
+    "VerifyResult",
+]
+
+TARGET_PAGE_SIZE: int = lib.PC_GUEST_TARGET_PAGE_SIZE
+MAX_VCPUS: int = lib.PC_GUEST_MAX_VCPUS
+DEFAULT_SEED = 0x5EED
+_ERR_CAP = 512
+_U64_MAX = 2**64 - 1
+
+
+class GuestConfigError(ValueError):
+    """The guest's configuration (regions, vCPUs, pattern, ...) is invalid."""
+
+
+class GuestStateError(ValueError):
+    """Saved guest state bytes are malformed or belong to a differently configured guest."""
+
+    def __init__(self, message: str, errno_value: int) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+class GuestBusyError(RuntimeError):
+    """The operation needs the vCPUs stopped and joined, and they are not."""
+
+
+class Pattern(enum.IntEnum):
+    """Which pages the vCPUs access."""
+
+    SEQ = lib.PC_GUEST_PATTERN_SEQ  # each vCPU walks its share of pages in order, pass after pass
+    RANDOM = lib.PC_GUEST_PATTERN_RANDOM  # uniform pages from a per-vCPU PRNG
+    HOT = lib.PC_GUEST_PATTERN_HOT  # 10% of the pages take 90% of the accesses
+
+
+class MismatchKind(enum.IntEnum):
+    """What verification thinks happened to a page."""
+
+    ZERO = lib.PC_GUEST_MISMATCH_ZERO  # all zero where data was expected
+    COUNTER = lib.PC_GUEST_MISMATCH_COUNTER  # only vCPU counters differ: lost/stale updates
+    FOREIGN = lib.PC_GUEST_MISMATCH_FOREIGN  # content of another page (wrong offset)
+    CONTENT = lib.PC_GUEST_MISMATCH_CONTENT  # anything else (corrupted bytes)
+
+
+class Region(NamedTuple):
+    addr: int
+    length: int
+    host_page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchDetail:
+    """Why one page differs; ``str()`` gives a one-line explanation."""
+
+    kind: MismatchKind
+    byte_offset: int
+    """First differing 8-byte word, offset inside the 4 KiB page."""
+    expected: int
+    actual: int
+    vcpu: int | None = None
+    """For COUNTER: the vCPU whose slot differs."""
+    origin: tuple[int, int] | None = None
+    """For FOREIGN: (region_index, offset) of the page this content belongs to."""
+
+    def __str__(self) -> str:
+        where = f"word at +{self.byte_offset:#x}: expected {self.expected:#018x}, got {self.actual:#018x}"
+        if self.kind is MismatchKind.ZERO:
+            return f"page is all zero where data was expected ({where})"
+        if self.kind is MismatchKind.COUNTER:
+            behind = (self.expected - self.actual) % 2**64
+            lag = f"{behind} update(s) behind" if behind < 2**63 else f"{2**64 - behind} update(s) ahead"
+            return f"vCPU {self.vcpu} counter is {lag}: stale or lost update ({where})"
+        if self.kind is MismatchKind.FOREIGN and self.origin is not None:
+            region, offset = self.origin
+            return f"holds the content of region {region} offset {offset:#x} ({where})"
+        return f"content differs ({where})"
+
+
+class Mismatch(NamedTuple):
+    region_index: int
+    offset: int
+    """Byte offset of the 4 KiB page inside its region."""
+    detail: MismatchDetail
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    pages_checked: int
+    pages_mismatched: int
+    first_mismatches: list[Mismatch]
+    read_hash_ok: bool
+    """Every vCPU read what the replay says it should have read."""
+    state_ok: bool = True
+    """Every vCPU's counters, PRNG and position agree with the replay."""
+    bad_read_hash_vcpus: tuple[int, ...] = ()
+    bad_state_vcpus: tuple[int, ...] = ()
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"ok: {self.pages_checked} pages match the replay"
+        parts = [f"{self.pages_mismatched} of {self.pages_checked} pages differ"]
+        parts += [f"region {m.region_index} offset {m.offset:#x}: {m.detail}" for m in self.first_mismatches]
+        if not self.read_hash_ok:
+            parts.append(f"read hash differs for vCPU(s) {list(self.bad_read_hash_vcpus)}")
+        if not self.state_ok:
+            parts.append(f"state differs from the replay for vCPU(s) {list(self.bad_state_vcpus)}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStats:
+    """Per-vCPU counters (index = vCPU); read while running they are a moment's snapshot."""
+
+    steps: tuple[int, ...]
+    reads: tuple[int, ...]
+    writes: tuple[int, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(v for v in range(32) if mask >> v & 1)
+
+
+def _check_uint(name: str, value: object, limit: int = _U64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise GuestConfigError(f"{name}={value!r}: must be an integer in 0..{limit}")
+    return value
+
+
+class Guest:
+    """A synthetic guest over ``regions`` (``(addr, length, host_page_size)`` tuples).
+
+    Lifecycle: ``fill_initial()`` on a source (the destination gets its memory
+    from the migration instead), ``start()``, ``stop()``, ``save_state()``; on the
+    destination ``load_state()`` then ``start()``. ``verify()`` needs the vCPUs
+    stopped and every page readable.
+
+    Stopping waits for every vCPU to reach an access boundary; a vCPU blocked in
+    a userfaultfd fault gets there only once its page is placed, so whoever
+    serves faults must keep serving until :meth:`stop` (or :meth:`join`) returns,
+    or use :meth:`request_stop` plus :meth:`wait` with a timeout between batches.
+    """
+
+    def __init__(
+        self,
+        regions: Iterable[tuple[int, int, int]],
+        nvcpus: int = 2,
+        pattern: Pattern = Pattern.SEQ,
+        seed: int = DEFAULT_SEED,
+        write_percent: int = 50,
+        rate_limit: int = 0,
+    ) -> None:
+        region_list = [Region(*r) for r in regions]
+        if not region_list:
+            raise GuestConfigError("a guest needs at least one region")
+        for i, r in enumerate(region_list):
+            for field, value in zip(Region._fields, r, strict=True):
+                _check_uint(f"region {i} {field}", value)
+        _check_uint("nvcpus", nvcpus, 2**32 - 1)
+        _check_uint("write_percent", write_percent, 2**32 - 1)
+        _check_uint("seed", seed)
+        _check_uint("rate_limit", rate_limit)
+        try:
+            pattern = Pattern(pattern)
+        except ValueError:
+            raise GuestConfigError(f"pattern={pattern!r}: must be one of {[p.name for p in Pattern]}") from None
+
+        c_regions = ffi.new("pc_guest_region[]", len(region_list))
+        for i, r in enumerate(region_list):
+            c_regions[i].addr = r.addr
+            c_regions[i].length = r.length
+            c_regions[i].host_page_size = r.host_page_size
+        err = ffi.new("char[]", _ERR_CAP)
+        raw = lib.pc_guest_new(
+            c_regions, len(region_list), nvcpus, pattern, seed, write_percent, rate_limit, err, _ERR_CAP
+        )
+        if raw == ffi.NULL:
+            raise GuestConfigError(f"guest: {ffi.string(err).decode()}")
+        # Safety net only: freeing stops and joins the vCPUs, so close() explicitly
+        # while faults can still be served.
+        self._g: Any = ffi.gc(raw, lib.pc_guest_free)
+        self.regions: tuple[Region, ...] = tuple(region_list)
+        self.nvcpus = nvcpus
+        self.pattern = pattern
+        self.seed = seed
+        self.write_percent = write_percent
+        self.rate_limit = rate_limit
+        self.total_pages: int = lib.pc_guest_total_pages(self._g)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the vCPUs (see the class note on faults) and free the C object."""
+        if self._g is not None:
+            g, self._g = self._g, None
+            ffi.release(g)
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _handle(self) -> Any:
+        if self._g is None:
+            raise GuestBusyError("guest is closed")
+        return self._g
+
+    def _busy(self, what: str) -> GuestBusyError:
+        return GuestBusyError(f"cannot {what} while the vCPUs run: stop() or join() them first")
+
+    # -- memory -------------------------------------------------------------------
+
+    def fill_initial(self) -> None:
+        """Write every page's initial content (about 1 page in 8 stays zero)."""
+        rc = lib.pc_guest_fill_initial(self._handle())
+        if rc == -errno.EBUSY:
+            raise self._busy("fill guest memory")
+
+    def initial_page(self, region_index: int, offset: int) -> bytes:
+        """The initial content of the 4 KiB page at ``offset`` of a region."""
+        out = ffi.new("char[]", TARGET_PAGE_SIZE)
+        rc = lib.pc_guest_initial_page(self._handle(), region_index, offset, out)
+        if rc < 0:
+            raise ValueError(
+                f"no 4 KiB page at region {region_index} offset {offset:#x} "
+                f"(regions: {[hex(r.length) for r in self.regions]})"
+            )
+        return bytes(ffi.buffer(out, TARGET_PAGE_SIZE))
+
+    # -- running ------------------------------------------------------------------
+
+    def start(self, nsteps: int = 0) -> None:
+        """Start every vCPU; each stops by itself after ``nsteps`` more accesses (0 = never)."""
+        _check_uint("nsteps", nsteps)
+        rc = lib.pc_guest_start(self._handle(), nsteps)
+        if rc == -errno.EBUSY:
+            raise GuestBusyError("guest already started: join() or stop() it first")
+        if rc < 0:
+            raise OSError(-rc, f"starting vCPU threads: {errno.errorcode.get(-rc, rc)}")
+
+    def request_stop(self) -> None:
+        """Ask every vCPU to stop at its next access boundary; returns at once."""
+        lib.pc_guest_request_stop(self._handle())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every vCPU has left its loop; False on timeout."""
+        timeout_ns = -1 if timeout is None else max(0, math.ceil(timeout * 1e9))
+        return lib.pc_guest_wait(self._handle(), timeout_ns) == 0
+
+    def join(self) -> None:
+        """Wait for the vCPU threads to finish (they must be stopping or bounded by nsteps)."""
+        lib.pc_guest_join(self._handle())
+
+    def stop(self) -> None:
+        """request_stop() + join(). Keep serving faults meanwhile (see the class note)."""
+        lib.pc_guest_stop(self._handle())
+
+    def run(self, nsteps: int) -> None:
+        """Run every vCPU for exactly ``nsteps`` more accesses and join them."""
+        if nsteps <= 0:
+            raise ValueError(f"nsteps={nsteps}: must be positive")
+        self.start(nsteps)
+        self.join()
+
+    @property
+    def running(self) -> int:
+        """Number of vCPUs still inside their loop."""
+        return int(lib.pc_guest_running(self._handle()))
+
+    def stats(self) -> GuestStats:
+        out = ffi.new("pc_guest_vcpu_stats[]", self.nvcpus)
+        lib.pc_guest_stats(self._handle(), out, self.nvcpus)
+        return GuestStats(
+            steps=tuple(int(s.steps) for s in out),
+            reads=tuple(int(s.reads) for s in out),
+            writes=tuple(int(s.writes) for s in out),
+        )
+
+    # -- state ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """The guest's device state: versioned little-endian bytes (vCPUs must be stopped)."""
+        g = self._handle()
+        size = lib.pc_guest_state_size(g)
+        buf = ffi.new("char[]", size)
+        rc = lib.pc_guest_save_state(g, buf, size)
+        if rc == -errno.EBUSY:
+            raise self._busy("save guest state")
+        if rc < 0:  # pragma: no cover - the buffer is sized by the C side
+            raise OSError(-rc, "saving guest state")
+        return bytes(ffi.buffer(buf, rc))
+
+    def load_state(self, data: bytes | bytearray | memoryview) -> None:
+        """Continue from ``data`` (from :meth:`save_state` of an identically configured guest).
+
+        Raises GuestStateError (a ValueError) naming what is wrong with the bytes.
+        """
+        err = ffi.new("char[]", _ERR_CAP)
+        src = ffi.from_buffer(data)
+        rc = lib.pc_guest_load_state(self._handle(), src, len(src), err, _ERR_CAP)
+        if rc == -errno.EBUSY:
+            raise self._busy("load guest state")
+        if rc < 0:
+            raise GuestStateError(f"bad guest state: {ffi.string(err).decode()}", -rc)
+
+    # -- verification ---------------------------------------------------------------
+
+    def verify(self, max_mismatches: int = 8) -> VerifyResult:
+        """Replay every vCPU and compare every page and every read hash.
+
+        Cost is O(steps + pages). Every page is read, so on a destination all
+        pages must be placed first (or faults served while this runs).
+        """
+        res = ffi.new("pc_guest_verify_result *")
+        cap = max(0, max_mismatches)
+        mm = ffi.new("pc_guest_mismatch[]", max(1, cap))
+        rc = lib.pc_guest_verify(self._handle(), res, mm, cap)
+        if rc == -errno.EBUSY:
+            raise self._busy("verify guest memory")
+        if rc == -errno.ENOMEM:
+            raise MemoryError(f"verify needs {self.total_pages * self.nvcpus * 8} bytes of counters")
+        if rc < 0:  # pragma: no cover
+            raise OSError(-rc, "verifying guest memory")
+        mismatches = [self._mismatch(mm[i]) for i in range(res.mismatches_reported)]
+        hash_bad = _bits(res.read_hash_bad_mask)
+        state_bad = _bits(res.state_bad_mask)
+        return VerifyResult(
+            ok=res.pages_mismatched == 0 and not hash_bad and not state_bad,
+            pages_checked=int(res.pages_checked),
+            pages_mismatched=int(res.pages_mismatched),
+            first_mismatches=mismatches,
+            read_hash_ok=not hash_bad,
+            state_ok=not state_bad,
+            bad_read_hash_vcpus=hash_bad,
+            bad_state_vcpus=state_bad,
+        )
+
+    @staticmethod
+    def _mismatch(m: Any) -> Mismatch:
+        kind = MismatchKind(m.kind)
+        detail = MismatchDetail(
+            kind=kind,
+            byte_offset=int(m.byte_offset),
+            expected=int(m.expected),
+            actual=int(m.actual),
+            vcpu=int(m.vcpu) if kind is MismatchKind.COUNTER else None,
+            origin=(int(m.origin_region), int(m.origin_offset)) if m.origin_region >= 0 else None,
+        )
+        return Mismatch(int(m.region), int(m.offset), detail)
+
+    def __repr__(self) -> str:
+        return (
+            f"Guest(regions={len(self.regions)}, pages={self.total_pages}, nvcpus={self.nvcpus}, "
+            f"pattern={self.pattern.name}, seed={self.seed:#x}, write_percent={self.write_percent})"
+        )
