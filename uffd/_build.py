@@ -7,7 +7,9 @@ Every component of the C core lives in ``uffd/csrc/`` as three files:
 * ``NAME.cdef`` - what Python sees through cffi (may use ``...`` so the compiler
   fills in values and struct layouts).
 
-Adding a component needs no edit here: the three files are found by name.
+Adding a component needs no edit here: the three files are found by name. A
+.cdef that uses another component's types says so on its first line, e.g.
+``// needs: bitmap ramscan``, and is declared after them.
 All calls into ``lib`` release the GIL (cffi does so for every C call).
 """
 
@@ -20,8 +22,27 @@ from cffi import FFI
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 
+def _needs(name: str) -> list[str]:
+    first = (CSRC / f"{name}.cdef").read_text().split("\n", 1)[0]
+    return first.split("needs:", 1)[1].split() if "needs:" in first else []
+
+
 def _components() -> list[str]:
-    return sorted(p.stem for p in CSRC.glob("*.cdef"))
+    """Every component, each after the ones it needs (a depth-first order)."""
+    ordered: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name in path:
+            raise RuntimeError(f"cdef dependency cycle: {' -> '.join((*path, name))}")
+        for dep in _needs(name):
+            visit(dep, (*path, name))
+        ordered.append(name)
+
+    for name in sorted(p.stem for p in CSRC.glob("*.cdef")):
+        visit(name, ())
+    return ordered
 
 
 def make_ffibuilder() -> FFI:

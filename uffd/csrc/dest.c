@@ -1,0 +1,633 @@
+/* Destination data path: see dest.h. */
+#define _GNU_SOURCE
+#include "dest.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pagehash.h"
+#include "uffd.h"
+
+#define RX_BUF_SIZE (4u << 20)
+#define RX_BUF_LIMIT (512u << 20)   /* the largest control message Python may ask for (PACKAGED) */
+#define RX_MAX_RECS 4096u
+#define RP_REQ_PAGES_ID 3
+#define RP_REQ_PAGES 4
+#define QEMU_VM_SECTION_PART 0x02
+#define QEMU_VM_SECTION_END 0x03
+#define QEMU_VM_SECTION_FOOTER 0x7e
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
+static void put_be32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (24 - 8 * i); }
+static void put_be64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (56 - 8 * i); }
+static uint32_t get_be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* ------------------------------------------------------------------ pc_dst */
+
+pc_dst *pc_dst_new(uint32_t nblocks)
+{
+    pc_dst *d = calloc(1, sizeof(*d));
+    if (!d)
+        return NULL;
+    d->blocks = calloc(nblocks ? nblocks : 1, sizeof(*d->blocks));
+    d->descs = calloc(nblocks ? nblocks : 1, sizeof(*d->descs));
+    d->infos = calloc(nblocks ? nblocks : 1, sizeof(*d->infos));
+    if (!d->blocks || !d->descs || !d->infos) {
+        pc_dst_free(d);
+        return NULL;
+    }
+    d->nblocks = nblocks;
+    d->uffd = -1;
+    d->rp_fd = -1;
+    d->rp_last_block = -1;
+    pthread_mutex_init(&d->rp_lock, NULL);
+    pthread_mutex_init(&d->wlock, NULL);
+    return d;
+}
+
+void pc_dst_free(pc_dst *d)
+{
+    if (!d)
+        return;
+    for (uint32_t i = 0; i < d->nblocks && d->blocks; i++)
+        free(d->blocks[i].request_ns);
+    if (d->zero_buf)
+        munmap(d->zero_buf, d->max_host_page_size);
+    free(d->blocks);
+    free(d->descs);
+    free(d->infos);
+    pthread_mutex_destroy(&d->rp_lock);
+    pthread_mutex_destroy(&d->wlock);
+    free(d);
+}
+
+int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
+                     uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes)
+{
+    if (i >= d->nblocks || idlen == 0 || idlen > 255 || host_page_size < PC_TARGET_PAGE_SIZE ||
+        (host_page_size & (host_page_size - 1)) || length % host_page_size || base % host_page_size)
+        return -EINVAL;
+    uint64_t npages = length / PC_TARGET_PAGE_SIZE;
+    if (!received || !requested || received->nbits < npages || requested->nbits < npages)
+        return -EINVAL;
+    pc_dst_block *b = &d->blocks[i];
+    free(b->request_ns);
+    b->request_ns = calloc(length / host_page_size, sizeof(uint64_t));
+    if (!b->request_ns)
+        return -ENOMEM;
+    b->base = base;
+    b->length = length;
+    b->host_page_size = host_page_size;
+    b->zeroable = zeroable;
+    b->received = received;
+    b->requested = requested;
+    b->hashes = hashes;
+    b->idlen = idlen;
+    memcpy(b->idstr, idstr, idlen);
+    b->idstr[idlen] = 0;
+    d->descs[i] = (pc_block_desc){ base, length, host_page_size, received, requested };
+    d->infos[i] = (pc_ram_block_info){ b->idstr, idlen, length, host_page_size };
+    return 0;
+}
+
+int pc_dst_finish_setup(pc_dst *d)
+{
+    uint64_t maxhps = PC_TARGET_PAGE_SIZE;
+    for (uint32_t i = 0; i < d->nblocks; i++) {
+        if (!d->blocks[i].length)
+            return -EINVAL;
+        if (i && d->blocks[i].base < d->blocks[i - 1].base + d->blocks[i - 1].length)
+            return -EINVAL;     /* unsorted or overlapping */
+        if (d->blocks[i].host_page_size > maxhps)
+            maxhps = d->blocks[i].host_page_size;
+    }
+    d->max_host_page_size = maxhps;
+    d->zero_buf = mmap(NULL, maxhps, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (d->zero_buf == MAP_FAILED) {
+        d->zero_buf = NULL;
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+void pc_dst_set_uffd(pc_dst *d, int uffd) { __atomic_store_n(&d->uffd, uffd, __ATOMIC_RELEASE); }
+
+void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n)
+{
+    pthread_mutex_lock(&d->wlock);
+    d->nvcpus = n > PC_DST_MAX_VCPUS ? PC_DST_MAX_VCPUS : n;
+    memcpy(d->vcpu_tids, tids, d->nvcpus * sizeof(uint32_t));
+    pthread_mutex_unlock(&d->wlock);
+}
+
+void pc_dst_set_rp(pc_dst *d, int fd)
+{
+    pthread_mutex_lock(&d->rp_lock);
+    d->rp_fd = fd;
+    d->rp_last_block = -1;      /* the first request on a new return path names its block */
+    pthread_mutex_unlock(&d->rp_lock);
+}
+
+static int write_all(int fd, const uint8_t *p, uint64_t len)
+{
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                struct pollfd pfd = { fd, POLLOUT, 0 };
+                poll(&pfd, 1, 100);
+                continue;
+            }
+            return -errno;
+        }
+        p += n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len)
+{
+    pthread_mutex_lock(&d->rp_lock);
+    int rc = d->rp_fd < 0 ? -EPIPE : write_all(d->rp_fd, data, len);
+    pthread_mutex_unlock(&d->rp_lock);
+    return rc;
+}
+
+/* Under rp_lock: one page request, naming the block when it changed. */
+static int send_request_locked(pc_dst *d, uint32_t bi, uint64_t host_off)
+{
+    if (d->rp_fd < 0)
+        return -EPIPE;
+    pc_dst_block *b = &d->blocks[bi];
+    uint8_t msg[4 + 13 + 255];
+    uint64_t len;
+    if (d->rp_last_block != (int64_t)bi) {
+        put_be16(msg, RP_REQ_PAGES_ID);
+        put_be16(msg + 2, 13 + b->idlen);
+        put_be64(msg + 4, host_off);
+        put_be32(msg + 12, (uint32_t)b->host_page_size);
+        msg[16] = (uint8_t)b->idlen;
+        memcpy(msg + 17, b->idstr, b->idlen);
+        len = 17 + b->idlen;
+    } else {
+        put_be16(msg, RP_REQ_PAGES);
+        put_be16(msg + 2, 12);
+        put_be64(msg + 4, host_off);
+        put_be32(msg + 12, (uint32_t)b->host_page_size);
+        len = 16;
+    }
+    int rc = write_all(d->rp_fd, msg, len);
+    if (rc == 0)
+        d->rp_last_block = bi;
+    return rc;
+}
+
+int64_t pc_dst_resend_requests(pc_dst *d)
+{
+    int64_t sent = 0;
+    pthread_mutex_lock(&d->rp_lock);
+    for (uint32_t bi = 0; bi < d->nblocks; bi++) {
+        pc_dst_block *b = &d->blocks[bi];
+        uint64_t tp_per_hp = b->host_page_size / PC_TARGET_PAGE_SIZE;
+        uint64_t npages = b->length / PC_TARGET_PAGE_SIZE;
+        for (uint64_t i = pc_bitmap_find_next_set(b->requested, 0); i < npages;
+             i = pc_bitmap_find_next_set(b->requested, i + 1)) {
+            uint64_t first = i - i % tp_per_hp;
+            if (pc_bitmap_test(b->received, first))
+                continue;
+            int rc = send_request_locked(d, bi, first * PC_TARGET_PAGE_SIZE);
+            if (rc < 0) {
+                pthread_mutex_unlock(&d->rp_lock);
+                return rc;
+            }
+            sent++;
+            i = first + tp_per_hp - 1;
+        }
+    }
+    pthread_mutex_unlock(&d->rp_lock);
+    __atomic_add_fetch(&d->c.requests_sent, (uint64_t)sent, __ATOMIC_RELAXED);
+    return sent;
+}
+
+int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
+{
+    if (bi >= d->nblocks)
+        return -EINVAL;
+    pc_dst_block *b = &d->blocks[bi];
+    if (offset % PC_TARGET_PAGE_SIZE || length % PC_TARGET_PAGE_SIZE || offset > b->length ||
+        length > b->length - offset)
+        return -ERANGE;
+    pc_bitmap_clear_range_atomic(b->received, offset / PC_TARGET_PAGE_SIZE, length / PC_TARGET_PAGE_SIZE);
+    return 0;
+}
+
+uint32_t pc_dst_drain_latency(pc_dst *d, uint64_t *out, uint32_t max)
+{
+    pthread_mutex_lock(&d->wlock);
+    uint32_t n = 0;
+    if (d->latency_head - d->latency_tail > PC_DST_LATENCY_RING)   /* overrun: keep the newest */
+        d->latency_tail = d->latency_head - PC_DST_LATENCY_RING;
+    while (d->latency_tail < d->latency_head && n < max)
+        out[n++] = d->latency_ring[d->latency_tail++ % PC_DST_LATENCY_RING];
+    pthread_mutex_unlock(&d->wlock);
+    return n;
+}
+
+void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting)
+{
+    pthread_mutex_lock(&d->wlock);
+    uint64_t now = now_ns();
+    *c = d->c;
+    *blocktime_ns = d->blocktime_ns + (d->nvcpus && d->vcpus_blocked == d->nvcpus ? now - d->all_blocked_since_ns : 0);
+    for (uint32_t v = 0; v < d->nvcpus; v++) {
+        vcpu_blocktime_ns[v] = d->vcpu_blocktime_ns[v];
+        for (uint32_t w = 0; w < d->nwaiters; w++)   /* include time blocked so far */
+            if (d->waiters[w].tid == d->vcpu_tids[v])
+                vcpu_blocktime_ns[v] += now - d->waiters[w].t_ns;
+    }
+    *nwaiting = d->nwaiters;
+    pthread_mutex_unlock(&d->wlock);
+}
+
+static int vcpu_index(const pc_dst *d, uint32_t tid)
+{
+    for (uint32_t v = 0; v < d->nvcpus; v++)
+        if (d->vcpu_tids[v] == tid)
+            return (int)v;
+    return -1;
+}
+
+/* Under wlock: a thread stopped waiting for a page at time now. */
+static void waiter_done_locked(pc_dst *d, uint32_t w, uint64_t now)
+{
+    pc_dst_waiter *x = &d->waiters[w];
+    int v = vcpu_index(d, x->tid);
+    if (v >= 0) {
+        d->vcpu_blocktime_ns[v] += now - x->t_ns;
+        if (d->vcpus_blocked == d->nvcpus)
+            d->blocktime_ns += now - d->all_blocked_since_ns;
+        d->vcpus_blocked--;
+    }
+    d->latency_ring[d->latency_head++ % PC_DST_LATENCY_RING] = now - x->t_ns;
+    d->c.latency_samples++;
+    d->waiters[w] = d->waiters[--d->nwaiters];
+}
+
+/* A host page was placed (its received bits are already set). */
+static void page_arrived(pc_dst *d, uint32_t bi, uint64_t host_off)
+{
+    pthread_mutex_lock(&d->wlock);
+    uint64_t now = 0;
+    for (uint32_t w = 0; w < d->nwaiters;) {
+        if (d->waiters[w].block == bi && d->waiters[w].host_off == host_off) {
+            if (!now)
+                now = now_ns();
+            waiter_done_locked(d, w, now);      /* moves the last entry into w */
+        } else {
+            w++;
+        }
+    }
+    pthread_mutex_unlock(&d->wlock);
+}
+
+/* A thread faulted on a page that is not here yet. */
+static void page_waited(pc_dst *d, const pc_fault *f)
+{
+    pc_dst_block *b = &d->blocks[f->block];
+    pthread_mutex_lock(&d->wlock);
+    if (d->nwaiters < PC_DST_MAX_WAITERS) {
+        uint32_t w = d->nwaiters++;
+        d->waiters[w] = (pc_dst_waiter){ f->offset, f->t_ns, f->block, f->tid };
+        int v = vcpu_index(d, f->tid);
+        if (v >= 0 && ++d->vcpus_blocked == d->nvcpus)
+            d->all_blocked_since_ns = f->t_ns;
+        /* The page may have been placed between the read and now: placement
+         * sets the bits before it takes wlock, so one of us sees the other. */
+        if (pc_bitmap_test(b->received, f->offset / PC_TARGET_PAGE_SIZE))
+            waiter_done_locked(d, w, now_ns());
+    }
+    pthread_mutex_unlock(&d->wlock);
+}
+
+int pc_fault_service_run(pc_dst *d, int stop_fd)
+{
+    enum { BATCH = 64 };
+    pc_fault faults[BATCH];
+    struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    for (;;) {
+        int pr = poll(pfd, 2, -1);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (pfd[1].revents)
+            return 0;
+        if (pfd[0].revents & (POLLERR | POLLNVAL))
+            return -EBADF;
+        for (;;) {
+            uint32_t dropped = 0;
+            int n = pc_read_faults(d->uffd, d->descs, d->nblocks, faults, BATCH, &dropped);
+            if (n == -EAGAIN)
+                break;
+            if (n < 0)
+                return n;
+            __atomic_add_fetch(&d->c.faults, (uint64_t)n + dropped, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&d->c.faults_dropped, dropped, __ATOMIC_RELAXED);
+            pthread_mutex_lock(&d->rp_lock);
+            for (int i = 0; i < n; i++) {
+                pc_fault *f = &faults[i];
+                if (f->status == PC_FAULT_OUTSIDE) {
+                    d->c.faults_outside++;
+                    continue;
+                }
+                if (f->status == PC_FAULT_NEW) {
+                    pc_dst_block *b = &d->blocks[f->block];
+                    __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], f->t_ns, __ATOMIC_RELAXED);
+                    /* On failure the request stays outstanding (requested bit
+                     * set) and is sent again by pc_dst_resend_requests. */
+                    if (send_request_locked(d, f->block, f->offset) == 0)
+                        __atomic_add_fetch(&d->c.requests_sent, 1, __ATOMIC_RELAXED);
+                    else
+                        __atomic_add_fetch(&d->c.requests_failed, 1, __ATOMIC_RELAXED);
+                }
+            }
+            pthread_mutex_unlock(&d->rp_lock);
+            for (int i = 0; i < n; i++)
+                if (faults[i].status != PC_FAULT_OUTSIDE)
+                    page_waited(d, &faults[i]);
+            if (n < BATCH)
+                break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------- pc_rx */
+
+pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
+{
+    pc_rx *rx = calloc(1, sizeof(*rx));
+    if (!rx)
+        return NULL;
+    rx->dst = d;
+    rx->kind = kind;
+    rx->ram_section_id = ram_section_id;
+    int sb_rc = pc_sockbuf_init(&rx->in, fd, RX_BUF_SIZE, RX_BUF_LIMIT);
+    rx->max_recs = RX_MAX_RECS;
+    rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
+    rx->tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sb_rc < 0 || !rx->recs || rx->tmp == MAP_FAILED) {
+        if (rx->tmp == MAP_FAILED)
+            rx->tmp = NULL;
+        pc_rx_free(rx);
+        return NULL;
+    }
+    pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
+    rx->tmp_block = -1;
+    return rx;
+}
+
+void pc_rx_free(pc_rx *rx)
+{
+    if (!rx)
+        return;
+    pc_sockbuf_release(&rx->in);
+    free(rx->recs);
+    if (rx->tmp)
+        munmap(rx->tmp, rx->dst->max_host_page_size);
+    free(rx);
+}
+
+void pc_rx_stop(pc_rx *rx) { __atomic_store_n(&rx->stop, 1, __ATOMIC_RELEASE); }
+
+void pc_rx_reset_temp(pc_rx *rx)
+{
+    rx->tmp_block = -1;
+    pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
+}
+
+static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rx->err_msg, sizeof(rx->err_msg), fmt, ap);
+    va_end(ap);
+    rx->err_errno = err;
+    return code;
+}
+
+/* Place one complete host page. src is HPS bytes, or NULL when all zero. */
+static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
+{
+    pc_dst *d = rx->dst;
+    pc_dst_block *b = &d->blocks[bi];
+    uint64_t hps = b->host_page_size, dst = b->base + host_off;
+    uint64_t first = host_off / PC_TARGET_PAGE_SIZE, ntp = hps / PC_TARGET_PAGE_SIZE;
+    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
+
+    if (b->hashes) {
+        for (uint64_t i = 0; i < ntp; i++)
+            b->hashes[first + i] = src ? pc_page_hash(src + i * PC_TARGET_PAGE_SIZE) : pc_zero_page_hash();
+    }
+    if (uffd < 0) {
+        /* Before LISTEN nothing is registered: plain writes (precopy). */
+        if (src)
+            memcpy((void *)(uintptr_t)dst, src, hps);
+        else
+            memset((void *)(uintptr_t)dst, 0, hps);
+    } else {
+        int rc;
+        for (int attempt = 0;; attempt++) {
+            int64_t done = 0;
+            if (!src && b->zeroable)
+                rc = pc_uffd_zeropage(uffd, dst, hps, 0, &done);
+            else
+                rc = pc_uffd_copy(uffd, dst, (uint64_t)(uintptr_t)(src ? src : d->zero_buf), hps, 0, &done);
+            if (rc != -EAGAIN || attempt > 1000)
+                break;
+            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
+        }
+        if (rc == -EEXIST) {
+            /* Already present: a race between channels, or a resend after a
+             * recovery. The kernel copied nothing; the page stands. */
+            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+        } else if (rc < 0) {
+            return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s",
+                           (!src && b->zeroable) ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY", b->idstr,
+                           (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
+        }
+    }
+    pc_bitmap_set_range_atomic(b->received, first, ntp);
+    pc_bitmap_clear_range_atomic(b->requested, first, ntp);
+    __atomic_add_fetch(&d->c.host_pages_placed, 1, __ATOMIC_RELAXED);
+    if (!src)
+        __atomic_add_fetch(&d->c.zero_host_pages_placed, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&rx->c.host_pages_placed, 1, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&b->request_ns[host_off / hps], __ATOMIC_RELAXED)) {
+        __atomic_store_n(&b->request_ns[host_off / hps], 0, __ATOMIC_RELAXED);
+        page_arrived(d, bi, host_off);
+    } else if (__atomic_load_n(&d->nwaiters, __ATOMIC_RELAXED)) {
+        page_arrived(d, bi, host_off);      /* a fault raced with the background stream */
+    }
+    return 0;
+}
+
+int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
+{
+    pc_dst *d = rx->dst;
+    for (uint32_t i = 0; i < n; i++) {
+        const pc_ram_record *r = &recs[i];
+        if (r->block >= d->nblocks)
+            return rx_fail(rx, PC_RX_E_PROTO, EINVAL, "record names block %u of %u", r->block, d->nblocks);
+        pc_dst_block *b = &d->blocks[r->block];
+        uint64_t hps = b->host_page_size;
+        if (r->offset % PC_TARGET_PAGE_SIZE || r->offset >= b->length)
+            return rx_fail(rx, PC_RX_E_PROTO, ERANGE, "page offset 0x%llx outside block %s (0x%llx bytes)",
+                           (unsigned long long)r->offset, b->idstr, (unsigned long long)b->length);
+        const uint8_t *data = r->kind == PC_REC_PAGE ? buf + r->data_pos : NULL;
+        if (r->kind == PC_REC_PAGE)
+            __atomic_add_fetch(&rx->c.pages_normal, 1, __ATOMIC_RELAXED);
+        else
+            __atomic_add_fetch(&rx->c.pages_zero, 1, __ATOMIC_RELAXED);
+        if (hps == PC_TARGET_PAGE_SIZE) {
+            /* A 4 KiB page is placed straight from the receive buffer. */
+            if (data && pc_is_zero(data, PC_TARGET_PAGE_SIZE))
+                data = NULL;
+            int rc = place_host_page(rx, r->block, r->offset, data);
+            if (rc)
+                return rc;
+            continue;
+        }
+        uint64_t host_off = r->offset & ~(hps - 1);
+        if (rx->tmp_block < 0) {
+            if (r->offset != host_off)
+                return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
+                               "host page of %s at 0x%llx starts with target page 0x%llx, not its first",
+                               b->idstr, (unsigned long long)host_off, (unsigned long long)r->offset);
+            rx->tmp_block = r->block;
+            rx->tmp_host_off = host_off;
+            rx->tmp_next_off = host_off;
+            rx->tmp_all_zero = 1;
+        } else if ((uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
+            return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
+                           "host page not sent whole and in order on channel %d: expected %s+0x%llx, got %s+0x%llx",
+                           rx->kind, d->blocks[rx->tmp_block].idstr, (unsigned long long)rx->tmp_next_off,
+                           b->idstr, (unsigned long long)r->offset);
+        }
+        uint8_t *slot = rx->tmp + (r->offset - host_off);
+        if (data && !pc_is_zero(data, PC_TARGET_PAGE_SIZE)) {
+            memcpy(slot, data, PC_TARGET_PAGE_SIZE);
+            rx->tmp_all_zero = 0;
+        } else {
+            memset(slot, 0, PC_TARGET_PAGE_SIZE);
+        }
+        rx->tmp_next_off += PC_TARGET_PAGE_SIZE;
+        if (rx->tmp_next_off == host_off + hps) {
+            rx->tmp_block = -1;
+            int rc = place_host_page(rx, r->block, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* Scan and place the records at head until EOS / need-data / error.
+ * Returns 1 at EOS, 0 when more data is needed, or a PC_RX_E_* code. */
+static int rx_records(pc_rx *rx)
+{
+    for (;;) {
+        uint32_t nrec = 0;
+        int32_t status = 0;
+        uint64_t err_pos = 0;
+        const uint8_t *data = pc_sockbuf_data(&rx->in);
+        int64_t used = pc_ram_scan(&rx->scan, rx->dst->infos, rx->dst->nblocks, data, pc_sockbuf_avail(&rx->in),
+                                   rx->recs, rx->max_recs, &nrec, &status, &err_pos);
+        if (status < 0)
+            return rx_fail(rx, PC_RX_E_PROTO, EINVAL, "bad page record at stream offset +%llu: scan error %d",
+                           (unsigned long long)err_pos, status);
+        int rc = pc_rx_place_records(rx, rx->recs, nrec, data);
+        if (rc)
+            return rc;
+        pc_sockbuf_consume(&rx->in, (uint64_t)used);
+        if (status == PC_SCAN_EOS)
+            return 1;
+        if (status == PC_SCAN_NEED_DATA)
+            return 0;
+        /* PC_SCAN_FULL: go on scanning */
+    }
+}
+
+int pc_rx_run(pc_rx *rx)
+{
+    pc_sockbuf *in = &rx->in;
+    for (;;) {
+        if (__atomic_load_n(&rx->stop, __ATOMIC_ACQUIRE))
+            return PC_RX_STOPPED;
+        uint64_t avail = pc_sockbuf_avail(in);
+        if (rx->kind == PC_RX_PREEMPT || rx->in_section) {
+            if (avail) {
+                int rc = rx_records(rx);
+                if (rc < 0)
+                    return rc;
+                if (rc == 1) {
+                    if (rx->kind == PC_RX_PREEMPT)
+                        return PC_RX_EOS;
+                    rx->in_section = 0;     /* the footer comes next */
+                    if (pc_sockbuf_fill(in, 5) < 5)
+                        return rx_fail(rx, PC_RX_E_TRUNCATED, EPIPE, "stream ended before the section footer");
+                    const uint8_t *p = pc_sockbuf_data(in);
+                    if (p[0] != QEMU_VM_SECTION_FOOTER || get_be32(p + 1) != rx->ram_section_id)
+                        return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
+                                       "bad section footer 0x%02x id %u after ram section %u", p[0], get_be32(p + 1),
+                                       rx->ram_section_id);
+                    pc_sockbuf_consume(in, 5);
+                    continue;
+                }
+                /* 0: the next record is incomplete; receive more */
+            }
+        } else if (avail >= 5) {
+            const uint8_t *p = pc_sockbuf_data(in);
+            if ((p[0] == QEMU_VM_SECTION_PART || p[0] == QEMU_VM_SECTION_END) && get_be32(p + 1) == rx->ram_section_id) {
+                pc_sockbuf_consume(in, 5);
+                rx->in_section = 1;
+                continue;
+            }
+            return PC_RX_CONTROL;
+        } else if (avail && pc_sockbuf_data(in)[0] != QEMU_VM_SECTION_PART &&
+                   pc_sockbuf_data(in)[0] != QEMU_VM_SECTION_END) {
+            return PC_RX_CONTROL;   /* EOF marker or a command: Python decodes it */
+        }
+        int64_t n = pc_sockbuf_recv(in);
+        if (n == 0) {
+            if (!pc_sockbuf_avail(in) && !rx->in_section && rx->tmp_block < 0)
+                return PC_RX_EOF;
+            if (!rx->in_section && rx->kind == PC_RX_MAIN && rx->tmp_block < 0)
+                return PC_RX_CONTROL;   /* Python reports what the partial bytes were */
+            return rx_fail(rx, PC_RX_E_TRUNCATED, EPIPE, "connection closed in the middle of %s",
+                           rx->tmp_block >= 0 ? "a host page" : "a page record");
+        }
+        if (n < 0)
+            return rx_fail(rx, PC_RX_E_IO, (int)-n, "recv: %s", strerror((int)-n));
+    }
+}

@@ -1,0 +1,144 @@
+/* Destination data path: everything per page runs here, in C threads with the
+ * GIL released.
+ *
+ *  - pc_dst: the RAM blocks as the destination sees them (received / requested
+ *    bitmaps, per-page hashes for --verify), placement, the return-path writer
+ *    shared by the fault service and Python, and the fault bookkeeping
+ *    (latency samples, per-vCPU blocktime).
+ *  - pc_rx: one incoming channel (main or preempt). It receives into its own
+ *    buffer, scans page records with pc_ram_scan, assembles host pages in its
+ *    own temp page and places them. On the main channel it also steps over
+ *    the "ram" section headers and footers; any other byte at a section
+ *    boundary (a command, EOF) is handed back to Python.
+ *  - pc_fault_service_run: the fault loop: uffd events -> REQ_PAGES(_ID) on
+ *    the return path, deduplicated against the bitmaps. */
+#ifndef PC_DEST_H
+#define PC_DEST_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "bitmap.h"
+#include "faults.h"
+#include "ramscan.h"
+#include "sockbuf.h"
+
+#define PC_DST_MAX_WAITERS 1024
+#define PC_DST_MAX_VCPUS 64
+#define PC_DST_LATENCY_RING 65536
+
+typedef struct pc_dst_block {
+    uint64_t base, length, host_page_size;
+    pc_bitmap *received, *requested;    /* one bit per 4 KiB target page */
+    uint64_t *hashes;                   /* per target page hash as placed, or NULL */
+    uint64_t *request_ns;               /* per host page: when it was requested, 0 if not */
+    int zeroable;                       /* UFFDIO_ZEROPAGE allowed (not hugetlbfs) */
+    uint32_t idlen;
+    char idstr[256];
+} pc_dst_block;
+
+typedef struct pc_dst_waiter { uint64_t host_off, t_ns; uint32_t block, tid; } pc_dst_waiter;
+
+typedef struct pc_dst_counters {
+    uint64_t faults, faults_dropped, faults_outside, requests_sent, requests_failed;
+    uint64_t host_pages_placed, zero_host_pages_placed, eexist, latency_samples;
+} pc_dst_counters;
+
+typedef struct pc_dst {
+    int uffd;                           /* -1 before LISTEN: pages are written with memcpy */
+    uint32_t nblocks;
+    pc_dst_block *blocks;
+    pc_block_desc *descs;               /* for pc_read_faults, same order */
+    pc_ram_block_info *infos;           /* for pc_ram_scan, same order */
+    uint64_t max_host_page_size;
+    uint8_t *zero_buf;                  /* zero host page for blocks that are not zeroable */
+    /* return path: written by the fault service (requests) and Python (the rest) */
+    pthread_mutex_t rp_lock;
+    int rp_fd;                          /* -1 while paused */
+    int64_t rp_last_block;              /* block of the last REQ_PAGES(_ID); -1 none */
+    /* threads waiting for a page */
+    pthread_mutex_t wlock;
+    pc_dst_waiter waiters[PC_DST_MAX_WAITERS];
+    uint32_t nwaiters;
+    uint32_t nvcpus, vcpu_tids[PC_DST_MAX_VCPUS];
+    uint64_t vcpu_blocktime_ns[PC_DST_MAX_VCPUS];
+    uint32_t vcpus_blocked;
+    uint64_t all_blocked_since_ns, blocktime_ns;
+    /* fault -> placed latency samples (ns), a ring drained by Python */
+    uint64_t latency_ring[PC_DST_LATENCY_RING];
+    uint64_t latency_head, latency_tail;
+    pc_dst_counters c;
+} pc_dst;
+
+pc_dst *pc_dst_new(uint32_t nblocks);
+void pc_dst_free(pc_dst *d);
+/* All blocks must be set before use, sorted by base. Bitmaps/hashes are owned
+ * by the caller and must outlive d. Returns 0 or -errno. */
+int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
+                     uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes);
+int pc_dst_finish_setup(pc_dst *d);     /* after the last set_block: checks order, allocates buffers */
+void pc_dst_set_uffd(pc_dst *d, int uffd);
+void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
+/* Return path: fd -1 pauses requests (they stay outstanding). */
+void pc_dst_set_rp(pc_dst *d, int fd);
+int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -errno; whole message or nothing */
+/* Send a request for every requested-but-not-received host page (after a
+ * recovery). Returns the number sent or -errno. */
+int64_t pc_dst_resend_requests(pc_dst *d);
+/* Discard ranges clear received bits (before LISTEN the memory is dropped by the caller). */
+int pc_dst_discard(pc_dst *d, uint32_t block, uint64_t offset, uint64_t length);
+/* Latency samples since the last drain; returns how many were copied. */
+uint32_t pc_dst_drain_latency(pc_dst *d, uint64_t *out, uint32_t max);
+void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting);
+
+/* The fault service loop; returns when stop_fd becomes readable (0) or on a
+ * uffd error (-errno). */
+int pc_fault_service_run(pc_dst *d, int stop_fd);
+
+enum { PC_RX_MAIN = 0, PC_RX_PREEMPT = 1 };
+enum {
+    PC_RX_CONTROL = 1,      /* bytes at head are not RAM framing: Python decodes them */
+    PC_RX_EOF = 2,          /* the peer closed the connection at a record boundary */
+    PC_RX_EOS = 3,          /* preempt channel: EOS record */
+    PC_RX_STOPPED = 4,      /* pc_rx_stop was called */
+    PC_RX_E_IO = -1,        /* recv failed: err_errno */
+    PC_RX_E_PROTO = -2,     /* malformed stream: err_msg */
+    PC_RX_E_PLACE = -3,     /* UFFDIO_COPY/ZEROPAGE failed: err_errno, err_msg */
+    PC_RX_E_TRUNCATED = -4, /* EOF in the middle of a record or section */
+};
+
+typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_placed; } pc_rx_counters;
+
+typedef struct pc_rx {
+    pc_dst *dst;
+    int kind;
+    pc_sockbuf in;
+    pc_ram_scan_state scan;
+    pc_ram_record *recs;
+    uint32_t max_recs;
+    /* host page being assembled on this channel */
+    uint8_t *tmp;
+    int64_t tmp_block;
+    uint64_t tmp_host_off, tmp_next_off;
+    uint32_t tmp_all_zero;
+    /* main channel framing */
+    uint32_t ram_section_id;
+    int in_section;
+    int stop;
+    int err_errno;
+    char err_msg[256];
+    pc_rx_counters c;
+} pc_rx;
+
+pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id);
+void pc_rx_free(pc_rx *rx);
+int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */
+void pc_rx_stop(pc_rx *rx);
+/* Python decodes control messages from rx->in with the pc_sockbuf_* calls. */
+/* Place a run of records already scanned by someone else (precopy pages that
+ * the Python decoder delivered). Returns 0 or a PC_RX_E_* code. */
+int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf);
+/* Forget a partly assembled host page (on pause: it will be sent again). */
+void pc_rx_reset_temp(pc_rx *rx);
+
+#endif /* PC_DEST_H */

@@ -1,0 +1,100 @@
+#define _GNU_SOURCE
+#include "sockbuf.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit)
+{
+    memset(sb, 0, sizeof(*sb));
+    sb->fd = fd;
+    sb->cap = cap;
+    sb->limit = limit < cap ? cap : limit;
+    sb->buf = malloc(cap);
+    return sb->buf ? 0 : -ENOMEM;
+}
+
+void pc_sockbuf_release(pc_sockbuf *sb)
+{
+    free(sb->buf);
+    sb->buf = NULL;
+}
+
+/* Room for `need` more bytes at the end: compact first, grow if must. */
+static int make_room(pc_sockbuf *sb, uint64_t need)
+{
+    if (sb->head && (sb->cap - sb->tail < need || sb->head > sb->cap / 2)) {
+        memmove(sb->buf, sb->buf + sb->head, sb->tail - sb->head);
+        sb->tail -= sb->head;
+        sb->head = 0;
+    }
+    if (sb->cap - sb->tail >= need)
+        return 0;
+    uint64_t cap = sb->cap;
+    while (cap - sb->tail < need)
+        cap *= 2;
+    if (cap > sb->limit)
+        return -EMSGSIZE;
+    uint8_t *nb = realloc(sb->buf, cap);
+    if (!nb)
+        return -ENOMEM;
+    sb->buf = nb;
+    sb->cap = cap;
+    return 0;
+}
+
+int64_t pc_sockbuf_recv(pc_sockbuf *sb)
+{
+    uint64_t want = sb->cap / 4 < 65536 ? sb->cap / 4 : 65536;
+    int rc = make_room(sb, want);
+    if (rc < 0)
+        return rc;
+    for (;;) {
+        ssize_t n = recv(sb->fd, sb->buf + sb->tail, sb->cap - sb->tail, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        sb->tail += (uint64_t)n;
+        __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+        return n;
+    }
+}
+
+int64_t pc_sockbuf_fill(pc_sockbuf *sb, uint64_t n)
+{
+    if (pc_sockbuf_avail(sb) < n) {
+        int rc = make_room(sb, n - pc_sockbuf_avail(sb));
+        if (rc < 0)
+            return rc;
+    }
+    while (pc_sockbuf_avail(sb) < n) {
+        int64_t r = pc_sockbuf_recv(sb);
+        if (r <= 0)
+            return r;
+    }
+    return (int64_t)pc_sockbuf_avail(sb);
+}
+
+void pc_sockbuf_consume(pc_sockbuf *sb, uint64_t n)
+{
+    sb->head += n < pc_sockbuf_avail(sb) ? n : pc_sockbuf_avail(sb);
+}
+
+int pc_sockbuf_unread(pc_sockbuf *sb, const uint8_t *data, uint64_t n)
+{
+    if (n <= sb->head) {
+        sb->head -= n;
+        memcpy(sb->buf + sb->head, data, n);
+        return 0;
+    }
+    int rc = make_room(sb, n);
+    if (rc < 0)
+        return rc;
+    memmove(sb->buf + sb->head + n, sb->buf + sb->head, pc_sockbuf_avail(sb));
+    memcpy(sb->buf + sb->head, data, n);
+    sb->tail += n;
+    return 0;
+}

@@ -1,0 +1,581 @@
+/* Source data path: see source.h. */
+#define _GNU_SOURCE
+#include "source.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "pagehash.h"
+
+#define RAM_SAVE_FLAG_ZERO 0x02
+#define RAM_SAVE_FLAG_PAGE 0x08
+#define RAM_SAVE_FLAG_EOS 0x10
+#define RAM_SAVE_FLAG_CONTINUE 0x20
+#define RP_MAX_FRAME 512
+#define RP_REQ_PAGES_ID 3
+#define RP_REQ_PAGES 4
+#define BATCH_RECORDS 64            /* 256 KiB of 4 KiB pages: a requested page never waits long behind one */
+#define HDR_MAX (8 + 1 + 255 + 1)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void put_be32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (24 - 8 * i); }
+static void put_be64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (56 - 8 * i); }
+static uint16_t get_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get_be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 | get_be32(p + 4); }
+
+static int src_fail(pc_src *s, int code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int src_fail(pc_src *s, int code, int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err_msg, sizeof(s->err_msg), fmt, ap);
+    va_end(ap);
+    s->err_errno = err;
+    return code;
+}
+
+pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
+{
+    pc_src *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->blocks = calloc(nblocks ? nblocks : 1, sizeof(*s->blocks));
+    if (!s->blocks) {
+        free(s);
+        return NULL;
+    }
+    s->nblocks = nblocks;
+    s->ram_section_id = ram_section_id;
+    s->section_bytes = 64u << 20;
+    s->rp_block = -1;
+    for (int ch = 0; ch < 2; ch++) {
+        pthread_mutex_init(&s->chan[ch].lock, NULL);
+        s->chan[ch].fd = -1;
+        s->chan[ch].last_block = -1;
+    }
+    pthread_mutex_init(&s->qlock, NULL);
+    pthread_cond_init(&s->qcond, NULL);
+    return s;
+}
+
+void pc_src_free(pc_src *s)
+{
+    if (!s)
+        return;
+    if (s->rp_ready)
+        pc_sockbuf_release(&s->rp);
+    for (int ch = 0; ch < 2; ch++)
+        pthread_mutex_destroy(&s->chan[ch].lock);
+    pthread_mutex_destroy(&s->qlock);
+    pthread_cond_destroy(&s->qcond);
+    free(s->blocks);
+    free(s);
+}
+
+int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
+                     uint64_t host_page_size, pc_bitmap *dirty)
+{
+    if (i >= s->nblocks || idlen == 0 || idlen > 255 || host_page_size < PC_TARGET_PAGE_SIZE ||
+        (host_page_size & (host_page_size - 1)) || length % host_page_size || !dirty ||
+        dirty->nbits < length / PC_TARGET_PAGE_SIZE)
+        return -EINVAL;
+    pc_src_block *b = &s->blocks[i];
+    b->base = base;
+    b->length = length;
+    b->host_page_size = host_page_size;
+    b->dirty = dirty;
+    b->idlen = idlen;
+    memcpy(b->idstr, idstr, idlen);
+    b->idstr[idlen] = 0;
+    return 0;
+}
+
+void pc_src_canonicalize(pc_src *s)
+{
+    for (uint32_t bi = 0; bi < s->nblocks; bi++) {
+        pc_src_block *b = &s->blocks[bi];
+        uint64_t ntp = b->host_page_size / PC_TARGET_PAGE_SIZE, npages = b->length / PC_TARGET_PAGE_SIZE;
+        if (ntp == 1)
+            continue;
+        for (uint64_t i = pc_bitmap_find_next_set(b->dirty, 0); i < npages;
+             i = pc_bitmap_find_next_set(b->dirty, i)) {
+            uint64_t first = i - i % ntp;
+            pc_bitmap_set_range_atomic(b->dirty, first, ntp);
+            i = first + ntp;
+        }
+    }
+}
+
+void pc_src_set_channel(pc_src *s, int ch, int fd)
+{
+    pthread_mutex_lock(&s->chan[ch].lock);
+    s->chan[ch].fd = fd;
+    s->chan[ch].last_block = -1;
+    pthread_mutex_unlock(&s->chan[ch].lock);
+}
+
+void pc_src_set_rp(pc_src *s, int fd)
+{
+    if (s->rp_ready)
+        pc_sockbuf_release(&s->rp);
+    s->rp_ready = pc_sockbuf_init(&s->rp, fd, 64 * 1024, 64u << 20) == 0;
+    s->rp_block = -1;
+}
+
+void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t section_bytes)
+{
+    s->preempt = preempt;
+    __atomic_store_n(&s->bandwidth_cap, bandwidth_cap, __ATOMIC_RELAXED);
+    if (section_bytes)
+        s->section_bytes = section_bytes;
+}
+
+void pc_src_stop(pc_src *s)
+{
+    __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&s->qlock);
+    pthread_cond_broadcast(&s->qcond);
+    pthread_mutex_unlock(&s->qlock);
+}
+
+void pc_src_restart(pc_src *s) { __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE); }
+
+static int stopped(pc_src *s) { return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE); }
+
+/* Write all iovecs, resuming after partial writes. */
+static int writev_all(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        ssize_t w = writev(fd, iov, n > IOV_MAX ? IOV_MAX : n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0 && w > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+static int write_all(int fd, const uint8_t *data, uint64_t len)
+{
+    struct iovec iov = { (void *)data, len };
+    return writev_all(fd, &iov, 1);
+}
+
+int pc_src_chan_write(pc_src *s, int ch, const uint8_t *data, uint64_t len)
+{
+    if (ch < 0 || ch > 1)
+        return -EINVAL;
+    pthread_mutex_lock(&s->chan[ch].lock);
+    int rc = s->chan[ch].fd < 0 ? -EPIPE : write_all(s->chan[ch].fd, data, len);
+    if (rc == 0)
+        __atomic_add_fetch(&s->chan[ch].bytes, len, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&s->chan[ch].lock);
+    return rc;
+}
+
+/* Records of whole host pages gathered for one writev. */
+#define BATCH_SLOTS 1024            /* records (and raw pieces) per writev */
+typedef struct batch {
+    struct iovec iov[2 * BATCH_SLOTS];
+    uint8_t hdr[BATCH_SLOTS][HDR_MAX];
+    int niov, nhdr;
+    uint64_t bytes, normal, zero;
+    uint64_t flushed;               /* bytes written by all flushes so far */
+} batch;
+
+static void batch_reset(batch *bt) { bt->niov = bt->nhdr = 0; bt->bytes = bt->normal = bt->zero = 0; }
+
+static void batch_raw(batch *bt, const void *p, uint64_t n)
+{
+    uint8_t *h = bt->hdr[bt->nhdr++];
+    memcpy(h, p, n);
+    bt->iov[bt->niov++] = (struct iovec){ h, n };
+    bt->bytes += n;
+}
+
+/* Under the channel lock. */
+static int batch_flush(pc_src *s, int ch, batch *bt)
+{
+    pc_src_chan *c = &s->chan[ch];
+    if (!bt->niov)
+        return 0;
+    int rc = c->fd < 0 ? -EPIPE : writev_all(c->fd, bt->iov, bt->niov);
+    if (rc == 0) {
+        bt->flushed += bt->bytes;
+        __atomic_add_fetch(&c->bytes, bt->bytes, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&c->pages_normal, bt->normal, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&c->pages_zero, bt->zero, __ATOMIC_RELAXED);
+    }
+    batch_reset(bt);
+    return rc;
+}
+
+/* Add every target page of one host page: ZERO or PAGE records, the idstr
+ * whenever the channel's block changes. A huge host page that does not fit
+ * is flushed in parts: it still goes out whole, in order, on one channel.
+ * Under the channel lock. */
+static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t host_off)
+{
+    pc_src_chan *c = &s->chan[ch];
+    const pc_src_block *b = &s->blocks[bi];
+    for (uint64_t off = host_off; off < host_off + b->host_page_size; off += PC_TARGET_PAGE_SIZE) {
+        if (bt->nhdr + 2 > BATCH_SLOTS) {
+            int rc = batch_flush(s, ch, bt);
+            if (rc < 0)
+                return rc;
+        }
+        const uint8_t *page = (const uint8_t *)(uintptr_t)(b->base + off);
+        int zero = pc_is_zero(page, PC_TARGET_PAGE_SIZE);
+        uint8_t *h = bt->hdr[bt->nhdr++];
+        uint64_t flags = zero ? RAM_SAVE_FLAG_ZERO : RAM_SAVE_FLAG_PAGE, n = 8;
+        if (c->last_block == (int64_t)bi)
+            flags |= RAM_SAVE_FLAG_CONTINUE;
+        put_be64(h, off | flags);
+        if (c->last_block != (int64_t)bi) {
+            h[n++] = (uint8_t)b->idlen;
+            memcpy(h + n, b->idstr, b->idlen);
+            n += b->idlen;
+            c->last_block = bi;
+        }
+        if (zero) {
+            h[n++] = 0;
+            bt->zero++;
+        } else {
+            bt->normal++;
+        }
+        bt->iov[bt->niov++] = (struct iovec){ h, n };
+        bt->bytes += n;
+        if (!zero) {
+            bt->iov[bt->niov++] = (struct iovec){ (void *)page, PC_TARGET_PAGE_SIZE };
+            bt->bytes += PC_TARGET_PAGE_SIZE;
+        }
+    }
+    return 0;
+}
+
+/* Take the host page for sending: 1 when it was dirty (it is ours now). */
+static int claim_host_page(pc_src_block *b, uint64_t host_off)
+{
+    uint64_t first = host_off / PC_TARGET_PAGE_SIZE, ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
+    uint64_t mask = 1ull << (first % 64);
+    uint64_t old = __atomic_fetch_and(&b->dirty->words[first / 64], ~mask, __ATOMIC_ACQ_REL);
+    if (!(old & mask))
+        return 0;
+    if (ntp > 1)
+        pc_bitmap_clear_range_atomic(b->dirty, first + 1, ntp - 1);
+    return 1;
+}
+
+/* Send one requested host page on the preempt channel, now. */
+static int send_urgent_preempt(pc_src *s, uint32_t bi, uint64_t host_off)
+{
+    static __thread batch *bt;
+    if (!bt && !(bt = calloc(1, sizeof(*bt))))
+        return -ENOMEM;
+    pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
+    pthread_mutex_lock(&c->lock);
+    batch_reset(bt);
+    int rc = batch_host_page(s, PC_CHAN_PREEMPT, bt, bi, host_off);
+    if (rc == 0)
+        rc = batch_flush(s, PC_CHAN_PREEMPT, bt);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+/* Bulk side: requested pages queued for the main channel, sent first. */
+static int drain_queue(pc_src *s, batch *bt, int *in_section)
+{
+    for (;;) {
+        pthread_mutex_lock(&s->qlock);
+        if (s->qhead == s->qtail) {
+            pthread_mutex_unlock(&s->qlock);
+            return 0;
+        }
+        uint32_t bi = s->queue[s->qhead % PC_SRC_QUEUE].block;
+        uint64_t host_off = s->queue[s->qhead % PC_SRC_QUEUE].host_off;
+        s->qhead++;
+        pthread_mutex_unlock(&s->qlock);
+        if (!claim_host_page(&s->blocks[bi], host_off)) {
+            __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        if (!*in_section) {
+            uint8_t h[5] = { 0x02 };
+            put_be32(h + 1, s->ram_section_id);
+            batch_raw(bt, h, 5);
+            *in_section = 1;
+        }
+        int rc = batch_host_page(s, PC_CHAN_MAIN, bt, bi, host_off);
+        if (rc == 0)
+            rc = batch_flush(s, PC_CHAN_MAIN, bt);
+        if (rc < 0)
+            return rc;
+        __atomic_add_fetch(&s->c.request_pages_sent, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* Wait until `until` (monotonic ns) or a stop; without preempt, requested
+ * pages are sent while waiting: they never wait for the cap. */
+static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
+{
+    while (!stopped(s)) {
+        if (!s->preempt) {
+            int rc = drain_queue(s, bt, in_section);    /* the caller holds the main channel lock */
+            if (rc < 0)
+                return rc;
+        }
+        uint64_t now = now_ns();
+        if (now >= until)
+            return 0;
+        uint64_t slice = until - now < 1000000 ? until - now : 1000000;   /* 1 ms at most */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + slice;
+        pthread_mutex_lock(&s->qlock);
+        if (s->qhead == s->qtail && !stopped(s)) {
+            struct timespec abs = { (time_t)(t / 1000000000ull), (long)(t % 1000000000ull) };
+            pthread_cond_timedwait(&s->qcond, &s->qlock, &abs);
+        }
+        pthread_mutex_unlock(&s->qlock);
+    }
+    return 0;
+}
+
+int pc_src_bulk_run(pc_src *s)
+{
+    batch *bt = calloc(1, sizeof(*bt));
+    if (!bt)
+        return src_fail(s, PC_TX_E_IO, ENOMEM, "out of memory");
+    pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
+    int in_section = 0, rc = 0, result = PC_TX_DONE;
+    uint64_t section_bytes = 0, window_start = now_ns(), window_bytes = 0;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        if (stopped(s)) {
+            result = PC_TX_STOPPED;
+            break;
+        }
+        if (!s->preempt && (rc = drain_queue(s, bt, &in_section)) < 0)
+            break;
+        uint64_t flushed_before = bt->flushed;     /* requested pages above do not count against the cap */
+        /* Gather up to BATCH_RECORDS target pages of whole host pages. */
+        uint64_t records = 0;
+        while (records < BATCH_RECORDS && s->cursor_block < s->nblocks) {
+            pc_src_block *b = &s->blocks[s->cursor_block];
+            uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
+            uint64_t i = pc_bitmap_find_next_set(b->dirty, s->cursor_page);
+            if (i >= npages) {
+                s->cursor_block++;
+                s->cursor_page = 0;
+                continue;
+            }
+            uint64_t first = i - i % ntp;
+            s->cursor_page = first + ntp;
+            if (!claim_host_page(b, first * PC_TARGET_PAGE_SIZE))
+                continue;       /* a request took it first */
+            if (!in_section) {
+                uint8_t h[5] = { 0x02 };
+                put_be32(h + 1, s->ram_section_id);
+                batch_raw(bt, h, 5);
+                in_section = 1;
+            }
+            if ((rc = batch_host_page(s, PC_CHAN_MAIN, bt, s->cursor_block, first * PC_TARGET_PAGE_SIZE)) < 0)
+                break;
+            __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
+            records += ntp;
+        }
+        if (rc < 0)
+            break;
+        int done = s->cursor_block >= s->nblocks;
+        if (in_section && (done || section_bytes >= s->section_bytes)) {
+            uint8_t tail[13];
+            put_be64(tail, RAM_SAVE_FLAG_EOS);
+            tail[8] = 0x7e;
+            put_be32(tail + 9, s->ram_section_id);
+            batch_raw(bt, tail, 13);
+            in_section = 0;
+            section_bytes = 0;
+        }
+        if ((rc = batch_flush(s, PC_CHAN_MAIN, bt)) < 0)
+            break;
+        uint64_t sent = bt->flushed - flushed_before;
+        section_bytes += sent;
+        if (done) {
+            /* A request may have re-dirtied nothing, but a recovery reload
+             * may have: look once more from the start. */
+            if (pc_src_dirty_pages(s) == 0)
+                break;
+            s->cursor_block = 0;
+            s->cursor_page = 0;
+            continue;
+        }
+        uint64_t cap = __atomic_load_n(&s->bandwidth_cap, __ATOMIC_RELAXED);
+        if (cap) {
+            window_bytes += sent;
+            uint64_t due = window_start + window_bytes * 1000000000ull / cap;
+            uint64_t now = now_ns();
+            if (now > due + 100000000ull) {     /* idle for a while: do not burst to catch up */
+                window_start = now;
+                window_bytes = 0;
+            } else if (due > now && (rc = cap_wait(s, due, bt, &in_section)) < 0) {
+                break;
+            }
+        }
+    }
+    if (rc < 0)
+        result = src_fail(s, PC_TX_E_IO, -rc, "main channel write: %s", strerror(-rc));
+    else if (in_section) {
+        /* stopped inside a section: close it so the stream stays well formed */
+        uint8_t tail[13];
+        put_be64(tail, RAM_SAVE_FLAG_EOS);
+        tail[8] = 0x7e;
+        put_be32(tail + 9, s->ram_section_id);
+        batch_raw(bt, tail, 13);
+        if ((rc = batch_flush(s, PC_CHAN_MAIN, bt)) < 0)
+            result = src_fail(s, PC_TX_E_IO, -rc, "main channel write: %s", strerror(-rc));
+    }
+    pthread_mutex_unlock(&c->lock);
+    free(bt);
+    return result;
+}
+
+uint64_t pc_src_dirty_pages(pc_src *s)
+{
+    uint64_t n = 0;
+    for (uint32_t bi = 0; bi < s->nblocks; bi++)
+        n += pc_bitmap_count(s->blocks[bi].dirty);
+    return n;
+}
+
+/* One page request (already validated): serve or queue each host page. */
+static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
+{
+    pc_src_block *b = &s->blocks[bi];
+    uint64_t hps = b->host_page_size;
+    __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
+    for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
+        if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
+            if (!claim_host_page(b, off)) {
+                __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
+                continue;
+            }
+            int rc = send_urgent_preempt(s, bi, off);
+            if (rc < 0) {
+                /* Put it back: it must still be sent, after a recovery. */
+                pc_bitmap_set_range_atomic(b->dirty, off / PC_TARGET_PAGE_SIZE, hps / PC_TARGET_PAGE_SIZE);
+                return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));
+            }
+            __atomic_add_fetch(&s->c.request_pages_sent, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
+        } else {
+            pthread_mutex_lock(&s->qlock);
+            if (s->qtail - s->qhead < PC_SRC_QUEUE) {
+                s->queue[s->qtail % PC_SRC_QUEUE].block = bi;
+                s->queue[s->qtail % PC_SRC_QUEUE].host_off = off;
+                s->qtail++;
+                __atomic_add_fetch(&s->c.requests_queued, 1, __ATOMIC_RELAXED);
+            }   /* else: the bulk stream gets to it anyway; the destination asks again after a recovery */
+            pthread_cond_signal(&s->qcond);
+            pthread_mutex_unlock(&s->qlock);
+        }
+    }
+    return 0;
+}
+
+static int64_t find_block(pc_src *s, const uint8_t *id, uint32_t n)
+{
+    for (uint32_t i = 0; i < s->nblocks; i++)
+        if (s->blocks[i].idlen == n && !memcmp(s->blocks[i].idstr, id, n))
+            return i;
+    return -1;
+}
+
+int pc_src_rp_run(pc_src *s)
+{
+    if (!s->rp_ready)
+        return src_fail(s, PC_RP_E_IO, EBADF, "no return path");
+    pc_sockbuf *in = &s->rp;
+    for (;;) {
+        if (stopped(s))
+            return PC_RP_STOPPED;
+        int64_t r = pc_sockbuf_fill(in, 4);
+        if (r == 0)
+            return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
+                                        : PC_RP_EOF;
+        if (r < 0)
+            return src_fail(s, PC_RP_E_IO, (int)-r, "return path recv: %s", strerror((int)-r));
+        const uint8_t *p = pc_sockbuf_data(in);
+        uint16_t type = get_be16(p), len = get_be16(p + 2);
+        if (len > RP_MAX_FRAME)
+            return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
+                            RP_MAX_FRAME);
+        if (type != RP_REQ_PAGES_ID && type != RP_REQ_PAGES)
+            return PC_RP_CONTROL;
+        r = pc_sockbuf_fill(in, 4u + len);
+        if (r == 0)
+            return src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message");
+        if (r < 0)
+            return src_fail(s, PC_RP_E_IO, (int)-r, "return path recv: %s", strerror((int)-r));
+        p = pc_sockbuf_data(in);
+        const uint8_t *body = p + 4;
+        if (type == RP_REQ_PAGES_ID) {
+            if (len < 14 || len != 13u + body[12])
+                return src_fail(s, PC_RP_E_PROTO, EINVAL, "REQ_PAGES_ID with length %u", len);
+            s->rp_block = find_block(s, body + 13, body[12]);
+            if (s->rp_block < 0) {
+                pc_sockbuf_consume(in, 4u + len);
+                return src_fail(s, PC_RP_BAD_REQUEST, ENOENT, "page request names unknown block '%.*s'",
+                                (int)body[12], (const char *)body + 13);
+            }
+        } else if (len != 12) {
+            return src_fail(s, PC_RP_E_PROTO, EINVAL, "REQ_PAGES with length %u (expected 12)", len);
+        } else if (s->rp_block < 0) {
+            pc_sockbuf_consume(in, 4u + len);
+            return src_fail(s, PC_RP_BAD_REQUEST, EINVAL, "REQ_PAGES before any REQ_PAGES_ID named a block");
+        }
+        uint64_t start = get_be64(body);
+        uint64_t rlen = get_be32(body + 8);
+        pc_src_block *b = &s->blocks[s->rp_block];
+        pc_sockbuf_consume(in, 4u + len);
+        if (rlen == 0 || start % PC_TARGET_PAGE_SIZE || rlen % PC_TARGET_PAGE_SIZE || start >= b->length ||
+            rlen > b->length - start)
+            return src_fail(s, PC_RP_BAD_REQUEST, ERANGE,
+                            "page request %s offset 0x%llx len 0x%llx is outside the block (0x%llx bytes) or misaligned",
+                            b->idstr, (unsigned long long)start, (unsigned long long)rlen,
+                            (unsigned long long)b->length);
+        int rc = serve_request(s, (uint32_t)s->rp_block, start, rlen);
+        if (rc < 0)
+            return rc;
+    }
+}
+
+void pc_hash_pages(uint64_t base, uint64_t npages, uint64_t *out)
+{
+    for (uint64_t i = 0; i < npages; i++)
+        out[i] = pc_page_hash((const uint8_t *)(uintptr_t)(base + i * PC_TARGET_PAGE_SIZE));
+}

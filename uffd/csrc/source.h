@@ -1,0 +1,102 @@
+/* Source data path, in C threads with the GIL released:
+ *  - pc_src_bulk_run: the background stream. It walks the dirty bitmaps,
+ *    claims one host page at a time (so a page goes out once) and writes
+ *    "ram" PART sections on the main channel, under an optional bandwidth cap.
+ *  - pc_src_rp_run: the return-path reader. Page requests are served right
+ *    here: with preempt, the requested host page is written on the preempt
+ *    channel at once (never behind the bulk stream or its cap); without, it is
+ *    queued for the bulk sender, which sends it before its next batch and
+ *    while it waits for the cap. Other messages go back to Python. */
+#ifndef PC_SOURCE_H
+#define PC_SOURCE_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "bitmap.h"
+#include "sockbuf.h"
+
+#define PC_SRC_QUEUE 4096
+
+typedef struct pc_src_block {
+    uint64_t base, length, host_page_size;
+    pc_bitmap *dirty;               /* one bit per target page: still to send */
+    uint32_t idlen;
+    char idstr[256];
+} pc_src_block;
+
+typedef struct pc_src_chan {
+    pthread_mutex_t lock;
+    int fd;                         /* -1 when absent or broken */
+    int64_t last_block;             /* idstr/CONTINUE context of this channel */
+    uint64_t pages_normal, pages_zero, bytes;
+} pc_src_chan;
+
+enum { PC_CHAN_MAIN = 0, PC_CHAN_PREEMPT = 1 };
+
+typedef struct pc_src_counters {
+    uint64_t requests, request_pages_sent, request_pages_skipped, requests_queued, bad_requests, host_pages_sent;
+} pc_src_counters;
+
+typedef struct pc_src {
+    uint32_t nblocks;
+    pc_src_block *blocks;
+    pc_src_chan chan[2];
+    uint32_t ram_section_id;
+    int preempt;                    /* requested pages go on the preempt channel */
+    uint64_t bandwidth_cap;         /* bulk bytes per second, 0 = unlimited */
+    uint64_t section_bytes;         /* bulk data per PART section */
+    /* requested host pages waiting for the bulk sender (no preempt) */
+    pthread_mutex_t qlock;
+    pthread_cond_t qcond;
+    struct { uint32_t block; uint64_t host_off; } queue[PC_SRC_QUEUE];
+    uint64_t qhead, qtail;
+    uint32_t cursor_block;
+    uint64_t cursor_page;
+    int stop;
+    /* return path */
+    pc_sockbuf rp;
+    int rp_ready;
+    int64_t rp_block;               /* block named by the last REQ_PAGES_ID */
+    int err_errno;
+    char err_msg[256];
+    pc_src_counters c;
+} pc_src;
+
+pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id);
+void pc_src_free(pc_src *s);
+int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
+                     uint64_t host_page_size, pc_bitmap *dirty);
+/* Make every host page all-dirty or all-clean, as QEMU does at the switch. */
+void pc_src_canonicalize(pc_src *s);
+/* fd -1 detaches; a new channel starts with no idstr context. */
+void pc_src_set_channel(pc_src *s, int ch, int fd);
+void pc_src_set_rp(pc_src *s, int fd);
+void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t section_bytes);
+void pc_src_stop(pc_src *s);
+void pc_src_restart(pc_src *s);
+/* Locked write of whole messages for Python (commands, END, EOF). */
+int pc_src_chan_write(pc_src *s, int ch, const uint8_t *data, uint64_t len);
+
+enum {
+    PC_TX_DONE = 0,         /* nothing dirty is left */
+    PC_TX_STOPPED = 1,
+    PC_TX_E_IO = -1,        /* a write failed: err_errno */
+};
+int pc_src_bulk_run(pc_src *s);
+uint64_t pc_src_dirty_pages(pc_src *s);
+
+enum {
+    PC_RP_CONTROL = 1,      /* a message that is not a page request is at the head of s->rp */
+    PC_RP_EOF = 2,
+    PC_RP_STOPPED = 3,
+    PC_RP_BAD_REQUEST = 4,  /* a request outside its block or misaligned: err_msg; it was consumed */
+    PC_RP_E_IO = -1,
+    PC_RP_E_PROTO = -2,     /* malformed framing: err_msg */
+};
+int pc_src_rp_run(pc_src *s);
+
+/* Hash every target page of [base, base + npages*4096) into out[]. */
+void pc_hash_pages(uint64_t base, uint64_t npages, uint64_t *out);
+
+#endif
