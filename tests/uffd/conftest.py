@@ -1,0 +1,120 @@
+"""Fixtures for the userfaultfd tests: real mappings, real uffds, C toucher threads.
+
+Teardown order matters: the uffd is closed first (which wakes any thread still
+blocked on a fault, so it completes against an ordinary mapping), then the
+toucher threads are joined, then the RAM blocks are unmapped.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uffd import Feature, RamBlock, Userfaultfd
+
+REQUIRE_ALL = os.environ.get("POSTCOPY_REQUIRE_ALL") == "1"
+SETTLE_SECONDS = 0.05
+
+
+class Toucher:
+    """Runs one uffd.memtouch call on a thread; the GIL is released inside C."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as e:  # recorded and re-raised by wait()
+            self.error = e
+        finally:
+            self._done.set()
+
+    def is_blocked(self, settle: float = SETTLE_SECONDS) -> bool:
+        return not self._done.wait(settle)
+
+    def wait(self, timeout: float = 10.0) -> Any:
+        if not self._done.wait(timeout):
+            pytest.fail(f"toucher thread still blocked after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def make_block() -> Iterator[Callable[..., RamBlock]]:
+    made: list[RamBlock] = []
+
+    def make(idstr: str, used_length: int, page_size: int = 4096, backing: str = "anon") -> RamBlock:
+        b = RamBlock(idstr, used_length, page_size, backing)  # type: ignore[arg-type]
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def touch(make_block: Callable[..., RamBlock]) -> Iterator[Callable[..., Toucher]]:
+    started: list[Toucher] = []
+
+    def start(fn: Callable[..., Any], *args: Any) -> Toucher:
+        t = Toucher(fn, *args)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.thread.join(10)
+
+
+@pytest.fixture
+def make_uffd(touch: Callable[..., Toucher]) -> Iterator[Callable[..., Userfaultfd]]:
+    opened: list[Userfaultfd] = []
+
+    def make(features: Feature = Feature(0), **kw: Any) -> Userfaultfd:
+        u = Userfaultfd(features, **kw)
+        opened.append(u)
+        return u
+
+    yield make
+    for u in opened:
+        u.close()
+
+
+@pytest.fixture
+def uffd(make_uffd: Callable[..., Userfaultfd]) -> Userfaultfd:
+    """User-mode-only, as the kernel selftests do: works without privileges."""
+    return make_uffd(Feature.THREAD_ID, user_mode_only=True)
+
+
+def wait_events(u: Userfaultfd, n: int, timeout: float = 5.0) -> list[Any]:
+    """Read events until n arrived (poll, no sleeping on a guess)."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"expected {n} userfaultfd events, got {len(got)}: {got}")
+        select.select([u.fileno()], [], [], left)
+        got.extend(u.read_events())
+    return got
+
+
+def free_hugepages(size_kb: int) -> int:
+    try:
+        return int(Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/free_hugepages").read_text())
+    except OSError:
+        return 0
