@@ -67,21 +67,28 @@ int pc_uffd_unregister(int fd, uint64_t start, uint64_t len)
     return ioctl_retry(fd, UFFDIO_UNREGISTER, &r);
 }
 
-/* COPY/ZEROPAGE/CONTINUE/POISON may stop part way (signal, EAGAIN, EEXIST);
- * on EINTR resume after what was done, otherwise report progress. */
+/* COPY/ZEROPAGE/CONTINUE/POISON may stop part way. The kernel reports a
+ * partial success as -EAGAIN with the progress in the struct: resume after
+ * it (and after EINTR) so the caller sees the real reason for a stop, e.g.
+ * EEXIST at the first present page. -EAGAIN with no progress means the
+ * mapping is changing (a non-cooperative event is pending). */
+static int resume(int rc, int64_t step)
+{
+    return rc == -EINTR || (rc == -EAGAIN && step > 0);
+}
 int pc_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied)
 {
     int64_t done = 0;
     for (;;) {
         struct uffdio_copy c = { .dst = dst + done, .src = src + done, .len = len - done, .mode = mode };
         int rc = ioctl(fd, UFFDIO_COPY, &c) == 0 ? 0 : -errno;
-        if (c.copy > 0)
-            done += c.copy;
-        if (rc == -EINTR && (uint64_t)done < len)
+        int64_t step = c.copy > 0 ? c.copy : 0;
+        done += step;
+        if (resume(rc, step) && (uint64_t)done < len)
             continue;
         if (copied)
             *copied = done;
-        return rc == -EINTR ? 0 : rc;
+        return (uint64_t)done >= len ? 0 : rc;
     }
 }
 
@@ -91,13 +98,13 @@ int pc_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode, int64_t 
     for (;;) {
         struct uffdio_zeropage z = { .range = { .start = dst + done, .len = len - done }, .mode = mode };
         int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : -errno;
-        if (z.zeropage > 0)
-            done += z.zeropage;
-        if (rc == -EINTR && (uint64_t)done < len)
+        int64_t step = z.zeropage > 0 ? z.zeropage : 0;
+        done += step;
+        if (resume(rc, step) && (uint64_t)done < len)
             continue;
         if (zeroed)
             *zeroed = done;
-        return rc == -EINTR ? 0 : rc;
+        return (uint64_t)done >= len ? 0 : rc;
     }
 }
 
@@ -107,13 +114,13 @@ int pc_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_
     for (;;) {
         struct pc_uffdio_continue c = { .range = { .start = start + done, .len = len - done }, .mode = mode };
         int rc = ioctl(fd, UFFDIO_CONTINUE, &c) == 0 ? 0 : -errno;
-        if (c.mapped > 0)
-            done += c.mapped;
-        if (rc == -EINTR && (uint64_t)done < len)
+        int64_t step = c.mapped > 0 ? c.mapped : 0;
+        done += step;
+        if (resume(rc, step) && (uint64_t)done < len)
             continue;
         if (mapped)
             *mapped = done;
-        return rc == -EINTR ? 0 : rc;
+        return (uint64_t)done >= len ? 0 : rc;
     }
 }
 
@@ -123,13 +130,13 @@ int pc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t 
     for (;;) {
         struct pc_uffdio_poison p = { .range = { .start = start + done, .len = len - done }, .mode = mode };
         int rc = ioctl(fd, UFFDIO_POISON, &p) == 0 ? 0 : -errno;
-        if (p.updated > 0)
-            done += p.updated;
-        if (rc == -EINTR && (uint64_t)done < len)
+        int64_t step = p.updated > 0 ? p.updated : 0;
+        done += step;
+        if (resume(rc, step) && (uint64_t)done < len)
             continue;
         if (updated)
             *updated = done;
-        return rc == -EINTR ? 0 : rc;
+        return (uint64_t)done >= len ? 0 : rc;
     }
 }
 
