@@ -1,0 +1,196 @@
+"""The guest on a userfaultfd destination: real kernel, real missing pages.
+
+A vCPU that touches a missing page blocks in the kernel (its C thread holds no
+GIL) until the page is placed; this Python test is the page-fault service and
+places the source's content with UFFDIO_COPY, like a postcopy destination.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import uffd
+from postcopy.guest import Guest, MismatchKind, Pattern
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZES = (64 * KiB, 1 * MiB, 256 * KiB)
+HUGE_2M = 2 * MiB
+
+
+class Destination:
+    """Destination memory registered MISSING, and a fault service copying from the source."""
+
+    def __init__(self, uf: uffd.Userfaultfd, src: list[Any], dst: list[Any]) -> None:
+        self.uf, self.src, self.dst = uf, src, dst
+        self.placed: set[int] = set()  # host page addresses
+        self.faults = 0
+        for m in dst:
+            uf.register(m.addr, m.length, uffd.RegisterMode.MISSING)
+        self._poll = select.poll()
+        self._poll.register(uf.fileno(), select.POLLIN)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _locate(self, address: int) -> tuple[Any, Any, int]:
+        for s, d in zip(self.src, self.dst, strict=True):
+            if d.addr <= address < d.addr + d.length:
+                offset = (address - d.addr) & ~(d.page_size - 1)
+                return s, d, offset
+        raise AssertionError(f"fault at {address:#x} outside every region")
+
+    def place(self, address: int, content: bytes | None = None) -> None:
+        """Place the host page holding ``address``: the source's content unless told otherwise."""
+        s, d, offset = self._locate(address)
+        if d.addr + offset in self.placed:
+            return
+        try:
+            if content is None:
+                self.uf.copy(d.addr + offset, s.addr + offset, d.page_size)
+            elif content == bytes(len(content)):
+                self.uf.zeropage(d.addr + offset, d.page_size)
+            else:
+                self.uf.copy(d.addr + offset, content, d.page_size)
+        except uffd.PageAlreadyPresent:
+            pass
+        self.placed.add(d.addr + offset)
+
+    def serve_once(self, timeout_ms: int = 10) -> None:
+        if not self._poll.poll(timeout_ms):
+            return
+        for event in self.uf.read_events():
+            assert isinstance(event, uffd.PageFault)
+            self.faults += 1
+            self.place(event.address)
+
+    def start_serving(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.serve_once()
+
+        self._thread = threading.Thread(target=loop, name="fault-service")
+        self._thread.start()
+
+    def stop_serving(self) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+
+    def place_all(self) -> None:
+        """The background stream's job: everything not yet placed."""
+        for d in self.dst:
+            for offset in range(0, d.length, d.page_size):
+                self.place(d.addr + offset)
+
+
+def run_source(src: list[Any], config: dict[str, Any]) -> tuple[bytes, tuple[int, ...]]:
+    with Guest([m.region() for m in src], **config) as source:
+        source.fill_initial()
+        source.start()
+        time.sleep(0.05)
+        source.stop()
+        return source.save_state(), source.stats().steps
+
+
+@pytest.mark.parametrize("nvcpus", [1, 4])
+@pytest.mark.parametrize("pattern", list(Pattern))
+def test_vcpu_blocks_on_missing_page_and_continues_once_placed(memory: Any, pattern: Pattern, nvcpus: int) -> None:
+    src = [memory(n) for n in SIZES]
+    dst = [memory(n) for n in SIZES]
+    config = {"nvcpus": nvcpus, "pattern": pattern, "seed": 0xFA17, "write_percent": 50}
+    state, src_steps = run_source(src, config)
+
+    with uffd.Userfaultfd(user_mode_only=True) as uf:
+        dest_mem = Destination(uf, src, dst)
+        with Guest([m.region() for m in dst], **config) as dest:
+            dest.load_state(state)
+            dest.start()
+            time.sleep(0.1)
+            # every page is missing: each vCPU sits in its first access
+            assert dest.stats().steps == src_steps
+            assert dest.running == nvcpus
+            dest.request_stop()
+            assert not dest.wait(timeout=0.1), "a vCPU blocked in a fault cannot stop"
+            deadline = time.monotonic() + 10
+            while not dest.wait(timeout=0):
+                assert time.monotonic() < deadline, "vCPUs did not resume after their pages were placed"
+                dest_mem.serve_once()
+            dest.join()
+            # each vCPU finished exactly the access it was blocked in, then stopped
+            assert dest.stats().steps == tuple(s + 1 for s in src_steps)
+            assert 1 <= len(dest_mem.placed) <= nvcpus
+
+            # now a free-running guest with the fault service on its own thread
+            dest_mem.start_serving()
+            try:
+                dest.start()
+                time.sleep(0.1)
+                dest.stop()  # safe: faults are still being served
+            finally:
+                dest_mem.stop_serving()
+            assert dest.stats().total_steps > sum(src_steps) + nvcpus
+            assert dest_mem.faults >= len(dest_mem.placed) > nvcpus
+
+            dest_mem.place_all()
+            result = dest.verify()
+            assert result.ok, result.summary()
+
+
+@pytest.mark.parametrize(
+    ("served", "kind"),
+    [("stale", MismatchKind.COUNTER), ("zero", MismatchKind.ZERO)],
+)
+def test_wrong_page_served_by_the_destination_is_reported(memory: Any, served: str, kind: MismatchKind) -> None:
+    src = [memory(n) for n in SIZES]
+    dst = [memory(n) for n in SIZES]
+    config = {"nvcpus": 2, "pattern": Pattern.SEQ, "seed": 5, "write_percent": 100}
+    with Guest([m.region() for m in src], **config) as source:
+        source.fill_initial()
+        source.run(500)  # writes every page of the 336 at least once
+        state = source.save_state()
+        r, offset = 1, 17 * 4096
+        initial = source.initial_page(r, offset)
+        assert any(initial)
+    with uffd.Userfaultfd(user_mode_only=True) as uf:
+        dest_mem = Destination(uf, src, dst)
+        bad = initial if served == "stale" else bytes(4096)
+        dest_mem.place(dst[r].addr + offset, bad)
+        with Guest([m.region() for m in dst], **config) as dest:
+            dest.load_state(state)
+            dest_mem.place_all()
+            result = dest.verify()
+            assert result.pages_mismatched == 1, result.summary()
+            ((region_index, off, detail),) = result.first_mismatches
+            assert (region_index, off) == (r, offset)
+            assert detail.kind is kind
+
+
+@pytest.mark.hugetlb
+@pytest.mark.parametrize("pattern", [Pattern.RANDOM, Pattern.HOT])
+def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
+    """4 KiB target pages inside 2 MiB host pages: a fault places a whole host page."""
+    src = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
+    dst = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
+    config = {"nvcpus": 4, "pattern": pattern, "seed": 0x2222}
+    state, src_steps = run_source(src, config)
+    with uffd.Userfaultfd(user_mode_only=True) as uf:
+        dest_mem = Destination(uf, src, dst)
+        with Guest([m.region() for m in dst], **config) as dest:
+            dest.load_state(state)
+            dest_mem.start_serving()
+            try:
+                dest.start()
+                time.sleep(0.1)
+                dest.stop()
+            finally:
+                dest_mem.stop_serving()
+            assert dest.stats().total_steps > sum(src_steps)
+            assert any(a < dst[0].addr + dst[0].length and a >= dst[0].addr for a in dest_mem.placed)
+            dest_mem.place_all()
+            result = dest.verify()
+            assert result.ok, result.summary()
