@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 from typing import Literal, Union
@@ -34,6 +35,15 @@ HOW_TO_FIX_EPERM = (
 
 # Errors meaning "this way of opening is refused here; try the next one".
 _REFUSED = (errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOENT, errno.ENODEV)
+
+
+def flag_names(flags: enum.IntFlag) -> str:
+    """"THREAD_ID|EVENT_REMOVE", with unknown bits in hex; "0" for none."""
+    value = int(flags)
+    known = [m.name for m in type(flags) if m.value & value and m.name]
+    rest = value & ~sum(m.value for m in type(flags))
+    parts = known + ([f"0x{rest:x}"] if rest else [])
+    return "|".join(parts) or "0"
 
 
 def _range(start: int, length: int) -> str:
@@ -114,23 +124,23 @@ class Userfaultfd:
         if rc < 0:
             raise UffdError(-rc, "UFFDIO_API", "features=0x0 (probe)")
         supported = Feature(feat_out[0])
-        missing = requested & ~supported
+        missing = Feature(int(requested) & ~int(supported))
         if missing:
             raise FeatureNotSupported(
                 errno.EINVAL,
                 "UFFDIO_API",
-                f"features={requested!r}: kernel {os.uname().release} lacks {missing!r}",
+                f"features={flag_names(requested)}: kernel {os.uname().release} lacks {flag_names(missing)}",
             )
         rc = lib.pc_uffd_api(self._fd, int(requested), feat_out, ioctls_out)
         if rc == -errno.EPERM:
             raise UffdPermissionError(
                 errno.EPERM,
                 "UFFDIO_API",
-                f"features={requested!r}",
+                f"features={flag_names(requested)}",
                 "Feature.EVENT_FORK needs CAP_SYS_PTRACE (or root) in the opening process",
             )
         if rc < 0:
-            raise UffdError(-rc, "UFFDIO_API", f"features={requested!r}")
+            raise UffdError(-rc, "UFFDIO_API", f"features={flag_names(requested)}")
         return supported, requested, Ioctl(ioctls_out[0])
 
     @classmethod
@@ -190,7 +200,7 @@ class Userfaultfd:
         out = ffi.new("uint64_t *")
         rc = lib.pc_uffd_register(fd, addr, length, int(mode), out)
         if rc < 0:
-            raise error_for(-rc, "UFFDIO_REGISTER", f"{_range(addr, length)} mode={RegisterMode(mode)!r}")
+            raise error_for(-rc, "UFFDIO_REGISTER", f"{_range(addr, length)} mode={flag_names(RegisterMode(mode))}")
         return Ioctl(out[0])
 
     def unregister(self, addr: int, length: int) -> None:
