@@ -1,0 +1,512 @@
+"""Decoder of the main channel (source -> destination), including PACKAGED blobs."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from . import _events as ev
+from ._constants import (
+    COMMAND_FIXED_LENGTH,
+    DEFAULT_HOST_PAGE_SIZE,
+    DEFAULT_MAX_PACKAGED_LENGTH,
+    DEFAULT_TARGET_PAGE_SIZE,
+    MAX_CONFIG_NAME_LENGTH,
+    MAX_DEVICE_SECTION_LENGTH,
+    MAX_RAM_SETUP_LENGTH,
+    MAX_VMDESC_LENGTH,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    RAM_CHANNEL_MAIN,
+    RAM_FLAG_EOS,
+    RAM_FLAG_MEM_SIZE,
+    Command,
+    SectionType,
+)
+from ._decoder import BE32, BE64, NEED_DATA, BaseDecoder, NeedData, Short, describe_bytes
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._ram import RamRecordReader
+
+__all__ = ["MainStreamDecoder"]
+
+_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities", "configuration/uuid")
+
+
+def _text(b: bytes | memoryview) -> str:
+    return bytes(b).decode("utf-8", "surrogateescape")
+
+
+class MainStreamDecoder(BaseDecoder):
+    """Main channel: header, configuration, sections, RAM, commands, EOF.
+
+    Local knowledge the stream does not carry:
+
+    * ``block_page_sizes``: host page size of huge-page backed blocks (idstr ->
+      bytes); others use ``host_page_size``.  It decides whether the RAM setup
+      carries a page-size field for a block (postcopy advised and the block's
+      page size differs from the host page size).
+    * ``recovery=True``: a postcopy-recovery connection (no header; it starts
+      with commands); pass the ``layout`` learnt from the original stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        recovery: bool = False,
+        layout: ev.RamLayout | None = None,
+        block_page_sizes: Mapping[str, int] | None = None,
+        host_page_size: int = DEFAULT_HOST_PAGE_SIZE,
+        target_page_size: int = DEFAULT_TARGET_PAGE_SIZE,
+        max_packaged_length: int = DEFAULT_MAX_PACKAGED_LENGTH,
+        require_configuration: bool = True,
+        _nested: bool = False,
+    ) -> None:
+        super().__init__()
+        self.block_page_sizes = dict(block_page_sizes or {})
+        self.host_page_size = host_page_size
+        self.target_page_size = target_page_size
+        self.max_packaged_length = max_packaged_length
+        self.require_configuration = require_configuration
+        self._nested = _nested
+        self._state = "items" if (recovery or _nested) else "header"
+        self._iterables: dict[int, str] = {}
+        self._advised = False
+        self._postcopy = recovery  # a recovery stream only happens after RUN
+        self._footer_id = 0
+        self._saw_eof = False
+        self._dev_search_from = 0
+        self._ram: RamRecordReader | None = None
+        self.layout: ev.RamLayout | None = None
+        if layout is not None:
+            self._set_layout(layout)
+
+    # -- public state --------------------------------------------------------
+
+    @property
+    def postcopy(self) -> bool:
+        """True once LISTEN was decoded: page records then follow postcopy rules."""
+        return self._postcopy
+
+    def _complete(self) -> bool:
+        return self._saw_eof
+
+    def _set_layout(self, layout: ev.RamLayout) -> None:
+        self.layout = layout
+        if layout.section_id is not None:
+            self._iterables[layout.section_id] = "ram"
+        self._ram = RamRecordReader(layout, RAM_CHANNEL_MAIN, postcopy=self._postcopy)
+
+    # -- the state machine ---------------------------------------------------
+
+    def _step(self) -> ev.Event | NeedData:
+        st = self._state
+        if st == "ram_records":
+            self._expecting = "RAM page record"
+            assert self._ram is not None
+            event = self._ram.step(self)
+            if isinstance(event, ev.RamEos) or self._pending:
+                self._state = "footer"
+            return event
+        if len(self._buf) == 0:
+            return NEED_DATA
+        if st == "header":
+            return self._header()
+        if st == "config":
+            return self._configuration()
+        if st == "items":
+            return self._item()
+        if st == "ram_setup":
+            return self._ram_setup()
+        if st == "ram_setup_eos":
+            self._expecting = "RAM setup EOS"
+            word = BE64.unpack(self._need(8))[0]
+            if word != RAM_FLAG_EOS:
+                raise self._fail("bad_flags", f"RAM setup must end with EOS (0x10), got {word:#018x}")
+            self._buf.consume(8)
+            self._state = "footer"
+            return ev.RamEos()
+        if st == "footer":
+            self._expecting = "section footer"
+            view = self._need(5)
+            if view[0] != SectionType.FOOTER or BE32.unpack_from(view, 1)[0] != self._footer_id:
+                raise self._fail("bad_footer", f"expected footer 7e {self._footer_id:08x} for section "
+                                 f"{self._footer_id}, got {describe_bytes(view)}")
+            self._buf.consume(5)
+            self._state = "items"
+            return ev.SectionFooter(section_id=self._footer_id)
+        if st == "after_eof":
+            return self._after_eof()
+        raise self._fail("trailing_data", f"{len(self._buf)} bytes after the end of the stream: "
+                         f"{describe_bytes(self._buf.peek(len(self._buf)) or b'')}")
+
+    def _header(self) -> ev.Event:
+        self._expecting = "stream header"
+        view = self._need(8)
+        magic, version = struct.unpack(">II", view)
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise self._fail("bad_magic", f"stream starts with {describe_bytes(view[:4])}, not the QEVM "
+                             f"magic 51 45 56 4d (a recovery stream starts with commands: recovery=True)")
+        if version != QEMU_VM_FILE_VERSION:
+            raise self._fail("bad_version", f"stream version {version}, expected {QEMU_VM_FILE_VERSION}"
+                             + (" (version 2 is the unsupported compat format)" if version == 2 else ""))
+        self._buf.consume(8)
+        self._state = "config"
+        return ev.StreamHeader(version=version)
+
+    def _configuration(self) -> ev.Event | NeedData:
+        self._expecting = "configuration section"
+        view = self._need(1)
+        if view[0] != SectionType.CONFIGURATION:
+            if self.require_configuration:
+                raise self._fail("unknown_section_type", f"expected the configuration section (0x07) after "
+                                 f"the header, got byte {view[0]:#04x}")
+            self._state = "items"
+            return self._item()
+        n = BE32.unpack_from(self._need(5), 1)[0]
+        if n > MAX_CONFIG_NAME_LENGTH:
+            raise self._fail("frame_too_large", f"machine type name of {n} bytes exceeds "
+                             f"{MAX_CONFIG_NAME_LENGTH}")
+        pos = 5 + n
+        name = _text(self._need(pos)[5:pos])
+        found: dict[str, object] = {}
+        last = -1
+        while True:
+            if len(self._buf) == pos and self._buf.eof:
+                break
+            view = self._need(pos + 1)
+            if view[pos] != SectionType.SUBSECTION:
+                break
+            sub_len = self._need(pos + 2)[pos + 1]
+            head = self._need(pos + 2 + sub_len + 4)
+            sub = _text(head[pos + 2 : pos + 2 + sub_len])
+            version = BE32.unpack_from(head, pos + 2 + sub_len)[0]
+            if sub not in _SUBSECTIONS:
+                raise self._fail("unknown_subsection", f"configuration subsection {sub!r} is unknown "
+                                 f"(known: {', '.join(_SUBSECTIONS)})", pos)
+            if _SUBSECTIONS.index(sub) <= last or version != 1:
+                raise self._fail("bad_value", f"configuration subsection {sub!r} version {version} "
+                                 "out of order or not version 1", pos)
+            last = _SUBSECTIONS.index(sub)
+            body = pos + 2 + sub_len + 4
+            if sub == "configuration/target-page-bits":
+                found["target_page_bits"] = BE32.unpack_from(self._need(body + 4), body)[0]
+                pos = body + 4
+            elif sub == "configuration/uuid":
+                found["uuid"] = bytes(self._need(body + 16)[body : body + 16])
+                pos = body + 16
+            else:
+                count = BE32.unpack_from(self._need(body + 4), body)[0]
+                pos = body + 4
+                caps = []
+                for _ in range(count):
+                    if pos > MAX_CONFIG_NAME_LENGTH * 64:
+                        raise self._fail("frame_too_large", f"capability list of {count} entries too long")
+                    clen = self._need(pos + 1)[pos]
+                    caps.append(_text(self._need(pos + 1 + clen)[pos + 1 : pos + 1 + clen]))
+                    pos += 1 + clen
+                found["capabilities"] = tuple(caps)
+        event = ev.Configuration(machine_type=name, **found)  # type: ignore[arg-type]
+        self._buf.consume(pos)
+        self._state = "items"
+        return event
+
+    def _item(self) -> ev.Event | NeedData:
+        self._expecting = "section or command header"
+        t = self._need(1)[0]
+        if t == SectionType.EOF:
+            self._buf.consume(1)
+            self._saw_eof = True
+            self._state = "after_eof"
+            return ev.EndOfStream()
+        if t in (SectionType.START, SectionType.FULL):
+            return self._full_header(t)
+        if t in (SectionType.PART, SectionType.END):
+            view = self._need(5)
+            sid = BE32.unpack_from(view, 1)[0]
+            if self._iterables.get(sid) is None:
+                raise self._fail("unknown_section", f"section {'PART' if t == 2 else 'END'} for section id "
+                                 f"{sid}, which no START introduced (known: {sorted(self._iterables)})")
+            if self._ram is None:
+                raise self._fail("no_ram_setup", f"RAM section {sid} continues without a RAM setup")
+            self._buf.consume(5)
+            self._footer_id = sid
+            self._state = "ram_records"
+            return ev.SectionPart(section_id=sid) if t == SectionType.PART else ev.SectionEnd(section_id=sid)
+        if t == SectionType.COMMAND:
+            return self._command()
+        names = {int(s): s.name for s in SectionType}
+        raise self._fail("unknown_section_type", f"unknown section type byte {t:#04x}"
+                         + (f" ({names[t]} is not valid here)" if t in names else ""))
+
+    def _full_header(self, t: int) -> ev.Event:
+        kind = "START" if t == SectionType.START else "FULL"
+        self._expecting = f"section {kind} header"
+        view = self._need(6)
+        sid = BE32.unpack_from(view, 1)[0]
+        idlen = view[5]
+        if idlen == 0:
+            raise self._fail("empty_idstr", f"section {kind} {sid} has an empty idstr")
+        hdr = 6 + idlen + 8
+        view = self._need(hdr)
+        idstr = _text(view[6 : 6 + idlen])
+        instance_id, version_id = struct.unpack_from(">II", view, 6 + idlen)
+        if t == SectionType.FULL:
+            return self._device_section(sid, idstr, instance_id, version_id, hdr)
+        if idstr != "ram" or self._nested:
+            raise self._fail("unsupported_section", f"iterable section {idstr!r} (id {sid}) "
+                             + ("inside a PACKAGED blob " if self._nested else "")
+                             + "is not supported: only 'ram' is self-delimiting")
+        self._buf.consume(hdr)
+        self._iterables[sid] = idstr
+        self._footer_id = sid
+        self._state = "ram_setup"
+        return ev.SectionStart(section_id=sid, idstr=idstr, instance_id=instance_id, version_id=version_id)
+
+    def _plausible_next(self, data: bytes, q: int, at_end: bool) -> bool | None:
+        """Is there a valid item start at ``q``?  None: cannot tell yet."""
+        if q >= len(data):
+            return True if at_end else None
+        t = data[q]
+        if t == SectionType.EOF:
+            return True
+        if t == SectionType.COMMAND:
+            if len(data) < q + 5:
+                return False if at_end else None
+            cmd, ln = struct.unpack_from(">HH", data, q + 1)
+            if cmd not in Command.__members__.values():
+                return False
+            fixed = COMMAND_FIXED_LENGTH.get(Command(cmd))
+            return fixed is None or fixed == ln
+        if t in (SectionType.START, SectionType.FULL):
+            if len(data) < q + 6 or len(data) < q + 6 + data[q + 5]:
+                return False if at_end else None
+            name = data[q + 6 : q + 6 + data[q + 5]]
+            return bool(name) and all(0x20 <= c < 0x7F for c in name)
+        if t in (SectionType.PART, SectionType.END):
+            if len(data) < q + 5:
+                return False if at_end else None
+            return BE32.unpack_from(data, q + 1)[0] in self._iterables
+        return False
+
+    def _device_section(self, sid: int, idstr: str, instance_id: int, version_id: int, hdr: int) -> ev.Event:
+        self._expecting = f"device section {idstr!r}"
+        limit = hdr + MAX_DEVICE_SECTION_LENGTH + 5 + 512
+        avail = min(len(self._buf), limit)
+        data = bytes(self._need(avail))
+        at_end = self._nested or (self._buf.eof and avail == len(self._buf))
+        pattern = bytes((SectionType.FOOTER,)) + BE32.pack(sid)
+        p = data.find(pattern, max(hdr, self._dev_search_from))
+        while p >= 0:
+            verdict = self._plausible_next(data, p + 5, at_end)
+            if verdict is None:
+                self._dev_search_from = p
+                raise Short
+            if verdict:
+                if p - hdr > MAX_DEVICE_SECTION_LENGTH:
+                    break
+                self._buf.consume(p + 5)
+                self._dev_search_from = 0
+                return ev.DeviceSection(section_id=sid, idstr=idstr, instance_id=instance_id,
+                                        version_id=version_id, payload=data[hdr:p])
+            p = data.find(pattern, p + 1)
+        if avail - hdr > MAX_DEVICE_SECTION_LENGTH:
+            raise self._fail("device_section_too_large", f"device section {idstr!r} (id {sid}) has no "
+                             f"footer within {MAX_DEVICE_SECTION_LENGTH} bytes")
+        if self._nested:
+            raise self._fail("bad_footer", f"device section {idstr!r} (id {sid}) has no footer "
+                             f"7e {sid:08x} before the end of the PACKAGED blob")
+        self._dev_search_from = max(hdr, avail - 4)
+        raise Short
+
+    def _ram_setup(self) -> ev.Event:
+        self._expecting = "RAM setup"
+        tps = self.target_page_size
+        word = BE64.unpack(self._need(8))[0]
+        total, flags = word & ~(tps - 1), word & (tps - 1)
+        if flags != RAM_FLAG_MEM_SIZE:
+            raise self._fail("mem_size", f"RAM setup starts with flags {flags:#x}, expected MEM_SIZE (0x4)")
+        pos, running = 8, 0
+        entries: list[ev.RamBlockEntry] = []
+        blocks: list[ev.RamBlock] = []
+        while running < total:
+            if pos > MAX_RAM_SETUP_LENGTH:
+                raise self._fail("frame_too_large", f"RAM setup longer than {MAX_RAM_SETUP_LENGTH} bytes")
+            idlen = self._need(pos + 1)[pos]
+            if idlen == 0:
+                raise self._fail("empty_idstr", "RAM setup block with an empty idstr", pos)
+            view = self._need(pos + 1 + idlen + 8)
+            idstr = _text(view[pos + 1 : pos + 1 + idlen])
+            used = BE64.unpack_from(view, pos + 1 + idlen)[0]
+            entry_at = pos
+            pos += 1 + idlen + 8
+            local = self.block_page_sizes.get(idstr, self.host_page_size)
+            page_size = None
+            if self._advised and local != self.host_page_size:
+                page_size = BE64.unpack_from(self._need(pos + 8), pos)[0]
+                pos += 8
+                if page_size != local:
+                    raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
+                                     f"{page_size:#x} differs from the local {local:#x}", entry_at)
+            running += used
+            if running > total:
+                raise self._fail("mem_size", f"block sizes exceed the MEM_SIZE total {total:#x} at block "
+                                 f"{idstr!r} (sum {running:#x})", entry_at)
+            if any(b.idstr == idstr for b in blocks):
+                raise self._fail("bad_value", f"block {idstr!r} listed twice in the RAM setup", entry_at)
+            entries.append(ev.RamBlockEntry(idstr=idstr, used_length=used, page_size=page_size))
+            blocks.append(ev.RamBlock(idstr=idstr, used_length=used, host_page_size=local))
+        event = ev.RamSetup(total_bytes=total, blocks=tuple(entries))
+        self._set_layout(ev.RamLayout(blocks=tuple(blocks), section_id=self._footer_id, target_page_size=tps))
+        self._buf.consume(pos)
+        self._state = "ram_setup_eos"
+        return event
+
+    def _after_eof(self) -> ev.Event:
+        view = self._need(1)
+        if view[0] == SectionType.VMDESCRIPTION and not self._nested:
+            self._expecting = "VMDESCRIPTION"
+            n = BE32.unpack_from(self._need(5), 1)[0]
+            if n > MAX_VMDESC_LENGTH:
+                raise self._fail("frame_too_large", f"VMDESCRIPTION of {n} bytes exceeds {MAX_VMDESC_LENGTH}")
+            json = bytes(self._need(5 + n)[5:])
+            self._buf.consume(5 + n)
+            self._state = "done"
+            return ev.VmDescription(json=json)
+        raise self._fail("trailing_data", f"{len(self._buf)} bytes after QEMU_VM_EOF: "
+                         f"{describe_bytes(self._buf.peek(len(self._buf)) or b'')}")
+
+    # -- commands --------------------------------------------------------------
+
+    def _command(self) -> ev.Event:
+        self._expecting = "command"
+        view = self._need(5)
+        cmd_no, ln = struct.unpack_from(">HH", view, 1)
+        try:
+            cmd = Command(cmd_no)
+        except ValueError:
+            raise self._fail("unknown_command", f"unknown command {cmd_no} (len {ln}); known: "
+                             + ", ".join(f"{c.value} {c.name}" for c in Command)) from None
+        fixed = COMMAND_FIXED_LENGTH.get(cmd)
+        if fixed is not None and ln != fixed:
+            raise self._fail("bad_length", f"command {cmd.name} has len {ln}, expected {fixed}")
+        self._expecting = f"{cmd.name} command"
+        if cmd == Command.PACKAGED:
+            return self._packaged()
+        p = bytes(self._need(5 + ln)[5:])
+        event = self._command_event(cmd, p)
+        self._buf.consume(5 + ln)
+        return event
+
+    def _command_event(self, cmd: Command, p: bytes) -> ev.Event:
+        if cmd == Command.OPEN_RETURN_PATH:
+            return ev.OpenReturnPath()
+        if cmd == Command.PING:
+            return ev.Ping(value=BE32.unpack(p)[0])
+        if cmd == Command.POSTCOPY_LISTEN:
+            self._enter_postcopy()
+            return ev.PostcopyListen()
+        if cmd == Command.POSTCOPY_RUN:
+            return ev.PostcopyRun()
+        if cmd == Command.POSTCOPY_RESUME:
+            return ev.PostcopyResume()
+        if cmd == Command.ENABLE_COLO:
+            return ev.EnableColo()
+        if cmd == Command.SWITCHOVER_START:
+            return ev.SwitchoverStart()
+        if cmd == Command.POSTCOPY_ADVISE:
+            if len(p) == 0:
+                return ev.PostcopyAdvise(pagesize_summary=None, target_page_size=None)
+            if len(p) != 16:
+                raise self._fail("bad_length", f"POSTCOPY_ADVISE has len {len(p)}, expected 0 or 16")
+            summary, tps = struct.unpack(">QQ", p)
+            if tps != self.target_page_size:
+                raise self._fail("target_page_size", f"POSTCOPY_ADVISE target page size {tps:#x} differs "
+                                 f"from the local {self.target_page_size:#x}")
+            self._advised = True
+            return ev.PostcopyAdvise(pagesize_summary=summary, target_page_size=tps)
+        if cmd == Command.RECV_BITMAP:
+            if len(p) < 2 or p[0] != len(p) - 1:
+                raise self._fail("bad_length" if p[:1] != b"\0" else "empty_idstr",
+                                 f"RECV_BITMAP has len {len(p)} for an idstr of "
+                                 f"{p[0] if p else 'no'} bytes (len must be 1 + idstr length >= 2)")
+            idstr = _text(p[1:])
+            self._check_block(idstr, "RECV_BITMAP")
+            return ev.RecvBitmapRequest(idstr=idstr)
+        assert cmd == Command.POSTCOPY_RAM_DISCARD
+        return self._discard(p)
+
+    def _enter_postcopy(self) -> None:
+        self._postcopy = True
+        if self._ram is not None:
+            self._ram.scanner.postcopy = True
+
+    def _check_block(self, idstr: str, what: str) -> ev.RamBlock | None:
+        if self.layout is None:
+            return None
+        block = self.layout.block(idstr)
+        if block is None:
+            raise self._fail("unknown_block", f"{what} names unknown block {idstr!r} (known: "
+                             f"{', '.join(b.idstr for b in self.layout.blocks)})")
+        return block
+
+    def _discard(self, p: bytes) -> ev.Event:
+        if len(p) < 20:
+            raise self._fail("bad_length", f"POSTCOPY_RAM_DISCARD has len {len(p)}, at least 20 needed")
+        version, n = p[0], p[1]
+        if version != 0:
+            raise self._fail("bad_value", f"POSTCOPY_RAM_DISCARD version {version}, expected 0")
+        if n == 0:
+            raise self._fail("empty_idstr", "POSTCOPY_RAM_DISCARD with an empty idstr")
+        if 3 + n > len(p) or (len(p) - 3 - n) % 16:
+            raise self._fail("bad_length", f"POSTCOPY_RAM_DISCARD len {len(p)} is not 3 + idstr ({n}) "
+                             "+ 16 per range")
+        if p[2 + n] != 0:
+            raise self._fail("bad_value", f"POSTCOPY_RAM_DISCARD: byte after the idstr is {p[2 + n]:#04x}, "
+                             "expected NUL")
+        idstr = _text(p[2 : 2 + n])
+        ranges = tuple(struct.unpack_from(">QQ", p, i) for i in range(3 + n, len(p), 16))
+        block = self._check_block(idstr, "POSTCOPY_RAM_DISCARD")
+        tps = self.target_page_size
+        for start, length in ranges:
+            if start % tps or length % tps:
+                raise self._fail("unaligned", f"discard {idstr!r} {start:#x}+{length:#x} is not aligned to "
+                                 f"the target page size {tps:#x}")
+            if block is not None and start + length > block.used_length:
+                raise self._fail("offset_out_of_block", f"discard {idstr!r} {start:#x}+{length:#x} runs "
+                                 f"past the block's used_length {block.used_length:#x}")
+        return ev.PostcopyRamDiscard(idstr=idstr, ranges=ranges, version=version)
+
+    def _packaged(self) -> ev.Event:
+        if self._nested:
+            raise self._fail("nested_packaged", "PACKAGED inside a PACKAGED blob")
+        length = BE32.unpack_from(self._need(9), 5)[0]
+        if length > self.max_packaged_length:
+            raise self._fail("packaged_too_large", f"PACKAGED length {length} exceeds the limit "
+                             f"{self.max_packaged_length}")
+        self._expecting = f"PACKAGED blob of {length} bytes"
+        blob = self._need(9 + length)[9:]
+        inner = MainStreamDecoder(
+            _nested=True, layout=self.layout, block_page_sizes=self.block_page_sizes,
+            host_page_size=self.host_page_size, target_page_size=self.target_page_size,
+        )
+        inner._advised = self._advised
+        inner._iterables = dict(self._iterables)
+        inner._buf.consumed = self._buf.consumed + 9
+        inner.receive_data(bytes(blob))
+        inner.receive_data(b"")
+        events: list[ev.Event] = []
+        try:
+            while True:
+                e = inner.next_event()
+                if isinstance(e, ev.ConnectionClosed):
+                    break
+                assert not isinstance(e, NeedData)
+                events.append(e)
+        except RemoteProtocolError as exc:
+            raise exc._as(LocalProtocolError) from None
+        if any(isinstance(e, ev.PostcopyListen) for e in events):
+            self._enter_postcopy()
+        self._buf.consume(9 + length)
+        return ev.Packaged(events=tuple(events))
+
+

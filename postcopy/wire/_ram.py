@@ -1,0 +1,84 @@
+"""Page-record runs shared by the main and preempt decoders: C scan, one event per batch."""
+
+from __future__ import annotations
+
+from ._constants import RAM_FLAG_CONTINUE
+from ._decoder import BaseDecoder, NeedData, Short, describe_bytes
+from ._errors import LocalProtocolError
+from ._events import RamEos, RamLayout, RamPages
+from ._scan import SCAN_ERRORS, SCAN_EOS, RamScanner
+
+__all__ = ["RamRecordReader", "scanner_for"]
+
+#: idstr + header + a whole page: the most one record can need contiguously.
+_MAX_RECORD = 8 + 1 + 255 + 65536
+
+
+def scanner_for(layout: RamLayout, *, postcopy: bool) -> RamScanner:
+    blocks = [(b.idstr.encode("utf-8", "surrogateescape"), b.used_length, b.host_page_size)
+              for b in layout.blocks]
+    return RamScanner(blocks, target_page_size=layout.target_page_size, postcopy=postcopy)
+
+
+class RamRecordReader:
+    """Reads runs of page records for one channel until EOS."""
+
+    def __init__(self, layout: RamLayout, channel: int, *, postcopy: bool) -> None:
+        self.layout = layout
+        self.channel = channel
+        self.scanner = scanner_for(layout, postcopy=postcopy)
+        self._names = tuple(b.idstr for b in layout.blocks)
+
+    def step(self, dec: BaseDecoder) -> RamPages | RamEos | NeedData:
+        """Scan at the front of ``dec``'s buffer.  EOS after records is queued on ``dec._pending``."""
+        buf = dec._buf
+        while True:
+            view = buf.front()
+            consumed, status, records, err_pos = self.scanner.scan(view)
+            if status < 0:
+                raise self._error(dec, view, status, err_pos)
+            if records or status == SCAN_EOS:
+                break
+            # An incomplete record at the end of the first chunk: join it with the next ones.
+            if len(buf) > len(view):
+                buf.peek(min(len(buf), len(view) + _MAX_RECORD))
+                continue
+            dec._expecting = "RAM page record"
+            raise Short
+        end = consumed - 8 if status == SCAN_EOS else consumed
+        event = RamPages(channel=self.channel, blocks=self._names, records=records,
+                         buffer=view[:end], target_page_size=self.layout.target_page_size) if records else None
+        buf.consume(consumed)
+        if status == SCAN_EOS:
+            if event is None:
+                return RamEos()
+            dec._pending.append(RamEos())
+        assert event is not None
+        return event
+
+    def _error(self, dec: BaseDecoder, view: memoryview, code: int, pos: int) -> LocalProtocolError:
+        kind, what = SCAN_ERRORS.get(code, ("bad_value", f"scanner error {code}"))
+        tps = self.layout.target_page_size
+        detail = ""
+        rec = view[pos:]
+        if len(rec) >= 8:
+            word = int.from_bytes(rec[:8], "big")
+            offset, flags = word & ~(tps - 1), word & (tps - 1)
+            detail = f": offset {offset:#x}, flags {flags:#x}"
+            name = None
+            if not flags & RAM_FLAG_CONTINUE and len(rec) > 9 and len(rec) >= 9 + rec[8]:
+                name = bytes(rec[9 : 9 + rec[8]]).decode("utf-8", "surrogateescape")
+            elif self.scanner.last_block >= 0:
+                name = self._names[self.scanner.last_block]
+            if name is not None:
+                block = self.layout.block(name)
+                detail += f", block {name!r}"
+                if block is not None and kind == "offset_out_of_block":
+                    detail += f" of used_length {block.used_length:#x}"
+                if kind == "unknown_block":
+                    detail += f" (known blocks: {', '.join(self._names) or 'none'})"
+        else:
+            detail = f": {describe_bytes(rec)}"
+        return dec._fail(kind, f"channel {self.channel}: {what}{detail}", pos)
+
+
