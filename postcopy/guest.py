@@ -110,7 +110,11 @@ class MismatchDetail:
             return f"page is all zero where data was expected ({where})"
         if self.kind is MismatchKind.COUNTER:
             behind = (self.expected - self.actual) % 2**64
-            lag = f"{behind} update(s) behind" if behind < 2**63 else f"{2**64 - behind} update(s) ahead"
+            lag = (
+                f"{behind} update(s) behind"
+                if behind < 2**63
+                else f"{2**64 - behind} update(s) ahead"
+            )
             return f"vCPU {self.vcpu} counter is {lag}: stale or lost update ({where})"
         if self.kind is MismatchKind.FOREIGN and self.origin is not None:
             region, offset = self.origin
@@ -142,7 +146,10 @@ class VerifyResult:
         if self.ok:
             return f"ok: {self.pages_checked} pages match the replay"
         parts = [f"{self.pages_mismatched} of {self.pages_checked} pages differ"]
-        parts += [f"region {m.region_index} offset {m.offset:#x}: {m.detail}" for m in self.first_mismatches]
+        parts += [
+            f"region {m.region_index} offset {m.offset:#x}: {m.detail}"
+            for m in self.first_mismatches
+        ]
         if not self.read_hash_ok:
             parts.append(f"read hash differs for vCPU(s) {list(self.bad_read_hash_vcpus)}")
         if not self.state_ok:
@@ -209,7 +216,9 @@ class Guest:
         try:
             pattern = Pattern(pattern)
         except ValueError:
-            raise GuestConfigError(f"pattern={pattern!r}: must be one of {[p.name for p in Pattern]}") from None
+            raise GuestConfigError(
+                f"pattern={pattern!r}: must be one of {[p.name for p in Pattern]}"
+            ) from None
 
         c_regions = ffi.new("pc_guest_region[]", len(region_list))
         for i, r in enumerate(region_list):
@@ -218,7 +227,15 @@ class Guest:
             c_regions[i].host_page_size = r.host_page_size
         err = ffi.new("char[]", _ERR_CAP)
         raw = lib.pc_guest_new(
-            c_regions, len(region_list), nvcpus, pattern, seed, write_percent, rate_limit, err, _ERR_CAP
+            c_regions,
+            len(region_list),
+            nvcpus,
+            pattern,
+            seed,
+            write_percent,
+            rate_limit,
+            err,
+            _ERR_CAP,
         )
         if raw == ffi.NULL:
             raise GuestConfigError(f"guest: {ffi.string(err).decode()}")
@@ -297,7 +314,7 @@ class Guest:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU has left its loop; False on timeout."""
         timeout_ns = -1 if timeout is None else max(0, math.ceil(timeout * 1e9))
-        return lib.pc_guest_wait(self._handle(), timeout_ns) == 0
+        return bool(lib.pc_guest_wait(self._handle(), timeout_ns) == 0)
 
     def join(self) -> None:
         """Wait for the vCPU threads to finish (they must be stopping or bounded by nsteps)."""
@@ -370,7 +387,9 @@ class Guest:
         if rc == -errno.EBUSY:
             raise self._busy("verify guest memory")
         if rc == -errno.ENOMEM:
-            raise MemoryError(f"verify needs {self.total_pages * self.nvcpus * 8} bytes of counters")
+            raise MemoryError(
+                f"verify needs {self.total_pages * self.nvcpus * 8} bytes of counters"
+            )
         if rc < 0:  # pragma: no cover
             raise OSError(-rc, "verifying guest memory")
         mismatches = [self._mismatch(mm[i]) for i in range(res.mismatches_reported)]

@@ -23,10 +23,17 @@ def copy_memory(src: list[Any], dst: list[Any]) -> None:
 
 @pytest.mark.parametrize("nvcpus", [1, 4])
 @pytest.mark.parametrize("pattern", list(Pattern))
-def test_destination_continues_where_source_stopped(memory: Any, pattern: Pattern, nvcpus: int) -> None:
+def test_destination_continues_where_source_stopped(
+    memory: Any, pattern: Pattern, nvcpus: int
+) -> None:
     src_mems = [memory(n) for n in SIZES]
     dst_mems = [memory(n) for n in SIZES]
-    config = {"nvcpus": nvcpus, "pattern": pattern, "seed": 0xC0FFEE, "write_percent": 60}
+    config: dict[str, Any] = {
+        "nvcpus": nvcpus,
+        "pattern": pattern,
+        "seed": 0xC0FFEE,
+        "write_percent": 60,
+    }
     with Guest([m.region() for m in src_mems], **config) as source:
         source.fill_initial()
         source.start()
@@ -71,7 +78,7 @@ def test_migrate_hugetlb_and_small_page_regions(memory: Any, pattern: Pattern) -
     src = [memory(4 * MiB, HUGE_2M), memory(512 * KiB)]
     dst = [memory(4 * MiB, HUGE_2M), memory(512 * KiB)]
     assert src[0].addr % HUGE_2M == 0
-    config = {"nvcpus": 4, "pattern": pattern, "seed": 77}
+    config: dict[str, Any] = {"nvcpus": 4, "pattern": pattern, "seed": 77}
     with Guest([m.region() for m in src], **config) as source:
         source.fill_initial()
         source.run(50_000)

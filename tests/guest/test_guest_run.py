@@ -26,7 +26,9 @@ def snapshot(mems: list[Any]) -> list[bytes]:
 
 @pytest.mark.parametrize("nvcpus", [1, 4])
 @pytest.mark.parametrize("pattern", list(Pattern))
-def test_same_seed_and_steps_give_identical_memory(memory: Any, pattern: Pattern, nvcpus: int) -> None:
+def test_same_seed_and_steps_give_identical_memory(
+    memory: Any, pattern: Pattern, nvcpus: int
+) -> None:
     runs = []
     for _ in range(2):
         mems = make_regions(memory)
@@ -41,7 +43,9 @@ def test_same_seed_and_steps_give_identical_memory(memory: Any, pattern: Pattern
 
 
 @pytest.mark.parametrize("pattern", list(Pattern))
-def test_run_in_chunks_equals_one_run_and_another_seed_differs(memory: Any, pattern: Pattern) -> None:
+def test_run_in_chunks_equals_one_run_and_another_seed_differs(
+    memory: Any, pattern: Pattern
+) -> None:
     results = []
     for seed, chunks in ((9, (5_000, 2_500, 2_500)), (9, (10_000,)), (10, (10_000,))):
         mems = make_regions(memory)
@@ -78,7 +82,10 @@ def test_fill_initial_leaves_about_one_page_in_eight_zero(memory: Any, pattern: 
 
 def test_fill_initial_pattern_depends_on_region_and_seed(memory: Any) -> None:
     a, b = memory(64 * KiB), memory(64 * KiB)
-    with Guest([a.region(), b.region()], nvcpus=1, seed=1) as g1, Guest([a.region()], nvcpus=1, seed=2) as g2:
+    with (
+        Guest([a.region(), b.region()], nvcpus=1, seed=1) as g1,
+        Guest([a.region()], nvcpus=1, seed=2) as g2,
+    ):
         nonzero = [o for o in range(0, 64 * KiB, TARGET_PAGE_SIZE) if any(g1.initial_page(0, o))]
         assert nonzero
         o = nonzero[0]
@@ -110,7 +117,9 @@ def test_free_running_guest_stops_at_access_boundary(memory: Any, nvcpus: int) -
         g.stop()
         assert g.running == 0
         final = g.stats()
-        assert all(r + w == s for s, r, w in zip(final.steps, final.reads, final.writes, strict=True))
+        assert all(
+            r + w == s for s, r, w in zip(final.steps, final.reads, final.writes, strict=True)
+        )
         assert g.stats() == final  # nothing moves after stop
         result = g.verify()
         assert result.ok, result.summary()

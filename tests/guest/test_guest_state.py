@@ -10,7 +10,9 @@ import pytest
 from postcopy.guest import Guest, GuestBusyError, GuestStateError, Pattern
 
 KiB = 1024
-HEADER = struct.Struct("<8sIIIIII Q")  # magic, version, length, pattern, nvcpus, nregions, write_percent, seed
+HEADER = struct.Struct(
+    "<8sIIIIII Q"
+)  # magic, version, length, pattern, nvcpus, nregions, write_percent, seed
 
 
 @pytest.fixture
@@ -30,12 +32,15 @@ def guest_for(regions: list[tuple[int, int, int]], **overrides: Any) -> Guest:
 
 def test_state_layout_is_versioned_little_endian(saved: Any) -> None:
     _, state = saved
-    magic, version, length, pattern, nvcpus, nregions, write_percent, seed = HEADER.unpack_from(state)
+    magic, version, length, pattern, nvcpus, nregions, write_percent, seed = HEADER.unpack_from(
+        state
+    )
     assert (magic, version, length) == (b"PCGUEST\0", 1, len(state))
     assert (pattern, nvcpus, nregions, write_percent, seed) == (Pattern.RANDOM, 2, 2, 30, 11)
     assert struct.unpack_from("<2Q", state, 40) == (64 * KiB, 128 * KiB)
     steps, reads, writes = struct.unpack_from("<3Q", state, 56)
-    assert steps == 1_234 and reads + writes == steps
+    assert steps == 1_234
+    assert reads + writes == steps
     assert len(state) == 40 + 2 * 8 + 2 * 48 + 8
 
 
@@ -50,7 +55,9 @@ def test_round_trip_restores_counters(saved: Any) -> None:
         g.load_state(memoryview(state))
 
 
-def expect_error(regions: list[tuple[int, int, int]], data: bytes, match: str, **overrides: Any) -> None:
+def expect_error(
+    regions: list[tuple[int, int, int]], data: bytes, match: str, **overrides: Any
+) -> None:
     with guest_for(regions, **overrides) as g:
         before = g.save_state()
         with pytest.raises(GuestStateError, match=match):
@@ -90,9 +97,13 @@ def test_wrong_configuration(memory: Any, saved: Any) -> None:
     regions, state = saved
     expect_error(regions, state, "pattern=1 but this guest has pattern=2", pattern=Pattern.HOT)
     expect_error(regions, state, "seed=0xb but this guest has seed=0xc", seed=12)
-    expect_error(regions, state, "write_percent=30 but this guest has write_percent=31", write_percent=31)
+    expect_error(
+        regions, state, "write_percent=30 but this guest has write_percent=31", write_percent=31
+    )
     other = memory(256 * KiB).region()
-    expect_error([regions[0], other], state, "region 1 has length=131072 but this guest's has length=262144")
+    expect_error(
+        [regions[0], other], state, "region 1 has length=131072 but this guest's has length=262144"
+    )
     expect_error(regions[:1], state, "state has 2 regions but this guest has 1")
 
 
@@ -100,9 +111,8 @@ def test_corrupted_body_is_caught_by_checksum(saved: Any) -> None:
     regions, state = saved
     bad = bytearray(state)
     bad[60] ^= 0x01  # inside vCPU 0's step counter
-    with pytest.raises(GuestStateError, match="checksum") as info:
-        with guest_for(regions) as g:
-            g.load_state(bytes(bad))
+    with pytest.raises(GuestStateError, match="checksum") as info, guest_for(regions) as g:
+        g.load_state(bytes(bad))
     assert isinstance(info.value, ValueError)
     assert info.value.errno > 0
 
@@ -123,7 +133,9 @@ def test_inconsistent_counters_are_refused(saved: Any) -> None:
         steps, reads, writes = struct.unpack_from("<3Q", body, 56)
         struct.pack_into("<3Q", body, 56, steps + 1, reads, writes + 1)
 
-    expect_error(regions, reseal(lambda b: struct.pack_into("<Q", b, 56, 1_235)), "reads=.* != steps=1235")
+    expect_error(
+        regions, reseal(lambda b: struct.pack_into("<Q", b, 56, 1_235)), "reads=.* != steps=1235"
+    )
     # counters agree with each other but the PRNG is where 1234 steps left it
     expect_error(regions, reseal(one_more_step), "vCPU 0: PRNG state .* after 1235 steps")
 

@@ -99,10 +99,17 @@ def run_source(src: list[Any], config: dict[str, Any]) -> tuple[bytes, tuple[int
 
 @pytest.mark.parametrize("nvcpus", [1, 4])
 @pytest.mark.parametrize("pattern", list(Pattern))
-def test_vcpu_blocks_on_missing_page_and_continues_once_placed(memory: Any, pattern: Pattern, nvcpus: int) -> None:
+def test_vcpu_blocks_on_missing_page_and_continues_once_placed(
+    memory: Any, pattern: Pattern, nvcpus: int
+) -> None:
     src = [memory(n) for n in SIZES]
     dst = [memory(n) for n in SIZES]
-    config = {"nvcpus": nvcpus, "pattern": pattern, "seed": 0xFA17, "write_percent": 50}
+    config: dict[str, Any] = {
+        "nvcpus": nvcpus,
+        "pattern": pattern,
+        "seed": 0xFA17,
+        "write_percent": 50,
+    }
     state, src_steps = run_source(src, config)
 
     with uffd.Userfaultfd(user_mode_only=True) as uf:
@@ -118,7 +125,9 @@ def test_vcpu_blocks_on_missing_page_and_continues_once_placed(memory: Any, patt
             assert not dest.wait(timeout=0.1), "a vCPU blocked in a fault cannot stop"
             deadline = time.monotonic() + 10
             while not dest.wait(timeout=0):
-                assert time.monotonic() < deadline, "vCPUs did not resume after their pages were placed"
+                assert time.monotonic() < deadline, (
+                    "vCPUs did not resume after their pages were placed"
+                )
                 dest_mem.serve_once()
             dest.join()
             # each vCPU finished exactly the access it was blocked in, then stopped
@@ -145,10 +154,12 @@ def test_vcpu_blocks_on_missing_page_and_continues_once_placed(memory: Any, patt
     ("served", "kind"),
     [("stale", MismatchKind.COUNTER), ("zero", MismatchKind.ZERO)],
 )
-def test_wrong_page_served_by_the_destination_is_reported(memory: Any, served: str, kind: MismatchKind) -> None:
+def test_wrong_page_served_by_the_destination_is_reported(
+    memory: Any, served: str, kind: MismatchKind
+) -> None:
     src = [memory(n) for n in SIZES]
     dst = [memory(n) for n in SIZES]
-    config = {"nvcpus": 2, "pattern": Pattern.SEQ, "seed": 5, "write_percent": 100}
+    config: dict[str, Any] = {"nvcpus": 2, "pattern": Pattern.SEQ, "seed": 5, "write_percent": 100}
     with Guest([m.region() for m in src], **config) as source:
         source.fill_initial()
         source.run(500)  # writes every page of the 336 at least once
@@ -176,7 +187,7 @@ def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
     """4 KiB target pages inside 2 MiB host pages: a fault places a whole host page."""
     src = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
     dst = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
-    config = {"nvcpus": 4, "pattern": pattern, "seed": 0x2222}
+    config: dict[str, Any] = {"nvcpus": 4, "pattern": pattern, "seed": 0x2222}
     state, src_steps = run_source(src, config)
     with uffd.Userfaultfd(user_mode_only=True) as uf:
         dest_mem = Destination(uf, src, dst)
@@ -190,7 +201,9 @@ def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
             finally:
                 dest_mem.stop_serving()
             assert dest.stats().total_steps > sum(src_steps)
-            assert any(a < dst[0].addr + dst[0].length and a >= dst[0].addr for a in dest_mem.placed)
+            assert any(
+                a < dst[0].addr + dst[0].length and a >= dst[0].addr for a in dest_mem.placed
+            )
             dest_mem.place_all()
             result = dest.verify()
             assert result.ok, result.summary()

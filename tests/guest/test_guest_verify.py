@@ -19,7 +19,9 @@ SIZES = (64 * KiB, 512 * KiB, 128 * KiB)
 def ran(request: pytest.FixtureRequest, memory: Any) -> Iterator[tuple[Guest, list[Any]]]:
     """A guest that has run long enough to have written many pages, stopped."""
     mems = [memory(n) for n in SIZES]
-    with Guest([m.region() for m in mems], nvcpus=request.param, pattern=Pattern.RANDOM, seed=99) as g:
+    with Guest(
+        [m.region() for m in mems], nvcpus=request.param, pattern=Pattern.RANDOM, seed=99
+    ) as g:
         g.fill_initial()
         g.run(4_000)
         assert g.verify().ok
@@ -27,7 +29,7 @@ def ran(request: pytest.FixtureRequest, memory: Any) -> Iterator[tuple[Guest, li
 
 
 def page(mem: Any, offset: int) -> bytes:
-    return mem.map[offset : offset + PAGE]
+    return bytes(mem.map[offset : offset + PAGE])
 
 
 def touched_pages(g: Guest, mems: list[Any]) -> list[tuple[int, int]]:
@@ -41,7 +43,12 @@ def touched_pages(g: Guest, mems: list[Any]) -> list[tuple[int, int]]:
 
 
 def data_pages(g: Guest, mems: list[Any]) -> list[tuple[int, int]]:
-    return [(r, off) for r, m in enumerate(mems) for off in range(0, m.length, PAGE) if any(page(m, off))]
+    return [
+        (r, off)
+        for r, m in enumerate(mems)
+        for off in range(0, m.length, PAGE)
+        if any(page(m, off))
+    ]
 
 
 def only_mismatch(g: Guest) -> Any:
@@ -49,7 +56,8 @@ def only_mismatch(g: Guest) -> Any:
     assert not result.ok
     assert result.pages_mismatched == 1, result.summary()
     assert len(result.first_mismatches) == 1
-    assert result.read_hash_ok and result.state_ok
+    assert result.read_hash_ok
+    assert result.state_ok
     return result.first_mismatches[0]
 
 
@@ -72,7 +80,8 @@ def test_zero_page_where_data_was_expected(ran: Any) -> None:
     region_index, offset, detail = only_mismatch(g)
     assert (region_index, offset) == (r, off)
     assert detail.kind is MismatchKind.ZERO
-    assert detail.actual == 0 and detail.expected != 0
+    assert detail.actual == 0
+    assert detail.expected != 0
     assert "all zero" in str(detail)
 
 
@@ -135,7 +144,8 @@ def test_lost_update_names_the_vcpu(memory: Any) -> None:
         struct.pack_into("<Q", mem.map, off + 64 * 2, slot - 3)
         region_index, offset, detail = only_mismatch(g)
         assert (region_index, offset) == (0, off)
-        assert detail.kind is MismatchKind.COUNTER and detail.vcpu == 2
+        assert detail.kind is MismatchKind.COUNTER
+        assert detail.vcpu == 2
         assert "3 update(s) behind" in str(detail)
 
 
@@ -155,7 +165,9 @@ def test_wrong_content_read_while_running_breaks_the_read_hash(memory: Any) -> N
     """Memory that was wrong only while the guest read it is caught by the read hash,
     even after the page is repaired."""
     mems = [memory(n) for n in SIZES]
-    with Guest([m.region() for m in mems], nvcpus=2, pattern=Pattern.SEQ, seed=4, write_percent=0) as g:
+    with Guest(
+        [m.region() for m in mems], nvcpus=2, pattern=Pattern.SEQ, seed=4, write_percent=0
+    ) as g:
         g.fill_initial()
         good = [bytes(m.map) for m in mems]
         for m in mems:  # spoil vCPU 0's read-only pattern word in every page
@@ -166,6 +178,7 @@ def test_wrong_content_read_while_running_breaks_the_read_hash(memory: Any) -> N
             m.map[:] = content
         result = g.verify()
         assert result.pages_mismatched == 0
-        assert not result.read_hash_ok and not result.ok
+        assert not result.read_hash_ok
+        assert not result.ok
         assert result.bad_read_hash_vcpus == (0,)
         assert "read hash differs for vCPU(s) [0]" in result.summary()
