@@ -42,21 +42,49 @@ uint64_t pc_mt_sum(uint64_t addr, uint64_t len)
     return sum;
 }
 
-static inline uint8_t pattern_byte(uint64_t k, uint64_t seed) { return (uint8_t)(seed + (k >> 12) * 7 + k); }
+/* Byte k = seed + (k/4096)*7 + k (mod 256): within a 4 KiB page that is a
+ * run of consecutive values, so whole runs are copied / compared from a ramp. */
+#define RAMP_SIZE (4096 + 256)
+
+static void init_ramp(uint8_t *ramp)
+{
+    for (unsigned i = 0; i < RAMP_SIZE; i++)
+        ramp[i] = (uint8_t)i;
+}
+
+static inline const uint8_t *pattern_run(const uint8_t *ramp, uint64_t k, uint64_t seed, uint64_t len, uint64_t *n)
+{
+    uint64_t j = k & 4095;
+    uint64_t start = (seed + (k >> 12) * 7 + j) & 0xff;
+    *n = 4096 - j < len - k ? 4096 - j : len - k;
+    return ramp + start;
+}
 
 void pc_mt_fill_pattern(uint64_t addr, uint64_t len, uint64_t seed)
 {
+    uint8_t ramp[RAMP_SIZE];
+    init_ramp(ramp);
     uint8_t *p = (uint8_t *)(uintptr_t)addr;
-    for (uint64_t k = 0; k < len; k++)
-        p[k] = pattern_byte(k, seed);
+    uint64_t n = 0;
+    for (uint64_t k = 0; k < len; k += n) {
+        const uint8_t *run = pattern_run(ramp, k, seed, len, &n);
+        memcpy(p + k, run, n);
+    }
 }
 
 int64_t pc_mt_check_pattern(uint64_t addr, uint64_t len, uint64_t seed)
 {
+    uint8_t ramp[RAMP_SIZE];
+    init_ramp(ramp);
     const uint8_t *p = (const uint8_t *)(uintptr_t)addr;
-    for (uint64_t k = 0; k < len; k++)
-        if (p[k] != pattern_byte(k, seed))
-            return (int64_t)k;
+    uint64_t n = 0;
+    for (uint64_t k = 0; k < len; k += n) {
+        const uint8_t *want = pattern_run(ramp, k, seed, len, &n);
+        if (memcmp(p + k, want, n) != 0)
+            for (uint64_t i = 0; i < n; i++)
+                if (p[k + i] != want[i])
+                    return (int64_t)(k + i);
+    }
     return -1;
 }
 
