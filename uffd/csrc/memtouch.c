@@ -3,6 +3,7 @@
 #include "memtouch.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,8 +115,15 @@ int pc_mt_fork_child_reads(uint64_t addr)
     pid_t pid = fork();
     if (pid < 0)
         return -errno;
-    if (pid == 0)
-        _exit(*at(addr)); /* async-signal-safe only: we forked a threaded process */
+    if (pid == 0) {
+        /* async-signal-safe calls only: we forked a threaded process. Default
+         * fatal-signal handling, so a poisoned page kills the child quietly
+         * instead of running the parent's faulthandler. */
+        struct sigaction dfl = { .sa_handler = SIG_DFL };
+        sigaction(SIGBUS, &dfl, NULL);
+        sigaction(SIGSEGV, &dfl, NULL);
+        _exit(*at(addr));
+    }
     return pid;
 }
 

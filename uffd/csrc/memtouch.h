@@ -19,7 +19,7 @@ int64_t pc_mt_write_to_fd(int fd, uint64_t addr, uint64_t len);
 /* Fault npages pages one after another (read one byte each), recording the
  * CLOCK_MONOTONIC ns each touch took in lat_ns[i] (may be NULL). Sum of bytes. */
 uint64_t pc_mt_fault_sequence(uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t *lat_ns);
-/* fork(); the child reads the byte at addr (with the child's copy of any
+/* fork(); the child (default SIGBUS/SIGSEGV handling) reads the byte at addr (with the child's copy of any
  * uffd registration) and _exit()s with that value. Returns the child's pid
  * or -errno. */
 int pc_mt_fork_child_reads(uint64_t addr);
