@@ -32,10 +32,10 @@ class ReceiveBuffer:
             return
         # bytes are immutable: keep them; anything else may be reused by the caller.
         mv = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        self._len += len(mv)
         if self._chunks and len(self._chunks[-1]) + len(mv) <= _SMALL:
             mv = memoryview(b"".join((self._chunks.pop(), mv)))
         self._chunks.append(mv)
-        self._len += len(mv)
 
     def front(self) -> memoryview:
         """The first chunk (possibly only part of what is buffered)."""
