@@ -189,7 +189,7 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
     dec.receive_data(data)
     dec.receive_data(b"")
     section: dict[str, Any] | None = None
-    names: tuple[str, ...] = layout and tuple(b.idstr for b in layout.blocks) or ()
+    names: tuple[str, ...] = (layout and tuple(b.idstr for b in layout.blocks)) or ()
     loose: dict[str, Any] | None = None  # preempt: one entry for the page records
     try:
         while True:

@@ -15,8 +15,8 @@ from ._errors import LocalProtocolError
 
 __all__ = [
     "RAM_RECORD",
-    "ConnectionClosed",
     "Configuration",
+    "ConnectionClosed",
     "DeviceSection",
     "EnableColo",
     "EndOfStream",

@@ -13,7 +13,7 @@ from uffd._native import ffi, lib
 
 from ._errors import LocalProtocolError
 
-__all__ = ["SCAN_EOS", "SCAN_FULL", "SCAN_NEED_DATA", "ScanError", "RamScanner", "encode_records", "tally"]
+__all__ = ["SCAN_EOS", "SCAN_FULL", "SCAN_NEED_DATA", "RamScanner", "ScanError", "encode_records", "tally"]
 
 SCAN_NEED_DATA: int = lib.PC_SCAN_NEED_DATA
 SCAN_EOS: int = lib.PC_SCAN_EOS

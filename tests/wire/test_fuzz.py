@@ -155,6 +155,6 @@ def test_c_scanner_matches_python_reference(buf, postcopy, max_out, last_block):
         assert got == want
         assert c.state_tuple() == ref.state_tuple()
         consumed, status = got[0], got[1]
-        if status < 0 or (status == 0) or consumed == 0 and status != 2:
+        if status < 0 or (status == 0) or (consumed == 0 and status != 2):
             break
         pos += consumed
