@@ -271,7 +271,7 @@ class Guest:
 
     def _handle(self) -> Any:
         if self._g is None:
-            raise GuestBusyError("guest is closed")
+            raise ValueError("operation on a closed guest")
         return self._g
 
     def _busy(self, what: str) -> GuestBusyError:
@@ -285,16 +285,29 @@ class Guest:
         if rc == -errno.EBUSY:
             raise self._busy("fill guest memory")
 
+    def initial_content(
+        self, region_index: int, offset: int, length: int = TARGET_PAGE_SIZE
+    ) -> bytes:
+        """Initial content of ``length`` bytes at ``offset`` of a region (4 KiB multiples).
+
+        Serves faults of a fresh destination guest, e.g. one whole host page.
+        """
+        g = self._handle()
+        in_range = 0 <= region_index < 2**32 and 0 <= offset < 2**64 and 0 <= length < 2**64
+        out = ffi.new("char[]", length) if in_range and length > 0 else ffi.NULL
+        rc = lib.pc_guest_initial_content(g, region_index, offset, length, out) if in_range else -1
+        if rc < 0:
+            lengths = [hex(r.length) for r in self.regions]
+            raise ValueError(
+                f"no initial content for region {region_index} offset {offset:#x} length {length:#x}: "
+                f"need a region index below {len(self.regions)} and a 4 KiB-aligned range inside "
+                f"it (region lengths {lengths})"
+            )
+        return bytes(ffi.buffer(out, length)) if length > 0 else b""
+
     def initial_page(self, region_index: int, offset: int) -> bytes:
         """The initial content of the 4 KiB page at ``offset`` of a region."""
-        out = ffi.new("char[]", TARGET_PAGE_SIZE)
-        rc = lib.pc_guest_initial_page(self._handle(), region_index, offset, out)
-        if rc < 0:
-            raise ValueError(
-                f"no 4 KiB page at region {region_index} offset {offset:#x} "
-                f"(regions: {[hex(r.length) for r in self.regions]})"
-            )
-        return bytes(ffi.buffer(out, TARGET_PAGE_SIZE))
+        return self.initial_content(region_index, offset, TARGET_PAGE_SIZE)
 
     # -- running ------------------------------------------------------------------
 

@@ -91,10 +91,19 @@ def test_fill_initial_pattern_depends_on_region_and_seed(memory: Any) -> None:
         o = nonzero[0]
         assert g1.initial_page(0, o) != g1.initial_page(1, o)
         assert g1.initial_page(0, o) != g2.initial_page(0, o)
-        with pytest.raises(ValueError, match="region 0 offset 0x10000"):
+        with pytest.raises(ValueError, match="region 0 offset 0x10000 length 0x1000"):
             g2.initial_page(0, 64 * KiB)
-        with pytest.raises(ValueError, match="region 2"):
+        with pytest.raises(ValueError, match=r"region 2 .*region index below 2"):
             g1.initial_page(2, 0)
+        with pytest.raises(ValueError, match="offset 0x800"):
+            g1.initial_page(0, 2048)
+        with pytest.raises(ValueError, match="offset -0x1000"):
+            g1.initial_page(0, -4096)
+        with pytest.raises(ValueError, match="length 0x11000"):
+            g1.initial_content(0, 0, 68 * KiB)
+        whole = g1.initial_content(1, 0, 64 * KiB)
+        assert whole[o : o + TARGET_PAGE_SIZE] == g1.initial_page(1, o)
+        assert g1.initial_content(0, 0, 0) == b""
 
 
 @pytest.mark.parametrize("nvcpus", [1, 4])
@@ -171,6 +180,6 @@ def test_close_stops_a_running_guest(memory: Any) -> None:
     g.fill_initial()
     g.start()
     g.close()
-    with pytest.raises(GuestBusyError, match="closed"):
+    with pytest.raises(ValueError, match="closed guest"):
         g.stats()
     g.close()  # idempotent

@@ -26,8 +26,9 @@ HUGE_2M = 2 * MiB
 class Destination:
     """Destination memory registered MISSING, and a fault service copying from the source."""
 
-    def __init__(self, uf: uffd.Userfaultfd, src: list[Any], dst: list[Any]) -> None:
+    def __init__(self, uf: uffd.Userfaultfd, src: list[Any] | None, dst: list[Any]) -> None:
         self.uf, self.src, self.dst = uf, src, dst
+        self.fresh: Guest | None = None  # set: serve its initial content (no source)
         self.placed: set[int] = set()  # host page addresses
         self.faults = 0
         for m in dst:
@@ -37,22 +38,25 @@ class Destination:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _locate(self, address: int) -> tuple[Any, Any, int]:
-        for s, d in zip(self.src, self.dst, strict=True):
+    def _locate(self, address: int) -> tuple[int, Any, int]:
+        for index, d in enumerate(self.dst):
             if d.addr <= address < d.addr + d.length:
                 offset = (address - d.addr) & ~(d.page_size - 1)
-                return s, d, offset
+                return index, d, offset
         raise AssertionError(f"fault at {address:#x} outside every region")
 
     def place(self, address: int, content: bytes | None = None) -> None:
         """Place the host page holding ``address``: the source's content unless told otherwise."""
-        s, d, offset = self._locate(address)
+        index, d, offset = self._locate(address)
         if d.addr + offset in self.placed:
             return
+        if content is None and self.fresh is not None:
+            content = self.fresh.initial_content(index, offset, d.page_size)
         try:
             if content is None:
-                self.uf.copy(d.addr + offset, s.addr + offset, d.page_size)
-            elif content == bytes(len(content)):
+                assert self.src is not None
+                self.uf.copy(d.addr + offset, self.src[index].addr + offset, d.page_size)
+            elif content == bytes(len(content)) and d.page_size == 4096:  # no huge ZEROPAGE
                 self.uf.zeropage(d.addr + offset, d.page_size)
             else:
                 self.uf.copy(d.addr + offset, content, d.page_size)
@@ -206,4 +210,28 @@ def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
             )
             dest_mem.place_all()
             result = dest.verify()
+            assert result.ok, result.summary()
+
+
+@pytest.mark.hugetlb
+@pytest.mark.parametrize("nvcpus", [1, 4])
+def test_fresh_guest_boots_on_missing_memory(memory: Any, nvcpus: int) -> None:
+    """No source at all: every page arrives on demand with its initial content
+    (whole 2 MiB host pages for the hugetlb region, zero pages via ZEROPAGE)."""
+    dst = [memory(4 * MiB, HUGE_2M), memory(128 * KiB), memory(1 * MiB)]
+    with uffd.Userfaultfd(user_mode_only=True) as uf:
+        dest_mem = Destination(uf, None, dst)
+        with Guest([m.region() for m in dst], nvcpus=nvcpus, pattern=Pattern.HOT, seed=8) as guest:
+            dest_mem.fresh = guest
+            dest_mem.start_serving()
+            try:
+                guest.start()
+                time.sleep(0.1)
+                guest.stop()
+            finally:
+                dest_mem.stop_serving()
+            assert guest.stats().total_steps > 0
+            assert dest_mem.faults > 0
+            dest_mem.place_all()
+            result = guest.verify()
             assert result.ok, result.summary()

@@ -359,15 +359,19 @@ int pc_guest_fill_initial(pc_guest *g)
     return 0;
 }
 
-int pc_guest_initial_page(const pc_guest *g, uint32_t region, uint64_t offset, void *out)
+int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset, uint64_t length,
+                             void *out)
 {
     if (region >= g->nregions)
         return -EINVAL;
-    if (offset % TPS || offset >= g->regions[region].length)
+    const uint64_t region_length = g->regions[region].length;
+    if (offset % TPS || length % TPS || offset > region_length || length > region_length - offset)
         return -ERANGE;
     uint64_t buf[WORDS_PER_PAGE];
-    initial_page_words(g, region, offset / TPS, buf);
-    memcpy(out, buf, TPS);
+    for (uint64_t done = 0; done < length; done += TPS) {
+        initial_page_words(g, region, (offset + done) / TPS, buf);
+        memcpy((uint8_t *)out + done, buf, TPS);
+    }
     return 0;
 }
 

@@ -93,8 +93,11 @@ uint64_t pc_guest_total_pages(const pc_guest *g);
 /* Write the initial content of every page (source side, before start). -EBUSY while running. */
 int pc_guest_fill_initial(pc_guest *g);
 
-/* Write the initial content of one 4 KiB page into out (4096 bytes), e.g. to serve a fault. */
-int pc_guest_initial_page(const pc_guest *g, uint32_t region, uint64_t offset, void *out);
+/* Write the initial content of [offset, offset+length) of a region into out, e.g. to
+ * serve a fault on a fresh destination (a whole host page). offset and length are
+ * multiples of 4 KiB. -EINVAL for a bad region, -ERANGE for a bad range. */
+int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset, uint64_t length,
+                             void *out);
 
 /* Start the vCPU threads. Each runs until stopped or until it has done nsteps more
  * accesses (0 = no limit). -EBUSY if threads exist (join them first). */
