@@ -47,8 +47,9 @@ pc_dst *pc_dst_new(uint32_t nblocks)
         return NULL;
     d->blocks = calloc(nblocks ? nblocks : 1, sizeof(*d->blocks));
     d->descs = calloc(nblocks ? nblocks : 1, sizeof(*d->descs));
+    d->desc_block = calloc(nblocks ? nblocks : 1, sizeof(*d->desc_block));
     d->infos = calloc(nblocks ? nblocks : 1, sizeof(*d->infos));
-    if (!d->blocks || !d->descs || !d->infos) {
+    if (!d->blocks || !d->descs || !d->desc_block || !d->infos) {
         pc_dst_free(d);
         return NULL;
     }
@@ -71,6 +72,7 @@ void pc_dst_free(pc_dst *d)
         munmap(d->zero_buf, d->max_host_page_size);
     free(d->blocks);
     free(d->descs);
+    free(d->desc_block);
     free(d->infos);
     pthread_mutex_destroy(&d->rp_lock);
     pthread_mutex_destroy(&d->wlock);
@@ -101,7 +103,6 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
     b->idlen = idlen;
     memcpy(b->idstr, idstr, idlen);
     b->idstr[idlen] = 0;
-    d->descs[i] = (pc_block_desc){ base, length, host_page_size, received, requested };
     d->infos[i] = (pc_ram_block_info){ b->idstr, idlen, length, host_page_size };
     return 0;
 }
@@ -109,14 +110,26 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
 int pc_dst_finish_setup(pc_dst *d)
 {
     uint64_t maxhps = PC_TARGET_PAGE_SIZE;
+    /* The fault reader wants the blocks sorted by address: an insertion sort
+     * of a handful of blocks, keeping the map back to stream order. */
     for (uint32_t i = 0; i < d->nblocks; i++) {
-        if (!d->blocks[i].length)
+        pc_dst_block *b = &d->blocks[i];
+        if (!b->length)
             return -EINVAL;
-        if (i && d->blocks[i].base < d->blocks[i - 1].base + d->blocks[i - 1].length)
-            return -EINVAL;     /* unsorted or overlapping */
-        if (d->blocks[i].host_page_size > maxhps)
-            maxhps = d->blocks[i].host_page_size;
+        uint32_t j = i;
+        while (j && d->descs[j - 1].base > b->base) {
+            d->descs[j] = d->descs[j - 1];
+            d->desc_block[j] = d->desc_block[j - 1];
+            j--;
+        }
+        d->descs[j] = (pc_block_desc){ b->base, b->length, b->host_page_size, b->received, b->requested };
+        d->desc_block[j] = i;
+        if (b->host_page_size > maxhps)
+            maxhps = b->host_page_size;
     }
+    for (uint32_t i = 1; i < d->nblocks; i++)
+        if (d->descs[i].base < d->descs[i - 1].base + d->descs[i - 1].length)
+            return -EINVAL;     /* overlapping blocks */
     d->max_host_page_size = maxhps;
     d->zero_buf = mmap(NULL, maxhps, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (d->zero_buf == MAP_FAILED) {
@@ -352,6 +365,9 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
             if (n < 0)
                 return n;
             __atomic_add_fetch(&d->c.faults, (uint64_t)n + dropped, __ATOMIC_RELAXED);
+            for (int i = 0; i < n; i++)     /* sorted order -> stream order */
+                if (faults[i].status != PC_FAULT_OUTSIDE)
+                    faults[i].block = d->desc_block[faults[i].block];
             __atomic_add_fetch(&d->c.faults_dropped, dropped, __ATOMIC_RELAXED);
             pthread_mutex_lock(&d->rp_lock);
             for (int i = 0; i < n; i++) {

@@ -48,7 +48,8 @@ typedef struct pc_dst {
     int uffd;                           /* -1 before LISTEN: pages are written with memcpy */
     uint32_t nblocks;
     pc_dst_block *blocks;
-    pc_block_desc *descs;               /* for pc_read_faults, same order */
+    pc_block_desc *descs;               /* for pc_read_faults: sorted by base */
+    uint32_t *desc_block;               /* descs[i] is blocks[desc_block[i]] */
     pc_ram_block_info *infos;           /* for pc_ram_scan, same order */
     uint64_t max_host_page_size;
     uint8_t *zero_buf;                  /* zero host page for blocks that are not zeroable */
@@ -72,11 +73,11 @@ typedef struct pc_dst {
 
 pc_dst *pc_dst_new(uint32_t nblocks);
 void pc_dst_free(pc_dst *d);
-/* All blocks must be set before use, sorted by base. Bitmaps/hashes are owned
- * by the caller and must outlive d. Returns 0 or -errno. */
+/* Blocks are indexed in the order of the stream's RAM setup. Bitmaps/hashes
+ * are owned by the caller and must outlive d. Returns 0 or -errno. */
 int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
                      uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes);
-int pc_dst_finish_setup(pc_dst *d);     /* after the last set_block: checks order, allocates buffers */
+int pc_dst_finish_setup(pc_dst *d);     /* after the last set_block: checks overlaps, allocates buffers */
 void pc_dst_set_uffd(pc_dst *d, int uffd);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */

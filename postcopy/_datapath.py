@@ -1,0 +1,338 @@
+"""The C data path of both roles (uffd/csrc/dest.c, source.c), wrapped.
+
+This is the only module of ``postcopy`` that reaches those C objects. Every
+call here runs with the GIL released (cffi); the long-running ones
+(``Receiver.run``, ``DestinationPath.serve_faults``, ``SourcePath.run_bulk``,
+``SourcePath.serve_return_path``) block in C and belong on their own threads.
+A C object must outlive every thread inside it: the roles join their threads
+before dropping these wrappers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from uffd import Bitmap, RamBlock
+from uffd._native import ffi, lib
+
+__all__ = [
+    "DataPathError",
+    "DestinationPath",
+    "Receiver",
+    "SourcePath",
+    "TARGET_PAGE_SIZE",
+]
+
+TARGET_PAGE_SIZE = 4096
+
+RX_MAIN = lib.PC_RX_MAIN
+RX_PREEMPT = lib.PC_RX_PREEMPT
+CHAN_MAIN = lib.PC_CHAN_MAIN
+CHAN_PREEMPT = lib.PC_CHAN_PREEMPT
+
+
+class DataPathError(Exception):
+    """The C data path reported an error; ``kind`` is a short stable label."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _npages(block: RamBlock) -> int:
+    return block.used_length // TARGET_PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationCounters:
+    faults: int
+    faults_dropped: int
+    faults_outside: int
+    requests_sent: int
+    requests_failed: int
+    host_pages_placed: int
+    zero_host_pages_placed: int
+    eexist: int
+    blocktime_ns: int
+    vcpu_blocktime_ns: tuple[int, ...]
+    waiting: int
+
+
+class DestinationPath:
+    """RAM blocks as the destination sees them, in the stream's setup order."""
+
+    def __init__(self, blocks: Sequence[RamBlock], *, verify: bool = False) -> None:
+        self.blocks = tuple(blocks)
+        self.received = [Bitmap(_npages(b)) for b in self.blocks]
+        self.requested = [Bitmap(_npages(b)) for b in self.blocks]
+        self.hashes = [ffi.new("uint64_t[]", _npages(b)) if verify else ffi.NULL for b in self.blocks]
+        self._nvcpus = 0
+        self._d = ffi.gc(lib.pc_dst_new(len(self.blocks)), lib.pc_dst_free)
+        if self._d == ffi.NULL:
+            raise MemoryError("pc_dst_new")
+        for i, b in enumerate(self.blocks):
+            idstr = b.idstr.encode()
+            rc = lib.pc_dst_set_block(
+                self._d, i, idstr, len(idstr), b.addr, b.used_length, b.page_size,
+                int(b.page_size == TARGET_PAGE_SIZE),  # hugetlbfs has no UFFDIO_ZEROPAGE
+                self.received[i].cdata, self.requested[i].cdata, self.hashes[i],
+            )
+            if rc < 0:
+                raise ValueError(f"block {b.idstr}: rejected by the data path ({rc})")
+        if lib.pc_dst_finish_setup(self._d) < 0:
+            raise ValueError("RAM blocks overlap")
+
+    def index(self, idstr: str) -> int:
+        for i, b in enumerate(self.blocks):
+            if b.idstr == idstr:
+                return i
+        raise KeyError(idstr)
+
+    def attach_uffd(self, fd: int) -> None:
+        lib.pc_dst_set_uffd(self._d, fd)
+
+    def set_vcpu_threads(self, tids: Sequence[int]) -> None:
+        arr = ffi.new("uint32_t[]", list(tids) or [0])
+        lib.pc_dst_set_vcpus(self._d, arr, len(tids))
+        self._nvcpus = min(len(tids), lib.PC_DST_MAX_VCPUS)
+
+    def set_return_path(self, sock: socket.socket | None) -> None:
+        """Attach the return path (None pauses it: requests stay outstanding)."""
+        lib.pc_dst_set_rp(self._d, sock.fileno() if sock is not None else -1)
+
+    def send(self, message: bytes) -> None:
+        """Write one whole return-path message (shares a lock with the fault service)."""
+        rc = lib.pc_dst_rp_write(self._d, message, len(message))
+        if rc < 0:
+            raise ConnectionError(-rc, "return path write failed")
+
+    def resend_requests(self) -> int:
+        rc = lib.pc_dst_resend_requests(self._d)
+        if rc < 0:
+            raise ConnectionError(-rc, "return path write failed")
+        return int(rc)
+
+    def discard(self, index: int, offset: int, length: int) -> None:
+        if lib.pc_dst_discard(self._d, index, offset, length) < 0:
+            b = self.blocks[index]
+            raise ValueError(f"discard {b.idstr} offset {offset:#x} length {length:#x}: outside the block")
+
+    def serve_faults(self, stop_fd: int) -> int:
+        """The fault loop (blocks until stop_fd is readable)."""
+        return int(lib.pc_fault_service_run(self._d, stop_fd))
+
+    def drain_latencies_ns(self) -> list[int]:
+        out: list[int] = []
+        buf = ffi.new("uint64_t[]", 4096)
+        while n := lib.pc_dst_drain_latency(self._d, buf, 4096):
+            out.extend(buf[0:n])
+        return out
+
+    def counters(self) -> DestinationCounters:
+        c = ffi.new("pc_dst_counters *")
+        bt = ffi.new("uint64_t *")
+        vb = ffi.new("uint64_t[]", lib.PC_DST_MAX_VCPUS)
+        nw = ffi.new("uint32_t *")
+        lib.pc_dst_snapshot(self._d, c, bt, vb, nw)
+        nv = self._nvcpus
+        return DestinationCounters(
+            c.faults, c.faults_dropped, c.faults_outside, c.requests_sent, c.requests_failed,
+            c.host_pages_placed, c.zero_host_pages_placed, c.eexist, bt[0], tuple(vb[0:nv]), nw[0],
+        )
+
+    def received_pages(self) -> int:
+        return sum(b.count() for b in self.received)
+
+    def total_pages(self) -> int:
+        return sum(len(b) for b in self.received)
+
+    def placed_hashes(self, index: int) -> bytes:
+        if self.hashes[index] == ffi.NULL:
+            raise ValueError("not verifying")
+        return bytes(ffi.buffer(self.hashes[index], _npages(self.blocks[index]) * 8))
+
+    def receiver(self, sock: socket.socket, kind: int, ram_section_id: int) -> Receiver:
+        return Receiver(self, sock, kind, ram_section_id)
+
+
+class Receiver:
+    """One incoming channel: receive, scan, assemble, place (all in C)."""
+
+    CONTROL = lib.PC_RX_CONTROL
+    EOF = lib.PC_RX_EOF
+    EOS = lib.PC_RX_EOS
+    STOPPED = lib.PC_RX_STOPPED
+    _ERRORS = {
+        lib.PC_RX_E_IO: "io",
+        lib.PC_RX_E_PROTO: "protocol",
+        lib.PC_RX_E_PLACE: "placement",
+        lib.PC_RX_E_TRUNCATED: "truncated",
+    }
+
+    def __init__(self, path: DestinationPath, sock: socket.socket, kind: int, ram_section_id: int) -> None:
+        self.path = path
+        self.sock = sock
+        self._rx = ffi.gc(lib.pc_rx_new(path._d, sock.fileno(), kind, ram_section_id), lib.pc_rx_free)
+        if self._rx == ffi.NULL:
+            raise MemoryError("pc_rx_new")
+
+    @property
+    def ram_section_id(self) -> int:
+        return int(self._rx.ram_section_id)
+
+    @ram_section_id.setter
+    def ram_section_id(self, value: int) -> None:
+        self._rx.ram_section_id = value
+
+    def run(self) -> int:
+        """Place pages until something needs Python; raises DataPathError on errors."""
+        rc = int(lib.pc_rx_run(self._rx))
+        if rc < 0:
+            raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
+        return rc
+
+    def stop(self) -> None:
+        lib.pc_rx_stop(self._rx)
+
+    # -- exact bytes for Python's control decoding --------------------------
+    def available(self) -> int:
+        sb = self._in
+        return int(sb.tail - sb.head)
+
+    def peek(self, start: int = 0) -> bytes:
+        sb = self._in
+        return bytes(ffi.buffer(sb.buf + sb.head + start, sb.tail - sb.head - start))
+
+    def fill(self, n: int) -> int:
+        rc = int(lib.pc_sockbuf_fill(ffi.addressof(self._rx, "in"), n))
+        if rc < 0:
+            raise ConnectionError(-rc, "receive failed")
+        return rc
+
+    def consume(self, n: int) -> None:
+        lib.pc_sockbuf_consume(ffi.addressof(self._rx, "in"), n)
+
+    @property
+    def _in(self) -> Any:
+        return ffi.addressof(self._rx, "in")
+
+    def place(self, records: bytes, buffer: bytes) -> None:
+        n = len(records) // ffi.sizeof("pc_ram_record")
+        recs = ffi.from_buffer("pc_ram_record[]", records)
+        rc = lib.pc_rx_place_records(self._rx, recs, n, ffi.from_buffer(buffer))
+        if rc < 0:
+            raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
+
+    def reset_temp(self) -> None:
+        lib.pc_rx_reset_temp(self._rx)
+
+    def counters(self) -> tuple[int, int, int]:
+        c = self._rx.c
+        return int(c.pages_normal), int(c.pages_zero), int(self._in.bytes)
+
+
+class SourcePath:
+    """RAM blocks as the source sees them, with their dirty bitmaps."""
+
+    DONE = lib.PC_TX_DONE
+    STOPPED = lib.PC_TX_STOPPED
+    RP_CONTROL = lib.PC_RP_CONTROL
+    RP_EOF = lib.PC_RP_EOF
+    RP_STOPPED = lib.PC_RP_STOPPED
+    RP_BAD_REQUEST = lib.PC_RP_BAD_REQUEST
+
+    def __init__(self, blocks: Sequence[RamBlock], ram_section_id: int) -> None:
+        self.blocks = tuple(blocks)
+        self.dirty = [Bitmap(_npages(b)) for b in self.blocks]
+        self._s = ffi.gc(lib.pc_src_new(len(self.blocks), ram_section_id), lib.pc_src_free)
+        if self._s == ffi.NULL:
+            raise MemoryError("pc_src_new")
+        for i, b in enumerate(self.blocks):
+            idstr = b.idstr.encode()
+            if lib.pc_src_set_block(self._s, i, idstr, len(idstr), b.addr, b.used_length, b.page_size,
+                                    self.dirty[i].cdata) < 0:
+                raise ValueError(f"block {b.idstr}: rejected by the data path")
+
+    def mark_all_dirty(self) -> None:
+        for bm in self.dirty:
+            bm.set_range(0, len(bm))
+
+    def canonicalize(self) -> None:
+        lib.pc_src_canonicalize(self._s)
+
+    def set_channel(self, channel: int, sock: socket.socket | None) -> None:
+        lib.pc_src_set_channel(self._s, channel, sock.fileno() if sock is not None else -1)
+
+    def set_return_path(self, sock: socket.socket) -> None:
+        lib.pc_src_set_rp(self._s, sock.fileno())
+
+    def configure(self, *, preempt: bool, bandwidth_cap: int = 0, section_bytes: int = 0) -> None:
+        lib.pc_src_configure(self._s, int(preempt), bandwidth_cap, section_bytes)
+
+    def stop(self) -> None:
+        lib.pc_src_stop(self._s)
+
+    def restart(self) -> None:
+        lib.pc_src_restart(self._s)
+
+    def write(self, channel: int, data: bytes) -> None:
+        rc = lib.pc_src_chan_write(self._s, channel, data, len(data))
+        if rc < 0:
+            raise ConnectionError(-rc, f"write on {'main' if channel == CHAN_MAIN else 'preempt'} channel failed")
+
+    def run_bulk(self) -> int:
+        rc = int(lib.pc_src_bulk_run(self._s))
+        if rc < 0:
+            raise DataPathError("io", ffi.string(self._s.err_msg).decode(errors="replace"))
+        return rc
+
+    def dirty_pages(self) -> int:
+        return int(lib.pc_src_dirty_pages(self._s))
+
+    def serve_return_path(self) -> int:
+        """Serve page requests until a control message, EOF, a bad request or a stop."""
+        rc = int(lib.pc_src_rp_run(self._s))
+        if rc < 0:
+            kind = "io" if rc == lib.PC_RP_E_IO else "protocol"
+            raise DataPathError(kind, ffi.string(self._s.err_msg).decode(errors="replace"))
+        return rc
+
+    def last_error(self) -> str:
+        return ffi.string(self._s.err_msg).decode(errors="replace")
+
+    @property
+    def _rp(self) -> Any:
+        return ffi.addressof(self._s, "rp")
+
+    def rp_fill(self, n: int) -> int:
+        rc = int(lib.pc_sockbuf_fill(self._rp, n))
+        if rc < 0:
+            raise ConnectionError(-rc, "return path receive failed")
+        return rc
+
+    def rp_peek(self) -> bytes:
+        sb = self._rp
+        return bytes(ffi.buffer(sb.buf + sb.head, sb.tail - sb.head))
+
+    def rp_consume(self, n: int) -> None:
+        lib.pc_sockbuf_consume(self._rp, n)
+
+    def counters(self) -> dict[str, int]:
+        s = self._s
+        out = {name: int(getattr(s.c, name)) for name in (
+            "requests", "request_pages_sent", "request_pages_skipped", "requests_queued", "host_pages_sent")}
+        for ch, label in ((0, "main"), (1, "preempt")):
+            out[f"{label}_pages_normal"] = int(s.chan[ch].pages_normal)
+            out[f"{label}_pages_zero"] = int(s.chan[ch].pages_zero)
+            out[f"{label}_bytes"] = int(s.chan[ch].bytes)
+        return out
+
+
+def hash_pages(block: RamBlock) -> bytes:
+    """The per-target-page hashes of a block (the source's side of --verify)."""
+    out = ffi.new("uint64_t[]", _npages(block))
+    lib.pc_hash_pages(block.addr, _npages(block), out)
+    return bytes(ffi.buffer(out))

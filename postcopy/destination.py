@@ -1,0 +1,346 @@
+"""The destination: a page-fault service for one incoming postcopy migration.
+
+Threads (the per-page work of each is C, with the GIL released):
+
+* the caller's thread reads the main channel: Python decodes the control
+  items (header, commands, PACKAGED) with the sans-IO codec, and the C
+  receiver places the pages of every "ram" section;
+* ``preempt``: the C receiver of the preempt channel;
+* ``faults``: the C fault service (uffd -> REQ_PAGES on the return path);
+* the guest's vCPUs (C pthreads) touch guest memory and block in the kernel
+  on missing pages.
+
+Python never touches guest memory once it is registered with userfaultfd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from uffd import Feature, RegisterMode, Userfaultfd
+
+from . import wire
+from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver
+from .guest import Guest, Pattern
+from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
+
+__all__ = ["Destination", "DestinationError", "DestinationResult"]
+
+log = logging.getLogger("postcopy.dest")
+
+TARGET_PAGE_SIZE = 4096
+
+
+class DestinationError(Exception):
+    """The incoming migration cannot go on; ``kind`` labels it for metrics."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class DestinationResult:
+    status: str = "setup"
+    pages_received: int = 0
+    pages_total: int = 0
+    pages_normal: int = 0
+    pages_zero: int = 0
+    preempt_pages: int = 0
+    bytes_received: int = 0
+    remote_faults: int = 0
+    requests_sent: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    blocktime_ns: int = 0
+    vcpu_blocktime_ns: tuple[int, ...] = ()
+    source_stopped_ns: int = 0
+    guest_started_ns: int = 0
+    finished_ns: int = 0
+    error: str | None = None
+
+
+def _events(rx: Receiver, dec: wire.MainStreamDecoder) -> Iterator[wire.Event]:
+    """Decode items from the receiver's buffer, consuming exactly their bytes.
+
+    The bytes after the last item taken stay in the receiver, so the C path
+    can go on from there.
+    """
+    fed = 0
+    last = dec.offset
+    while True:
+        event = dec.next_event()
+        if event is wire.NEED_DATA:
+            if rx.available() <= fed and rx.fill(fed + 1) == 0:
+                dec.receive_data(b"")
+                continue
+            chunk = rx.peek(fed)
+            dec.receive_data(chunk)
+            fed += len(chunk)
+            continue
+        used = dec.offset - last
+        last = dec.offset
+        rx.consume(used)
+        fed -= used
+        yield event
+
+
+class Destination:
+    """Serve one incoming migration of ``spec``'s guest."""
+
+    def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False) -> None:
+        self.spec = spec
+        self.preempt = preempt
+        self.verify = verify
+        self.memory = spec.build_memory()
+        self.path = DestinationPath(list(self.memory), verify=verify)
+        self.result = DestinationResult(pages_total=self.path.total_pages())
+        self.uffd: Userfaultfd | None = None
+        self.guest: Guest | None = None
+        self._device_state: bytes | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop_r, self._stop_w = os.pipe()
+        self._preempt_rx: Receiver | None = None
+        self._preempt_done = threading.Event()
+        self._errors: list[BaseException] = []
+        self._layout: wire.RamLayout | None = None
+
+    # -- the migration ------------------------------------------------------
+
+    def serve(self, listener: socket.socket) -> DestinationResult:
+        """Accept the channels on ``listener`` and run the migration to its end."""
+        main = self._accept(listener)
+        preempt = self._accept(listener) if self.preempt else None
+        try:
+            rx = self.path.receiver(main, RX_MAIN, 0)
+            self._preamble(rx, main, preempt)
+            self._postcopy(rx)
+            self._finish()
+        except (DataPathError, DestinationError, wire.RemoteProtocolError, SpecError, OSError) as exc:
+            self.result.status = "failed"
+            self.result.error = str(exc)
+            raise
+        finally:
+            self._stop_threads()
+            main.close()
+            if preempt is not None:
+                preempt.close()
+        return self.result
+
+    @staticmethod
+    def _accept(listener: socket.socket) -> socket.socket:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _preamble(self, rx: Receiver, main: socket.socket, preempt: socket.socket | None) -> None:
+        """Everything up to RUN: header, setup, discards, PACKAGED."""
+        huge = {b.idstr: b.page_size for b in self.memory if b.page_size != TARGET_PAGE_SIZE}
+        dec = wire.MainStreamDecoder(block_page_sizes=huge)
+        for event in _events(rx, dec):
+            match event:
+                case wire.OpenReturnPath():
+                    self.path.set_return_path(main)
+                case wire.Ping(value=v):
+                    self.path.send(wire.encode(wire.Pong(value=v)))
+                case wire.PostcopyAdvise(pagesize_summary=summary, target_page_size=tps):
+                    self._check_advise(summary, tps)
+                case wire.SectionStart(idstr="ram", section_id=sid):
+                    rx.ram_section_id = sid
+                case wire.RamSetup(blocks=entries):
+                    self._check_setup(entries, rx.ram_section_id)
+                case wire.RamPages(records=records, buffer=buffer):
+                    rx.place(records, bytes(buffer))      # precopy: plain writes, nothing registered yet
+                case wire.PostcopyRamDiscard(idstr=idstr, ranges=ranges):
+                    self._discard(idstr, ranges)
+                case wire.Packaged(events=inner):
+                    self._packaged(inner, preempt)
+                    return
+                case wire.ConnectionClosed():
+                    raise DestinationError("truncated", "the source closed the main channel before the switch to postcopy")
+                case _:
+                    pass
+
+    def _check_advise(self, summary: int | None, tps: int | None) -> None:
+        ours = 0
+        for b in self.memory:
+            ours |= b.page_size
+        if tps != TARGET_PAGE_SIZE or summary != ours:
+            raise DestinationError(
+                "advise_mismatch",
+                f"POSTCOPY_ADVISE says target page {tps} and page sizes {summary:#x}; "
+                f"this destination has {TARGET_PAGE_SIZE} and {ours:#x} (start both sides with the same memory)",
+            )
+
+    def _check_setup(self, entries: tuple[wire.RamBlockEntry, ...], section_id: int) -> None:
+        theirs = [(e.idstr, e.used_length) for e in entries]
+        ours = [(b.idstr, b.used_length) for b in self.memory]
+        if theirs != ours:
+            raise DestinationError(
+                "ram_layout", f"the source's RAM blocks {theirs} differ from this destination's {ours}")
+        self._layout = wire.RamLayout(
+            blocks=tuple(wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
+                         for b in self.memory),
+            section_id=section_id,
+        )
+
+    def _discard(self, idstr: str, ranges: tuple[tuple[int, int], ...]) -> None:
+        try:
+            index = self.path.index(idstr)
+        except KeyError:
+            raise DestinationError("unknown_block", f"discard for unknown RAM block {idstr!r}") from None
+        block = self.path.blocks[index]
+        for start, length in ranges:
+            self.path.discard(index, start, length)      # validates the range first
+            block.discard(start, length)
+
+    def _packaged(self, inner: tuple[wire.Event, ...], preempt: socket.socket | None) -> None:
+        for event in inner:
+            match event:
+                case wire.PostcopyListen():
+                    self._listen(preempt)
+                case wire.DeviceSection(idstr=idstr, payload=payload) if idstr == DEVICE_IDSTR:
+                    self._device_state = payload
+                case wire.Ping(value=v):
+                    self.path.send(wire.encode(wire.Pong(value=v)))
+                case wire.PostcopyRun():
+                    self._run_guest()
+                case _:
+                    pass
+
+    def _listen(self, preempt: socket.socket | None) -> None:
+        """Register guest memory with userfaultfd and start serving faults."""
+        features = Feature.THREAD_ID
+        if any(b.backing == "hugetlbfs" for b in self.memory):
+            features |= Feature.MISSING_HUGETLBFS
+        if any(b.backing == "memfd" for b in self.memory):
+            features |= Feature.MISSING_SHMEM
+        self.uffd = Userfaultfd(features, user_mode_only=True)
+        for b in self.memory:
+            self.uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+        self.path.attach_uffd(self.uffd.fileno())
+        self._start("faults", self._serve_faults)
+        if preempt is not None:
+            self._preempt_rx = self.path.receiver(preempt, RX_PREEMPT, 0)
+            self._start("preempt", self._serve_preempt)
+
+    def _run_guest(self) -> None:
+        if self._device_state is None:
+            raise DestinationError("no_device_state", f"PACKAGED carried no {DEVICE_IDSTR!r} section before RUN")
+        state, stopped_ns = decode_device_state(self._device_state, self.spec)
+        self.result.source_stopped_ns = stopped_ns
+        w = self.spec.workload()
+        self.guest = Guest(
+            [(b.addr, b.used_length, b.page_size) for b in self.memory],
+            nvcpus=int(w["vcpus"]), pattern=Pattern[str(w["pattern"]).upper()], seed=int(w["seed"]),
+            write_percent=int(w["write_percent"]), rate_limit=int(w["rate_limit"]),
+        )
+        self.guest.load_state(state)
+        self.guest.start()
+        self.result.guest_started_ns = time.monotonic_ns()
+        self.result.status = "postcopy-active"
+        tids = self.guest.vcpu_tids() if hasattr(self.guest, "vcpu_tids") else []
+        self.path.set_vcpu_threads(tids)
+
+    def _postcopy(self, rx: Receiver) -> None:
+        """The main channel after RUN: C places pages; Python answers PINGs and sees EOF."""
+        assert self._layout is not None
+        while True:
+            code = rx.run()
+            if code == Receiver.CONTROL:
+                dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
+                event = next(_events(rx, dec))
+                match event:
+                    case wire.Ping(value=v):
+                        self.path.send(wire.encode(wire.Pong(value=v)))
+                    case wire.EndOfStream():
+                        return
+                    case wire.ConnectionClosed():
+                        raise DestinationError("truncated", "main channel closed before the end of the stream")
+                    case _:
+                        raise DestinationError("unexpected", f"unexpected {type(event).__name__} after RUN")
+            elif code == Receiver.EOF:
+                raise DestinationError("truncated", "main channel closed before the end of the stream")
+            else:
+                raise DestinationError("unexpected", f"main channel receiver stopped ({code})")
+
+    def _finish(self) -> None:
+        if self.preempt:
+            self._preempt_done.wait()
+        if self._errors:
+            raise self._errors[0]
+        received = self.path.received_pages()
+        if received != self.result.pages_total:
+            raise DestinationError(
+                "incomplete", f"the stream ended with {self.result.pages_total - received} pages never received")
+        assert self.uffd is not None
+        for b in self.memory:
+            self.uffd.unregister(b.addr, b.used_length)
+        self.path.send(wire.encode(wire.Shut(value=0)))
+        self.result.finished_ns = time.monotonic_ns()
+        self.result.status = "completed"
+        self._collect()
+
+    def _collect(self) -> None:
+        c = self.path.counters()
+        r = self.result
+        r.pages_received = self.path.received_pages()
+        r.remote_faults = c.faults
+        r.requests_sent = c.requests_sent
+        r.blocktime_ns = c.blocktime_ns
+        r.vcpu_blocktime_ns = c.vcpu_blocktime_ns
+        r.latencies_ns.extend(self.path.drain_latencies_ns())
+
+    # -- threads --------------------------------------------------------------
+
+    def _start(self, name: str, target: object) -> None:
+        t = threading.Thread(target=self._guarded, args=(target,), name=f"dest-{name}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _guarded(self, target) -> None:  # type: ignore[no-untyped-def]
+        try:
+            target()
+        except BaseException as exc:  # recorded for the main thread, which re-raises it
+            log.error("%s failed: %s", threading.current_thread().name, exc)
+            self._errors.append(exc)
+            self._preempt_done.set()
+
+    def _serve_faults(self) -> None:
+        rc = self.path.serve_faults(self._stop_r)
+        if rc < 0:
+            raise DestinationError("uffd", f"fault service stopped: {os.strerror(-rc)}")
+
+    def _serve_preempt(self) -> None:
+        assert self._preempt_rx is not None
+        try:
+            code = self._preempt_rx.run()
+            if code not in (Receiver.EOS, Receiver.EOF, Receiver.STOPPED):
+                raise DestinationError("unexpected", f"preempt receiver stopped ({code})")
+        finally:
+            self._preempt_done.set()
+
+    def _stop_threads(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._preempt_rx is not None:
+            self._preempt_rx.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    # -- after the migration ---------------------------------------------------
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+        self.memory.close()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
