@@ -180,8 +180,21 @@ def _check_uint(name: str, value: object, limit: int = _U64_MAX) -> int:
     return value
 
 
+def _as_region(index: int, region: object) -> Region:
+    """A (addr, length, host_page_size) tuple, or anything shaped like uffd.RamBlock."""
+    if all(hasattr(region, a) for a in ("addr", "used_length", "page_size")):
+        r: Any = region
+        return Region(r.addr, r.used_length, r.page_size)
+    if isinstance(region, tuple | list) and len(region) == 3:
+        return Region(*region)
+    raise GuestConfigError(
+        f"region {index}: expected (addr, length, host_page_size) or a RAM block, got {region!r}"
+    )
+
+
 class Guest:
-    """A synthetic guest over ``regions`` (``(addr, length, host_page_size)`` tuples).
+    """A synthetic guest over ``regions``: ``(addr, length, host_page_size)`` tuples
+    (or objects with ``addr``, ``used_length`` and ``page_size``, like ``uffd.RamBlock``).
 
     Lifecycle: ``fill_initial()`` on a source (the destination gets its memory
     from the migration instead), ``start()``, ``stop()``, ``save_state()``; on the
@@ -196,14 +209,14 @@ class Guest:
 
     def __init__(
         self,
-        regions: Iterable[tuple[int, int, int]],
+        regions: Iterable[tuple[int, int, int] | Any],
         nvcpus: int = 2,
         pattern: Pattern = Pattern.SEQ,
         seed: int = DEFAULT_SEED,
         write_percent: int = 50,
         rate_limit: int = 0,
     ) -> None:
-        region_list = [Region(*r) for r in regions]
+        region_list = [_as_region(i, r) for i, r in enumerate(regions)]
         if not region_list:
             raise GuestConfigError("a guest needs at least one region")
         for i, r in enumerate(region_list):
@@ -326,7 +339,7 @@ class Guest:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU has left its loop; False on timeout."""
-        timeout_ns = -1 if timeout is None else max(0, math.ceil(timeout * 1e9))
+        timeout_ns = -1 if timeout is None else min(max(0, math.ceil(timeout * 1e9)), 2**62)
         return bool(lib.pc_guest_wait(self._handle(), timeout_ns) == 0)
 
     def join(self) -> None:

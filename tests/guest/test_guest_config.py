@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+import uffd
+
 from postcopy.guest import MAX_VCPUS, Guest, GuestConfigError, Pattern
 
 KiB = 1024
@@ -53,6 +55,7 @@ def mem(memory: Any) -> Any:
             r"region 1 \[0x[0-9a-f]+, \+32768\) overlaps region 0",
         ),
         (lambda m: [(m.addr, 64 * KiB, "4096")], {}, "region 0 host_page_size='4096'"),
+        (lambda m: [m.region()[:2]], {}, r"region 0: expected \(addr, length, host_page_size\)"),
     ],
 )
 def test_bad_configuration(mem: Any, make_regions: Any, kwargs: dict[str, Any], match: str) -> None:
@@ -76,3 +79,15 @@ def test_good_configuration_reports_itself(mem: Any) -> None:
 def test_run_needs_a_positive_step_count(mem: Any) -> None:
     with Guest([mem.region()]) as g, pytest.raises(ValueError, match="nsteps=0"):
         g.run(0)
+
+
+def test_uffd_ram_blocks_are_accepted_as_regions() -> None:
+    with (
+        uffd.RamBlock("pc.ram", 1024 * KiB) as ram,
+        uffd.RamBlock("vga.vram", 256 * KiB, backing="memfd") as vram,
+        Guest([ram, vram], nvcpus=2, pattern=Pattern.RANDOM) as g,
+    ):
+        assert g.regions == ((ram.addr, ram.used_length, 4096), (vram.addr, vram.used_length, 4096))
+        g.fill_initial()
+        g.run(1_000)
+        assert g.verify().ok
