@@ -12,6 +12,9 @@ import sys
 
 # subcommand name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("postcopy.commands.demo", "migrate the built-in guest between two processes on loopback"),
+    "source": ("postcopy.commands.source", "run the source role: migrate a guest to a destination"),
+    "dest": ("postcopy.commands.dest", "run the destination role: receive a guest and serve its page faults"),
     "inspect": ("postcopy.inspect", "decode a recorded migration stream and print its structure"),
 }
 

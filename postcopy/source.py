@@ -75,9 +75,10 @@ class Source:
         self._shut = threading.Event()
         self._rp_error: BaseException | None = None
 
-    def migrate(self, address: tuple[str, int]) -> SourceResult:
+    def migrate(self, address: tuple[str, int], *, connect_timeout: float = 0.0) -> SourceResult:
+        """Run the whole migration; ``connect_timeout`` waits for a destination that is still starting."""
+        main = self._connect(address, connect_timeout)
         self.result.started_ns = time.monotonic_ns()
-        main = socket.create_connection(address)
         main.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         preempt = None
         rp_thread = None
@@ -126,6 +127,17 @@ class Source:
             if preempt is not None:
                 preempt.close()
         return self.result
+
+    @staticmethod
+    def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return socket.create_connection(address)
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     # -- the stream -------------------------------------------------------------
 

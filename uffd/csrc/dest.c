@@ -410,7 +410,8 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     int sb_rc = pc_sockbuf_init(&rx->in, fd, RX_BUF_SIZE, RX_BUF_LIMIT);
     rx->max_recs = RX_MAX_RECS;
     rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
-    rx->tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    rx->tmp_size = d->max_host_page_size;
+    rx->tmp = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (sb_rc < 0 || !rx->recs || rx->tmp == MAP_FAILED) {
         if (rx->tmp == MAP_FAILED)
             rx->tmp = NULL;
@@ -429,7 +430,7 @@ void pc_rx_free(pc_rx *rx)
     pc_sockbuf_release(&rx->in);
     free(rx->recs);
     if (rx->tmp)
-        munmap(rx->tmp, rx->dst->max_host_page_size);
+        munmap(rx->tmp, rx->tmp_size);     /* not via dst: it may be freed first */
     free(rx);
 }
 

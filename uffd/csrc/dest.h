@@ -119,6 +119,7 @@ typedef struct pc_rx {
     uint32_t max_recs;
     /* host page being assembled on this channel */
     uint8_t *tmp;
+    uint64_t tmp_size;
     int64_t tmp_block;
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;

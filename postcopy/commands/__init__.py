@@ -1,0 +1,1 @@
+"""The ``postcopy dest``, ``postcopy source`` and ``postcopy demo`` commands."""
