@@ -1,0 +1,140 @@
+"""Whole migrations over real loopback TCP with real userfaultfd: a Source and a
+Destination in this process (the guest's vCPUs are C threads on both sides)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from postcopy.destination import Destination, DestinationResult
+from postcopy.guest import Guest, Pattern
+from postcopy.source import Source, SourceResult
+from postcopy.spec import GuestSpec
+from uffd import PAGE_2M, PAGE_4K
+
+pytestmark = pytest.mark.root     # kernel-mode faults are not needed, but hugetlb and uffd setup are
+
+
+@dataclass
+class Outcome:
+    source: SourceResult
+    dest: DestinationResult
+    hashes_match: bool
+    guest_ok: bool
+    guest_summary: str
+
+
+def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2) -> Outcome:
+    memory = spec.build_memory()
+    guest = Guest([(b.addr, b.used_length, b.page_size) for b in memory], nvcpus=spec.vcpus,
+                  pattern=Pattern[spec.pattern.upper()], seed=spec.seed, write_percent=spec.write_percent)
+    dest = Destination(spec, preempt=preempt, verify=True)
+    try:
+        guest.fill_initial()
+        guest.start()
+        time.sleep(warmup)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            box: dict[str, object] = {}
+
+            def serve() -> None:
+                try:
+                    box["result"] = dest.serve(listener)
+                except Exception as exc:
+                    box["error"] = exc
+
+            t = threading.Thread(target=serve)
+            t.start()
+            src = Source(spec, memory, guest, preempt=preempt, bandwidth_cap=cap, verify=True)
+            sres = src.migrate(listener.getsockname())
+            t.join(60)
+        assert "error" not in box, box.get("error")
+        dres = box["result"]
+        assert isinstance(dres, DestinationResult)
+        match = all(dest.path.placed_hashes(i) == sres.hashes[b.idstr] for i, b in enumerate(dest.memory))
+        time.sleep(0.1)             # the guest keeps running on the destination
+        assert dest.guest is not None
+        dest.guest.stop()
+        v = dest.guest.verify()
+        return Outcome(sres, dres, match, v.ok, v.summary())
+    finally:
+        guest.close()
+        dest.close()
+        memory.close()
+
+
+def check(o: Outcome, spec: GuestSpec) -> None:
+    total = sum(b.size for b in spec.blocks) // 4096
+    assert o.source.status == "completed", o.source.error
+    assert o.dest.status == "completed", o.dest.error
+    assert o.dest.pages_received == total
+    assert o.hashes_match, "a placed page differs from the source's page at the switch"
+    assert o.guest_ok, o.guest_summary
+    c = o.source.counters
+    # every host page went out exactly once, on one channel or the other
+    assert c["main_pages_normal"] + c["main_pages_zero"] + c["preempt_pages_normal"] + c["preempt_pages_zero"] == total
+
+
+@pytest.mark.parametrize("preempt", [True, False], ids=["preempt", "no-preempt"])
+def test_4k_pages(preempt: bool) -> None:
+    spec = GuestSpec.simple(64 << 20, PAGE_4K, vcpus=2, pattern="random")
+    o = migrate(spec, preempt=preempt)
+    check(o, spec)
+    assert o.dest.remote_faults > 0           # the guest really ran ahead of the stream
+    if preempt:
+        assert o.source.counters["preempt_pages_normal"] > 0
+
+
+@pytest.mark.hugetlb
+@pytest.mark.parametrize("preempt", [True, False], ids=["preempt", "no-preempt"])
+def test_2m_hugetlbfs_pages(preempt: bool) -> None:
+    spec = GuestSpec.simple(128 << 20, PAGE_2M, vcpus=2, pattern="hot")
+    o = migrate(spec, preempt=preempt)
+    check(o, spec)
+
+
+def test_bandwidth_cap_does_not_hold_back_requested_pages() -> None:
+    """With a 64 MiB/s cap on the bulk stream, requested pages still arrive fast."""
+    cap = 64 << 20
+    spec = GuestSpec.simple(32 << 20, PAGE_4K, vcpus=2, pattern="random", rate_limit=20000)
+    o = migrate(spec, preempt=True, cap=cap)
+    check(o, spec)
+    postcopy_s = (o.source.finished_ns - o.source.stopped_ns) / 1e9
+    main_bytes = o.source.counters["main_bytes"]
+    assert main_bytes / postcopy_s <= cap * 1.2, "the cap was not applied to the background stream"
+    lat = sorted(o.dest.latencies_ns)
+    assert lat, "no remote faults"
+    assert lat[len(lat) // 2] < 5_000_000, "requested pages waited behind the capped stream"
+
+
+def test_zero_pages_travel_as_zero_records() -> None:
+    spec = GuestSpec.simple(16 << 20, PAGE_4K, vcpus=1, pattern="hot", write_percent=0)
+    o = migrate(spec, preempt=True, warmup=0.05)
+    check(o, spec)
+    c = o.source.counters
+    assert c["main_pages_zero"] + c["preempt_pages_zero"] > 0
+
+
+def test_demo_command_verifies(tmp_path) -> None:
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "postcopy", "demo", "--size", "64M", "--verify", "--json", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    for key in ("status", "verified", "pages_mismatched", "total_time_s", "downtime_ms", "bytes_transferred",
+                "throughput_bytes_per_s", "remote_faults", "fault_latency_us", "pages"):
+        assert key in report
+    assert report["status"] == "completed"
+    assert report["verified"] is True
+    assert report["pages_mismatched"] == 0
+    assert set(report["fault_latency_us"]) >= {"p50", "p99", "p999", "max"}
+    assert set(report["pages"]) >= {"normal", "zero", "requested"}
+    assert report["bytes_transferred"] >= 64 << 20
