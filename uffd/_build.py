@@ -19,7 +19,9 @@ from pathlib import Path
 
 from cffi import FFI
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "uffd" / "csrc"
+REL = "uffd/csrc"   # setuptools wants sources relative to setup.py, which sits in ROOT
 
 
 def _needs(name: str) -> list[str]:
@@ -52,8 +54,8 @@ def make_ffibuilder() -> FFI:
     builder.set_source(
         "uffd._native",
         "\n".join(f'#include "{n}.h"' for n in names),
-        sources=[str(CSRC / f"{n}.c") for n in names if (CSRC / f"{n}.c").exists()],
-        include_dirs=[str(CSRC)],
+        sources=[f"{REL}/{n}.c" for n in names if (CSRC / f"{n}.c").exists()],
+        include_dirs=[REL],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         libraries=["pthread"],
     )
@@ -64,4 +66,7 @@ ffibuilder = make_ffibuilder()
 
 if __name__ == "__main__":
     # Build in place (next to the sources) for development: python uffd/_build.py
-    ffibuilder.compile(tmpdir=str(CSRC.parent.parent), verbose=False)
+    import os
+
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=".", verbose=False)
