@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -49,3 +50,21 @@ def memory() -> Iterator[MemoryFactory]:
     yield make
     for m in made:
         m.close()
+
+
+WaitUntil = Callable[..., None]
+
+
+@pytest.fixture
+def wait_until() -> WaitUntil:
+    """wait_until(predicate, what, timeout=10): poll instead of trusting a fixed sleep,
+    since vCPU threads on a loaded 2-core host may start late."""
+
+    def wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.005)
+
+    return wait

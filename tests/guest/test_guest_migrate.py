@@ -24,7 +24,7 @@ def copy_memory(src: list[Any], dst: list[Any]) -> None:
 @pytest.mark.parametrize("nvcpus", [1, 4])
 @pytest.mark.parametrize("pattern", list(Pattern))
 def test_destination_continues_where_source_stopped(
-    memory: Any, pattern: Pattern, nvcpus: int
+    memory: Any, wait_until: Any, pattern: Pattern, nvcpus: int
 ) -> None:
     src_mems = [memory(n) for n in SIZES]
     dst_mems = [memory(n) for n in SIZES]
@@ -48,10 +48,11 @@ def test_destination_continues_where_source_stopped(
         assert dest.stats().steps == src_steps
         assert dest.verify().ok  # the copy is exactly the source's memory
         dest.start()
-        time.sleep(0.05)
+        wait_until(
+            lambda: all(d > s for s, d in zip(src_steps, dest.stats().steps, strict=True)),
+            "every destination vCPU to continue",
+        )
         dest.stop()
-        stats = dest.stats()
-        assert all(d > s for s, d in zip(src_steps, stats.steps, strict=True))
         result = dest.verify()
         assert result.ok, result.summary()
         assert result.pages_checked == sum(SIZES) // 4096

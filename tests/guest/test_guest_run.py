@@ -107,7 +107,9 @@ def test_fill_initial_pattern_depends_on_region_and_seed(memory: Any) -> None:
 
 
 @pytest.mark.parametrize("nvcpus", [1, 4])
-def test_free_running_guest_stops_at_access_boundary(memory: Any, nvcpus: int) -> None:
+def test_free_running_guest_stops_at_access_boundary(
+    memory: Any, wait_until: Any, nvcpus: int
+) -> None:
     mems = make_regions(memory)
     with Guest([m.region() for m in mems], nvcpus=nvcpus, pattern=Pattern.RANDOM, seed=5) as g:
         g.fill_initial()
@@ -120,9 +122,10 @@ def test_free_running_guest_stops_at_access_boundary(memory: Any, nvcpus: int) -
         with pytest.raises(GuestBusyError, match="verify"):
             g.verify()
         first = g.stats()
-        time.sleep(0.05)
-        second = g.stats()
-        assert all(b > a for a, b in zip(first.steps, second.steps, strict=True))
+        wait_until(
+            lambda: all(b > a for a, b in zip(first.steps, g.stats().steps, strict=True)),
+            "every vCPU to make progress",
+        )
         g.stop()
         assert g.running == 0
         final = g.stats()
@@ -170,7 +173,7 @@ def test_rate_limit_bounds_accesses_per_second(memory: Any) -> None:
         elapsed = time.monotonic() - t0
         for steps in g.stats().steps:
             # at most rate * elapsed (+1 for the access at t=0); a busy 2-core box may lag
-            assert 0.3 * 2_000 * elapsed < steps <= 2_000 * elapsed + 1
+            assert 0.2 * 2_000 * elapsed < steps <= 2_000 * elapsed + 1
         assert g.verify().ok
 
 

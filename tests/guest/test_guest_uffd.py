@@ -64,8 +64,11 @@ class Destination:
             pass
         self.placed.add(d.addr + offset)
 
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self._poll.poll(timeout_ms))
+
     def serve_once(self, timeout_ms: int = 10) -> None:
-        if not self._poll.poll(timeout_ms):
+        if not self.poll(timeout_ms):
             return
         for event in self.uf.read_events():
             assert isinstance(event, uffd.PageFault)
@@ -104,7 +107,7 @@ def run_source(src: list[Any], config: dict[str, Any]) -> tuple[bytes, tuple[int
 @pytest.mark.parametrize("nvcpus", [1, 4])
 @pytest.mark.parametrize("pattern", list(Pattern))
 def test_vcpu_blocks_on_missing_page_and_continues_once_placed(
-    memory: Any, pattern: Pattern, nvcpus: int
+    memory: Any, wait_until: Any, pattern: Pattern, nvcpus: int
 ) -> None:
     src = [memory(n) for n in SIZES]
     dst = [memory(n) for n in SIZES]
@@ -121,33 +124,48 @@ def test_vcpu_blocks_on_missing_page_and_continues_once_placed(
         with Guest([m.region() for m in dst], **config) as dest:
             dest.load_state(state)
             dest.start()
-            time.sleep(0.1)
-            # every page is missing: each vCPU sits in its first access
+            # every page is missing: each vCPU faults in its first access (one event
+            # per blocked thread) and stays there while nobody places the page
+            pending: list[int] = []
+
+            def collect() -> bool:
+                if dest_mem.poll(10):
+                    for event in uf.read_events():
+                        assert isinstance(event, uffd.PageFault)
+                        pending.append(event.address)
+                return len(pending) == nvcpus
+
+            wait_until(collect, f"{nvcpus} vCPU(s) to fault")
+            time.sleep(0.05)
             assert dest.stats().steps == src_steps
             assert dest.running == nvcpus
             dest.request_stop()
             assert not dest.wait(timeout=0.1), "a vCPU blocked in a fault cannot stop"
-            deadline = time.monotonic() + 10
-            while not dest.wait(timeout=0):
-                assert time.monotonic() < deadline, (
-                    "vCPUs did not resume after their pages were placed"
-                )
-                dest_mem.serve_once()
+            assert dest.stats().steps == src_steps
+            for address in pending:
+                dest_mem.place(address)
+            assert dest.wait(timeout=10), "vCPUs did not resume after their pages were placed"
             dest.join()
             # each vCPU finished exactly the access it was blocked in, then stopped
             assert dest.stats().steps == tuple(s + 1 for s in src_steps)
             assert 1 <= len(dest_mem.placed) <= nvcpus
+            before = dest.stats().steps
 
             # now a free-running guest with the fault service on its own thread
             dest_mem.start_serving()
             try:
                 dest.start()
-                time.sleep(0.1)
+                wait_until(
+                    lambda: (
+                        all(a > b for a, b in zip(dest.stats().steps, before, strict=True))
+                        and len(dest_mem.placed) > nvcpus
+                    ),
+                    "every vCPU to run on pages placed on demand",
+                )
                 dest.stop()  # safe: faults are still being served
             finally:
                 dest_mem.stop_serving()
-            assert dest.stats().total_steps > sum(src_steps) + nvcpus
-            assert dest_mem.faults >= len(dest_mem.placed) > nvcpus
+            assert dest_mem.faults >= len(dest_mem.placed) - len(pending)
 
             dest_mem.place_all()
             result = dest.verify()
@@ -187,7 +205,7 @@ def test_wrong_page_served_by_the_destination_is_reported(
 
 @pytest.mark.hugetlb
 @pytest.mark.parametrize("pattern", [Pattern.RANDOM, Pattern.HOT])
-def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
+def test_guest_on_missing_hugetlb_pages(memory: Any, wait_until: Any, pattern: Pattern) -> None:
     """4 KiB target pages inside 2 MiB host pages: a fault places a whole host page."""
     src = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
     dst = [memory(8 * MiB, HUGE_2M), memory(256 * KiB)]
@@ -200,11 +218,13 @@ def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
             dest_mem.start_serving()
             try:
                 dest.start()
-                time.sleep(0.1)
+                wait_until(
+                    lambda: all(a > b for a, b in zip(dest.stats().steps, src_steps, strict=True)),
+                    "every vCPU to continue on huge pages placed on demand",
+                )
                 dest.stop()
             finally:
                 dest_mem.stop_serving()
-            assert dest.stats().total_steps > sum(src_steps)
             assert any(
                 a < dst[0].addr + dst[0].length and a >= dst[0].addr for a in dest_mem.placed
             )
@@ -215,7 +235,7 @@ def test_guest_on_missing_hugetlb_pages(memory: Any, pattern: Pattern) -> None:
 
 @pytest.mark.hugetlb
 @pytest.mark.parametrize("nvcpus", [1, 4])
-def test_fresh_guest_boots_on_missing_memory(memory: Any, nvcpus: int) -> None:
+def test_fresh_guest_boots_on_missing_memory(memory: Any, wait_until: Any, nvcpus: int) -> None:
     """No source at all: every page arrives on demand with its initial content
     (whole 2 MiB host pages for the hugetlb region, zero pages via ZEROPAGE)."""
     dst = [memory(4 * MiB, HUGE_2M), memory(128 * KiB), memory(1 * MiB)]
@@ -226,11 +246,12 @@ def test_fresh_guest_boots_on_missing_memory(memory: Any, nvcpus: int) -> None:
             dest_mem.start_serving()
             try:
                 guest.start()
-                time.sleep(0.1)
+                wait_until(
+                    lambda: min(guest.stats().steps) > 1_000, "every vCPU to run 1000 accesses"
+                )
                 guest.stop()
             finally:
                 dest_mem.stop_serving()
-            assert guest.stats().total_steps > 0
             assert dest_mem.faults > 0
             dest_mem.place_all()
             result = guest.verify()
