@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -112,7 +113,11 @@ uint64_t pc_mt_fault_sequence(uint64_t addr, uint64_t npages, uint64_t page_size
 
 int pc_mt_fork_child_reads(uint64_t addr)
 {
-    pid_t pid = fork();
+    /* Raw clone, not glibc fork(): fork() holds the malloc arena locks
+     * across the clone, and with Feature.EVENT_FORK the clone waits until
+     * the monitor reads the FORK event, so a monitor thread in this process
+     * that allocates would deadlock. */
+    long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0L, 0L, 0L, 0L);
     if (pid < 0)
         return -errno;
     if (pid == 0) {
@@ -124,7 +129,7 @@ int pc_mt_fork_child_reads(uint64_t addr)
         sigaction(SIGSEGV, &dfl, NULL);
         _exit(*at(addr));
     }
-    return pid;
+    return (int)pid;
 }
 
 void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len)

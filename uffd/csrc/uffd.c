@@ -216,9 +216,10 @@ int pc_mem_unmap(uint64_t addr, uint64_t len)
     return munmap((void *)(uintptr_t)addr, len) == 0 ? 0 : -errno;
 }
 
-int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t *new_addr_out)
+int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t new_addr, uint64_t *new_addr_out)
 {
-    void *p = mremap((void *)(uintptr_t)old_addr, len, len, MREMAP_MAYMOVE);
+    void *p = new_addr ? mremap((void *)(uintptr_t)old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)(uintptr_t)new_addr)
+                       : mremap((void *)(uintptr_t)old_addr, len, len, MREMAP_MAYMOVE);
     if (p == MAP_FAILED)
         return -errno;
     *new_addr_out = (uint64_t)(uintptr_t)p;

@@ -122,7 +122,8 @@ int pc_uffd_read_events(int fd, pc_uffd_event *out, uint32_t max);
 /* fd < 0: private anonymous mapping; otherwise MAP_SHARED of fd at offset 0. */
 int pc_mem_map(int fd, uint64_t len, uint64_t *addr_out);
 int pc_mem_unmap(uint64_t addr, uint64_t len);
-int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t *new_addr_out); /* mremap MAYMOVE */
+/* mremap(MAYMOVE), to exactly new_addr (MREMAP_FIXED, replacing what is there) unless 0 */
+int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t new_addr, uint64_t *new_addr_out);
 int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len);
 int pc_mem_madvise_remove(uint64_t addr, uint64_t len);
 int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len);
