@@ -64,9 +64,9 @@ __all__ = [
     "UffdClosedError",
     "UffdError",
     "UffdPermissionError",
+    "UnknownBlockError",
     "Unmap",
     "Userfaultfd",
-    "UnknownBlockError",
     "ZeropageMode",
     "free_hugepages",
 ]

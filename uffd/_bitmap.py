@@ -40,13 +40,17 @@ class Bitmap:
     def _index(self, op: str, i: int) -> int:
         i = operator.index(i)
         if not 0 <= i < self.nbits:
-            raise IndexError(f"Bitmap.{op}: bit {i} is outside 0..{self.nbits - 1} (nbits={self.nbits})")
+            raise IndexError(
+                f"Bitmap.{op}: bit {i} is outside 0..{self.nbits - 1} (nbits={self.nbits})"
+            )
         return i
 
     def _range(self, op: str, start: int, n: int) -> tuple[int, int]:
         start, n = operator.index(start), operator.index(n)
         if start < 0 or n < 0 or start + n > self.nbits:
-            raise IndexError(f"Bitmap.{op}: range start={start} n={n} is outside 0..{self.nbits} (nbits={self.nbits})")
+            raise IndexError(
+                f"Bitmap.{op}: range start={start} n={n} is outside 0..{self.nbits} (nbits={self.nbits})"
+            )
         return start, n
 
     def _start(self, op: str, start: int) -> int:
@@ -114,10 +118,14 @@ class Bitmap:
         size = cls.le_size(bm.nbits)
         view = memoryview(data).cast("B")
         if len(view) != size:
-            raise ValueError(f"Bitmap.from_le_bytes: {len(view)} bytes for nbits={nbits}, expected {size}")
+            raise ValueError(
+                f"Bitmap.from_le_bytes: {len(view)} bytes for nbits={nbits}, expected {size}"
+            )
         rc = lib.pc_bitmap_from_le(bm._b, ffi.from_buffer("uint8_t[]", view), size)
         if rc < 0:
-            raise ValueError(f"Bitmap.from_le_bytes: padding bits past nbits={nbits} are set in the last 8 bytes")
+            raise ValueError(
+                f"Bitmap.from_le_bytes: padding bits past nbits={nbits} are set in the last 8 bytes"
+            )
         return bm
 
     def __repr__(self) -> str:

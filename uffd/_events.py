@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from ._flags import EventType, FaultFlag
 
@@ -52,7 +52,7 @@ class Unmap:
     end: int
 
 
-Event = Union[PageFault, Fork, Remap, Remove, Unmap]
+Event = PageFault | Fork | Remap | Remove | Unmap
 
 
 def event_from_c(ev: Any, thread_id: bool) -> Event:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -14,7 +15,7 @@ from ._flags import FaultFlag, FaultStatus, Feature
 from ._lowlevel import ffi, lib
 from ._memory import RamBlock
 
-__all__ = ["Fault", "FaultBatch", "FaultReader", "TARGET_PAGE_SIZE"]
+__all__ = ["TARGET_PAGE_SIZE", "Fault", "FaultBatch", "FaultReader"]
 
 TARGET_PAGE_SIZE = 4096
 MAX_BATCH = 256  # the C reader's per-read() limit
@@ -43,7 +44,9 @@ class FaultBatch:
 
     __slots__ = ("_reader", "count", "dropped", "faults", "other_events")
 
-    def __init__(self, reader: FaultReader, faults: Any, count: int, dropped: int, other_events: list[Event]) -> None:
+    def __init__(
+        self, reader: FaultReader, faults: Any, count: int, dropped: int, other_events: list[Event]
+    ) -> None:
         self._reader = reader
         self.faults = faults
         self.count = count
@@ -92,9 +95,11 @@ class FaultReader:
         if not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"FaultReader: max_batch={max_batch} must be in 1..{MAX_BATCH}")
         entries = sorted(blocks_with_bitmaps, key=lambda e: e[0].addr)
-        for (prev, _, _), (cur, _, _) in zip(entries, entries[1:]):
+        for (prev, _, _), (cur, _, _) in itertools.pairwise(entries):
             if prev.end > cur.addr:
-                raise ValueError(f"FaultReader: RAM blocks {prev.idstr!r} and {cur.idstr!r} overlap")
+                raise ValueError(
+                    f"FaultReader: RAM blocks {prev.idstr!r} and {cur.idstr!r} overlap"
+                )
         self.uffd = uffd
         self.blocks: tuple[RamBlock, ...] = tuple(e[0] for e in entries)
         self._bitmaps = [(r, q) for _, r, q in entries]  # keep the C memory alive
@@ -135,5 +140,7 @@ class FaultReader:
         if n < 0:
             raise UffdError(-n, "read", f"userfaultfd fd={fd} max_events={self.max_batch}")
         nother = self._nother[0]
-        others = [event_from_c(self._other[i], self.thread_id) for i in range(nother)] if nother else []
+        others = (
+            [event_from_c(self._other[i], self.thread_id) for i in range(nother)] if nother else []
+        )
         return FaultBatch(self, self._faults, n, int(self._dropped[0]), others)

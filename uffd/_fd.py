@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from typing import Literal, Union
+from typing import Literal
 
 from ._errors import (
     FeatureNotSupported,
@@ -22,7 +22,9 @@ __all__ = ["Userfaultfd"]
 
 Via = Literal["auto", "syscall", "device"]
 # Anything ffi.from_buffer accepts (collections.abc.Buffer is 3.12+).
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
+
+NO_FEATURES = Feature(0)
 
 HOW_TO_FIX_EPERM = (
     "To fix it, do one of: "
@@ -38,7 +40,7 @@ _REFUSED = (errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOENT, errno.ENODEV)
 
 
 def flag_names(flags: enum.IntFlag) -> str:
-    """"THREAD_ID|EVENT_REMOVE", with unknown bits in hex; "0" for none."""
+    """ "THREAD_ID|EVENT_REMOVE", with unknown bits in hex; "0" for none."""
     value = int(flags)
     known = [m.name for m in type(flags) if m.value & value and m.name]
     rest = value & ~sum(m.value for m in type(flags))
@@ -66,7 +68,7 @@ class Userfaultfd:
 
     def __init__(
         self,
-        features: Feature = Feature(0),
+        features: Feature = NO_FEATURES,
         *,
         user_mode_only: bool | None = None,
         via: Via = "auto",
@@ -105,14 +107,20 @@ class Userfaultfd:
                     raise UffdError(-rc, "userfaultfd", f"via {way} flags=0x{flags:x}")
         tried = ", ".join(f"{what}: {os.strerror(err)}" for err, what in errors)
         if any(err in (errno.EPERM, errno.EACCES) for err, _ in errors):
-            raise UffdPermissionError(errno.EPERM, "userfaultfd", f"open refused [{tried}]", HOW_TO_FIX_EPERM)
-        raise UffdError(errors[-1][0], "userfaultfd", f"open failed [{tried}]; is CONFIG_USERFAULTFD set?")
+            raise UffdPermissionError(
+                errno.EPERM, "userfaultfd", f"open refused [{tried}]", HOW_TO_FIX_EPERM
+            )
+        raise UffdError(
+            errors[-1][0], "userfaultfd", f"open failed [{tried}]; is CONFIG_USERFAULTFD set?"
+        )
 
     def _negotiate(self, requested: Feature, base: int, via: Via) -> tuple[Feature, Feature, Ioctl]:
         # UFFDIO_API works once per fd and a refused request leaves nothing to
         # read, so learn what the kernel supports on a throwaway fd first.
         flags = base | (lib.UFFD_USER_MODE_ONLY if self.user_mode_only else 0)
-        probe_fd = (lib.pc_uffd_open_syscall if self.opened_via == "syscall" else lib.pc_uffd_open_device)(flags)
+        probe_fd = (
+            lib.pc_uffd_open_syscall if self.opened_via == "syscall" else lib.pc_uffd_open_device
+        )(flags)
         if probe_fd < 0:
             raise UffdError(-probe_fd, "userfaultfd", "opening the feature probe")
         feat_out = ffi.new("uint64_t *")
@@ -144,7 +152,7 @@ class Userfaultfd:
         return supported, requested, Ioctl(ioctls_out[0])
 
     @classmethod
-    def adopt(cls, fd: int, features: Feature = Feature(0)) -> Userfaultfd:
+    def adopt(cls, fd: int, features: Feature = NO_FEATURES) -> Userfaultfd:
         """Own an already negotiated uffd (from a Fork event or another process).
 
         ``features`` should be what that fd was negotiated with (used only to
@@ -200,7 +208,11 @@ class Userfaultfd:
         out = ffi.new("uint64_t *")
         rc = lib.pc_uffd_register(fd, addr, length, int(mode), out)
         if rc < 0:
-            raise error_for(-rc, "UFFDIO_REGISTER", f"{_range(addr, length)} mode={flag_names(RegisterMode(mode))}")
+            raise error_for(
+                -rc,
+                "UFFDIO_REGISTER",
+                f"{_range(addr, length)} mode={flag_names(RegisterMode(mode))}",
+            )
         return Ioctl(out[0])
 
     def unregister(self, addr: int, length: int) -> None:
@@ -223,7 +235,9 @@ class Userfaultfd:
         else:
             keep = ffi.from_buffer(src)
             if len(keep) < length:
-                raise ValueError(f"UFFDIO_COPY: source buffer has {len(keep)} bytes, fewer than len={length}")
+                raise ValueError(
+                    f"UFFDIO_COPY: source buffer has {len(keep)} bytes, fewer than len={length}"
+                )
             src_addr = int(ffi.cast("uintptr_t", keep))
         check_range_u64("UFFDIO_COPY", dst=dst, src=src_addr, length=length, mode=int(mode))
         out = ffi.new("int64_t *")
@@ -231,7 +245,10 @@ class Userfaultfd:
         del keep
         if rc < 0:
             raise error_for(
-                -rc, "UFFDIO_COPY", f"dst=0x{dst:x} src=0x{src_addr:x} len={length} mode={int(mode)}", out[0]
+                -rc,
+                "UFFDIO_COPY",
+                f"dst=0x{dst:x} src=0x{src_addr:x} len={length} mode={int(mode)}",
+                out[0],
             )
         return int(out[0])
 
@@ -242,7 +259,9 @@ class Userfaultfd:
         out = ffi.new("int64_t *")
         rc = lib.pc_uffd_zeropage(fd, dst, length, int(mode), out)
         if rc < 0:
-            raise error_for(-rc, "UFFDIO_ZEROPAGE", f"dst=0x{dst:x} len={length} mode={int(mode)}", out[0])
+            raise error_for(
+                -rc, "UFFDIO_ZEROPAGE", f"dst=0x{dst:x} len={length} mode={int(mode)}", out[0]
+            )
         return int(out[0])
 
     def wake(self, addr: int, length: int) -> None:
@@ -261,7 +280,11 @@ class Userfaultfd:
         )
         rc = lib.pc_uffd_writeprotect(fd, addr, length, mode)
         if rc < 0:
-            raise error_for(-rc, "UFFDIO_WRITEPROTECT", f"{_range(addr, length)} protect={protect} dontwake={dontwake}")
+            raise error_for(
+                -rc,
+                "UFFDIO_WRITEPROTECT",
+                f"{_range(addr, length)} protect={protect} dontwake={dontwake}",
+            )
 
     def continue_(self, addr: int, length: int, mode: ContinueMode | int = 0) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of a MINOR-registered range."""
@@ -270,7 +293,9 @@ class Userfaultfd:
         out = ffi.new("int64_t *")
         rc = lib.pc_uffd_continue(fd, addr, length, int(mode), out)
         if rc < 0:
-            raise error_for(-rc, "UFFDIO_CONTINUE", f"{_range(addr, length)} mode={int(mode)}", out[0])
+            raise error_for(
+                -rc, "UFFDIO_CONTINUE", f"{_range(addr, length)} mode={int(mode)}", out[0]
+            )
         return int(out[0])
 
     def poison(self, addr: int, length: int) -> int:

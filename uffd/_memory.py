@@ -40,13 +40,24 @@ class RamBlock:
     blocks have an ``fd`` another process can map (MAP_SHARED).
     """
 
-    def __init__(self, idstr: str, used_length: int, page_size: int = PAGE_4K, backing: Backing = "anon") -> None:
+    def __init__(
+        self, idstr: str, used_length: int, page_size: int = PAGE_4K, backing: Backing = "anon"
+    ) -> None:
         self.addr = 0
         self.fd: int | None = None
-        if not isinstance(idstr, str) or not idstr or len(idstr.encode()) > MAX_IDSTR_BYTES or "\0" in idstr:
-            raise ValueError(f"RAM block idstr must be 1..{MAX_IDSTR_BYTES} bytes without NUL, got {idstr!r}")
+        if (
+            not isinstance(idstr, str)
+            or not idstr
+            or len(idstr.encode()) > MAX_IDSTR_BYTES
+            or "\0" in idstr
+        ):
+            raise ValueError(
+                f"RAM block idstr must be 1..{MAX_IDSTR_BYTES} bytes without NUL, got {idstr!r}"
+            )
         if backing not in ("anon", "memfd", "hugetlbfs"):
-            raise ValueError(f"RAM block {idstr!r}: backing must be 'anon', 'memfd' or 'hugetlbfs', got {backing!r}")
+            raise ValueError(
+                f"RAM block {idstr!r}: backing must be 'anon', 'memfd' or 'hugetlbfs', got {backing!r}"
+            )
         allowed = (PAGE_2M, PAGE_1G) if backing == "hugetlbfs" else (PAGE_4K,)
         if page_size not in allowed:
             raise ValueError(
@@ -79,7 +90,10 @@ class RamBlock:
                         f"; needs {used_length // page_size} free {page_size >> 20} MiB hugepages, "
                         f"{free_hugepages(page_size)} free"
                     )
-                raise OSError(-rc, f"mmap of RAM block {idstr!r} ({used_length} bytes, {backing}): {os.strerror(-rc)}{hint}")
+                raise OSError(
+                    -rc,
+                    f"mmap of RAM block {idstr!r} ({used_length} bytes, {backing}): {os.strerror(-rc)}{hint}",
+                )
             self.addr = int(out[0])
         except BaseException:
             self.close()
@@ -134,7 +148,10 @@ class RamBlock:
             rc = lib.pc_mem_punch_hole(self.fd, offset, length)
             what = "fallocate(PUNCH_HOLE)"
         if rc < 0:
-            raise OSError(-rc, f"{what} of RAM block {self.idstr!r} offset=0x{offset:x} length={length}: {os.strerror(-rc)}")
+            raise OSError(
+                -rc,
+                f"{what} of RAM block {self.idstr!r} offset=0x{offset:x} length={length}: {os.strerror(-rc)}",
+            )
 
     def view(self) -> memoryview:
         """A writable memoryview of the whole block.

@@ -38,7 +38,9 @@ def write_byte(block: RamBlock, offset: int, value: int) -> None:
     lib.pc_mt_write_byte(block.host_addr(offset), value)
 
 
-def touch_range(block: RamBlock, offset: int, length: int, stride: int = 4096, write: bool = False) -> int:
+def touch_range(
+    block: RamBlock, offset: int, length: int, stride: int = 4096, write: bool = False
+) -> int:
     """Read (and with write, increment) one byte every ``stride``; sum of bytes read."""
     if stride <= 0:
         raise ValueError(f"touch_range: stride={stride} must be positive")
@@ -59,7 +61,9 @@ def check_pattern(block: RamBlock, offset: int, length: int, seed: int = 0) -> i
     return int(lib.pc_mt_check_pattern(block.host_addr(offset, length), length, seed))
 
 
-def copy_between(dst: RamBlock, dst_offset: int, src: RamBlock, src_offset: int, length: int) -> None:
+def copy_between(
+    dst: RamBlock, dst_offset: int, src: RamBlock, src_offset: int, length: int
+) -> None:
     lib.pc_mt_memcpy(dst.host_addr(dst_offset, length), src.host_addr(src_offset, length), length)
 
 
@@ -67,18 +71,29 @@ def write_to_fd(fd: int, block: RamBlock, offset: int, length: int) -> int:
     """write(fd, block memory): the kernel reads the page (a kernel-mode access)."""
     n = lib.pc_mt_write_to_fd(fd, block.host_addr(offset, length), length)
     if n < 0:
-        raise OSError(-n, f"write(fd={fd}) from RAM block {block.idstr!r} offset=0x{offset:x}: {os.strerror(-n)}")
+        raise OSError(
+            -n,
+            f"write(fd={fd}) from RAM block {block.idstr!r} offset=0x{offset:x}: {os.strerror(-n)}",
+        )
     return int(n)
 
 
-def fault_sequence(block: RamBlock, offset: int, npages: int, page_size: int, lat_ns: Any = None) -> int:
+def fault_sequence(
+    block: RamBlock, offset: int, npages: int, page_size: int, lat_ns: Any = None
+) -> int:
     """Read one byte of each of npages pages in turn; lat_ns (a uint64_t[] cdata) gets each touch's ns."""
     if npages <= 0 or page_size <= 0:
-        raise ValueError(f"fault_sequence: npages={npages} and page_size={page_size} must be positive")
+        raise ValueError(
+            f"fault_sequence: npages={npages} and page_size={page_size} must be positive"
+        )
     addr = block.host_addr(offset, (npages - 1) * page_size + 1)
     if lat_ns is not None and len(lat_ns) < npages:
-        raise ValueError(f"fault_sequence: lat_ns has {len(lat_ns)} slots, fewer than npages={npages}")
-    return int(lib.pc_mt_fault_sequence(addr, npages, page_size, ffi.NULL if lat_ns is None else lat_ns))
+        raise ValueError(
+            f"fault_sequence: lat_ns has {len(lat_ns)} slots, fewer than npages={npages}"
+        )
+    return int(
+        lib.pc_mt_fault_sequence(addr, npages, page_size, ffi.NULL if lat_ns is None else lat_ns)
+    )
 
 
 def fork_child_reads(block: RamBlock, offset: int) -> int:

@@ -56,7 +56,9 @@ class Toucher:
 def make_block() -> Iterator[Callable[..., RamBlock]]:
     made: list[RamBlock] = []
 
-    def make(idstr: str, used_length: int, page_size: int = 4096, backing: str = "anon") -> RamBlock:
+    def make(
+        idstr: str, used_length: int, page_size: int = 4096, backing: str = "anon"
+    ) -> RamBlock:
         b = RamBlock(idstr, used_length, page_size, backing)  # type: ignore[arg-type]
         made.append(b)
         return b
@@ -84,8 +86,8 @@ def touch(make_block: Callable[..., RamBlock]) -> Iterator[Callable[..., Toucher
 def make_uffd(touch: Callable[..., Toucher]) -> Iterator[Callable[..., Userfaultfd]]:
     opened: list[Userfaultfd] = []
 
-    def make(features: Feature = Feature(0), **kw: Any) -> Userfaultfd:
-        u = Userfaultfd(features, **kw)
+    def make(features: Feature | None = None, **kw: Any) -> Userfaultfd:
+        u = Userfaultfd(features or Feature(0), **kw)
         opened.append(u)
         return u
 
@@ -115,6 +117,8 @@ def wait_events(u: Userfaultfd, n: int, timeout: float = 5.0) -> list[Any]:
 
 def free_hugepages(size_kb: int) -> int:
     try:
-        return int(Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/free_hugepages").read_text())
+        return int(
+            Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/free_hugepages").read_text()
+        )
     except OSError:
         return 0

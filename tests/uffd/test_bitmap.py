@@ -23,7 +23,9 @@ def test_basic_set_clear_test_count() -> None:
     b.set(0)
     b.set(129)
     b.set(64)
-    assert b.test(0) and b.test(64) and b.test(129)
+    assert b.test(0)
+    assert b.test(64)
+    assert b.test(129)
     assert not b.test(1)
     assert b.count() == 3
     b.clear(64)
@@ -56,7 +58,9 @@ def test_le_bytes_layout_is_qemu_received_bitmap() -> None:
     b.set(69)
     data = b.to_le_bytes()
     assert len(data) == 16
-    assert data[0] == 0x01 and data[1] == 0x02 and data[8] == 0x20
+    assert data[0] == 0x01
+    assert data[1] == 0x02
+    assert data[8] == 0x20
     assert data == model_le_bytes(70, {0, 9, 69})
 
 
@@ -166,4 +170,6 @@ def test_matches_set_model(nbits: int, script: list[tuple[str, int, int]], probe
     assert list(Bitmap.from_le_bytes(nbits, data).iter_set()) == sorted(model)
     start = min(probe, nbits)
     assert b.find_next_set(start) == min((i for i in model if i >= start), default=nbits)
-    assert b.find_next_zero(start) == min((i for i in range(start, nbits) if i not in model), default=nbits)
+    assert b.find_next_zero(start) == min(
+        (i for i in range(start, nbits) if i not in model), default=nbits
+    )

@@ -67,16 +67,23 @@ def test_closed_fd_operations_raise_value_error(make_block: Callable[..., RamBlo
     assert issubclass(UffdClosedError, ValueError)
 
 
-def test_misaligned_register_names_operands(uffd: Userfaultfd, make_block: Callable[..., RamBlock]) -> None:
+def test_misaligned_register_names_operands(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock]
+) -> None:
     b = make_block("pc.ram", 4 * PAGE)
-    with pytest.raises(UffdError, match=rf"UFFDIO_REGISTER start=0x{b.addr + 1:x} len=4096 mode=.*MISSING.*: Invalid argument") as info:
+    with pytest.raises(
+        UffdError,
+        match=rf"UFFDIO_REGISTER start=0x{b.addr + 1:x} len=4096 mode=.*MISSING.*: Invalid argument",
+    ) as info:
         uffd.register(b.addr + 1, PAGE, RegisterMode.MISSING)
     assert info.value.errno == errno.EINVAL
     with pytest.raises(UffdError, match="len=100"):
         uffd.register(b.addr, 100, RegisterMode.MISSING)
 
 
-def test_misaligned_and_unregistered_copy(uffd: Userfaultfd, make_block: Callable[..., RamBlock]) -> None:
+def test_misaligned_and_unregistered_copy(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock]
+) -> None:
     b = make_block("pc.ram", 4 * PAGE)
     uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
     with pytest.raises(UffdError, match=rf"UFFDIO_COPY dst=0x{b.addr + 8:x} .*: Invalid argument"):
@@ -95,7 +102,9 @@ def test_misaligned_and_unregistered_copy(uffd: Userfaultfd, make_block: Callabl
         uffd.read_events(0)
 
 
-def test_double_registration(make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock]) -> None:
+def test_double_registration(
+    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock]
+) -> None:
     """The kernel accepts registering a range again on the same uffd (no-op) and
     refuses it from a second uffd with EBUSY; overlapping ranges behave alike."""
     u1 = make_uffd(user_mode_only=True)
@@ -103,7 +112,10 @@ def test_double_registration(make_uffd: Callable[..., Userfaultfd], make_block: 
     b = make_block("pc.ram", 4 * PAGE)
     first = u1.register(b.addr, b.used_length, RegisterMode.MISSING)
     assert u1.register(b.addr, b.used_length, RegisterMode.MISSING) == first
-    with pytest.raises(UffdError, match=rf"UFFDIO_REGISTER start=0x{b.addr + PAGE:x} len=4096.*Device or resource busy") as info:
+    with pytest.raises(
+        UffdError,
+        match=rf"UFFDIO_REGISTER start=0x{b.addr + PAGE:x} len=4096.*Device or resource busy",
+    ) as info:
         u2.register(b.addr + PAGE, PAGE, RegisterMode.MISSING)
     assert info.value.errno == errno.EBUSY
     u1.unregister(b.addr, b.used_length)
@@ -112,9 +124,13 @@ def test_double_registration(make_uffd: Callable[..., Userfaultfd], make_block: 
 
 def test_error_types_are_oserrors_with_errno() -> None:
     e = MappingChanged(errno.EAGAIN, "UFFDIO_COPY", "dst=0x1000 src=0x2000 len=4096 mode=0")
-    assert isinstance(e, UffdError) and isinstance(e, OSError)
+    assert isinstance(e, UffdError)
+    assert isinstance(e, OSError)
     assert e.errno == errno.EAGAIN
-    assert str(e) == "UFFDIO_COPY dst=0x1000 src=0x2000 len=4096 mode=0: Resource temporarily unavailable"
+    assert (
+        str(e)
+        == "UFFDIO_COPY dst=0x1000 src=0x2000 len=4096 mode=0: Resource temporarily unavailable"
+    )
     assert pickle.loads(pickle.dumps(e)).errno == errno.EAGAIN
 
 
@@ -148,7 +164,9 @@ def _read_sysctl() -> str:
 @pytest.mark.root
 def test_unprivileged_open_falls_back_to_user_mode_only() -> None:
     if _read_sysctl() != "0" or os.stat("/dev/userfaultfd").st_mode & 0o006:
-        pytest.fail("this test needs vm.unprivileged_userfaultfd=0 and a root-only /dev/userfaultfd")
+        pytest.fail(
+            "this test needs vm.unprivileged_userfaultfd=0 and a root-only /dev/userfaultfd"
+        )
 
     def auto() -> str:
         with Userfaultfd() as u:
@@ -160,7 +178,9 @@ def test_unprivileged_open_falls_back_to_user_mode_only() -> None:
 @pytest.mark.root
 def test_unprivileged_eperm_explains_how_to_fix() -> None:
     if _read_sysctl() != "0" or os.stat("/dev/userfaultfd").st_mode & 0o006:
-        pytest.fail("this test needs vm.unprivileged_userfaultfd=0 and a root-only /dev/userfaultfd")
+        pytest.fail(
+            "this test needs vm.unprivileged_userfaultfd=0 and a root-only /dev/userfaultfd"
+        )
 
     def forced_kernel_mode() -> str:
         try:
@@ -172,7 +192,12 @@ def test_unprivileged_eperm_explains_how_to_fix() -> None:
     text = _in_unprivileged_child(forced_kernel_mode)
     err, message = text.split("|", 1)
     assert int(err) == errno.EPERM
-    for needle in ("vm.unprivileged_userfaultfd=1", "/dev/userfaultfd", "CAP_SYS_PTRACE", "user_mode_only=True"):
+    for needle in (
+        "vm.unprivileged_userfaultfd=1",
+        "/dev/userfaultfd",
+        "CAP_SYS_PTRACE",
+        "user_mode_only=True",
+    ):
         assert needle in message
 
     def fork_events() -> str:

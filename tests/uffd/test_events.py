@@ -18,7 +18,9 @@ PAGE = 4096
 
 @pytest.mark.root  # EVENT_FORK needs CAP_SYS_PTRACE
 def test_fork_event_gives_the_childs_uffd_which_serves_the_child(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.EVENT_FORK, user_mode_only=False)
     b = make_block("pc.ram", 4 * PAGE)
@@ -27,21 +29,25 @@ def test_fork_event_gives_the_childs_uffd_which_serves_the_child(
     # fork() itself waits until the monitor has read the FORK event.
     t = touch(mt.fork_child_reads, b, 2 * PAGE + 9)
     [ev] = wait_events(u, 1)
-    assert isinstance(ev, Fork) and ev.fd >= 0
+    assert isinstance(ev, Fork)
+    assert ev.fd >= 0
     with Userfaultfd.adopt(ev.fd) as child_uffd:
         pid = t.wait()
         [fault] = wait_events(child_uffd, 1)
         assert fault == PageFault(b.addr + 2 * PAGE, fault.flags, None)
         child_uffd.copy(b.addr + 2 * PAGE, b"\x33" * PAGE, PAGE)  # into the child's mm
         _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0x33
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0x33
     assert u.read_events() == []  # the parent's page stays missing
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(ev.fd)  # adopt() took ownership and closed it
 
 
 def test_remove_event_and_page_missing_again(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.EVENT_REMOVE, user_mode_only=True)
     b = make_block("pc.ram", 4 * PAGE)
@@ -62,7 +68,10 @@ def test_remove_event_and_page_missing_again(
 
 @pytest.mark.parametrize("backing", ["anon", "memfd"])
 def test_discard_makes_the_page_missing_for_the_uffd(
-    backing: str, uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    backing: str,
+    uffd: Userfaultfd,
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     b = make_block("pc.ram", 4 * PAGE, backing=backing)
     uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
@@ -77,7 +86,9 @@ def test_discard_makes_the_page_missing_for_the_uffd(
 
 
 def test_unmap_event(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.EVENT_UNMAP, user_mode_only=True)
     b = make_block("pc.ram", 4 * PAGE)

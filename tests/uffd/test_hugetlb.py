@@ -16,7 +16,11 @@ PAGE = 4096
 
 
 def _place_huge_page(
-    u: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], page_size: int, npages: int
+    u: Userfaultfd,
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
+    page_size: int,
+    npages: int,
 ) -> None:
     assert Feature.MISSING_HUGETLBFS in u.features
     dst = make_block("pc.ram", npages * page_size, page_size, "hugetlbfs")
@@ -35,7 +39,9 @@ def _place_huge_page(
         mt.fill_pattern(temp, o, piece, seed=(11 + (o >> 12) * 7 + o) & 0xFF)
     assert mt.check_pattern(temp, 0, page_size, seed=11) == -1
     # ... a 4 KiB COPY into a huge page is refused (it must be one atomic host page)
-    with pytest.raises(UffdError, match=rf"UFFDIO_COPY dst=0x{dst.addr + target:x} .*len=4096.*Invalid argument") as info:
+    with pytest.raises(
+        UffdError, match=rf"UFFDIO_COPY dst=0x{dst.addr + target:x} .*len=4096.*Invalid argument"
+    ) as info:
         u.copy(dst.addr + target, temp.addr, PAGE)
     assert info.value.errno == errno.EINVAL
     assert t.is_blocked()
@@ -73,7 +79,7 @@ def test_hugetlb_zeropage_is_refused_and_discard_makes_page_missing_again(
     b = make_block("pc.ram", 2 * PAGE_2M, PAGE_2M, "hugetlbfs")
     uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
     # The kernel has no huge zero page for hugetlbfs: ZEROPAGE is EINVAL there.
-    with pytest.raises(UffdError, match="UFFDIO_ZEROPAGE.*Invalid argument"):
+    with pytest.raises(UffdError, match=r"UFFDIO_ZEROPAGE.*Invalid argument"):
         uffd.zeropage(b.addr, PAGE_2M)
     src = make_block("src", PAGE_2M)
     mt.fill_pattern(src, 0, PAGE_2M, seed=1)

@@ -16,7 +16,6 @@ from uffd import (
     PageFault,
     RamBlock,
     RegisterMode,
-    UffdError,
     Userfaultfd,
 )
 from uffd import memtouch as mt
@@ -31,7 +30,9 @@ def test_read_fault_blocks_until_copy_and_sees_the_data(
 ) -> None:
     b = make_block("pc.ram", 16 * PAGE)
     ioctls = uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
-    assert Ioctl.COPY in ioctls and Ioctl.ZEROPAGE in ioctls and Ioctl.WAKE in ioctls
+    assert Ioctl.COPY in ioctls
+    assert Ioctl.ZEROPAGE in ioctls
+    assert Ioctl.WAKE in ioctls
     t = touch(mt.sum_range, b, 5 * PAGE, PAGE)
     [ev] = wait_events(uffd, 1)
     assert ev == PageFault(b.addr + 5 * PAGE, FaultFlag(0), t.thread.native_id)
@@ -134,7 +135,9 @@ def test_user_mode_only_refuses_kernel_access_with_efault(
 
 @pytest.mark.root
 def test_kernel_mode_fault_is_served_without_user_mode_only(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(user_mode_only=False)
     assert not u.user_mode_only
@@ -156,7 +159,9 @@ def test_kernel_mode_fault_is_served_without_user_mode_only(
 
 @pytest.mark.root
 def test_device_path_opens_a_working_uffd(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(via="device", user_mode_only=False)
     assert u.opened_via == "device"
@@ -179,5 +184,5 @@ def test_many_faulting_threads_are_batched(
     src = make_block("src", 64 * PAGE)
     mt.fill_pattern(src, 0, 64 * PAGE, seed=3)
     uffd.copy(b.addr, src.addr, 64 * PAGE)  # one COPY wakes all of them
-    for i, t in zip(range(0, 64, 4), ts):
+    for i, t in zip(range(0, 64, 4), ts, strict=True):
         assert t.wait() == (3 + i * 7 + i * PAGE + i) & 0xFF

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import signal
@@ -28,7 +27,9 @@ PAGE = 4096
 
 
 def test_wp_fault_then_unprotect(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.PAGEFAULT_FLAG_WP, user_mode_only=True)
     b = make_block("pc.ram", 4 * PAGE)
@@ -51,7 +52,9 @@ def test_wp_fault_then_unprotect(
 
 
 def test_wp_unprotect_dontwake_needs_wake(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(user_mode_only=True)
     b = make_block("pc.ram", PAGE)
@@ -68,7 +71,10 @@ def test_wp_unprotect_dontwake_needs_wake(
 
 
 def _minor_roundtrip(
-    u: Userfaultfd, block: RamBlock, touch: Callable[..., Toucher], fill_page_cache: Callable[[int, bytes], None]
+    u: Userfaultfd,
+    block: RamBlock,
+    touch: Callable[..., Toucher],
+    fill_page_cache: Callable[[int, bytes], None],
 ) -> None:
     ioctls = u.register(block.addr, block.used_length, RegisterMode.MINOR)
     assert Ioctl.CONTINUE in ioctls
@@ -86,7 +92,9 @@ def _minor_roundtrip(
 
 
 def test_minor_fault_and_continue_on_memfd(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.MINOR_SHMEM, user_mode_only=True)
     b = make_block("pc.ram", 4 * PAGE, backing="memfd")
@@ -97,7 +105,9 @@ def test_minor_fault_and_continue_on_memfd(
 
 @pytest.mark.hugetlb
 def test_minor_fault_and_continue_on_hugetlbfs(
-    make_uffd: Callable[..., Userfaultfd], make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
 ) -> None:
     u = make_uffd(Feature.MINOR_HUGETLBFS, user_mode_only=True)
     b = make_block("pc.ram", 2 * PAGE_2M, PAGE_2M, "hugetlbfs")
@@ -126,9 +136,11 @@ def test_poisoned_page_raises_sigbus_and_copy_replaces_the_marker(
     # Touch it in a child (fork copies the poison marker, not the uffd
     # registration): the poisoned page raises SIGBUS, its neighbour reads fine.
     _, status = os.waitpid(mt.fork_child_reads(b, 0), 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
+    assert os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGBUS
     _, status = os.waitpid(mt.fork_child_reads(b, PAGE), 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0x2A
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0x2A
     # Poisoning a present page is refused; on 6.18 a COPY over the poison
     # marker is accepted (markers count as "none" ptes) and heals the page.
     with pytest.raises(PageAlreadyPresent, match="UFFDIO_POISON"):
