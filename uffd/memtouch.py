@@ -12,9 +12,11 @@ import os
 from typing import Any
 
 from ._lowlevel import ffi, lib
+from ._fd import Userfaultfd
 from ._memory import RamBlock
 
 __all__ = [
+    "bench_copy",
     "check_pattern",
     "copy_between",
     "fault_sequence",
@@ -102,3 +104,16 @@ def fork_child_reads(block: RamBlock, offset: int) -> int:
     if pid < 0:
         raise OSError(-pid, f"fork: {os.strerror(-pid)}")
     return int(pid)
+
+
+def bench_copy(uffd: Userfaultfd, dst: RamBlock, src: RamBlock, npages: int) -> int:
+    """UFFDIO_COPY npages pages from src onto npages missing pages of dst (both
+    from offset 0), one ioctl per page in a C loop; returns the elapsed ns."""
+    page = dst.page_size
+    if npages <= 0:
+        raise ValueError(f"bench_copy: npages={npages} must be positive")
+    dst.check_range(0, npages * page)
+    ns = lib.pc_mt_bench_copy(uffd.fileno(), dst.addr, src.host_addr(0, npages * page), page, npages)
+    if ns < 0:
+        raise OSError(-ns, f"bench_copy: UFFDIO_COPY into RAM block {dst.idstr!r}: {os.strerror(-ns)}")
+    return int(ns)

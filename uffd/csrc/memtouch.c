@@ -1,6 +1,7 @@
 /* Memory touching from C threads (see memtouch.h). */
 #define _GNU_SOURCE
 #include "memtouch.h"
+#include "uffd.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -135,4 +136,15 @@ int pc_mt_fork_child_reads(uint64_t addr)
 void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len)
 {
     memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, len);
+}
+
+int64_t pc_mt_bench_copy(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t npages)
+{
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < npages; i++) {
+        struct uffdio_copy c = { .dst = dst + i * page_size, .src = src + i * page_size, .len = page_size, .mode = 0 };
+        if (ioctl(fd, UFFDIO_COPY, &c) != 0)
+            return -errno;
+    }
+    return (int64_t)(now_ns() - t0);
 }

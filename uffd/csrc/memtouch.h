@@ -24,5 +24,8 @@ uint64_t pc_mt_fault_sequence(uint64_t addr, uint64_t npages, uint64_t page_size
  * or -errno. */
 int pc_mt_fork_child_reads(uint64_t addr);
 void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len);
+/* Bench: UFFDIO_COPY npages consecutive pages from src to consecutive missing
+ * pages at dst, one ioctl per page. Elapsed ns, or -errno on the first failure. */
+int64_t pc_mt_bench_copy(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t npages);
 
 #endif /* PC_MEMTOUCH_H */
