@@ -93,7 +93,9 @@ class MigrationCollector:
             log.exception("metrics snapshot provider failed")
             snap = None
         else:
-            if not isinstance(snap, MigrationSnapshot) or not isinstance(snap.status, MigrationStatus):
+            if not isinstance(snap, MigrationSnapshot) or not isinstance(
+                snap.status, MigrationStatus
+            ):
                 log.error("metrics snapshot provider returned %r, not a MigrationSnapshot", snap)
                 snap = None
         if snap is None:
@@ -104,14 +106,16 @@ class MigrationCollector:
     def collect(self) -> Iterator[Metric]:
         snap, vcpu_count = self._snapshot()
         errors = CounterMetricFamily(
-            "postcopy_snapshot_errors", "Scrapes whose snapshot provider failed (their values are missing)."
+            "postcopy_snapshot_errors",
+            "Scrapes whose snapshot provider failed (their values are missing).",
         )
         errors.add_metric([], self._snapshot_errors)
         yield errors
         if snap is None:
             return
         yield StateSetMetricFamily(
-            "postcopy_migration_state", "Migration state (QEMU MigrationStatus).",
+            "postcopy_migration_state",
+            "Migration state (QEMU MigrationStatus).",
             value={status.value: status is snap.status for status in MigrationStatus},
         )
         yield GaugeMetricFamily(
@@ -119,20 +123,28 @@ class MigrationCollector:
             "Destination: faulted pages requested and not yet placed; source: requested pages queued to send.",
             value=snap.pending_requests,
         )
-        yield GaugeMetricFamily("postcopy_ram_total_bytes", "Guest RAM being migrated.", value=snap.ram_total_bytes)
         yield GaugeMetricFamily(
-            "postcopy_ram_remaining_bytes", "Guest RAM not yet transferred.", value=snap.ram_remaining_bytes
+            "postcopy_ram_total_bytes", "Guest RAM being migrated.", value=snap.ram_total_bytes
         )
         yield GaugeMetricFamily(
-            "postcopy_setup_time_seconds", "Migration setup time (QEMU setup-time).", value=snap.setup_seconds
+            "postcopy_ram_remaining_bytes",
+            "Guest RAM not yet transferred.",
+            value=snap.ram_remaining_bytes,
         )
         yield GaugeMetricFamily(
-            "postcopy_total_time_seconds", "Time since the migration started, frozen at its end (QEMU total-time).",
+            "postcopy_setup_time_seconds",
+            "Migration setup time (QEMU setup-time).",
+            value=snap.setup_seconds,
+        )
+        yield GaugeMetricFamily(
+            "postcopy_total_time_seconds",
+            "Time since the migration started, frozen at its end (QEMU total-time).",
             value=snap.total_seconds,
         )
         if snap.downtime_seconds is not None:
             yield GaugeMetricFamily(
-                "postcopy_downtime_seconds", "Guest stopped on the source until running on the destination.",
+                "postcopy_downtime_seconds",
+                "Guest stopped on the source until running on the destination.",
                 value=snap.downtime_seconds,
             )
         paused = CounterMetricFamily("postcopy_paused_seconds", "Time spent in postcopy-paused.")

@@ -30,8 +30,23 @@ __all__ = [
 # 5 µs (a local UFFDIO_COPY) to 1 s (a stalled link): loopback RTT is ~15-20 µs
 # and a 2 MiB placement ~0.4 ms, so the decades in between get 1-2.5-5 steps.
 LATENCY_BUCKETS_SECONDS: Final[tuple[float, ...]] = (
-    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
-    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+    5e-6,
+    10e-6,
+    25e-6,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
 )
 
 
@@ -111,15 +126,21 @@ def _version() -> str:
         return "unknown"
 
 
-def _channel_counters(registry: CollectorRegistry, direction: Literal["sent", "received"]) -> tuple[ChannelCounters, ...]:
+def _channel_counters(
+    registry: CollectorRegistry, direction: Literal["sent", "received"]
+) -> tuple[ChannelCounters, ...]:
     verb = "Sent to" if direction == "sent" else "Received from"
     pages = Counter(
-        f"postcopy_pages_{direction}", f"{verb} the peer: guest pages, by channel and kind.",
-        ["channel", "kind"], registry=registry,
+        f"postcopy_pages_{direction}",
+        f"{verb} the peer: guest pages, by channel and kind.",
+        ["channel", "kind"],
+        registry=registry,
     )
     nbytes = Counter(
-        f"postcopy_{direction}_bytes", f"{verb} the peer: migration stream bytes, by channel.",
-        ["channel"], registry=registry,
+        f"postcopy_{direction}_bytes",
+        f"{verb} the peer: migration stream bytes, by channel.",
+        ["channel"],
+        registry=registry,
     )
     for channel in CHANNELS:
         for kind in PAGE_KINDS:
@@ -141,7 +162,9 @@ def _histogram(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
 @overload
 def make_metrics(registry: CollectorRegistry, role: Literal["source"]) -> SourceMetrics: ...
 @overload
-def make_metrics(registry: CollectorRegistry, role: Literal["destination"]) -> DestinationMetrics: ...
+def make_metrics(
+    registry: CollectorRegistry, role: Literal["destination"]
+) -> DestinationMetrics: ...
 @overload
 def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics: ...
 
@@ -165,15 +188,19 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
     )
     discard_ranges = Counter(
         f"postcopy_discard_ranges_{direction}",
-        f"POSTCOPY_RAM_DISCARD ranges {direction}.", registry=registry,
+        f"POSTCOPY_RAM_DISCARD ranges {direction}.",
+        registry=registry,
     )
     recoveries = Counter(
-        "postcopy_recoveries", "Postcopy recoveries completed (postcopy-paused back to postcopy-active).",
+        "postcopy_recoveries",
+        "Postcopy recoveries completed (postcopy-paused back to postcopy-active).",
         registry=registry,
     )
     errors = Counter(
-        "postcopy_protocol_errors", "Malformed or unexpected migration stream input, by kind.",
-        ["kind"], registry=registry,
+        "postcopy_protocol_errors",
+        "Malformed or unexpected migration stream input, by kind.",
+        ["kind"],
+        registry=registry,
     )
     protocol_errors = MappingProxyType({kind: errors.labels(kind) for kind in PROTOCOL_ERROR_KINDS})
     build = Info("postcopy_build", "Build of the running service.", registry=registry)
@@ -182,31 +209,45 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
     registry.register(collector)
 
     common = dict(
-        role=role, registry=registry, main=main, preempt=preempt, page_requests=page_requests,
-        discard_ranges=discard_ranges, recoveries=recoveries, protocol_errors=protocol_errors,
+        role=role,
+        registry=registry,
+        main=main,
+        preempt=preempt,
+        page_requests=page_requests,
+        discard_ranges=discard_ranges,
+        recoveries=recoveries,
+        protocol_errors=protocol_errors,
         collector=collector,
     )
     if role == "source":
         return SourceMetrics(
             **common,
             request_service_latency=_histogram(
-                registry, "postcopy_page_request_service_seconds",
+                registry,
+                "postcopy_page_request_service_seconds",
                 "Page request received -> requested page written to its channel.",
             ),
         )
     return DestinationMetrics(
         **common,
         page_faults=Counter(
-            "postcopy_page_faults", "Missing-page faults on not-yet-received guest pages.",
+            "postcopy_page_faults",
+            "Missing-page faults on not-yet-received guest pages.",
             registry=registry,
         ),
         fault_latency=_histogram(
-            registry, "postcopy_fault_latency_seconds", "Page fault -> page placed and faulting thread woken.",
+            registry,
+            "postcopy_fault_latency_seconds",
+            "Page fault -> page placed and faulting thread woken.",
         ),
         fault_request_delay=_histogram(
-            registry, "postcopy_fault_request_delay_seconds", "Page fault -> page request written to the return path.",
+            registry,
+            "postcopy_fault_request_delay_seconds",
+            "Page fault -> page request written to the return path.",
         ),
         page_request_latency=_histogram(
-            registry, "postcopy_page_request_latency_seconds", "Page request written -> requested page received.",
+            registry,
+            "postcopy_page_request_latency_seconds",
+            "Page request written -> requested page received.",
         ),
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -58,7 +60,10 @@ def test_destination_series_exist_at_zero(registry: CollectorRegistry) -> None:
     assert value("postcopy_migration_state", {"postcopy_migration_state": "none"}) == 1
     # the source's names are absent: the role decides the direction
     assert value("postcopy_pages_sent_total", {"channel": "main", "kind": "normal"}) is None
-    info = value("postcopy_build_info", {"role": "destination", "version": "0.1.0", "python": __import__("platform").python_version()})
+    info = value(
+        "postcopy_build_info",
+        {"role": "destination", "version": "0.1.0", "python": platform.python_version()},
+    )
     assert info == 1
 
 
@@ -94,7 +99,9 @@ def test_latency_histograms_span_5us_to_1s(registry: CollectorRegistry) -> None:
     assert value("postcopy_fault_latency_seconds_bucket", {"le": "1.0"}) == 4
     assert value("postcopy_fault_latency_seconds_bucket", {"le": "+Inf"}) == 5
     assert value("postcopy_fault_latency_seconds_count") == 5
-    assert value("postcopy_fault_latency_seconds_sum") == pytest.approx(3e-6 + 20e-6 + 0.0004 + 0.7 + 4.0)
+    assert value("postcopy_fault_latency_seconds_sum") == pytest.approx(
+        3e-6 + 20e-6 + 0.0004 + 0.7 + 4.0
+    )
     assert value("postcopy_fault_request_delay_seconds_count") == 1
     assert value("postcopy_page_request_latency_seconds_bucket", {"le": "2.5e-05"}) == 1
     assert metrics.LATENCY_BUCKETS_SECONDS[0] == 5e-6
@@ -113,7 +120,9 @@ def test_protocol_error_kinds_are_closed(registry: CollectorRegistry) -> None:
     assert value("postcopy_protocol_errors_total", {"kind": "other"}) == 1
     assert value("postcopy_protocol_errors_total", {"kind": "never heard of it"}) is None
     family = families(registry)["postcopy_protocol_errors"]
-    assert {s.labels["kind"] for s in family.samples if s.name.endswith("_total")} == set(PROTOCOL_ERROR_KINDS)
+    assert {s.labels["kind"] for s in family.samples if s.name.endswith("_total")} == set(
+        PROTOCOL_ERROR_KINDS
+    )
 
 
 def test_channel_lookup(registry: CollectorRegistry) -> None:
@@ -170,14 +179,18 @@ def test_snapshot_values_at_scrape_time(registry: CollectorRegistry) -> None:
     assert value("postcopy_vcpu_blocktime_seconds_total", {"vcpu": "2"}) == pytest.approx(0.05)
     assert value("postcopy_vcpu_blocktime_seconds_total", {"vcpu": "3"}) is None
     states = [s for s in families(registry)["postcopy_migration_state"].samples]
-    assert sorted(s.labels["postcopy_migration_state"] for s in states) == sorted(s.value for s in MigrationStatus)
+    assert sorted(s.labels["postcopy_migration_state"] for s in states) == sorted(
+        s.value for s in MigrationStatus
+    )
     assert sum(s.value for s in states) == 1
     m.collector.unbind()
     assert value("postcopy_migration_state", {"postcopy_migration_state": "none"}) == 1
     assert value("postcopy_downtime_seconds") is None  # unknown until a migration reports it
 
 
-def test_failing_provider_keeps_scrape_alive(registry: CollectorRegistry, caplog: pytest.LogCaptureFixture) -> None:
+def test_failing_provider_keeps_scrape_alive(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     m = make_metrics(registry, "destination")
 
     def broken() -> MigrationSnapshot:
@@ -213,7 +226,9 @@ def test_names_follow_conventions(registry: CollectorRegistry) -> None:
                 continue
             assert family.name.startswith("postcopy_"), family.name
             if family.type == "counter":
-                assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
+                assert all(s.name.endswith(("_total", "_created")) for s in family.samples), (
+                    family.name
+                )
             if "latency" in family.name or "time" in family.name or "delay" in family.name:
                 assert family.name.endswith("_seconds"), family.name
 
@@ -228,9 +243,14 @@ def test_promtool_accepts_exposition(role: str) -> None:
     m.protocol_error("truncated")
     if role == "destination":
         m.fault_latency.observe(1e-4)
-        m.collector.bind(lambda: MigrationSnapshot(status=MigrationStatus.COMPLETED, downtime_seconds=0.01), vcpu_count=2)
+        m.collector.bind(
+            lambda: MigrationSnapshot(status=MigrationStatus.COMPLETED, downtime_seconds=0.01),
+            vcpu_count=2,
+        )
     text = generate_latest(registry)
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
@@ -249,15 +269,17 @@ def test_http_exposition_over_loopback(registry: CollectorRegistry) -> None:
     faults = scraped["postcopy_page_faults"]
     assert [s.value for s in faults.samples if s.name == "postcopy_page_faults_total"] == [3]
     # closed: the port refuses connections and the thread is gone
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     assert threading.active_count() == threads_before
     server.close()  # idempotent
 
 
 def test_serve_metrics_reports_busy_port(registry: CollectorRegistry) -> None:
-    with serve_metrics(registry, 0) as first:
-        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{first.port}"):
-            serve_metrics(registry, first.port)
+    with (
+        serve_metrics(registry, 0) as first,
+        pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{first.port}"),
+    ):
+        serve_metrics(registry, first.port)
     with pytest.raises(ValueError, match="port 70000 out of range"):
         serve_metrics(registry, 70000)
