@@ -23,6 +23,7 @@ import time
 from uffd import PAGE_2M, Bitmap, FaultReader, RamBlock, RegisterMode, Userfaultfd, free_hugepages
 from uffd import memtouch as mt
 from uffd._lowlevel import ffi
+from uffd._memory import Backing
 
 PAGE = 4096
 ROUNDS = 5
@@ -30,7 +31,7 @@ ROUNDS = 5
 
 def copy_cost_ns(page_size: int, npages: int) -> float:
     """Best per-page ns of UFFDIO_COPY over ROUNDS rounds of npages fresh pages."""
-    backing = "anon" if page_size == PAGE else "hugetlbfs"
+    backing: Backing = "anon" if page_size == PAGE else "hugetlbfs"
     best = float("inf")
     with (
         Userfaultfd(user_mode_only=True) as u,

@@ -32,13 +32,14 @@ from ._flags import (
     RegisterMode,
     ZeropageMode,
 )
-from ._memory import PAGE_1G, PAGE_2M, PAGE_4K, GuestMemory, RamBlock, free_hugepages
+from ._memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, GuestMemory, RamBlock, free_hugepages
 
 __all__ = [
     "PAGE_1G",
     "PAGE_2M",
     "PAGE_4K",
     "TARGET_PAGE_SIZE",
+    "Backing",
     "Bitmap",
     "ContinueMode",
     "CopyMode",

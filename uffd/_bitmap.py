@@ -109,7 +109,7 @@ class Bitmap:
         size = self.le_size(self.nbits)
         out = ffi.new("uint8_t[]", size or 1)
         lib.pc_bitmap_to_le(self._b, out)
-        return ffi.buffer(out, size)[:]
+        return bytes(ffi.buffer(out, size))
 
     @classmethod
     def from_le_bytes(cls, nbits: int, data: bytes | bytearray | memoryview) -> Bitmap:

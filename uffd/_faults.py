@@ -39,7 +39,8 @@ class FaultBatch:
     ``faults`` is the reader's reused ``pc_fault[]`` (valid until the next
     read_batch), ``count`` how many entries are filled, ``dropped`` how many
     faults were discarded because their page was already received, and
-    ``other_events`` the non-fault events read in the same batch.
+    ``other_events`` the non-fault events read in the same batch (the fd of a
+    Fork event belongs to the caller: adopt or close it).
     """
 
     __slots__ = ("_reader", "count", "dropped", "faults", "other_events")

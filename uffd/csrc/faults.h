@@ -15,7 +15,8 @@ typedef struct pc_fault { uint64_t address, offset /* in block, rounded down to 
 enum { PC_FAULT_NEW = 0, PC_FAULT_ALREADY_REQUESTED = 1, PC_FAULT_OUTSIDE = 2 };
 #define PC_FAULT_NO_BLOCK UINT32_MAX
 
-/* Blocks must be sorted by base and not overlap. Returns the number of faults
+/* Blocks must be sorted by base and not overlap. Reads at most
+ * min(max_out, 256) messages in one read(). Returns the number of faults
  * written to out, or -errno (-EAGAIN when nothing is pending). Non-pagefault
  * events are discarded (a FORK event's new fd is closed): use
  * pc_read_faults_ex when registered for them. */
