@@ -7,6 +7,7 @@ toucher threads are joined, then the RAM blocks are unmapped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -50,6 +51,23 @@ class Toucher:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def _open_fds() -> dict[str, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used, gone by now
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak() -> Iterator[None]:
+    """Every userfaultfd, memfd and event fd a test opens is closed by its end."""
+    before = _open_fds()
+    yield
+    leaked = {fd: target for fd, target in _open_fds().items() if before.get(fd) != target}
+    assert not leaked, f"file descriptors leaked by the test: {leaked}"
 
 
 @pytest.fixture

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 from collections.abc import Callable
 
 import pytest
 
-from uffd import Feature, Fork, PageFault, RamBlock, RegisterMode, Remap, Remove, Unmap, Userfaultfd
+from uffd import (
+    Feature,
+    Fork,
+    MappingChanged,
+    PageFault,
+    RamBlock,
+    RegisterMode,
+    Remap,
+    Remove,
+    Unmap,
+    Userfaultfd,
+)
 from uffd import memtouch as mt
 from uffd._lowlevel import ffi, lib
 
@@ -122,3 +135,28 @@ def test_remap_event(make_uffd: Callable[..., Userfaultfd], touch: Callable[...,
     finally:
         for addr in mapped:
             lib.pc_mem_unmap(addr, 4 * PAGE)
+
+
+def test_copy_while_an_event_is_pending_is_mapping_changed(
+    make_uffd: Callable[..., Userfaultfd],
+    make_block: Callable[..., RamBlock],
+    touch: Callable[..., Toucher],
+) -> None:
+    u = make_uffd(Feature.EVENT_REMOVE, user_mode_only=True)
+    b = make_block("pc.ram", 4 * PAGE)
+    u.register(b.addr, b.used_length, RegisterMode.MISSING)
+    u.copy(b.addr, b"\x01" * PAGE, PAGE)
+    t = touch(b.discard, 0, PAGE)
+    assert select.select([u.fileno()], [], [], 5)[0]  # REMOVE queued, not yet read
+    # The kernel refuses to fill pages while the address space is changing.
+    with pytest.raises(
+        MappingChanged,
+        match=rf"UFFDIO_COPY dst=0x{b.addr + 2 * PAGE:x} .*Resource temporarily unavailable",
+    ) as info:
+        u.copy(b.addr + 2 * PAGE, b"\x02" * PAGE, PAGE)
+    assert info.value.errno == errno.EAGAIN
+    assert info.value.progress == 0
+    assert u.read_events() == [Remove(b.addr, b.addr + PAGE)]
+    t.wait()
+    assert u.copy(b.addr + 2 * PAGE, b"\x02" * PAGE, PAGE) == PAGE
+    assert mt.read_byte(b, 2 * PAGE) == 2
