@@ -314,7 +314,8 @@ class Userfaultfd:
         """Read pending events in batches; [] when nothing is pending.
 
         Pagefaults come back as PageFault; the fast path for faults is
-        ``FaultReader`` (no Python object per fault).
+        ``FaultReader`` (no Python object per fault). With ``nonblocking=False``
+        the first read blocks until an event arrives.
         """
         fd = self._live("read")
         if max_events <= 0:

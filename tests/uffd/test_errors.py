@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pickle
 from collections.abc import Callable
@@ -208,3 +209,14 @@ def test_unprivileged_eperm_explains_how_to_fix() -> None:
         return "negotiated"
 
     assert "EVENT_FORK needs CAP_SYS_PTRACE" in _in_unprivileged_child(fork_events)
+
+
+def test_open_flags_are_cloexec_and_nonblocking() -> None:
+    with Userfaultfd(user_mode_only=True) as u:
+        assert fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        assert fcntl.fcntl(u.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert u.read_events() == []  # non-blocking: nothing pending is not an error
+    with Userfaultfd(user_mode_only=True, nonblocking=False) as u:
+        assert not fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    with pytest.raises(ValueError, match="via must be 'auto', 'syscall' or 'device', got 'ioctl'"):
+        Userfaultfd(via="ioctl")  # type: ignore[arg-type]
