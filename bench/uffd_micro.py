@@ -6,7 +6,8 @@
    in turn; the Python service waits in poll(), reads the event with
    FaultReader (one C batch read), UFFDIO_COPYs the page (which wakes the
    thread). Latency is measured by the faulting thread itself (p50 / p99).
-3. memcpy bandwidth for reference.
+3. References: the cost of two cross-thread wake-ups (pipe ping-pong between
+   two C threads), and memcpy bandwidth.
 
 Usage: python3 bench/uffd_micro.py   (2 MiB figures need free hugepages)
 """
@@ -137,6 +138,13 @@ def main() -> int:
     print(
         f"  ratio round trip p50 / C-level 4 KiB COPY: {p50 / c4k:.1f}x "
         f"(overhead over the bare ioctl {(p50 - c4k) / 1000:.1f} us)"
+    )
+    ping = mt.bench_wakeup_pingpong(20000)
+    pp50, pp99 = pct(ping, 50), pct(ping, 99)
+    print(
+        f"reference: pipe ping-pong between two C threads (two wake-ups, the floor for a fault "
+        f"served by another thread): p50 {pp50 / 1000:.1f} us, p99 {pp99 / 1000:.1f} us; "
+        f"round trip p50 is {p50 / pp50:.2f}x that"
     )
     gbps = memcpy_gbps(256 << 20)
     print(

@@ -17,6 +17,7 @@ from ._memory import RamBlock
 
 __all__ = [
     "bench_copy",
+    "bench_wakeup_pingpong",
     "check_pattern",
     "copy_between",
     "fault_sequence",
@@ -113,7 +114,23 @@ def bench_copy(uffd: Userfaultfd, dst: RamBlock, src: RamBlock, npages: int) -> 
     if npages <= 0:
         raise ValueError(f"bench_copy: npages={npages} must be positive")
     dst.check_range(0, npages * page)
-    ns = lib.pc_mt_bench_copy(uffd.fileno(), dst.addr, src.host_addr(0, npages * page), page, npages)
+    ns = lib.pc_mt_bench_copy(
+        uffd.fileno(), dst.addr, src.host_addr(0, npages * page), page, npages
+    )
     if ns < 0:
-        raise OSError(-ns, f"bench_copy: UFFDIO_COPY into RAM block {dst.idstr!r}: {os.strerror(-ns)}")
+        raise OSError(
+            -ns, f"bench_copy: UFFDIO_COPY into RAM block {dst.idstr!r}: {os.strerror(-ns)}"
+        )
     return int(ns)
+
+
+def bench_wakeup_pingpong(iterations: int) -> list[int]:
+    """ns of each of ``iterations`` round trips between two C threads over pipes
+    (two cross-thread wake-ups): the floor for a fault served by another thread."""
+    if iterations <= 0:
+        raise ValueError(f"bench_wakeup_pingpong: iterations={iterations} must be positive")
+    lat = ffi.new("uint64_t[]", iterations)
+    rc = lib.pc_mt_bench_wakeup_pingpong(iterations, lat)
+    if rc < 0:
+        raise OSError(-rc, f"bench_wakeup_pingpong: {os.strerror(-rc)}")
+    return list(lat)

@@ -4,6 +4,7 @@
 #include "uffd.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -147,4 +148,53 @@ int64_t pc_mt_bench_copy(int fd, uint64_t dst, uint64_t src, uint64_t page_size,
             return -errno;
     }
     return (int64_t)(now_ns() - t0);
+}
+
+/* Bench reference: the machine's floor for a round trip that needs two
+ * cross-thread wake-ups (what a fault served by another thread costs at
+ * least): two threads bounce one byte over a pair of pipes. */
+struct pingpong { int to_peer[2], to_main[2]; };
+
+static void *pingpong_peer(void *arg)
+{
+    struct pingpong *pp = arg;
+    char c;
+    while (read(pp->to_peer[0], &c, 1) == 1)
+        if (write(pp->to_main[1], &c, 1) != 1)
+            break;
+    return NULL;
+}
+
+int pc_mt_bench_wakeup_pingpong(uint64_t iters, uint64_t *lat_ns)
+{
+    struct pingpong pp;
+    if (pipe(pp.to_peer) != 0)
+        return -errno;
+    if (pipe(pp.to_main) != 0) {
+        int err = -errno;
+        close(pp.to_peer[0]);
+        close(pp.to_peer[1]);
+        return err;
+    }
+    pthread_t peer;
+    int rc = pthread_create(&peer, NULL, pingpong_peer, &pp);
+    if (rc == 0) {
+        char c = 1;
+        for (uint64_t i = 0; i < iters; i++) {
+            uint64_t t0 = now_ns();
+            if (write(pp.to_peer[1], &c, 1) != 1 || read(pp.to_main[0], &c, 1) != 1) {
+                rc = errno ? errno : EIO;
+                break;
+            }
+            lat_ns[i] = now_ns() - t0;
+        }
+        close(pp.to_peer[1]); /* EOF ends the peer */
+        pthread_join(peer, NULL);
+    } else {
+        close(pp.to_peer[1]);
+    }
+    close(pp.to_peer[0]);
+    close(pp.to_main[0]);
+    close(pp.to_main[1]);
+    return -rc;
 }

@@ -27,5 +27,8 @@ void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len);
 /* Bench: UFFDIO_COPY npages consecutive pages from src to consecutive missing
  * pages at dst, one ioctl per page. Elapsed ns, or -errno on the first failure. */
 int64_t pc_mt_bench_copy(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t npages);
+/* Bench reference: iters round trips of one byte between two threads over
+ * pipes (two wake-ups each), ns per round trip into lat_ns. 0 or -errno. */
+int pc_mt_bench_wakeup_pingpong(uint64_t iters, uint64_t *lat_ns);
 
 #endif /* PC_MEMTOUCH_H */
