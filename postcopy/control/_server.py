@@ -43,6 +43,7 @@ _QUEUE_LEN: Final = 8
 # A client that does not read its events is dropped past this much unsent output.
 _MAX_UNSENT_BYTES: Final = 1 << 20
 _READ_SIZE: Final = 64 * 1024
+_CLOSE_GRACE_SECONDS: Final = 5.0
 _NEGOTIATION_ONLY: Final = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
 
@@ -204,9 +205,15 @@ class QMPServer:
         server.close()
         with contextlib.suppress(ValueError):
             self._target.remove_event_listener(self.broadcast)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Hang up on every client: each handler sees end of input, finishes the
+        # commands already queued and returns; one stuck in a command is cancelled.
+        for client in list(self._clients):
+            client.writer.transport.abort()
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=_CLOSE_GRACE_SECONDS)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         await server.wait_closed()
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
