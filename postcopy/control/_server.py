@@ -86,9 +86,11 @@ class _MessageStream:
                 continue
             except (ValueError, RecursionError) as exc:  # int digit limit, nesting depth
                 newline = self._text.find("\n")
+                if newline < 0:
+                    break
                 reason = "nesting too deep" if isinstance(exc, RecursionError) else str(exc)
                 out.append(_ParseError(f"JSON parse error, {reason}"))
-                self._text = self._text[newline + 1 :] if newline >= 0 else ""
+                self._text = self._text[newline + 1 :]
                 continue
             out.append(value)
             self._text = self._text[end:]
