@@ -355,7 +355,8 @@ class QMPServer:
                 if not isinstance(value, str):
                     raise QMPError(f"QMP input member '{key}' must be a string")
                 if exec_key is not None:
-                    raise QMPError(f"QMP input member '{key}' clashes with '{exec_key}'")
+                    # QEMU meets the two in its hash order, which puts exec-oob first
+                    raise QMPError("QMP input member 'execute' clashes with 'exec-oob'")
                 exec_key = key
             elif key == "arguments":
                 if not isinstance(value, dict):

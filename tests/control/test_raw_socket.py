@@ -127,7 +127,7 @@ async def test_stale_socket_file_is_replaced_and_live_one_refused(tmp_path: Path
     regular.write_text("keep me")
     with pytest.raises(FileExistsError, match="exists and is not a socket"):
         await QMPServer(ControlState("source")).start_unix(regular)
-    assert regular.read_text() == "keep me"  # noqa: ASYNC240 - tiny tmpfs file
+    assert regular.read_text() == "keep me"
 
 
 async def test_tcp_transport() -> None:
