@@ -11,7 +11,7 @@ import platform
 from dataclasses import dataclass
 from importlib import metadata
 from types import MappingProxyType
-from typing import Final, Literal, overload
+from typing import Any, Final, Literal, overload
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 
@@ -208,7 +208,7 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
     collector = MigrationCollector(role)
     registry.register(collector)
 
-    common = dict(
+    common: dict[str, Any] = dict(
         role=role,
         registry=registry,
         main=main,

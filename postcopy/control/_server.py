@@ -137,7 +137,7 @@ class QMPServer:
     def __init__(self, target: MigrationControl, *, package: str | None = None) -> None:
         self._target = target
         major, minor, micro = QEMU_VERSION
-        self._greeting = {
+        self._greeting: dict[str, object] = {
             "QMP": {
                 "version": {
                     "qemu": {"micro": micro, "minor": minor, "major": major},
@@ -424,7 +424,8 @@ class QMPServer:
             call: Callable[[str], Awaitable[None]],
         ) -> Callable[[_Client, dict[str, object]], Awaitable[object]]:
             async def run(client: _Client, args: dict[str, object]) -> object:
-                return await call(str(args["uri"]))
+                await call(str(args["uri"]))
+                return None
 
             return run
 
