@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from uffd import Feature, RegisterMode, Userfaultfd
@@ -93,8 +93,11 @@ def _events(rx: Receiver, dec: wire.MainStreamDecoder) -> Iterator[wire.Event]:
 class Destination:
     """Serve one incoming migration of ``spec``'s guest."""
 
-    def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False) -> None:
+    def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
+                 on_status: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        self._on_status = on_status
+        self._latency_lock = threading.Lock()
         self.preempt = preempt
         self.verify = verify
         self.memory = spec.build_memory()
@@ -106,6 +109,7 @@ class Destination:
         self._threads: list[threading.Thread] = []
         self._stop_r, self._stop_w = os.pipe()
         self._preempt_rx: Receiver | None = None
+        self._main_rx: Receiver | None = None
         self._preempt_done = threading.Event()
         self._errors: list[BaseException] = []
         self._layout: wire.RamLayout | None = None
@@ -117,13 +121,13 @@ class Destination:
         main = self._accept(listener)
         preempt = self._accept(listener) if self.preempt else None
         try:
-            rx = self.path.receiver(main, RX_MAIN, 0)
+            rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
             self._preamble(rx, main, preempt)
             self._postcopy(rx)
             self._finish()
         except (DataPathError, DestinationError, wire.RemoteProtocolError, SpecError, OSError) as exc:
-            self.result.status = "failed"
             self.result.error = str(exc)
+            self._set_status("failed")
             raise
         finally:
             self._stop_threads()
@@ -243,7 +247,7 @@ class Destination:
         self.guest.load_state(state)
         self.guest.start()
         self.result.guest_started_ns = time.monotonic_ns()
-        self.result.status = "postcopy-active"
+        self._set_status("postcopy-active")
         tids = self.guest.vcpu_tids() if hasattr(self.guest, "vcpu_tids") else []
         self.path.set_vcpu_threads(tids)
 
@@ -283,8 +287,8 @@ class Destination:
             self.uffd.unregister(b.addr, b.used_length)
         self.path.send(wire.encode(wire.Shut(value=0)))
         self.result.finished_ns = time.monotonic_ns()
-        self.result.status = "completed"
         self._collect()
+        self._set_status("completed")
 
     def _collect(self) -> None:
         c = self.path.counters()
@@ -294,7 +298,39 @@ class Destination:
         r.requests_sent = c.requests_sent
         r.blocktime_ns = c.blocktime_ns
         r.vcpu_blocktime_ns = c.vcpu_blocktime_ns
-        r.latencies_ns.extend(self.path.drain_latencies_ns())
+        self.poll_latencies()
+
+    # -- what operators see -----------------------------------------------------
+
+    def _set_status(self, status: str) -> None:
+        self.result.status = status
+        if self._on_status is not None:
+            self._on_status(status)
+
+    def poll_latencies(self) -> list[int]:
+        """Fault -> placed latencies (ns) since the last call; all of them stay in ``result``."""
+        with self._latency_lock:
+            new = self.path.drain_latencies_ns()
+            self.result.latencies_ns.extend(new)
+        return new
+
+    def snapshot(self) -> dict[str, object]:
+        """Live figures, cheap to take at any time (C counters, no locks on the data path)."""
+        c = self.path.counters()
+        main = self._main_rx.counters() if self._main_rx is not None else (0, 0, 0)
+        pre = self._preempt_rx.counters() if self._preempt_rx is not None else (0, 0, 0)
+        return {
+            "status": self.result.status,
+            "pages_total": self.result.pages_total,
+            "pages_received": self.path.received_pages(),
+            "main": {"normal": main[0], "zero": main[1], "bytes": main[2]},
+            "preempt": {"normal": pre[0], "zero": pre[1], "bytes": pre[2]},
+            "faults": c.faults,
+            "requests_sent": c.requests_sent,
+            "waiting": c.waiting,
+            "blocktime_ns": c.blocktime_ns,
+            "vcpu_blocktime_ns": list(c.vcpu_blocktime_ns),
+        }
 
     # -- threads --------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uffd import GuestMemory
@@ -61,8 +62,10 @@ class Source:
     """Migrate ``memory`` (with its running ``guest``) to a destination."""
 
     def __init__(self, spec: GuestSpec, memory: GuestMemory, guest: Guest, *, preempt: bool = True,
-                 bandwidth_cap: int = 0, verify: bool = False) -> None:
+                 bandwidth_cap: int = 0, verify: bool = False,
+                 on_status: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        self._on_status = on_status
         self.memory = memory
         self.guest = guest
         self.preempt = preempt
@@ -75,8 +78,15 @@ class Source:
         self._shut = threading.Event()
         self._rp_error: BaseException | None = None
 
-    def migrate(self, address: tuple[str, int], *, connect_timeout: float = 0.0) -> SourceResult:
-        """Run the whole migration; ``connect_timeout`` waits for a destination that is still starting."""
+    def migrate(self, address: tuple[str, int], *, connect_timeout: float = 0.0,
+                switchover: threading.Event | None = None) -> SourceResult:
+        """Run the whole migration.
+
+        ``connect_timeout`` waits for a destination that is still starting;
+        ``switchover``, when given, holds the switch to postcopy until it is set
+        (QMP's migrate-start-postcopy); otherwise the switch is immediate.
+        """
+        self._set_status("setup")
         main = self._connect(address, connect_timeout)
         self.result.started_ns = time.monotonic_ns()
         main.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -93,11 +103,14 @@ class Source:
                 self.path.set_channel(CHAN_PREEMPT, preempt)
             rp_thread = threading.Thread(target=self._serve_return_path, name="source-rp", daemon=True)
             rp_thread.start()
+            self._set_status("active")
+            if switchover is not None:
+                switchover.wait()
             self._switchover()
             hasher = threading.Thread(target=self._hash_all, name="source-hash", daemon=True) if self.verify else None
             if hasher:
                 hasher.start()
-            self.result.status = "postcopy-active"
+            self._set_status("postcopy-active")
             if self.path.run_bulk() != SourcePath.DONE:
                 raise SourceError("stopped", "background stream stopped before every page was sent")
             self._send(self._ending())
@@ -106,10 +119,11 @@ class Source:
             if hasher:
                 hasher.join()
             self._wait_shut()
-            self.result.status = "completed"
+            self.result.counters = self.path.counters()
+            self._set_status("completed")
         except (DataPathError, SourceError, OSError) as exc:
-            self.result.status = "failed"
             self.result.error = str(exc)
+            self._set_status("failed")
             raise
         finally:
             self.result.finished_ns = time.monotonic_ns()
@@ -138,6 +152,22 @@ class Source:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
+
+    def _set_status(self, status: str) -> None:
+        self.result.status = status
+        if self._on_status is not None:
+            self._on_status(status)
+
+    def set_bandwidth_cap(self, bytes_per_second: int) -> None:
+        """Change the background stream's cap at any time (0 = none)."""
+        self.path.configure(preempt=self.preempt, bandwidth_cap=bytes_per_second)
+
+    def snapshot(self) -> dict[str, object]:
+        """Live figures, cheap to take at any time (C counters)."""
+        c = self.path.counters()
+        return {"status": self.result.status, "dirty_pages": self.path.dirty_pages(),
+                "total_pages": sum(b.used_length for b in self.memory) // TARGET_PAGE_SIZE,
+                "downtime_ns": self.result.downtime_ns, **c}
 
     # -- the stream -------------------------------------------------------------
 
