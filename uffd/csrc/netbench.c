@@ -1,0 +1,328 @@
+/* Physical floors for the migration benchmark: see netbench.h. */
+#define _GNU_SOURCE
+#include "netbench.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STREAM_SOCKBUF (4u << 20)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A connected loopback TCP pair: fds[0] the client end, fds[1] the accepted end. */
+static int tcp_pair(int fds[2], int nodelay)
+{
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t alen = sizeof(a);
+    int one = 1, err = 0;
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (l < 0)
+        return -errno;
+    fds[0] = fds[1] = -1;
+    if (bind(l, (struct sockaddr *)&a, sizeof(a)) || listen(l, 1) || getsockname(l, (struct sockaddr *)&a, &alen))
+        goto fail;
+    if ((fds[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+        goto fail;
+    if (connect(fds[0], (struct sockaddr *)&a, sizeof(a)))
+        goto fail;
+    if ((fds[1] = accept4(l, NULL, NULL, SOCK_CLOEXEC)) < 0)
+        goto fail;
+    close(l);
+    if (nodelay)
+        for (int i = 0; i < 2; i++)
+            setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return 0;
+fail:
+    err = -errno;
+    close(l);
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    return err ? err : -EIO;
+}
+
+/* 0 once len bytes are written, -errno otherwise. */
+static int write_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* 1 once len bytes are read, 0 on EOF before any byte, -errno otherwise. */
+static int read_all(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, p + got, len - got);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return got ? -EPIPE : 0;
+        got += (size_t)n;
+    }
+    return 1;
+}
+
+struct echo {
+    int fd;
+    uint32_t size;
+};
+
+static void *echo_main(void *arg)
+{
+    struct echo *e = arg;
+    uint8_t *buf = malloc(e->size);
+    if (buf)
+        while (read_all(e->fd, buf, e->size) == 1 && write_all(e->fd, buf, e->size) == 0)
+            ;
+    free(buf);
+    return NULL;
+}
+
+int pc_nb_tcp_rtt(uint64_t iters, uint32_t msg_size, uint64_t *lat_ns)
+{
+    if (msg_size == 0 || msg_size > (1u << 20) || !lat_ns)
+        return -EINVAL;
+    int fds[2], rc = tcp_pair(fds, 1);
+    if (rc < 0)
+        return rc;
+    uint8_t *buf = calloc(1, msg_size);
+    struct echo e = { fds[1], msg_size };
+    pthread_t peer;
+    if (!buf) {
+        rc = -ENOMEM;
+    } else if ((rc = -pthread_create(&peer, NULL, echo_main, &e)) == 0) {
+        for (uint64_t i = 0; i < iters && rc == 0; i++) {
+            uint64_t t0 = now_ns();
+            if ((rc = write_all(fds[0], buf, msg_size)) == 0) {
+                int r = read_all(fds[0], buf, msg_size);
+                rc = r == 1 ? 0 : r == 0 ? -EPIPE : r;
+            }
+            lat_ns[i] = now_ns() - t0;
+        }
+        shutdown(fds[0], SHUT_WR); /* EOF ends the peer */
+        pthread_join(peer, NULL);
+    }
+    free(buf);
+    close(fds[0]);
+    close(fds[1]);
+    return rc;
+}
+
+struct sender {
+    int fd;
+    uint32_t chunk;
+    uint64_t total;
+    int rc;
+};
+
+static void *sender_main(void *arg)
+{
+    struct sender *s = arg;
+    uint8_t *buf = malloc(s->chunk);
+    if (!buf) {
+        s->rc = -ENOMEM;
+        shutdown(s->fd, SHUT_WR);
+        return NULL;
+    }
+    memset(buf, 0x5a, s->chunk);        /* touched, so no page faults are timed */
+    for (uint64_t left = s->total; left && s->rc == 0;) {
+        size_t n = left < s->chunk ? left : s->chunk;
+        s->rc = write_all(s->fd, buf, n);
+        left -= n;
+    }
+    shutdown(s->fd, SHUT_WR);
+    free(buf);
+    return NULL;
+}
+
+int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
+{
+    if (chunk == 0 || chunk > (64u << 20) || !elapsed_ns)
+        return -EINVAL;
+    int fds[2], rc = tcp_pair(fds, 0);
+    if (rc < 0)
+        return rc;
+    int bufsz = STREAM_SOCKBUF;
+    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
+    setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
+    uint8_t *buf = malloc(chunk);
+    struct sender s = { fds[0], chunk, total_bytes, 0 };
+    pthread_t tx;
+    if (!buf) {
+        rc = -ENOMEM;
+    } else {
+        memset(buf, 0, chunk);
+        uint64_t t0 = now_ns(), got = 0;
+        if ((rc = -pthread_create(&tx, NULL, sender_main, &s)) == 0) {
+            for (;;) {
+                ssize_t n = read(fds[1], buf, chunk);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0) {
+                    rc = n < 0 ? -errno : 0;
+                    break;
+                }
+                got += (uint64_t)n;
+            }
+            *elapsed_ns = now_ns() - t0;
+            pthread_join(tx, NULL);
+            if (rc == 0 && s.rc < 0)
+                rc = s.rc;
+            if (rc == 0 && got != total_bytes)
+                rc = -EPIPE;
+        }
+    }
+    free(buf);
+    close(fds[0]);
+    close(fds[1]);
+    return rc;
+}
+
+struct remote {
+    int uffd, net[2], stop[2];
+    uint64_t page_size, src, addr, npages;
+    uint8_t *page; /* the handler's receive buffer */
+    int handler_rc, server_rc;
+};
+
+/* The "source": answers each 16-byte request (offset, length) with the page. */
+static void *server_main(void *arg)
+{
+    struct remote *r = arg;
+    uint64_t req[2];
+    int rc;
+    while ((rc = read_all(r->net[1], req, sizeof(req))) == 1) {
+        if (req[0] >= r->npages * r->page_size || req[1] != r->page_size) {
+            rc = -ERANGE;
+            break;
+        }
+        if ((rc = write_all(r->net[1], (const void *)(uintptr_t)(r->src + req[0]), r->page_size)) < 0)
+            break;
+    }
+    r->server_rc = rc < 0 ? rc : 0;
+    shutdown(r->net[1], SHUT_RDWR);     /* a handler waiting for a reply sees EOF */
+    return NULL;
+}
+
+/* The "destination": fault -> request -> reply -> UFFDIO_COPY (wakes the
+ * faulter). After an error it goes on placing pages without the network, so
+ * the faulting thread never stays blocked; the first error is reported. */
+static void *handler_main(void *arg)
+{
+    struct remote *r = arg;
+    int rc = 0;
+    struct pollfd pfd[2] = { { r->uffd, POLLIN, 0 }, { r->stop[0], POLLIN, 0 } };
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = rc ? rc : -errno;
+            break;      /* cannot happen with valid fds; the faulter would hang, so report it loudly */
+        }
+        if (pfd[1].revents)
+            break;
+        struct uffd_msg msg;
+        ssize_t n = read(r->uffd, &msg, sizeof(msg));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            rc = rc ? rc : -errno;
+            break;
+        }
+        if (n != sizeof(msg) || msg.event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        uint64_t off = (msg.arg.pagefault.address & ~(r->page_size - 1)) - r->addr;
+        uint64_t req[2] = { off, r->page_size };
+        if (rc == 0 && (rc = write_all(r->net[0], req, sizeof(req))) == 0) {
+            int got = read_all(r->net[0], r->page, r->page_size);
+            rc = got == 1 ? 0 : got == 0 ? -EPIPE : got;
+        }
+        struct uffdio_copy c = { .dst = r->addr + off, .src = (uint64_t)(uintptr_t)r->page, .len = r->page_size };
+        if (ioctl(r->uffd, UFFDIO_COPY, &c) != 0 && errno != EEXIST && rc == 0)
+            rc = -errno;
+    }
+    r->handler_rc = rc;
+    return NULL;
+}
+
+int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
+                       uint64_t *lat_ns)
+{
+    if (page_size < 4096 || (page_size & (page_size - 1)) || addr % page_size || !npages || !lat_ns)
+        return -EINVAL;
+    struct remote r = { .uffd = uffd_fd, .page_size = page_size, .src = src, .addr = addr, .npages = npages };
+    if (!(r.page = aligned_alloc(4096, page_size)))
+        return -ENOMEM;
+    memset(r.page, 0, page_size);
+    int rc = tcp_pair(r.net, 1);
+    if (rc < 0) {
+        free(r.page);
+        return rc;
+    }
+    if (pipe2(r.stop, O_CLOEXEC) != 0) {
+        rc = -errno;
+        close(r.net[0]);
+        close(r.net[1]);
+        free(r.page);
+        return rc;
+    }
+    pthread_t server, handler;
+    int have_server = (rc = -pthread_create(&server, NULL, server_main, &r)) == 0;
+    int have_handler = have_server && (rc = -pthread_create(&handler, NULL, handler_main, &r)) == 0;
+    if (have_handler) {
+        for (uint64_t i = 0; i < npages; i++) {
+            volatile const uint8_t *p = (volatile const uint8_t *)(uintptr_t)(addr + i * page_size);
+            uint64_t t0 = now_ns();
+            (void)*p;
+            lat_ns[i] = now_ns() - t0;
+        }
+        char x = 1;
+        if (write(r.stop[1], &x, 1) != 1)
+            rc = -errno;
+        pthread_join(handler, NULL);
+        if (rc == 0)
+            rc = r.handler_rc;
+    }
+    shutdown(r.net[0], SHUT_RDWR);      /* EOF ends the server */
+    if (have_server) {
+        pthread_join(server, NULL);
+        if (rc == 0)
+            rc = r.server_rc;
+    }
+    close(r.net[0]);
+    close(r.net[1]);
+    close(r.stop[0]);
+    close(r.stop[1]);
+    free(r.page);
+    return rc;
+}
