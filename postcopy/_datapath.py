@@ -32,6 +32,8 @@ RX_MAIN = lib.PC_RX_MAIN
 RX_PREEMPT = lib.PC_RX_PREEMPT
 CHAN_MAIN = lib.PC_CHAN_MAIN
 CHAN_PREEMPT = lib.PC_CHAN_PREEMPT
+PC_HEARTBEAT_PING = lib.PC_HEARTBEAT_PING
+PC_HEARTBEAT_MASK = lib.PC_HEARTBEAT_MASK
 
 
 class DataPathError(Exception):
@@ -255,6 +257,25 @@ class SourcePath:
             if lib.pc_src_set_block(self._s, i, idstr, len(idstr), b.addr, b.used_length, b.page_size,
                                     self.dirty[i].cdata) < 0:
                 raise ValueError(f"block {b.idstr}: rejected by the data path")
+
+    def index(self, idstr: str) -> int:
+        for i, b in enumerate(self.blocks):
+            if b.idstr == idstr:
+                return i
+        raise KeyError(idstr)
+
+    def set_heartbeat(self, seconds: float) -> None:
+        lib.pc_src_set_heartbeat(self._s, int(seconds * 1e9))
+
+    def heartbeat(self) -> tuple[int, int]:
+        """(sequence number, monotonic ns) of the last heartbeat PING sent."""
+        return int(self._s.ping_seq), int(self._s.ping_sent_ns)
+
+    def reload_dirty(self, index: int, received_le: bytes) -> None:
+        """Recovery: dirty = not received by the destination (its LE bitmap)."""
+        rc = lib.pc_src_reload_dirty(self._s, index, received_le, len(received_le))
+        if rc < 0:
+            raise ValueError(f"received bitmap of {self.blocks[index].idstr}: wrong size or padding bits set")
 
     def mark_all_dirty(self) -> None:
         for bm in self.dirty:

@@ -27,6 +27,7 @@ from uffd import Feature, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver
+from ._link import LinkBroken, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest, Pattern
 from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
 
@@ -62,6 +63,8 @@ class DestinationResult:
     source_stopped_ns: int = 0
     guest_started_ns: int = 0
     finished_ns: int = 0
+    recoveries: int = 0
+    paused_ns: int = 0
     error: str | None = None
 
 
@@ -94,8 +97,18 @@ class Destination:
     """Serve one incoming migration of ``spec``'s guest."""
 
     def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
-                 on_status: Callable[[str], None] | None = None) -> None:
+                 on_status: Callable[[str], None] | None = None, link_timeout: float = 3.0,
+                 recover_timeout: float = 120.0) -> None:
         self.spec = spec
+        self.link_timeout = link_timeout
+        self.recover_timeout = recover_timeout
+        self._listener: socket.socket | None = None
+        self._recover_listener: socket.socket | None = None
+        self._main_sock: socket.socket | None = None
+        self._preempt_sock: socket.socket | None = None
+        self._preempt_thread: threading.Thread | None = None
+        self._broken = threading.Event()
+        self._pause_requested = threading.Event()
         self._on_status = on_status
         self._latency_lock = threading.Lock()
         self.preempt = preempt
@@ -111,19 +124,37 @@ class Destination:
         self._preempt_rx: Receiver | None = None
         self._main_rx: Receiver | None = None
         self._preempt_done = threading.Event()
+        self._preempt_failed = ""
         self._errors: list[BaseException] = []
         self._layout: wire.RamLayout | None = None
 
     # -- the migration ------------------------------------------------------
 
     def serve(self, listener: socket.socket) -> DestinationResult:
-        """Accept the channels on ``listener`` and run the migration to its end."""
-        main = self._accept(listener)
-        preempt = self._accept(listener) if self.preempt else None
+        """Accept the channels on ``listener`` and run the migration to its end.
+
+        A channel that fails after RUN pauses the migration (faulting guest
+        threads stay blocked, nothing received is lost) and the source's
+        recovery connection is awaited on ``listener`` (or on the address given
+        to :meth:`recover`).
+        """
+        self._listener = listener
+        main = self._main_sock = self._accept(listener)
+        preempt = self._preempt_sock = self._accept(listener) if self.preempt else None
         try:
             rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
             self._preamble(rx, main, preempt)
-            self._postcopy(rx)
+            watchdog = threading.Thread(target=self._watch_link, name="dest-watchdog", daemon=True)
+            watchdog.start()
+            while True:
+                try:
+                    self._postcopy(rx)
+                    self._wait_preempt_end()
+                    break
+                except (LinkBroken, DataPathError, ConnectionError) as exc:
+                    if isinstance(exc, DataPathError) and exc.kind not in ("io", "truncated"):
+                        raise       # a malformed stream is not a broken link
+                    rx = self._pause_and_recover(str(exc))
             self._finish()
         except (DataPathError, DestinationError, wire.RemoteProtocolError, SpecError, OSError) as exc:
             self.result.error = str(exc)
@@ -131,16 +162,14 @@ class Destination:
             raise
         finally:
             self._stop_threads()
-            main.close()
-            if preempt is not None:
-                preempt.close()
+            for sock in (self._main_sock, self._preempt_sock, self._recover_listener):
+                if sock is not None:
+                    sock.close()
         return self.result
 
-    @staticmethod
-    def _accept(listener: socket.socket) -> socket.socket:
+    def _accept(self, listener: socket.socket) -> socket.socket:
         sock, _ = listener.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return tune(sock, self.link_timeout)
 
     def _preamble(self, rx: Receiver, main: socket.socket, preempt: socket.socket | None) -> None:
         """Everything up to RUN: header, setup, discards, PACKAGED."""
@@ -230,8 +259,7 @@ class Destination:
         self.path.attach_uffd(self.uffd.fileno())
         self._start("faults", self._serve_faults)
         if preempt is not None:
-            self._preempt_rx = self.path.receiver(preempt, RX_PREEMPT, 0)
-            self._start("preempt", self._serve_preempt)
+            self._start_preempt(preempt)
 
     def _run_guest(self) -> None:
         if self._device_state is None:
@@ -265,17 +293,25 @@ class Destination:
                     case wire.EndOfStream():
                         return
                     case wire.ConnectionClosed():
-                        raise DestinationError("truncated", "main channel closed before the end of the stream")
+                        raise LinkBroken("main channel closed before the end of the stream")
                     case _:
                         raise DestinationError("unexpected", f"unexpected {type(event).__name__} after RUN")
             elif code == Receiver.EOF:
-                raise DestinationError("truncated", "main channel closed before the end of the stream")
+                raise LinkBroken("main channel closed before the end of the stream")
+            elif code == Receiver.STOPPED:
+                raise LinkBroken("paused")
             else:
                 raise DestinationError("unexpected", f"main channel receiver stopped ({code})")
 
+    def _wait_preempt_end(self) -> None:
+        """After the main EOF, a 7.2-style source ends the preempt channel with EOS."""
+        if not self.preempt:
+            return
+        self._preempt_done.wait()
+        if self._broken.is_set() or self._preempt_failed:
+            raise LinkBroken(f"preempt channel failed: {self._preempt_failed or 'link broken'}")
+
     def _finish(self) -> None:
-        if self.preempt:
-            self._preempt_done.wait()
         if self._errors:
             raise self._errors[0]
         received = self.path.received_pages()
@@ -352,21 +388,169 @@ class Destination:
         if rc < 0:
             raise DestinationError("uffd", f"fault service stopped: {os.strerror(-rc)}")
 
-    def _serve_preempt(self) -> None:
-        assert self._preempt_rx is not None
+    def _start_preempt(self, sock: socket.socket) -> None:
+        self._preempt_rx = self.path.receiver(sock, RX_PREEMPT, 0)
+        self._preempt_done.clear()
+        self._preempt_failed = ""
+        self._preempt_thread = threading.Thread(target=self._serve_preempt, args=(self._preempt_rx,),
+                                                name="dest-preempt", daemon=True)
+        self._preempt_thread.start()
+
+    def _serve_preempt(self, rx: Receiver) -> None:
         try:
-            code = self._preempt_rx.run()
-            if code not in (Receiver.EOS, Receiver.EOF, Receiver.STOPPED):
-                raise DestinationError("unexpected", f"preempt receiver stopped ({code})")
+            code = rx.run()
+            if code == Receiver.EOF:
+                self._preempt_failed = "closed without EOS"
+            elif code == Receiver.STOPPED:
+                self._preempt_failed = "stopped"
+        except DataPathError as exc:
+            self._preempt_failed = str(exc)
+            if exc.kind not in ("io", "truncated"):
+                self._errors.append(exc)
         finally:
+            if self._preempt_failed:
+                self._break_link()      # the main loop notices and pauses
             self._preempt_done.set()
+
+    # -- pause and recovery ----------------------------------------------------
+
+    def _watch_link(self) -> None:
+        """A source that stops sending (but keeps the connection) breaks the link."""
+        last_bytes, last_change = -1, time.monotonic()
+        while self.result.status not in ("completed", "failed"):
+            time.sleep(min(0.1, self.link_timeout / 10))
+            rx = self._main_rx
+            if self.result.status != "postcopy-active" or rx is None:
+                last_bytes, last_change = -1, time.monotonic()
+                continue
+            n = rx.counters()[2]
+            if n != last_bytes:
+                last_bytes, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > self.link_timeout:
+                log.warning("no data from the source for %.1f s: pausing", self.link_timeout)
+                self._break_link()
+                last_change = time.monotonic()
+
+    def _break_link(self) -> None:
+        self._broken.set()
+        for rx in (self._main_rx, self._preempt_rx):
+            if rx is not None:
+                rx.stop()
+        shutdown_quietly(self._main_sock)
+        shutdown_quietly(self._preempt_sock)
+
+    def pause(self) -> None:
+        """Break the link on purpose (QMP migrate-pause); the source recovers."""
+        self._break_link()
+
+    def recover(self, address: tuple[str, int]) -> None:
+        """Await the recovery on a new address (QMP migrate-recover)."""
+        listener = socket.create_server(address, backlog=4)
+        old, self._recover_listener = self._recover_listener, listener
+        if old is not None:
+            old.close()
+
+    def _pause_and_recover(self, why: str) -> Receiver:
+        log.warning("postcopy paused: %s", why)
+        paused_at = time.monotonic_ns()
+        self._set_status("postcopy-paused")
+        self.path.set_return_path(None)     # faults go on being recorded as outstanding requests
+        self._break_link()
+        if self._preempt_thread is not None:
+            self._preempt_thread.join()
+        for sock in (self._main_sock, self._preempt_sock):
+            if sock is not None:
+                sock.close()
+        self._main_sock = self._preempt_sock = None
+        self._main_rx = self._preempt_rx = None
+        deadline = time.monotonic() + self.recover_timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise DestinationError("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s ({why})")
+            try:
+                rx = self._accept_recovery(deadline)
+                break
+            except (LinkBroken, ConnectionError, OSError, DataPathError, wire.RemoteProtocolError) as exc:
+                log.warning("recovery attempt failed: %s", exc)
+                for sock in (self._main_sock, self._preempt_sock):
+                    if sock is not None:
+                        sock.close()
+                self._main_sock = self._preempt_sock = None
+                self.path.set_return_path(None)
+        self.result.recoveries += 1
+        self.result.paused_ns += time.monotonic_ns() - paused_at
+        self._set_status("postcopy-active")
+        return rx
+
+    def _accept_recovery(self, deadline: float) -> Receiver:
+        """Take the source's new channels, answer its bitmap requests and RESUME."""
+        listener = self._recover_listener or self._listener
+        assert listener is not None and self._layout is not None
+        main: socket.socket | None = None
+        preempt: socket.socket | None = None
+        listener.settimeout(max(0.1, deadline - time.monotonic()))
+        while main is None or (self.preempt and preempt is None):
+            sock = self._accept(listener)
+            if main is None:
+                # a recovery main stream starts with a command, sent right after connecting
+                if self._first_byte(sock, self.link_timeout) == b"\x08":
+                    main = sock
+                    continue
+            elif self._first_byte(sock, 0.02) is None:
+                preempt = sock          # silent until a page is urgent; a stale one shows EOF at once
+                continue
+            sock.close()                # a stale connection of an earlier attempt
+        self._main_sock, self._preempt_sock = main, preempt
+        self._broken.clear()
+        self._set_status("postcopy-recover")
+        set_recv_timeout(main, self.link_timeout)
+        rx = self._main_rx = self.path.receiver(main, RX_MAIN, self._layout.section_id or 0)
+        dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
+        for event in _events(rx, dec):
+            match event:
+                case wire.RecvBitmapRequest(idstr=idstr):
+                    try:
+                        bitmap = self.path.received[self.path.index(idstr)].to_le_bytes()
+                    except KeyError:
+                        raise DestinationError("unknown_block", f"RECV_BITMAP for unknown block {idstr!r}") from None
+                    main.sendall(wire.encode(wire.RecvBitmap(idstr=idstr, bitmap=bitmap)))
+                case wire.PostcopyResume():
+                    main.sendall(wire.encode(wire.ResumeAck(value=1)))
+                    break
+                case wire.Ping(value=v):
+                    main.sendall(wire.encode(wire.Pong(value=v)))
+                case wire.ConnectionClosed():
+                    raise LinkBroken("the recovery connection closed during the handshake")
+                case _:
+                    raise DestinationError("unexpected", f"unexpected {type(event).__name__} in the recovery handshake")
+        set_recv_timeout(main, 0)
+        self.path.set_return_path(main)
+        resent = self.path.resend_requests()
+        log.info("recovered: %d outstanding page requests sent again", resent)
+        if preempt is not None:
+            self._start_preempt(preempt)
+        return rx
+
+    @staticmethod
+    def _first_byte(sock: socket.socket, wait: float) -> bytes | None:
+        """The first byte a new connection sends, b"" at EOF, None if silent for ``wait`` s."""
+        sock.settimeout(wait)
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            return None
+        finally:
+            sock.settimeout(None)
+        return data if data else b""
 
     def _stop_threads(self) -> None:
         os.write(self._stop_w, b"x")
         if self._preempt_rx is not None:
             self._preempt_rx.stop()
-        for t in self._threads:
-            t.join(timeout=10)
+            shutdown_quietly(self._preempt_sock)
+        for t in [*self._threads, self._preempt_thread]:
+            if t is not None:
+                t.join(timeout=10)
 
     # -- after the migration ---------------------------------------------------
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from uffd import GuestMemory
 
 from . import wire
-from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, hash_pages
+from ._datapath import CHAN_MAIN, CHAN_PREEMPT, PC_HEARTBEAT_MASK, PC_HEARTBEAT_PING, DataPathError, SourcePath, hash_pages
+from ._link import Backoff, LinkBroken, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, encode_device_state
 
@@ -55,28 +56,51 @@ class SourceResult:
     counters: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, bytes] = field(default_factory=dict)
     bad_requests: int = 0
+    recoveries: int = 0
+    paused_ns: int = 0
     error: str | None = None
 
 
 class Source:
-    """Migrate ``memory`` (with its running ``guest``) to a destination."""
+    """Migrate ``memory`` (with its running ``guest``) to a destination.
+
+    A channel that fails during postcopy pauses the migration; with
+    ``auto_recover`` the source reconnects with bounded backoff, reloads the
+    destination's received bitmaps into its dirty bitmaps and resumes. Without
+    it (or after :meth:`pause`), it waits for :meth:`resume`.
+    """
 
     def __init__(self, spec: GuestSpec, memory: GuestMemory, guest: Guest, *, preempt: bool = True,
                  bandwidth_cap: int = 0, verify: bool = False,
-                 on_status: Callable[[str], None] | None = None) -> None:
+                 on_status: Callable[[str], None] | None = None, auto_recover: bool = True,
+                 link_timeout: float = 3.0, recover_timeout: float = 120.0,
+                 heartbeat: float = 0.1) -> None:
         self.spec = spec
         self._on_status = on_status
         self.memory = memory
         self.guest = guest
         self.preempt = preempt
         self.verify = verify
+        self.auto_recover = auto_recover
+        self.link_timeout = link_timeout
+        self.recover_timeout = recover_timeout
         self.path = SourcePath(list(memory), RAM_SECTION_ID)
         self.path.configure(preempt=preempt, bandwidth_cap=bandwidth_cap)
+        self.path.set_heartbeat(heartbeat)
         self.result = SourceResult()
         self._pongs: dict[int, int] = {}
         self._pong_cv = threading.Condition()
         self._shut = threading.Event()
-        self._rp_error: BaseException | None = None
+        self._link_error: str | None = None
+        self._address: tuple[str, int] | None = None
+        self._main: socket.socket | None = None
+        self._preempt_sock: socket.socket | None = None
+        self._rp_thread: threading.Thread | None = None
+        self._resume = threading.Event()
+        self._manual_pause = False
+        self._last_heartbeat_pong = 0
+        self._shut_value_ok = True
+        self._paused_at = 0
 
     def migrate(self, address: tuple[str, int], *, connect_timeout: float = 0.0,
                 switchover: threading.Event | None = None) -> SourceResult:
@@ -87,60 +111,219 @@ class Source:
         (QMP's migrate-start-postcopy); otherwise the switch is immediate.
         """
         self._set_status("setup")
-        main = self._connect(address, connect_timeout)
+        self._address = address
+        self._main = tune(self._connect(address, connect_timeout), self.link_timeout)
         self.result.started_ns = time.monotonic_ns()
-        main.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        preempt = None
-        rp_thread = None
+        hasher = None
         try:
-            self.path.set_channel(CHAN_MAIN, main)
-            self.path.set_return_path(main)
+            self.path.set_channel(CHAN_MAIN, self._main)
+            self.path.set_return_path(self._main)
             self._send(self._preamble())
             if self.preempt:
                 # 7.2 style: connect preempt at once; the destination tells it from main by order.
-                preempt = socket.create_connection(address)
-                preempt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.path.set_channel(CHAN_PREEMPT, preempt)
-            rp_thread = threading.Thread(target=self._serve_return_path, name="source-rp", daemon=True)
-            rp_thread.start()
+                self._preempt_sock = tune(socket.create_connection(address), self.link_timeout)
+                self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+            self._start_return_path()
             self._set_status("active")
             if switchover is not None:
                 switchover.wait()
             self._switchover()
-            hasher = threading.Thread(target=self._hash_all, name="source-hash", daemon=True) if self.verify else None
-            if hasher:
+            if self.verify:
+                hasher = threading.Thread(target=self._hash_all, name="source-hash", daemon=True)
                 hasher.start()
             self._set_status("postcopy-active")
-            if self.path.run_bulk() != SourcePath.DONE:
-                raise SourceError("stopped", "background stream stopped before every page was sent")
-            self._send(self._ending())
-            if preempt is not None:
-                self.path.write(CHAN_PREEMPT, (0x10).to_bytes(8, "big"))   # EOS: a 7.2 destination needs it
+            while True:
+                try:
+                    self._postcopy_phase()
+                    break
+                except LinkBroken as exc:
+                    self._pause(str(exc))
+                    self._recover()
             if hasher:
                 hasher.join()
-            self._wait_shut()
             self.result.counters = self.path.counters()
             self._set_status("completed")
-        except (DataPathError, SourceError, OSError) as exc:
+        except (DataPathError, SourceError, OSError, wire.RemoteProtocolError) as exc:
             self.result.error = str(exc)
             self._set_status("failed")
             raise
         finally:
             self.result.finished_ns = time.monotonic_ns()
             self.result.counters = self.path.counters()
-            self.path.stop()
-            for s in (main, preempt):
-                if s is not None:
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            if rp_thread is not None:
-                rp_thread.join(timeout=10)
-            main.close()
-            if preempt is not None:
-                preempt.close()
+            self._close_channels()
         return self.result
+
+    # -- postcopy, pause, recovery -----------------------------------------------
+
+    def _postcopy_phase(self) -> None:
+        """Background stream, END and EOF, then SHUT; LinkBroken if a channel fails."""
+        box: dict[str, object] = {}
+
+        def bulk() -> None:
+            try:
+                box["rc"] = self.path.run_bulk()
+            except DataPathError as exc:
+                box["error"] = exc
+
+        t = threading.Thread(target=bulk, name="source-bulk", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            self._check_link()
+        if "error" in box or box.get("rc") != SourcePath.DONE:
+            raise LinkBroken(str(box.get("error") or self._link_error or "background stream stopped"))
+        try:
+            self._send(self._ending())
+            if self._preempt_sock is not None:
+                self.path.write(CHAN_PREEMPT, (0x10).to_bytes(8, "big"))   # EOS: a 7.2 destination needs it
+        except ConnectionError as exc:
+            raise LinkBroken(str(exc)) from None
+        deadline = time.monotonic() + 10 * self.link_timeout
+        while not self._shut.wait(0.05):
+            self._check_link()
+            if time.monotonic() > deadline:
+                raise LinkBroken("no SHUT from the destination after the end of the stream")
+        if self._link_error is not None and not self._shut_value_ok:
+            raise SourceError("destination_failed", self._link_error)
+
+    def _check_link(self) -> None:
+        """Raise LinkBroken (after breaking the link) when a channel failed or the
+        destination stopped answering our heartbeat PINGs."""
+        if self._link_error is not None and not self._shut.is_set():
+            self._break_link()
+            raise LinkBroken(self._link_error)
+        sent_seq, sent_ns = self.path.heartbeat()
+        if sent_seq != self._last_heartbeat_pong and time.monotonic_ns() - sent_ns > self.link_timeout * 1e9:
+            self._link_error = f"no PONG for {self.link_timeout:.1f} s"
+            self._break_link()
+            raise LinkBroken(self._link_error)
+
+    def _break_link(self) -> None:
+        self.path.stop()
+        shutdown_quietly(self._main)
+        shutdown_quietly(self._preempt_sock)
+
+    def pause(self) -> None:
+        """Break the link on purpose (QMP migrate-pause); wait for :meth:`resume`."""
+        self._manual_pause = True
+        self._link_error = self._link_error or "paused by request"
+        self._break_link()
+
+    def resume(self, address: tuple[str, int] | None = None) -> None:
+        """Recover now, to ``address`` if given (QMP migrate with resume: true)."""
+        if address is not None:
+            self._address = address
+        self._manual_pause = False
+        self._resume.set()
+
+    def _pause(self, why: str) -> None:
+        log.warning("postcopy paused: %s", why)
+        self._paused_at = time.monotonic_ns()
+        self._set_status("postcopy-paused")
+        self._break_link()
+        self._close_channels()
+
+    def _close_channels(self) -> None:
+        self.path.stop()
+        shutdown_quietly(self._main)
+        shutdown_quietly(self._preempt_sock)
+        if self._rp_thread is not None:
+            self._rp_thread.join(timeout=10)
+            self._rp_thread = None
+        for sock in (self._main, self._preempt_sock):
+            if sock is not None:
+                sock.close()
+        self._main = self._preempt_sock = None
+        self.path.set_channel(CHAN_MAIN, None)
+        self.path.set_channel(CHAN_PREEMPT, None)
+
+    def _recover(self) -> None:
+        backoff = Backoff(0.01, 1.0)
+        deadline = time.monotonic() + self.recover_timeout
+        while True:
+            if self._manual_pause or not self.auto_recover:
+                self._resume.wait(max(0.0, deadline - time.monotonic()))
+                self._resume.clear()
+            if time.monotonic() > deadline:
+                raise SourceError("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s")
+            try:
+                self._resume_handshake()
+                break
+            except (OSError, LinkBroken, DataPathError, wire.RemoteProtocolError, SourceError) as exc:
+                log.warning("recovery attempt failed: %s", exc)
+                self._close_channels()
+                self._set_status("postcopy-paused")
+                backoff.wait()
+        self.result.recoveries += 1
+        self.result.paused_ns += time.monotonic_ns() - self._paused_at
+        self._set_status("postcopy-active")
+
+    def _resume_handshake(self) -> None:
+        """New channels; RECV_BITMAP for every block; dirty = not received; RESUME; RESUME_ACK."""
+        assert self._address is not None
+        main = self._main = tune(socket.create_connection(self._address, timeout=self.link_timeout),
+                                 self.link_timeout)
+        main.settimeout(None)
+        self._set_status("postcopy-recover")
+        self._link_error = None
+        self._shut.clear()
+        self._last_heartbeat_pong = self.path.heartbeat()[0]    # pings of the old link get no answer
+        self.path.restart()
+        self.path.set_channel(CHAN_MAIN, main)
+        self.path.set_return_path(main)
+        set_recv_timeout(main, self.link_timeout)
+        # the commands first, then the preempt channel: the destination tells them apart by content
+        self._send([wire.RecvBitmapRequest(idstr=b.idstr) for b in self.memory])
+        if self.preempt:
+            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.link_timeout),
+                                      self.link_timeout)
+            self._preempt_sock.settimeout(None)
+            self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+        layout = wire.RamLayout(blocks=tuple(
+            wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
+            for b in self.memory))
+        pending = {b.idstr for b in self.memory}
+        while pending:
+            event = self._next_rp_event(layout)
+            match event:
+                case wire.RecvBitmap(idstr=idstr, bitmap=bitmap):
+                    if idstr not in pending:
+                        raise SourceError("unexpected", f"RECV_BITMAP for {idstr!r} twice or unasked")
+                    self.path.reload_dirty(self.path.index(idstr), bitmap)
+                    pending.discard(idstr)
+                case wire.Pong():
+                    pass
+                case _:
+                    raise SourceError("unexpected", f"{type(event).__name__} before every bitmap arrived")
+        log.info("recovery: %d pages still to send", self.path.dirty_pages())
+        self._send([wire.PostcopyResume()])
+        while not isinstance(event := self._next_rp_event(), wire.ResumeAck):
+            if not isinstance(event, wire.Pong):
+                raise SourceError("unexpected", f"{type(event).__name__} before RESUME_ACK")
+        set_recv_timeout(main, 0)
+        self._start_return_path()
+
+    def _next_rp_event(self, layout: wire.RamLayout | None = None) -> wire.Event:
+        """One return-path message, decoded from exactly its bytes in the C buffer.
+
+        A fresh decoder each time: the bytes after this message may be page
+        requests that the C loop serves.
+        """
+        dec = wire.ReturnPathDecoder(layout=layout)
+        fed = 0
+        while True:
+            event = dec.next_event()
+            if event is not wire.NEED_DATA:
+                self.path.rp_consume(dec.offset)
+                return event
+            data = self.path.rp_peek()
+            if len(data) <= fed:
+                if self.path.rp_fill(fed + 1) == 0:
+                    dec.receive_data(b"")
+                    continue
+                data = self.path.rp_peek()
+            dec.receive_data(data[fed:])
+            fed = len(data)
 
     @staticmethod
     def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -232,8 +415,11 @@ class Source:
 
     # -- the return path ----------------------------------------------------------
 
+    def _start_return_path(self) -> None:
+        self._rp_thread = threading.Thread(target=self._serve_return_path, name="source-rp", daemon=True)
+        self._rp_thread.start()
+
     def _serve_return_path(self) -> None:
-        dec = wire.ReturnPathDecoder()
         try:
             while True:
                 code = self.path.serve_return_path()
@@ -241,38 +427,30 @@ class Source:
                     self.result.bad_requests += 1
                     log.warning("destination sent a bad page request: %s", self.path.last_error())
                     continue
+                if code == SourcePath.RP_EOF:
+                    if not self._shut.is_set():
+                        self._link_error = "return path closed"
+                    return
                 if code != SourcePath.RP_CONTROL:
                     return
-                # one whole message, exactly (RECV_BITMAP bodies are handled in recovery)
-                self.path.rp_fill(4)
-                head = self.path.rp_peek()
-                length = int.from_bytes(head[2:4], "big")
-                self.path.rp_fill(4 + length)
-                frame = self.path.rp_peek()[: 4 + length]
-                dec.receive_data(frame)
-                event = dec.next_event()
-                self.path.rp_consume(4 + length)
+                event = self._next_rp_event()
                 match event:
+                    case wire.Pong(value=v) if v & PC_HEARTBEAT_MASK == PC_HEARTBEAT_PING:
+                        self._last_heartbeat_pong = v & ~PC_HEARTBEAT_MASK
                     case wire.Pong(value=v):
                         with self._pong_cv:
                             self._pongs[v] = time.monotonic_ns()
-                            if v == 3:
+                            if v == 3 and not self.result.downtime_ns:
                                 self.result.downtime_ns = self._pongs[v] - self.result.stopped_ns
                             self._pong_cv.notify_all()
                     case wire.Shut(value=v):
+                        self._shut_value_ok = v == 0
                         if v != 0:
-                            self._rp_error = SourceError("destination_failed", f"the destination shut down with error {v}")
+                            self._link_error = f"the destination shut down with error {v}"
                         self._shut.set()
                         return
                     case _:
                         log.info("return path: %s", event)
         except (DataPathError, wire.RemoteProtocolError, OSError) as exc:
             if not self._shut.is_set():
-                self._rp_error = exc
-        finally:
-            self._shut.set()
-
-    def _wait_shut(self) -> None:
-        self._shut.wait()
-        if self._rp_error is not None:
-            raise SourceError("return_path", f"return path: {self._rp_error}")
+                self._link_error = f"return path: {exc}"

@@ -152,7 +152,37 @@ void pc_src_stop(pc_src *s)
     pthread_mutex_unlock(&s->qlock);
 }
 
-void pc_src_restart(pc_src *s) { __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE); }
+void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns) { __atomic_store_n(&s->heartbeat_ns, interval_ns, __ATOMIC_RELAXED); }
+
+void pc_src_restart(pc_src *s)
+{
+    pthread_mutex_lock(&s->qlock);
+    s->qhead = s->qtail;
+    pthread_mutex_unlock(&s->qlock);
+    s->cursor_block = 0;
+    s->cursor_page = 0;
+    __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
+}
+
+int pc_src_reload_dirty(pc_src *s, uint32_t i, const uint8_t *received_le, uint64_t len)
+{
+    if (i >= s->nblocks)
+        return -ERANGE;
+    pc_src_block *b = &s->blocks[i];
+    int rc = pc_bitmap_from_le(b->dirty, received_le, len);
+    if (rc < 0)
+        return rc;
+    pc_bitmap_invert(b->dirty);
+    uint64_t ntp = b->host_page_size / PC_TARGET_PAGE_SIZE, npages = b->length / PC_TARGET_PAGE_SIZE;
+    /* A partly received host page must go again whole. */
+    for (uint64_t p = ntp > 1 ? pc_bitmap_find_next_set(b->dirty, 0) : npages; p < npages;
+         p = pc_bitmap_find_next_set(b->dirty, p)) {
+        uint64_t first = p - p % ntp;
+        pc_bitmap_set_range_atomic(b->dirty, first, ntp);
+        p = first + ntp;
+    }
+    return 0;
+}
 
 static int stopped(pc_src *s) { return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE); }
 
@@ -412,7 +442,9 @@ int pc_src_bulk_run(pc_src *s)
         if (rc < 0)
             break;
         int done = s->cursor_block >= s->nblocks;
-        if (in_section && (done || section_bytes >= s->section_bytes)) {
+        uint64_t hb = __atomic_load_n(&s->heartbeat_ns, __ATOMIC_RELAXED);
+        int beat = hb && now_ns() - s->ping_sent_ns >= hb;
+        if (in_section && (done || beat || section_bytes >= s->section_bytes)) {
             uint8_t tail[13];
             put_be64(tail, RAM_SAVE_FLAG_EOS);
             tail[8] = 0x7e;
@@ -420,6 +452,15 @@ int pc_src_bulk_run(pc_src *s)
             batch_raw(bt, tail, 13);
             in_section = 0;
             section_bytes = 0;
+        }
+        if (beat && !in_section) {
+            /* Between sections: a PING the destination must answer, so a
+             * link that silently stopped is noticed (the watchdog in Python). */
+            uint8_t ping[9] = { 0x08, 0x00, 0x02, 0x00, 0x04 };
+            s->ping_seq = (s->ping_seq + 1) & ~PC_HEARTBEAT_MASK;
+            put_be32(ping + 5, PC_HEARTBEAT_PING | s->ping_seq);
+            batch_raw(bt, ping, 9);
+            __atomic_store_n(&s->ping_sent_ns, now_ns(), __ATOMIC_RELAXED);
         }
         if ((rc = batch_flush(s, PC_CHAN_MAIN, bt)) < 0)
             break;

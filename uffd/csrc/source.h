@@ -17,6 +17,9 @@
 #include "sockbuf.h"
 
 #define PC_SRC_QUEUE 4096
+/* Heartbeat PING values: the top half says "ours"; QEMU's own PINGs are 1..4 and 0x42. */
+#define PC_HEARTBEAT_PING 0x50430000u
+#define PC_HEARTBEAT_MASK 0xffff0000u
 
 typedef struct pc_src_block {
     uint64_t base, length, host_page_size;
@@ -46,6 +49,9 @@ typedef struct pc_src {
     int preempt;                    /* requested pages go on the preempt channel */
     uint64_t bandwidth_cap;         /* bulk bytes per second, 0 = unlimited */
     uint64_t section_bytes;         /* bulk data per PART section */
+    uint64_t heartbeat_ns;          /* between sections, a PING at least this often (0 = never) */
+    uint32_t ping_seq;              /* heartbeat PINGs carry PC_HEARTBEAT_PING | seq */
+    uint64_t ping_sent_ns;          /* when the last heartbeat went out */
     /* requested host pages waiting for the bulk sender (no preempt) */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
@@ -73,8 +79,15 @@ void pc_src_canonicalize(pc_src *s);
 void pc_src_set_channel(pc_src *s, int ch, int fd);
 void pc_src_set_rp(pc_src *s, int fd);
 void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t section_bytes);
+void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns);
 void pc_src_stop(pc_src *s);
+/* After a pause: clear the stop flag, rewind the background scan to the
+ * start and forget queued requests (the destination sends them again). */
 void pc_src_restart(pc_src *s);
+/* Recovery: the dirty bitmap of block i becomes the complement of the
+ * destination's received bitmap (QEMU's LE layout); host pages canonical.
+ * 0, -EINVAL (bad size or padding), -ERANGE (no such block). */
+int pc_src_reload_dirty(pc_src *s, uint32_t i, const uint8_t *received_le, uint64_t len);
 /* Locked write of whole messages for Python (commands, END, EOF). */
 int pc_src_chan_write(pc_src *s, int ch, const uint8_t *data, uint64_t len);
 

@@ -1,0 +1,58 @@
+"""What both roles need to notice a broken link and to try again."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+__all__ = ["Backoff", "LinkBroken", "set_recv_timeout", "tune"]
+
+
+class LinkBroken(Exception):
+    """A channel failed during postcopy: both sides pause and recover."""
+
+
+def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
+    """No Nagle (a page request is one small write), and a dead peer noticed
+    within about ``link_timeout`` even while idle (keepalive) or while
+    unacknowledged data waits (TCP_USER_TIMEOUT)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe = max(1, int(link_timeout / 3))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(link_timeout * 1000))
+    return sock
+
+
+def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO on the fd, so the C readers' recv() gives up too (0 = never)."""
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def shutdown_quietly(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Backoff:
+    """Bounded exponential backoff: ``first`` doubling up to ``cap`` seconds."""
+
+    def __init__(self, first: float = 0.01, cap: float = 1.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def wait(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.cap)
