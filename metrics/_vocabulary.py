@@ -55,5 +55,11 @@ PROTOCOL_ERROR_KINDS: Final[tuple[str, ...]] = (
     "bitmap_end_mark",
     "packaged_too_large",
     "frame_too_large",
+    # the roles' own refusals of what the peer sent
+    "unexpected",
+    "ram_layout",
+    "advise_mismatch",
+    "no_device_state",
+    "bad_page_request",
     "other",
 )

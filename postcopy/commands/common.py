@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from postcopy.cli import UserError
+from postcopy.service import Sample, ServiceOptions
 from postcopy.spec import GuestSpec, SpecError, parse_page_size, parse_size
 
-__all__ = ["add_guest_arguments", "guest_spec", "parse_address", "percentiles_us", "write_json"]
+__all__ = [
+    "Progress",
+    "add_guest_arguments",
+    "add_service_arguments",
+    "guest_spec",
+    "parse_address",
+    "percentiles_us",
+    "service_options",
+    "write_json",
+]
 
 
 def add_guest_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,3 +88,116 @@ def read_hashes(path: str) -> dict[str, bytes]:
 def fail(message: str) -> int:
     print(message, file=sys.stderr)
     return 1
+
+
+def add_service_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("operations")
+    g.add_argument("--metrics-port", type=int, metavar="N", help="serve Prometheus metrics on this port (0 = any free one)")
+    g.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics endpoint binds (default 127.0.0.1)")
+    g.add_argument("--qmp", metavar="PATH|HOST:PORT",
+                   help="QMP control socket (unix PATH or TCP HOST:PORT); the migration then waits for QMP commands")
+    g.add_argument("--linger", type=float, metavar="SECONDS",
+                   help="keep serving metrics and QMP this long after the migration ends "
+                        "(default: until QMP quit with --qmp, else 0)")
+    g.add_argument("--progress", default="auto", choices=["auto", "rich", "lines", "none", "jsonl"],
+                   help="live progress: rich on a terminal, one line a second otherwise (default auto)")
+
+
+def service_options(args: argparse.Namespace, progress: Progress | None) -> ServiceOptions:
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UserError(f"--metrics-port {args.metrics_port} is out of range 0..65535")
+    if args.linger is not None and args.linger < 0:
+        raise UserError(f"--linger {args.linger} must not be negative")
+
+    def ready(service: Any) -> None:
+        if service.metrics_address is not None:
+            host, port = service.metrics_address
+            _say(args, f"metrics on http://{host}:{port}/metrics")
+        if service.qmp_address is not None:
+            _say(args, f"QMP control socket on {service.qmp_address}")
+
+    return ServiceOptions(metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, qmp=args.qmp,
+                          linger=args.linger, on_sample=progress, on_ready=ready)
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """Status lines go to stdout, or to stderr when stdout carries the JSON report or samples."""
+    to_stderr = getattr(args, "json", None) == "-" or getattr(args, "progress", None) == "jsonl"
+    print(line, file=sys.stderr if to_stderr else sys.stdout, flush=True)
+
+
+class Progress:
+    """Live progress of one role: rich on a terminal, quiet lines otherwise, or JSON lines for a parent."""
+
+    LINE_INTERVAL = 1.0
+
+    def __init__(self, label: str, mode: str = "auto", stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "rich" if self.stream.isatty() else "lines"
+        self.mode = mode
+        self.label = label
+        self._last_line = 0.0
+        self._last_status = ""
+        self._prev: tuple[float, int] | None = None
+        self._rate = 0.0
+        self._rich: Any = None
+        self._task: Any = None
+        # what Sample.faults counts on this side
+        self._events = "requests" if label == "source" else "faults"
+
+    def __call__(self, sample: Sample) -> None:
+        self.update(sample)
+
+    def _throughput(self, sample: Sample) -> float:
+        if self._prev is not None and sample.t > self._prev[0]:
+            rate = (sample.bytes - self._prev[1]) / (sample.t - self._prev[0])
+            self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+        self._prev = (sample.t, sample.bytes)
+        return self._rate
+
+    def update(self, sample: Sample) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "jsonl":
+            print(json.dumps({"t": sample.t, "status": sample.status, "pages": sample.pages,
+                              "pages_total": sample.pages_total, "bytes": sample.bytes, "faults": sample.faults,
+                              "p50_us": sample.latency_p50_us}), file=self.stream, flush=True)
+            return
+        rate = self._throughput(sample)
+        p50 = f"{sample.latency_p50_us:.0f} us" if sample.latency_p50_us is not None else "-"
+        if self.mode == "rich":
+            self._rich_update(sample, rate, p50)
+            return
+        now = time.monotonic()
+        final = sample.status in ("completed", "failed")
+        if now - self._last_line < self.LINE_INTERVAL and sample.status == self._last_status and not final:
+            return
+        if final and self._last_status == sample.status:
+            return
+        self._last_line, self._last_status = now, sample.status
+        share = 100 * sample.pages / sample.pages_total if sample.pages_total else 0.0
+        print(f"{self.label}: {sample.status} {sample.pages}/{sample.pages_total} pages ({share:.1f}%), "
+              f"{rate / 1e6:.1f} MB/s, {sample.faults} {self._events}, p50 {p50}", file=self.stream, flush=True)
+
+    def _rich_update(self, sample: Sample, rate: float, p50: str) -> None:
+        if self._rich is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("pages  {task.fields[rate]}  {task.fields[faults]} " + self._events + "  p50 {task.fields[p50]}"),
+                console=Console(file=self.stream), transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(self.label, total=sample.pages_total or None, rate="-", faults=0, p50="-")
+        self._rich.update(self._task, completed=sample.pages, total=sample.pages_total or None,
+                          description=f"{self.label} {sample.status}", rate=f"{rate / 1e6:.0f} MB/s",
+                          faults=sample.faults, p50=p50)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+

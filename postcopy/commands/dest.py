@@ -1,56 +1,89 @@
-"""``postcopy dest``: the destination role as its own process."""
+"""``postcopy dest``: the destination role as its own process.
+
+Without ``--qmp`` it accepts the migration on ``--listen`` (default
+127.0.0.1:4444) at once. With ``--qmp`` it waits for QMP ``migrate-incoming``
+unless ``--listen`` is given, and stays up after the migration until QMP
+``quit`` (or ``--linger`` seconds).
+"""
 
 from __future__ import annotations
 
 import argparse
-import socket
+import os
+import sys
 import time
+from typing import Any
 
 from postcopy.cli import UserError
-from postcopy.destination import Destination, DestinationError
+from postcopy.destination import DestinationError, DestinationResult
+from postcopy.service import DestinationService, MigrationAbandoned, ServiceError
 
-from .common import add_guest_arguments, guest_spec, parse_address, percentiles_us, write_hashes, write_json
+from .common import (
+    Progress,
+    add_guest_arguments,
+    add_service_arguments,
+    guest_spec,
+    parse_address,
+    percentiles_us,
+    service_options,
+    write_hashes,
+    write_json,
+)
 
 __all__ = ["add_arguments", "run"]
 
+DEFAULT_LISTEN = "127.0.0.1:4444"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:4444", help="HOST:PORT to accept the migration on")
+    p.add_argument("--listen", default=None,
+                   help=f"HOST:PORT to accept the migration on (default {DEFAULT_LISTEN}; "
+                        "with --qmp, none: wait for migrate-incoming)")
     add_guest_arguments(p)
     p.add_argument("--verify", action="store_true",
                    help="hash every page as placed and check the guest's own invariant at the end")
     p.add_argument("--run-after", type=float, default=0.5, help="seconds the guest runs after the migration")
     p.add_argument("--hashes-out", help="write the placed pages' hashes here (for --verify across processes)")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    add_service_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = guest_spec(args)
-    host, port = parse_address(args.listen)
-    dest = Destination(spec, preempt=args.preempt, verify=args.verify)
+    listen_text = args.listen or (None if args.qmp else DEFAULT_LISTEN)
+    listen = parse_address(listen_text) if listen_text else None
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    progress = Progress("dest", args.progress, stream)
     try:
-        with socket.create_server((host, port), backlog=2, reuse_port=False) as listener:
-            print(f"listening on {host}:{listener.getsockname()[1]}", flush=True)
-            try:
-                result = dest.serve(listener)
-            except DestinationError as exc:
-                raise UserError(f"migration failed ({exc.kind}): {exc}") from None
-        time.sleep(args.run_after)
+        service: DestinationService[int] = DestinationService(
+            spec, preempt=args.preempt, verify=args.verify, listen=listen,
+            options=service_options(args, progress),
+            on_listening=lambda a: print(f"listening on {a[0]}:{a[1]}", file=stream, flush=True),
+        )
+    except ServiceError as exc:
+        raise UserError(str(exc)) from None
+
+    def finish(result: DestinationResult) -> int:
+        dest = service.destination
+        assert dest is not None
         assert dest.guest is not None
+        time.sleep(args.run_after)
         dest.guest.stop()
-        steps = dest.guest.stats().total_steps
-        report = {
+        report: dict[str, Any] = {
             "role": "destination",
             "status": result.status,
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,
             "fault_latency_us": percentiles_us(result.latencies_ns),
+            "latency_histogram": service.latency_histogram.to_json(),
             "blocktime_ms": result.blocktime_ns / 1e6,
+            "vcpu_blocktime_ms": [ns / 1e6 for ns in result.vcpu_blocktime_ns],
             "source_stopped_ns": result.source_stopped_ns,
             "guest_started_ns": result.guest_started_ns,
             "finished_ns": result.finished_ns,
-            "guest_steps": steps,
+            "guest_steps": dest.guest.stats().total_steps,
+            "timeline": list(service.timeline),
         }
         if args.verify:
             v = dest.guest.verify()
@@ -59,6 +92,26 @@ def run(args: argparse.Namespace) -> int:
             if args.hashes_out:
                 write_hashes(args.hashes_out, {b.idstr: dest.path.placed_hashes(i) for i, b in enumerate(dest.memory)})
         write_json(report, args.json)
-        return 0 if not args.verify or report["guest_verify"]["ok"] else 1   # type: ignore[index]
+        return 0 if not args.verify or report["guest_verify"]["ok"] else 1
+
+    try:
+        outcome = service.run(finish)
+    except MigrationAbandoned as exc:
+        progress.close()
+        print(f"postcopy dest: {exc}; exiting", file=sys.stderr, flush=True)
+        os._exit(1)         # the role's threads still use guest memory: do not unmap it under them
+    except ServiceError as exc:
+        raise UserError(str(exc)) from None
     finally:
-        dest.close()
+        progress.close()
+        if service.destination is not None and not service.worker_running:
+            service.destination.close()
+    if outcome.error is not None:
+        err = outcome.error
+        if isinstance(err, DestinationError):
+            raise UserError(f"migration failed ({err.kind}): {err}")
+        if isinstance(err, OSError):
+            raise UserError(f"migration failed: {err.strerror or err}")
+        raise UserError(f"migration failed ({getattr(err, 'kind', type(err).__name__)}): {err}")
+    return int(outcome.finished or 0)
+

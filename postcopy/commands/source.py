@@ -1,22 +1,43 @@
-"""``postcopy source``: the source role as its own process."""
+"""``postcopy source``: the source role as its own process.
+
+Without ``--qmp`` it connects to ``--connect`` after ``--warmup`` and switches
+to postcopy at once. With ``--qmp`` it waits for QMP ``migrate tcp:HOST:PORT``
+(the ``postcopy-ram`` capability on) and holds the switch to postcopy until
+``migrate-start-postcopy``; it stays up afterwards until QMP ``quit`` (or
+``--linger`` seconds).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from typing import Any
 
 from postcopy.cli import UserError
 from postcopy.guest import Guest, Pattern
-from postcopy.source import Source, SourceError
-from postcopy.spec import parse_size
+from postcopy.service import MigrationAbandoned, ServiceError, SourceService
+from postcopy.source import SourceError, SourceResult
+from postcopy.spec import SpecError, parse_size
 
-from .common import add_guest_arguments, guest_spec, parse_address, write_hashes, write_json
+from .common import (
+    Progress,
+    add_guest_arguments,
+    add_service_arguments,
+    guest_spec,
+    parse_address,
+    service_options,
+    write_hashes,
+    write_json,
+)
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--connect", default="127.0.0.1:4444", help="HOST:PORT of the destination")
+    p.add_argument("--connect", default="127.0.0.1:4444",
+                   help="HOST:PORT of the destination (ignored with --qmp: QMP migrate names it)")
     add_guest_arguments(p)
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs before the switch")
     p.add_argument("--bandwidth-cap", default="0", help="bytes per second for the background stream (0 = none)")
@@ -24,48 +45,83 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="hash every page at the switch (compare with the destination's)")
     p.add_argument("--hashes-out", help="write the pages' hashes at the switch here")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    add_service_arguments(p)
+
+
+def _report(result: SourceResult, timeline: list[dict[str, object]]) -> dict[str, Any]:
+    c = result.counters
+    return {
+        "role": "source",
+        "status": result.status,
+        "downtime_ms": round(result.downtime_ns / 1e6, 3),
+        "stopped_ns": result.stopped_ns,
+        "total_time_s": (result.finished_ns - result.started_ns) / 1e9,
+        "postcopy_time_s": (result.finished_ns - result.stopped_ns) / 1e9,
+        "bytes_transferred": c["main_bytes"] + c["preempt_bytes"],
+        "pages": {"normal": c["main_pages_normal"] + c["preempt_pages_normal"],
+                  "zero": c["main_pages_zero"] + c["preempt_pages_zero"],
+                  "requested": c["request_pages_sent"]},
+        "requests_received": c["requests"],
+        "bad_requests": result.bad_requests,
+        "counters": c,
+        "timeline": timeline,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
     spec = guest_spec(args)
-    address = parse_address(args.connect)
+    address = None if args.qmp else parse_address(args.connect)
+    try:
+        cap = parse_size(args.bandwidth_cap)
+    except SpecError as exc:
+        raise UserError(f"--bandwidth-cap: {exc}") from None
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    progress = Progress("source", args.progress, stream)
+    options = service_options(args, progress)
     memory = spec.build_memory()
     w = spec.workload()
     guest = Guest([(b.addr, b.used_length, b.page_size) for b in memory], nvcpus=spec.vcpus,
                   pattern=Pattern[spec.pattern.upper()], seed=spec.seed, write_percent=spec.write_percent,
                   rate_limit=int(w["rate_limit"]))
+    service: SourceService[int] | None = None
     try:
         guest.fill_initial()
         guest.start()
         time.sleep(args.warmup)
-        source = Source(spec, memory, guest, preempt=args.preempt, bandwidth_cap=parse_size(args.bandwidth_cap),
-                        verify=args.verify)
         try:
-            result = source.migrate(address, connect_timeout=args.connect_timeout)
-        except SourceError as exc:
-            raise UserError(f"migration failed ({exc.kind}): {exc}") from None
-        except ConnectionRefusedError:
-            raise UserError(f"no destination answers at {args.connect}") from None
-        c = result.counters
-        report = {
-            "role": "source",
-            "status": result.status,
-            "downtime_ms": round(result.downtime_ns / 1e6, 3),
-            "stopped_ns": result.stopped_ns,
-            "total_time_s": (result.finished_ns - result.started_ns) / 1e9,
-            "postcopy_time_s": (result.finished_ns - result.stopped_ns) / 1e9,
-            "bytes_transferred": c["main_bytes"] + c["preempt_bytes"],
-            "pages": {"normal": c["main_pages_normal"] + c["preempt_pages_normal"],
-                      "zero": c["main_pages_zero"] + c["preempt_pages_zero"],
-                      "requested": c["request_pages_sent"]},
-            "requests_received": c["requests"],
-            "bad_requests": result.bad_requests,
-            "counters": c,
-        }
-        if args.hashes_out and result.hashes:
-            write_hashes(args.hashes_out, result.hashes)
-        write_json(report, args.json)
-        return 0
+            service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
+                                    verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
+                                    options=options)
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        svc = service
+
+        def finish(result: SourceResult) -> int:
+            if args.hashes_out and result.hashes:
+                write_hashes(args.hashes_out, result.hashes)
+            write_json(_report(result, list(svc.timeline)), args.json)
+            return 0
+
+        try:
+            outcome = service.run(finish)
+        except MigrationAbandoned as exc:
+            progress.close()
+            print(f"postcopy source: {exc}; exiting", file=sys.stderr, flush=True)
+            os._exit(1)     # the role's threads still read guest memory: do not unmap it under them
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        err = outcome.error
+        if isinstance(err, SourceError):
+            raise UserError(f"migration failed ({err.kind}): {err}")
+        if isinstance(err, ConnectionRefusedError):
+            raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
+        if isinstance(err, OSError):
+            raise UserError(f"migration failed: {err.strerror or err}")
+        if err is not None:
+            raise UserError(f"migration failed ({getattr(err, 'kind', type(err).__name__)}): {err}")
+        return int(outcome.finished or 0)
     finally:
-        guest.close()
-        memory.close()
+        progress.close()
+        if service is None or not service.worker_running:
+            guest.close()
+            memory.close()
