@@ -657,8 +657,10 @@ class SourceService(_RoleService[R]):
 
     def _migrate_to(self, address: tuple[str, int], preempt: bool, cap: int,
                     switchover: threading.Event | None) -> None:
+        # under QMP a paused source waits for "migrate resume", as QEMU's does
         self.source = Source(self.spec, self.memory, self.guest, preempt=preempt, bandwidth_cap=cap,
-                             verify=self.verify, on_status=self._status_from_thread)
+                             verify=self.verify, on_status=self._status_from_thread,
+                             auto_recover=self.control is None)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source

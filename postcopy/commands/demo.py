@@ -13,13 +13,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from postcopy.cli import UserError
 
-from .common import add_guest_arguments, read_hashes, write_json
+from postcopy.service import Sample
+
+from .common import Progress, add_guest_arguments, read_hashes, write_json
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare every page the destination placed with the source's at the switch, "
                         "and check the guest's own invariant")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve the destination's metrics on N and the source's on N+1 while it runs")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics endpoints bind (default 127.0.0.1)")
+    p.add_argument("--progress", default="auto", choices=["auto", "rich", "lines", "none"],
+                   help="live progress of the destination: rich on a terminal, lines otherwise (default auto)")
 
 
 def _free_port() -> int:
@@ -69,7 +77,21 @@ def _compare(src: dict[str, bytes], dst: dict[str, bytes]) -> tuple[int, list[st
     return mismatched, where
 
 
+def _follow(stream: Any, progress: Progress) -> None:
+    """Turn the destination's JSON-lines samples into our own progress display."""
+    for line in stream:
+        try:
+            d = json.loads(line)
+            sample = Sample(t=d["t"], status=d["status"], pages=d["pages"], pages_total=d["pages_total"],
+                            bytes=d["bytes"], faults=d["faults"], latency_p50_us=d["p50_us"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        progress.update(sample)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65535:
+        raise UserError(f"--metrics-port {args.metrics_port} must be in 1..65534 (the source uses N+1)")
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     exe = [sys.executable, "-m", "postcopy"]
@@ -78,16 +100,28 @@ def run(args: argparse.Namespace) -> int:
         dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json")]
         src_cmd = [*exe, "source", "--connect", addr, *_guest_args(args), "--json", str(t / "source.json"),
                    "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup)]
+        dest_cmd += ["--progress", "jsonl"]
+        src_cmd += ["--progress", "none"]
+        if args.metrics_port is not None:
+            dest_cmd += ["--metrics-port", str(args.metrics_port), "--metrics-addr", args.metrics_addr]
+            src_cmd += ["--metrics-port", str(args.metrics_port + 1), "--metrics-addr", args.metrics_addr]
         if args.verify:
             dest_cmd += ["--verify", "--hashes-out", str(t / "dest.hashes")]
             src_cmd += ["--verify", "--hashes-out", str(t / "source.hashes")]
         print(f"demo: {args.size} guest ({args.page_size} pages, {args.vcpus} vCPUs, {args.pattern}), "
               f"preempt {'on' if args.preempt else 'off'}, cap {args.bandwidth_cap}", flush=True)
         started = time.monotonic()
-        dest = subprocess.Popen(dest_cmd, stdout=subprocess.DEVNULL)
+        progress = Progress("demo", args.progress)
+        dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True)
+        follower = threading.Thread(target=_follow, args=(dest.stdout, progress), daemon=True)
+        follower.start()
         src = subprocess.Popen(src_cmd)
-        rc_src = src.wait()
-        rc_dest = dest.wait(timeout=120)
+        try:
+            rc_src = src.wait()
+            rc_dest = dest.wait(timeout=120)
+            follower.join(timeout=5)
+        finally:
+            progress.close()
         elapsed = time.monotonic() - started
         if rc_src or rc_dest or not (t / "source.json").exists() or not (t / "dest.json").exists():
             raise UserError(f"the migration failed (source exit {rc_src}, destination exit {rc_dest})")
@@ -112,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         "pages": s["pages"],
         "guest_verify": d.get("guest_verify"),
         "wall_time_s": round(elapsed, 3),
+        "timeline": d.get("timeline", []),
+        "latency_histogram": d.get("latency_histogram"),
+        "source_timeline": s.get("timeline", []),
         "config": {"size": args.size, "page_size": args.page_size, "vcpus": args.vcpus, "pattern": args.pattern,
                    "preempt": args.preempt, "bandwidth_cap": args.bandwidth_cap},
     }
