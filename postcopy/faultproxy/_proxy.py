@@ -669,6 +669,10 @@ class FaultProxy:
         n = max(1, min(n, int(rate * THROTTLE_QUANTUM_SECONDS)))
         # Write these n bytes no earlier than the rate allows for all bytes so far.
         due = origin + (c.counts[d] - base + n) / rate
+        now = time.monotonic()
+        if due < now:  # idle time earns no credit: no burst after a pause
+            c.pace[d] = (rate, now, c.counts[d])
+            due = now + n / rate
         while (left := due - time.monotonic()) > 0:
             await asyncio.sleep(left)
         return n
