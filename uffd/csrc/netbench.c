@@ -326,3 +326,24 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
     free(r.page);
     return rc;
 }
+
+int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t chunk)
+{
+    if (!chunk || len % chunk)
+        return -EINVAL;
+    uint64_t t0 = now_ns();
+    for (uint64_t off = 0; off < len;) {
+        uint64_t n = len - off < chunk ? len - off : chunk;
+        struct uffdio_copy c = { .dst = dst + off, .src = src + off, .len = n };
+        if (ioctl(uffd_fd, UFFDIO_COPY, &c) == 0) {
+            off += n;
+            continue;
+        }
+        if (errno == EAGAIN && c.copy > 0) {   /* partial copy: go on after it */
+            off += (uint64_t)c.copy;
+            continue;
+        }
+        return -errno;
+    }
+    return (int64_t)(now_ns() - t0);
+}

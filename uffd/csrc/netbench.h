@@ -27,4 +27,9 @@ int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
 int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
                        uint64_t *lat_ns);
 
+/* UFFDIO_COPY len bytes from src onto missing pages at dst in ioctls of chunk
+ * bytes each (a multiple of the page size): what batching the placement of
+ * contiguous pages would gain. Elapsed ns, or -errno on the first failure. */
+int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t chunk);
+
 #endif /* PC_NETBENCH_H */

@@ -1,0 +1,131 @@
+"""The physical floors of a migration on this machine, measured in C (netbench.c,
+memtouch.c) so that no Python runs between the timestamps.
+
+* ``tcp_rtt_ns``: loopback TCP round trips of a small message (TCP_NODELAY);
+* ``tcp_stream_bps``: loopback TCP throughput, one sender and one receiver thread;
+* ``copy_cost_ns``: one UFFDIO_COPY of a fresh page (4 KiB or 2 MiB);
+* ``plain_remote_fault_ns``: a minimal C remote fault (fault -> TCP request ->
+  page reply -> UFFDIO_COPY), what a bare C client/server does here.
+
+This module is the only place in bench/ that reaches ``uffd._native``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from uffd import PAGE_4K, RamBlock, RegisterMode, Userfaultfd
+from uffd import memtouch as mt
+from uffd._lowlevel import ffi, lib
+
+__all__ = [
+    "FloorError",
+    "copy_batched_bps",
+    "copy_cost_ns",
+    "plain_remote_fault_ns",
+    "tcp_rtt_ns",
+    "tcp_stream_bps",
+    "first_touch_bps",
+]
+
+
+class FloorError(OSError):
+    """A floor measurement failed in C; the message names the measurement and its operands."""
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise FloorError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+def tcp_rtt_ns(iterations: int, msg_size: int = 64) -> list[int]:
+    """ns of each of ``iterations`` loopback TCP round trips of ``msg_size`` bytes each way."""
+    if iterations <= 0 or not 0 < msg_size <= 1 << 20:
+        raise ValueError(f"tcp_rtt_ns: iterations={iterations} must be > 0 and msg_size={msg_size} in 1..1 MiB")
+    lat = ffi.new("uint64_t[]", iterations)
+    _check(lib.pc_nb_tcp_rtt(iterations, msg_size, lat), f"tcp_rtt_ns(iterations={iterations}, msg_size={msg_size})")
+    return list(lat)
+
+
+def tcp_stream_bps(total_bytes: int, chunk: int = 1 << 20) -> float:
+    """Bytes per second of one loopback TCP stream (writes of ``chunk`` bytes)."""
+    if total_bytes <= 0 or not 0 < chunk <= 64 << 20:
+        raise ValueError(f"tcp_stream_bps: total_bytes={total_bytes} must be > 0 and chunk={chunk} in 1..64 MiB")
+    elapsed = ffi.new("uint64_t *")
+    _check(lib.pc_nb_tcp_stream(total_bytes, chunk, elapsed),
+           f"tcp_stream_bps(total_bytes={total_bytes}, chunk={chunk})")
+    return total_bytes * 1e9 / max(int(elapsed[0]), 1)
+
+
+def copy_cost_ns(page_size: int, npages: int, rounds: int = 3) -> float:
+    """Best per-page ns of UFFDIO_COPY (one ioctl per fresh missing page, C loop) over ``rounds``."""
+    backing = "anon" if page_size == PAGE_4K else "hugetlbfs"
+    best = float("inf")
+    with (
+        Userfaultfd(user_mode_only=True) as u,
+        RamBlock("floor.dst", npages * page_size, page_size, backing) as dst,
+        RamBlock("floor.src", npages * page_size) as src,
+    ):
+        mt.fill_pattern(src, 0, src.used_length, seed=1)
+        u.register(dst.addr, dst.used_length, RegisterMode.MISSING)
+        for _ in range(rounds):
+            best = min(best, mt.bench_copy(u, dst, src, npages) / npages)
+            dst.discard(0, dst.used_length)     # missing again for the next round
+    return best
+
+
+def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K) -> list[int]:
+    """Per-fault ns of a minimal C client/server remote fault over loopback TCP."""
+    if npages <= 0:
+        raise ValueError(f"plain_remote_fault_ns: npages={npages} must be positive")
+    backing = "anon" if page_size == PAGE_4K else "hugetlbfs"
+    with (
+        Userfaultfd(user_mode_only=True) as u,
+        RamBlock("floor.remote", npages * page_size, page_size, backing) as dst,
+        RamBlock("floor.origin", npages * page_size) as src,
+    ):
+        mt.fill_pattern(src, 0, src.used_length, seed=3)
+        u.register(dst.addr, dst.used_length, RegisterMode.MISSING)
+        lat = ffi.new("uint64_t[]", npages)
+        _check(lib.pc_nb_remote_fault(u.fileno(), dst.addr, npages, page_size, src.addr, lat),
+               f"plain_remote_fault_ns(npages={npages}, page_size={page_size})")
+        if mt.check_pattern(dst, 0, dst.used_length, seed=3) != -1:
+            raise FloorError(0, "plain_remote_fault_ns: a placed page differs from the page served")
+        return list(lat)
+
+
+def copy_batched_bps(total_bytes: int, chunk: int) -> float:
+    """Bytes per second of UFFDIO_COPY onto 4 KiB missing pages in ioctls of ``chunk`` bytes (best of 3)."""
+    if total_bytes <= 0 or chunk <= 0 or chunk % PAGE_4K or total_bytes % chunk:
+        raise ValueError(f"copy_batched_bps: total_bytes={total_bytes} and chunk={chunk} must be positive "
+                         f"multiples of 4 KiB, total a multiple of chunk")
+    best = float("inf")
+    with (
+        Userfaultfd(user_mode_only=True) as u,
+        RamBlock("floor.dst", total_bytes) as dst,
+        RamBlock("floor.src", total_bytes) as src,
+    ):
+        mt.fill_pattern(src, 0, total_bytes, seed=5)
+        u.register(dst.addr, total_bytes, RegisterMode.MISSING)
+        for _ in range(3):
+            ns = lib.pc_nb_copy_batched(u.fileno(), dst.addr, src.addr, total_bytes, chunk)
+            _check(ns, f"copy_batched_bps(total_bytes={total_bytes}, chunk={chunk})")
+            best = min(best, ns)
+            dst.discard(0, total_bytes)
+    return total_bytes * 1e9 / best
+
+
+def first_touch_bps(nbytes: int) -> float:
+    """Bytes per second of writing fresh anonymous memory once (C fill).
+
+    In this VM freed memory is handed back to the host (virtio-balloon free page
+    reporting), so memory the process has not touched recently is backed
+    lazily again: its first touch is several times slower than a later one.
+    """
+    if nbytes <= 0 or nbytes % PAGE_4K:
+        raise ValueError(f"first_touch_bps: nbytes={nbytes} must be a positive multiple of 4 KiB")
+    with RamBlock("floor.fresh", nbytes) as a:
+        t0 = time.monotonic_ns()
+        mt.fill_pattern(a, 0, nbytes)
+        return nbytes * 1e9 / (time.monotonic_ns() - t0)

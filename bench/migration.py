@@ -1,0 +1,607 @@
+"""The migration benchmark: the project's postcopy against the physical floors
+measured in the same run, printed as one table of ratios.
+
+Floors (C, no Python between timestamps; see bench/_floor.py):
+  latency floor    = loopback TCP RTT (64-byte ping-pong, TCP_NODELAY) + one UFFDIO_COPY
+                     of the row's page size (p50 with p50, p99 with p99);
+  throughput ceiling = min(loopback TCP stream, UFFDIO_COPY throughput of the row's page size);
+  reference        = a plain C client/server remote fault (fault -> TCP request -> page -> COPY).
+
+Migrations (a Source and a Destination in this process over loopback TCP, real
+userfaultfd, the built-in guest's vCPUs as C threads on both sides):
+  busy guest (vCPUs touch random pages flat out): remote faults while the bulk stream
+  runs; latency = DestinationResult.latencies_ns (fault read -> page placed);
+  idle guest (rate_limit=1 access/s per vCPU): nearly every page goes by the bulk
+  stream; throughput = bytes on the main channel / postcopy time (guest stop -> end);
+  downtime = SourceResult.downtime_ns (guest stop -> PONG 3), at several guest sizes.
+
+Usage: python3 bench/migration.py [--quick] [--repeat N] [--json PATH] [--profile]
+The bench only prints (and writes JSON); it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _floor import (
+    copy_batched_bps,
+    copy_cost_ns,
+    first_touch_bps,
+    plain_remote_fault_ns,
+    tcp_rtt_ns,
+    tcp_stream_bps,
+)
+
+from postcopy.destination import Destination, DestinationResult
+from postcopy.guest import Guest, Pattern
+from postcopy.source import Source, SourceResult
+from postcopy.spec import GuestSpec
+from uffd import PAGE_2M, PAGE_4K, free_hugepages
+
+MiB = 1 << 20
+CAP_100M = 100 * MiB
+QEMU_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "qemu-anchor" / "REFERENCE-RESULTS.md"
+# The issue's targets, printed next to the figures (never asserted).
+TARGET_P50_4K_NS = 60_000
+TARGET_P99_NS = 1_000_000
+TARGET_P99_CAPPED_NS = 2_000_000
+TARGET_BULK_RATIO = 0.5
+TARGET_DOWNTIME_NS = 10_000_000
+HUGEPAGE_MARGIN = 8     # 2 MiB pages left free for whoever else runs on the machine
+
+
+def pct(values: list[int], q: float) -> float:
+    """The q-th percentile (0..100), nearest rank; nan for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return float(s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))])
+
+
+def fmt_us(ns: float) -> str:
+    if ns != ns:    # nan
+        return "-"
+    us = ns / 1000
+    return f"{us:.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def fmt_ratio(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+def page_label(page_size: int) -> str:
+    return "4K" if page_size == PAGE_4K else "2M"
+
+
+# --------------------------------------------------------------------------- floors
+
+
+@dataclass
+class Floors:
+    rtt_p50_ns: float
+    rtt_p99_ns: float
+    tcp_stream_bps: float
+    copy_ns: dict[int, float]
+    plain_p50_ns: dict[int, float] = field(default_factory=dict)
+    plain_p99_ns: dict[int, float] = field(default_factory=dict)
+    copy_64k_batched_bps: float = 0.0      # 4 KiB pages, one ioctl per 64 KiB: what batching would gain
+    first_touch_bps: float = 0.0           # fresh memory, first write (the VM backs it lazily)
+    copy_fresh_4k_ns: float = 0.0          # UFFDIO_COPY 4 KiB onto fresh memory, one round
+
+    def copy_bps(self, page_size: int) -> float:
+        return page_size * 1e9 / self.copy_ns[page_size]
+
+    def ceiling_bps(self, page_size: int) -> float:
+        return min(self.tcp_stream_bps, self.copy_bps(page_size))
+
+    def latency_floor_ns(self, page_size: int, q: int) -> float:
+        return (self.rtt_p50_ns if q == 50 else self.rtt_p99_ns) + self.copy_ns[page_size]
+
+
+def measure_floors(quick: bool, with_2m: bool) -> Floors:
+    fresh_ns = copy_cost_ns(PAGE_4K, 65536, rounds=1)     # first: the process's memory is still cold
+    touch = first_touch_bps(512 * MiB)
+    rtt = tcp_rtt_ns(5000 if quick else 20000)
+    stream = max(tcp_stream_bps((512 if quick else 2048) * MiB) for _ in range(1 if quick else 3))
+    copy = {PAGE_4K: copy_cost_ns(PAGE_4K, 16384, rounds=3 if quick else 5)}
+    f = Floors(pct(rtt, 50), pct(rtt, 99), stream, copy, first_touch_bps=touch, copy_fresh_4k_ns=fresh_ns)
+    f.copy_64k_batched_bps = copy_batched_bps(64 * MiB, 64 << 10)
+    plain = plain_remote_fault_ns(2000 if quick else 5000)
+    f.plain_p50_ns[PAGE_4K], f.plain_p99_ns[PAGE_4K] = pct(plain, 50), pct(plain, 99)
+    if with_2m:
+        copy[PAGE_2M] = copy_cost_ns(PAGE_2M, 32, rounds=3 if quick else 5)
+        plain = plain_remote_fault_ns(32 if quick else 64, PAGE_2M)
+        f.plain_p50_ns[PAGE_2M], f.plain_p99_ns[PAGE_2M] = pct(plain, 50), pct(plain, 99)
+    return f
+
+
+# ---------------------------------------------------------------- thread CPU profile
+
+
+class ThreadProfile:
+    """Samples /proc/self/task/*/schedstat (ns on CPU, ns waiting for a CPU) by
+    role while a migration runs; a thread's last sample stands for its total."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self._last: dict[int, tuple[str, int, int, int]] = {}
+        self._base: dict[int, tuple[int, int, int]] = {}
+        self._seen: dict[int, str] = {}     # a finished thread leaves threading.enumerate() before /proc
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-profiler", daemon=True)
+
+    def _roles(self) -> dict[int, str]:
+        roles = self._seen
+        roles[threading.main_thread().native_id] = "source main"
+        for t in threading.enumerate():
+            if t.native_id is None:
+                continue
+            if t.name == "bench-dest-serve":
+                roles[t.native_id] = "dest main rx"
+            elif t.name.startswith(("dest-", "source-")):
+                roles[t.native_id] = t.name
+            elif t.name == "bench-profiler":
+                roles[t.native_id] = ""
+            elif t.native_id not in roles:
+                roles[t.native_id] = t.name
+        return roles
+
+    def _sample(self) -> None:
+        roles = self._roles()
+        for tid_s in os.listdir("/proc/self/task"):
+            tid = int(tid_s)
+            try:
+                run, wait, slices = (int(x) for x in Path(f"/proc/self/task/{tid}/schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            role = roles.get(tid, "C threads (guest vCPUs)")
+            if role:
+                self._last[tid] = (role, run, wait, slices)
+                self._base.setdefault(tid, (run, wait, slices))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ThreadProfile:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_role(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for tid, (role, run, wait, slices) in self._last.items():
+            b_run, b_wait, b_slices = self._base[tid]
+            r = out.setdefault(role, {"cpu_ms": 0.0, "runqueue_ms": 0.0, "runs": 0})
+            r["cpu_ms"] += (run - b_run) / 1e6
+            r["runqueue_ms"] += (wait - b_wait) / 1e6
+            r["runs"] += slices - b_slices
+        return out
+
+
+# ------------------------------------------------------------------------ migrations
+
+
+@dataclass
+class Run:
+    size: int
+    page_size: int
+    busy: bool
+    preempt: bool
+    cap: int
+    postcopy_s: float
+    main_bytes: int
+    downtime_ns: int
+    faults: int
+    requests: int
+    requests_skipped: int
+    preempt_pages: int
+    latencies_ns: list[int]
+    profile: dict[str, dict[str, float]] | None
+    phases_ns: dict[str, int]
+
+    @property
+    def bulk_bps(self) -> float:
+        return self.main_bytes / self.postcopy_s
+
+
+def time_calls(obj: object, method: str, phases: dict[str, int], key: str) -> None:
+    """Add the wall ns of every call of obj.method to phases[key] (bench-side only;
+    a role that renames the method just loses the figure)."""
+    inner = getattr(obj, method, None)
+    if inner is None:
+        return
+
+    def timed(*a: Any, **kw: Any) -> Any:
+        t0 = time.monotonic_ns()
+        try:
+            return inner(*a, **kw)
+        finally:
+            phases[key] = phases.get(key, 0) + time.monotonic_ns() - t0
+
+    setattr(obj, method, timed)
+
+
+def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, profile: bool) -> Run:
+    """One whole migration in this process; raises if it does not complete."""
+    # busy: the vCPUs run flat out over random pages; idle: one access a second each.
+    spec = GuestSpec.simple(size, page_size, vcpus=2, pattern="random", rate_limit=0 if busy else 1)
+    memory = spec.build_memory()
+    guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern[spec.pattern.upper()], seed=spec.seed,
+                  write_percent=spec.write_percent, rate_limit=spec.rate_limit)
+    dest = Destination(spec, preempt=preempt)
+    prof = ThreadProfile() if profile else None
+    phases: dict[str, int] = {}
+    # Where the downtime goes: the source guest's stop, the destination's discard and LISTEN.
+    time_calls(guest, "stop", phases, "guest_stop_ns")
+    time_calls(dest, "_discard", phases, "dest_discard_ns")
+    time_calls(dest, "_listen", phases, "dest_listen_ns")
+    try:
+        guest.fill_initial()
+        guest.start()
+        time.sleep(0.1 if busy else 0.02)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            box: dict[str, Any] = {}
+
+            def serve() -> None:
+                try:
+                    box["result"] = dest.serve(listener)
+                except BaseException as exc:    # reported by the caller's thread
+                    box["error"] = exc
+
+            t = threading.Thread(target=serve, name="bench-dest-serve")
+            t.start()
+            src = Source(spec, memory, guest, preempt=preempt, bandwidth_cap=cap)
+            if prof:
+                with prof:
+                    sres: SourceResult = src.migrate(listener.getsockname())
+                    t.join(120)
+            else:
+                sres = src.migrate(listener.getsockname())
+                t.join(120)
+        if "error" in box:
+            raise RuntimeError(f"destination failed: {box['error']}")
+        dres: DestinationResult = box["result"]
+        if sres.status != "completed" or dres.status != "completed":
+            raise RuntimeError(f"migration did not complete: source {sres.status} ({sres.error}), "
+                               f"destination {dres.status} ({dres.error})")
+        if dest.guest is not None:
+            dest.guest.stop()
+        c = sres.counters
+        return Run(size, page_size, busy, preempt, cap,
+                   postcopy_s=(sres.finished_ns - sres.stopped_ns) / 1e9, main_bytes=c["main_bytes"],
+                   downtime_ns=sres.downtime_ns, faults=dres.remote_faults, requests=c["requests"],
+                   requests_skipped=c["request_pages_skipped"],
+                   preempt_pages=c["preempt_pages_normal"] + c["preempt_pages_zero"],
+                   latencies_ns=list(dres.latencies_ns), profile=prof.by_role() if prof else None,
+                   phases_ns=phases)
+    finally:
+        guest.close()
+        dest.close()
+        memory.close()
+
+
+@dataclass(frozen=True)
+class Config:
+    page_size: int
+    cap: int
+    preempt: bool
+    busy_size: int
+    idle_size: int       # 0: no idle run (capped rows: the bulk rate is the cap)
+
+    @property
+    def label(self) -> str:
+        cap = "100MiB/s" if self.cap else "none"
+        return f"{page_label(self.page_size)} cap {cap} preempt {'on' if self.preempt else 'off'}"
+
+
+def configs(quick: bool, scale: float, with_2m: bool) -> list[Config]:
+    def sz(mib: int, page: int) -> int:
+        n = max(int(mib * scale) * MiB, 8 * page)
+        return n - n % page
+
+    big4k, capped = (256, 64) if quick else (1024, 256)
+    big2m = 256 if quick else 512
+    out = [
+        Config(PAGE_4K, 0, True, sz(big4k, PAGE_4K), sz(big4k, PAGE_4K)),
+        Config(PAGE_4K, CAP_100M, True, sz(capped, PAGE_4K), 0),
+    ]
+    if with_2m:
+        out += [
+            Config(PAGE_2M, 0, True, sz(big2m, PAGE_2M), sz(big2m, PAGE_2M)),
+            Config(PAGE_2M, CAP_100M, True, sz(capped, PAGE_2M), 0),
+        ]
+    out.append(Config(PAGE_4K, 0, False, sz(big4k, PAGE_4K), sz(big4k, PAGE_4K)))
+    return out
+
+
+def downtime_sizes(quick: bool, scale: float) -> list[tuple[int, int]]:
+    sizes = [(256, PAGE_4K), (1024 if quick else 2048, PAGE_4K), (256, PAGE_2M)]
+    if not quick:
+        sizes.append((1024, PAGE_2M))
+    return [(max(int(m * scale), 8 * p // MiB, 1) * MiB, p) for m, p in sizes]
+
+
+def hugepages_for(size: int) -> int:
+    """2 MiB pages one in-process migration of ``size`` needs (source + destination)."""
+    return 2 * size // PAGE_2M + HUGEPAGE_MARGIN
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    config: str
+    page: str
+    cap: int
+    preempt: bool
+    busy_size_mib: int
+    idle_size_mib: int
+    runs: int
+    faults: int
+    requests_skipped: int
+    lat_p50_ns: float
+    lat_p90_ns: float
+    lat_p99_ns: float
+    lat_max_ns: float
+    faults_over_1ms: int
+    floor_p50_ns: float
+    floor_p99_ns: float
+    busy_bulk_bps: list[float]
+    idle_bulk_bps: list[float]
+    ceiling_bps: float
+    downtime_ns: list[int]
+
+    @property
+    def ratio_p50(self) -> float:
+        return self.lat_p50_ns / self.floor_p50_ns
+
+    @property
+    def ratio_p99(self) -> float:
+        return self.lat_p99_ns / self.floor_p99_ns
+
+    def bulk_ratio(self) -> float:
+        if self.idle_bulk_bps:
+            return statistics.median(self.idle_bulk_bps) / self.ceiling_bps
+        return statistics.median(self.busy_bulk_bps) / self.cap if self.cap else float("nan")
+
+    def verdicts(self) -> list[str]:
+        """Which of the issue's targets this row checks, and whether it meets them."""
+        out = []
+        p99_target = TARGET_P99_CAPPED_NS if self.cap else TARGET_P99_NS
+        if self.page == "4K" and self.preempt:
+            if not self.cap:
+                out.append(f"p50<=60us {'ok' if self.lat_p50_ns <= TARGET_P50_4K_NS else 'MISS'}")
+            out.append(f"p99<={p99_target // 1_000_000}ms {'ok' if self.lat_p99_ns <= p99_target else 'MISS'}")
+        if self.idle_bulk_bps and self.preempt:
+            out.append(f"bulk>=50% {'ok' if self.bulk_ratio() >= TARGET_BULK_RATIO else 'MISS'}")
+        return out
+
+
+def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run]) -> Row:
+    lat = [x for r in busy for x in r.latencies_ns]
+    return Row(
+        config=cfg.label, page=page_label(cfg.page_size), cap=cfg.cap, preempt=cfg.preempt,
+        busy_size_mib=cfg.busy_size // MiB, idle_size_mib=cfg.idle_size // MiB, runs=len(busy),
+        faults=sum(r.faults for r in busy), requests_skipped=sum(r.requests_skipped for r in busy),
+        lat_p50_ns=pct(lat, 50), lat_p90_ns=pct(lat, 90), lat_p99_ns=pct(lat, 99), lat_max_ns=pct(lat, 100),
+        faults_over_1ms=sum(1 for x in lat if x > 1_000_000),
+        floor_p50_ns=floors.latency_floor_ns(cfg.page_size, 50),
+        floor_p99_ns=floors.latency_floor_ns(cfg.page_size, 99),
+        busy_bulk_bps=[r.bulk_bps for r in busy], idle_bulk_bps=[r.bulk_bps for r in idle],
+        ceiling_bps=floors.ceiling_bps(cfg.page_size),
+        downtime_ns=[r.downtime_ns for r in busy + idle],
+    )
+
+
+def spread(values: list[float], scale: float, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values) / scale
+    if len(values) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} [{min(values) / scale:.{digits}f}..{max(values) / scale:.{digits}f}]"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def print_floors(f: Floors) -> None:
+    print("Physical floors (C, this run):")
+    print(f"  loopback TCP RTT (64 B, TCP_NODELAY): p50 {fmt_us(f.rtt_p50_ns)} us, p99 {fmt_us(f.rtt_p99_ns)} us")
+    print(f"  loopback TCP stream (1 MiB writes):   {f.tcp_stream_bps / 1e9:.2f} GB/s")
+    for ps, ns in f.copy_ns.items():
+        print(f"  UFFDIO_COPY {page_label(ps)}: {fmt_us(ns)} us/page = {f.copy_bps(ps) / 1e9:.2f} GB/s"
+              f"  -> latency floor p50 {fmt_us(f.latency_floor_ns(ps, 50))} us, "
+              f"p99 {fmt_us(f.latency_floor_ns(ps, 99))} us; throughput ceiling {f.ceiling_bps(ps) / 1e9:.2f} GB/s")
+    print(f"  UFFDIO_COPY 4K pages, one ioctl per 64 KiB (reference, not the ceiling): "
+          f"{f.copy_64k_batched_bps / 1e9:.2f} GB/s")
+    print(f"  fresh memory (freed memory goes back to the host here, free page reporting): first write "
+          f"{f.first_touch_bps / 1e9:.2f} GB/s; UFFDIO_COPY 4K onto fresh pages {fmt_us(f.copy_fresh_4k_ns)} us/page "
+          f"= {PAGE_4K / f.copy_fresh_4k_ns:.2f} GB/s")
+    for ps in f.plain_p50_ns:
+        print(f"  plain C remote fault {page_label(ps)} (fault -> TCP request -> page -> UFFDIO_COPY, sequential): "
+              f"p50 {fmt_us(f.plain_p50_ns[ps])} us, p99 {fmt_us(f.plain_p99_ns[ps])} us")
+
+
+def print_rows(rows: list[Row]) -> None:
+    headers = ["config", "faults", ">1ms", "skipped", "p50 us", "p99 us", "max us", "p50/floor", "p99/floor",
+               "bulk busy GB/s", "bulk idle GB/s", "ceiling GB/s", "bulk ratio", "downtime ms", "targets"]
+    table = []
+    for r in rows:
+        table.append([
+            r.config, str(r.faults), str(r.faults_over_1ms), str(r.requests_skipped), fmt_us(r.lat_p50_ns), fmt_us(r.lat_p99_ns), fmt_us(r.lat_max_ns),
+            fmt_ratio(r.ratio_p50), fmt_ratio(r.ratio_p99), spread(r.busy_bulk_bps, 1e9),
+            spread(r.idle_bulk_bps, 1e9), f"{r.ceiling_bps / 1e9:.2f}" if r.idle_bulk_bps else f"cap {r.cap / 1e9:.3f}",
+            f"{r.bulk_ratio():.0%}", spread([float(d) for d in r.downtime_ns], 1e6, 1), ", ".join(r.verdicts()),
+        ])
+    print_table(headers, table)
+    print("  >1ms: faults served in over 1 ms; skipped: requests the source found already taken by the bulk "
+          "stream (that page then arrives behind the main channel's backlog)")
+    print("  bulk ratio: idle bulk / ceiling (uncapped rows) or busy bulk / cap (capped rows); "
+          "[min..max] over the runs; latency percentiles pool all runs' faults")
+
+
+def print_downtime(runs: list[Run]) -> None:
+    def ms(r: Run, key: str) -> str:
+        return f"{r.phases_ns[key] / 1e6:.2f}" if key in r.phases_ns else "-"
+
+    table = [[f"{page_label(r.page_size)} {r.size // MiB} MiB {'busy' if r.busy else 'idle'}",
+              f"{r.downtime_ns / 1e6:.2f}", "ok" if r.downtime_ns <= TARGET_DOWNTIME_NS else "MISS",
+              ms(r, "guest_stop_ns"), ms(r, "dest_discard_ns"), ms(r, "dest_listen_ns"),
+              f"{(r.downtime_ns - r.phases_ns.get('guest_stop_ns', 0)) / 1e6:.2f}",
+              f"{r.postcopy_s:.2f}", f"{r.bulk_bps / 1e9:.2f}"] for r in runs]
+    print_table(["guest (preempt on)", "downtime ms", "<=10ms", "of which: guest stop", "dest discard",
+                 "dest listen", "downtime - guest stop", "postcopy s", "bulk GB/s"], table)
+    print("  an idle guest's vCPUs nap up to 10 ms between accesses (guest.c throttle), so stopping it takes "
+          "up to 10 ms; the busy rows show the downtime of a guest that stops at once")
+
+
+def qemu_reference() -> list[dict[str, str]]:
+    """The KVM rows of the QEMU 7.2 reference table (the first table in the file)."""
+    try:
+        lines = QEMU_REFERENCE.read_text().splitlines()
+    except OSError:
+        return []
+    header: list[str] | None = None
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            if header and rows:
+                break
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(cells[0]) <= {"-", ":"}:
+            rows.append(dict(zip(header, cells, strict=False)))
+    return rows
+
+
+def print_qemu(ref: list[dict[str, str]]) -> None:
+    if not ref:
+        print(f"QEMU 7.2 reference: {QEMU_REFERENCE} not found")
+        return
+    print(f"QEMU 7.2 reference (KVM, quoted from {QEMU_REFERENCE}; median [min..max] of its runs):")
+    cols = ["downtime ms", "postcopy s", "avg Mbit/s", "postcopy-requests", "fault p50 ms", "fault p99 ms",
+            "fault max ms"]
+    table = [[r.get("config", "?"), *(r.get(c, "-") for c in cols)] for r in ref
+             if r.get("config", "").startswith(("B ", "C "))]
+    print_table(["config", *cols], table)
+    print("  (avg Mbit/s / 8000 = GB/s: 5287 Mbit/s = 0.66 GB/s; fault latency there is QEMU's own trace)")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller guests, one run per configuration (< 40 s)")
+    ap.add_argument("--repeat", type=int, default=0, help="runs per configuration (default 3, --quick 1)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest size (e.g. 0.1 for a smoke run)")
+    ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-thread CPU and run-queue time by role for each migration (schedstat)")
+    args = ap.parse_args(argv)
+    if not 0 < args.scale <= 4:
+        ap.error(f"--scale {args.scale}: must be in (0, 4]")
+    if args.repeat < 0:
+        ap.error(f"--repeat {args.repeat}: must be >= 0")
+    repeat = args.repeat or (1 if args.quick else 3)
+    t_start = time.monotonic()
+    print(f"postcopy migration bench on {platform.node()} (Linux {os.uname().release}, {os.cpu_count()} CPUs), "
+          f"{'quick' if args.quick else 'full'}, {repeat} run(s) per configuration")
+
+    cfgs_all = configs(args.quick, args.scale, with_2m=True)
+    need_2m = max(hugepages_for(c.busy_size) for c in cfgs_all if c.page_size == PAGE_2M)
+    with_2m = free_hugepages(PAGE_2M) >= need_2m
+    if not with_2m:
+        print(f"2 MiB rows skipped: {free_hugepages(PAGE_2M)} free 2 MiB hugepages, need {need_2m}")
+    dt_sizes = downtime_sizes(args.quick, args.scale)
+    floors = measure_floors(args.quick, with_2m)
+    print_floors(floors)
+    print()
+
+    rows: list[Row] = []
+    runs_json: list[dict[str, Any]] = []
+    for cfg in configs(args.quick, args.scale, with_2m):
+        busy, idle = [], []
+        for _ in range(repeat):
+            busy.append(migrate(cfg.busy_size, cfg.page_size, busy=True, preempt=cfg.preempt, cap=cfg.cap,
+                                profile=args.profile))
+            if cfg.idle_size:
+                idle.append(migrate(cfg.idle_size, cfg.page_size, busy=False, preempt=cfg.preempt, cap=cfg.cap,
+                                    profile=args.profile))
+        rows.append(build_row(cfg, floors, busy, idle))
+        runs_json += [{"config": cfg.label, **asdict(r), "latencies_ns": None, "bulk_bps": r.bulk_bps}
+                      for r in busy + idle]
+        if args.profile:
+            for r in busy + idle:
+                print(f"  profile {cfg.label} {'busy' if r.busy else 'idle'} {r.size // MiB} MiB "
+                      f"({r.postcopy_s * 1000:.0f} ms postcopy): " + "; ".join(
+                          f"{role} {v['cpu_ms']:.0f} ms cpu, {v['runqueue_ms']:.0f} ms runq "
+                          f"({v['runqueue_ms'] * 1000 / max(v['runs'], 1):.0f} us/run)"
+                          for role, v in sorted((r.profile or {}).items())))
+    print("Migrations (busy guest -> latency, idle guest -> bulk throughput):")
+    print_rows(rows)
+    print()
+
+    downtime_runs = []
+    for size, page in dt_sizes:
+        if page == PAGE_2M and free_hugepages(PAGE_2M) < hugepages_for(size):
+            print(f"downtime {page_label(page)} {size // MiB} MiB skipped: "
+                  f"{free_hugepages(PAGE_2M)} free 2 MiB hugepages, need {hugepages_for(size)}")
+            continue
+        for busy in (False, True):
+            downtime_runs.append(migrate(size, page, busy=busy, preempt=True, cap=0, profile=False))
+    print("Downtime by guest size:")
+    print_downtime(downtime_runs)
+    print()
+
+    ref = qemu_reference()
+    print_qemu(ref)
+    elapsed = time.monotonic() - t_start
+    print(f"\ntotal {elapsed:.1f} s")
+
+    if args.json:
+        report = {
+            "host": {"node": platform.node(), "kernel": os.uname().release, "cpus": os.cpu_count()},
+            "mode": "quick" if args.quick else "full", "repeat": repeat, "scale": args.scale,
+            "floors": asdict(floors) | {"ceiling_bps": {str(p): floors.ceiling_bps(p) for p in floors.copy_ns}},
+            "rows": [asdict(r) | {"ratio_p50": r.ratio_p50, "ratio_p99": r.ratio_p99, "bulk_ratio": r.bulk_ratio(),
+                                  "targets": r.verdicts()} for r in rows],
+            "runs": runs_json,
+            "downtime": [{"size": r.size, "page_size": r.page_size, "busy": r.busy, "downtime_ns": r.downtime_ns,
+                          "phases_ns": r.phases_ns, "postcopy_s": r.postcopy_s, "bulk_bps": r.bulk_bps,
+                          "faults": r.faults} for r in downtime_runs],
+            "qemu_7_2_reference": ref,
+            "elapsed_s": elapsed,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
