@@ -119,7 +119,9 @@ class Rule:
             if getattr(self, name) is not None
         ]
         if len(triggers) > 1:
-            raise PlanError(f"{self.action.value} rule has more than one trigger: {', '.join(triggers)}")
+            raise PlanError(
+                f"{self.action.value} rule has more than one trigger: {', '.join(triggers)}"
+            )
         if not isinstance(self.action, Action):
             raise PlanError(f"action must be an Action, got {self.action!r}")
         if not isinstance(self.direction, Direction):
@@ -142,7 +144,9 @@ class Rule:
         if self.random_seconds is not None:
             lo_s, hi_s = self.random_seconds
             if not (_finite_nonneg(lo_s) and _finite_nonneg(hi_s) and lo_s <= hi_s):
-                raise PlanError(f"random_seconds bounds must satisfy 0 <= lo <= hi, got ({lo_s}, {hi_s})")
+                raise PlanError(
+                    f"random_seconds bounds must satisfy 0 <= lo <= hi, got ({lo_s}, {hi_s})"
+                )
         if self.seconds is not None and not _finite_nonneg(self.seconds):
             raise PlanError(f"seconds must be a finite number >= 0 or None, got {self.seconds}")
         if self.action is Action.THROTTLE:
@@ -198,9 +202,15 @@ def cut(
     times: int | None = None,
 ) -> Rule:
     return Rule(
-        action=Action.CUT, conn=conn, direction=direction, at_bytes=at_bytes,
-        at_seconds=at_seconds, random_bytes=random_bytes, random_seconds=random_seconds,
-        mode=mode, times=times,
+        action=Action.CUT,
+        conn=conn,
+        direction=direction,
+        at_bytes=at_bytes,
+        at_seconds=at_seconds,
+        random_bytes=random_bytes,
+        random_seconds=random_seconds,
+        mode=mode,
+        times=times,
     )
 
 
@@ -214,8 +224,13 @@ def stall(
     times: int | None = None,
 ) -> Rule:
     return Rule(
-        action=Action.STALL, conn=conn, direction=direction, seconds=seconds,
-        at_bytes=at_bytes, at_seconds=at_seconds, times=times,
+        action=Action.STALL,
+        conn=conn,
+        direction=direction,
+        seconds=seconds,
+        at_bytes=at_bytes,
+        at_seconds=at_seconds,
+        times=times,
     )
 
 
@@ -228,8 +243,12 @@ def throttle(
     at_seconds: float | None = None,
 ) -> Rule:
     return Rule(
-        action=Action.THROTTLE, conn=conn, direction=direction, rate=rate,
-        at_bytes=at_bytes, at_seconds=at_seconds,
+        action=Action.THROTTLE,
+        conn=conn,
+        direction=direction,
+        rate=rate,
+        at_bytes=at_bytes,
+        at_seconds=at_seconds,
     )
 
 
@@ -242,8 +261,12 @@ def blackhole(
     at_seconds: float | None = None,
 ) -> Rule:
     return Rule(
-        action=Action.BLACKHOLE, conn=conn, direction=direction, discard=discard,
-        at_bytes=at_bytes, at_seconds=at_seconds,
+        action=Action.BLACKHOLE,
+        conn=conn,
+        direction=direction,
+        discard=discard,
+        at_bytes=at_bytes,
+        at_seconds=at_seconds,
     )
 
 
@@ -263,4 +286,6 @@ def random_cuts(
     """
     if count < 0:
         raise PlanError(f"count of cuts must be >= 0, got {count}")
-    return [cut(None, direction=direction, random_bytes=(min_bytes, max_bytes), mode=mode, times=count)]
+    return [
+        cut(None, direction=direction, random_bytes=(min_bytes, max_bytes), mode=mode, times=count)
+    ]

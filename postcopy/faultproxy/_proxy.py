@@ -123,11 +123,19 @@ class _Conn:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     opened_at: float | None = None
     closed_at: float | None = None
-    counts: dict[Direction, int] = field(default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0})
-    dropped: dict[Direction, int] = field(default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0})
+    counts: dict[Direction, int] = field(
+        default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0}
+    )
+    dropped: dict[Direction, int] = field(
+        default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0}
+    )
     flowing: dict[Direction, asyncio.Event] = field(default_factory=dict)
-    discard: dict[Direction, bool] = field(default_factory=lambda: {Direction.UP: False, Direction.DOWN: False})
-    stall_generation: dict[Direction, int] = field(default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0})
+    discard: dict[Direction, bool] = field(
+        default_factory=lambda: {Direction.UP: False, Direction.DOWN: False}
+    )
+    stall_generation: dict[Direction, int] = field(
+        default_factory=lambda: {Direction.UP: 0, Direction.DOWN: 0}
+    )
     # Throttle: (rate bytes/s, origin time, bytes forwarded at origin).
     pace: dict[Direction, tuple[float, float, int] | None] = field(
         default_factory=lambda: {Direction.UP: None, Direction.DOWN: None}
@@ -203,7 +211,9 @@ class FaultProxy:
         self._conns: list[_Conn] = []
         self._serve_tasks: set[asyncio.Task[None]] = set()
         self._log: list[dict[str, Any]] = []
-        self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
+        self._waiters: list[
+            tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]
+        ] = []
         self._t0 = time.monotonic()
         self._closed = False
         self._cuts = 0
@@ -298,7 +308,9 @@ class FaultProxy:
         await asyncio.gather(*(self._cut(c, mode, None, "request") for c in live))
         return [c.index for c in live]
 
-    def stall(self, conn: int, seconds: float | None = None, direction: Direction = Direction.BOTH) -> None:
+    def stall(
+        self, conn: int, seconds: float | None = None, direction: Direction = Direction.BOTH
+    ) -> None:
         """Stop forwarding for ``seconds`` (None: until release()); nothing is lost."""
         if seconds is not None and not seconds >= 0:
             raise PlanError(f"stall seconds must be >= 0 or None, got {seconds}")
@@ -314,13 +326,17 @@ class FaultProxy:
                 c.flowing[d].set()
                 self._record(c, d, ProxyEvent.RESUMED)
 
-    def throttle(self, conn: int, rate: float | None, direction: Direction = Direction.BOTH) -> None:
+    def throttle(
+        self, conn: int, rate: float | None, direction: Direction = Direction.BOTH
+    ) -> None:
         """Limit forwarding to ``rate`` bytes per second (None: unlimited)."""
         if rate is not None and not rate > 0:
             raise PlanError(f"throttle rate must be > 0 bytes per second or None, got {rate}")
         self._throttle(self._conn(conn), direction, rate, None)
 
-    def blackhole(self, conn: int, direction: Direction = Direction.BOTH, *, discard: bool = False) -> None:
+    def blackhole(
+        self, conn: int, direction: Direction = Direction.BOTH, *, discard: bool = False
+    ) -> None:
         """Keep the connection open but forward nothing (``discard``: read and drop)."""
         self._blackhole(self._conn(conn), direction, discard, None)
 
@@ -333,10 +349,14 @@ class FaultProxy:
     def stats(self) -> ProxyStats:
         conns = tuple(
             ConnectionStats(
-                conn=c.index, state=c.state,
-                bytes_up=c.counts[Direction.UP], bytes_down=c.counts[Direction.DOWN],
-                dropped_up=c.dropped[Direction.UP], dropped_down=c.dropped[Direction.DOWN],
-                opened_at=c.opened_at, closed_at=c.closed_at,
+                conn=c.index,
+                state=c.state,
+                bytes_up=c.counts[Direction.UP],
+                bytes_down=c.counts[Direction.DOWN],
+                dropped_up=c.dropped[Direction.UP],
+                dropped_down=c.dropped[Direction.DOWN],
+                opened_at=c.opened_at,
+                closed_at=c.closed_at,
             )
             for c in self._conns
         )
@@ -369,12 +389,16 @@ class FaultProxy:
         finally:
             self._waiters = [(m, f) for m, f in self._waiters if f is not fut]
 
-    def _record(self, c: _Conn, d: Direction | None, event: ProxyEvent, **extra: Any) -> dict[str, Any]:
+    def _record(
+        self, c: _Conn, d: Direction | None, event: ProxyEvent, **extra: Any
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "time": time.monotonic() - self._t0,
             "conn": c.index,
             "direction": d.value if d is not None else None,
-            "bytes": c.counts[d] if d is not None else c.counts[Direction.UP] + c.counts[Direction.DOWN],
+            "bytes": c.counts[d]
+            if d is not None
+            else c.counts[Direction.UP] + c.counts[Direction.DOWN],
             "event": event.value,
             "bytes_up": c.counts[Direction.UP],
             "bytes_down": c.counts[Direction.DOWN],
@@ -419,7 +443,9 @@ class FaultProxy:
                 self._record(c, None, ProxyEvent.CLOSED, state=c.state)
 
     async def _serve(self, c: _Conn, previous: _Conn | None) -> None:
-        self._record(c, None, ProxyEvent.ACCEPTED, peer=str(c.client_writer.get_extra_info("peername")))
+        self._record(
+            c, None, ProxyEvent.ACCEPTED, peer=str(c.client_writer.get_extra_info("peername"))
+        )
         _nodelay(c.client_writer)
         if previous is not None:
             # Keep upstream accept order equal to ours (main before preempt).
@@ -480,10 +506,9 @@ class FaultProxy:
                 self._spawn(c, tg, self._fire(c, i, rule, trigger))
 
     async def _fire_later(self, c: _Conn, i: int, rule: Rule, trigger: Trigger) -> None:
-        assert trigger.at_seconds is not None and c.opened_at is not None
-        deadline = self._t0 + c.opened_at + trigger.at_seconds
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(left)
+        assert trigger.at_seconds is not None
+        assert c.opened_at is not None
+        await _sleep_until(self._t0 + c.opened_at + trigger.at_seconds)
         await self._fire(c, i, rule, trigger)
 
     async def _fire(self, c: _Conn, i: int, rule: Rule, trigger: Trigger) -> None:
@@ -492,7 +517,11 @@ class FaultProxy:
         if rule.times is not None and c.plan.fired[i] >= rule.times:
             return
         c.plan.fired[i] += 1
-        detail = {"rule": i, "trigger_bytes": trigger.at_bytes, "trigger_seconds": trigger.at_seconds}
+        detail = {
+            "rule": i,
+            "trigger_bytes": trigger.at_bytes,
+            "trigger_seconds": trigger.at_seconds,
+        }
         if rule.action is Action.CUT:
             await self._cut(c, rule.mode, rule.direction, "plan", **detail)
         elif rule.action is Action.STALL:
@@ -504,7 +533,9 @@ class FaultProxy:
 
     # -- faults --------------------------------------------------------------
 
-    def _stall(self, c: _Conn, direction: Direction, seconds: float | None, detail: dict[str, Any] | None) -> None:
+    def _stall(
+        self, c: _Conn, direction: Direction, seconds: float | None, detail: dict[str, Any] | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         for d in direction.members():
             c.stall_generation[d] += 1
@@ -520,17 +551,23 @@ class FaultProxy:
             return  # released or stalled again since
         left = deadline - time.monotonic()
         if left > 0:  # timer wheels (uvloop: ms) may fire a little early
-            asyncio.get_running_loop().call_later(left + 0.0005, self._unstall, c, d, generation, deadline)
+            asyncio.get_running_loop().call_later(
+                left + 0.0005, self._unstall, c, d, generation, deadline
+            )
             return
         c.flowing[d].set()
         self._record(c, d, ProxyEvent.RESUMED)
 
-    def _throttle(self, c: _Conn, direction: Direction, rate: float | None, detail: dict[str, Any] | None) -> None:
+    def _throttle(
+        self, c: _Conn, direction: Direction, rate: float | None, detail: dict[str, Any] | None
+    ) -> None:
         for d in direction.members():
             c.pace[d] = None if rate is None else (rate, time.monotonic(), c.counts[d])
             self._record(c, d, ProxyEvent.THROTTLED, rate=rate, **(detail or {}))
 
-    def _blackhole(self, c: _Conn, direction: Direction, discard: bool, detail: dict[str, Any] | None) -> None:
+    def _blackhole(
+        self, c: _Conn, direction: Direction, discard: bool, detail: dict[str, Any] | None
+    ) -> None:
         for d in direction.members():
             c.stall_generation[d] += 1
             c.discard[d] = discard
@@ -540,7 +577,9 @@ class FaultProxy:
                 c.flowing[d].clear()
             self._record(c, d, ProxyEvent.BLACKHOLED, discard=discard, **(detail or {}))
 
-    async def _cut(self, c: _Conn, mode: CutMode, d: Direction | None, cause: str, **detail: Any) -> None:
+    async def _cut(
+        self, c: _Conn, mode: CutMode, d: Direction | None, cause: str, **detail: Any
+    ) -> None:
         if c.cutting or c.finished.is_set():
             return
         c.cutting = True
@@ -553,7 +592,9 @@ class FaultProxy:
         if mode is CutMode.RST:
             # Let what was written reach the peer first: SO_LINGER 0 drops unsent bytes.
             await self._drain_kernel(c)
-            undelivered = {w_dir.value: _outq(w, SIOCOUTQNSD) for w_dir, w in self._writers_by_dir(c)}
+            undelivered = {
+                w_dir.value: _outq(w, SIOCOUTQNSD) for w_dir, w in self._writers_by_dir(c)
+            }
             for w in c.writers():
                 _abort_with_rst(w)
         else:
@@ -562,7 +603,9 @@ class FaultProxy:
                 if not w.transport.is_closing() and w.can_write_eof():
                     with contextlib.suppress(OSError, RuntimeError):
                         w.write_eof()
-        self._record(c, d, ProxyEvent.CUT, mode=mode.value, cause=cause, undelivered=undelivered, **detail)
+        self._record(
+            c, d, ProxyEvent.CUT, mode=mode.value, cause=cause, undelivered=undelivered, **detail
+        )
         for t in list(c.tasks):
             if t is not me:
                 t.cancel()
@@ -586,7 +629,7 @@ class FaultProxy:
                     pending = True
             if not pending:
                 return
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the kernel's send queue has no event to wait on
 
     async def _linger(self, c: _Conn) -> None:
         """After an EOF cut: read and drop until each peer closes, so close() sends no RST."""
@@ -673,9 +716,14 @@ class FaultProxy:
         if due < now:  # idle time earns no credit: no burst after a pause
             c.pace[d] = (rate, now, c.counts[d])
             due = now + n / rate
-        while (left := due - time.monotonic()) > 0:
-            await asyncio.sleep(left)
+        await _sleep_until(due)
         return n
+
+
+async def _sleep_until(deadline: float) -> None:
+    """Sleep until time.monotonic() >= deadline (loop timers, uvloop's in ms, may wake early)."""
+    while (left := deadline - time.monotonic()) > 0:  # noqa: ASYNC110 - a time, not an event
+        await asyncio.sleep(left)
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:

@@ -8,6 +8,7 @@ proxy's loop and waits for it, so it sees a consistent state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -33,7 +34,9 @@ def default_loop_factory() -> asyncio.AbstractEventLoop:
 class ProxyThread:
     """Handle of a FaultProxy running in a daemon thread; use as a context manager."""
 
-    def __init__(self, proxy: FaultProxy, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+    def __init__(
+        self, proxy: FaultProxy, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    ) -> None:
         self.proxy = proxy
         self._loop_factory = loop_factory or default_loop_factory
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,7 +72,9 @@ class ProxyThread:
         finally:
             await self.proxy.aclose()
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout_seconds: float = CALL_TIMEOUT_SECONDS) -> T:
+    def _run(
+        self, coro: Coroutine[Any, Any, T], timeout_seconds: float = CALL_TIMEOUT_SECONDS
+    ) -> T:
         if self._loop is None or not self._thread.is_alive():
             coro.close()
             raise ProxyNotRunning("the fault proxy thread is not running")
@@ -95,16 +100,22 @@ class ProxyThread:
     def cut_all(self, mode: CutMode = CutMode.RST) -> list[int]:
         return self._run(self.proxy.cut_all(mode))
 
-    def stall(self, conn: int, seconds: float | None = None, direction: Direction = Direction.BOTH) -> None:
+    def stall(
+        self, conn: int, seconds: float | None = None, direction: Direction = Direction.BOTH
+    ) -> None:
         self._call(self.proxy.stall, conn, seconds, direction)
 
     def release(self, conn: int, direction: Direction = Direction.BOTH) -> None:
         self._call(self.proxy.release, conn, direction)
 
-    def throttle(self, conn: int, rate: float | None, direction: Direction = Direction.BOTH) -> None:
+    def throttle(
+        self, conn: int, rate: float | None, direction: Direction = Direction.BOTH
+    ) -> None:
         self._call(self.proxy.throttle, conn, rate, direction)
 
-    def blackhole(self, conn: int, direction: Direction = Direction.BOTH, *, discard: bool = False) -> None:
+    def blackhole(
+        self, conn: int, direction: Direction = Direction.BOTH, *, discard: bool = False
+    ) -> None:
         self._call(self.proxy.blackhole, conn, direction, discard=discard)
 
     def set_plan(self, plan: Iterable[Rule], *, seed: int | None = None) -> None:
@@ -118,7 +129,12 @@ class ProxyThread:
         return self._call(lambda: self.proxy.log)
 
     def wait_for(
-        self, event: ProxyEvent | str, conn: int | None = None, *, timeout_seconds: float = 10.0, since: int = 0
+        self,
+        event: ProxyEvent | str,
+        conn: int | None = None,
+        *,
+        timeout_seconds: float = 10.0,
+        since: int = 0,
     ) -> dict[str, Any]:
         """Block until the event is in the log; TimeoutError after ``timeout_seconds``."""
 
@@ -132,10 +148,8 @@ class ProxyThread:
         """Close every connection, stop the loop and join the thread (idempotent)."""
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
                 loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:
-                pass  # the loop has already closed
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_seconds)
             if self._thread.is_alive():

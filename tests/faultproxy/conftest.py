@@ -114,6 +114,12 @@ class Upstream:
             await self.server.wait_closed()
 
 
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition the test cannot await (byte counts); the test's timeout bounds it."""
+    while not predicate():  # noqa: ASYNC110 - nothing to await: counters are plain ints
+        await asyncio.sleep(0.001)
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     up = Upstream()

@@ -23,7 +23,7 @@ from postcopy.faultproxy import (
     throttle,
 )
 
-from .conftest import Upstream, read_to_end
+from .conftest import Upstream, read_to_end, until
 
 KiB = 1024
 PAYLOAD = random.Random(3).randbytes(2 * 1024 * KiB)
@@ -41,7 +41,10 @@ async def send_quietly(writer: asyncio.StreamWriter, data: bytes) -> None:
 async def test_cut_upstream_bound_stream_at_exact_offset(
     upstream: Upstream, mode: CutMode, end: str, offset: int
 ) -> None:
-    async with asyncio.timeout(15), FaultProxy(upstream.address, [cut(0, at_bytes=offset, mode=mode)]) as proxy:
+    async with (
+        asyncio.timeout(15),
+        FaultProxy(upstream.address, [cut(0, at_bytes=offset, mode=mode)]) as proxy,
+    ):
         reader, writer = await asyncio.open_connection(*proxy.address)
         await send_quietly(writer, PAYLOAD)
         peer = await upstream.next_peer()
@@ -97,13 +100,15 @@ async def test_after_a_cut_the_next_connection_is_forwarded(upstream: Upstream) 
         assert (bytes(second.received), second.end) == (PAYLOAD, "eof")
 
 
-async def cut_offsets(address: tuple[str, int], seed: int, upstream: Upstream, nconn: int) -> list[int]:
+async def cut_offsets(
+    address: tuple[str, int], seed: int, upstream: Upstream, nconn: int
+) -> list[int]:
     plan = [cut(None, random_bytes=(1, 200 * KiB))]
     offsets = []
     async with FaultProxy(address, plan, seed=seed) as proxy:
         for i in range(nconn):
             _, w = await asyncio.open_connection(*proxy.address)
-            await send_quietly(w, PAYLOAD[:300 * KiB])
+            await send_quietly(w, PAYLOAD[: 300 * KiB])
             peer = await upstream.next_peer()
             await peer.ended.wait()
             w.close()
@@ -126,10 +131,13 @@ async def test_random_cuts_are_reproducible_with_a_seed(upstream: Upstream) -> N
 
 
 async def test_random_cuts_stop_after_the_total(upstream: Upstream) -> None:
-    async with asyncio.timeout(30), FaultProxy(upstream.address, random_cuts(3, max_bytes=50 * KiB), seed=5) as proxy:
+    async with (
+        asyncio.timeout(30),
+        FaultProxy(upstream.address, random_cuts(3, max_bytes=50 * KiB), seed=5) as proxy,
+    ):
         for _ in range(5):
             _, w = await asyncio.open_connection(*proxy.address)
-            await send_quietly(w, PAYLOAD[:100 * KiB])
+            await send_quietly(w, PAYLOAD[: 100 * KiB])
             with contextlib.suppress(OSError):
                 w.write_eof()
             peer = await upstream.next_peer()
@@ -162,8 +170,7 @@ async def test_cut_now_and_cut_all(upstream: Upstream) -> None:
         conns = [await asyncio.open_connection(*proxy.address) for _ in range(3)]
         peers = [await upstream.next_peer() for _ in range(3)]
         await send_quietly(conns[0][1], b"abc")
-        while len(peers[0].received) < 3:
-            await asyncio.sleep(0.001)
+        await until(lambda: len(peers[0].received) >= 3)
         assert await proxy.cut_now(0, CutMode.EOF) is True
         assert await proxy.cut_now(0) is False  # already cut
         await peers[0].ended.wait()
@@ -185,12 +192,14 @@ async def test_stall_from_the_plan_delays_delivery(upstream: Upstream) -> None:
         w.write(b"ping")
         await w.drain()
         peer = await upstream.next_peer()
-        while len(peer.received) < 4:
-            await asyncio.sleep(0.001)
+        await until(lambda: len(peer.received) >= 4)
         assert peer.first_byte_at is not None
         assert peer.first_byte_at - start >= 0.4
         assert bytes(peer.received) == b"ping"
-        assert [e["event"] for e in proxy.log if e["direction"] == "up"][:2] == ["stalled", "resumed"]
+        assert [e["event"] for e in proxy.log if e["direction"] == "up"][:2] == [
+            "stalled",
+            "resumed",
+        ]
         w.close()
 
 
@@ -239,25 +248,26 @@ async def test_runtime_throttle_then_unthrottle(upstream: Upstream) -> None:
         peer = await upstream.next_peer()
         proxy.throttle(0, 200 * KiB, Direction.UP)
         start = time.monotonic()
-        await send_quietly(w, PAYLOAD[:60 * KiB])
-        while len(peer.received) < 60 * KiB:
-            await asyncio.sleep(0.002)
+        await send_quietly(w, PAYLOAD[: 60 * KiB])
+        await until(lambda: len(peer.received) >= 60 * KiB)
         assert time.monotonic() - start >= 60 / 200
         proxy.throttle(0, None)
         start = time.monotonic()
         await send_quietly(w, PAYLOAD[: 1024 * KiB])
-        while len(peer.received) < 1084 * KiB:
-            await asyncio.sleep(0.002)
+        await until(lambda: len(peer.received) >= 1084 * KiB)
         assert time.monotonic() - start < 5.0 * 0.8  # far below the 5 s the old rate would need
         w.close()
 
 
 async def test_blackhole_keeps_the_connection_and_forwards_nothing(upstream: Upstream) -> None:
-    async with asyncio.timeout(15), FaultProxy(upstream.address, [blackhole(0, direction=Direction.UP)]) as proxy:
+    async with (
+        asyncio.timeout(15),
+        FaultProxy(upstream.address, [blackhole(0, direction=Direction.UP)]) as proxy,
+    ):
         _, w = await asyncio.open_connection(*proxy.address)
         peer = await upstream.next_peer()
         await proxy.wait_for(ProxyEvent.BLACKHOLED, 0)
-        writing = asyncio.create_task(send_quietly(w, PAYLOAD[:100 * KiB]))
+        writing = asyncio.create_task(send_quietly(w, PAYLOAD[: 100 * KiB]))
         await asyncio.sleep(0.3)
         assert len(peer.received) == 0
         assert not peer.ended.is_set()
@@ -266,7 +276,7 @@ async def test_blackhole_keeps_the_connection_and_forwards_nothing(upstream: Ups
         await writing
         w.write_eof()
         await peer.ended.wait()
-        assert bytes(peer.received) == PAYLOAD[:100 * KiB]
+        assert bytes(peer.received) == PAYLOAD[: 100 * KiB]
         w.close()
 
 
@@ -275,12 +285,10 @@ async def test_discarding_blackhole_drops_what_it_reads(upstream: Upstream) -> N
         _, w = await asyncio.open_connection(*proxy.address)
         peer = await upstream.next_peer()
         await send_quietly(w, b"before")
-        while len(peer.received) < 6:
-            await asyncio.sleep(0.001)
+        await until(lambda: len(peer.received) >= 6)
         proxy.blackhole(0, Direction.UP, discard=True)
-        await send_quietly(w, PAYLOAD[:100 * KiB])  # the sender is never held back
-        while proxy.stats().connections[0].dropped_up < 100 * KiB:
-            await asyncio.sleep(0.001)
+        await send_quietly(w, PAYLOAD[: 100 * KiB])  # the sender is never held back
+        await until(lambda: proxy.stats().connections[0].dropped_up >= 100 * KiB)
         assert bytes(peer.received) == b"before"
         proxy.release(0)
         await send_quietly(w, b"after")
@@ -294,7 +302,10 @@ async def test_discarding_blackhole_drops_what_it_reads(upstream: Upstream) -> N
 
 async def test_on_event_callback_sees_every_log_entry(upstream: Upstream) -> None:
     seen: list[dict[str, object]] = []
-    async with asyncio.timeout(10), FaultProxy(upstream.address, [cut(0, at_bytes=10)], on_event=seen.append) as proxy:
+    async with (
+        asyncio.timeout(10),
+        FaultProxy(upstream.address, [cut(0, at_bytes=10)], on_event=seen.append) as proxy,
+    ):
         _, w = await asyncio.open_connection(*proxy.address)
         await send_quietly(w, b"0123456789abcdef")
         await proxy.wait_for(ProxyEvent.CLOSED, 0)

@@ -9,7 +9,7 @@ import struct
 
 from postcopy.faultproxy import FaultProxy, ProxyEvent
 
-from .conftest import Upstream, read_to_end
+from .conftest import Upstream, read_to_end, until
 
 MiB = 1024 * 1024
 
@@ -37,9 +37,18 @@ async def test_large_payloads_both_directions_are_byte_exact() -> None:
             assert bytes(peer.received) == up_payload
             assert bytes(got_down) == down_payload
             stats = proxy.stats()
-            assert (stats.bytes_up, stats.bytes_down, stats.cuts) == (len(up_payload), len(down_payload), 0)
+            assert (stats.bytes_up, stats.bytes_down, stats.cuts) == (
+                len(up_payload),
+                len(down_payload),
+                0,
+            )
             [conn] = stats.connections
-            assert (conn.conn, conn.state, conn.bytes_up, conn.bytes_down) == (0, "closed", len(up_payload), len(down_payload))
+            assert (conn.conn, conn.state, conn.bytes_up, conn.bytes_down) == (
+                0,
+                "closed",
+                len(up_payload),
+                len(down_payload),
+            )
             eofs = {e["direction"]: e["bytes"] for e in proxy.log if e["event"] == "eof"}
             assert eofs == {"up": len(up_payload), "down": len(down_payload)}
     finally:
@@ -97,8 +106,7 @@ async def test_client_reset_is_passed_upstream_as_reset(upstream: Upstream) -> N
         writer.write(b"x" * 1000)
         await writer.drain()
         peer = await upstream.next_peer()
-        while len(peer.received) < 1000:
-            await asyncio.sleep(0.001)
+        await until(lambda: len(peer.received) >= 1000)
         sock = writer.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
