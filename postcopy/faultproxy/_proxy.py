@@ -420,13 +420,23 @@ class FaultProxy:
     # -- connection handling -----------------------------------------------
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Runs as a task per accepted socket, in accept order: number it first.
+        # Called once per accepted socket, in accept order: number it here, synchronously.
         previous = self._conns[-1] if self._conns else None
         c = _Conn(len(self._conns), self._plan, reader, writer, time.monotonic() - self._t0)
         self._conns.append(c)
-        task = asyncio.current_task()
-        assert task is not None
+        if self._closed:
+            writer.transport.abort()
+            return
+        # Serve in a task we own (tracked, cancelled and awaited by aclose()): the task
+        # start_server made for this callback must not end cancelled, which Python 3.11's
+        # streams code reports as an unhandled exception.
+        task = asyncio.create_task(
+            self._serve_connection(c, previous), name=f"faultproxy-conn-{c.index}"
+        )
         self._serve_tasks.add(task)
+        task.add_done_callback(self._serve_tasks.discard)
+
+    async def _serve_connection(self, c: _Conn, previous: _Conn | None) -> None:
         try:
             await self._serve(c, previous)
         except asyncio.CancelledError:
@@ -434,7 +444,6 @@ class FaultProxy:
                 w.transport.abort()
             raise
         finally:
-            self._serve_tasks.discard(task)
             if c.state in ("connecting", "open"):
                 c.state = "closed"
             if not c.finished.is_set():

@@ -114,6 +114,18 @@ class Upstream:
             await self.server.wait_closed()
 
 
+@pytest.fixture(autouse=True)
+async def loop_errors_fail_the_test() -> AsyncIterator[list[dict[str, Any]]]:
+    """Anything the loop reports as unhandled (a callback or task error) fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    await asyncio.sleep(0)  # let callbacks scheduled by the teardown run
+    loop.set_exception_handler(None)
+    assert errors == []
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     """Poll a condition the test cannot await (byte counts); the test's timeout bounds it."""
     while not predicate():  # noqa: ASYNC110 - nothing to await: counters are plain ints

@@ -128,3 +128,24 @@ async def test_refused_upstream_is_logged_and_client_closed() -> None:
         assert "ConnectionRefusedError" in entry["error"]
         writer.close()
         assert proxy.stats().connections[0].state == "failed"
+
+
+async def test_close_with_live_connections_aborts_them_quietly(
+    upstream: Upstream, loop_errors_fail_the_test: list[dict[str, object]]
+) -> None:
+    async with asyncio.timeout(10):
+        proxy = FaultProxy(upstream.address)
+        await proxy.start()
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"live")
+        await writer.drain()
+        peer = await upstream.next_peer()
+        await until(lambda: len(peer.received) >= 4)
+        await proxy.aclose()
+        await proxy.aclose()  # idempotent
+        assert await read_to_end(reader, bytearray()) in ("eof", "reset")
+        await peer.ended.wait()
+        writer.close()
+        assert [e["event"] for e in proxy.log][-1] == "closed"
+        await asyncio.sleep(0.05)
+        assert loop_errors_fail_the_test == []
