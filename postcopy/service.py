@@ -210,7 +210,8 @@ class _RoleService(Generic[R]):
             try:
                 self.metrics_server = serve_metrics(self.registry, o.metrics_port, o.metrics_addr)
             except (OSError, ValueError) as exc:
-                raise ServiceError(str(exc)) from None
+                message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ServiceError(message) from None
         if o.qmp is not None:
             where = parse_control_address(o.qmp)
             self.control = ControlState(self.role_name, actions=self)  # type: ignore[arg-type]
@@ -523,7 +524,10 @@ class DestinationService(_RoleService[R]):
         await self._role_call("migrate-pause", self.destination, "pause")
 
     async def recover(self, uri: str) -> None:
-        await self._role_call("migrate-recover", self.destination, "recover", _tcp_address("migrate-recover", uri))
+        address = _tcp_address("migrate-recover", uri)
+        if address == self.listen_address and hasattr(self.destination, "recover"):
+            return      # the incoming listener is still open there and takes the recovery itself
+        await self._role_call("migrate-recover", self.destination, "recover", address)
 
     def _on_status(self, status: MigrationStatus) -> None:
         if self.control is not None and status is MigrationStatus.POSTCOPY_ACTIVE:
