@@ -23,10 +23,10 @@ __all__ = [
     "FloorError",
     "copy_batched_bps",
     "copy_cost_ns",
+    "first_touch_bps",
     "plain_remote_fault_ns",
     "tcp_rtt_ns",
     "tcp_stream_bps",
-    "first_touch_bps",
 ]
 
 

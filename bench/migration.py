@@ -448,14 +448,16 @@ def print_floors(f: Floors) -> None:
 def print_rows(rows: list[Row]) -> None:
     headers = ["config", "faults", ">1ms", "skipped", "p50 us", "p99 us", "max us", "p50/floor", "p99/floor",
                "bulk busy GB/s", "bulk idle GB/s", "ceiling GB/s", "bulk ratio", "downtime ms", "targets"]
-    table = []
-    for r in rows:
-        table.append([
-            r.config, str(r.faults), str(r.faults_over_1ms), str(r.requests_skipped), fmt_us(r.lat_p50_ns), fmt_us(r.lat_p99_ns), fmt_us(r.lat_max_ns),
+    table = [
+        [
+            r.config, str(r.faults), str(r.faults_over_1ms), str(r.requests_skipped),
+            fmt_us(r.lat_p50_ns), fmt_us(r.lat_p99_ns), fmt_us(r.lat_max_ns),
             fmt_ratio(r.ratio_p50), fmt_ratio(r.ratio_p99), spread(r.busy_bulk_bps, 1e9),
             spread(r.idle_bulk_bps, 1e9), f"{r.ceiling_bps / 1e9:.2f}" if r.idle_bulk_bps else f"cap {r.cap / 1e9:.3f}",
             f"{r.bulk_ratio():.0%}", spread([float(d) for d in r.downtime_ns], 1e6, 1), ", ".join(r.verdicts()),
-        ])
+        ]
+        for r in rows
+    ]
     print_table(headers, table)
     print("  >1ms: faults served in over 1 ms; skipped: requests the source found already taken by the bulk "
           "stream (that page then arrives behind the main channel's backlog)")
@@ -573,8 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"downtime {page_label(page)} {size // MiB} MiB skipped: "
                   f"{free_hugepages(PAGE_2M)} free 2 MiB hugepages, need {hugepages_for(size)}")
             continue
-        for busy in (False, True):
-            downtime_runs.append(migrate(size, page, busy=busy, preempt=True, cap=0, profile=False))
+        downtime_runs += [migrate(size, page, busy=busy, preempt=True, cap=0, profile=False) for busy in (False, True)]
     print("Downtime by guest size:")
     print_downtime(downtime_runs)
     print()

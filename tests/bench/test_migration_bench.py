@@ -1,0 +1,65 @@
+"""Smoke test of bench/migration.py: a tiny --quick run prints the table and a
+complete JSON report. It checks the shape and sanity of the figures, never
+their speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "migration.py"
+
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.hugetlb]
+
+
+def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--scale", "0.05", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    text = proc.stdout
+    for column in ("config", "faults", "p50 us", "p99 us", "max us", "p50/floor", "p99/floor",
+                   "bulk idle GB/s", "ceiling GB/s", "bulk ratio", "downtime ms", "targets"):
+        assert column in text, f"column {column!r} missing from:\n{text}"
+    for line in ("loopback TCP RTT", "loopback TCP stream", "UFFDIO_COPY 4K", "UFFDIO_COPY 2M",
+                 "plain C remote fault 4K", "Downtime by guest size", "QEMU 7.2 reference"):
+        assert line in text, f"{line!r} missing from:\n{text}"
+
+    report = json.loads(out.read_text())
+    f = report["floors"]
+    assert 0 < f["rtt_p50_ns"] <= f["rtt_p99_ns"]
+    assert f["tcp_stream_bps"] > 0
+    assert set(f["copy_ns"]) == {"4096", "2097152"}
+    assert all(v > 0 for v in f["copy_ns"].values())
+    configs = [r["config"] for r in report["rows"]]
+    assert configs == [
+        "4K cap none preempt on", "4K cap 100MiB/s preempt on", "2M cap none preempt on",
+        "2M cap 100MiB/s preempt on", "4K cap none preempt off",
+    ]
+    for r in report["rows"]:
+        assert r["runs"] == 1
+        assert r["busy_bulk_bps"]
+        assert all(b > 0 for b in r["busy_bulk_bps"])
+        assert len(r["idle_bulk_bps"]) == (0 if r["cap"] else 1)
+        page = 4096 if r["page"] == "4K" else 2 << 20
+        ceiling = min(f["tcp_stream_bps"], page * 1e9 / f["copy_ns"][str(page)])
+        assert math.isclose(r["ceiling_bps"], ceiling)
+        assert all(d > 0 for d in r["downtime_ns"])
+        if r["faults"]:
+            assert r["lat_p50_ns"] <= r["lat_p99_ns"] <= r["lat_max_ns"]
+            assert math.isclose(r["ratio_p50"], r["lat_p50_ns"] / r["floor_p50_ns"])
+    # a capped bulk stream stays near its cap: the cap really applied to the bench's migration
+    for r in report["rows"]:
+        if r["cap"]:
+            assert r["busy_bulk_bps"][0] <= r["cap"] * 1.3
+    sizes = {(d["size"], d["page_size"], d["busy"]) for d in report["downtime"]}
+    assert len(sizes) == len(report["downtime"]) >= 4
+    assert report["qemu_7_2_reference"], "the QEMU 7.2 reference table was not read"
+    assert all("downtime ms" in row for row in report["qemu_7_2_reference"])
