@@ -22,12 +22,13 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import uvloop
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from metrics import (
     LATENCY_BUCKETS_SECONDS,
@@ -156,6 +157,18 @@ class RunOutcome(Generic[R]):
     error: BaseException | None = None
 
 
+class _SyncingRegistry(CollectorRegistry):
+    """A registry that runs a hook before every collection (the counters mirror C counters)."""
+
+    def __init__(self, before_collect: Callable[[], None]) -> None:
+        super().__init__()
+        self._before_collect = before_collect
+
+    def collect(self) -> Iterator[Metric]:
+        self._before_collect()
+        yield from super().collect()
+
+
 def parse_control_address(text: str) -> str | tuple[str, int]:
     """``HOST:PORT`` (digits after the last colon, no slash) is TCP; anything else a unix path."""
     host, sep, port = text.rpartition(":")
@@ -176,7 +189,8 @@ class _RoleService(Generic[R]):
     def __init__(self, spec: GuestSpec, options: ServiceOptions) -> None:
         self.spec = spec
         self.options = options
-        self.registry = CollectorRegistry()
+        self._sample_lock = threading.Lock()
+        self.registry = _SyncingRegistry(self._sync_before_scrape)
         self.metrics: Metrics = make_metrics(self.registry, self.role_name)  # type: ignore[arg-type]
         self.control: ControlState | None = None
         self.metrics_server: MetricsServer | None = None
@@ -327,9 +341,18 @@ class _RoleService(Generic[R]):
             await asyncio.sleep(self.options.sample_interval)
             self._sample_and_report()
 
+    def _sync_before_scrape(self) -> None:
+        """On the exposition thread: bring the counters up to the C counters, so a scrape is current."""
+        try:
+            with self._sample_lock:
+                self._sample()
+        except Exception:
+            log.exception("sampling the %s for a scrape failed", self.role_name)
+
     def _sample_and_report(self) -> None:
         try:
-            sample = self._sample()
+            with self._sample_lock:
+                sample = self._sample()
         except Exception:
             log.exception("sampling the %s failed", self.role_name)
             return

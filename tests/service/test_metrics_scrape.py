@@ -83,6 +83,8 @@ def test_scrape_during_and_after_matches_the_reports(tmp_path: Path) -> None:
         assert d["timeline"][-1]["pages"] == 16480
         assert len(d["timeline"]) >= 5            # sampled every 100 ms over a ~1-3 s migration
         for a, b in zip(d["timeline"], d["timeline"][1:], strict=False):
-            assert b["t"] > a["t"] and b["pages"] >= a["pages"] and b["faults"] >= a["faults"]
+            assert b["t"] > a["t"]
+            assert b["pages"] >= a["pages"]
+            assert b["faults"] >= a["faults"]
     finally:
         stop(dest, src)

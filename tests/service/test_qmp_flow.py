@@ -77,7 +77,9 @@ async def test_whole_migration_through_qemu_qmp(tmp_path: Path) -> None:
         for q in (dst_q, src_q):
             await q.execute("migrate-set-capabilities", {"capabilities": CAPS})
         caps = {c["capability"]: c["state"] for c in await src_q.execute("query-migrate-capabilities")}  # type: ignore[union-attr]
-        assert caps["postcopy-ram"] and caps["postcopy-preempt"] and not caps["multifd"]
+        assert caps["postcopy-ram"]
+        assert caps["postcopy-preempt"]
+        assert not caps["multifd"]
 
         port = free_port()
         await dst_q.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
@@ -116,8 +118,9 @@ async def test_whole_migration_through_qemu_qmp(tmp_path: Path) -> None:
         sinfo = await until(src_q, {"completed"})
         dinfo = await until(dst_q, {"completed"})
         assert sinfo["ram"]["remaining"] == 0
-        assert sinfo["ram"]["normal"] + sinfo["ram"]["duplicate"] == 16480
-        assert sinfo["total-time"] > 0 and "downtime" in sinfo
+        assert sinfo["ram"]["normal"] + sinfo["ram"]["duplicate"] >= 16480   # pages in flight at the pause go again
+        assert sinfo["total-time"] > 0
+        assert "downtime" in sinfo
         assert sinfo["ram"]["transferred"] > 0   # the channels byte counters restart with a recovery
         assert dinfo["postcopy-blocktime"] >= 0
         # one entry per vCPU the data path tracks (none until the guest reports its vCPU threads)
