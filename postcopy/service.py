@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -38,6 +38,7 @@ from metrics import (
     MigrationSnapshot,
     PROTOCOL_ERROR_KINDS,
     MigrationStatus,
+    Role,
     SourceMetrics,
     make_metrics,
     serve_metrics,
@@ -184,14 +185,14 @@ def parse_control_address(text: str) -> str | tuple[str, int]:
 class _RoleService(Generic[R]):
     """What both roles share: the loop, the endpoints, the sampler, status hops, linger."""
 
-    role_name: str = ""
+    role_name: ClassVar[Role]
 
     def __init__(self, spec: GuestSpec, options: ServiceOptions) -> None:
         self.spec = spec
         self.options = options
         self._sample_lock = threading.Lock()
         self.registry = _SyncingRegistry(self._sync_before_scrape)
-        self.metrics: Metrics = make_metrics(self.registry, self.role_name)  # type: ignore[arg-type]
+        self.metrics: Metrics = make_metrics(self.registry, self.role_name)
         self.control: ControlState | None = None
         self.metrics_server: MetricsServer | None = None
         self.qmp_server: QMPServer | None = None
@@ -201,7 +202,7 @@ class _RoleService(Generic[R]):
         self._role_done: asyncio.Future[Any] | None = None
         self._started_ns = 0
         self._finished_ns = 0
-        self._synced: dict[int, tuple[Any, int]] = {}
+        self._synced: dict[int, tuple[Any, float]] = {}
         self._status = MigrationStatus.NONE
         self._paused_since: float | None = None
         self._paused_seconds = 0.0
@@ -483,7 +484,7 @@ class DestinationService(_RoleService[R]):
     QMP ``migrate-incoming tcp:HOST:PORT``.
     """
 
-    role_name = "destination"
+    role_name: ClassVar[Role] = "destination"
 
     def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
@@ -651,7 +652,7 @@ class SourceService(_RoleService[R]):
     holds the switch until ``migrate-start-postcopy``.
     """
 
-    role_name = "source"
+    role_name: ClassVar[Role] = "source"
 
     def __init__(self, spec: GuestSpec, memory: Any, guest: Guest, *, preempt: bool = True,
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"the migration failed (source exit {rc_src}, destination exit {rc_dest})")
         s: dict[str, Any] = json.loads((t / "source.json").read_text())
         d: dict[str, Any] = json.loads((t / "dest.json").read_text())
-        mismatched, where = (0, [])
+        mismatched, where = 0, list[str]()
         if args.verify:
             mismatched, where = _compare(read_hashes(str(t / "source.hashes")), read_hashes(str(t / "dest.hashes")))
     verified = bool(args.verify and mismatched == 0 and d.get("guest_verify", {}).get("ok"))

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     w = spec.workload()
     guest = Guest([(b.addr, b.used_length, b.page_size) for b in memory], nvcpus=spec.vcpus,
                   pattern=Pattern[spec.pattern.upper()], seed=spec.seed, write_percent=spec.write_percent,
-                  rate_limit=int(w["rate_limit"]))
+                  rate_limit=int(str(w["rate_limit"])))
     service: SourceService[int] | None = None
     try:
         guest.fill_initial()
