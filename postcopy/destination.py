@@ -484,13 +484,11 @@ class Destination:
 
     def _accept_recovery(self, deadline: float) -> Receiver:
         """Take the source's new channels, answer its bitmap requests and RESUME."""
-        listener = self._recover_listener or self._listener
-        assert listener is not None and self._layout is not None
+        assert self._layout is not None
         main: socket.socket | None = None
         preempt: socket.socket | None = None
-        listener.settimeout(max(0.1, deadline - time.monotonic()))
         while main is None or (self.preempt and preempt is None):
-            sock = self._accept(listener)
+            sock = self._accept_until(deadline)
             if main is None:
                 # a recovery main stream starts with a command, sent right after connecting
                 if self._first_byte(sock, self.link_timeout) == b"\x08":
@@ -531,6 +529,24 @@ class Destination:
             self._start_preempt(preempt)
         return rx
 
+    def _accept_until(self, deadline: float) -> socket.socket:
+        """Accept on the recovery listener, in short slices: migrate-recover may
+        switch to a new address at any time."""
+        while True:
+            listener = self._recover_listener or self._listener
+            assert listener is not None
+            listener.settimeout(0.1)
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                continue
+            finally:
+                listener.settimeout(None)
+            sock.setblocking(True)
+            return tune(sock, self.link_timeout)
+
     @staticmethod
     def _first_byte(sock: socket.socket, wait: float) -> bytes | None:
         """The first byte a new connection sends, b"" at EOF, None if silent for ``wait`` s."""
@@ -555,12 +571,17 @@ class Destination:
     # -- after the migration ---------------------------------------------------
 
     def close(self) -> None:
+        """Tear everything down. After a failed migration vCPUs may be blocked on
+        pages that will never come: closing the uffd releases them (the guest is
+        being thrown away), so stopping it cannot hang."""
         if self.guest is not None:
-            self.guest.close()
-            self.guest = None
+            self.guest.request_stop()
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None
         self.memory.close()
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)

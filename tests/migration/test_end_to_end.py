@@ -4,78 +4,22 @@ Destination in this process (the guest's vCPUs are C threads on both sides)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 
 import pytest
+from harness import Outcome, migrate
+from harness import check as check_common
 
-from postcopy.destination import Destination, DestinationResult
-from postcopy.guest import Guest, Pattern
-from postcopy.source import Source, SourceResult
 from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K
 
 pytestmark = pytest.mark.root     # kernel-mode faults are not needed, but hugetlb and uffd setup are
 
 
-@dataclass
-class Outcome:
-    source: SourceResult
-    dest: DestinationResult
-    hashes_match: bool
-    guest_ok: bool
-    guest_summary: str
-
-
-def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2) -> Outcome:
-    memory = spec.build_memory()
-    guest = Guest([(b.addr, b.used_length, b.page_size) for b in memory], nvcpus=spec.vcpus,
-                  pattern=Pattern[spec.pattern.upper()], seed=spec.seed, write_percent=spec.write_percent)
-    dest = Destination(spec, preempt=preempt, verify=True)
-    try:
-        guest.fill_initial()
-        guest.start()
-        time.sleep(warmup)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            box: dict[str, object] = {}
-
-            def serve() -> None:
-                try:
-                    box["result"] = dest.serve(listener)
-                except Exception as exc:
-                    box["error"] = exc
-
-            t = threading.Thread(target=serve)
-            t.start()
-            src = Source(spec, memory, guest, preempt=preempt, bandwidth_cap=cap, verify=True)
-            sres = src.migrate(listener.getsockname())
-            t.join(60)
-        assert "error" not in box, box.get("error")
-        dres = box["result"]
-        assert isinstance(dres, DestinationResult)
-        match = all(dest.path.placed_hashes(i) == sres.hashes[b.idstr] for i, b in enumerate(dest.memory))
-        time.sleep(0.1)             # the guest keeps running on the destination
-        assert dest.guest is not None
-        dest.guest.stop()
-        v = dest.guest.verify()
-        return Outcome(sres, dres, match, v.ok, v.summary())
-    finally:
-        guest.close()
-        dest.close()
-        memory.close()
-
-
 def check(o: Outcome, spec: GuestSpec) -> None:
+    check_common(o, spec)
     total = sum(b.size for b in spec.blocks) // 4096
-    assert o.source.status == "completed", o.source.error
-    assert o.dest.status == "completed", o.dest.error
-    assert o.dest.pages_received == total
-    assert o.hashes_match, "a placed page differs from the source's page at the switch"
-    assert o.guest_ok, o.guest_summary
     c = o.source.counters
     # every host page went out exactly once, on one channel or the other
     assert c["main_pages_normal"] + c["main_pages_zero"] + c["preempt_pages_normal"] + c["preempt_pages_zero"] == total
