@@ -359,7 +359,11 @@ class _RoleService(Generic[R]):
             return
         if sample is None:
             return
-        self.timeline.append(sample.to_json())
+        point = sample.to_json()
+        if self.timeline and self.timeline[-1]["t"] == point["t"]:
+            self.timeline[-1] = point       # the clock stopped with the migration: one point per instant
+        else:
+            self.timeline.append(point)
         if self.options.on_sample is not None:
             self.options.on_sample(sample)
 
