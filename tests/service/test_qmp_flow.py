@@ -103,9 +103,10 @@ async def test_whole_migration_through_qemu_qmp(tmp_path: Path) -> None:
             await src_q.execute("migrate-pause")
             await until(src_q, {"postcopy-paused"})
             await until(dst_q, {"postcopy-paused"})
-            # the incoming address: its listener is still open and takes the recovery
-            await dst_q.execute("migrate-recover", {"uri": f"tcp:127.0.0.1:{port}"})
-            await src_q.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}", "resume": True})
+            # a new address, as after a failed link (the incoming one would also do)
+            rport = free_port()
+            await dst_q.execute("migrate-recover", {"uri": f"tcp:127.0.0.1:{rport}"})
+            await src_q.execute("migrate", {"uri": f"tcp:127.0.0.1:{rport}", "resume": True})
             await until(src_q, {"postcopy-active", "completed"})
         else:
             with pytest.raises(ExecuteError) as err:
