@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
 
-__all__ = ["Backoff", "LinkBroken", "set_recv_timeout", "tune"]
+__all__ = ["Backoff", "LinkBroken", "background_priority", "set_recv_timeout", "tune"]
 
 
 class LinkBroken(Exception):
@@ -25,6 +26,15 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(link_timeout * 1000))
     return sock
+
+
+def background_priority(nice: int = 10) -> None:
+    """Lower the calling thread (Linux: PRIO_PROCESS 0 is the thread) below
+    the fault path: on 2 cores the bulk stream must not delay an urgent page."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass
 
 
 def set_recv_timeout(sock: socket.socket, seconds: float) -> None:

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("postcopy.commands.demo", "migrate the built-in guest between two processes on loopback"),
     "source": ("postcopy.commands.source", "run the source role: migrate a guest to a destination"),
     "dest": ("postcopy.commands.dest", "run the destination role: receive a guest and serve its page faults"),
+    "report": ("postcopy.commands.report", "summarise a run's JSON report and plot its fault latencies and timeline"),
     "inspect": ("postcopy.inspect", "decode a recorded migration stream and print its structure"),
 }
 

@@ -27,7 +27,7 @@ from uffd import Feature, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver
-from ._link import LinkBroken, set_recv_timeout, shutdown_quietly, tune
+from ._link import LinkBroken, background_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest, Pattern
 from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
 
@@ -146,6 +146,7 @@ class Destination:
             self._preamble(rx, main, preempt)
             watchdog = threading.Thread(target=self._watch_link, name="dest-watchdog", daemon=True)
             watchdog.start()
+            background_priority()   # this thread now places bulk pages: below the fault path
             while True:
                 try:
                     self._postcopy(rx)

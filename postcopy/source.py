@@ -25,7 +25,7 @@ from uffd import GuestMemory
 
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, PC_HEARTBEAT_MASK, PC_HEARTBEAT_PING, DataPathError, SourcePath, hash_pages
-from ._link import Backoff, LinkBroken, set_recv_timeout, shutdown_quietly, tune
+from ._link import Backoff, LinkBroken, background_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, encode_device_state
 
@@ -160,6 +160,7 @@ class Source:
         box: dict[str, object] = {}
 
         def bulk() -> None:
+            background_priority()
             try:
                 box["rc"] = self.path.run_bulk()
             except DataPathError as exc:

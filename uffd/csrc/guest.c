@@ -395,8 +395,8 @@ static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
         if (now >= due)
             return true;
         uint64_t nap = due - now;
-        if (nap > 10000000ull) /* stay responsive to stop */
-            nap = 10000000ull;
+        if (nap > 500000ull) /* stay responsive to stop: it ends the downtime window */
+            nap = 500000ull;
         struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)nap};
         nanosleep(&ts, NULL);
     }

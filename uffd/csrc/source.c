@@ -9,6 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <linux/tcp.h>   /* struct tcp_info with tcpi_bytes_acked (glibc's lacks it) */
+#include <stddef.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -68,7 +71,11 @@ pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
         s->chan[ch].last_block = -1;
     }
     pthread_mutex_init(&s->qlock, NULL);
-    pthread_cond_init(&s->qcond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);    /* cap_wait computes monotonic deadlines */
+    pthread_cond_init(&s->qcond, &ca);
+    pthread_condattr_destroy(&ca);
     return s;
 }
 
@@ -82,6 +89,8 @@ void pc_src_free(pc_src *s)
         pthread_mutex_destroy(&s->chan[ch].lock);
     pthread_mutex_destroy(&s->qlock);
     pthread_cond_destroy(&s->qcond);
+    for (uint32_t i = 0; i < s->nblocks; i++)
+        free(s->blocks[i].main_end);
     free(s->blocks);
     free(s);
 }
@@ -94,6 +103,10 @@ int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, u
         dirty->nbits < length / PC_TARGET_PAGE_SIZE)
         return -EINVAL;
     pc_src_block *b = &s->blocks[i];
+    free(b->main_end);
+    b->main_end = calloc(length / host_page_size, sizeof(uint64_t));
+    if (!b->main_end)
+        return -ENOMEM;
     b->base = base;
     b->length = length;
     b->host_page_size = host_page_size;
@@ -125,6 +138,7 @@ void pc_src_set_channel(pc_src *s, int ch, int fd)
     pthread_mutex_lock(&s->chan[ch].lock);
     s->chan[ch].fd = fd;
     s->chan[ch].last_block = -1;
+    s->chan[ch].conn_base = __atomic_load_n(&s->chan[ch].bytes, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&s->chan[ch].lock);
 }
 
@@ -304,6 +318,9 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
             bt->bytes += PC_TARGET_PAGE_SIZE;
         }
     }
+    if (ch == PC_CHAN_MAIN)
+        __atomic_store_n(&b->main_end[host_off / b->host_page_size],
+                         __atomic_load_n(&c->bytes, __ATOMIC_RELAXED) + bt->bytes, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -513,6 +530,25 @@ uint64_t pc_src_dirty_pages(pc_src *s)
     return n;
 }
 
+/* True (once per page) when a host page queued on the main channel has not
+ * been acknowledged by the destination's TCP yet: "not sent" in practice. */
+static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
+{
+    uint64_t *slot = &b->main_end[host_off / b->host_page_size];
+    uint64_t end = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
+    int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+    if (!end || fd < 0 || end <= c->conn_base)
+        return 0;
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8)
+        return 0;
+    if (c->conn_base + ti.tcpi_bytes_acked >= end)
+        return 0;
+    return __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL) != 0;
+}
+
 /* One page request (already validated): serve or queue each host page. */
 static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
 {
@@ -522,7 +558,19 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
     for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
         if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
             if (!claim_host_page(b, off)) {
-                __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
+                if (!still_queued_on_main(s, b, off)) {
+                    __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
+                    continue;
+                }
+                /* The bulk stream took it, but it still sits in this host's
+                 * socket queue behind megabytes of other pages: send it again
+                 * on the preempt channel (the destination keeps the first copy
+                 * to arrive; the other is EEXIST). The guest is stopped, so
+                 * both copies are the same. */
+                __atomic_add_fetch(&s->c.request_pages_resent, 1, __ATOMIC_RELAXED);
+                int rc = send_urgent_preempt(s, bi, off);
+                if (rc < 0)
+                    return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));
                 continue;
             }
             int rc = send_urgent_preempt(s, bi, off);

@@ -24,6 +24,7 @@
 typedef struct pc_src_block {
     uint64_t base, length, host_page_size;
     pc_bitmap *dirty;               /* one bit per target page: still to send */
+    uint64_t *main_end;             /* per host page: main-channel byte count once it is queued there, 0 = not */
     uint32_t idlen;
     char idstr[256];
 } pc_src_block;
@@ -32,6 +33,7 @@ typedef struct pc_src_chan {
     pthread_mutex_t lock;
     int fd;                         /* -1 when absent or broken */
     int64_t last_block;             /* idstr/CONTINUE context of this channel */
+    uint64_t conn_base;             /* bytes counted before this connection */
     uint64_t pages_normal, pages_zero, bytes;
 } pc_src_chan;
 
@@ -39,6 +41,7 @@ enum { PC_CHAN_MAIN = 0, PC_CHAN_PREEMPT = 1 };
 
 typedef struct pc_src_counters {
     uint64_t requests, request_pages_sent, request_pages_skipped, requests_queued, bad_requests, host_pages_sent;
+    uint64_t request_pages_resent;  /* queued on main but not yet acked there: sent again on preempt */
 } pc_src_counters;
 
 typedef struct pc_src {
