@@ -344,7 +344,7 @@ class SourcePath:
     def counters(self) -> dict[str, int]:
         s = self._s
         out = {name: int(getattr(s.c, name)) for name in (
-            "requests", "request_pages_sent", "request_pages_skipped", "request_pages_resent", "requests_queued",
+            "requests", "request_pages_sent", "request_pages_skipped", "resent_target_pages", "requests_queued",
             "host_pages_sent")}
         for ch, label in ((0, "main"), (1, "preempt")):
             out[f"{label}_pages_normal"] = int(s.chan[ch].pages_normal)

@@ -125,6 +125,7 @@ class Destination:
         self._main_rx: Receiver | None = None
         self._preempt_done = threading.Event()
         self._preempt_failed = ""
+        self._discard_ranges = 0
         self._errors: list[BaseException] = []
         self._layout: wire.RamLayout | None = None
 
@@ -229,6 +230,7 @@ class Destination:
         except KeyError:
             raise DestinationError("unknown_block", f"discard for unknown RAM block {idstr!r}") from None
         block = self.path.blocks[index]
+        self._discard_ranges += len(ranges)
         for start, length in ranges:
             self.path.discard(index, start, length)      # validates the range first
             block.discard(start, length)
@@ -364,6 +366,9 @@ class Destination:
             "preempt": {"normal": pre[0], "zero": pre[1], "bytes": pre[2]},
             "faults": c.faults,
             "requests_sent": c.requests_sent,
+            "discard_ranges": self._discard_ranges,
+            "recoveries": self.result.recoveries,
+            "paused_ns": self.result.paused_ns,
             "waiting": c.waiting,
             "blocktime_ns": c.blocktime_ns,
             "vcpu_blocktime_ns": list(c.vcpu_blocktime_ns),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -361,6 +362,15 @@ class Guest:
     def running(self) -> int:
         """Number of vCPUs still inside their loop."""
         return int(lib.pc_guest_running(self._handle()))
+
+    def vcpu_tids(self, wait: float = 1.0) -> list[int]:
+        """Kernel thread ids of the running vCPUs (what userfaultfd's THREAD_ID reports);
+        waits up to ``wait`` seconds for freshly started vCPUs to record theirs."""
+        out = ffi.new("uint32_t[]", max(1, self.nvcpus))
+        deadline = time.monotonic() + wait
+        while lib.pc_guest_vcpu_tids(self._handle(), out, self.nvcpus) < self.nvcpus and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return [int(out[v]) for v in range(self.nvcpus)]
 
     def stats(self) -> GuestStats:
         out = ffi.new("pc_guest_vcpu_stats[]", self.nvcpus)

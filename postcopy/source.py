@@ -99,6 +99,7 @@ class Source:
         self._resume = threading.Event()
         self._manual_pause = False
         self._last_heartbeat_pong = 0
+        self._discard_ranges = 0
         self._shut_value_ok = True
         self._paused_at = 0
 
@@ -351,7 +352,8 @@ class Source:
         c = self.path.counters()
         return {"status": self.result.status, "dirty_pages": self.path.dirty_pages(),
                 "total_pages": sum(b.used_length for b in self.memory) // TARGET_PAGE_SIZE,
-                "downtime_ns": self.result.downtime_ns, **c}
+                "downtime_ns": self.result.downtime_ns, "discard_ranges": self._discard_ranges,
+                "recoveries": self.result.recoveries, "paused_ns": self.result.paused_ns, **c}
 
     # -- the stream -------------------------------------------------------------
 
@@ -391,6 +393,7 @@ class Source:
         for b in self.memory:
             ranges = [(0, b.used_length)]
             for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+                self._discard_ranges += len(ranges[i:i + MAX_DISCARDS_PER_COMMAND])
                 events.append(wire.PostcopyRamDiscard(idstr=b.idstr, ranges=tuple(ranges[i:i + MAX_DISCARDS_PER_COMMAND])))
         events.append(wire.Ping(value=2))
         device = wire.DeviceSection(

@@ -293,7 +293,7 @@ static int vcpu_index(const pc_dst *d, uint32_t tid)
 static void waiter_done_locked(pc_dst *d, uint32_t w, uint64_t now)
 {
     pc_dst_waiter *x = &d->waiters[w];
-    int v = vcpu_index(d, x->tid);
+    int v = x->vcpu;        /* as counted when it started waiting */
     if (v >= 0) {
         d->vcpu_blocktime_ns[v] += now - x->t_ns;
         if (d->vcpus_blocked == d->nvcpus)
@@ -329,8 +329,8 @@ static void page_waited(pc_dst *d, const pc_fault *f)
     pthread_mutex_lock(&d->wlock);
     if (d->nwaiters < PC_DST_MAX_WAITERS) {
         uint32_t w = d->nwaiters++;
-        d->waiters[w] = (pc_dst_waiter){ f->offset, f->t_ns, f->block, f->tid };
         int v = vcpu_index(d, f->tid);
+        d->waiters[w] = (pc_dst_waiter){ f->offset, f->t_ns, f->block, f->tid, v };
         if (v >= 0 && ++d->vcpus_blocked == d->nvcpus)
             d->all_blocked_since_ns = f->t_ns;
         /* The page may have been placed between the read and now: placement

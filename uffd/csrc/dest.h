@@ -37,7 +37,7 @@ typedef struct pc_dst_block {
     char idstr[256];
 } pc_dst_block;
 
-typedef struct pc_dst_waiter { uint64_t host_off, t_ns; uint32_t block, tid; } pc_dst_waiter;
+typedef struct pc_dst_waiter { uint64_t host_off, t_ns; uint32_t block, tid; int32_t vcpu; /* -1: not a vCPU */ } pc_dst_waiter;
 
 typedef struct pc_dst_counters {
     uint64_t faults, faults_dropped, faults_outside, requests_sent, requests_failed;

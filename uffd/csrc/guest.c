@@ -4,6 +4,8 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -36,6 +38,7 @@ struct vcpu {
     uint64_t share_start;    /* seq: first global page of this vCPU's share */
     uint64_t share_len;
     uint32_t index;
+    _Atomic uint32_t tid;    /* kernel thread id while running: uffd THREAD_ID names it */
     pc_guest *g;
     pthread_t thread;
 };
@@ -407,6 +410,7 @@ static void *vcpu_main(void *arg)
     struct vcpu *c = arg;
     pc_guest *g = c->g;
     const uint32_t v = c->index;
+    atomic_store(&c->tid, (uint32_t)syscall(SYS_gettid));
     uint64_t prng = c->prng, position = c->position, hash = c->read_hash;
     uint64_t steps = atomic_load_explicit(&c->steps, memory_order_relaxed);
     uint64_t reads = atomic_load_explicit(&c->reads, memory_order_relaxed);
@@ -473,6 +477,15 @@ int pc_guest_start(pc_guest *g, uint64_t nsteps)
     g->threads_exist = true;
     pthread_mutex_unlock(&g->ctl);
     return 0;
+}
+
+uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap)
+{
+    uint32_t n = 0;
+    for (uint32_t v = 0; v < g->nvcpus && v < cap; v++)
+        if ((out[v] = atomic_load(&g->vcpus[v].tid)) != 0)
+            n++;
+    return n;
 }
 
 void pc_guest_request_stop(pc_guest *g)

@@ -119,6 +119,9 @@ int pc_guest_stop(pc_guest *g);
 
 /* Number of vCPU threads still inside their loop. */
 uint32_t pc_guest_running(pc_guest *g);
+/* Kernel thread ids of the vCPUs that have started (0 for the others); returns how many are known. */
+uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap);
+
 
 /* Copy per-vCPU counters (readable while running); returns nvcpus (entries written, up to cap). */
 int pc_guest_stats(const pc_guest *g, pc_guest_vcpu_stats *out, uint32_t cap);

@@ -567,7 +567,7 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
                  * on the preempt channel (the destination keeps the first copy
                  * to arrive; the other is EEXIST). The guest is stopped, so
                  * both copies are the same. */
-                __atomic_add_fetch(&s->c.request_pages_resent, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&s->c.resent_target_pages, hps / PC_TARGET_PAGE_SIZE, __ATOMIC_RELAXED);
                 int rc = send_urgent_preempt(s, bi, off);
                 if (rc < 0)
                     return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));

@@ -41,7 +41,7 @@ enum { PC_CHAN_MAIN = 0, PC_CHAN_PREEMPT = 1 };
 
 typedef struct pc_src_counters {
     uint64_t requests, request_pages_sent, request_pages_skipped, requests_queued, bad_requests, host_pages_sent;
-    uint64_t request_pages_resent;  /* queued on main but not yet acked there: sent again on preempt */
+    uint64_t resent_target_pages;   /* requested while queued on main, not yet acked: sent again on preempt */
 } pc_src_counters;
 
 typedef struct pc_src {
