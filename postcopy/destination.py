@@ -126,6 +126,7 @@ class Destination:
         self._preempt_done = threading.Event()
         self._preempt_failed = ""
         self._discard_ranges = 0
+        self._retired: dict[str, tuple[int, int, int]] = {"main": (0, 0, 0), "preempt": (0, 0, 0)}
         self._errors: list[BaseException] = []
         self._layout: wire.RamLayout | None = None
 
@@ -353,11 +354,20 @@ class Destination:
             self.result.latencies_ns.extend(new)
         return new
 
+    def _channel_totals(self, name: str, rx: Receiver | None) -> tuple[int, int, int]:
+        """(normal pages, zero pages, bytes) over every connection this channel had."""
+        now = rx.counters() if rx is not None else (0, 0, 0)
+        return tuple(a + b for a, b in zip(self._retired[name], now, strict=True))  # type: ignore[return-value]
+
+    def _retire(self, name: str, rx: Receiver | None) -> None:
+        if rx is not None:
+            self._retired[name] = self._channel_totals(name, rx)
+
     def snapshot(self) -> dict[str, object]:
         """Live figures, cheap to take at any time (C counters, no locks on the data path)."""
         c = self.path.counters()
-        main = self._main_rx.counters() if self._main_rx is not None else (0, 0, 0)
-        pre = self._preempt_rx.counters() if self._preempt_rx is not None else (0, 0, 0)
+        main = self._channel_totals("main", self._main_rx)
+        pre = self._channel_totals("preempt", self._preempt_rx)
         return {
             "status": self.result.status,
             "pages_total": self.result.pages_total,
@@ -468,6 +478,8 @@ class Destination:
             if sock is not None:
                 sock.close()
         self._main_sock = self._preempt_sock = None
+        self._retire("main", self._main_rx)
+        self._retire("preempt", self._preempt_rx)
         self._main_rx = self._preempt_rx = None
         deadline = time.monotonic() + self.recover_timeout
         while True:

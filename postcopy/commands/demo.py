@@ -8,6 +8,8 @@ sides), waits for both, checks what arrived and prints one summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Sequence
 import json
 import socket
 import subprocess
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.cli import UserError
+from postcopy.faultproxy import Direction, FaultProxy, Rule, random_cuts
+from postcopy.spec import parse_size
 
 from postcopy.service import Sample
 
@@ -38,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare every page the destination placed with the source's at the switch, "
                         "and check the guest's own invariant")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    p.add_argument("--inject-link-cuts", type=int, default=0, metavar="N",
+                   help="put a fault-injecting proxy between the two and cut the link N times during "
+                        "postcopy, at random offsets; the migration pauses and recovers each time")
+    p.add_argument("--fault-seed", type=int, default=None, help="seed of the random cuts (default: random, reported)")
     p.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve the destination's metrics on N and the source's on N+1 while it runs")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics endpoints bind (default 127.0.0.1)")
@@ -92,13 +100,34 @@ def _follow(stream: Any, progress: Progress) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and not 0 < args.metrics_port < 65535:
         raise UserError(f"--metrics-port {args.metrics_port} must be in 1..65534 (the source uses N+1)")
+    if args.inject_link_cuts < 0:
+        raise UserError("--inject-link-cuts must be 0 or more")
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     exe = [sys.executable, "-m", "postcopy"]
+    with contextlib.ExitStack() as stack:
+        proxy = None
+        source_addr = addr
+        if args.inject_link_cuts:
+            proxy = stack.enter_context(FaultProxy.start_in_thread(
+                ("127.0.0.1", port), _cut_plan(args), seed=args.fault_seed))
+            source_addr = f"{proxy.address[0]}:{proxy.address[1]}"
+        return _run(args, exe, addr, source_addr, proxy)
+
+
+def _cut_plan(args: argparse.Namespace) -> Sequence[Rule]:
+    """Cuts in the main stream after the switch (past the preamble and PACKAGED,
+    which are a few KiB) and before its end, each connection at most once."""
+    size = parse_size(args.size)
+    return random_cuts(args.inject_link_cuts, min_bytes=256 << 10, max_bytes=max(512 << 10, size // 3),
+                       direction=Direction.UP)
+
+
+def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, proxy: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="postcopy-demo-") as tmp:
         t = Path(tmp)
         dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json")]
-        src_cmd = [*exe, "source", "--connect", addr, *_guest_args(args), "--json", str(t / "source.json"),
+        src_cmd = [*exe, "source", "--connect", source_addr, *_guest_args(args), "--json", str(t / "source.json"),
                    "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup)]
         dest_cmd += ["--progress", "jsonl"]
         src_cmd += ["--progress", "none"]
@@ -145,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         "fault_latency_us": d["fault_latency_us"],
         "pages": s["pages"],
         "guest_verify": d.get("guest_verify"),
+        "recoveries": s.get("recoveries", 0),
+        "paused_seconds": s.get("paused_seconds", 0.0),
         "wall_time_s": round(elapsed, 3),
         "timeline": d.get("timeline", []),
         "latency_histogram": d.get("latency_histogram"),
@@ -152,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
         "config": {"size": args.size, "page_size": args.page_size, "vcpus": args.vcpus, "pattern": args.pattern,
                    "preempt": args.preempt, "bandwidth_cap": args.bandwidth_cap},
     }
+    if proxy is not None:
+        cuts = [e for e in proxy.log() if e["event"] == "cut"]
+        report["link_cuts"] = {"requested": args.inject_link_cuts, "done": len(cuts), "seed": proxy.seed,
+                               "at": [{"conn": e["conn"], "bytes": e.get("trigger_bytes", e.get("bytes"))} for e in cuts]}
+        print(f"demo: {len(cuts)} link cuts (seed {proxy.seed}), {report['recoveries']} recoveries, "
+              f"{report['paused_seconds']:.3f} s paused")
     lat = report["fault_latency_us"]
     print(f"demo: {report['status']} in {report['total_time_s']:.3f} s: "
           f"{report['bytes_transferred'] / 1e6:.1f} MB at {report['throughput_bytes_per_s'] / 1e9:.2f} GB/s, "

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {
             "role": "destination",
             "status": result.status,
+            "recoveries": result.recoveries,
+            "paused_seconds": round(result.paused_ns / 1e9, 4),
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,

@@ -53,6 +53,8 @@ def _report(result: SourceResult, timeline: list[dict[str, object]]) -> dict[str
     return {
         "role": "source",
         "status": result.status,
+        "recoveries": result.recoveries,
+        "paused_seconds": round(result.paused_ns / 1e9, 4),
         "downtime_ms": round(result.downtime_ns / 1e6, 3),
         "stopped_ns": result.stopped_ns,
         "total_time_s": (result.finished_ns - result.started_ns) / 1e9,
