@@ -58,6 +58,7 @@ class SourceResult:
     bad_requests: int = 0
     recoveries: int = 0
     paused_ns: int = 0
+    recovery_errors: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -253,6 +254,7 @@ class Source:
                 break
             except (OSError, LinkBroken, DataPathError, wire.RemoteProtocolError, SourceError) as exc:
                 log.warning("recovery attempt failed: %s", exc)
+                self.result.recovery_errors.append(str(exc))
                 self._close_channels()
                 self._set_status("postcopy-paused")
                 backoff.wait()
