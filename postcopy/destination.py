@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -431,13 +432,23 @@ class Destination:
     # -- pause and recovery ----------------------------------------------------
 
     def _watch_link(self) -> None:
-        """A source that stops sending (but keeps the connection) breaks the link."""
+        """The link is broken when the source stops sending (but keeps the
+        connection), or when it is already knocking with a recovery connection:
+        the source noticed first, so do not wait for our own timeout."""
         last_bytes, last_change = -1, time.monotonic()
         while self.result.status not in ("completed", "failed"):
-            time.sleep(min(0.1, self.link_timeout / 10))
+            knocking = self._connection_waiting(min(0.1, self.link_timeout / 10))
             rx = self._main_rx
             if self.result.status != "postcopy-active" or rx is None:
                 last_bytes, last_change = -1, time.monotonic()
+                if not knocking:
+                    continue
+                time.sleep(0.01)    # recovery in progress: it accepts; do not spin
+                continue
+            if knocking:
+                log.warning("the source is reconnecting: the link is broken, pausing")
+                self._break_link()
+                time.sleep(0.05)
                 continue
             n = rx.counters()[2]
             if n != last_bytes:
@@ -446,6 +457,19 @@ class Destination:
                 log.warning("no data from the source for %.1f s: pausing", self.link_timeout)
                 self._break_link()
                 last_change = time.monotonic()
+
+    def _connection_waiting(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a connection on the listener (not accepting it)."""
+        listener = self._recover_listener or self._listener
+        if listener is None:
+            time.sleep(timeout)
+            return False
+        try:
+            ready, _, _ = select.select([listener], [], [], timeout)
+        except (OSError, ValueError):   # closed under us by migrate-recover
+            time.sleep(timeout)
+            return False
+        return bool(ready)
 
     def _break_link(self) -> None:
         self._broken.set()

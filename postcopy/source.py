@@ -75,7 +75,8 @@ class Source:
                  bandwidth_cap: int = 0, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, auto_recover: bool = True,
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
-                 heartbeat: float = 0.1) -> None:
+                 heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
+                 backoff: tuple[float, float] = (0.01, 0.05)) -> None:
         self.spec = spec
         self._on_status = on_status
         self.memory = memory
@@ -85,6 +86,11 @@ class Source:
         self.auto_recover = auto_recover
         self.link_timeout = link_timeout
         self.recover_timeout = recover_timeout
+        # Short connect attempts, retried soon: a SYN lost on a dead link is
+        # not retransmitted for a second, so a fresh attempt finds a restored
+        # link sooner than waiting on the old one.
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff = backoff
         self.path = SourcePath(list(memory), RAM_SECTION_ID)
         self.path.configure(preempt=preempt, bandwidth_cap=bandwidth_cap)
         self.path.set_heartbeat(heartbeat)
@@ -100,6 +106,7 @@ class Source:
         self._resume = threading.Event()
         self._manual_pause = False
         self._last_heartbeat_pong = 0
+        self._last_pong_ns = 0
         self._discard_ranges = 0
         self._shut_value_ok = True
         self._paused_at = 0
@@ -169,10 +176,11 @@ class Source:
                 box["error"] = exc
 
         t = threading.Thread(target=bulk, name="source-bulk", daemon=True)
+        self._last_pong_ns = time.monotonic_ns()
         t.start()
         while t.is_alive():
             t.join(0.05)
-            self._check_link()
+            self._check_link(streaming=True)
         if "error" in box or box.get("rc") != SourcePath.DONE:
             raise LinkBroken(str(box.get("error") or self._link_error or "background stream stopped"))
         try:
@@ -189,14 +197,20 @@ class Source:
         if self._link_error is not None and not self._shut_value_ok:
             raise SourceError("destination_failed", self._link_error)
 
-    def _check_link(self) -> None:
+    def _check_link(self, streaming: bool = False) -> None:
         """Raise LinkBroken (after breaking the link) when a channel failed or the
-        destination stopped answering our heartbeat PINGs."""
+        destination stopped answering our heartbeat PINGs. While the background
+        stream runs, PINGs go out every heartbeat, so a long silence on the
+        return path means the link is gone even if a blocked write keeps the
+        next PING from being sent."""
         if self._link_error is not None and not self._shut.is_set():
             self._break_link()
             raise LinkBroken(self._link_error)
+        now = time.monotonic_ns()
         sent_seq, sent_ns = self.path.heartbeat()
-        if sent_seq != self._last_heartbeat_pong and time.monotonic_ns() - sent_ns > self.link_timeout * 1e9:
+        unanswered = sent_seq != self._last_heartbeat_pong and now - sent_ns > self.link_timeout * 1e9
+        silent = streaming and now - self._last_pong_ns > self.link_timeout * 1e9
+        if unanswered or silent:
             self._link_error = f"no PONG for {self.link_timeout:.1f} s"
             self._break_link()
             raise LinkBroken(self._link_error)
@@ -241,7 +255,7 @@ class Source:
         self.path.set_channel(CHAN_PREEMPT, None)
 
     def _recover(self) -> None:
-        backoff = Backoff(0.01, 1.0)
+        backoff = Backoff(*self.backoff)
         deadline = time.monotonic() + self.recover_timeout
         while True:
             if self._manual_pause or not self.auto_recover:
@@ -265,7 +279,7 @@ class Source:
     def _resume_handshake(self) -> None:
         """New channels; RECV_BITMAP for every block; dirty = not received; RESUME; RESUME_ACK."""
         assert self._address is not None
-        main = self._main = tune(socket.create_connection(self._address, timeout=self.link_timeout),
+        main = self._main = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
                                  self.link_timeout)
         main.settimeout(None)
         self._set_status("postcopy-recover")
@@ -279,7 +293,7 @@ class Source:
         # the commands first, then the preempt channel: the destination tells them apart by content
         self._send([wire.RecvBitmapRequest(idstr=b.idstr) for b in self.memory])
         if self.preempt:
-            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.link_timeout),
+            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
                                       self.link_timeout)
             self._preempt_sock.settimeout(None)
             self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
@@ -443,6 +457,7 @@ class Source:
                 match event:
                     case wire.Pong(value=v) if v & PC_HEARTBEAT_MASK == PC_HEARTBEAT_PING:
                         self._last_heartbeat_pong = v & ~PC_HEARTBEAT_MASK
+                        self._last_pong_ns = time.monotonic_ns()
                     case wire.Pong(value=v):
                         with self._pong_cv:
                             self._pongs[v] = time.monotonic_ns()
