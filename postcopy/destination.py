@@ -66,6 +66,7 @@ class DestinationResult:
     finished_ns: int = 0
     recoveries: int = 0
     paused_ns: int = 0
+    duplicate_host_pages: int = 0   # arrived twice (a requested page resent on preempt): EEXIST, harmless
     error: str | None = None
 
 
@@ -337,6 +338,7 @@ class Destination:
         r.pages_received = self.path.received_pages()
         r.remote_faults = c.faults
         r.requests_sent = c.requests_sent
+        r.duplicate_host_pages = c.eexist
         r.blocktime_ns = c.blocktime_ns
         r.vcpu_blocktime_ns = c.vcpu_blocktime_ns
         self.poll_latencies()

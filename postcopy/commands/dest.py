@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,
+            "duplicate_host_pages": result.duplicate_host_pages,
             "fault_latency_us": percentiles_us(result.latencies_ns),
             "latency_histogram": service.latency_histogram.to_json(),
             "blocktime_ms": result.blocktime_ns / 1e6,
