@@ -28,7 +28,7 @@ from uffd import Feature, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver
-from ._link import LinkBroken, background_priority, set_recv_timeout, shutdown_quietly, tune
+from ._link import LinkBroken, background_priority, bound_bulk_buffers, urgent_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest, Pattern
 from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
 
@@ -143,7 +143,7 @@ class Destination:
         to :meth:`recover`).
         """
         self._listener = listener
-        main = self._main_sock = self._accept(listener)
+        main = self._main_sock = bound_bulk_buffers(self._accept(listener))
         preempt = self._preempt_sock = self._accept(listener) if self.preempt else None
         try:
             rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
@@ -403,6 +403,7 @@ class Destination:
             self._preempt_done.set()
 
     def _serve_faults(self) -> None:
+        urgent_priority()
         rc = self.path.serve_faults(self._stop_r)
         if rc < 0:
             raise DestinationError("uffd", f"fault service stopped: {os.strerror(-rc)}")
@@ -416,6 +417,7 @@ class Destination:
         self._preempt_thread.start()
 
     def _serve_preempt(self, rx: Receiver) -> None:
+        urgent_priority()
         try:
             code = rx.run()
             if code == Receiver.EOF:
@@ -536,7 +538,7 @@ class Destination:
             if main is None:
                 # a recovery main stream starts with a command, sent right after connecting
                 if self._first_byte(sock, self.link_timeout) == b"\x08":
-                    main = sock
+                    main = bound_bulk_buffers(sock)
                     continue
             elif self._first_byte(sock, 0.02) is None:
                 preempt = sock          # silent until a page is urgent; a stale one shows EOF at once

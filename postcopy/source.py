@@ -25,7 +25,7 @@ from uffd import GuestMemory
 
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, PC_HEARTBEAT_MASK, PC_HEARTBEAT_PING, DataPathError, SourcePath, hash_pages
-from ._link import Backoff, LinkBroken, background_priority, set_recv_timeout, shutdown_quietly, tune
+from ._link import Backoff, LinkBroken, background_priority, bound_bulk_buffers, urgent_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, encode_device_state
 
@@ -121,7 +121,7 @@ class Source:
         """
         self._set_status("setup")
         self._address = address
-        self._main = tune(self._connect(address, connect_timeout), self.link_timeout)
+        self._main = bound_bulk_buffers(tune(self._connect(address, connect_timeout), self.link_timeout))
         self.result.started_ns = time.monotonic_ns()
         hasher = None
         try:
@@ -279,8 +279,8 @@ class Source:
     def _resume_handshake(self) -> None:
         """New channels; RECV_BITMAP for every block; dirty = not received; RESUME; RESUME_ACK."""
         assert self._address is not None
-        main = self._main = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
-                                 self.link_timeout)
+        main = self._main = bound_bulk_buffers(tune(
+            socket.create_connection(self._address, timeout=self.reconnect_timeout), self.link_timeout))
         main.settimeout(None)
         self._set_status("postcopy-recover")
         self._link_error = None
@@ -440,6 +440,7 @@ class Source:
         self._rp_thread.start()
 
     def _serve_return_path(self) -> None:
+        urgent_priority()
         try:
             while True:
                 code = self.path.serve_return_path()
