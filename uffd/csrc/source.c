@@ -89,8 +89,10 @@ void pc_src_free(pc_src *s)
         pthread_mutex_destroy(&s->chan[ch].lock);
     pthread_mutex_destroy(&s->qlock);
     pthread_cond_destroy(&s->qcond);
-    for (uint32_t i = 0; i < s->nblocks; i++)
+    for (uint32_t i = 0; i < s->nblocks; i++) {
         free(s->blocks[i].main_end);
+        free(s->blocks[i].main_ns);
+    }
     free(s->blocks);
     free(s);
 }
@@ -104,8 +106,10 @@ int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, u
         return -EINVAL;
     pc_src_block *b = &s->blocks[i];
     free(b->main_end);
+    free(b->main_ns);
     b->main_end = calloc(length / host_page_size, sizeof(uint64_t));
-    if (!b->main_end)
+    b->main_ns = calloc(length / host_page_size, sizeof(uint64_t));
+    if (!b->main_end || !b->main_ns)
         return -ENOMEM;
     b->base = base;
     b->length = length;
@@ -318,9 +322,11 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
             bt->bytes += PC_TARGET_PAGE_SIZE;
         }
     }
-    if (ch == PC_CHAN_MAIN)
+    if (ch == PC_CHAN_MAIN) {
+        __atomic_store_n(&b->main_ns[host_off / b->host_page_size], now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&b->main_end[host_off / b->host_page_size],
                          __atomic_load_n(&c->bytes, __ATOMIC_RELAXED) + bt->bytes, __ATOMIC_RELEASE);
+    }
     return 0;
 }
 
@@ -530,8 +536,11 @@ uint64_t pc_src_dirty_pages(pc_src *s)
     return n;
 }
 
-/* True (once per page) when a host page queued on the main channel has not
- * been acknowledged by the destination's TCP yet: "not sent" in practice. */
+/* True (once per page) when a host page queued on the main channel is
+ * probably still on its way: not acknowledged by the destination's TCP yet,
+ * or acknowledged so recently that it may still wait in the destination's
+ * buffers behind other bulk pages. Otherwise it counts as sent: skipped. */
+#define RESEND_WINDOW_NS 20000000ull
 static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
 {
     uint64_t *slot = &b->main_end[host_off / b->host_page_size];
@@ -544,7 +553,8 @@ static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
     socklen_t len = sizeof(ti);
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8)
         return 0;
-    if (c->conn_base + ti.tcpi_bytes_acked >= end)
+    uint64_t queued_ns = __atomic_load_n(&b->main_ns[host_off / b->host_page_size], __ATOMIC_RELAXED);
+    if (c->conn_base + ti.tcpi_bytes_acked >= end && now_ns() - queued_ns > RESEND_WINDOW_NS)
         return 0;
     return __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL) != 0;
 }

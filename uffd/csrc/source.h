@@ -25,6 +25,7 @@ typedef struct pc_src_block {
     uint64_t base, length, host_page_size;
     pc_bitmap *dirty;               /* one bit per target page: still to send */
     uint64_t *main_end;             /* per host page: main-channel byte count once it is queued there, 0 = not */
+    uint64_t *main_ns;              /* per host page: when it was queued on main */
     uint32_t idlen;
     char idstr[256];
 } pc_src_block;
