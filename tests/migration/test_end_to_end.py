@@ -88,3 +88,11 @@ def test_demo_command_verifies(tmp_path) -> None:
     assert set(report["fault_latency_us"]) >= {"p50", "p99", "p999", "max"}
     assert set(report["pages"]) >= {"normal", "zero", "requested"}
     assert report["bytes_transferred"] >= 64 << 20
+
+
+def test_vcpus_faulting_the_same_pages_at_once() -> None:
+    """Four vCPUs on a small hot set: many faults on the same pages, one request each."""
+    spec = GuestSpec.simple(32 << 20, PAGE_4K, vcpus=4, pattern="hot")
+    o = migrate(spec, preempt=True)
+    check(o, spec)
+    assert o.dest.remote_faults > o.dest.requests_sent > 0     # faults on requested pages sent nothing new
