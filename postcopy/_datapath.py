@@ -126,10 +126,13 @@ class DestinationPath:
         """The fault loop (blocks until stop_fd is readable)."""
         return int(lib.pc_fault_service_run(self._d, stop_fd))
 
-    def drain_latencies_ns(self) -> list[int]:
+    def drain_latencies_ns(self, kind: str = "fault") -> list[int]:
+        """Samples since the last drain: "fault" (fault -> placed), "request"
+        (fault -> request written), "reply" (request written -> page placed)."""
+        code = {"fault": lib.PC_LAT_FAULT, "request": lib.PC_LAT_REQUEST, "reply": lib.PC_LAT_REPLY}[kind]
         out: list[int] = []
         buf = ffi.new("uint64_t[]", 4096)
-        while n := lib.pc_dst_drain_latency(self._d, buf, 4096):
+        while n := lib.pc_dst_drain_latency(self._d, code, buf, 4096):
             out.extend(buf[0:n])
         return out
 
@@ -301,6 +304,12 @@ class SourcePath:
 
     def write(self, channel: int, data: bytes) -> None:
         rc = lib.pc_src_chan_write(self._s, channel, data, len(data))
+        if rc < 0:
+            raise ConnectionError(-rc, f"write on {'main' if channel == CHAN_MAIN else 'preempt'} channel failed")
+
+    def finish(self, channel: int, data: bytes) -> None:
+        """Write the channel's last bytes; nothing is written on it afterwards."""
+        rc = lib.pc_src_chan_finish(self._s, channel, data, len(data))
         if rc < 0:
             raise ConnectionError(-rc, f"write on {'main' if channel == CHAN_MAIN else 'preempt'} channel failed")
 

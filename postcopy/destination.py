@@ -350,6 +350,11 @@ class Destination:
         if self._on_status is not None:
             self._on_status(status)
 
+    def poll_latency_parts(self) -> tuple[list[int], list[int]]:
+        """(fault -> request written, request written -> page placed) samples in ns
+        since the last call: the two parts of the fault latency."""
+        return self.path.drain_latencies_ns("request"), self.path.drain_latencies_ns("reply")
+
     def poll_latencies(self) -> list[int]:
         """Fault -> placed latencies (ns) since the last call; all of them stay in ``result``."""
         with self._latency_lock:

@@ -574,6 +574,11 @@ class DestinationService(_RoleService[R]):
             hist.observe(ns * 1e-9)
         self.latency_histogram.add(new)
         self._recent.extend(new)
+        requests, replies = dest.poll_latency_parts()
+        for ns in requests:
+            self.dmetrics.fault_request_delay.observe(ns * 1e-9)
+        for ns in replies:
+            self.dmetrics.page_request_latency.observe(ns * 1e-9)
 
     def _sample(self) -> Sample | None:
         dest = self.destination

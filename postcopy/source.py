@@ -186,7 +186,8 @@ class Source:
         try:
             self._send(self._ending())
             if self._preempt_sock is not None:
-                self.path.write(CHAN_PREEMPT, (0x10).to_bytes(8, "big"))   # EOS: a 7.2 destination needs it
+                # EOS (a 7.2 destination needs it); no urgent page may follow it
+                self.path.finish(CHAN_PREEMPT, (0x10).to_bytes(8, "big"))
         except ConnectionError as exc:
             raise LinkBroken(str(exc)) from None
         deadline = time.monotonic() + 10 * self.link_timeout

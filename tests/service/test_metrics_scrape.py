@@ -67,11 +67,15 @@ def test_scrape_during_and_after_matches_the_reports(tmp_path: Path) -> None:
         assert value(after, "postcopy_page_requests_sent_total") == d["requests_sent"]
         assert total(after, "postcopy_received_bytes_total") == d["timeline"][-1]["bytes"]
         assert value(after, "postcopy_fault_latency_seconds_count") == d["fault_latency_us"]["count"]
+        # its parts: every request written is timed; a reply is timed when the requested page lands
+        assert value(after, "postcopy_fault_request_delay_seconds_count") == d["requests_sent"]
+        assert 0 < value(after, "postcopy_page_request_latency_seconds_count") <= d["requests_sent"]
         assert value(after, "postcopy_fault_latency_seconds_bucket", le="+Inf") == d["latency_histogram"]["count"]
         assert value(after, "postcopy_ram_remaining_bytes") == 0
         assert value(after, "postcopy_vcpu_blocktime_seconds_total", vcpu="1") >= 0
-        # source: the same pages and bytes went out
-        assert total(safter, "postcopy_pages_sent_total") == s["pages"]["normal"] + s["pages"]["zero"] == 16480
+        # source: the same pages and bytes went out (plus requested pages sent again on preempt)
+        resent = s["counters"]["resent_target_pages"]
+        assert total(safter, "postcopy_pages_sent_total") == s["pages"]["normal"] + s["pages"]["zero"] == 16480 + resent
         assert value(safter, "postcopy_pages_sent_total", channel="main", kind="normal") == s["counters"]["main_pages_normal"]
         assert total(safter, "postcopy_sent_bytes_total") == s["bytes_transferred"]
         assert total(after, "postcopy_received_bytes_total") <= s["bytes_transferred"]

@@ -253,14 +253,22 @@ int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
     return 0;
 }
 
-uint32_t pc_dst_drain_latency(pc_dst *d, uint64_t *out, uint32_t max)
+/* Under wlock. */
+static void ring_put(pc_dst *d, uint32_t kind, uint64_t ns)
 {
+    d->rings[kind][d->ring_head[kind]++ % PC_DST_LATENCY_RING] = ns;
+}
+
+uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t max)
+{
+    if (kind > PC_LAT_REPLY)
+        return 0;
     pthread_mutex_lock(&d->wlock);
     uint32_t n = 0;
-    if (d->latency_head - d->latency_tail > PC_DST_LATENCY_RING)   /* overrun: keep the newest */
-        d->latency_tail = d->latency_head - PC_DST_LATENCY_RING;
-    while (d->latency_tail < d->latency_head && n < max)
-        out[n++] = d->latency_ring[d->latency_tail++ % PC_DST_LATENCY_RING];
+    if (d->ring_head[kind] - d->ring_tail[kind] > PC_DST_LATENCY_RING)   /* overrun: keep the newest */
+        d->ring_tail[kind] = d->ring_head[kind] - PC_DST_LATENCY_RING;
+    while (d->ring_tail[kind] < d->ring_head[kind] && n < max)
+        out[n++] = d->rings[kind][d->ring_tail[kind]++ % PC_DST_LATENCY_RING];
     pthread_mutex_unlock(&d->wlock);
     return n;
 }
@@ -300,7 +308,7 @@ static void waiter_done_locked(pc_dst *d, uint32_t w, uint64_t now)
             d->blocktime_ns += now - d->all_blocked_since_ns;
         d->vcpus_blocked--;
     }
-    d->latency_ring[d->latency_head++ % PC_DST_LATENCY_RING] = now - x->t_ns;
+    ring_put(d, PC_LAT_FAULT, now - x->t_ns);
     d->c.latency_samples++;
     d->waiters[w] = d->waiters[--d->nwaiters];
 }
@@ -378,13 +386,19 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
                 }
                 if (f->status == PC_FAULT_NEW) {
                     pc_dst_block *b = &d->blocks[f->block];
-                    __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], f->t_ns, __ATOMIC_RELAXED);
                     /* On failure the request stays outstanding (requested bit
                      * set) and is sent again by pc_dst_resend_requests. */
-                    if (send_request_locked(d, f->block, f->offset) == 0)
+                    if (send_request_locked(d, f->block, f->offset) == 0) {
+                        uint64_t sent = now_ns();
+                        __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], sent, __ATOMIC_RELAXED);
                         __atomic_add_fetch(&d->c.requests_sent, 1, __ATOMIC_RELAXED);
-                    else
+                        pthread_mutex_lock(&d->wlock);
+                        ring_put(d, PC_LAT_REQUEST, sent - f->t_ns);
+                        pthread_mutex_unlock(&d->wlock);
+                    } else {
+                        __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], f->t_ns, __ATOMIC_RELAXED);
                         __atomic_add_fetch(&d->c.requests_failed, 1, __ATOMIC_RELAXED);
+                    }
                 }
             }
             pthread_mutex_unlock(&d->rp_lock);
@@ -500,8 +514,12 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     if (!src)
         __atomic_add_fetch(&d->c.zero_host_pages_placed, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rx->c.host_pages_placed, 1, __ATOMIC_RELAXED);
-    if (__atomic_load_n(&b->request_ns[host_off / hps], __ATOMIC_RELAXED)) {
-        __atomic_store_n(&b->request_ns[host_off / hps], 0, __ATOMIC_RELAXED);
+    uint64_t requested = __atomic_exchange_n(&b->request_ns[host_off / hps], 0, __ATOMIC_RELAXED);
+    if (requested) {
+        uint64_t now = now_ns();
+        pthread_mutex_lock(&d->wlock);
+        ring_put(d, PC_LAT_REPLY, now > requested ? now - requested : 0);
+        pthread_mutex_unlock(&d->wlock);
         page_arrived(d, bi, host_off);
     } else if (__atomic_load_n(&d->nwaiters, __ATOMIC_RELAXED)) {
         page_arrived(d, bi, host_off);      /* a fault raced with the background stream */

@@ -26,6 +26,7 @@
 #define PC_DST_MAX_WAITERS 1024
 #define PC_DST_MAX_VCPUS 64
 #define PC_DST_LATENCY_RING 65536
+enum { PC_LAT_FAULT = 0, PC_LAT_REQUEST = 1, PC_LAT_REPLY = 2 };
 
 typedef struct pc_dst_block {
     uint64_t base, length, host_page_size;
@@ -65,9 +66,10 @@ typedef struct pc_dst {
     uint64_t vcpu_blocktime_ns[PC_DST_MAX_VCPUS];
     uint32_t vcpus_blocked;
     uint64_t all_blocked_since_ns, blocktime_ns;
-    /* fault -> placed latency samples (ns), a ring drained by Python */
-    uint64_t latency_ring[PC_DST_LATENCY_RING];
-    uint64_t latency_head, latency_tail;
+    /* latency samples (ns), rings drained by Python: PC_LAT_FAULT (fault -> placed),
+     * PC_LAT_REQUEST (fault -> request written), PC_LAT_REPLY (request written -> placed) */
+    uint64_t rings[3][PC_DST_LATENCY_RING];
+    uint64_t ring_head[3], ring_tail[3];
     pc_dst_counters c;
 } pc_dst;
 
@@ -88,8 +90,8 @@ int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -er
 int64_t pc_dst_resend_requests(pc_dst *d);
 /* Discard ranges clear received bits (before LISTEN the memory is dropped by the caller). */
 int pc_dst_discard(pc_dst *d, uint32_t block, uint64_t offset, uint64_t length);
-/* Latency samples since the last drain; returns how many were copied. */
-uint32_t pc_dst_drain_latency(pc_dst *d, uint64_t *out, uint32_t max);
+/* Latency samples of one kind (PC_LAT_*) since the last drain; returns how many were copied. */
+uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t max);
 void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting);
 
 /* The fault service loop; returns when stop_fd becomes readable (0) or on a

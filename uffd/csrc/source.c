@@ -245,6 +245,19 @@ int pc_src_chan_write(pc_src *s, int ch, const uint8_t *data, uint64_t len)
     return rc;
 }
 
+int pc_src_chan_finish(pc_src *s, int ch, const uint8_t *data, uint64_t len)
+{
+    if (ch < 0 || ch > 1)
+        return -EINVAL;
+    pthread_mutex_lock(&s->chan[ch].lock);
+    int rc = s->chan[ch].fd < 0 ? -EPIPE : write_all(s->chan[ch].fd, data, len);
+    if (rc == 0)
+        __atomic_add_fetch(&s->chan[ch].bytes, len, __ATOMIC_RELAXED);
+    s->chan[ch].fd = -1;        /* nothing may follow: requests now go the main way (already sent) */
+    pthread_mutex_unlock(&s->chan[ch].lock);
+    return rc;
+}
+
 /* Records of whole host pages gathered for one writev. */
 #define BATCH_SLOTS 1024            /* records (and raw pieces) per writev */
 typedef struct batch {
@@ -577,10 +590,12 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
                  * on the preempt channel (the destination keeps the first copy
                  * to arrive; the other is EEXIST). The guest is stopped, so
                  * both copies are the same. */
-                __atomic_add_fetch(&s->c.resent_target_pages, hps / PC_TARGET_PAGE_SIZE, __ATOMIC_RELAXED);
                 int rc = send_urgent_preempt(s, bi, off);
+                if (rc == -EPIPE && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) < 0)
+                    continue;       /* the preempt channel was finished meanwhile: the page is on main */
                 if (rc < 0)
                     return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));
+                __atomic_add_fetch(&s->c.resent_target_pages, hps / PC_TARGET_PAGE_SIZE, __ATOMIC_RELAXED);
                 continue;
             }
             int rc = send_urgent_preempt(s, bi, off);

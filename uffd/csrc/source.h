@@ -94,6 +94,10 @@ void pc_src_restart(pc_src *s);
 int pc_src_reload_dirty(pc_src *s, uint32_t i, const uint8_t *received_le, uint64_t len);
 /* Locked write of whole messages for Python (commands, END, EOF). */
 int pc_src_chan_write(pc_src *s, int ch, const uint8_t *data, uint64_t len);
+/* Write the last bytes of a channel (the preempt EOS) and close it to
+ * further writes, atomically with respect to the request server. */
+int pc_src_chan_finish(pc_src *s, int ch, const uint8_t *data, uint64_t len);
+
 
 enum {
     PC_TX_DONE = 0,         /* nothing dirty is left */
