@@ -540,15 +540,18 @@ class Destination:
         preempt: socket.socket | None = None
         while main is None or (self.preempt and preempt is None):
             sock = self._accept_until(deadline)
-            if main is None:
-                # a recovery main stream starts with a command, sent right after connecting
-                if self._first_byte(sock, self.link_timeout) == b"\x08":
-                    main = bound_bulk_buffers(sock)
-                    continue
-            elif self._first_byte(sock, 0.02) is None:
+            first = self._first_byte(sock, self.link_timeout if main is None else 0.02)
+            if first == b"\x08":
+                # a recovery main stream starts with a command, sent right after
+                # connecting; a newer one replaces an abandoned attempt's
+                for old in (main, preempt):
+                    if old is not None:
+                        old.close()
+                main, preempt = bound_bulk_buffers(sock), None
+            elif first is None and main is not None and preempt is None:
                 preempt = sock          # silent until a page is urgent; a stale one shows EOF at once
-                continue
-            sock.close()                # a stale connection of an earlier attempt
+            else:
+                sock.close()            # a stale connection of an earlier attempt
         self._main_sock, self._preempt_sock = main, preempt
         self._broken.clear()
         self._set_status("postcopy-recover")

@@ -145,3 +145,67 @@ def test_silent_destination_is_noticed_by_the_heartbeat() -> None:
     check(o, spec)
     assert stalled.is_set()
     assert o.source.recoveries >= 1
+
+
+def test_cut_right_after_run() -> None:
+    """The link breaks the moment the destination's guest starts."""
+    spec = _slow_spec()
+
+    def during(src: Source, dst: Destination) -> None:
+        while dst.result.status != "postcopy-active":
+            time.sleep(0.0005)
+        dst.pause()
+
+    o = migrate(spec, preempt=True, cap=2 << 20, during=during, source_options=FAST_LINK, dest_options=FAST_LINK)
+    check(o, spec)
+    assert o.source.recoveries >= 1
+
+
+def test_cut_during_the_recovery_itself() -> None:
+    """A second cut while the first recovery is exchanging bitmaps: it is retried."""
+    spec = _slow_spec()
+    seen: list[str] = []
+
+    def during(src: Source, dst: Destination) -> None:
+        while src.result.status != "postcopy-active":
+            time.sleep(0.005)
+        time.sleep(0.2)
+        for _ in range(3):
+            dst.pause()
+            while src.result.status != "postcopy-recover":
+                time.sleep(0.0002)
+            src._break_link()            # mid handshake
+            seen.append(src.result.status)
+            while src.result.status != "postcopy-active":
+                time.sleep(0.005)
+            time.sleep(0.1)
+
+    o = migrate(spec, preempt=True, cap=2 << 20, during=during, source_options=FAST_LINK, dest_options=FAST_LINK)
+    check(o, spec)
+    assert len(seen) == 3
+    assert o.source.recovery_errors or o.source.recoveries >= 3
+
+
+def test_cut_of_the_preempt_channel_alone() -> None:
+    """Only the preempt channel breaks (while urgent pages flow on it): both sides pause and recover."""
+    spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random", rate_limit=300)
+    cut: list[int] = []
+
+    def during(src: Source, dst: Destination) -> None:
+        while src.result.status != "postcopy-active":
+            time.sleep(0.005)
+        for _ in range(3):
+            time.sleep(0.15)
+            sock = dst._preempt_sock
+            if sock is None or src.result.status != "postcopy-active":
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                cut.append(1)
+            except OSError:
+                pass
+
+    o = migrate(spec, preempt=True, cap=2 << 20, during=during, source_options=FAST_LINK, dest_options=FAST_LINK)
+    check(o, spec)
+    assert cut
+    assert o.source.recoveries >= 1 and o.dest.recoveries >= 1
