@@ -37,6 +37,8 @@ __all__ = ["Destination", "DestinationError", "DestinationResult"]
 log = logging.getLogger("postcopy.dest")
 
 TARGET_PAGE_SIZE = 4096
+#: SHUT value answering a recovery when no guest runs here yet (the source starts over).
+SHUT_NOTHING_TO_RECOVER = 2
 
 
 class DestinationError(Exception):
@@ -66,6 +68,7 @@ class DestinationResult:
     finished_ns: int = 0
     recoveries: int = 0
     paused_ns: int = 0
+    restarts: int = 0               # streams taken again because the link broke before RUN
     duplicate_host_pages: int = 0   # arrived twice (a requested page resent on preempt): EEXIST, harmless
     error: str | None = None
 
@@ -143,11 +146,20 @@ class Destination:
         to :meth:`recover`).
         """
         self._listener = listener
-        main = self._main_sock = bound_bulk_buffers(self._accept(listener))
-        preempt = self._preempt_sock = self._accept(listener) if self.preempt else None
         try:
-            rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
-            self._preamble(rx, main, preempt)
+            while True:
+                main, preempt = self._accept_fresh()
+                try:
+                    rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
+                    self._preamble(rx, main, preempt)
+                    break
+                except (DataPathError, DestinationError, ConnectionError, wire.RemoteProtocolError) as exc:
+                    kind = getattr(exc, "kind", "io")
+                    if self.guest is not None or kind not in ("io", "truncated"):
+                        raise
+                    # No guest runs here yet: nothing can be lost; take the whole stream again.
+                    log.warning("the link broke before the switch completed (%s): waiting for the stream again", exc)
+                    self._reset_before_run()
             watchdog = threading.Thread(target=self._watch_link, name="dest-watchdog", daemon=True)
             watchdog.start()
             background_priority()   # this thread now places bulk pages: below the fault path
@@ -171,6 +183,78 @@ class Destination:
                 if sock is not None:
                     sock.close()
         return self.result
+
+    def _accept_fresh(self) -> tuple[socket.socket, socket.socket | None]:
+        """The channels of a fresh migration stream: main starts with the QEVM
+        header at once, preempt stays silent. A recovery attempt (it starts with
+        a command) is told there is nothing to recover, so the source starts over."""
+        main: socket.socket | None = None
+        preempt: socket.socket | None = None
+        forever = float("inf")
+        while main is None or (self.preempt and preempt is None):
+            sock = self._accept_until(forever)
+            first = self._first_byte(sock, self.link_timeout if main is None else 0.02)
+            if first == b"Q":
+                for old in (main, preempt):    # a newer stream replaces one that died unfinished
+                    if old is not None:
+                        old.close()
+                main, preempt = bound_bulk_buffers(sock), None
+            elif first == b"\x08":
+                self._refuse_recovery(sock)
+            elif first is None and main is not None and preempt is None:
+                preempt = sock
+            else:
+                sock.close()
+        self._main_sock, self._preempt_sock = main, preempt
+        return main, preempt
+
+    @staticmethod
+    def _refuse_recovery(sock: socket.socket) -> None:
+        """SHUT 2: no guest runs here yet, so there is nothing to recover."""
+        try:
+            sock.sendall(wire.encode(wire.Shut(value=SHUT_NOTHING_TO_RECOVER)))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(0.5)
+            while sock.recv(65536):     # read what it sent, so closing does not reset the SHUT away
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _reset_before_run(self) -> None:
+        """Back to a fresh destination after a link that broke before RUN: no
+        guest ran here, so everything received is dropped and taken again."""
+        self._stop_threads()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self._stop_r, self._stop_w = os.pipe()
+        self._threads = []
+        self._preempt_thread = None
+        if self.uffd is not None:
+            for b in self.memory:
+                self.uffd.unregister(b.addr, b.used_length)
+            self.uffd.close()
+            self.uffd = None
+        for sock in (self._main_sock, self._preempt_sock):
+            if sock is not None:
+                sock.close()
+        self._main_sock = self._preempt_sock = None
+        self._main_rx = self._preempt_rx = None
+        for b in self.memory:
+            b.discard(0, b.used_length)
+        self.path = DestinationPath(list(self.memory), verify=self.verify)
+        restarts = self.result.restarts + 1
+        self.result = DestinationResult(pages_total=self.path.total_pages(), restarts=restarts)
+        self._device_state = None
+        self._layout = None
+        self._preempt_done = threading.Event()
+        self._preempt_failed = ""
+        self._broken.clear()
+        self._errors = []
+        self._discard_ranges = 0
+        self._retired = {"main": (0, 0, 0), "preempt": (0, 0, 0)}
+        self._set_status("setup")
 
     def _accept(self, listener: socket.socket) -> socket.socket:
         sock, _ = listener.accept()

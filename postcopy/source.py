@@ -40,6 +40,15 @@ MAX_DISCARDS_PER_COMMAND = 12      # QEMU's limit
 TARGET_PAGE_SIZE = 4096
 
 
+class _StartOver(Exception):
+    """The destination had not started the guest (it answered a recovery with
+    SHUT 2): send the whole stream again."""
+
+
+#: SHUT value our destination sends to a recovery when no guest runs there yet.
+SHUT_NOTHING_TO_RECOVER = 2
+
+
 class SourceError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -59,6 +68,7 @@ class SourceResult:
     recoveries: int = 0
     paused_ns: int = 0
     recovery_errors: list[str] = field(default_factory=list)
+    restarts: int = 0               # whole stream sent again: the link broke before the guest started there
     error: str | None = None
 
 
@@ -108,6 +118,7 @@ class Source:
         self._last_heartbeat_pong = 0
         self._last_pong_ns = 0
         self._discard_ranges = 0
+        self._switch_events: list[wire.Event] = []
         self._shut_value_ok = True
         self._paused_at = 0
 
@@ -265,7 +276,12 @@ class Source:
             if time.monotonic() > deadline:
                 raise SourceError("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s")
             try:
-                self._resume_handshake()
+                try:
+                    self._resume_handshake()
+                except _StartOver:
+                    log.warning("the destination had not started the guest: sending the whole stream again")
+                    self._close_channels()
+                    self._start_over()
                 break
             except (OSError, LinkBroken, DataPathError, wire.RemoteProtocolError, SourceError) as exc:
                 log.warning("recovery attempt failed: %s", exc)
@@ -312,6 +328,8 @@ class Source:
                     pending.discard(idstr)
                 case wire.Pong():
                     pass
+                case wire.Shut(value=SHUT_NOTHING_TO_RECOVER):
+                    raise _StartOver()
                 case _:
                     raise SourceError("unexpected", f"{type(event).__name__} before every bitmap arrived")
         log.info("recovery: %d pages still to send", self.path.dirty_pages())
@@ -321,6 +339,32 @@ class Source:
                 raise SourceError("unexpected", f"{type(event).__name__} before RESUME_ACK")
         set_recv_timeout(main, 0)
         self._start_return_path()
+
+    def _start_over(self) -> None:
+        """A fresh migration stream with the same stopped guest: header, setup,
+        discards and PACKAGED with the saved device state, then the background
+        stream of every page."""
+        assert self._address is not None
+        self._main = bound_bulk_buffers(tune(
+            socket.create_connection(self._address, timeout=self.reconnect_timeout), self.link_timeout))
+        self._main.settimeout(None)
+        self._link_error = None
+        self._shut.clear()
+        self._last_heartbeat_pong = self.path.heartbeat()[0]
+        self.path.restart()
+        self.path.mark_all_dirty()
+        self.path.canonicalize()
+        self.path.set_channel(CHAN_MAIN, self._main)
+        self.path.set_return_path(self._main)
+        self._send(self._preamble())
+        if self.preempt:
+            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
+                                      self.link_timeout)
+            self._preempt_sock.settimeout(None)
+            self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+        self._start_return_path()
+        self._send(self._switch_events)
+        self.result.restarts += 1
 
     def _next_rp_event(self, layout: wire.RamLayout | None = None) -> wire.Event:
         """One return-path message, decoded from exactly its bytes in the C buffer.
@@ -420,7 +464,14 @@ class Source:
         events.append(wire.Packaged(events=(
             wire.PostcopyListen(), device, wire.Ping(value=3), wire.PostcopyRun())))
         events.append(wire.Ping(value=4))
-        self._send(events)
+        self._switch_events = events
+        try:
+            self._send(events)
+        except ConnectionError as exc:
+            # The guest is stopped here: from now on a broken link is paused
+            # and recovered (or the stream sent again), never a failure.
+            self._link_error = f"switch to postcopy: {exc}"
+            self._break_link()
 
     def _ending(self) -> list[wire.Event]:
         return [

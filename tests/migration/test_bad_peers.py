@@ -37,7 +37,7 @@ def test_bad_page_requests_are_refused_and_the_migration_goes_on() -> None:
     ]
 
     def during(src: Source, dst: Destination) -> None:
-        while src.result.status != "postcopy-active":
+        while dst.result.status != "postcopy-active":     # its return path is open
             time.sleep(0.005)
         for msg in bad:
             dst.path.send(msg)
