@@ -84,48 +84,15 @@ BAD_TAILS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_TAILS))
-def test_bad_page_from_the_source_is_a_clear_error_and_the_guest_survives(kind: str) -> None:
-    spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random")
-    src_memory = spec.build_memory()
-    src_guest = Guest(src_memory, nvcpus=2, pattern=Pattern.RANDOM, seed=spec.seed, write_percent=50)
-    dest = Destination(spec, preempt=False, link_timeout=0.5, recover_timeout=1.0)
-    box: dict[str, object] = {}
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            def serve() -> None:
-                try:
-                    dest.serve(listener)
-                except Exception as exc:
-                    box["error"] = exc
-
-            t = threading.Thread(target=serve)
-            t.start()
-            with socket.create_connection(listener.getsockname()) as s:
-                s.sendall(_stream_until_run(spec, src_memory, src_guest))
-                got = b""
-                while len(got) < 16:              # PONG 1 and PONG 3: the guest runs on the destination
-                    got += s.recv(16 - len(got))
-                # a ram PART whose first record is bad; the block before it is untouched memory
-                s.sendall(bytes([0x02]) + struct.pack(">I", RAM_SECTION_ID) + BAD_TAILS[kind](spec))
-                t.join(20)
-        assert not t.is_alive()
-        error = box.get("error")
-        assert isinstance(error, Exception), "the destination accepted a bad page"
-        assert dest.result.status == "failed"
-        text = str(error)
-        assert "record" in text or "block" in text, text
-        # nothing was placed, and the guest is alive: its vCPUs wait for pages, they did not crash
-        assert dest.path.received_pages() == 0
-        assert dest.guest is not None and dest.guest.running == 2
-    finally:
-        dest.close()
-        src_guest.close()
-        src_memory.close()
+SPEC = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random")
 
 
-def test_connection_dropped_mid_record_pauses_instead_of_failing() -> None:
-    spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random")
+def _fake_source(after_run: bytes, *, close_after: bool) -> tuple[Destination, dict[str, object], list[str]]:
+    """Run a real Destination against a hand-made source: a valid stream up to
+    RUN, wait for PONG 3 (the guest runs there), then ``after_run``. Returns
+    the destination (still open: the caller checks and closes it), what its
+    serve() raised, and its statuses."""
+    spec = SPEC
     src_memory = spec.build_memory()
     src_guest = Guest(src_memory, nvcpus=2, pattern=Pattern.RANDOM, seed=spec.seed, write_percent=50)
     statuses: list[str] = []
@@ -146,15 +113,45 @@ def test_connection_dropped_mid_record_pauses_instead_of_failing() -> None:
                 got = b""
                 while len(got) < 16:              # PONG 1 and PONG 3: the guest runs on the destination
                     got += s.recv(16 - len(got))
-                half = _record(0, spec.blocks[0].idstr, b"\x55" * 4096)[:2000]
-                s.sendall(bytes([0x02]) + struct.pack(">I", RAM_SECTION_ID) + half)
+                s.sendall(bytes([0x02]) + struct.pack(">I", RAM_SECTION_ID) + after_run)
+                if not close_after:
+                    t.join(20)
             t.join(20)
-        assert "postcopy-paused" in statuses, box            # paused, waiting for a recovery ...
-        error = box.get("error")
-        assert isinstance(error, DestinationError) and error.kind == "recovery_timeout"   # ... none came
-        assert dest.path.received_pages() == 0
-        assert dest.guest is not None and dest.guest.running == 2
+        assert not t.is_alive()
     finally:
-        dest.close()
         src_guest.close()
         src_memory.close()
+    return dest, box, statuses
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TAILS))
+def test_bad_page_from_the_source_is_a_clear_error_and_the_guest_survives(kind: str) -> None:
+    # a ram PART whose first record is bad
+    dest, box, _ = _fake_source(BAD_TAILS[kind](SPEC), close_after=False)
+    try:
+        error = box.get("error")
+        assert isinstance(error, Exception), "the destination accepted a bad page"
+        assert dest.result.status == "failed"
+        text = str(error)
+        assert "record" in text or "block" in text, text
+        # nothing was placed, and the guest is alive: its vCPUs wait for pages, they did not crash
+        assert dest.path.received_pages() == 0
+        assert dest.guest is not None
+        assert dest.guest.running == 2
+    finally:
+        dest.close()
+
+
+def test_connection_dropped_mid_record_pauses_instead_of_failing() -> None:
+    half = _record(0, SPEC.blocks[0].idstr, b"\x55" * 4096)[:2000]
+    dest, box, statuses = _fake_source(half, close_after=True)
+    try:
+        assert "postcopy-paused" in statuses, box            # paused, waiting for a recovery ...
+        error = box.get("error")
+        assert isinstance(error, DestinationError)
+        assert error.kind == "recovery_timeout"              # ... none came
+        assert dest.path.received_pages() == 0
+        assert dest.guest is not None
+        assert dest.guest.running == 2
+    finally:
+        dest.close()
