@@ -193,7 +193,7 @@ class Destination:
         forever = float("inf")
         while main is None or (self.preempt and preempt is None):
             sock = self._accept_until(forever)
-            first = self._first_byte(sock, self.link_timeout if main is None else 0.02)
+            first = self._first_byte(sock, self.link_timeout if main is None else 0.005)
             if first == b"Q":
                 for old in (main, preempt):    # a newer stream replaces one that died unfinished
                     if old is not None:
@@ -624,7 +624,7 @@ class Destination:
         preempt: socket.socket | None = None
         while main is None or (self.preempt and preempt is None):
             sock = self._accept_until(deadline)
-            first = self._first_byte(sock, self.link_timeout if main is None else 0.02)
+            first = self._first_byte(sock, self.link_timeout if main is None else 0.005)
             if first == b"\x08":
                 # a recovery main stream starts with a command, sent right after
                 # connecting; a newer one replaces an abandoned attempt's

@@ -86,7 +86,7 @@ class Source:
                  on_status: Callable[[str], None] | None = None, auto_recover: bool = True,
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
-                 backoff: tuple[float, float] = (0.01, 0.05)) -> None:
+                 backoff: tuple[float, float] = (0.01, 0.02)) -> None:
         self.spec = spec
         self._on_status = on_status
         self.memory = memory
