@@ -96,7 +96,7 @@ def reconnect_floor(net, outage: float, trials: int = 3) -> list[float]:  # type
         net.link_down("b")
         up_at: list[float] = []
 
-        def client() -> float:
+        def client(up_at: list[float] = up_at) -> float:
             while True:
                 try:
                     socket.create_connection((net.addr_b, port), timeout=0.25).close()
@@ -106,7 +106,7 @@ def reconnect_floor(net, outage: float, trials: int = 3) -> list[float]:  # type
                     time.sleep(0.02)
 
         box: list[float] = []
-        t = threading.Thread(target=lambda: box.append(net.call("a", client)))
+        t = threading.Thread(target=lambda box=box: box.append(net.call("a", client)))
         t.start()
         time.sleep(outage)
         up_at.append(time.monotonic())

@@ -13,17 +13,17 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from uffd import Bitmap, RamBlock
 from uffd._native import ffi, lib
 
 __all__ = [
+    "TARGET_PAGE_SIZE",
     "DataPathError",
     "DestinationPath",
     "Receiver",
     "SourcePath",
-    "TARGET_PAGE_SIZE",
 ]
 
 TARGET_PAGE_SIZE = 4096
@@ -170,7 +170,7 @@ class Receiver:
     EOF = lib.PC_RX_EOF
     EOS = lib.PC_RX_EOS
     STOPPED = lib.PC_RX_STOPPED
-    _ERRORS = {
+    _ERRORS: ClassVar[dict[int, str]] = {
         lib.PC_RX_E_IO: "io",
         lib.PC_RX_E_PROTO: "protocol",
         lib.PC_RX_E_PLACE: "placement",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -31,19 +32,15 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
 def urgent_priority(nice: int = -10) -> None:
     """Raise the calling thread above the guest and the bulk stream: it serves
     page faults. Needs CAP_SYS_NICE; without it the thread keeps its priority."""
-    try:
+    with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except OSError:
-        pass
 
 
 def background_priority(nice: int = 10) -> None:
     """Lower the calling thread (Linux: PRIO_PROCESS 0 is the thread) below
     the fault path: on 2 cores the bulk stream must not delay an urgent page."""
-    try:
+    with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except OSError:
-        pass
 
 
 #: Bytes the bulk stream may have in flight in the kernel on each side. A page
@@ -67,10 +64,8 @@ def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
 def shutdown_quietly(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class Backoff:

@@ -328,7 +328,7 @@ class Source:
                     pending.discard(idstr)
                 case wire.Pong():
                     pass
-                case wire.Shut(value=SHUT_NOTHING_TO_RECOVER):
+                case wire.Shut(value=v) if v == SHUT_NOTHING_TO_RECOVER:
                     raise _StartOver()
                 case _:
                     raise SourceError("unexpected", f"{type(event).__name__} before every bitmap arrived")

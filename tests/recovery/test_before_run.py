@@ -5,8 +5,6 @@ attempt is answered with SHUT 2, "nothing to recover")."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from harness import check, migrate
 
