@@ -14,29 +14,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core.h"
 #include "pagehash.h"
 #include "uffd.h"
 
 #define RX_BUF_SIZE (4u << 20)
 #define RX_BUF_LIMIT (512u << 20)   /* the largest control message Python may ask for (PACKAGED) */
 #define RX_MAX_RECS 4096u
-#define RP_REQ_PAGES_ID 3
-#define RP_REQ_PAGES 4
-#define QEMU_VM_SECTION_PART 0x02
-#define QEMU_VM_SECTION_END 0x03
-#define QEMU_VM_SECTION_FOOTER 0x7e
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
-static void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
-static void put_be32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (24 - 8 * i); }
-static void put_be64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (56 - 8 * i); }
-static uint32_t get_be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
 
 /* ------------------------------------------------------------------ pc_dst */
 
@@ -82,8 +68,7 @@ void pc_dst_free(pc_dst *d)
 int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
                      uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes)
 {
-    if (i >= d->nblocks || idlen == 0 || idlen > 255 || host_page_size < PC_TARGET_PAGE_SIZE ||
-        (host_page_size & (host_page_size - 1)) || length % host_page_size || base % host_page_size)
+    if (i >= d->nblocks || !pc_block_geometry_ok(idlen, length, host_page_size) || base % host_page_size)
         return -EINVAL;
     uint64_t npages = length / PC_TARGET_PAGE_SIZE;
     if (!received || !requested || received->nbits < npages || requested->nbits < npages)
@@ -194,18 +179,18 @@ static int send_request_locked(pc_dst *d, uint32_t bi, uint64_t host_off)
     uint8_t msg[4 + 13 + 255];
     uint64_t len;
     if (d->rp_last_block != (int64_t)bi) {
-        put_be16(msg, RP_REQ_PAGES_ID);
-        put_be16(msg + 2, 13 + b->idlen);
-        put_be64(msg + 4, host_off);
-        put_be32(msg + 12, (uint32_t)b->host_page_size);
+        pc_put_be16(msg, PC_RP_REQ_PAGES_ID);
+        pc_put_be16(msg + 2, 13 + b->idlen);
+        pc_put_be64(msg + 4, host_off);
+        pc_put_be32(msg + 12, (uint32_t)b->host_page_size);
         msg[16] = (uint8_t)b->idlen;
         memcpy(msg + 17, b->idstr, b->idlen);
         len = 17 + b->idlen;
     } else {
-        put_be16(msg, RP_REQ_PAGES);
-        put_be16(msg + 2, 12);
-        put_be64(msg + 4, host_off);
-        put_be32(msg + 12, (uint32_t)b->host_page_size);
+        pc_put_be16(msg, PC_RP_REQ_PAGES);
+        pc_put_be16(msg + 2, 12);
+        pc_put_be64(msg + 4, host_off);
+        pc_put_be32(msg + 12, (uint32_t)b->host_page_size);
         len = 16;
     }
     int rc = write_all(d->rp_fd, msg, len);
@@ -276,7 +261,7 @@ uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t 
 void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting)
 {
     pthread_mutex_lock(&d->wlock);
-    uint64_t now = now_ns();
+    uint64_t now = pc_now_ns();
     *c = d->c;
     *blocktime_ns = d->blocktime_ns + (d->nvcpus && d->vcpus_blocked == d->nvcpus ? now - d->all_blocked_since_ns : 0);
     for (uint32_t v = 0; v < d->nvcpus; v++) {
@@ -321,7 +306,7 @@ static void page_arrived(pc_dst *d, uint32_t bi, uint64_t host_off)
     for (uint32_t w = 0; w < d->nwaiters;) {
         if (d->waiters[w].block == bi && d->waiters[w].host_off == host_off) {
             if (!now)
-                now = now_ns();
+                now = pc_now_ns();
             waiter_done_locked(d, w, now);      /* moves the last entry into w */
         } else {
             w++;
@@ -344,7 +329,7 @@ static void page_waited(pc_dst *d, const pc_fault *f)
         /* The page may have been placed between the read and now: placement
          * sets the bits before it takes wlock, so one of us sees the other. */
         if (pc_bitmap_test(b->received, f->offset / PC_TARGET_PAGE_SIZE))
-            waiter_done_locked(d, w, now_ns());
+            waiter_done_locked(d, w, pc_now_ns());
     }
     pthread_mutex_unlock(&d->wlock);
 }
@@ -389,7 +374,7 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
                     /* On failure the request stays outstanding (requested bit
                      * set) and is sent again by pc_dst_resend_requests. */
                     if (send_request_locked(d, f->block, f->offset) == 0) {
-                        uint64_t sent = now_ns();
+                        uint64_t sent = pc_now_ns();
                         __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], sent, __ATOMIC_RELAXED);
                         __atomic_add_fetch(&d->c.requests_sent, 1, __ATOMIC_RELAXED);
                         pthread_mutex_lock(&d->wlock);
@@ -516,7 +501,7 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     __atomic_add_fetch(&rx->c.host_pages_placed, 1, __ATOMIC_RELAXED);
     uint64_t requested = __atomic_exchange_n(&b->request_ns[host_off / hps], 0, __ATOMIC_RELAXED);
     if (requested) {
-        uint64_t now = now_ns();
+        uint64_t now = pc_now_ns();
         pthread_mutex_lock(&d->wlock);
         ring_put(d, PC_LAT_REPLY, now > requested ? now - requested : 0);
         pthread_mutex_unlock(&d->wlock);
@@ -632,9 +617,9 @@ int pc_rx_run(pc_rx *rx)
                     if (pc_sockbuf_fill(in, 5) < 5)
                         return rx_fail(rx, PC_RX_E_TRUNCATED, EPIPE, "stream ended before the section footer");
                     const uint8_t *p = pc_sockbuf_data(in);
-                    if (p[0] != QEMU_VM_SECTION_FOOTER || get_be32(p + 1) != rx->ram_section_id)
+                    if (p[0] != PC_VM_SECTION_FOOTER || pc_get_be32(p + 1) != rx->ram_section_id)
                         return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
-                                       "bad section footer 0x%02x id %u after ram section %u", p[0], get_be32(p + 1),
+                                       "bad section footer 0x%02x id %u after ram section %u", p[0], pc_get_be32(p + 1),
                                        rx->ram_section_id);
                     pc_sockbuf_consume(in, 5);
                     continue;
@@ -643,14 +628,14 @@ int pc_rx_run(pc_rx *rx)
             }
         } else if (avail >= 5) {
             const uint8_t *p = pc_sockbuf_data(in);
-            if ((p[0] == QEMU_VM_SECTION_PART || p[0] == QEMU_VM_SECTION_END) && get_be32(p + 1) == rx->ram_section_id) {
+            if ((p[0] == PC_VM_SECTION_PART || p[0] == PC_VM_SECTION_END) && pc_get_be32(p + 1) == rx->ram_section_id) {
                 pc_sockbuf_consume(in, 5);
                 rx->in_section = 1;
                 continue;
             }
             return PC_RX_CONTROL;
-        } else if (avail && pc_sockbuf_data(in)[0] != QEMU_VM_SECTION_PART &&
-                   pc_sockbuf_data(in)[0] != QEMU_VM_SECTION_END) {
+        } else if (avail && pc_sockbuf_data(in)[0] != PC_VM_SECTION_PART &&
+                   pc_sockbuf_data(in)[0] != PC_VM_SECTION_END) {
             return PC_RX_CONTROL;   /* EOF marker or a command: Python decodes it */
         }
         int64_t n = pc_sockbuf_recv(in);

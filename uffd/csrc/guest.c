@@ -1,6 +1,7 @@
 /* The built-in synthetic guest; see guest.h for the page layout and the contract. */
 #define _GNU_SOURCE
 #include "guest.h"
+#include "core.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -380,12 +381,6 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 
 /* ---- vCPU threads --------------------------------------------------------------- */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Sleep until access number `done` (since start) is due; false if asked to stop meanwhile. */
 static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
@@ -394,7 +389,7 @@ static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
     for (;;) {
         if (atomic_load_explicit(&g->stop, memory_order_relaxed))
             return false;
-        uint64_t now = now_ns();
+        uint64_t now = pc_now_ns();
         if (now >= due)
             return true;
         uint64_t nap = due - now;
@@ -415,7 +410,7 @@ static void *vcpu_main(void *arg)
     uint64_t steps = atomic_load_explicit(&c->steps, memory_order_relaxed);
     uint64_t reads = atomic_load_explicit(&c->reads, memory_order_relaxed);
     uint64_t writes = atomic_load_explicit(&c->writes, memory_order_relaxed);
-    const uint64_t start_ns = g->rate_limit ? now_ns() : 0, first_step = steps;
+    const uint64_t start_ns = g->rate_limit ? pc_now_ns() : 0, first_step = steps;
 
     while (steps < c->limit && !atomic_load_explicit(&g->stop, memory_order_relaxed)) {
         if (g->rate_limit && !throttle(g, start_ns, steps - first_step))
@@ -497,7 +492,7 @@ int pc_guest_wait(pc_guest *g, int64_t timeout_ns)
 {
     struct timespec deadline;
     if (timeout_ns >= 0) {
-        uint64_t t = now_ns() + (uint64_t)timeout_ns;
+        uint64_t t = pc_now_ns() + (uint64_t)timeout_ns;
         deadline.tv_sec = (time_t)(t / 1000000000ull);
         deadline.tv_nsec = (long)(t % 1000000000ull);
     }

@@ -1,6 +1,7 @@
 /* Memory touching from C threads (see memtouch.h). */
 #define _GNU_SOURCE
 #include "memtouch.h"
+#include "core.h"
 #include "uffd.h"
 
 #include <errno.h>
@@ -13,12 +14,6 @@
 
 static inline volatile uint8_t *at(uint64_t addr) { return (volatile uint8_t *)(uintptr_t)addr; }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 int pc_mt_read_byte(uint64_t addr) { return *at(addr); }
 void pc_mt_write_byte(uint64_t addr, uint8_t value) { *at(addr) = value; }
@@ -105,10 +100,10 @@ uint64_t pc_mt_fault_sequence(uint64_t addr, uint64_t npages, uint64_t page_size
 {
     uint64_t sum = 0;
     for (uint64_t i = 0; i < npages; i++) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = pc_now_ns();
         sum += *at(addr + i * page_size);
         if (lat_ns)
-            lat_ns[i] = now_ns() - t0;
+            lat_ns[i] = pc_now_ns() - t0;
     }
     return sum;
 }
@@ -141,13 +136,13 @@ void pc_mt_memcpy(uint64_t dst, uint64_t src, uint64_t len)
 
 int64_t pc_mt_bench_copy(int fd, uint64_t dst, uint64_t src, uint64_t page_size, uint64_t npages)
 {
-    uint64_t t0 = now_ns();
+    uint64_t t0 = pc_now_ns();
     for (uint64_t i = 0; i < npages; i++) {
         struct uffdio_copy c = { .dst = dst + i * page_size, .src = src + i * page_size, .len = page_size, .mode = 0 };
         if (ioctl(fd, UFFDIO_COPY, &c) != 0)
             return -errno;
     }
-    return (int64_t)(now_ns() - t0);
+    return (int64_t)(pc_now_ns() - t0);
 }
 
 /* Bench reference: the machine's floor for a round trip that needs two
@@ -181,12 +176,12 @@ int pc_mt_bench_wakeup_pingpong(uint64_t iters, uint64_t *lat_ns)
     if (rc == 0) {
         char c = 1;
         for (uint64_t i = 0; i < iters; i++) {
-            uint64_t t0 = now_ns();
+            uint64_t t0 = pc_now_ns();
             if (write(pp.to_peer[1], &c, 1) != 1 || read(pp.to_main[0], &c, 1) != 1) {
                 rc = errno ? errno : EIO;
                 break;
             }
-            lat_ns[i] = now_ns() - t0;
+            lat_ns[i] = pc_now_ns() - t0;
         }
         close(pp.to_peer[1]); /* EOF ends the peer */
         pthread_join(peer, NULL);

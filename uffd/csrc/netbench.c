@@ -1,6 +1,7 @@
 /* Physical floors for the migration benchmark: see netbench.h. */
 #define _GNU_SOURCE
 #include "netbench.h"
+#include "core.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -17,12 +18,6 @@
 
 #define STREAM_SOCKBUF (4u << 20)
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* A connected loopback TCP pair: fds[0] the client end, fds[1] the accepted end. */
 static int tcp_pair(int fds[2], int nodelay)
@@ -122,12 +117,12 @@ int pc_nb_tcp_rtt(uint64_t iters, uint32_t msg_size, uint64_t *lat_ns)
         rc = -ENOMEM;
     } else if ((rc = -pthread_create(&peer, NULL, echo_main, &e)) == 0) {
         for (uint64_t i = 0; i < iters && rc == 0; i++) {
-            uint64_t t0 = now_ns();
+            uint64_t t0 = pc_now_ns();
             if ((rc = write_all(fds[0], buf, msg_size)) == 0) {
                 int r = read_all(fds[0], buf, msg_size);
                 rc = r == 1 ? 0 : r == 0 ? -EPIPE : r;
             }
-            lat_ns[i] = now_ns() - t0;
+            lat_ns[i] = pc_now_ns() - t0;
         }
         shutdown(fds[0], SHUT_WR); /* EOF ends the peer */
         pthread_join(peer, NULL);
@@ -182,7 +177,7 @@ int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
         rc = -ENOMEM;
     } else {
         memset(buf, 0, chunk);
-        uint64_t t0 = now_ns(), got = 0;
+        uint64_t t0 = pc_now_ns(), got = 0;
         if ((rc = -pthread_create(&tx, NULL, sender_main, &s)) == 0) {
             for (;;) {
                 ssize_t n = read(fds[1], buf, chunk);
@@ -194,7 +189,7 @@ int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
                 }
                 got += (uint64_t)n;
             }
-            *elapsed_ns = now_ns() - t0;
+            *elapsed_ns = pc_now_ns() - t0;
             pthread_join(tx, NULL);
             if (rc == 0 && s.rc < 0)
                 rc = s.rc;
@@ -302,9 +297,9 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
     if (have_handler) {
         for (uint64_t i = 0; i < npages; i++) {
             volatile const uint8_t *p = (volatile const uint8_t *)(uintptr_t)(addr + i * page_size);
-            uint64_t t0 = now_ns();
+            uint64_t t0 = pc_now_ns();
             (void)*p;
-            lat_ns[i] = now_ns() - t0;
+            lat_ns[i] = pc_now_ns() - t0;
         }
         char x = 1;
         if (write(r.stop[1], &x, 1) != 1)
@@ -331,7 +326,7 @@ int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len
 {
     if (!chunk || len % chunk)
         return -EINVAL;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = pc_now_ns();
     for (uint64_t off = 0; off < len;) {
         uint64_t n = len - off < chunk ? len - off : chunk;
         struct uffdio_copy c = { .dst = dst + off, .src = src + off, .len = n };
@@ -345,5 +340,5 @@ int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len
         }
         return -errno;
     }
-    return (int64_t)(now_ns() - t0);
+    return (int64_t)(pc_now_ns() - t0);
 }

@@ -1,23 +1,9 @@
 #include "ramscan.h"
 
+#include "core.h"
+
 #include <string.h>
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) {
-        v = (v << 8) | p[i];
-    }
-    return v;
-}
-
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
 
 void pc_ram_scan_init(pc_ram_scan_state *st, uint64_t target_page_size, int postcopy)
 {
@@ -79,7 +65,7 @@ int64_t pc_ram_scan(pc_ram_scan_state *st, const pc_ram_block_info *blocks, uint
             *status = PC_SCAN_NEED_DATA;
             break;
         }
-        const uint64_t word = get_be64(buf + pos);
+        const uint64_t word = pc_get_be64(buf + pos);
         const uint64_t flags = word & (tps - 1);
         const uint64_t offset = word & ~(tps - 1);
         if (flags == PC_RAM_FLAG_EOS) {
@@ -237,7 +223,7 @@ int64_t pc_ram_encode(const pc_ram_block_info *blocks, uint32_t nblocks, uint64_
                 flags |= PC_RAM_FLAG_CONTINUE;
             }
             uint8_t *o = out + pos;
-            put_be64(o, (r->offset & ~(tps - 1)) | flags);
+            pc_put_be64(o, (r->offset & ~(tps - 1)) | flags);
             o += 8;
             if (r->had_idstr) {
                 *o++ = (uint8_t)b->idlen;

@@ -15,30 +15,14 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "core.h"
 #include "pagehash.h"
+#include "ramscan.h"
 
-#define RAM_SAVE_FLAG_ZERO 0x02
-#define RAM_SAVE_FLAG_PAGE 0x08
-#define RAM_SAVE_FLAG_EOS 0x10
-#define RAM_SAVE_FLAG_CONTINUE 0x20
-#define RP_MAX_FRAME 512
-#define RP_REQ_PAGES_ID 3
-#define RP_REQ_PAGES 4
 #define BATCH_RECORDS 64            /* 256 KiB of 4 KiB pages: a requested page never waits long behind one */
 #define HDR_MAX (8 + 1 + 255 + 1)
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
-static void put_be32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (24 - 8 * i); }
-static void put_be64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (56 - 8 * i); }
-static uint16_t get_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t get_be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-static uint64_t get_be64(const uint8_t *p) { return (uint64_t)get_be32(p) << 32 | get_be32(p + 4); }
 
 static int src_fail(pc_src *s, int code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int src_fail(pc_src *s, int code, int err, const char *fmt, ...)
@@ -100,8 +84,7 @@ void pc_src_free(pc_src *s)
 int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, uint64_t base, uint64_t length,
                      uint64_t host_page_size, pc_bitmap *dirty)
 {
-    if (i >= s->nblocks || idlen == 0 || idlen > 255 || host_page_size < PC_TARGET_PAGE_SIZE ||
-        (host_page_size & (host_page_size - 1)) || length % host_page_size || !dirty ||
+    if (i >= s->nblocks || !pc_block_geometry_ok(idlen, length, host_page_size) || !dirty ||
         dirty->nbits < length / PC_TARGET_PAGE_SIZE)
         return -EINVAL;
     pc_src_block *b = &s->blocks[i];
@@ -312,10 +295,10 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
         const uint8_t *page = (const uint8_t *)(uintptr_t)(b->base + off);
         int zero = pc_is_zero(page, PC_TARGET_PAGE_SIZE);
         uint8_t *h = bt->hdr[bt->nhdr++];
-        uint64_t flags = zero ? RAM_SAVE_FLAG_ZERO : RAM_SAVE_FLAG_PAGE, n = 8;
+        uint64_t flags = zero ? PC_RAM_FLAG_ZERO : PC_RAM_FLAG_PAGE, n = 8;
         if (c->last_block == (int64_t)bi)
-            flags |= RAM_SAVE_FLAG_CONTINUE;
-        put_be64(h, off | flags);
+            flags |= PC_RAM_FLAG_CONTINUE;
+        pc_put_be64(h, off | flags);
         if (c->last_block != (int64_t)bi) {
             h[n++] = (uint8_t)b->idlen;
             memcpy(h + n, b->idstr, b->idlen);
@@ -336,7 +319,7 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
         }
     }
     if (ch == PC_CHAN_MAIN) {
-        __atomic_store_n(&b->main_ns[host_off / b->host_page_size], now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&b->main_ns[host_off / b->host_page_size], pc_now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&b->main_end[host_off / b->host_page_size],
                          __atomic_load_n(&c->bytes, __ATOMIC_RELAXED) + bt->bytes, __ATOMIC_RELEASE);
     }
@@ -390,8 +373,8 @@ static int drain_queue(pc_src *s, batch *bt, int *in_section)
             continue;
         }
         if (!*in_section) {
-            uint8_t h[5] = { 0x02 };
-            put_be32(h + 1, s->ram_section_id);
+            uint8_t h[5] = { PC_VM_SECTION_PART };
+            pc_put_be32(h + 1, s->ram_section_id);
             batch_raw(bt, h, 5);
             *in_section = 1;
         }
@@ -415,7 +398,7 @@ static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
             if (rc < 0)
                 return rc;
         }
-        uint64_t now = now_ns();
+        uint64_t now = pc_now_ns();
         if (now >= until)
             return 0;
         uint64_t slice = until - now < 1000000 ? until - now : 1000000;   /* 1 ms at most */
@@ -439,7 +422,7 @@ int pc_src_bulk_run(pc_src *s)
         return src_fail(s, PC_TX_E_IO, ENOMEM, "out of memory");
     pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
     int in_section = 0, rc = 0, result = PC_TX_DONE;
-    uint64_t section_bytes = 0, window_start = now_ns(), window_bytes = 0;
+    uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0;
     pthread_mutex_lock(&c->lock);
     for (;;) {
         if (stopped(s)) {
@@ -465,8 +448,8 @@ int pc_src_bulk_run(pc_src *s)
             if (!claim_host_page(b, first * PC_TARGET_PAGE_SIZE))
                 continue;       /* a request took it first */
             if (!in_section) {
-                uint8_t h[5] = { 0x02 };
-                put_be32(h + 1, s->ram_section_id);
+                uint8_t h[5] = { PC_VM_SECTION_PART };
+                pc_put_be32(h + 1, s->ram_section_id);
                 batch_raw(bt, h, 5);
                 in_section = 1;
             }
@@ -479,12 +462,12 @@ int pc_src_bulk_run(pc_src *s)
             break;
         int done = s->cursor_block >= s->nblocks;
         uint64_t hb = __atomic_load_n(&s->heartbeat_ns, __ATOMIC_RELAXED);
-        int beat = hb && now_ns() - s->ping_sent_ns >= hb;
+        int beat = hb && pc_now_ns() - s->ping_sent_ns >= hb;
         if (in_section && (done || beat || section_bytes >= s->section_bytes)) {
             uint8_t tail[13];
-            put_be64(tail, RAM_SAVE_FLAG_EOS);
-            tail[8] = 0x7e;
-            put_be32(tail + 9, s->ram_section_id);
+            pc_put_be64(tail, PC_RAM_FLAG_EOS);
+            tail[8] = PC_VM_SECTION_FOOTER;
+            pc_put_be32(tail + 9, s->ram_section_id);
             batch_raw(bt, tail, 13);
             in_section = 0;
             section_bytes = 0;
@@ -492,11 +475,11 @@ int pc_src_bulk_run(pc_src *s)
         if (beat && !in_section) {
             /* Between sections: a PING the destination must answer, so a
              * link that silently stopped is noticed (the watchdog in Python). */
-            uint8_t ping[9] = { 0x08, 0x00, 0x02, 0x00, 0x04 };
+            uint8_t ping[9] = { PC_VM_COMMAND, 0x00, 0x02, 0x00, 0x04 };    /* PING, length 4 */
             s->ping_seq = (s->ping_seq + 1) & ~PC_HEARTBEAT_MASK;
-            put_be32(ping + 5, PC_HEARTBEAT_PING | s->ping_seq);
+            pc_put_be32(ping + 5, PC_HEARTBEAT_PING | s->ping_seq);
             batch_raw(bt, ping, 9);
-            __atomic_store_n(&s->ping_sent_ns, now_ns(), __ATOMIC_RELAXED);
+            __atomic_store_n(&s->ping_sent_ns, pc_now_ns(), __ATOMIC_RELAXED);
         }
         if ((rc = batch_flush(s, PC_CHAN_MAIN, bt)) < 0)
             break;
@@ -515,7 +498,7 @@ int pc_src_bulk_run(pc_src *s)
         if (cap) {
             window_bytes += sent;
             uint64_t due = window_start + window_bytes * 1000000000ull / cap;
-            uint64_t now = now_ns();
+            uint64_t now = pc_now_ns();
             if (now > due + 100000000ull) {     /* idle for a while: do not burst to catch up */
                 window_start = now;
                 window_bytes = 0;
@@ -529,9 +512,9 @@ int pc_src_bulk_run(pc_src *s)
     else if (in_section) {
         /* stopped inside a section: close it so the stream stays well formed */
         uint8_t tail[13];
-        put_be64(tail, RAM_SAVE_FLAG_EOS);
-        tail[8] = 0x7e;
-        put_be32(tail + 9, s->ram_section_id);
+        pc_put_be64(tail, PC_RAM_FLAG_EOS);
+        tail[8] = PC_VM_SECTION_FOOTER;
+        pc_put_be32(tail + 9, s->ram_section_id);
         batch_raw(bt, tail, 13);
         if ((rc = batch_flush(s, PC_CHAN_MAIN, bt)) < 0)
             result = src_fail(s, PC_TX_E_IO, -rc, "main channel write: %s", strerror(-rc));
@@ -567,7 +550,7 @@ static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8)
         return 0;
     uint64_t queued_ns = __atomic_load_n(&b->main_ns[host_off / b->host_page_size], __ATOMIC_RELAXED);
-    if (c->conn_base + ti.tcpi_bytes_acked >= end && now_ns() - queued_ns > RESEND_WINDOW_NS)
+    if (c->conn_base + ti.tcpi_bytes_acked >= end && pc_now_ns() - queued_ns > RESEND_WINDOW_NS)
         return 0;
     return __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL) != 0;
 }
@@ -644,11 +627,11 @@ int pc_src_rp_run(pc_src *s)
         if (r < 0)
             return src_fail(s, PC_RP_E_IO, (int)-r, "return path recv: %s", strerror((int)-r));
         const uint8_t *p = pc_sockbuf_data(in);
-        uint16_t type = get_be16(p), len = get_be16(p + 2);
-        if (len > RP_MAX_FRAME)
+        uint16_t type = pc_get_be16(p), len = pc_get_be16(p + 2);
+        if (len > PC_RP_MAX_FRAME)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
-                            RP_MAX_FRAME);
-        if (type != RP_REQ_PAGES_ID && type != RP_REQ_PAGES)
+                            PC_RP_MAX_FRAME);
+        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES)
             return PC_RP_CONTROL;
         r = pc_sockbuf_fill(in, 4u + len);
         if (r == 0)
@@ -657,7 +640,7 @@ int pc_src_rp_run(pc_src *s)
             return src_fail(s, PC_RP_E_IO, (int)-r, "return path recv: %s", strerror((int)-r));
         p = pc_sockbuf_data(in);
         const uint8_t *body = p + 4;
-        if (type == RP_REQ_PAGES_ID) {
+        if (type == PC_RP_REQ_PAGES_ID) {
             if (len < 14 || len != 13u + body[12])
                 return src_fail(s, PC_RP_E_PROTO, EINVAL, "REQ_PAGES_ID with length %u", len);
             s->rp_block = find_block(s, body + 13, body[12]);
@@ -672,8 +655,8 @@ int pc_src_rp_run(pc_src *s)
             pc_sockbuf_consume(in, 4u + len);
             return src_fail(s, PC_RP_BAD_REQUEST, EINVAL, "REQ_PAGES before any REQ_PAGES_ID named a block");
         }
-        uint64_t start = get_be64(body);
-        uint64_t rlen = get_be32(body + 8);
+        uint64_t start = pc_get_be64(body);
+        uint64_t rlen = pc_get_be32(body + 8);
         pc_src_block *b = &s->blocks[s->rp_block];
         pc_sockbuf_consume(in, 4u + len);
         if (rlen == 0 || start % PC_TARGET_PAGE_SIZE || rlen % PC_TARGET_PAGE_SIZE || start >= b->length ||

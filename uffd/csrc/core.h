@@ -1,0 +1,44 @@
+/* Small inline helpers shared by the C core: the monotonic clock, big-endian
+ * fields of QEMU's stream, its framing constants, and the geometry a RAM
+ * block must have. Header only: every component may include it. */
+#ifndef PC_CORE_H
+#define PC_CORE_H
+
+#include <stdint.h>
+#include <time.h>
+
+static inline uint64_t pc_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void pc_put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static inline void pc_put_be32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (24 - 8 * i)); }
+static inline void pc_put_be64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (56 - 8 * i)); }
+static inline uint16_t pc_get_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t pc_get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t pc_get_be64(const uint8_t *p) { return (uint64_t)pc_get_be32(p) << 32 | pc_get_be32(p + 4); }
+
+/* QEMU_VM_* section bytes and return-path message types (see the protocol spec). */
+#define PC_VM_SECTION_PART 0x02
+#define PC_VM_SECTION_END 0x03
+#define PC_VM_SECTION_FOOTER 0x7e
+#define PC_VM_COMMAND 0x08
+#define PC_RP_REQ_PAGES_ID 3
+#define PC_RP_REQ_PAGES 4
+#define PC_RP_MAX_FRAME 512
+
+/* A RAM block both roles accept: a named (1..255 bytes) whole number of host
+ * pages, the host page a power of two of at least 4 KiB. */
+static inline int pc_block_geometry_ok(uint32_t idlen, uint64_t length, uint64_t host_page_size)
+{
+    return idlen >= 1 && idlen <= 255 && host_page_size >= 4096 && !(host_page_size & (host_page_size - 1)) &&
+           length && length % host_page_size == 0;
+}
+
+#endif
