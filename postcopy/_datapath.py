@@ -11,16 +11,20 @@ before dropping these wrappers.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uffd import Bitmap, RamBlock
 from uffd._native import ffi, lib
 
+from .wire import NEED_DATA
+
 __all__ = [
     "TARGET_PAGE_SIZE",
     "DataPathError",
+    "SockBuf",
+    "decoded_items",
     "DestinationPath",
     "Receiver",
     "SourcePath",
@@ -34,6 +38,60 @@ CHAN_MAIN = lib.PC_CHAN_MAIN
 CHAN_PREEMPT = lib.PC_CHAN_PREEMPT
 PC_HEARTBEAT_PING = lib.PC_HEARTBEAT_PING
 PC_HEARTBEAT_MASK = lib.PC_HEARTBEAT_MASK
+
+
+class SockBuf:
+    """A C receive buffer (``pc_sockbuf``) seen from Python: the exact bytes of
+    control messages, while the C loops parse everything else in place."""
+
+    def __init__(self, sb: Any, owner: object, what: str) -> None:
+        self._sb = sb
+        self._owner = owner     # keeps the C object holding the buffer alive
+        self._what = what
+
+    def available(self) -> int:
+        return int(self._sb.tail - self._sb.head)
+
+    def peek(self, start: int = 0) -> bytes:
+        sb = self._sb
+        return bytes(ffi.buffer(sb.buf + sb.head + start, sb.tail - sb.head - start))
+
+    def fill(self, n: int) -> int:
+        """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""
+        rc = int(lib.pc_sockbuf_fill(self._sb, n))
+        if rc < 0:
+            raise ConnectionError(-rc, f"{self._what} receive failed")
+        return rc
+
+    def consume(self, n: int) -> None:
+        lib.pc_sockbuf_consume(self._sb, n)
+
+    @property
+    def received(self) -> int:
+        return int(self._sb.bytes)
+
+
+def decoded_items(buf: SockBuf, dec: Any) -> Iterator[Any]:
+    """Events of a sans-IO decoder fed from ``buf``, each consuming exactly its
+    bytes: whatever follows the last event taken stays in the C buffer, for
+    the C loop to go on from there."""
+    fed = 0
+    last = dec.offset
+    while True:
+        event = dec.next_event()
+        if event is NEED_DATA:
+            if buf.available() <= fed and buf.fill(fed + 1) == 0:
+                dec.receive_data(b"")
+                continue
+            chunk = buf.peek(fed)
+            dec.receive_data(chunk)
+            fed += len(chunk)
+            continue
+        used = dec.offset - last
+        last = dec.offset
+        buf.consume(used)
+        fed -= used
+        yield event
 
 
 class DataPathError(Exception):
@@ -183,6 +241,8 @@ class Receiver:
         self._rx = ffi.gc(lib.pc_rx_new(path._d, sock.fileno(), kind, ram_section_id), lib.pc_rx_free)
         if self._rx == ffi.NULL:
             raise MemoryError("pc_rx_new")
+        #: the receive buffer, for Python's exact decoding of control items
+        self.input = SockBuf(ffi.addressof(self._rx, "in"), self, "channel")
 
     @property
     def ram_section_id(self) -> int:
@@ -202,28 +262,6 @@ class Receiver:
     def stop(self) -> None:
         lib.pc_rx_stop(self._rx)
 
-    # -- exact bytes for Python's control decoding --------------------------
-    def available(self) -> int:
-        sb = self._in
-        return int(sb.tail - sb.head)
-
-    def peek(self, start: int = 0) -> bytes:
-        sb = self._in
-        return bytes(ffi.buffer(sb.buf + sb.head + start, sb.tail - sb.head - start))
-
-    def fill(self, n: int) -> int:
-        rc = int(lib.pc_sockbuf_fill(ffi.addressof(self._rx, "in"), n))
-        if rc < 0:
-            raise ConnectionError(-rc, "receive failed")
-        return rc
-
-    def consume(self, n: int) -> None:
-        lib.pc_sockbuf_consume(ffi.addressof(self._rx, "in"), n)
-
-    @property
-    def _in(self) -> Any:
-        return ffi.addressof(self._rx, "in")
-
     def place(self, records: bytes, buffer: bytes) -> None:
         n = len(records) // ffi.sizeof("pc_ram_record")
         recs = ffi.from_buffer("pc_ram_record[]", records)
@@ -236,7 +274,7 @@ class Receiver:
 
     def counters(self) -> tuple[int, int, int]:
         c = self._rx.c
-        return int(c.pages_normal), int(c.pages_zero), int(self._in.bytes)
+        return int(c.pages_normal), int(c.pages_zero), self.input.received
 
 
 class SourcePath:
@@ -260,6 +298,8 @@ class SourcePath:
             if lib.pc_src_set_block(self._s, i, idstr, len(idstr), b.addr, b.used_length, b.page_size,
                                     self.dirty[i].cdata) < 0:
                 raise ValueError(f"block {b.idstr}: rejected by the data path")
+        #: the return path's receive buffer (non-request messages are decoded in Python)
+        self.rp = SockBuf(ffi.addressof(self._s, "rp"), self, "return path")
 
     def index(self, idstr: str) -> int:
         for i, b in enumerate(self.blocks):
@@ -332,23 +372,6 @@ class SourcePath:
 
     def last_error(self) -> str:
         return ffi.string(self._s.err_msg).decode(errors="replace")
-
-    @property
-    def _rp(self) -> Any:
-        return ffi.addressof(self._s, "rp")
-
-    def rp_fill(self, n: int) -> int:
-        rc = int(lib.pc_sockbuf_fill(self._rp, n))
-        if rc < 0:
-            raise ConnectionError(-rc, "return path receive failed")
-        return rc
-
-    def rp_peek(self) -> bytes:
-        sb = self._rp
-        return bytes(ffi.buffer(sb.buf + sb.head, sb.tail - sb.head))
-
-    def rp_consume(self, n: int) -> None:
-        lib.pc_sockbuf_consume(self._rp, n)
 
     def counters(self) -> dict[str, int]:
         s = self._s

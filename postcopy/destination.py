@@ -21,13 +21,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uffd import Feature, RegisterMode, Userfaultfd
 
 from . import wire
-from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver
+from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
 from ._link import LinkBroken, background_priority, bound_bulk_buffers, urgent_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest, Pattern
 from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
@@ -71,31 +71,6 @@ class DestinationResult:
     restarts: int = 0               # streams taken again because the link broke before RUN
     duplicate_host_pages: int = 0   # arrived twice (a requested page resent on preempt): EEXIST, harmless
     error: str | None = None
-
-
-def _events(rx: Receiver, dec: wire.MainStreamDecoder) -> Iterator[wire.Event]:
-    """Decode items from the receiver's buffer, consuming exactly their bytes.
-
-    The bytes after the last item taken stay in the receiver, so the C path
-    can go on from there.
-    """
-    fed = 0
-    last = dec.offset
-    while True:
-        event = dec.next_event()
-        if event is wire.NEED_DATA:
-            if rx.available() <= fed and rx.fill(fed + 1) == 0:
-                dec.receive_data(b"")
-                continue
-            chunk = rx.peek(fed)
-            dec.receive_data(chunk)
-            fed += len(chunk)
-            continue
-        used = dec.offset - last
-        last = dec.offset
-        rx.consume(used)
-        fed -= used
-        yield event
 
 
 class Destination:
@@ -148,7 +123,7 @@ class Destination:
         self._listener = listener
         try:
             while True:
-                main, preempt = self._accept_fresh()
+                main, preempt = self._accept_channels(recovery=False, deadline=float("inf"))
                 try:
                     rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
                     self._preamble(rx, main, preempt)
@@ -184,18 +159,22 @@ class Destination:
                     sock.close()
         return self.result
 
-    def _accept_fresh(self) -> tuple[socket.socket, socket.socket | None]:
-        """The channels of a fresh migration stream: main starts with the QEVM
-        header at once, preempt stays silent. A recovery attempt (it starts with
-        a command) is told there is nothing to recover, so the source starts over."""
+    def _accept_channels(self, *, recovery: bool, deadline: float) -> tuple[socket.socket, socket.socket | None]:
+        """The source's main and preempt connections, told apart by content: a
+        fresh main stream starts with the QEVM header, a recovery one with a
+        command, both sent right after connecting; the preempt channel stays
+        silent until a page is urgent. A newer main replaces one of an attempt
+        that died unfinished; stale connections show EOF at once and are closed.
+        A recovery attempt while we wait for a fresh stream (no guest runs here
+        yet) is told there is nothing to recover, so the source starts over."""
+        wanted = b"\x08" if recovery else b"Q"
         main: socket.socket | None = None
         preempt: socket.socket | None = None
-        forever = float("inf")
         while main is None or (self.preempt and preempt is None):
-            sock = self._accept_until(forever)
+            sock = self._accept_until(deadline)
             first = self._first_byte(sock, self.link_timeout if main is None else 0.005)
-            if first == b"Q":
-                for old in (main, preempt):    # a newer stream replaces one that died unfinished
+            if first == wanted:
+                for old in (main, preempt):
                     if old is not None:
                         old.close()
                 main, preempt = bound_bulk_buffers(sock), None
@@ -264,7 +243,7 @@ class Destination:
         """Everything up to RUN: header, setup, discards, PACKAGED."""
         huge = {b.idstr: b.page_size for b in self.memory if b.page_size != TARGET_PAGE_SIZE}
         dec = wire.MainStreamDecoder(block_page_sizes=huge)
-        for event in _events(rx, dec):
+        for event in decoded_items(rx.input, dec):
             match event:
                 case wire.OpenReturnPath():
                     self.path.set_return_path(main)
@@ -376,7 +355,7 @@ class Destination:
             code = rx.run()
             if code == Receiver.CONTROL:
                 dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
-                event = next(_events(rx, dec))
+                event = next(decoded_items(rx.input, dec))
                 match event:
                     case wire.Ping(value=v):
                         self.path.send(wire.encode(wire.Pong(value=v)))
@@ -620,29 +599,13 @@ class Destination:
     def _accept_recovery(self, deadline: float) -> Receiver:
         """Take the source's new channels, answer its bitmap requests and RESUME."""
         assert self._layout is not None
-        main: socket.socket | None = None
-        preempt: socket.socket | None = None
-        while main is None or (self.preempt and preempt is None):
-            sock = self._accept_until(deadline)
-            first = self._first_byte(sock, self.link_timeout if main is None else 0.005)
-            if first == b"\x08":
-                # a recovery main stream starts with a command, sent right after
-                # connecting; a newer one replaces an abandoned attempt's
-                for old in (main, preempt):
-                    if old is not None:
-                        old.close()
-                main, preempt = bound_bulk_buffers(sock), None
-            elif first is None and main is not None and preempt is None:
-                preempt = sock          # silent until a page is urgent; a stale one shows EOF at once
-            else:
-                sock.close()            # a stale connection of an earlier attempt
-        self._main_sock, self._preempt_sock = main, preempt
+        main, preempt = self._accept_channels(recovery=True, deadline=deadline)
         self._broken.clear()
         self._set_status("postcopy-recover")
         set_recv_timeout(main, self.link_timeout)
         rx = self._main_rx = self.path.receiver(main, RX_MAIN, self._layout.section_id or 0)
         dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
-        for event in _events(rx, dec):
+        for event in decoded_items(rx.input, dec):
             match event:
                 case wire.RecvBitmapRequest(idstr=idstr):
                     try:

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from uffd import GuestMemory
 
 from . import wire
-from ._datapath import CHAN_MAIN, CHAN_PREEMPT, PC_HEARTBEAT_MASK, PC_HEARTBEAT_PING, DataPathError, SourcePath, hash_pages
+from ._datapath import (
+    CHAN_MAIN,
+    CHAN_PREEMPT,
+    PC_HEARTBEAT_MASK,
+    PC_HEARTBEAT_PING,
+    DataPathError,
+    SourcePath,
+    decoded_items,
+    hash_pages,
+)
 from ._link import Backoff, LinkBroken, background_priority, bound_bulk_buffers, urgent_priority, set_recv_timeout, shutdown_quietly, tune
 from .guest import Guest
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, encode_device_state
@@ -372,21 +381,7 @@ class Source:
         A fresh decoder each time: the bytes after this message may be page
         requests that the C loop serves.
         """
-        dec = wire.ReturnPathDecoder(layout=layout)
-        fed = 0
-        while True:
-            event = dec.next_event()
-            if event is not wire.NEED_DATA:
-                self.path.rp_consume(dec.offset)
-                return event
-            data = self.path.rp_peek()
-            if len(data) <= fed:
-                if self.path.rp_fill(fed + 1) == 0:
-                    dec.receive_data(b"")
-                    continue
-                data = self.path.rp_peek()
-            dec.receive_data(data[fed:])
-            fed = len(data)
+        return next(decoded_items(self.path.rp, wire.ReturnPathDecoder(layout=layout)))  # type: ignore[no-any-return]
 
     @staticmethod
     def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
