@@ -149,9 +149,8 @@ class Source:
             self.path.set_return_path(self._main)
             self._send(self._preamble())
             if self.preempt:
-                # 7.2 style: connect preempt at once; the destination tells it from main by order.
-                self._preempt_sock = tune(socket.create_connection(address), self.link_timeout)
-                self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+                # 7.2 style: connect preempt at once; the destination tells it from main by content.
+                self._connect_preempt(None)
             self._start_return_path()
             self._set_status("active")
             if switchover is not None:
@@ -304,25 +303,13 @@ class Source:
 
     def _resume_handshake(self) -> None:
         """New channels; RECV_BITMAP for every block; dirty = not received; RESUME; RESUME_ACK."""
-        assert self._address is not None
-        main = self._main = bound_bulk_buffers(tune(
-            socket.create_connection(self._address, timeout=self.reconnect_timeout), self.link_timeout))
-        main.settimeout(None)
+        main = self._reconnect_main()
         self._set_status("postcopy-recover")
-        self._link_error = None
-        self._shut.clear()
-        self._last_heartbeat_pong = self.path.heartbeat()[0]    # pings of the old link get no answer
-        self.path.restart()
-        self.path.set_channel(CHAN_MAIN, main)
-        self.path.set_return_path(main)
         set_recv_timeout(main, self.link_timeout)
         # the commands first, then the preempt channel: the destination tells them apart by content
         self._send([wire.RecvBitmapRequest(idstr=b.idstr) for b in self.memory])
         if self.preempt:
-            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
-                                      self.link_timeout)
-            self._preempt_sock.settimeout(None)
-            self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+            self._connect_preempt(self.reconnect_timeout)
         layout = wire.RamLayout(blocks=tuple(
             wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
             for b in self.memory))
@@ -349,28 +336,37 @@ class Source:
         set_recv_timeout(main, 0)
         self._start_return_path()
 
+    def _reconnect_main(self) -> socket.socket:
+        """A new main channel (and return path) after a pause: fresh link state,
+        the background scan rewound (what to send is set by the caller)."""
+        assert self._address is not None
+        main = self._main = bound_bulk_buffers(tune(
+            socket.create_connection(self._address, timeout=self.reconnect_timeout), self.link_timeout))
+        main.settimeout(None)
+        self._link_error = None
+        self._shut.clear()
+        self._last_heartbeat_pong = self.path.heartbeat()[0]    # pings of the old link get no answer
+        self.path.restart()
+        self.path.set_channel(CHAN_MAIN, main)
+        self.path.set_return_path(main)
+        return main
+
+    def _connect_preempt(self, timeout: float | None) -> None:
+        assert self._address is not None
+        self._preempt_sock = tune(socket.create_connection(self._address, timeout=timeout), self.link_timeout)
+        self._preempt_sock.settimeout(None)
+        self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+
     def _start_over(self) -> None:
         """A fresh migration stream with the same stopped guest: header, setup,
         discards and PACKAGED with the saved device state, then the background
         stream of every page."""
-        assert self._address is not None
-        self._main = bound_bulk_buffers(tune(
-            socket.create_connection(self._address, timeout=self.reconnect_timeout), self.link_timeout))
-        self._main.settimeout(None)
-        self._link_error = None
-        self._shut.clear()
-        self._last_heartbeat_pong = self.path.heartbeat()[0]
-        self.path.restart()
+        self._reconnect_main()
         self.path.mark_all_dirty()
         self.path.canonicalize()
-        self.path.set_channel(CHAN_MAIN, self._main)
-        self.path.set_return_path(self._main)
         self._send(self._preamble())
         if self.preempt:
-            self._preempt_sock = tune(socket.create_connection(self._address, timeout=self.reconnect_timeout),
-                                      self.link_timeout)
-            self._preempt_sock.settimeout(None)
-            self.path.set_channel(CHAN_PREEMPT, self._preempt_sock)
+            self._connect_preempt(self.reconnect_timeout)
         self._start_return_path()
         self._send(self._switch_events)
         self.result.restarts += 1
