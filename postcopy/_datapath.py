@@ -23,11 +23,11 @@ from .wire import NEED_DATA
 __all__ = [
     "TARGET_PAGE_SIZE",
     "DataPathError",
-    "SockBuf",
-    "decoded_items",
     "DestinationPath",
     "Receiver",
+    "SockBuf",
     "SourcePath",
+    "decoded_items",
 ]
 
 TARGET_PAGE_SIZE = 4096

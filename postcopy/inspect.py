@@ -258,7 +258,7 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
             elif isinstance(e, RamPages):
                 counts = tally_pages(e.records, len(e.blocks))
                 total = 0
-                for name, (normal, zero) in zip(e.blocks, counts):
+                for name, (normal, zero) in zip(e.blocks, counts, strict=True):
                     if normal or zero:
                         p = rep.pages.setdefault(name, {"normal": 0, "zero": 0})
                         p["normal"] += normal
