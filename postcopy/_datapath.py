@@ -235,10 +235,11 @@ class Receiver:
         lib.PC_RX_E_TRUNCATED: "truncated",
     }
 
-    def __init__(self, path: DestinationPath, sock: socket.socket, kind: int, ram_section_id: int) -> None:
+    def __init__(self, path: DestinationPath | None, sock: socket.socket, kind: int, ram_section_id: int) -> None:
         self.path = path
         self.sock = sock
-        self._rx = ffi.gc(lib.pc_rx_new(path._d, sock.fileno(), kind, ram_section_id), lib.pc_rx_free)
+        d = path._d if path is not None else ffi.NULL
+        self._rx = ffi.gc(lib.pc_rx_new(d, sock.fileno(), kind, ram_section_id), lib.pc_rx_free)
         if self._rx == ffi.NULL:
             raise MemoryError("pc_rx_new")
         #: the receive buffer, for Python's exact decoding of control items
@@ -251,6 +252,12 @@ class Receiver:
     @ram_section_id.setter
     def ram_section_id(self, value: int) -> None:
         self._rx.ram_section_id = value
+
+    def attach(self, path: DestinationPath) -> None:
+        """Place into ``path``'s blocks from now on (a receiver may start before the RAM setup)."""
+        if lib.pc_rx_attach(self._rx, path._d) < 0:
+            raise MemoryError("pc_rx_attach")
+        self.path = path
 
     def run(self) -> int:
         """Place pages until something needs Python; raises DataPathError on errors."""

@@ -1,16 +1,22 @@
-"""The destination: a page-fault service for one incoming postcopy migration.
+"""The destination shell: sockets, threads, userfaultfd and the C data path
+around a :class:`DestinationSession`.
 
 Threads (the per-page work of each is C, with the GIL released):
 
-* the caller's thread reads the main channel: Python decodes the control
-  items (header, commands, PACKAGED) with the sans-IO codec, and the C
-  receiver places the pages of every "ram" section;
-* ``preempt``: the C receiver of the preempt channel;
-* ``faults``: the C fault service (uffd -> REQ_PAGES on the return path);
-* the guest's vCPUs (C pthreads) touch guest memory and block in the kernel
-  on missing pages.
+* the caller of :meth:`Destination.serve` runs the connection loop: it accepts,
+  peeks each new connection's first byte and wakes the session's timers;
+* one reader per main channel: Python decodes the control items with the
+  sans-IO codec; after RUN the C receiver places pages and hands back only
+  control items;
+* the C receiver of the preempt channel; the C fault service (uffd -> REQ_PAGES);
+* whatever the memory owner runs (the built-in guest's vCPUs), which blocks in
+  the kernel on missing pages.
 
-Python never touches guest memory once it is registered with userfaultfd.
+Every input goes to the session under one lock, and its actions are carried out
+under it, in order; none of them waits for another thread (a retired channel's
+C objects are kept until :meth:`close`), so no thread ever waits on the lock
+while holding something the lock's owner needs. Python never touches guest
+memory once it is registered with userfaultfd.
 """
 
 from __future__ import annotations
@@ -24,665 +30,617 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from uffd import Feature, RegisterMode, Userfaultfd
+from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
-from ._link import LinkBroken, background_priority, bound_bulk_buffers, urgent_priority, set_recv_timeout, shutdown_quietly, tune
-from .guest import Guest, Pattern
-from .spec import DEVICE_IDSTR, GuestSpec, SpecError, decode_device_state
+from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
+from .owner import MemoryOwner
+from .session import (
+    AcceptPreempt,
+    Action,
+    AnswerBitmapRequest,
+    AttachReturnPath,
+    BreakLink,
+    ChannelEnded,
+    ChannelStats,
+    CheckComplete,
+    CloseConnection,
+    ConnectionAccepted,
+    ConnectionClosed,
+    ConnectionSpoke,
+    DataPathFailed,
+    DestinationSession,
+    Discard,
+    Finish,
+    HoldStream,
+    Input,
+    MigrationFailed,
+    MigrationStats,
+    MigrationStatus,
+    PauseRequested,
+    PlacePages,
+    PrepareMemory,
+    ReceivePages,
+    ReceiveStream,
+    RecoverRequested,
+    RegisterMemory,
+    ResendRequests,
+    ResetBeforeRun,
+    ResumeStream,
+    Send,
+    SendReturnPath,
+    StartGuest,
+    StartPreemptReceiver,
+    StatusChanged,
+    StreamChecked,
+    StreamItem,
+)
 
-__all__ = ["Destination", "DestinationError", "DestinationResult"]
+__all__ = ["Destination"]
 
 log = logging.getLogger("postcopy.dest")
 
-TARGET_PAGE_SIZE = 4096
-#: SHUT value answering a recovery when no guest runs here yet (the source starts over).
-SHUT_NOTHING_TO_RECOVER = 2
-
-
-class DestinationError(Exception):
-    """The incoming migration cannot go on; ``kind`` labels it for metrics."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass
-class DestinationResult:
-    status: str = "setup"
-    pages_received: int = 0
-    pages_total: int = 0
-    pages_normal: int = 0
-    pages_zero: int = 0
-    preempt_pages: int = 0
-    bytes_received: int = 0
-    remote_faults: int = 0
-    requests_sent: int = 0
-    latencies_ns: list[int] = field(default_factory=list)
-    blocktime_ns: int = 0
-    vcpu_blocktime_ns: tuple[int, ...] = ()
-    source_stopped_ns: int = 0
-    guest_started_ns: int = 0
-    finished_ns: int = 0
-    recoveries: int = 0
-    paused_ns: int = 0
-    restarts: int = 0               # streams taken again because the link broke before RUN
-    duplicate_host_pages: int = 0   # arrived twice (a requested page resent on preempt): EEXIST, harmless
-    error: str | None = None
+@dataclass(slots=True)
+class _Conn:
+    sock: socket.socket
+    rx: Receiver | None = None
+    pages: bool = False         # the C receiver places pages; only control items come back
+    go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
 
 
 class Destination:
-    """Serve one incoming migration of ``spec``'s guest."""
+    """Serve one incoming migration into the memory of ``owner``."""
 
-    def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
+    def __init__(self, owner: MemoryOwner, *, preempt: bool = True, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, link_timeout: float = 3.0,
                  recover_timeout: float = 120.0) -> None:
-        self.spec = spec
-        self.link_timeout = link_timeout
-        self.recover_timeout = recover_timeout
-        self._listener: socket.socket | None = None
-        self._recover_listener: socket.socket | None = None
-        self._main_sock: socket.socket | None = None
-        self._preempt_sock: socket.socket | None = None
-        self._preempt_thread: threading.Thread | None = None
-        self._broken = threading.Event()
-        self._pause_requested = threading.Event()
-        self._on_status = on_status
-        self._latency_lock = threading.Lock()
+        self.owner = owner
         self.preempt = preempt
         self.verify = verify
-        self.memory = spec.build_memory()
-        self.path = DestinationPath(list(self.memory), verify=verify)
-        self.result = DestinationResult(pages_total=self.path.total_pages())
-        self.uffd: Userfaultfd | None = None
-        self.guest: Guest | None = None
-        self._device_state: bytes | None = None
+        self.link_timeout = link_timeout
+        self._on_status = on_status
+        self.session = DestinationSession(preempt=preempt, link_timeout=link_timeout,
+                                          recover_timeout=recover_timeout,
+                                          block_page_sizes=owner.block_page_sizes())
+        self._lock = threading.Lock()
+        self._listeners: list[socket.socket] = []
+        self._conns: dict[int, _Conn] = {}
+        self._unclassified: dict[int, socket.socket] = {}
+        self._next_conn = 1
+        self._path: DestinationPath | None = None
+        self._early_return_path: socket.socket | None = None     # OPEN_RETURN_PATH comes before the RAM setup
+        self._uffd: Userfaultfd | None = None
+        self._fault_stop: tuple[int, int] | None = None
+        self._retired: list[object] = []        # C objects and fds kept until close(): threads may still be in them
         self._threads: list[threading.Thread] = []
-        self._stop_r, self._stop_w = os.pipe()
-        self._preempt_rx: Receiver | None = None
-        self._main_rx: Receiver | None = None
-        self._preempt_done = threading.Event()
-        self._preempt_failed = ""
-        self._discard_ranges = 0
-        self._retired: dict[str, tuple[int, int, int]] = {"main": (0, 0, 0), "preempt": (0, 0, 0)}
-        self._errors: list[BaseException] = []
-        self._layout: wire.RamLayout | None = None
+        self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
+        self._channel_rx: dict[str, Receiver | None] = {"main": None, "preempt": None}
+        self._wake_r, self._wake_w = os.pipe()
+        self._finish: Finish | None = None
+        self._done = threading.Event()
+        self.latencies_ns: list[int] = []
+        self._latency_lock = threading.Lock()
+        self._started_ns = time.monotonic_ns()
+        self._guest_started_ns = 0
+        self._finished_ns = 0
+        self._counters_at_end: MigrationStats | None = None
 
-    # -- the migration ------------------------------------------------------
+    # -- the migration ----------------------------------------------------------------------
 
-    def serve(self, listener: socket.socket) -> DestinationResult:
+    @property
+    def path(self) -> DestinationPath:
+        if self._path is None:
+            raise RuntimeError("no RAM setup received yet")
+        return self._path
+
+    @property
+    def memory(self) -> list[RamBlock]:
+        return list(self.owner.ram_blocks())
+
+    @property
+    def guest(self) -> object:
+        return getattr(self.owner, "guest", None)
+
+    def serve(self, listener: socket.socket) -> MigrationStats:
         """Accept the channels on ``listener`` and run the migration to its end.
 
         A channel that fails after RUN pauses the migration (faulting guest
         threads stay blocked, nothing received is lost) and the source's
-        recovery connection is awaited on ``listener`` (or on the address given
-        to :meth:`recover`).
+        recovery is awaited on ``listener`` (or on the address given to
+        :meth:`recover`). Raises :class:`MigrationFailed` if the migration fails.
         """
-        self._listener = listener
+        self._listeners = [listener]
+        self._feed(None)
         try:
-            while True:
-                main, preempt = self._accept_channels(recovery=False, deadline=float("inf"))
-                try:
-                    rx = self._main_rx = self.path.receiver(main, RX_MAIN, 0)
-                    self._preamble(rx, main, preempt)
-                    break
-                except (DataPathError, DestinationError, ConnectionError, wire.RemoteProtocolError) as exc:
-                    kind = getattr(exc, "kind", "io")
-                    if self.guest is not None or kind not in ("io", "truncated"):
-                        raise
-                    # No guest runs here yet: nothing can be lost; take the whole stream again.
-                    log.warning("the link broke before the switch completed (%s): waiting for the stream again", exc)
-                    self._reset_before_run()
-            watchdog = threading.Thread(target=self._watch_link, name="dest-watchdog", daemon=True)
-            watchdog.start()
-            background_priority()   # this thread now places bulk pages: below the fault path
-            while True:
-                try:
-                    self._postcopy(rx)
-                    self._wait_preempt_end()
-                    break
-                except (LinkBroken, DataPathError, ConnectionError) as exc:
-                    if isinstance(exc, DataPathError) and exc.kind not in ("io", "truncated"):
-                        raise       # a malformed stream is not a broken link
-                    rx = self._pause_and_recover(str(exc))
-            self._finish()
-        except (DataPathError, DestinationError, wire.RemoteProtocolError, SpecError, OSError) as exc:
-            self.result.error = str(exc)
-            self._set_status("failed")
-            raise
+            while not self._done.is_set():
+                self._connection_loop_once()
         finally:
-            self._stop_threads()
-            for sock in (self._main_sock, self._preempt_sock, self._recover_listener):
-                if sock is not None:
-                    sock.close()
+            self._teardown()
+        assert self._finish is not None
+        if self._finish.error is not None:
+            raise self._finish.error
         return self.result
 
-    def _accept_channels(self, *, recovery: bool, deadline: float) -> tuple[socket.socket, socket.socket | None]:
-        """The source's main and preempt connections, told apart by content: a
-        fresh main stream starts with the QEVM header, a recovery one with a
-        command, both sent right after connecting; the preempt channel stays
-        silent until a page is urgent. A newer main replaces one of an attempt
-        that died unfinished; stale connections show EOF at once and are closed.
-        A recovery attempt while we wait for a fresh stream (no guest runs here
-        yet) is told there is nothing to recover, so the source starts over."""
-        wanted = b"\x08" if recovery else b"Q"
-        main: socket.socket | None = None
-        preempt: socket.socket | None = None
-        while main is None or (self.preempt and preempt is None):
-            sock = self._accept_until(deadline)
-            first = self._first_byte(sock, self.link_timeout if main is None else 0.005)
-            if first == wanted:
-                for old in (main, preempt):
-                    if old is not None:
-                        old.close()
-                main, preempt = bound_bulk_buffers(sock), None
-            elif first == b"\x08":
-                self._refuse_recovery(sock)
-            elif first is None and main is not None and preempt is None:
-                preempt = sock
-            else:
-                sock.close()
-        self._main_sock, self._preempt_sock = main, preempt
-        return main, preempt
-
-    @staticmethod
-    def _refuse_recovery(sock: socket.socket) -> None:
-        """SHUT 2: no guest runs here yet, so there is nothing to recover."""
+    def _connection_loop_once(self) -> None:
+        with self._lock:
+            timer = self.session.get_timer()
+        wait = None if timer is None else max(0.0, timer - time.monotonic())
+        watched: list[object] = [self._wake_r, *self._listeners, *self._unclassified.values()]
         try:
-            sock.sendall(wire.encode(wire.Shut(value=SHUT_NOTHING_TO_RECOVER)))
+            ready, _, _ = select.select(watched, [], [], wait)
+        except (OSError, ValueError):       # a listener closed under us (migrate-recover)
+            self._listeners = [s for s in self._listeners if s.fileno() >= 0]
+            return
+        for r in ready:
+            if r == self._wake_r:
+                os.read(self._wake_r, 4096)
+            elif r in self._listeners:
+                self._accept(r)  # type: ignore[arg-type]
+            else:
+                self._peek(r)  # type: ignore[arg-type]
+        with self._lock:
+            timer = self.session.get_timer()
+        if timer is not None and timer <= time.monotonic():
+            self._feed_timer()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except OSError:
+            return
+        sock.setblocking(True)
+        tune(sock, self.link_timeout)
+        conn = self._next_conn
+        self._next_conn += 1
+        self._conns[conn] = _Conn(sock)
+        self._conns[conn].go.set()
+        self._unclassified[conn] = sock
+        self._feed(ConnectionAccepted(conn, str(peer[0])))
+
+    def _peek(self, sock: socket.socket) -> None:
+        conn = next((c for c, s in self._unclassified.items() if s is sock), None)
+        if conn is None:
+            return
+        del self._unclassified[conn]
+        try:
+            first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self._unclassified[conn] = sock
+            return
+        except OSError as exc:
+            self._feed(ConnectionClosed(conn, str(exc)))
+            return
+        self._feed(ConnectionSpoke(conn, first) if first else ConnectionClosed(conn, "closed before saying anything"))
+
+    # -- feeding the session --------------------------------------------------------------------
+
+    def _feed(self, event: Input | None) -> None:
+        """Hand one input (None: start) to the session and carry out its actions."""
+        with self._lock:
+            before = self.session.get_timer()
+            now = time.monotonic()
+            self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+            after = self.session.get_timer()
+        if after is not None and (before is None or after < before):
+            os.write(self._wake_w, b"t")       # the connection loop sleeps until the earlier timer
+
+    def _feed_timer(self) -> None:
+        with self._lock:
+            self._carry_out(self.session.handle_timer(time.monotonic()))
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            try:
+                follow = self._do(action)
+            except MigrationFailed as exc:
+                follow = DataPathFailed(exc.kind, str(exc))
+            except DataPathError as exc:
+                follow = DataPathFailed(exc.kind, str(exc))
+            except OSError as exc:
+                follow = DataPathFailed("uffd", f"{type(action).__name__}: {exc}")
+            if follow is not None:
+                pending[:0] = self.session.handle(follow, time.monotonic())
+
+    def _do(self, action: Action) -> Input | None:  # noqa: PLR0911, PLR0912 - one case per action
+        match action:
+            case ReceiveStream(conn=conn, recovery=recovery):
+                self._unclassified.pop(conn, None)
+                c = self._conns[conn]
+                bound_bulk_buffers(c.sock)
+                if recovery:
+                    set_recv_timeout(c.sock, self.link_timeout)
+                c.rx = Receiver(self._path if recovery else None, c.sock, RX_MAIN,
+                                self.session.layout.section_id if recovery and self.session.layout else 0)
+                self._start(f"dest-main-{conn}", self._read_main, conn, c.rx, recovery)
+            case HoldStream(conn=conn):
+                self._conns[conn].go.clear()
+            case ResumeStream(conn=conn):
+                self._conns[conn].go.set()
+            case AcceptPreempt(conn=conn):
+                self._unclassified.pop(conn, None)
+            case StartPreemptReceiver(conn=conn):
+                c = self._conns[conn]
+                c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
+                self._channel_rx["preempt"] = c.rx
+                self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c.rx)
+            case ReceivePages(conn=conn):
+                c = self._conns[conn]
+                c.pages = True
+                self._channel_rx["main"] = c.rx
+                set_recv_timeout(c.sock, self.link_timeout)     # silence on main = a broken link
+            case CloseConnection(conn=conn, reply=reply):
+                self._unclassified.pop(conn, None)
+                c2 = self._conns.pop(conn, None)
+                if c2 is not None:
+                    c2.go.set()
+                if c2 is not None and c2.rx is not None:
+                    self._retire_channel(c2)        # its reader thread may still be in recv(): no close yet
+                    shutdown_quietly(c2.sock)
+                    self._retired.append(c2.sock)
+                elif c2 is not None:
+                    _close_with_reply(c2.sock, reply)
+            case SendReturnPath(data=data):
+                try:
+                    if self._path is not None:
+                        self._path.send(data)       # shares a lock with the fault service's requests
+                    elif self._early_return_path is not None:
+                        self._early_return_path.sendall(data)   # no fault service before the RAM setup
+                except OSError as exc:
+                    log.info("return path write failed: %s", exc)
+            case Send(conn=conn, data=data):
+                c3 = self._conns.get(conn) if conn is not None else None
+                if c3 is not None:
+                    try:
+                        c3.sock.sendall(data)
+                    except OSError as exc:
+                        return ConnectionClosed(conn, f"write failed: {exc}") if conn is not None else None
+            case AttachReturnPath(conn=conn):
+                c4 = self._conns.get(conn) if conn is not None else None
+                if self._path is not None:
+                    self._path.set_return_path(c4.sock if c4 is not None else None)
+                elif c4 is not None:
+                    self._early_return_path = c4.sock
+            case AnswerBitmapRequest(conn=conn, idstr=idstr):
+                bitmap = self.path.received[self.path.index(idstr)].to_le_bytes()
+                c5 = self._conns.get(conn)
+                if c5 is not None:
+                    try:
+                        c5.sock.sendall(wire.encode(wire.RecvBitmap(idstr=idstr, bitmap=bitmap)))
+                    except OSError as exc:
+                        return ConnectionClosed(conn, f"write failed: {exc}")
+            case ResendRequests():
+                try:
+                    log.info("recovered: %d outstanding page requests sent again", self.path.resend_requests())
+                except ConnectionError as exc:
+                    log.info("resending page requests failed: %s", exc)
+            case PrepareMemory(layout=layout):
+                blocks = self.owner.provide_blocks(layout)
+                self._path = DestinationPath(list(blocks), verify=self.verify)
+                if self._early_return_path is not None:
+                    self._path.set_return_path(self._early_return_path)
+                for c6 in self._conns.values():
+                    if c6.rx is not None and c6.rx.path is None:
+                        c6.rx.attach(self._path)
+                        c6.rx.ram_section_id = layout.section_id or 0
+            case PlacePages(conn=conn, pages=pages):
+                rx = self._conns[conn].rx
+                assert rx is not None
+                rx.place(bytes(pages.records), bytes(pages.buffer))
+            case Discard(block_index=index, ranges=ranges):
+                block = self.path.blocks[index]
+                for start, length in ranges:
+                    self.path.discard(index, start, length)
+                    block.discard(start, length)
+            case RegisterMemory():
+                self._register()
+            case StartGuest(device_sections=sections):
+                self.owner.load_device_state(sections)
+                self.owner.start()
+                self._guest_started_ns = time.monotonic_ns()
+                self.path.set_vcpu_threads(list(self.owner.vcpu_thread_ids()))
+            case BreakLink():
+                for c7 in self._conns.values():
+                    if c7.rx is not None:
+                        c7.rx.stop()
+                    shutdown_quietly(c7.sock)
+            case ResetBeforeRun():
+                self._reset_before_run()
+            case CheckComplete():
+                return StreamChecked(self.path.total_pages() - self.path.received_pages())
+            case StatusChanged(status=status):
+                self._status_changed(status)
+            case Finish():
+                self._end(action)
+            case _:
+                raise AssertionError(f"the destination shell cannot carry out {action!r}")
+        return None
+
+    # -- channels -------------------------------------------------------------------------------
+
+    def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=self._guarded, args=(target, *args), name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _guarded(self, target: Callable[..., None], *args: object) -> None:
+        """Any failure of a thread ends the migration as failed, never a silent hang."""
+        try:
+            target(*args)
+        except Exception as exc:
+            log.exception("%s failed", threading.current_thread().name)
+            self._feed(DataPathFailed("internal", f"{threading.current_thread().name}: {exc!r}"))
+
+    def _read_main(self, conn: int, rx: Receiver, recovery: bool) -> None:
+        """A main channel: decode items for the session until it says pages go to C."""
+        try:
+            dec = wire.MainStreamDecoder(recovery=recovery, layout=self.session.layout,
+                                         block_page_sizes=self.session.block_page_sizes)
+            c = self._conns.get(conn)
+            for event in decoded_items(rx.input, dec):
+                self._feed(StreamItem(conn, event))
+                if c is not None:
+                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
+                if isinstance(event, wire.ConnectionClosed) or c is None or conn not in self._conns:
+                    return
+                if c.pages:
+                    break
+            else:
+                return
+            background_priority()   # this thread now places bulk pages: below the fault path
+            self._read_pages(conn, rx)
+        except DataPathError as exc:
+            self._channel_error(conn, exc)
+        except wire.RemoteProtocolError as exc:
+            self._feed(DataPathFailed(exc.kind, str(exc)))
+        except ConnectionError as exc:
+            self._feed(ConnectionClosed(conn, str(exc)))
+
+    def _read_pages(self, conn: int, rx: Receiver) -> None:
+        while True:
+            code = rx.run()
+            if code == Receiver.CONTROL:
+                dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout)
+                event = next(decoded_items(rx.input, dec))
+                self._feed(StreamItem(conn, event))
+                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed):
+                    return
+            elif code == Receiver.EOF:
+                self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
+                return
+            else:
+                self._feed(ConnectionClosed(conn, "main channel stopped"))
+                return
+
+    def _read_preempt(self, conn: int, rx: Receiver) -> None:
+        urgent_priority()
+        try:
+            code = rx.run()
+        except DataPathError as exc:
+            self._channel_error(conn, exc)
+            return
+        if code == Receiver.EOS:
+            self._feed(ChannelEnded(conn))
+        else:
+            self._feed(ConnectionClosed(conn, "preempt channel closed without EOS" if code == Receiver.EOF
+                                        else "preempt channel stopped"))
+
+    def _channel_error(self, conn: int, exc: DataPathError) -> None:
+        if exc.kind in ("io", "truncated"):
+            self._feed(ConnectionClosed(conn, str(exc)))
+        else:
+            self._feed(DataPathFailed(exc.kind, str(exc)))
+
+    def _retire_channel(self, c: _Conn) -> None:
+        if c.rx is None:
+            return
+        c.rx.stop()
+        for name, rx in self._channel_rx.items():
+            if rx is c.rx:
+                n, z, b = rx.counters()
+                self._channel_totals[name] += ChannelStats(n, z, b)
+                self._channel_rx[name] = None
+        self._retired.append(c.rx)
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        """LISTEN: register guest memory with userfaultfd and start serving faults."""
+        blocks = self.path.blocks
+        features = Feature.THREAD_ID
+        if any(b.backing == "hugetlbfs" for b in blocks):
+            features |= Feature.MISSING_HUGETLBFS
+        if any(b.backing == "memfd" for b in blocks):
+            features |= Feature.MISSING_SHMEM
+        self._uffd = Userfaultfd(features, user_mode_only=True)
+        for b in blocks:
+            self._uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+        self.path.attach_uffd(self._uffd.fileno())
+        self._fault_stop = os.pipe()
+        self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0])
+
+    def _serve_faults(self, path: DestinationPath, stop_fd: int) -> None:
+        urgent_priority()
+        rc = path.serve_faults(stop_fd)
+        if rc < 0:
+            self._feed(DataPathFailed("uffd", f"fault service stopped: {os.strerror(-rc)}"))
+
+    def _stop_fault_service(self) -> None:
+        if self._fault_stop is not None:
+            os.write(self._fault_stop[1], b"x")
+            self._retired.append(self._fault_stop)
+            self._fault_stop = None
+
+    def _reset_before_run(self) -> None:
+        """No guest ran here: drop what was received; the next stream starts from nothing."""
+        self._stop_fault_service()
+        if self._uffd is not None:
+            for b in self.path.blocks:
+                self._uffd.unregister(b.addr, b.used_length)
+            self._retired.append(self._uffd)
+            self._uffd = None
+        if self._path is not None:
+            self._retired.append(self._path)
+        self._path = None
+        self._early_return_path = None
+        self.owner.reset()
+        self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
+        self._channel_rx = {"main": None, "preempt": None}
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        log.info("destination: %s", status.value)
+        if self._on_status is not None:
+            self._on_status(status.value)
+
+    def _end(self, finish: Finish) -> None:
+        self._finish = finish
+        self._finished_ns = time.monotonic_ns()
+        if finish.error is None and self._uffd is not None and self._path is not None:
+            for b in self._path.blocks:
+                self._uffd.unregister(b.addr, b.used_length)
+        if finish.error is not None:
+            log.error("migration failed (%s): %s", finish.error.kind, finish.error)
+        self._counters_at_end = self.snapshot()
+        self._done.set()
+        os.write(self._wake_w, b"x")
+
+    def _teardown(self) -> None:
+        with self._lock:
+            self._stop_fault_service()
+            for c in self._conns.values():
+                if c.rx is not None:
+                    c.rx.stop()
+                shutdown_quietly(c.sock)
+                c.go.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        for c in self._conns.values():
+            c.sock.close()
+        self._conns.clear()
+        self.poll_latencies()
+
+    # -- operator commands (any thread) -------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Break the link on purpose (QMP migrate-pause); the source recovers."""
+        self._feed(PauseRequested())
+
+    def recover(self, address: tuple[str, int]) -> None:
+        """Await the recovery on a new address as well (QMP migrate-recover)."""
+        listener = socket.create_server(address, backlog=4)
+        self._listeners.append(listener)
+        self._retired.append(listener)
+        self._feed(RecoverRequested())
+        os.write(self._wake_w, b"x")
+
+    # -- what operators see -------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        return self.session.status.value
+
+    @property
+    def result(self) -> MigrationStats:
+        return self._counters_at_end if self._counters_at_end is not None else self.snapshot()
+
+    def snapshot(self) -> MigrationStats:
+        """Live figures, cheap to take at any time (C counters, no locks on the data path)."""
+        s = self.session
+        path = self._path
+        error = s.error
+        totals = {}
+        for name in ("main", "preempt"):
+            rx = self._channel_rx[name]
+            live = ChannelStats(*rx.counters()) if rx is not None else ChannelStats()
+            totals[name] = self._channel_totals[name] + live
+        base = dict(
+            role="destination", status=s.status,
+            error=str(error) if error is not None else None, error_kind=error.kind if error is not None else None,
+            main=totals["main"], preempt=totals["preempt"],
+            discard_ranges=s.discard_ranges, recoveries=s.recoveries, restarts=s.restarts,
+            paused_ns=int(s.paused_total(time.monotonic()) * 1e9),
+            source_stopped_ns=getattr(self.owner, "source_stopped_ns", 0),
+            started_ns=self._started_ns, guest_started_ns=self._guest_started_ns, finished_ns=self._finished_ns,
+            refused_connections=sum(s.refused.values()),
+        )
+        if path is None:
+            return MigrationStats(**base)  # type: ignore[arg-type]
+        c = path.counters()
+        return MigrationStats(
+            **base,  # type: ignore[arg-type]
+            pages_total=path.total_pages(), pages_received=path.received_pages(),
+            remote_faults=c.faults, requests_sent=c.requests_sent, pending_requests=c.waiting,
+            duplicate_host_pages=c.eexist, blocktime_ns=c.blocktime_ns, vcpu_blocktime_ns=c.vcpu_blocktime_ns,
+        )
+
+    def poll_latency_parts(self) -> tuple[list[int], list[int]]:
+        """(fault -> request written, request written -> page placed) samples in ns
+        since the last call: the two parts of the fault latency."""
+        path = self._path
+        if path is None:
+            return [], []
+        return path.drain_latencies_ns("request"), path.drain_latencies_ns("reply")
+
+    def poll_latencies(self) -> list[int]:
+        """Fault -> placed latencies (ns) since the last call; all of them stay in ``latencies_ns``."""
+        path = self._path
+        if path is None:
+            return []
+        with self._latency_lock:
+            new = path.drain_latencies_ns()
+            self.latencies_ns.extend(new)
+        return new
+
+    # -- after the migration ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tear everything down. After a failed migration the guest may be blocked
+        on pages that will never come: closing the uffd releases it (the guest is
+        being thrown away), so stopping it cannot hang."""
+        request_stop = getattr(self.owner, "request_stop", None)
+        if request_stop is not None:
+            request_stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self._uffd is not None:
+            self._uffd.close()
+            self._uffd = None
+        self.owner.close()
+        for obj in self._retired:
+            if isinstance(obj, Userfaultfd):
+                obj.close()
+            elif isinstance(obj, tuple):
+                for fd in obj:
+                    os.close(fd)
+            elif isinstance(obj, socket.socket):
+                obj.close()
+        self._retired.clear()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+def _close_with_reply(sock: socket.socket, reply: bytes) -> None:
+    """Close ``sock``; with a reply (SHUT 2 to a recovery), write it and drain what the
+    peer sent first, on a short-lived thread, so closing does not reset the reply away."""
+    if not reply:
+        shutdown_quietly(sock)
+        sock.close()
+        return
+
+    def answer() -> None:
+        try:
+            sock.sendall(reply)
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(0.5)
-            while sock.recv(65536):     # read what it sent, so closing does not reset the SHUT away
+            while sock.recv(65536):
                 pass
         except OSError:
             pass
         finally:
             sock.close()
 
-    def _reset_before_run(self) -> None:
-        """Back to a fresh destination after a link that broke before RUN: no
-        guest ran here, so everything received is dropped and taken again."""
-        self._stop_threads()
-        for fd in (self._stop_r, self._stop_w):
-            os.close(fd)
-        self._stop_r, self._stop_w = os.pipe()
-        self._threads = []
-        self._preempt_thread = None
-        if self.uffd is not None:
-            for b in self.memory:
-                self.uffd.unregister(b.addr, b.used_length)
-            self.uffd.close()
-            self.uffd = None
-        for sock in (self._main_sock, self._preempt_sock):
-            if sock is not None:
-                sock.close()
-        self._main_sock = self._preempt_sock = None
-        self._main_rx = self._preempt_rx = None
-        for b in self.memory:
-            b.discard(0, b.used_length)
-        self.path = DestinationPath(list(self.memory), verify=self.verify)
-        restarts = self.result.restarts + 1
-        self.result = DestinationResult(pages_total=self.path.total_pages(), restarts=restarts)
-        self._device_state = None
-        self._layout = None
-        self._preempt_done = threading.Event()
-        self._preempt_failed = ""
-        self._broken.clear()
-        self._errors = []
-        self._discard_ranges = 0
-        self._retired = {"main": (0, 0, 0), "preempt": (0, 0, 0)}
-        self._set_status("setup")
-
-    def _accept(self, listener: socket.socket) -> socket.socket:
-        sock, _ = listener.accept()
-        return tune(sock, self.link_timeout)
-
-    def _preamble(self, rx: Receiver, main: socket.socket, preempt: socket.socket | None) -> None:
-        """Everything up to RUN: header, setup, discards, PACKAGED."""
-        huge = {b.idstr: b.page_size for b in self.memory if b.page_size != TARGET_PAGE_SIZE}
-        dec = wire.MainStreamDecoder(block_page_sizes=huge)
-        for event in decoded_items(rx.input, dec):
-            match event:
-                case wire.OpenReturnPath():
-                    self.path.set_return_path(main)
-                case wire.Ping(value=v):
-                    self.path.send(wire.encode(wire.Pong(value=v)))
-                case wire.PostcopyAdvise(pagesize_summary=summary, target_page_size=tps):
-                    self._check_advise(summary, tps)
-                case wire.SectionStart(idstr="ram", section_id=sid):
-                    rx.ram_section_id = sid
-                case wire.RamSetup(blocks=entries):
-                    self._check_setup(entries, rx.ram_section_id)
-                case wire.RamPages(records=records, buffer=buffer):
-                    rx.place(records, bytes(buffer))      # precopy: plain writes, nothing registered yet
-                case wire.PostcopyRamDiscard(idstr=idstr, ranges=ranges):
-                    self._discard(idstr, ranges)
-                case wire.Packaged(events=inner):
-                    self._packaged(inner, preempt)
-                    return
-                case wire.ConnectionClosed():
-                    raise DestinationError("truncated", "the source closed the main channel before the switch to postcopy")
-                case _:
-                    pass
-
-    def _check_advise(self, summary: int | None, tps: int | None) -> None:
-        ours = 0
-        for b in self.memory:
-            ours |= b.page_size
-        if tps != TARGET_PAGE_SIZE or summary != ours:
-            raise DestinationError(
-                "advise_mismatch",
-                f"POSTCOPY_ADVISE says target page {tps} and page sizes {summary:#x}; "
-                f"this destination has {TARGET_PAGE_SIZE} and {ours:#x} (start both sides with the same memory)",
-            )
-
-    def _check_setup(self, entries: tuple[wire.RamBlockEntry, ...], section_id: int) -> None:
-        theirs = [(e.idstr, e.used_length) for e in entries]
-        ours = [(b.idstr, b.used_length) for b in self.memory]
-        if theirs != ours:
-            raise DestinationError(
-                "ram_layout", f"the source's RAM blocks {theirs} differ from this destination's {ours}")
-        self._layout = wire.RamLayout(
-            blocks=tuple(wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
-                         for b in self.memory),
-            section_id=section_id,
-        )
-
-    def _discard(self, idstr: str, ranges: tuple[tuple[int, int], ...]) -> None:
-        try:
-            index = self.path.index(idstr)
-        except KeyError:
-            raise DestinationError("unknown_block", f"discard for unknown RAM block {idstr!r}") from None
-        block = self.path.blocks[index]
-        self._discard_ranges += len(ranges)
-        for start, length in ranges:
-            self.path.discard(index, start, length)      # validates the range first
-            block.discard(start, length)
-
-    def _packaged(self, inner: tuple[wire.Event, ...], preempt: socket.socket | None) -> None:
-        for event in inner:
-            match event:
-                case wire.PostcopyListen():
-                    self._listen(preempt)
-                case wire.DeviceSection(idstr=idstr, payload=payload) if idstr == DEVICE_IDSTR:
-                    self._device_state = payload
-                case wire.Ping(value=v):
-                    self.path.send(wire.encode(wire.Pong(value=v)))
-                case wire.PostcopyRun():
-                    self._run_guest()
-                case _:
-                    pass
-
-    def _listen(self, preempt: socket.socket | None) -> None:
-        """Register guest memory with userfaultfd and start serving faults."""
-        features = Feature.THREAD_ID
-        if any(b.backing == "hugetlbfs" for b in self.memory):
-            features |= Feature.MISSING_HUGETLBFS
-        if any(b.backing == "memfd" for b in self.memory):
-            features |= Feature.MISSING_SHMEM
-        self.uffd = Userfaultfd(features, user_mode_only=True)
-        for b in self.memory:
-            self.uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
-        self.path.attach_uffd(self.uffd.fileno())
-        self._start("faults", self._serve_faults)
-        if preempt is not None:
-            self._start_preempt(preempt)
-
-    def _run_guest(self) -> None:
-        if self._device_state is None:
-            raise DestinationError("no_device_state", f"PACKAGED carried no {DEVICE_IDSTR!r} section before RUN")
-        state, stopped_ns = decode_device_state(self._device_state, self.spec)
-        self.result.source_stopped_ns = stopped_ns
-        w = self.spec.workload()
-        self.guest = Guest(
-            [(b.addr, b.used_length, b.page_size) for b in self.memory],
-            nvcpus=int(w["vcpus"]), pattern=Pattern[str(w["pattern"]).upper()], seed=int(w["seed"]),
-            write_percent=int(w["write_percent"]), rate_limit=int(w["rate_limit"]),
-        )
-        self.guest.load_state(state)
-        self.guest.start()
-        self.result.guest_started_ns = time.monotonic_ns()
-        self._set_status("postcopy-active")
-        tids = self.guest.vcpu_tids() if hasattr(self.guest, "vcpu_tids") else []
-        self.path.set_vcpu_threads(tids)
-
-    def _postcopy(self, rx: Receiver) -> None:
-        """The main channel after RUN: C places pages; Python answers PINGs and sees EOF."""
-        assert self._layout is not None
-        while True:
-            code = rx.run()
-            if code == Receiver.CONTROL:
-                dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
-                event = next(decoded_items(rx.input, dec))
-                match event:
-                    case wire.Ping(value=v):
-                        self.path.send(wire.encode(wire.Pong(value=v)))
-                    case wire.EndOfStream():
-                        return
-                    case wire.ConnectionClosed():
-                        raise LinkBroken("main channel closed before the end of the stream")
-                    case _:
-                        raise DestinationError("unexpected", f"unexpected {type(event).__name__} after RUN")
-            elif code == Receiver.EOF:
-                raise LinkBroken("main channel closed before the end of the stream")
-            elif code == Receiver.STOPPED:
-                raise LinkBroken("paused")
-            else:
-                raise DestinationError("unexpected", f"main channel receiver stopped ({code})")
-
-    def _wait_preempt_end(self) -> None:
-        """After the main EOF, a 7.2-style source ends the preempt channel with EOS."""
-        if not self.preempt:
-            return
-        self._preempt_done.wait()
-        if self._broken.is_set() or self._preempt_failed:
-            raise LinkBroken(f"preempt channel failed: {self._preempt_failed or 'link broken'}")
-
-    def _finish(self) -> None:
-        if self._errors:
-            raise self._errors[0]
-        received = self.path.received_pages()
-        if received != self.result.pages_total:
-            raise DestinationError(
-                "incomplete", f"the stream ended with {self.result.pages_total - received} pages never received")
-        assert self.uffd is not None
-        for b in self.memory:
-            self.uffd.unregister(b.addr, b.used_length)
-        self.path.send(wire.encode(wire.Shut(value=0)))
-        self.result.finished_ns = time.monotonic_ns()
-        self._collect()
-        self._set_status("completed")
-
-    def _collect(self) -> None:
-        c = self.path.counters()
-        r = self.result
-        r.pages_received = self.path.received_pages()
-        r.remote_faults = c.faults
-        r.requests_sent = c.requests_sent
-        r.duplicate_host_pages = c.eexist
-        r.blocktime_ns = c.blocktime_ns
-        r.vcpu_blocktime_ns = c.vcpu_blocktime_ns
-        self.poll_latencies()
-
-    # -- what operators see -----------------------------------------------------
-
-    def _set_status(self, status: str) -> None:
-        self.result.status = status
-        if self._on_status is not None:
-            self._on_status(status)
-
-    def poll_latency_parts(self) -> tuple[list[int], list[int]]:
-        """(fault -> request written, request written -> page placed) samples in ns
-        since the last call: the two parts of the fault latency."""
-        return self.path.drain_latencies_ns("request"), self.path.drain_latencies_ns("reply")
-
-    def poll_latencies(self) -> list[int]:
-        """Fault -> placed latencies (ns) since the last call; all of them stay in ``result``."""
-        with self._latency_lock:
-            new = self.path.drain_latencies_ns()
-            self.result.latencies_ns.extend(new)
-        return new
-
-    def _channel_totals(self, name: str, rx: Receiver | None) -> tuple[int, int, int]:
-        """(normal pages, zero pages, bytes) over every connection this channel had."""
-        now = rx.counters() if rx is not None else (0, 0, 0)
-        return tuple(a + b for a, b in zip(self._retired[name], now, strict=True))  # type: ignore[return-value]
-
-    def _retire(self, name: str, rx: Receiver | None) -> None:
-        if rx is not None:
-            self._retired[name] = self._channel_totals(name, rx)
-
-    def snapshot(self) -> dict[str, object]:
-        """Live figures, cheap to take at any time (C counters, no locks on the data path)."""
-        c = self.path.counters()
-        main = self._channel_totals("main", self._main_rx)
-        pre = self._channel_totals("preempt", self._preempt_rx)
-        return {
-            "status": self.result.status,
-            "pages_total": self.result.pages_total,
-            "pages_received": self.path.received_pages(),
-            "main": {"normal": main[0], "zero": main[1], "bytes": main[2]},
-            "preempt": {"normal": pre[0], "zero": pre[1], "bytes": pre[2]},
-            "faults": c.faults,
-            "requests_sent": c.requests_sent,
-            "discard_ranges": self._discard_ranges,
-            "recoveries": self.result.recoveries,
-            "paused_ns": self.result.paused_ns,
-            "waiting": c.waiting,
-            "blocktime_ns": c.blocktime_ns,
-            "vcpu_blocktime_ns": list(c.vcpu_blocktime_ns),
-        }
-
-    # -- threads --------------------------------------------------------------
-
-    def _start(self, name: str, target: object) -> None:
-        t = threading.Thread(target=self._guarded, args=(target,), name=f"dest-{name}", daemon=True)
-        self._threads.append(t)
-        t.start()
-
-    def _guarded(self, target) -> None:  # type: ignore[no-untyped-def]
-        try:
-            target()
-        except BaseException as exc:  # recorded for the main thread, which re-raises it
-            log.error("%s failed: %s", threading.current_thread().name, exc)
-            self._errors.append(exc)
-            self._preempt_done.set()
-
-    def _serve_faults(self) -> None:
-        urgent_priority()
-        rc = self.path.serve_faults(self._stop_r)
-        if rc < 0:
-            raise DestinationError("uffd", f"fault service stopped: {os.strerror(-rc)}")
-
-    def _start_preempt(self, sock: socket.socket) -> None:
-        self._preempt_rx = self.path.receiver(sock, RX_PREEMPT, 0)
-        self._preempt_done.clear()
-        self._preempt_failed = ""
-        self._preempt_thread = threading.Thread(target=self._serve_preempt, args=(self._preempt_rx,),
-                                                name="dest-preempt", daemon=True)
-        self._preempt_thread.start()
-
-    def _serve_preempt(self, rx: Receiver) -> None:
-        urgent_priority()
-        try:
-            code = rx.run()
-            if code == Receiver.EOF:
-                self._preempt_failed = "closed without EOS"
-            elif code == Receiver.STOPPED:
-                self._preempt_failed = "stopped"
-        except DataPathError as exc:
-            self._preempt_failed = str(exc)
-            if exc.kind not in ("io", "truncated"):
-                self._errors.append(exc)
-        finally:
-            if self._preempt_failed:
-                self._break_link()      # the main loop notices and pauses
-            self._preempt_done.set()
-
-    # -- pause and recovery ----------------------------------------------------
-
-    def _watch_link(self) -> None:
-        """The link is broken when the source stops sending (but keeps the
-        connection), or when it is already knocking with a recovery connection:
-        the source noticed first, so do not wait for our own timeout."""
-        last_bytes, last_change = -1, time.monotonic()
-        while self.result.status not in ("completed", "failed"):
-            knocking = self._connection_waiting(min(0.1, self.link_timeout / 10))
-            rx = self._main_rx
-            if self.result.status != "postcopy-active" or rx is None:
-                last_bytes, last_change = -1, time.monotonic()
-                if not knocking:
-                    continue
-                time.sleep(0.01)    # recovery in progress: it accepts; do not spin
-                continue
-            if knocking:
-                log.warning("the source is reconnecting: the link is broken, pausing")
-                self._break_link()
-                time.sleep(0.05)
-                continue
-            n = rx.counters()[2]
-            if n != last_bytes:
-                last_bytes, last_change = n, time.monotonic()
-            elif time.monotonic() - last_change > self.link_timeout:
-                log.warning("no data from the source for %.1f s: pausing", self.link_timeout)
-                self._break_link()
-                last_change = time.monotonic()
-
-    def _connection_waiting(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for a connection on the listener (not accepting it)."""
-        listener = self._recover_listener or self._listener
-        if listener is None:
-            time.sleep(timeout)
-            return False
-        try:
-            ready, _, _ = select.select([listener], [], [], timeout)
-        except (OSError, ValueError):   # closed under us by migrate-recover
-            time.sleep(timeout)
-            return False
-        return bool(ready)
-
-    def _break_link(self) -> None:
-        self._broken.set()
-        for rx in (self._main_rx, self._preempt_rx):
-            if rx is not None:
-                rx.stop()
-        shutdown_quietly(self._main_sock)
-        shutdown_quietly(self._preempt_sock)
-
-    def pause(self) -> None:
-        """Break the link on purpose (QMP migrate-pause); the source recovers."""
-        self._break_link()
-
-    def recover(self, address: tuple[str, int]) -> None:
-        """Await the recovery on a new address (QMP migrate-recover)."""
-        listener = socket.create_server(address, backlog=4)
-        old, self._recover_listener = self._recover_listener, listener
-        if old is not None:
-            old.close()
-
-    def _pause_and_recover(self, why: str) -> Receiver:
-        log.warning("postcopy paused: %s", why)
-        paused_at = time.monotonic_ns()
-        self._set_status("postcopy-paused")
-        self.path.set_return_path(None)     # faults go on being recorded as outstanding requests
-        self._break_link()
-        if self._preempt_thread is not None:
-            self._preempt_thread.join()
-        for sock in (self._main_sock, self._preempt_sock):
-            if sock is not None:
-                sock.close()
-        self._main_sock = self._preempt_sock = None
-        self._retire("main", self._main_rx)
-        self._retire("preempt", self._preempt_rx)
-        self._main_rx = self._preempt_rx = None
-        deadline = time.monotonic() + self.recover_timeout
-        while True:
-            if time.monotonic() > deadline:
-                raise DestinationError("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s ({why})")
-            try:
-                rx = self._accept_recovery(deadline)
-                break
-            except (LinkBroken, ConnectionError, OSError, DataPathError, wire.RemoteProtocolError) as exc:
-                log.warning("recovery attempt failed: %s", exc)
-                for sock in (self._main_sock, self._preempt_sock):
-                    if sock is not None:
-                        sock.close()
-                self._main_sock = self._preempt_sock = None
-                self.path.set_return_path(None)
-        self.result.recoveries += 1
-        self.result.paused_ns += time.monotonic_ns() - paused_at
-        self._set_status("postcopy-active")
-        return rx
-
-    def _accept_recovery(self, deadline: float) -> Receiver:
-        """Take the source's new channels, answer its bitmap requests and RESUME."""
-        assert self._layout is not None
-        main, preempt = self._accept_channels(recovery=True, deadline=deadline)
-        self._broken.clear()
-        self._set_status("postcopy-recover")
-        set_recv_timeout(main, self.link_timeout)
-        rx = self._main_rx = self.path.receiver(main, RX_MAIN, self._layout.section_id or 0)
-        dec = wire.MainStreamDecoder(recovery=True, layout=self._layout)
-        for event in decoded_items(rx.input, dec):
-            match event:
-                case wire.RecvBitmapRequest(idstr=idstr):
-                    try:
-                        bitmap = self.path.received[self.path.index(idstr)].to_le_bytes()
-                    except KeyError:
-                        raise DestinationError("unknown_block", f"RECV_BITMAP for unknown block {idstr!r}") from None
-                    main.sendall(wire.encode(wire.RecvBitmap(idstr=idstr, bitmap=bitmap)))
-                case wire.PostcopyResume():
-                    main.sendall(wire.encode(wire.ResumeAck(value=1)))
-                    break
-                case wire.Ping(value=v):
-                    main.sendall(wire.encode(wire.Pong(value=v)))
-                case wire.ConnectionClosed():
-                    raise LinkBroken("the recovery connection closed during the handshake")
-                case _:
-                    raise DestinationError("unexpected", f"unexpected {type(event).__name__} in the recovery handshake")
-        set_recv_timeout(main, 0)
-        self.path.set_return_path(main)
-        resent = self.path.resend_requests()
-        log.info("recovered: %d outstanding page requests sent again", resent)
-        if preempt is not None:
-            self._start_preempt(preempt)
-        return rx
-
-    def _accept_until(self, deadline: float) -> socket.socket:
-        """Accept on the recovery listener, in short slices: migrate-recover may
-        switch to a new address at any time."""
-        while True:
-            listener = self._recover_listener or self._listener
-            assert listener is not None
-            listener.settimeout(0.1)
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-                continue
-            finally:
-                listener.settimeout(None)
-            sock.setblocking(True)
-            return tune(sock, self.link_timeout)
-
-    @staticmethod
-    def _first_byte(sock: socket.socket, wait: float) -> bytes | None:
-        """The first byte a new connection sends, b"" at EOF, None if silent for ``wait`` s."""
-        sock.settimeout(wait)
-        try:
-            data = sock.recv(1, socket.MSG_PEEK)
-        except TimeoutError:
-            return None
-        finally:
-            sock.settimeout(None)
-        return data if data else b""
-
-    def _stop_threads(self) -> None:
-        os.write(self._stop_w, b"x")
-        if self._preempt_rx is not None:
-            self._preempt_rx.stop()
-            shutdown_quietly(self._preempt_sock)
-        for t in [*self._threads, self._preempt_thread]:
-            if t is not None:
-                t.join(timeout=10)
-
-    # -- after the migration ---------------------------------------------------
-
-    def close(self) -> None:
-        """Tear everything down. After a failed migration vCPUs may be blocked on
-        pages that will never come: closing the uffd releases them (the guest is
-        being thrown away), so stopping it cannot hang."""
-        if self.guest is not None:
-            self.guest.request_stop()
-        if self.uffd is not None:
-            self.uffd.close()
-            self.uffd = None
-        if self.guest is not None:
-            self.guest.close()
-            self.guest = None
-        self.memory.close()
-        for fd in (self._stop_r, self._stop_w):
-            os.close(fd)
+    threading.Thread(target=answer, name="dest-refuse", daemon=True).start()

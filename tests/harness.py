@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from postcopy.destination import Destination, DestinationResult
+from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
-from postcopy.source import Source, SourceResult
+from postcopy.owner import BuiltinGuest
+from postcopy.session import MigrationStats
+from postcopy.source import Source
 from postcopy.spec import GuestSpec
 
 __all__ = ["Outcome", "check", "migrate"]
@@ -19,8 +21,8 @@ __all__ = ["Outcome", "check", "migrate"]
 
 @dataclass
 class Outcome:
-    source: SourceResult
-    dest: DestinationResult
+    source: MigrationStats
+    dest: MigrationStats
     hashes_match: bool
     guest_ok: bool
     guest_summary: str
@@ -40,7 +42,7 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
                   write_percent=spec.write_percent, rate_limit=spec.rate_limit)
     src_statuses: list[str] = []
     dst_statuses: list[str] = []
-    dest = Destination(spec, preempt=preempt, verify=True, on_status=dst_statuses.append, **(dest_options or {}))
+    dest = Destination(BuiltinGuest(spec), preempt=preempt, verify=True, on_status=dst_statuses.append, **(dest_options or {}))
     try:
         guest.fill_initial()
         guest.start()
@@ -56,7 +58,7 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
 
             t = threading.Thread(target=serve, name="test-dest")
             t.start()
-            src = Source(spec, memory, guest, preempt=preempt, bandwidth_cap=cap, verify=True,
+            src = Source(BuiltinGuest(spec, memory, guest), preempt=preempt, bandwidth_cap=cap, verify=True,
                          on_status=src_statuses.append, **(source_options or {}))
             helper = None
             if during is not None:
@@ -69,8 +71,8 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
                 helper.join(30)
         assert "error" not in box, box.get("error")
         dres = box["result"]
-        assert isinstance(dres, DestinationResult)
-        match = all(dest.path.placed_hashes(i) == sres.hashes[b.idstr] for i, b in enumerate(dest.memory))
+        assert isinstance(dres, MigrationStats)
+        match = all(dest.path.placed_hashes(i) == src.hashes[b.idstr] for i, b in enumerate(dest.memory))
         time.sleep(0.1)             # the guest keeps running on the destination
         assert dest.guest is not None
         dest.guest.stop()

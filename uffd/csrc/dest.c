@@ -409,7 +409,8 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     int sb_rc = pc_sockbuf_init(&rx->in, fd, RX_BUF_SIZE, RX_BUF_LIMIT);
     rx->max_recs = RX_MAX_RECS;
     rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
-    rx->tmp_size = d->max_host_page_size;
+    /* no blocks yet (a stream whose RAM setup has not arrived): pc_rx_attach later */
+    rx->tmp_size = d ? d->max_host_page_size : PC_TARGET_PAGE_SIZE;
     rx->tmp = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (sb_rc < 0 || !rx->recs || rx->tmp == MAP_FAILED) {
         if (rx->tmp == MAP_FAILED)
@@ -431,6 +432,21 @@ void pc_rx_free(pc_rx *rx)
     if (rx->tmp)
         munmap(rx->tmp, rx->tmp_size);     /* not via dst: it may be freed first */
     free(rx);
+}
+
+int pc_rx_attach(pc_rx *rx, pc_dst *d)
+{
+    if (d->max_host_page_size > rx->tmp_size) {
+        void *tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (tmp == MAP_FAILED)
+            return -ENOMEM;
+        munmap(rx->tmp, rx->tmp_size);
+        rx->tmp = tmp;
+        rx->tmp_size = d->max_host_page_size;
+    }
+    rx->dst = d;
+    rx->tmp_block = -1;
+    return 0;
 }
 
 void pc_rx_stop(pc_rx *rx) { __atomic_store_n(&rx->stop, 1, __ATOMIC_RELEASE); }

@@ -136,6 +136,8 @@ typedef struct pc_rx {
 
 pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id);
 void pc_rx_free(pc_rx *rx);
+/* the RAM blocks arrived (or changed): place into d from now on */
+int pc_rx_attach(pc_rx *rx, pc_dst *d);
 int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */
 void pc_rx_stop(pc_rx *rx);
 /* Python decodes control messages from rx->in with the pc_sockbuf_* calls. */

@@ -1,0 +1,36 @@
+"""Sans-IO protocol sessions of the two roles: inputs in, actions out, no IO, no clocks."""
+
+from ._destination import PREEMPT_SILENCE_SECONDS, SHUT_NOTHING_TO_RECOVER, DestinationSession
+from ._errors import FAILURE_KINDS, LinkBroken, MigrationFailed, PostcopyError
+from ._io import *  # noqa: F403
+from ._io import __all__ as _io_all
+from ._source import SourceSession
+from ._stats import ChannelStats, MigrationStats
+from ._status import (
+    DESTINATION_TRANSITIONS,
+    SOURCE_TRANSITIONS,
+    IllegalTransition,
+    MigrationStatus,
+    Trigger,
+    next_status,
+)
+
+__all__ = [  # noqa: PLE0604
+    "DESTINATION_TRANSITIONS",
+    "FAILURE_KINDS",
+    "PREEMPT_SILENCE_SECONDS",
+    "SHUT_NOTHING_TO_RECOVER",
+    "SOURCE_TRANSITIONS",
+    "ChannelStats",
+    "DestinationSession",
+    "IllegalTransition",
+    "LinkBroken",
+    "MigrationFailed",
+    "MigrationStats",
+    "MigrationStatus",
+    "PostcopyError",
+    "SourceSession",
+    "Trigger",
+    "next_status",
+    *_io_all,
+]

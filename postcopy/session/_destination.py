@@ -1,0 +1,557 @@
+"""The destination's protocol session: every decision of an incoming migration,
+with no IO, no threads and no clock.
+
+The shell (``postcopy/destination.py``) accepts connections, peeks their first
+byte, decodes main-channel items and runs the C receivers; it feeds what
+happened here and carries out the actions that come back, in order.
+
+Connections are told apart by what they say: a fresh main stream starts with
+the QEVM header (b"Q"), a recovery main stream with a command (b"\\x08"); the
+preempt channel stays silent, so a connection that says nothing for
+:data:`PREEMPT_SILENCE_SECONDS` right after a main channel is its preempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from .. import wire
+from ._errors import MigrationFailed
+from ._io import (
+    AcceptPreempt,
+    Action,
+    AnswerBitmapRequest,
+    AttachReturnPath,
+    BreakLink,
+    ChannelEnded,
+    CheckComplete,
+    CloseConnection,
+    ConnectionAccepted,
+    ConnectionClosed,
+    ConnectionSpoke,
+    DataPathFailed,
+    Discard,
+    Finish,
+    HoldStream,
+    Input,
+    PauseRequested,
+    PlacePages,
+    PrepareMemory,
+    ReceivePages,
+    ReceiveStream,
+    RecoverRequested,
+    RegisterMemory,
+    ResendRequests,
+    ResetBeforeRun,
+    ResumeStream,
+    Send,
+    SendReturnPath,
+    StartGuest,
+    StartPreemptReceiver,
+    StatusChanged,
+    StreamChecked,
+    StreamItem,
+)
+from ._status import MigrationStatus, Trigger, next_status
+
+__all__ = ["PREEMPT_SILENCE_SECONDS", "SHUT_NOTHING_TO_RECOVER", "DestinationSession"]
+
+S = MigrationStatus
+
+#: A connection silent this long right after a main channel is its preempt channel.
+PREEMPT_SILENCE_SECONDS: Final = 0.005
+#: SHUT value answering a recovery when no guest runs here yet (the source starts over).
+SHUT_NOTHING_TO_RECOVER: Final = 2
+_FIRST_HEADER: Final = b"Q"        # QEMU_VM_FILE_MAGIC's first byte
+_FIRST_COMMAND: Final = b"\x08"    # QEMU_VM_COMMAND
+
+
+@dataclass(slots=True)
+class _Pending:
+    peer_host: str
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One fresh stream, up to RUN. Replaced whole when the stream starts over."""
+
+    main: int | None = None
+    preempt: int | None = None
+    advise: wire.PostcopyAdvise | None = None
+    ram_section_id: int = 0
+    layout: wire.RamLayout | None = None
+    listening: bool = False
+    device_sections: list[wire.DeviceSection] = field(default_factory=list)
+    discard_ranges: int = 0
+    held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
+    held_deadline: float = 0.0
+
+
+@dataclass(slots=True)
+class _Link:
+    """The channels of the running migration (after RUN), or of a recovery under way."""
+
+    main: int | None = None
+    preempt: int | None = None
+    handshake: bool = False       # a recovery main whose RESUME has not come yet
+    handshake_deadline: float = 0.0
+    main_ended: bool = False      # EOF item seen after the last page
+    preempt_ended: bool = False
+
+
+class DestinationSession:
+    """Sans-IO: ``handle(input, now)`` and ``handle_timer(now)`` return actions."""
+
+    role = "destination"
+
+    def __init__(self, *, preempt: bool, link_timeout: float = 3.0, recover_timeout: float = 120.0,
+                 block_page_sizes: dict[str, int] | None = None) -> None:
+        self.preempt = preempt
+        self.link_timeout = link_timeout
+        self.recover_timeout = recover_timeout
+        self.block_page_sizes = dict(block_page_sizes or {})
+        self.status = S.NONE
+        self.error: MigrationFailed | None = None
+        self.source_host: str | None = None
+        self.any_peer = False
+        self.attempt = _Attempt()
+        self.link = _Link()
+        self.pending: dict[int, _Pending] = {}
+        self.recover_deadline: float | None = None
+        self.paused_since: float | None = None
+        self.paused_seconds = 0.0
+        self.recoveries = 0
+        self.restarts = 0
+        self.refused: dict[str, int] = {}
+        self.last_break_reason = ""
+        self._out: list[Action] = []
+
+    # -- entry points -----------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        self._move(Trigger.START, now)
+        return self._flush()
+
+    def handle(self, event: Input, now: float) -> list[Action]:
+        if self.status.finished:
+            if isinstance(event, ConnectionSpoke | ConnectionAccepted):
+                self._out.append(CloseConnection(event.conn))
+            return self._flush()
+        match event:
+            case ConnectionAccepted(conn=conn, peer_host=host):
+                if self.attempt.held is not None and host == self.source_host and self.attempt.preempt is None:
+                    self._silent(conn, _Pending(host, now), now)   # PACKAGED waits for exactly this
+                else:
+                    wait = PREEMPT_SILENCE_SECONDS if self._expects_preempt() else self.link_timeout
+                    self.pending[conn] = _Pending(host, now + wait)
+            case ConnectionSpoke(conn=conn, first=first):
+                self._spoke(conn, first, now)
+            case ConnectionClosed(conn=conn, reason=reason):
+                self._closed(conn, reason, now)
+            case StreamItem(conn=conn, event=item):
+                self._item(conn, item, now)
+            case ChannelEnded(conn=conn):
+                if conn == self.link.preempt:
+                    self.link.preempt_ended = True
+                    self._maybe_complete()
+            case DataPathFailed(kind=kind, message=message):
+                self._fail(kind if kind in _DATA_PATH_KINDS else "placement", message, now)
+            case StreamChecked(missing_pages=missing):
+                if missing:
+                    self._fail("incomplete", f"the stream ended with {missing} pages never received", now)
+                else:
+                    self._out.append(SendReturnPath(wire.encode(wire.Shut(value=0))))
+                    self._move(Trigger.COMPLETED, now)
+                    self._out.append(Finish(None))
+            case PauseRequested():
+                if self.status is S.POSTCOPY_ACTIVE:
+                    self._break(now, "paused by request")
+            case RecoverRequested():
+                self.any_peer = True
+            case _:
+                pass        # inputs of the source role mean nothing here
+        return self._flush()
+
+    def get_timer(self) -> float | None:
+        """The next time :meth:`handle_timer` has something to do, or None."""
+        times = [p.deadline for p in self.pending.values()]
+        if self.attempt.held is not None:
+            times.append(self.attempt.held_deadline)
+        if self.link.handshake:
+            times.append(self.link.handshake_deadline)
+        if self.recover_deadline is not None:
+            times.append(self.recover_deadline)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        for conn, p in list(self.pending.items()):
+            if p.deadline <= now:
+                del self.pending[conn]
+                self._silent(conn, p, now)
+        if self.attempt.held is not None and self.attempt.held_deadline <= now:
+            self._fail("preempt_mismatch", "the source never opened the preempt channel this destination expects: "
+                       "start both sides with the same postcopy-preempt setting", now)
+        if self.link.handshake and self.link.handshake_deadline <= now:
+            self._refuse_attempt("the recovery handshake did not finish within the link timeout", now)
+        if self.recover_deadline is not None and self.recover_deadline <= now and not self.status.finished:
+            self._fail("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s", now)
+        return self._flush()
+
+    # -- what a session knows -----------------------------------------------------------
+
+    @property
+    def layout(self) -> wire.RamLayout | None:
+        return self.attempt.layout
+
+    @property
+    def discard_ranges(self) -> int:
+        return self.attempt.discard_ranges
+
+    def paused_total(self, now: float) -> float:
+        extra = now - self.paused_since if self.paused_since is not None else 0.0
+        return self.paused_seconds + extra
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _expects_preempt(self) -> bool:
+        if not self.preempt:
+            return False
+        if self.status in (S.SETUP, S.ACTIVE):
+            return self.attempt.main is not None and self.attempt.preempt is None
+        return self.link.handshake and self.link.preempt is None
+
+    def _spoke(self, conn: int, first: bytes, now: float) -> None:
+        p = self.pending.pop(conn, None)
+        if p is None:
+            return
+        if first == _FIRST_HEADER:
+            if self.status in (S.SETUP, S.ACTIVE):
+                self._fresh_main(conn, p.peer_host, now)
+            else:
+                self._refuse(conn, "a fresh stream while a guest runs here")
+        elif first == _FIRST_COMMAND:
+            self._recovery_main(conn, p.peer_host, now)
+        else:
+            self._refuse(conn, "neither a migration stream nor a recovery")
+
+    def _fresh_main(self, conn: int, host: str, now: float) -> None:
+        if self.attempt.main is not None:
+            # A newer stream replaces one whose source gave up on it (its link died unnoticed here).
+            self._start_over(now, "a newer stream replaces it")
+        self.attempt.main = conn
+        self.source_host = host
+        for p in self.pending.values():     # the preempt channel follows at once, silent
+            p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
+        self._out.append(ReceiveStream(conn, recovery=False))
+
+    def _recovery_main(self, conn: int, host: str, now: float) -> None:
+        if self.status in (S.SETUP, S.ACTIVE):
+            self.refused["nothing_to_recover"] = self.refused.get("nothing_to_recover", 0) + 1
+            self._out.append(CloseConnection(conn, wire.encode(wire.Shut(value=SHUT_NOTHING_TO_RECOVER))))
+            return
+        if not self._peer_ok(host):
+            self._refuse(conn, f"a recovery from {host}, not from the source's host")
+            return
+        if self.status is S.POSTCOPY_ACTIVE:
+            # the source noticed the broken link first and is already back
+            self._break(now, "the source reconnected")
+        elif self.status is S.POSTCOPY_RECOVER:
+            # a newer recovery replaces an attempt its source abandoned
+            self._drop_link_channels()
+            self._move(Trigger.RECOVERY_FAILED, now)
+        self.link = _Link(main=conn, handshake=True, handshake_deadline=now + self.link_timeout)
+        for p in self.pending.values():
+            p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
+        self._move(Trigger.RECOVERY_STARTED, now)
+        self._out.append(ReceiveStream(conn, recovery=True))
+
+    def _silent(self, conn: int, p: _Pending, now: float) -> None:
+        """A connection that said nothing: the preempt channel if one is due from its host."""
+        if self._expects_preempt() and p.peer_host == self.source_host:
+            self._out.append(AcceptPreempt(conn))
+            if self.status in (S.SETUP, S.ACTIVE):
+                a = self.attempt
+                a.preempt = conn
+                if a.listening:
+                    self._out.append(StartPreemptReceiver(conn))
+                if a.held is not None and a.main is not None:
+                    held, a.held = a.held, None
+                    self._packaged(a.main, held, now)
+                    if self.status is S.POSTCOPY_ACTIVE:
+                        self._out.append(ResumeStream(a.main))
+            else:
+                self.link.preempt = conn
+            return
+        self._refuse(conn, "silent, and no preempt channel is due")
+
+    def _peer_ok(self, host: str) -> bool:
+        return self.any_peer or self.source_host is None or host == self.source_host
+
+    def _refuse(self, conn: int, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+        self._out.append(CloseConnection(conn))
+
+    def _closed(self, conn: int, reason: str, now: float) -> None:
+        if self.pending.pop(conn, None) is not None:
+            return
+        if self.status in (S.SETUP, S.ACTIVE):
+            if conn in (self.attempt.main, self.attempt.preempt):
+                self._start_over(now, reason)
+            return
+        if conn not in (self.link.main, self.link.preempt):
+            return      # a channel already retired
+        if self.status is S.POSTCOPY_ACTIVE:
+            if conn == self.link.main and self.link.main_ended:
+                return  # the source closes after its EOF item; we finish on the preempt EOS
+            self._break(now, reason)
+        elif self.status is S.POSTCOPY_RECOVER:
+            self._refuse_attempt(f"the recovery connection failed: {reason}", now)
+
+    # -- the main stream -----------------------------------------------------------------
+
+    def _item(self, conn: int, item: wire.Event, now: float) -> None:
+        if self.status in (S.SETUP, S.ACTIVE):
+            if conn == self.attempt.main:
+                self._preamble_item(conn, item, now)
+        elif conn == self.link.main:
+            if self.link.handshake:
+                self._handshake_item(conn, item, now)
+            else:
+                self._postcopy_item(item, now)
+
+    def _preamble_item(self, conn: int, item: wire.Event, now: float) -> None:
+        a = self.attempt
+        match item:
+            case wire.StreamHeader():
+                if self.status is S.SETUP:
+                    self._move(Trigger.STREAM_STARTED, now)
+            case wire.OpenReturnPath():
+                self._out.append(AttachReturnPath(conn))
+            case wire.Ping(value=v):
+                self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
+            case wire.PostcopyAdvise():
+                a.advise = item
+            case wire.SectionStart(idstr="ram", section_id=sid):
+                a.ram_section_id = sid
+            case wire.RamSetup(blocks=entries):
+                self._ram_setup(entries, now)
+            case wire.RamPages():
+                if a.layout is None:
+                    self._fail("no_ram_setup", "page records before the RAM setup", now)
+                else:
+                    self._out.append(PlacePages(conn, item))
+            case wire.PostcopyRamDiscard(idstr=idstr, ranges=ranges):
+                self._discard(idstr, ranges, now)
+            case wire.DeviceSection():
+                a.device_sections.append(item)
+            case wire.Packaged(events=inner):
+                if self.preempt and a.preempt is None:
+                    candidates = [c for c, p in self.pending.items() if p.peer_host == self.source_host]
+                    if candidates:      # QEMU's rule: the connection after main is its preempt channel
+                        self._silent(candidates[0], self.pending.pop(candidates[0]), now)
+                if self.preempt and a.preempt is None:
+                    a.held, a.held_deadline = inner, now + self.link_timeout
+                    self._out.append(HoldStream(conn))
+                    return
+                self._packaged(conn, inner, now)
+            case wire.PostcopyListen():
+                self._listen(now)
+            case wire.PostcopyRun():
+                self._run(conn, now)
+            case wire.ConnectionClosed():
+                self._start_over(now, "the source closed the main channel before the switch to postcopy")
+            case _:
+                pass        # configuration, footers, EOS markers: nothing to do
+
+    def _packaged(self, conn: int, inner: tuple[wire.WireEvent, ...], now: float) -> None:
+        for event in inner:
+            self._packaged_item(conn, event, now)
+            if self.status.finished:
+                return
+        if self.status is not S.POSTCOPY_ACTIVE:
+            self._fail("unexpected", "PACKAGED ended without RUN", now)
+
+    def _packaged_item(self, conn: int, item: wire.Event, now: float) -> None:
+        match item:
+            case wire.PostcopyListen():
+                self._listen(now)
+            case wire.DeviceSection():
+                self.attempt.device_sections.append(item)
+            case wire.Ping(value=v):
+                self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
+            case wire.PostcopyRun():
+                self._run(conn, now)
+            case _:
+                pass
+
+    def _ram_setup(self, entries: tuple[wire.RamBlockEntry, ...], now: float) -> None:
+        a = self.attempt
+        blocks = tuple(
+            wire.RamBlock(idstr=e.idstr, used_length=e.used_length,
+                          host_page_size=e.page_size or self.block_page_sizes.get(e.idstr, wire.DEFAULT_TARGET_PAGE_SIZE))
+            for e in entries)
+        a.layout = wire.RamLayout(blocks=blocks, section_id=a.ram_section_id)
+        if a.advise is not None:
+            summary = 0
+            for b in blocks:
+                summary |= b.host_page_size
+            tps = a.advise.target_page_size
+            if tps != wire.DEFAULT_TARGET_PAGE_SIZE or a.advise.pagesize_summary != summary:
+                self._fail("advise_mismatch",
+                           f"POSTCOPY_ADVISE says target page {tps} and page sizes {a.advise.pagesize_summary:#x}; "
+                           f"the RAM setup's blocks have {wire.DEFAULT_TARGET_PAGE_SIZE} and {summary:#x}", now)
+                return
+        self._out.append(PrepareMemory(a.layout))
+
+    def _discard(self, idstr: str, ranges: tuple[tuple[int, int], ...], now: float) -> None:
+        layout = self.attempt.layout
+        index = layout.index(idstr) if layout is not None else None
+        if layout is None or index is None:
+            self._fail("unknown_block", f"discard for unknown RAM block {idstr!r}", now)
+            return
+        block = layout.blocks[index]
+        for start, length in ranges:
+            if length <= 0 or start < 0 or start + length > block.used_length or start % wire.DEFAULT_TARGET_PAGE_SIZE:
+                self._fail("bad_discard", f"discard {idstr} offset {start:#x} length {length:#x}: outside the block", now)
+                return
+        self.attempt.discard_ranges += len(ranges)
+        self._out.append(Discard(index, ranges))
+
+    def _listen(self, now: float) -> None:
+        a = self.attempt
+        if a.layout is None:
+            self._fail("no_ram_setup", "LISTEN before the RAM setup", now)
+            return
+        if a.listening:
+            return
+        a.listening = True
+        self._out.append(RegisterMemory())
+        if a.preempt is not None:
+            self._out.append(StartPreemptReceiver(a.preempt))
+
+    def _run(self, conn: int, now: float) -> None:
+        a = self.attempt
+        if not a.listening:
+            self._fail("unexpected", "RUN before LISTEN", now)
+            return
+        self._out.append(StartGuest(tuple(a.device_sections)))
+        self.link = _Link(main=conn, preempt=a.preempt)
+        self._move(Trigger.RUN, now)
+        self._out.append(ReceivePages(conn))
+
+    def _postcopy_item(self, item: wire.Event, now: float) -> None:
+        match item:
+            case wire.Ping(value=v):
+                self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
+            case wire.EndOfStream():
+                self.link.main_ended = True
+                self._maybe_complete()
+            case wire.ConnectionClosed():
+                self._break(now, "main channel closed before the end of the stream")
+            case _:
+                self._fail("unexpected", f"unexpected {type(item).__name__} after RUN", now)
+
+    def _maybe_complete(self) -> None:
+        link = self.link
+        if link.main_ended and (link.preempt is None or link.preempt_ended):
+            self._out.append(CheckComplete())
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _handshake_item(self, conn: int, item: wire.Event, now: float) -> None:
+        layout = self.attempt.layout
+        assert layout is not None
+        match item:
+            case wire.RecvBitmapRequest(idstr=idstr):
+                if layout.index(idstr) is None:
+                    self._refuse_attempt(f"RECV_BITMAP for unknown block {idstr!r}", now)
+                else:
+                    self._out.append(AnswerBitmapRequest(conn, idstr))
+            case wire.Ping(value=v):
+                self._out.append(Send(conn, wire.encode(wire.Pong(value=v))))
+            case wire.PostcopyResume():
+                self.link.handshake = False
+                self._out += [Send(conn, wire.encode(wire.ResumeAck(value=1))), AttachReturnPath(conn),
+                              ResendRequests()]
+                if self.link.preempt is not None:
+                    self._out.append(StartPreemptReceiver(self.link.preempt))
+                self._out.append(ReceivePages(conn))
+                self.recoveries += 1
+                self._move(Trigger.RESUMED, now)
+            case wire.ConnectionClosed():
+                self._refuse_attempt("the recovery connection closed during the handshake", now)
+            case _:
+                self._refuse_attempt(f"unexpected {type(item).__name__} in the recovery handshake", now)
+
+    def _refuse_attempt(self, why: str, now: float) -> None:
+        """This recovery attempt failed; the migration stays paused for the next one."""
+        self.refused[why] = self.refused.get(why, 0) + 1
+        self._drop_link_channels()
+        self.link = _Link()
+        if self.status is S.POSTCOPY_RECOVER:
+            self._move(Trigger.RECOVERY_FAILED, now)
+
+    def _drop_link_channels(self) -> None:
+        self._out.append(AttachReturnPath(None))
+        for conn in (self.link.main, self.link.preempt):
+            if conn is not None:
+                self._out.append(CloseConnection(conn))
+
+    def _break(self, now: float, why: str) -> None:
+        """The link is broken after RUN: pause, keep every request outstanding."""
+        self._out += [AttachReturnPath(None), BreakLink()]
+        for conn in (self.link.main, self.link.preempt):
+            if conn is not None:
+                self._out.append(CloseConnection(conn))
+        self.link = _Link()
+        self.last_break_reason = why
+        self._move(Trigger.LINK_BROKEN, now)
+
+    def _start_over(self, now: float, why: str) -> None:
+        """Before RUN nothing can be lost: drop the attempt and wait for the stream again."""
+        self._out.append(ResetBeforeRun())
+        for conn in (self.attempt.main, self.attempt.preempt):
+            if conn is not None:
+                self._out.append(CloseConnection(conn))
+        self.attempt = _Attempt()
+        self.restarts += 1
+        self.last_break_reason = why
+        self._move(Trigger.START_OVER, now)
+
+    # -- status -------------------------------------------------------------------------------
+
+    def _fail(self, kind: str, message: str, now: float) -> None:
+        if self.status.finished:
+            return
+        self.error = MigrationFailed(kind, message)
+        self._move(Trigger.FAILED, now)
+        self._out.append(BreakLink())
+        self._out.append(Finish(self.error))
+
+    def _move(self, trigger: Trigger, now: float) -> None:
+        old = self.status
+        new = next_status("destination", old, trigger)
+        if new is S.POSTCOPY_PAUSED and old is not S.POSTCOPY_PAUSED and self.paused_since is None:
+            self.paused_since = now
+            self.recover_deadline = now + self.recover_timeout
+        if new in (S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED) and self.paused_since is not None:
+            self.paused_seconds += now - self.paused_since
+            self.paused_since = None
+            self.recover_deadline = None
+        if new.finished:
+            for conn in self.pending:
+                self._out.append(CloseConnection(conn))
+            self.pending.clear()
+        self.status = new
+        if new is not old or trigger is Trigger.START_OVER:
+            self._out.append(StatusChanged(new))
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+
+#: Data-path error kinds that keep their name as a failure kind.
+_DATA_PATH_KINDS: Final = frozenset({"placement", "uffd", "protocol", "internal"}) | wire.ERROR_KINDS

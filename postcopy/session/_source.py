@@ -1,0 +1,431 @@
+"""The source's protocol session: every decision of an outgoing migration, with
+no IO, no threads and no clock.
+
+The shell (``postcopy/source.py``) connects, runs the C bulk stream and the
+return-path reader, and stops the guest through its memory owner; it feeds what
+happened here and carries out the actions, in order, on one driver thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from .. import wire
+from ._destination import SHUT_NOTHING_TO_RECOVER
+from ._errors import MigrationFailed
+from ._io import (
+    Action,
+    BreakLink,
+    BulkFinished,
+    Channel,
+    ChannelFailed,
+    CloseChannels,
+    Connect,
+    Connected,
+    ConnectFailed,
+    Finish,
+    GuestStopped,
+    Input,
+    MarkAllDirty,
+    PauseRequested,
+    ReloadDirty,
+    ResumeRequested,
+    ReturnPathMessage,
+    StartBulk,
+    StartPostcopy,
+    StartReturnPath,
+    StatusChanged,
+    StopGuest,
+    Write,
+)
+from ._status import MigrationStatus, Trigger, next_status
+
+__all__ = ["HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "SourceSession"]
+
+S = MigrationStatus
+
+RAM_SECTION_ID: Final = 2
+MAX_DISCARDS_PER_COMMAND: Final = 12        # QEMU's limit per POSTCOPY_RAM_DISCARD
+#: Heartbeat PINGs of the C bulk stream carry this tag in their top bits (uffd/csrc/source.h).
+HEARTBEAT_MASK: Final = 0xFFFF0000
+HEARTBEAT_PING: Final = 0x50430000
+#: A destination still starting: connection attempts this far apart.
+CONNECT_RETRY_SECONDS: Final = 0.02
+#: No SHUT this many link timeouts after the end of the stream: the link is broken.
+SHUT_WAIT_LINK_TIMEOUTS: Final = 10
+
+
+@dataclass(slots=True)
+class _Recovery:
+    """One reconnection attempt after a pause. Replaced whole for the next one."""
+
+    connecting: bool = False
+    handshake: bool = False
+    deadline: float = 0.0
+    pending_bitmaps: set[str] = field(default_factory=set)
+    resume_sent: bool = False
+    starting_over: bool = False
+
+
+class SourceSession:
+    """Sans-IO: ``handle(input, now)`` and ``handle_timer(now)`` return actions."""
+
+    role = "source"
+
+    def __init__(self, blocks: Sequence[wire.RamBlock], configuration: wire.Configuration, *, preempt: bool,
+                 hold_switchover: bool = False, auto_recover: bool = True, link_timeout: float = 3.0,
+                 recover_timeout: float = 120.0, connect_timeout: float = 0.0,
+                 backoff: tuple[float, float] = (0.01, 0.02)) -> None:
+        self.layout = wire.RamLayout(blocks=tuple(blocks), section_id=RAM_SECTION_ID)
+        self.configuration = configuration
+        self.preempt = preempt
+        self.hold_switchover = hold_switchover
+        self.auto_recover = auto_recover
+        self.link_timeout = link_timeout
+        self.recover_timeout = recover_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff
+        self.status = S.NONE
+        self.error: MigrationFailed | None = None
+        self.switch_requested = not hold_switchover
+        self.guest_stopped = False
+        self.channels_up = False
+        self.switch_events: list[wire.Event] = []
+        self.stopped_at = 0.0
+        self.downtime: float | None = None
+        self.streaming = False
+        self.ending_sent = False
+        self.last_pong = 0.0
+        self.shut_deadline: float | None = None
+        self.connect_deadline = 0.0
+        self.retry_at: float | None = None
+        self.delay = backoff[0]
+        self.manual_pause = False
+        self.recovery = _Recovery()
+        self.recover_deadline: float | None = None
+        self.paused_since: float | None = None
+        self.paused_seconds = 0.0
+        self.recoveries = 0
+        self.restarts = 0
+        self.discard_ranges = 0
+        self.recovery_errors: list[str] = []
+        self.last_pause_reason = ""
+        self._out: list[Action] = []
+
+    # -- entry points -------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        self.connect_deadline = now + self.connect_timeout
+        self._move(Trigger.START, now)
+        self._out.append(Connect(Channel.MAIN))
+        return self._flush()
+
+    def handle(self, event: Input, now: float) -> list[Action]:
+        if self.status.finished:
+            return self._flush()
+        match event:
+            case Connected(channel=channel):
+                self._connected(channel, now)
+            case ConnectFailed(channel=channel, reason=reason):
+                self._connect_failed(channel, reason, now)
+            case GuestStopped(device_sections=sections, stopped_at=stopped_at):
+                self._switch(sections, stopped_at, now)
+            case ReturnPathMessage(event=message):
+                self._message(message, now)
+            case BulkFinished():
+                self._ending(now)
+            case ChannelFailed(reason=reason):
+                self._channel_failed(reason, now)
+            case StartPostcopy():
+                self.switch_requested = True
+                self._maybe_switch()
+            case PauseRequested():
+                self.manual_pause = True
+                if self.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+                    self._pause("paused by request", now)
+            case ResumeRequested():
+                self.manual_pause = False
+                if self.status is S.POSTCOPY_PAUSED and not self.recovery.connecting:
+                    self.retry_at = None
+                    self._reconnect(now)
+            case _:
+                pass
+        return self._flush()
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self.retry_at, self.shut_deadline, self.recover_deadline) if t is not None]
+        if self.status is S.POSTCOPY_ACTIVE and self.streaming:
+            times.append(self.last_pong + self.link_timeout)
+        if self.recovery.handshake:
+            times.append(self.recovery.deadline)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        if self.status.finished:
+            return self._flush()
+        if self.retry_at is not None and self.retry_at <= now:
+            self.retry_at = None
+            if self.status is S.SETUP:
+                self._out.append(Connect(Channel.MAIN))
+            elif self.status is S.POSTCOPY_PAUSED and not self.manual_pause:
+                self._reconnect(now)
+        if self.status is S.POSTCOPY_ACTIVE and self.streaming and now - self.last_pong > self.link_timeout:
+            self._pause(f"no PONG for {self.link_timeout:.1f} s", now)
+        if self.shut_deadline is not None and self.shut_deadline <= now and self.status is S.POSTCOPY_ACTIVE:
+            self._pause("no SHUT from the destination after the end of the stream", now)
+        if self.recovery.handshake and self.recovery.deadline <= now:
+            self._attempt_failed("the destination did not answer the recovery within the link timeout", now)
+        if self.recover_deadline is not None and self.recover_deadline <= now:
+            self._fail("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s", now)
+        return self._flush()
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    def preamble(self) -> list[wire.Event]:
+        summary = 0
+        for b in self.layout.blocks:
+            summary |= b.host_page_size
+        entries = tuple(
+            wire.RamBlockEntry(idstr=b.idstr, used_length=b.used_length,
+                               page_size=b.host_page_size if b.host_page_size != wire.DEFAULT_TARGET_PAGE_SIZE else None)
+            for b in self.layout.blocks)
+        return [
+            wire.StreamHeader(),
+            self.configuration,
+            wire.OpenReturnPath(),
+            wire.Ping(value=1),
+            wire.PostcopyAdvise(pagesize_summary=summary, target_page_size=wire.DEFAULT_TARGET_PAGE_SIZE),
+            wire.SectionStart(section_id=RAM_SECTION_ID, idstr="ram", instance_id=0, version_id=4),
+            wire.RamSetup(total_bytes=sum(b.used_length for b in self.layout.blocks), blocks=entries),
+            wire.RamEos(),
+            wire.SectionFooter(section_id=RAM_SECTION_ID),
+        ]
+
+    def _connected(self, channel: Channel, now: float) -> None:
+        if self.status is S.SETUP:
+            if channel is Channel.MAIN:
+                self._out.append(Write(Channel.MAIN, _encode(self.preamble())))
+                if self.preempt:
+                    self._out.append(Connect(Channel.PREEMPT))     # 7.2 style: at once
+                    return
+            self._out.append(StartReturnPath())
+            self.channels_up = True
+            self._move(Trigger.STREAM_STARTED, now)
+            self._maybe_switch()
+            return
+        r = self.recovery
+        if not r.connecting:
+            return
+        if channel is Channel.MAIN:
+            if r.starting_over:
+                self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(self.preamble()))]
+            else:
+                self._move(Trigger.RECOVERY_STARTED, now)
+                # the commands first, then the preempt channel: the destination tells them apart by content
+                self._out.append(Write(Channel.MAIN, _encode(
+                    [wire.RecvBitmapRequest(idstr=b.idstr) for b in self.layout.blocks])))
+            if self.preempt:
+                self._out.append(Connect(Channel.PREEMPT))
+                return
+        self._out.append(StartReturnPath())
+        r.connecting = False
+        if r.starting_over:
+            self._out.append(Write(Channel.MAIN, _encode(self.switch_events)))
+            self.restarts += 1
+            self.recovery = _Recovery()
+            self._move(Trigger.START_OVER, now)
+            self._stream(now)
+        else:
+            r.handshake = True
+            r.deadline = now + self.link_timeout
+            r.pending_bitmaps = {b.idstr for b in self.layout.blocks}
+
+    def _connect_failed(self, channel: Channel, reason: str, now: float) -> None:
+        if self.status is S.SETUP and channel is Channel.MAIN and now < self.connect_deadline:
+            self.retry_at = now + CONNECT_RETRY_SECONDS     # the destination may still be starting
+        elif self.status in (S.SETUP, S.ACTIVE):
+            self._fail("connect", f"cannot connect the {channel.value} channel: {reason}", now)
+        elif self.recovery.connecting:
+            self._attempt_failed(f"connect {channel.value}: {reason}", now)
+
+    def _maybe_switch(self) -> None:
+        if self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped:
+            self.guest_stopped = True
+            self._out.append(StopGuest())
+
+    def _switch(self, sections: tuple[wire.DeviceSection, ...], stopped_at: float, now: float) -> None:
+        """The guest stopped: discards, PACKAGED with its device state, RUN. The downtime runs to PONG 3."""
+        self.stopped_at = stopped_at
+        events: list[wire.Event] = []
+        for b in self.layout.blocks:
+            ranges = [(0, b.used_length)]       # immediate postcopy: nothing was sent before
+            for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+                chunk = tuple(ranges[i:i + MAX_DISCARDS_PER_COMMAND])
+                self.discard_ranges += len(chunk)
+                events.append(wire.PostcopyRamDiscard(idstr=b.idstr, ranges=chunk))
+        events.append(wire.Ping(value=2))
+        events.append(wire.Packaged(events=(wire.PostcopyListen(), *sections, wire.Ping(value=3), wire.PostcopyRun())))
+        events.append(wire.Ping(value=4))
+        self.switch_events = events
+        self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(events))]
+        self._move(Trigger.RUN, now)
+        self._stream(now)
+
+    def _stream(self, now: float) -> None:
+        self.streaming = True
+        self.ending_sent = False
+        self.shut_deadline = None
+        self.last_pong = now
+        self._out.append(StartBulk())
+
+    def _ending(self, now: float) -> None:
+        if self.status is not S.POSTCOPY_ACTIVE or not self.streaming:
+            return
+        self.streaming = False
+        self.ending_sent = True
+        self._out.append(Write(Channel.MAIN, _encode([
+            wire.SectionEnd(section_id=RAM_SECTION_ID), wire.RamEos(),
+            wire.SectionFooter(section_id=RAM_SECTION_ID), wire.EndOfStream()])))
+        if self.preempt:
+            # EOS (a 7.2 destination needs it); no urgent page may follow it
+            self._out.append(Write(Channel.PREEMPT, (0x10).to_bytes(8, "big"), last=True))
+        self.shut_deadline = now + SHUT_WAIT_LINK_TIMEOUTS * self.link_timeout
+
+    # -- the return path ---------------------------------------------------------------------------
+
+    def _message(self, message: wire.Event, now: float) -> None:
+        match message:
+            case wire.Pong(value=v) if v & HEARTBEAT_MASK == HEARTBEAT_PING:
+                self.last_pong = now
+            case wire.Pong(value=v):
+                self.last_pong = now
+                if v == 3 and self.downtime is None and self.guest_stopped:
+                    self.downtime = now - self.stopped_at
+            case wire.Shut(value=v) if self.recovery.handshake and v == SHUT_NOTHING_TO_RECOVER:
+                # no guest ran there yet: send the whole stream again, the guest still stopped here
+                self._out.append(CloseChannels())
+                self.recovery = _Recovery(connecting=True, starting_over=True)
+                self._out.append(Connect(Channel.MAIN))
+            case wire.Shut(value=0) if self.status is S.POSTCOPY_ACTIVE and self.ending_sent:
+                self.shut_deadline = None
+                self._out.append(CloseChannels())
+                self._move(Trigger.COMPLETED, now)
+                self._out.append(Finish(None))
+            case wire.Shut(value=v) if self.status in (S.POSTCOPY_ACTIVE, S.ACTIVE, S.SETUP):
+                self._fail("destination_failed", f"the destination shut down with error {v}", now)
+            case wire.RecvBitmap(idstr=idstr, bitmap=bitmap) if self.recovery.handshake:
+                self._bitmap(idstr, bitmap, now)
+            case wire.ResumeAck() if self.recovery.handshake and self.recovery.resume_sent:
+                self.recovery = _Recovery()
+                self.recoveries += 1
+                self._move(Trigger.RESUMED, now)
+                self._stream(now)
+            case _ if self.recovery.handshake:
+                self._attempt_failed(f"{type(message).__name__} in the recovery handshake", now)
+            case _:
+                pass
+
+    def _bitmap(self, idstr: str, bitmap: bytes, now: float) -> None:
+        r = self.recovery
+        index = self.layout.index(idstr)
+        if index is None or idstr not in r.pending_bitmaps:
+            self._attempt_failed(f"RECV_BITMAP for {idstr!r} twice or unasked", now)
+            return
+        npages = self.layout.blocks[index].used_length // wire.DEFAULT_TARGET_PAGE_SIZE
+        want = (npages + 63) // 64 * 8
+        if len(bitmap) != want:
+            self._attempt_failed(f"RECV_BITMAP of {idstr}: {len(bitmap)} bytes, expected {want}", now)
+            return
+        if npages % 64 and int.from_bytes(bitmap[-8:], "little") >> (npages % 64):
+            self._attempt_failed(f"RECV_BITMAP of {idstr}: bits set past the block's last page", now)
+            return
+        r.pending_bitmaps.discard(idstr)
+        self._out.append(ReloadDirty(index, bitmap))
+        if not r.pending_bitmaps:
+            r.resume_sent = True
+            self._out.append(Write(Channel.MAIN, _encode([wire.PostcopyResume()])))
+
+    # -- pause and recovery --------------------------------------------------------------------------
+
+    def _channel_failed(self, reason: str, now: float) -> None:
+        if self.status in (S.SETUP, S.ACTIVE):
+            if self.guest_stopped:
+                # the guest stopped here but PACKAGED did not get through: pause like after RUN
+                self._move(Trigger.RUN, now)
+                self._pause(reason, now)
+            else:
+                self._fail("io", f"the link failed before the switch to postcopy: {reason}", now)
+        elif self.status is S.POSTCOPY_ACTIVE:
+            self._pause(reason, now)
+        elif self.status is S.POSTCOPY_RECOVER or self.recovery.connecting:
+            self._attempt_failed(reason, now)
+
+    def _pause(self, why: str, now: float) -> None:
+        self.streaming = False
+        self.shut_deadline = None
+        self.recovery = _Recovery()
+        self.last_pause_reason = why
+        self._out += [BreakLink(), CloseChannels()]
+        self._move(Trigger.LINK_BROKEN, now)
+        self._schedule_retry(now, first=True)
+
+    def _attempt_failed(self, why: str, now: float) -> None:
+        self.recovery_errors.append(why)
+        starting_over = self.recovery.starting_over
+        self.recovery = _Recovery(starting_over=starting_over)
+        self._out += [BreakLink(), CloseChannels()]
+        if self.status is S.POSTCOPY_RECOVER:
+            self._move(Trigger.RECOVERY_FAILED, now)
+        self._schedule_retry(now)
+
+    def _schedule_retry(self, now: float, first: bool = False) -> None:
+        if first:
+            self.delay = self.backoff[0]
+        if self.auto_recover and not self.manual_pause:
+            self.retry_at = now + self.delay
+            self.delay = min(self.delay * 2, self.backoff[1])
+
+    def _reconnect(self, now: float) -> None:
+        self.recovery = _Recovery(connecting=True, starting_over=self.recovery.starting_over)
+        self._out.append(Connect(Channel.MAIN))
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _fail(self, kind: str, message: str, now: float) -> None:
+        if self.status.finished:
+            return
+        self.error = MigrationFailed(kind, message)
+        self._out += [BreakLink(), CloseChannels()]
+        self._move(Trigger.FAILED, now)
+        self._out.append(Finish(self.error))
+
+    def _move(self, trigger: Trigger, now: float) -> None:
+        old = self.status
+        new = next_status("source", old, trigger)
+        if new is S.POSTCOPY_PAUSED and self.paused_since is None:
+            self.paused_since = now
+            self.recover_deadline = now + self.recover_timeout
+        if new in (S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED) and self.paused_since is not None:
+            self.paused_seconds += now - self.paused_since
+            self.paused_since = None
+            self.recover_deadline = None
+        if new.finished:
+            self.retry_at = None
+            self.shut_deadline = None
+        self.status = new
+        if new is not old:
+            self._out.append(StatusChanged(new))
+
+    def paused_total(self, now: float) -> float:
+        extra = now - self.paused_since if self.paused_since is not None else 0.0
+        return self.paused_seconds + extra
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+
+def _encode(events: Sequence[wire.Event]) -> bytes:
+    return b"".join(wire.encode(e) for e in events)

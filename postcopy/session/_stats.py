@@ -1,0 +1,82 @@
+"""The one snapshot both roles return: live (``snapshot()``) and at the end (``result``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ._status import MigrationStatus
+
+__all__ = ["ChannelStats", "MigrationStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """What one channel carried, over every connection it had."""
+
+    normal_pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: ChannelStats) -> ChannelStats:
+        return ChannelStats(self.normal_pages + other.normal_pages, self.zero_pages + other.zero_pages,
+                            self.bytes + other.bytes)
+
+    @property
+    def pages(self) -> int:
+        return self.normal_pages + self.zero_pages
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStats:
+    """Figures of one role. Pages are target pages (4 KiB); times are monotonic ns.
+
+    Fields that do not apply to a role stay 0.
+    """
+
+    role: Literal["source", "destination"]
+    status: MigrationStatus
+    error: str | None = None
+    error_kind: str | None = None
+    pages_total: int = 0
+    pages_received: int = 0
+    """Destination: target pages placed (received bitmap)."""
+    dirty_pages: int = 0
+    """Source: target pages still to send."""
+    main: ChannelStats = ChannelStats()
+    preempt: ChannelStats = ChannelStats()
+    remote_faults: int = 0
+    """Destination: faults that needed the source; source: page requests received."""
+    requests_sent: int = 0
+    """Destination: page requests written on the return path."""
+    pending_requests: int = 0
+    """Destination: pages requested and not yet placed."""
+    bad_requests: int = 0
+    duplicate_host_pages: int = 0
+    discard_ranges: int = 0
+    recoveries: int = 0
+    restarts: int = 0
+    paused_ns: int = 0
+    blocktime_ns: int = 0
+    vcpu_blocktime_ns: tuple[int, ...] = ()
+    started_ns: int = 0
+    stopped_ns: int = 0
+    """Source: the guest stopped (the downtime started)."""
+    downtime_ns: int = 0
+    """Source: guest stopped -> PONG 3 (the device state loaded on the destination)."""
+    source_stopped_ns: int = 0
+    """Destination: when the source says its guest stopped."""
+    guest_started_ns: int = 0
+    finished_ns: int = 0
+    recovery_errors: tuple[str, ...] = ()
+    refused_connections: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    """Source: the C data path's raw counters."""
+
+    @property
+    def pages_sent(self) -> int:
+        return self.main.pages + self.preempt.pages
+
+    @property
+    def bytes(self) -> int:
+        return self.main.bytes + self.preempt.bytes
