@@ -25,7 +25,7 @@ from postcopy.wire import (
 from postcopy.wire._ramscan_ref import RefScanState, ref_scan
 from postcopy.wire._scan import RamScanner
 
-CAPS = Path(__file__).resolve().parents[3] / "shared" / "captures" / "qemu-7.2"
+CAPS = Path(__file__).resolve().parents[1] / "data" / "qemu-7.2"
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
