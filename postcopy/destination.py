@@ -285,7 +285,7 @@ class Destination:
             raise DestinationError(
                 "ram_layout", f"the source's RAM blocks {theirs} differ from this destination's {ours}")
         self._layout = wire.RamLayout(
-            blocks=tuple(wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
+            blocks=tuple(wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
                          for b in self.memory),
             section_id=section_id,
         )
@@ -301,7 +301,7 @@ class Destination:
             self.path.discard(index, start, length)      # validates the range first
             block.discard(start, length)
 
-    def _packaged(self, inner: tuple[wire.Event, ...], preempt: socket.socket | None) -> None:
+    def _packaged(self, inner: tuple[wire.WireEvent, ...], preempt: socket.socket | None) -> None:
         for event in inner:
             match event:
                 case wire.PostcopyListen():

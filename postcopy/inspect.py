@@ -146,7 +146,7 @@ class _StreamReport:
         }
 
 
-def _command_detail(e: ev.Event) -> str:
+def _command_detail(e: ev.WireEvent) -> str:
     match e:
         case Ping(value=v):
             return str(v)

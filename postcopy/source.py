@@ -127,7 +127,7 @@ class Source:
         self._last_heartbeat_pong = 0
         self._last_pong_ns = 0
         self._discard_ranges = 0
-        self._switch_events: list[wire.Event] = []
+        self._switch_events: list[wire.WireEvent] = []
         self._shut_value_ok = True
         self._paused_at = 0
 
@@ -311,7 +311,7 @@ class Source:
         if self.preempt:
             self._connect_preempt(self.reconnect_timeout)
         layout = wire.RamLayout(blocks=tuple(
-            wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
+            wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size)
             for b in self.memory))
         pending = {b.idstr for b in self.memory}
         while pending:
@@ -371,7 +371,7 @@ class Source:
         self._send(self._switch_events)
         self.result.restarts += 1
 
-    def _next_rp_event(self, layout: wire.RamLayout | None = None) -> wire.Event:
+    def _next_rp_event(self, layout: wire.RamLayout | None = None) -> wire.WireEvent:
         """One return-path message, decoded from exactly its bytes in the C buffer.
 
         A fresh decoder each time: the bytes after this message may be page
@@ -409,10 +409,10 @@ class Source:
 
     # -- the stream -------------------------------------------------------------
 
-    def _send(self, events: list[wire.Event]) -> None:
+    def _send(self, events: list[wire.WireEvent]) -> None:
         self.path.write(CHAN_MAIN, b"".join(wire.encode(e) for e in events))
 
-    def _preamble(self) -> list[wire.Event]:
+    def _preamble(self) -> list[wire.WireEvent]:
         summary = 0
         for b in self.memory:
             summary |= b.page_size
@@ -441,7 +441,7 @@ class Source:
         state = self.guest.save_state()
         self.path.mark_all_dirty()          # immediate postcopy: nothing was sent before the switch
         self.path.canonicalize()
-        events: list[wire.Event] = []
+        events: list[wire.WireEvent] = []
         for b in self.memory:
             ranges = [(0, b.used_length)]
             for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
@@ -464,7 +464,7 @@ class Source:
             self._link_error = f"switch to postcopy: {exc}"
             self._break_link()
 
-    def _ending(self) -> list[wire.Event]:
+    def _ending(self) -> list[wire.WireEvent]:
         return [
             wire.SectionEnd(section_id=RAM_SECTION_ID),
             wire.RamEos(),

@@ -15,7 +15,7 @@ from ._constants import (
     SectionType,
 )
 from ._errors import LocalProtocolError
-from ._scan import encode_records
+from ._scanner import RecordScanner, default_scanner
 
 __all__ = ["encode"]
 
@@ -58,8 +58,11 @@ def _full_header(t: SectionType, section_id: int, idstr: str, instance_id: int, 
     return bytes((t,)) + _BE32.pack(section_id) + _counted(idstr) + struct.pack(">II", instance_id, version_id)
 
 
-def encode(event: ev.Event) -> bytes:
-    """The bytes that carry ``event`` (``ConnectionClosed`` is b"")."""
+def encode(event: ev.WireEvent, *, scanner: RecordScanner | None = None) -> bytes:
+    """The bytes that carry ``event`` (``ConnectionClosed`` is b"").
+
+    ``scanner`` builds the page records of ``RamPages`` (default: ``default_scanner()``).
+    """
     match event:
         case ev.StreamHeader(version=v):
             return struct.pack(">II", QEMU_VM_FILE_MAGIC, v)
@@ -90,7 +93,7 @@ def encode(event: ev.Event) -> bytes:
         case ev.RecvBitmapRequest(idstr=i):
             return _command(Command.RECV_BITMAP, _counted(i))
         case ev.Packaged(events=inner):
-            blob = b"".join(encode(e) for e in inner)
+            blob = b"".join(encode(e, scanner=scanner) for e in inner)
             if len(blob) >= 1 << 32:
                 raise LocalProtocolError(f"PACKAGED blob of {len(blob)} bytes exceeds be32",
                                          kind="packaged_too_large")
@@ -113,7 +116,7 @@ def encode(event: ev.Event) -> bytes:
         case ev.RamEos():
             return _BE64.pack(RAM_FLAG_EOS)
         case ev.RamPages(blocks=blocks, records=recs, buffer=buf, target_page_size=tps):
-            return encode_records(blocks, tps, recs, buf)
+            return (scanner or default_scanner()).encode(blocks, tps, recs, buf)
         case ev.DeviceSection(section_id=s, idstr=i, instance_id=n, version_id=v, payload=p):
             return (_full_header(SectionType.FULL, s, i, n, v) + p
                     + bytes((SectionType.FOOTER,)) + _BE32.pack(s))

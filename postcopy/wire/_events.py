@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeAlias
 
 from ._errors import LocalProtocolError
 
@@ -20,7 +20,6 @@ __all__ = [
     "DeviceSection",
     "EnableColo",
     "EndOfStream",
-    "Event",
     "OpenReturnPath",
     "Packaged",
     "PageRequest",
@@ -31,8 +30,8 @@ __all__ = [
     "PostcopyRamDiscard",
     "PostcopyResume",
     "PostcopyRun",
-    "RamBlock",
     "RamBlockEntry",
+    "RamBlockLayout",
     "RamEos",
     "RamLayout",
     "RamPages",
@@ -50,6 +49,7 @@ __all__ = [
     "SwitchoverAck",
     "SwitchoverStart",
     "VmDescription",
+    "WireEvent",
 ]
 
 _frozen = dataclass(frozen=True, slots=True, kw_only=True)
@@ -396,7 +396,7 @@ class VmDescription:
 class Packaged:
     """MIG_CMD_PACKAGED and its nested stream, decoded (LISTEN, device sections, PINGs, RUN)."""
 
-    events: tuple[Event, ...]
+    events: tuple[WireEvent, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "events", tuple(self.events))
@@ -492,7 +492,7 @@ class SwitchoverAck:
 
 
 @_frozen
-class RamBlock:
+class RamBlockLayout:
     """A RAM block as both ends know it: name, size and host page size."""
 
     idstr: str
@@ -513,7 +513,7 @@ class RamLayout:
     the layout learnt from the original main stream.
     """
 
-    blocks: tuple[RamBlock, ...]
+    blocks: tuple[RamBlockLayout, ...]
     section_id: int | None = None
     target_page_size: int = 4096
 
@@ -532,15 +532,15 @@ class RamLayout:
                 return i
         return None
 
-    def block(self, idstr: str) -> RamBlock | None:
+    def block(self, idstr: str) -> RamBlockLayout | None:
         i = self.index(idstr)
         return None if i is None else self.blocks[i]
 
 
-Event = Union[
-    StreamHeader, Configuration, OpenReturnPath, Ping, PostcopyAdvise, PostcopyListen,
-    PostcopyRun, PostcopyResume, EnableColo, SwitchoverStart, PostcopyRamDiscard,
-    RecvBitmapRequest, SectionStart, SectionPart, SectionEnd, SectionFooter, RamSetup, RamEos,
-    RamPages, DeviceSection, EndOfStream, VmDescription, Packaged, ConnectionClosed,
-    Shut, Pong, PageRequest, RecvBitmap, ResumeAck, SwitchoverAck,
-]
+WireEvent: TypeAlias = (
+    StreamHeader | Configuration | OpenReturnPath | Ping | PostcopyAdvise | PostcopyListen
+    | PostcopyRun | PostcopyResume | EnableColo | SwitchoverStart | PostcopyRamDiscard
+    | RecvBitmapRequest | SectionStart | SectionPart | SectionEnd | SectionFooter | RamSetup | RamEos
+    | RamPages | DeviceSection | EndOfStream | VmDescription | Packaged | ConnectionClosed
+    | Shut | Pong | PageRequest | RecvBitmap | ResumeAck | SwitchoverAck
+)

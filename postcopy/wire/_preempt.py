@@ -6,6 +6,7 @@ from . import _events as ev
 from ._constants import RAM_CHANNEL_PREEMPT
 from ._decoder import NEED_DATA, BaseDecoder, NeedData, describe_bytes
 from ._ram import RamRecordReader
+from ._scanner import RecordScanner, default_scanner
 
 __all__ = ["PreemptDecoder"]
 
@@ -15,19 +16,21 @@ class PreemptDecoder(BaseDecoder):
 
     Records follow postcopy rules (whole host pages, back to back).  A 7.2
     source ends with EOS after the main stream's EOF; 8.0+ just closes.
+    ``scanner`` as for ``MainStreamDecoder``.
     """
 
-    def __init__(self, *, layout: ev.RamLayout) -> None:
+    def __init__(self, *, layout: ev.RamLayout, scanner: RecordScanner | None = None) -> None:
         super().__init__()
         self.layout = layout
-        self._ram = RamRecordReader(layout, RAM_CHANNEL_PREEMPT, postcopy=True)
+        self.scanner = scanner if scanner is not None else default_scanner()
+        self._ram = RamRecordReader(layout, RAM_CHANNEL_PREEMPT, postcopy=True, scanner=self.scanner)
         self._saw_eos = False
 
     @property
     def saw_eos(self) -> bool:
         return self._saw_eos
 
-    def _step(self) -> ev.Event | NeedData:
+    def _step(self) -> ev.WireEvent | NeedData:
         if self._saw_eos:
             if len(self._buf):
                 raise self._fail("trailing_data", f"{len(self._buf)} bytes after the preempt channel's EOS: "

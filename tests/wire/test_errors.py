@@ -10,7 +10,7 @@ from postcopy.wire import (
     LocalProtocolError,
     MainStreamDecoder,
     ProtocolError,
-    RamBlock,
+    RamBlockLayout,
     RamLayout,
     RemoteProtocolError,
     ReturnPathDecoder,
@@ -24,7 +24,7 @@ SETUP = struct.pack(">Q", 0x2000 | 4) + b"\x06pc.ram" + struct.pack(">Q", 0x2000
 FOOT = b"\x7e" + struct.pack(">I", 2)
 PART = b"\x02" + struct.pack(">I", 2)
 PREFIX = HEAD + ADVISE + RAM_START + SETUP + FOOT + PART
-LAYOUT = RamLayout(blocks=(RamBlock(idstr="pc.ram", used_length=0x2000),), section_id=2)
+LAYOUT = RamLayout(blocks=(RamBlockLayout(idstr="pc.ram", used_length=0x2000),), section_id=2)
 
 
 def _fail(dec, data: bytes, eof: bool = True) -> RemoteProtocolError:
