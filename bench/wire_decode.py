@@ -67,20 +67,29 @@ def measure(streams: list[bytes], scanner: RecordScanner, repeat: int) -> list[f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--scanner", choices=("c", "python", "both"), default="both")
-    ap.add_argument("--repeat", type=int, default=9, help="repeats for the C scanner (Python: a third)")
+    ap.add_argument(
+        "--repeat", type=int, default=9, help="repeats for the C scanner (Python: a third)"
+    )
     args = ap.parse_args(argv)
-    streams = [lzma.open(CAPTURES / name / "capture" / "conn0.s2d.bin.xz").read() for name in MAIN_STREAMS]
+    streams = [
+        lzma.decompress((CAPTURES / name / "capture" / "conn0.s2d.bin.xz").read_bytes())
+        for name in MAIN_STREAMS
+    ]
     total = sum(len(s) for s in streams)
     chosen: list[tuple[RecordScanner, int]] = []
     if args.scanner in ("c", "both"):
         chosen.append((c_scanner(), args.repeat))
     if args.scanner in ("python", "both"):
         chosen.append((PYTHON_SCANNER, max(1, args.repeat // 3)))
-    print(f"{len(streams)} QEMU 7.2 main streams, {total / 1e6:.1f} MB, fed in {CHUNK // 1024} KiB chunks")
+    print(
+        f"{len(streams)} QEMU 7.2 main streams, {total / 1e6:.1f} MB, fed in {CHUNK // 1024} KiB chunks"
+    )
     for scanner, repeat in chosen:
         times = measure(streams, scanner, repeat)
-        print(f"  {scanner.name:>6} scanner: median {statistics.median(times) * 1e3:8.1f} ms, "
-              f"best {min(times) * 1e3:8.1f} ms = {total / min(times) / 1e9:6.2f} GB/s  ({repeat} runs)")
+        print(
+            f"  {scanner.name:>6} scanner: median {statistics.median(times) * 1e3:8.1f} ms, "
+            f"best {min(times) * 1e3:8.1f} ms = {total / min(times) / 1e9:6.2f} GB/s  ({repeat} runs)"
+        )
     return 0
 
 

@@ -211,12 +211,12 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
                             rep.counts[_COMMAND_EVENTS[type(x)]] += 1
                         elif isinstance(x, DeviceSection):
                             rep.sections["FULL"] = rep.sections.get("FULL", 0) + 1
-                if isinstance(e, PostcopyAdvise) and e.pagesize_summary not in (None, DEFAULT_HOST_PAGE_SIZE):
-                    if not block_page_sizes:
-                        raise UserError(
-                            f"{path}: POSTCOPY_ADVISE page-size summary {e.pagesize_summary:#x} says some "
-                            "blocks are huge-page backed; the RAM setup cannot be read without knowing "
-                            "which: pass --block-page-size IDSTR=SIZE (e.g. mem0=2M)")
+                if (isinstance(e, PostcopyAdvise) and e.pagesize_summary not in (None, DEFAULT_HOST_PAGE_SIZE)
+                        and not block_page_sizes):
+                    raise UserError(
+                        f"{path}: POSTCOPY_ADVISE page-size summary {e.pagesize_summary:#x} says some "
+                        "blocks are huge-page backed; the RAM setup cannot be read without knowing "
+                        "which: pass --block-page-size IDSTR=SIZE (e.g. mem0=2M)")
                 if isinstance(e, PostcopyRamDiscard):
                     rep.discards.extend({"block": e.idstr, "start": s, "length": n} for s, n in e.ranges)
             elif t in _RP_EVENTS:
@@ -290,13 +290,9 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
 
 def _discover(directory: Path) -> list[tuple[Path, bool]]:
     """Connection files under a capture directory, originals before the resumed ones."""
-    found: list[tuple[Path, bool]] = []
-    dirs = [directory] + sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("capture"))
-    for d in dirs:
-        for f in sorted(d.iterdir()):
-            if re.fullmatch(r"conn\d+\.(s2d|d2s)\.bin(\.xz)?", f.name):
-                found.append((f, "resume" in d.name))
-    return found
+    dirs = [directory, *sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("capture"))]
+    return [(f, "resume" in d.name) for d in dirs for f in sorted(d.iterdir())
+            if re.fullmatch(r"conn\d+\.(s2d|d2s)\.bin(\.xz)?", f.name)]
 
 
 def inspect_paths(paths: list[Path], *, kind: str = "auto", block_page_sizes: dict[str, int] | None = None,

@@ -35,7 +35,9 @@ class _BlockTable:
 class CChannelScanner:
     """Per-channel C scan state over one layout."""
 
-    def __init__(self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool) -> None:
+    def __init__(
+        self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool
+    ) -> None:
         self._table = _BlockTable(blocks)
         self._state: Any = ffi.new("pc_ram_scan_state *")
         lib.pc_ram_scan_init(self._state, target_page_size, 1 if postcopy else 0)
@@ -62,9 +64,18 @@ class CChannelScanner:
 
     def scan(self, buf: BytesLike, max_out: int = MAX_BATCH) -> tuple[int, int, bytes, int]:
         cbuf = ffi.from_buffer("uint8_t[]", buf)
-        consumed = lib.pc_ram_scan(self._state, self._table.c, self._table.n, cbuf, len(buf),
-                                   self._out, min(max_out, MAX_BATCH), self._nrec, self._status,
-                                   self._err_pos)
+        consumed = lib.pc_ram_scan(
+            self._state,
+            self._table.c,
+            self._table.n,
+            cbuf,
+            len(buf),
+            self._out,
+            min(max_out, MAX_BATCH),
+            self._nrec,
+            self._status,
+            self._err_pos,
+        )
         n = self._nrec[0]
         records = ffi.buffer(self._out, n * ffi.sizeof("pc_ram_record"))[:] if n else b""
         return int(consumed), int(self._status[0]), records, int(self._err_pos[0])
@@ -83,8 +94,9 @@ class CRecordScanner:
     def name(self) -> str:
         return "c"
 
-    def channel(self, blocks: Sequence[BlockSpec], *, target_page_size: int,
-                postcopy: bool) -> CChannelScanner:
+    def channel(
+        self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool
+    ) -> CChannelScanner:
         return CChannelScanner(blocks, target_page_size=target_page_size, postcopy=postcopy)
 
     def tally(self, records: bytes, nblocks: int) -> list[tuple[int, int]]:
@@ -94,8 +106,9 @@ class CRecordScanner:
             lib.pc_ram_tally(ffi.from_buffer("pc_ram_record[]", records), n, counts, nblocks)
         return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(nblocks)]
 
-    def encode(self, blocks: tuple[str, ...], target_page_size: int, records: bytes,
-               data: BytesLike) -> bytes:
+    def encode(
+        self, blocks: tuple[str, ...], target_page_size: int, records: bytes, data: BytesLike
+    ) -> bytes:
         n = len(records) // ffi.sizeof("pc_ram_record")
         if n == 0:
             return b""
@@ -103,12 +116,23 @@ class CRecordScanner:
         crec = ffi.from_buffer("pc_ram_record[]", records)
         cdata = ffi.from_buffer("uint8_t[]", data) if len(data) else ffi.NULL
         err_index = ffi.new("uint32_t *")
-        size = lib.pc_ram_encode(table.c, table.n, target_page_size, crec, n, cdata, len(data),
-                                 ffi.NULL, 0, err_index)
+        size = lib.pc_ram_encode(
+            table.c, table.n, target_page_size, crec, n, cdata, len(data), ffi.NULL, 0, err_index
+        )
         if size >= 0:
             out = bytearray(size)
-            size = lib.pc_ram_encode(table.c, table.n, target_page_size, crec, n, cdata, len(data),
-                                     ffi.from_buffer(out), size, err_index)
+            size = lib.pc_ram_encode(
+                table.c,
+                table.n,
+                target_page_size,
+                crec,
+                n,
+                cdata,
+                len(data),
+                ffi.from_buffer(out),
+                size,
+                err_index,
+            )
             if size >= 0:
                 return bytes(out)
         raise encode_error(int(size), int(err_index[0]))

@@ -76,8 +76,9 @@ class RefScanState:
         return (self.last_block, self.hp_block, self.hp_base, self.hp_count)
 
 
-def ref_scan(st: RefScanState, blocks: Sequence[BlockSpec], buf: BytesLike,
-             max_out: int) -> tuple[int, int, bytes, int]:
+def ref_scan(
+    st: RefScanState, blocks: Sequence[BlockSpec], buf: BytesLike, max_out: int
+) -> tuple[int, int, bytes, int]:
     """Returns (consumed, status, packed records, err_pos), like ``ChannelScanner.scan``."""
     tps = st.target_page_size
     if tps < 1024 or tps & (tps - 1):
@@ -141,8 +142,11 @@ def ref_scan(st: RefScanState, blocks: Sequence[BlockSpec], buf: BytesLike,
             fill = buf[p]
             if fill:
                 return fail(SCAN_E_ZERO_FILL, start)
-        out.append(RAM_RECORD.pack(offset, p, blk, REC_ZERO if base == RAM_FLAG_ZERO else REC_PAGE,
-                                   had, fill, 0))
+        out.append(
+            RAM_RECORD.pack(
+                offset, p, blk, REC_ZERO if base == RAM_FLAG_ZERO else REC_PAGE, had, fill, 0
+            )
+        )
         st.last_block = blk
         if huge:
             if st.hp_count == 0:
@@ -156,7 +160,9 @@ def ref_scan(st: RefScanState, blocks: Sequence[BlockSpec], buf: BytesLike,
 class PyChannelScanner:
     """Per-channel scan state of the reference scanner."""
 
-    def __init__(self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool) -> None:
+    def __init__(
+        self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool
+    ) -> None:
         self._blocks = tuple(blocks)
         self.state = RefScanState(target_page_size=target_page_size, postcopy=postcopy)
 
@@ -187,12 +193,16 @@ def ref_tally(records: bytes, nblocks: int) -> list[tuple[int, int]]:
     return [(normal, zero) for normal, zero in counts]
 
 
-def ref_encode(blocks: tuple[str, ...], target_page_size: int, records: bytes, data: BytesLike) -> bytes:
+def ref_encode(
+    blocks: tuple[str, ...], target_page_size: int, records: bytes, data: BytesLike
+) -> bytes:
     tps = target_page_size
     names = [b.encode("utf-8", "surrogateescape") for b in blocks]
     out = bytearray()
     last = -1
-    for i, (offset, data_pos, blk, kind, had, fill, _) in enumerate(RAM_RECORD.iter_unpack(records)):
+    for i, (offset, data_pos, blk, kind, had, fill, _) in enumerate(
+        RAM_RECORD.iter_unpack(records)
+    ):
         if blk >= len(names):
             raise encode_error(ENC_E_BLOCK, i)
         if kind not in (REC_ZERO, REC_PAGE):
@@ -204,7 +214,9 @@ def ref_encode(blocks: tuple[str, ...], target_page_size: int, records: bytes, d
             raise encode_error(ENC_E_IDSTR, i)
         if kind == REC_PAGE and (data_pos > len(data) or len(data) - data_pos < tps):
             raise encode_error(ENC_E_DATA_POS, i)
-        flags = (RAM_FLAG_ZERO if kind == REC_ZERO else RAM_FLAG_PAGE) | (0 if had else RAM_FLAG_CONTINUE)
+        flags = (RAM_FLAG_ZERO if kind == REC_ZERO else RAM_FLAG_PAGE) | (
+            0 if had else RAM_FLAG_CONTINUE
+        )
         out += ((offset & ~(tps - 1)) | flags).to_bytes(8, "big")
         if had:
             out.append(len(name))
@@ -224,15 +236,17 @@ class PyRecordScanner:
     def name(self) -> str:
         return "python"
 
-    def channel(self, blocks: Sequence[BlockSpec], *, target_page_size: int,
-                postcopy: bool) -> PyChannelScanner:
+    def channel(
+        self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool
+    ) -> PyChannelScanner:
         return PyChannelScanner(blocks, target_page_size=target_page_size, postcopy=postcopy)
 
     def tally(self, records: bytes, nblocks: int) -> list[tuple[int, int]]:
         return ref_tally(records, nblocks)
 
-    def encode(self, blocks: tuple[str, ...], target_page_size: int, records: bytes,
-               data: BytesLike) -> bytes:
+    def encode(
+        self, blocks: tuple[str, ...], target_page_size: int, records: bytes, data: BytesLike
+    ) -> bytes:
         return ref_encode(blocks, target_page_size, records, data)
 
 

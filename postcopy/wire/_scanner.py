@@ -64,21 +64,35 @@ SCAN_E_ARGS = -14
 #: Scanner error code -> (kind, description).
 SCAN_ERRORS: dict[int, tuple[str, str]] = {
     SCAN_E_UNKNOWN_BLOCK: ("unknown_block", "page record names an unknown RAM block"),
-    SCAN_E_NO_BLOCK: ("no_previous_block", "CONTINUE page record with no block named before on this channel"),
+    SCAN_E_NO_BLOCK: (
+        "no_previous_block",
+        "CONTINUE page record with no block named before on this channel",
+    ),
     SCAN_E_OFFSET: ("offset_out_of_block", "page offset is outside its block"),
-    SCAN_E_FLAGS: ("bad_flags", "record flags are not exactly one of ZERO/PAGE (+CONTINUE) or EOS "
-                   "(the low bits of the offset word are flags, so an unaligned offset shows up here)"),
+    SCAN_E_FLAGS: (
+        "bad_flags",
+        "record flags are not exactly one of ZERO/PAGE (+CONTINUE) or EOS "
+        "(the low bits of the offset word are flags, so an unaligned offset shows up here)",
+    ),
     SCAN_E_MEM_SIZE: ("mem_size", "MEM_SIZE record outside the RAM setup"),
-    SCAN_E_XBZRLE: ("xbzrle", "XBZRLE page record: only precopy with the xbzrle capability sends it, "
-                    "and this codec does not decode it"),
-    SCAN_E_COMPRESS: ("compressed_page", "COMPRESS_PAGE record (old compress capability) is not supported"),
+    SCAN_E_XBZRLE: (
+        "xbzrle",
+        "XBZRLE page record: only precopy with the xbzrle capability sends it, "
+        "and this codec does not decode it",
+    ),
+    SCAN_E_COMPRESS: (
+        "compressed_page",
+        "COMPRESS_PAGE record (old compress capability) is not supported",
+    ),
     SCAN_E_HOOK: ("ram_hook", "RAM_SAVE_FLAG_HOOK record (RDMA only) is not supported"),
     SCAN_E_MULTIFD_FLUSH: ("multifd_flush", "MULTIFD_FLUSH record (multifd only) is not supported"),
     SCAN_E_ZERO_FILL: ("bad_value", "ZERO page record with a non-zero fill byte"),
     SCAN_E_EOS_OFFSET: ("eos_offset", "EOS record with non-zero offset bits"),
     SCAN_E_EMPTY_IDSTR: ("empty_idstr", "page record with an empty block idstr"),
-    SCAN_E_HOST_PAGE: ("host_page_split", "postcopy page record starts another host page before the "
-                       "current one is complete"),
+    SCAN_E_HOST_PAGE: (
+        "host_page_split",
+        "postcopy page record starts another host page before the current one is complete",
+    ),
     SCAN_E_ARGS: ("target_page_size", "target page size is not a power of two >= 1 KiB"),
 }
 
@@ -141,8 +155,9 @@ class RecordScanner(Protocol):
         """``"c"`` or ``"python"``: for reports and test ids."""
         ...
 
-    def channel(self, blocks: Sequence[BlockSpec], *, target_page_size: int,
-                postcopy: bool) -> ChannelScanner:
+    def channel(
+        self, blocks: Sequence[BlockSpec], *, target_page_size: int, postcopy: bool
+    ) -> ChannelScanner:
         """Fresh scan state for one channel over ``blocks``."""
         ...
 
@@ -150,8 +165,9 @@ class RecordScanner(Protocol):
         """(normal, zero) page-record counts per block index."""
         ...
 
-    def encode(self, blocks: tuple[str, ...], target_page_size: int, records: bytes,
-               data: BytesLike) -> bytes:
+    def encode(
+        self, blocks: tuple[str, ...], target_page_size: int, records: bytes, data: BytesLike
+    ) -> bytes:
         """The wire form of packed records; raises LocalProtocolError (kind bad_value)."""
         ...
 

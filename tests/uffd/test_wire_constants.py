@@ -41,12 +41,17 @@ FRAMING = [
 SCANNER = [
     ("PC_REC_ZERO", REC_ZERO),
     ("PC_REC_PAGE", REC_PAGE),
-    *((name, getattr(sc, name.removeprefix("PC_"))) for name in dir(lib)
-      if name.startswith(("PC_SCAN_", "PC_ENC_E_"))),
+    *(
+        (name, getattr(sc, name.removeprefix("PC_")))
+        for name in dir(lib)
+        if name.startswith(("PC_SCAN_", "PC_ENC_E_"))
+    ),
 ]
 
 
-@pytest.mark.parametrize(("c_name", "value"), FRAMING + SCANNER, ids=[n for n, _ in FRAMING + SCANNER])
+@pytest.mark.parametrize(
+    ("c_name", "value"), FRAMING + SCANNER, ids=[n for n, _ in FRAMING + SCANNER]
+)
 def test_c_constant_equals_the_wire_constant(c_name: str, value: int) -> None:
     assert getattr(lib, c_name) == value
 
@@ -62,6 +67,8 @@ def test_packed_record_layout_matches_pc_ram_record() -> None:
     fields = ("offset", "data_pos", "block", "kind", "had_idstr", "fill", "pad")
     offsets = [ffi.offsetof("pc_ram_record", f) for f in fields]
     assert offsets == [0, 8, 16, 20, 21, 22, 23]
-    rec = ffi.new("pc_ram_record *", {"offset": 0x1000, "data_pos": 7, "block": 3, "kind": REC_PAGE,
-                                      "had_idstr": 1, "fill": 0})
+    rec = ffi.new(
+        "pc_ram_record *",
+        {"offset": 0x1000, "data_pos": 7, "block": 3, "kind": REC_PAGE, "had_idstr": 1, "fill": 0},
+    )
     assert RAM_RECORD.unpack(ffi.buffer(rec)[:]) == (0x1000, 7, 3, REC_PAGE, 1, 0, 0)

@@ -40,8 +40,14 @@ CHUNK = 100_003  # records straddle chunk ends, so both scanners resume mid-reco
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_importing_the_codec_loads_no_compiled_code() -> None:
@@ -95,8 +101,9 @@ def _decode(decoder: MainStreamDecoder | PreemptDecoder, data: bytes) -> list[Wi
     return events
 
 
-def _both(make: Callable[[RecordScanner], MainStreamDecoder | PreemptDecoder],
-          data: bytes) -> list[WireEvent]:
+def _both(
+    make: Callable[[RecordScanner], MainStreamDecoder | PreemptDecoder], data: bytes
+) -> list[WireEvent]:
     """Decode with both scanners; they must give identical events (RamPages compare their bytes)."""
     c_events = _decode(make(c_scanner()), data)
     py_events = _decode(make(PYTHON_SCANNER), data)
@@ -107,7 +114,8 @@ def _both(make: Callable[[RecordScanner], MainStreamDecoder | PreemptDecoder],
     assert pages, "no page records: the comparison would prove nothing"
     for e in pages:
         assert tally_pages(e.records, len(e.blocks), scanner=PYTHON_SCANNER) == tally_pages(
-            e.records, len(e.blocks), scanner=c_scanner())
+            e.records, len(e.blocks), scanner=c_scanner()
+        )
         assert encode(e, scanner=PYTHON_SCANNER) == encode(e, scanner=c_scanner())
     assert b"".join(encode(e, scanner=PYTHON_SCANNER) for e in py_events) == data
     return c_events
@@ -131,6 +139,8 @@ def test_python_and_c_scanners_decode_recovery_and_preempt_identically(
     load_capture: Callable[[str], bytes],
 ) -> None:
     layout = _layout(load_capture, MAIN[3])
-    _both(lambda s: MainStreamDecoder(recovery=True, layout=layout, scanner=s), load_capture(RESUME))
+    _both(
+        lambda s: MainStreamDecoder(recovery=True, layout=layout, scanner=s), load_capture(RESUME)
+    )
     layout = _layout(load_capture, MAIN[2])
     _both(lambda s: PreemptDecoder(layout=layout, scanner=s), load_capture(PREEMPT))
