@@ -227,7 +227,7 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
                                         "received_pages": e.received_pages()})
                     detail = f"{e.idstr}: {len(e.bitmap)} bytes, {e.received_pages()} pages received"
                 elif hasattr(e, "value"):
-                    detail = str(e.value)  # type: ignore[attr-defined]
+                    detail = str(e.value)
                 rep.item(at, _RP_EVENTS[t], detail)
             elif isinstance(e, PageRequest):
                 name = "REQ_PAGES_ID" if e.idstr is not None else "REQ_PAGES"

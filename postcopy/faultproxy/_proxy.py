@@ -154,6 +154,14 @@ class _Conn:
             ev.set()
             self.flowing[d] = ev
 
+    def cut_meanwhile(self) -> bool:
+        """``cutting``, read after an await: another task may have started the cut.
+
+        (A method, not the attribute, so that a type checker does not carry a
+        check made before the await over it.)
+        """
+        return self.cutting
+
     def writer_for(self, d: Direction) -> asyncio.StreamWriter | None:
         return self.upstream_writer if d is Direction.UP else self.client_writer
 
@@ -680,7 +688,7 @@ class FaultProxy:
                     if triggers:
                         n = min(n, triggers[0][0] - c.counts[d])
                     n = await self._pace(c, d, n)
-                    if c.cutting:
+                    if c.cut_meanwhile():
                         return
                     writer.write(data[:n] if n < len(data) else data)
                     c.counts[d] += n
@@ -689,7 +697,7 @@ class FaultProxy:
                     while triggers and triggers[0][0] <= c.counts[d]:
                         _, i, rule = triggers.pop(0)
                         await self._fire(c, i, rule, rule.trigger_for(c.plan.seed, i, c.index))
-                        if c.cutting:
+                        if c.cut_meanwhile():
                             return
         except _Cutting:
             return

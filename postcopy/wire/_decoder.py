@@ -105,7 +105,7 @@ class BaseDecoder:
                 return self._closed
             return event
         except LocalProtocolError as exc:
-            self._error = exc._as(RemoteProtocolError)  # type: ignore[assignment]
+            self._error = exc._as(RemoteProtocolError)
             raise self._error from None
 
     def events(self) -> list[WireEvent]:
