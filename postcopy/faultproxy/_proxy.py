@@ -115,7 +115,6 @@ class _Conn:
     plan: _PlanState
     client_reader: asyncio.StreamReader
     client_writer: asyncio.StreamWriter
-    accepted_at: float
     state: str = "connecting"  # connecting, open, closed, cut, failed
     upstream_reader: asyncio.StreamReader | None = None
     upstream_writer: asyncio.StreamWriter | None = None
@@ -430,7 +429,7 @@ class FaultProxy:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Called once per accepted socket, in accept order: number it here, synchronously.
         previous = self._conns[-1] if self._conns else None
-        c = _Conn(len(self._conns), self._plan, reader, writer, time.monotonic() - self._t0)
+        c = _Conn(len(self._conns), self._plan, reader, writer)
         self._conns.append(c)
         if self._closed:
             writer.transport.abort()

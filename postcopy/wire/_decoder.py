@@ -29,7 +29,6 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-BE16 = struct.Struct(">H")
 BE32 = struct.Struct(">I")
 BE64 = struct.Struct(">Q")
 

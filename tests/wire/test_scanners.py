@@ -14,6 +14,7 @@ import pytest
 from postcopy.wire import (
     PYTHON_SCANNER,
     ConnectionClosed,
+    LocalProtocolError,
     MainStreamDecoder,
     NeedData,
     PreemptDecoder,
@@ -26,6 +27,7 @@ from postcopy.wire import (
     encode,
     tally_pages,
 )
+from postcopy.wire._events import REC_PAGE, REC_ZERO
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = [
@@ -144,3 +146,32 @@ def test_python_and_c_scanners_decode_recovery_and_preempt_identically(
     )
     layout = _layout(load_capture, MAIN[2])
     _both(lambda s: PreemptDecoder(layout=layout, scanner=s), load_capture(PREEMPT))
+
+
+def test_per_record_view_agrees_with_the_packed_records(
+    load_capture: Callable[[str], bytes],
+) -> None:
+    """``RamPages.iter_records`` / ``page_data``: the slow per-record view of the same records."""
+    data = load_capture(MAIN[0])
+    pages = [e for e in _decode(MainStreamDecoder(), data) if isinstance(e, RamPages)]
+    seen_zero = seen_page = False
+    for e in pages[:20]:
+        records = list(e.iter_records())
+        assert len(records) == len(e)
+        normal = sum(1 for r in records if r.kind == REC_PAGE)
+        zero = sum(1 for r in records if r.kind == REC_ZERO)
+        assert tally_pages(e.records, len(e.blocks))[0] == (normal, zero)
+        for i, r in enumerate(records):
+            assert r.offset % e.target_page_size == 0
+            if r.kind == REC_PAGE:
+                seen_page = True
+                assert len(e.page_data(i)) == e.target_page_size
+                assert bytes(e.page_data(i)) == bytes(
+                    e.buffer[r.data_pos : r.data_pos + e.target_page_size]
+                )
+            else:
+                seen_zero = True
+                with pytest.raises(LocalProtocolError, match="ZERO record"):
+                    e.page_data(i)
+    assert seen_zero
+    assert seen_page
