@@ -66,8 +66,11 @@ from ._main import MainStreamDecoder
 from ._preempt import PreemptDecoder
 from ._return_path import ReturnPathDecoder, recv_bitmap_size
 from ._scan import tally as tally_pages
+from ._channels import ChannelKind, classify_channel
+from ._peer import BASELINE_VERSION, PeerProfile, machine_type_version
 
 __all__ = [
+    "BASELINE_VERSION",
     "DEFAULT_HOST_PAGE_SIZE",
     "DEFAULT_MAX_PACKAGED_LENGTH",
     "DEFAULT_TARGET_PAGE_SIZE",
@@ -79,6 +82,7 @@ __all__ = [
     "RAM_RECORD",
     "RECV_BITMAP_END_MARK",
     "RP_MAX_FRAME_LENGTH",
+    "ChannelKind",
     "Command",
     "Configuration",
     "ConnectionClosed",
@@ -92,6 +96,7 @@ __all__ = [
     "OpenReturnPath",
     "Packaged",
     "PageRequest",
+    "PeerProfile",
     "Ping",
     "Pong",
     "PostcopyAdvise",
@@ -124,7 +129,9 @@ __all__ = [
     "SwitchoverAck",
     "SwitchoverStart",
     "VmDescription",
+    "classify_channel",
     "encode",
+    "machine_type_version",
     "recv_bitmap_size",
     "tally_pages",
 ]
