@@ -35,12 +35,14 @@ from postcopy.wire import (
     PostcopyAdvise,
     PostcopyListen,
     PostcopyRamDiscard,
+    PostcopyResume,
     PostcopyRun,
     PreemptDecoder,
     RamBlockEntry,
     RamEos,
     RamPages,
     RamSetup,
+    RecvBitmapRequest,
     RemoteProtocolError,
     ReturnPathDecoder,
     RpMessage,
@@ -347,3 +349,50 @@ def test_peer_profile_commands_and_preempt_behaviour():
     compat = PeerProfile.from_stream(Configuration(machine_type="pc-q35-9.2"), version=(10, 1))
     assert not compat.may_send_switchover_start  # hw_compat_9_2: send-switchover-start off
     assert PeerProfile.from_stream(Configuration(machine_type="microvm")).preempt_eos is None
+
+
+# ----------------------------------------------------------------- postcopy inspect on such a capture
+
+
+def test_inspect_pairs_a_huge_page_capture_without_hints(tmp_path, capsys):
+    """A capture folder of a 2 MiB-page guest: main, silent-then-busy preempt (no EOS), a resumed pair."""
+    import json
+
+    from postcopy.cli import main as cli
+
+    blocks = [("mem0", 2 * MIB2, MIB2), ("pc.bios", 0x40000, None)]
+    data, _ = _newer_stream("pc-q35-10.2", blocks, summary=MIB2 | 4096)
+    cut = data.index(encode(SectionEnd(section_id=2)))
+    first, resumed = tmp_path / "capture", tmp_path / "capture-resume"
+    first.mkdir()
+    resumed.mkdir()
+    (first / "conn0.s2d.bin").write_bytes(data[:cut])  # paused before its end
+    (first / "conn0.d2s.bin").write_bytes(encode(Pong(value=1)))
+    (first / "conn1.s2d.bin").write_bytes(_host_page("mem0", 0, MIB2, 5))  # preempt, no EOS
+    (first / "conn1.d2s.bin").write_bytes(b"")
+    recovery = b"".join(encode(e) for e in (
+        RecvBitmapRequest(idstr="mem0"), RecvBitmapRequest(idstr="pc.bios"), PostcopyResume()))
+    recovery += encode(SectionEnd(section_id=2)) + EOS + encode(SectionFooter(section_id=2)) + encode(EndOfStream())
+    # the resumed preempt connection is opened first by the proxy's clock: the index decides, not the name
+    (resumed / "conn0.s2d.bin").write_bytes(b"")
+    (resumed / "conn1.s2d.bin").write_bytes(recovery)
+    (resumed / "conn0.d2s.bin").write_bytes(b"")
+    (resumed / "conn1.d2s.bin").write_bytes(encode(Shut(value=0)))
+    (first / "index.jsonl").write_text('{"t": 1, "conn": 0, "ev": "open"}\n{"t": 2, "conn": 1, "ev": "open"}\n')
+    (resumed / "index.jsonl").write_text('{"t": 3, "conn": 1, "ev": "open"}\n{"t": 4, "conn": 0, "ev": "open"}\n')
+    assert cli(["inspect", "--json", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kinds = {s["path"].split(str(tmp_path))[1]: (s["kind"], s["end"]) for s in report["streams"]}
+    assert kinds["/capture/conn0.s2d.bin"] == ("main", "closed")
+    assert kinds["/capture/conn1.s2d.bin"] == ("preempt", "eof")
+    assert kinds["/capture-resume/conn1.s2d.bin"] == ("recovery", "eof")
+    assert kinds["/capture-resume/conn0.s2d.bin"][0] == "preempt"
+    assert all(s["decoded_bytes"] == s["bytes"] for s in report["streams"])
+    assert report["pages"]["mem0"]["normal"] == 2 * 512  # one host page on main, one on preempt
+    assert report["command_counts"]["SWITCHOVER_START"] == 1
+    # --block-page-size is now only a check
+    assert cli(["inspect", "--json", "--block-page-size", "mem0=2M", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli(["inspect", "--json", "--block-page-size", "mem0=1G", str(first / "conn0.s2d.bin")]) == 1
+    err = json.loads(capsys.readouterr().out)["streams"][0]["error"]
+    assert err["kind"] == "page_size_mismatch"
