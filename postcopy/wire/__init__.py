@@ -69,8 +69,11 @@ from ._preempt import PreemptDecoder
 from ._return_path import ReturnPathDecoder, recv_bitmap_size
 from ._ramscan_ref import PYTHON_SCANNER
 from ._scanner import ChannelScanner, RecordScanner, c_scanner, default_scanner
+from ._channels import ChannelKind, classify_channel
+from ._peer import BASELINE_VERSION, PeerProfile, machine_type_version
 
 __all__ = [
+    "BASELINE_VERSION",
     "DEFAULT_HOST_PAGE_SIZE",
     "DEFAULT_MAX_PACKAGED_LENGTH",
     "DEFAULT_TARGET_PAGE_SIZE",
@@ -83,6 +86,7 @@ __all__ = [
     "RAM_RECORD",
     "RECV_BITMAP_END_MARK",
     "RP_MAX_FRAME_LENGTH",
+    "ChannelKind",
     "ChannelScanner",
     "Command",
     "Configuration",
@@ -96,6 +100,7 @@ __all__ = [
     "OpenReturnPath",
     "Packaged",
     "PageRequest",
+    "PeerProfile",
     "Ping",
     "Pong",
     "PostcopyAdvise",
@@ -131,8 +136,10 @@ __all__ = [
     "VmDescription",
     "WireEvent",
     "c_scanner",
+    "classify_channel",
     "default_scanner",
     "encode",
+    "machine_type_version",
     "recv_bitmap_size",
     "tally_pages",
 ]

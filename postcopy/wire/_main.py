@@ -42,10 +42,11 @@ class MainStreamDecoder(BaseDecoder):
 
     Local knowledge the stream does not carry:
 
-    * ``block_page_sizes``: host page size of huge-page backed blocks (idstr ->
-      bytes); others use ``host_page_size``.  It decides whether the RAM setup
-      carries a page-size field for a block (postcopy advised and the block's
-      page size differs from the host page size).
+    * ``block_page_sizes``: optional host page sizes of huge-page backed blocks
+      (idstr -> bytes), checked against the stream.  Not needed: once postcopy
+      is advised, the RAM setup's optional page-size fields are recognised from
+      the bytes themselves (see ``_inferred_page_size``); a block without one
+      has ``host_page_size``.  Without ADVISE a hint sets the block's page size.
     * ``recovery=True``: a postcopy-recovery connection (no header; it starts
       with commands); pass the ``layout`` learnt from the original stream.
 
@@ -345,18 +346,20 @@ class MainStreamDecoder(BaseDecoder):
             used = BE64.unpack_from(view, pos + 1 + idlen)[0]
             entry_at = pos
             pos += 1 + idlen + 8
-            local = self.block_page_sizes.get(idstr, self.host_page_size)
-            page_size = None
-            if self._advised and local != self.host_page_size:
-                page_size = BE64.unpack_from(self._need(pos + 8), pos)[0]
-                pos += 8
-                if page_size != local:
-                    raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
-                                     f"{page_size:#x} differs from the local {local:#x}", entry_at)
             running += used
             if running > total:
                 raise self._fail("mem_size", f"block sizes exceed the MEM_SIZE total {total:#x} at block "
                                  f"{idstr!r} (sum {running:#x})", entry_at)
+            hint = self.block_page_sizes.get(idstr)
+            local = self.host_page_size if hint is None else hint
+            page_size = None
+            if self._advised:
+                page_size = self._inferred_page_size(pos, last=running == total)
+                pos += 0 if page_size is None else 8
+                local = self.host_page_size if page_size is None else page_size
+                if hint is not None and local != hint:
+                    raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
+                                     f"{local:#x} differs from the local {hint:#x}", entry_at)
             if any(b.idstr == idstr for b in blocks):
                 raise self._fail("bad_value", f"block {idstr!r} listed twice in the RAM setup", entry_at)
             entries.append(ev.RamBlockEntry(idstr=idstr, used_length=used, page_size=page_size))
@@ -366,6 +369,32 @@ class MainStreamDecoder(BaseDecoder):
         self._buf.consume(pos)
         self._state = "ram_setup_eos"
         return event
+
+    def _inferred_page_size(self, pos: int, *, last: bool) -> int | None:
+        """The optional be64 page size at ``pos`` of the RAM setup, read from the stream itself.
+
+        QEMU's ``ram_save_setup`` (ram.c) writes it after a block's used_length only
+        when postcopy-ram is on and ``block->page_size`` differs from the host page
+        size (7.2: ``qemu_host_page_size``; 9.0+: max(real host page size, target
+        page size)); the receiver (7.2 ``ram_load_precopy``, 8.0+ ``parse_ramblock``)
+        decides from its own blocks.  The stream still says it unambiguously:
+
+        * before another block, the next byte is that block's idstr length (1..255),
+          while a be64 page size (< 2**56) starts with 0x00;
+        * after the last block comes EOS (be64 0x10) -- not a page size, which is a
+          power of two >= 1 KiB -- so a power of two there is the page size and EOS
+          follows it.
+        """
+        if not last and self._need(pos + 1)[pos] != 0:
+            return None
+        word: int = BE64.unpack_from(self._need(pos + 8), pos)[0]
+        if last and word == RAM_FLAG_EOS:
+            return None
+        if word < 1024 or word & (word - 1) or word % self.target_page_size:
+            raise self._fail("bad_value", f"RAM setup: {word:#018x} after a block's used_length is neither "
+                             + ("EOS nor " if last else "") + "a page size (a power of two >= the target "
+                             f"page size {self.target_page_size:#x})", pos)
+        return word
 
     def _after_eof(self) -> ev.WireEvent:
         view = self._need(1)
