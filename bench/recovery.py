@@ -35,7 +35,8 @@ def _load_netns():  # type: ignore[no-untyped-def]
     """tests/netns.py by path: putting tests/ on sys.path would let tests/uffd shadow uffd."""
     path = Path(__file__).resolve().parent.parent / "tests" / "netns.py"
     spec = importlib.util.spec_from_file_location("netns", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["netns"] = module
     spec.loader.exec_module(module)

@@ -20,7 +20,6 @@ from typing import Any
 
 from postcopy.cli import UserError
 from postcopy.wire import (
-    DEFAULT_HOST_PAGE_SIZE,
     DEFAULT_MAX_PACKAGED_LENGTH,
     NEED_DATA,
     Command,
@@ -146,7 +145,7 @@ class _StreamReport:
         }
 
 
-def _command_detail(e: ev.Event) -> str:
+def _command_detail(e: ev.WireEvent) -> str:
     match e:
         case Ping(value=v):
             return str(v)
@@ -186,7 +185,8 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
         dec = PreemptDecoder(layout=layout)
     else:
         dec = ReturnPathDecoder(layout=layout)
-    dec.receive_data(data)
+    if data:  # b"" would be the EOF itself (a preempt channel that stayed silent)
+        dec.receive_data(data)
     dec.receive_data(b"")
     section: dict[str, Any] | None = None
     names: tuple[str, ...] = (layout and tuple(b.idstr for b in layout.blocks)) or ()
@@ -211,12 +211,6 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
                             rep.counts[_COMMAND_EVENTS[type(x)]] += 1
                         elif isinstance(x, DeviceSection):
                             rep.sections["FULL"] = rep.sections.get("FULL", 0) + 1
-                if isinstance(e, PostcopyAdvise) and e.pagesize_summary not in (None, DEFAULT_HOST_PAGE_SIZE):
-                    if not block_page_sizes:
-                        raise UserError(
-                            f"{path}: POSTCOPY_ADVISE page-size summary {e.pagesize_summary:#x} says some "
-                            "blocks are huge-page backed; the RAM setup cannot be read without knowing "
-                            "which: pass --block-page-size IDSTR=SIZE (e.g. mem0=2M)")
                 if isinstance(e, PostcopyRamDiscard):
                     rep.discards.extend({"block": e.idstr, "start": s, "length": n} for s, n in e.ranges)
             elif t in _RP_EVENTS:
@@ -227,7 +221,7 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
                                         "received_pages": e.received_pages()})
                     detail = f"{e.idstr}: {len(e.bitmap)} bytes, {e.received_pages()} pages received"
                 elif hasattr(e, "value"):
-                    detail = str(e.value)  # type: ignore[attr-defined]
+                    detail = str(e.value)
                 rep.item(at, _RP_EVENTS[t], detail)
             elif isinstance(e, PageRequest):
                 name = "REQ_PAGES_ID" if e.idstr is not None else "REQ_PAGES"
@@ -291,12 +285,55 @@ def _analyze(path: str, data: bytes, kind: str, *, layout: RamLayout | None,
 def _discover(directory: Path) -> list[tuple[Path, bool]]:
     """Connection files under a capture directory, originals before the resumed ones."""
     found: list[tuple[Path, bool]] = []
-    dirs = [directory] + sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("capture"))
+    dirs = [directory, *sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("capture"))]
     for d in dirs:
-        for f in sorted(d.iterdir()):
-            if re.fullmatch(r"conn\d+\.(s2d|d2s)\.bin(\.xz)?", f.name):
-                found.append((f, "resume" in d.name))
+        found.extend((f, "resume" in d.name) for f in sorted(d.iterdir())
+                     if re.fullmatch(r"conn\d+\.(s2d|d2s)\.bin(\.xz)?", f.name))
     return found
+
+
+def _index_kinds(folder: Path, in_resume_dir: bool) -> dict[str, str]:
+    """Stream kinds of a capture folder's connections from its ``index.jsonl[.xz]``.
+
+    QEMU tells its channels apart by connection order only
+    (``migration_ioc_process_incoming``): the first connection opened is the
+    main channel (a recovery stream in a resumed capture), any later one the
+    preempt channel, which carries no magic.  The proxy's index records the
+    order (``{"conn": N, "ev": "open"}``).  Reverse directions are return paths.
+    """
+    index = next((folder / n for n in ("index.jsonl.xz", "index.jsonl") if (folder / n).exists()), None)
+    if index is None:
+        return {}
+    try:
+        text = _read(index).decode() if index.suffix == ".xz" else index.read_text()
+    except (OSError, lzma.LZMAError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {index}: {exc}") from None
+    opened: list[int] = []
+    for line in text.splitlines():
+        if '"open"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{index}: bad line {line[:80]!r}: {exc}") from None
+        if entry.get("ev") == "open" and entry.get("conn") not in opened:
+            opened.append(int(entry["conn"]))
+    kinds: dict[str, str] = {}
+    for rank, conn in enumerate(opened):
+        main = "recovery" if in_resume_dir else "main"
+        kinds[f"conn{conn}.s2d"] = main if rank == 0 else "preempt"
+        kinds[f"conn{conn}.d2s"] = "return_path"
+    return kinds
+
+
+def _kind_of(path: Path, data: bytes, in_resume_dir: bool, cache: dict[Path, dict[str, str]]) -> str:
+    folder = path.parent
+    if folder not in cache:
+        cache[folder] = _index_kinds(folder, in_resume_dir)
+    by_index = cache[folder].get(path.name.split(".bin")[0])
+    if by_index == "recovery" and data[:4] == b"QEVM":
+        by_index = "main"  # a start-over after a failed recovery is a fresh stream
+    return by_index or _guess_kind(path, data, in_resume_dir)
 
 
 def inspect_paths(paths: list[Path], *, kind: str = "auto", block_page_sizes: dict[str, int] | None = None,
@@ -321,7 +358,8 @@ def inspect_paths(paths: list[Path], *, kind: str = "auto", block_page_sizes: di
             raise UserError(f"{p}: no such file or directory")
     # Main streams first (they define the RAM layout), then the rest, in path order.
     loaded = [(f, r, _read(f)) for f, r in files]
-    kinds = [kind if kind != "auto" else _guess_kind(f, d, r) for f, r, d in loaded]
+    index_cache: dict[Path, dict[str, str]] = {}
+    kinds = [kind if kind != "auto" else _kind_of(f, d, r, index_cache) for f, r, d in loaded]
     order = sorted(range(len(loaded)), key=lambda i: (loaded[i][1], kinds[i] not in ("main", "recovery"), i))
     reports: list[_StreamReport] = []
     for i in order:
@@ -394,7 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("auto", *KINDS), default="auto",
                         help="stream kind of the files (default: guess from name and first bytes)")
     parser.add_argument("--block-page-size", action="append", default=[], metavar="IDSTR=SIZE",
-                        help="host page size of a huge-page backed block, e.g. mem0=2M (repeatable)")
+                        help="host page size of a huge-page backed block, e.g. mem0=2M (repeatable); not "
+                             "needed (the RAM setup says it), given only to check the stream against it")
     parser.add_argument("--setup-from", type=Path, metavar="MAIN_STREAM",
                         help="main stream whose RAM setup a recovery or preempt stream refers to")
     parser.add_argument("--max-packaged-length", type=parse_size, default=DEFAULT_MAX_PACKAGED_LENGTH,

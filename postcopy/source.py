@@ -115,7 +115,7 @@ class Source:
         self._address = address
         self._started_ns = time.monotonic_ns()
         session = self.session = SourceSession(
-            [wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks],
+            [wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks],
             self.owner.configuration(), preempt=self.preempt, hold_switchover=switchover is not None,
             auto_recover=self.auto_recover, link_timeout=self.link_timeout, recover_timeout=self.recover_timeout,
             connect_timeout=connect_timeout, backoff=self.backoff)
@@ -279,7 +279,7 @@ class Source:
     def _serve_return_path(self, generation: int) -> None:
         urgent_priority()
         layout = wire.RamLayout(blocks=tuple(
-            wire.RamBlock(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks))
+            wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks))
         main = self._socks.get(Channel.MAIN)
         try:
             while True:

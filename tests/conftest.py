@@ -51,13 +51,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(reason)
 
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-CAPTURES = SHARED / "captures" / "qemu-7.2"
+#: The recorded real QEMU 7.2 streams, kept in the repository (tests/data/qemu-7.2/README.md).
+CAPTURES = Path(__file__).resolve().parent / "data" / "qemu-7.2"
 
 
 @pytest.fixture(scope="session")
 def captures_dir() -> Path:
-    """The recorded real QEMU 7.2 streams in ../shared (CI has it beside the clone)."""
+    """The recorded real QEMU 7.2 streams (tests/data/qemu-7.2)."""
     if not CAPTURES.is_dir():
-        pytest.fail(f"captures not found at {CAPTURES}: ../shared must sit beside the project")
+        pytest.fail(f"captures not found at {CAPTURES}: the clone is incomplete")
     return CAPTURES

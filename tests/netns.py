@@ -215,13 +215,6 @@ class NetnsPair:
             raise NetnsError("; ".join(errors))
 
 
-def _existing_namespaces() -> set[str]:
-    try:
-        return set(os.listdir(NETNS_RUN_DIR))
-    except FileNotFoundError:
-        return set()
-
-
 @contextlib.contextmanager
 def netns_pair(subnet: int = 0) -> Iterator[NetnsPair]:
     """Create two namespaces joined by a veth pair with 10.200.<subnet>.1/30 and .2; always cleaned up."""

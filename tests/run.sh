@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare this host for the whole test suite, then run it.
+# Prepare this host for the whole test suite, check the tree with ruff and mypy, then run it.
 #
 # As root it installs the Debian packages the tests drive, reserves hugetlbfs
 # pages and sets POSTCOPY_REQUIRE_ALL=1 so that a test whose prerequisite is
@@ -29,6 +29,9 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 python3 -m pip install -q --root-user-action=ignore --disable-pip-version-check -e '.[test]'
+# Static checks first (configured in pyproject.toml): a lint or type error fails the run.
+python3 -m ruff check .
+python3 -m mypy
 set +e
 python3 -m pytest "$@"
 rc=$?

@@ -18,7 +18,7 @@ from ._errors import (
     UffdPermissionError,
     UnknownBlockError,
 )
-from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from ._events import Fork, PageFault, Remap, Remove, UffdEvent, Unmap
 from ._faults import TARGET_PAGE_SIZE, Fault, FaultBatch, FaultReader
 from ._fd import Userfaultfd
 from ._flags import (
@@ -43,7 +43,6 @@ __all__ = [
     "Bitmap",
     "ContinueMode",
     "CopyMode",
-    "Event",
     "EventType",
     "Fault",
     "FaultBatch",
@@ -64,6 +63,7 @@ __all__ = [
     "Remove",
     "UffdClosedError",
     "UffdError",
+    "UffdEvent",
     "UffdPermissionError",
     "UnknownBlockError",
     "Unmap",

@@ -7,7 +7,7 @@ from typing import Any
 
 from ._flags import EventType, FaultFlag
 
-__all__ = ["Event", "Fork", "PageFault", "Remap", "Remove", "Unmap", "event_from_c"]
+__all__ = ["Fork", "PageFault", "Remap", "Remove", "UffdEvent", "Unmap", "event_from_c"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +52,10 @@ class Unmap:
     end: int
 
 
-Event = PageFault | Fork | Remap | Remove | Unmap
+UffdEvent = PageFault | Fork | Remap | Remove | Unmap
 
 
-def event_from_c(ev: Any, thread_id: bool) -> Event:
+def event_from_c(ev: Any, thread_id: bool) -> UffdEvent:
     """Convert one ``pc_uffd_event`` (cffi cdata) into its dataclass."""
     kind = ev.event
     if kind == EventType.PAGEFAULT:

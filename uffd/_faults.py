@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from ._bitmap import Bitmap
 from ._errors import UffdError
-from ._events import Event, event_from_c
+from ._events import UffdEvent, event_from_c
 from ._fd import Userfaultfd
 from ._flags import FaultFlag, FaultStatus, Feature
 from ._lowlevel import ffi, lib
@@ -46,7 +46,7 @@ class FaultBatch:
     __slots__ = ("_reader", "count", "dropped", "faults", "other_events")
 
     def __init__(
-        self, reader: FaultReader, faults: Any, count: int, dropped: int, other_events: list[Event]
+        self, reader: FaultReader, faults: Any, count: int, dropped: int, other_events: list[UffdEvent]
     ) -> None:
         self._reader = reader
         self.faults = faults

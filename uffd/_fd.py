@@ -14,7 +14,7 @@ from ._errors import (
     UffdPermissionError,
     error_for,
 )
-from ._events import Event, event_from_c
+from ._events import UffdEvent, event_from_c
 from ._flags import ContinueMode, CopyMode, Feature, Ioctl, RegisterMode, ZeropageMode
 from ._lowlevel import check_range_u64, ffi, lib
 
@@ -310,7 +310,7 @@ class Userfaultfd:
 
     # -- events --------------------------------------------------------------
 
-    def read_events(self, max_events: int = 64) -> list[Event]:
+    def read_events(self, max_events: int = 64) -> list[UffdEvent]:
         """Read pending events in batches; [] when nothing is pending.
 
         Pagefaults come back as PageFault; the fast path for faults is
@@ -323,7 +323,7 @@ class Userfaultfd:
         thread_id = Feature.THREAD_ID in self.enabled_features
         chunk = min(max_events, 64)
         buf = ffi.new("pc_uffd_event[]", chunk)
-        events: list[Event] = []
+        events: list[UffdEvent] = []
         while len(events) < max_events:
             want = min(chunk, max_events - len(events))
             n = lib.pc_uffd_read_events(fd, buf, want)

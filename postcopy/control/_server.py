@@ -28,7 +28,7 @@ from typing import Final
 
 from postcopy.control._args import Enum, Field, ListOf, Struct, validate
 from postcopy.control._errors import CommandNotFound, QMPError
-from postcopy.control._state import CAPABILITIES, Event, MigrationControl
+from postcopy.control._state import CAPABILITIES, MigrationControl, QmpEvent
 
 __all__ = ["MAX_MESSAGE_BYTES", "QEMU_VERSION", "QMPServer"]
 
@@ -237,7 +237,7 @@ class QMPServer:
 
     # --- events -------------------------------------------------------------------
 
-    def broadcast(self, event: Event) -> None:
+    def broadcast(self, event: QmpEvent) -> None:
         """Send ``event`` to every client past capabilities negotiation."""
         seconds = int(event.timestamp)
         message: dict[str, object] = {

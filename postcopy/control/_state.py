@@ -24,12 +24,12 @@ __all__ = [
     "RUN_STATES",
     "SUPPORTED_CAPABILITIES",
     "ControlState",
-    "Event",
-    "EventListener",
     "MigrationActions",
     "MigrationControl",
     "MigrationInfo",
     "MigrationParameters",
+    "QmpEvent",
+    "QmpEventListener",
     "RamStats",
     "TcpAddress",
     "UnixAddress",
@@ -73,7 +73,7 @@ _RUNNING: Final = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class QmpEvent:
     """A QMP event; ``timestamp`` is wall-clock seconds (time.time())."""
 
     name: str
@@ -81,7 +81,7 @@ class Event:
     timestamp: float
 
 
-EventListener = Callable[[Event], None]
+QmpEventListener = Callable[[QmpEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +213,8 @@ class MigrationControl(Protocol):
     async def migrate_recover(self, uri: str) -> None: ...
     async def query_status(self) -> dict[str, object]: ...
     async def quit(self) -> None: ...
-    def add_event_listener(self, listener: EventListener) -> None: ...
-    def remove_event_listener(self, listener: EventListener) -> None: ...
+    def add_event_listener(self, listener: QmpEventListener) -> None: ...
+    def remove_event_listener(self, listener: QmpEventListener) -> None: ...
 
 
 class MigrationActions(Protocol):
@@ -252,7 +252,7 @@ class ControlState:
         self._parameters = MigrationParameters()
         self._status = MigrationStatus.NONE
         self._run_state = "running" if role == "source" else "inmigrate"
-        self._listeners: list[EventListener] = []
+        self._listeners: list[QmpEventListener] = []
         self.quit_requested = asyncio.Event()
         """Set by the ``quit`` command; the service awaits it to shut down."""
 
@@ -298,17 +298,17 @@ class ControlState:
 
     def emit_event(self, name: str, data: Mapping[str, object] | None = None) -> None:
         """Send an event to every listener (the QMP server broadcasts it to its clients)."""
-        event = Event(name, data, self._clock())
+        event = QmpEvent(name, data, self._clock())
         for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("event listener %r failed on %s", listener, name)
 
-    def add_event_listener(self, listener: EventListener) -> None:
+    def add_event_listener(self, listener: QmpEventListener) -> None:
         self._listeners.append(listener)
 
-    def remove_event_listener(self, listener: EventListener) -> None:
+    def remove_event_listener(self, listener: QmpEventListener) -> None:
         self._listeners.remove(listener)
 
     # --- MigrationControl ---------------------------------------------------------

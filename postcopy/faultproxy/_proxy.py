@@ -115,7 +115,6 @@ class _Conn:
     plan: _PlanState
     client_reader: asyncio.StreamReader
     client_writer: asyncio.StreamWriter
-    accepted_at: float
     state: str = "connecting"  # connecting, open, closed, cut, failed
     upstream_reader: asyncio.StreamReader | None = None
     upstream_writer: asyncio.StreamWriter | None = None
@@ -153,6 +152,14 @@ class _Conn:
             ev = asyncio.Event()
             ev.set()
             self.flowing[d] = ev
+
+    def cut_meanwhile(self) -> bool:
+        """``cutting``, read after an await: another task may have started the cut.
+
+        (A method, not the attribute, so that a type checker does not carry a
+        check made before the await over it.)
+        """
+        return self.cutting
 
     def writer_for(self, d: Direction) -> asyncio.StreamWriter | None:
         return self.upstream_writer if d is Direction.UP else self.client_writer
@@ -422,7 +429,7 @@ class FaultProxy:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Called once per accepted socket, in accept order: number it here, synchronously.
         previous = self._conns[-1] if self._conns else None
-        c = _Conn(len(self._conns), self._plan, reader, writer, time.monotonic() - self._t0)
+        c = _Conn(len(self._conns), self._plan, reader, writer)
         self._conns.append(c)
         if self._closed:
             writer.transport.abort()
@@ -680,7 +687,7 @@ class FaultProxy:
                     if triggers:
                         n = min(n, triggers[0][0] - c.counts[d])
                     n = await self._pace(c, d, n)
-                    if c.cutting:
+                    if c.cut_meanwhile():
                         return
                     writer.write(data[:n] if n < len(data) else data)
                     c.counts[d] += n
@@ -689,7 +696,7 @@ class FaultProxy:
                     while triggers and triggers[0][0] <= c.counts[d]:
                         _, i, rule = triggers.pop(0)
                         await self._fire(c, i, rule, rule.trigger_for(c.plan.seed, i, c.index))
-                        if c.cutting:
+                        if c.cut_meanwhile():
                             return
         except _Cutting:
             return

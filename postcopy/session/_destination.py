@@ -311,7 +311,7 @@ class DestinationSession:
 
     # -- the main stream -----------------------------------------------------------------
 
-    def _item(self, conn: int, item: wire.Event, now: float) -> None:
+    def _item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         if self.status in (S.SETUP, S.ACTIVE):
             if conn == self.attempt.main:
                 self._preamble_item(conn, item, now)
@@ -321,7 +321,7 @@ class DestinationSession:
             else:
                 self._postcopy_item(item, now)
 
-    def _preamble_item(self, conn: int, item: wire.Event, now: float) -> None:
+    def _preamble_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         a = self.attempt
         match item:
             case wire.StreamHeader():
@@ -373,7 +373,7 @@ class DestinationSession:
         if self.status is not S.POSTCOPY_ACTIVE:
             self._fail("unexpected", "PACKAGED ended without RUN", now)
 
-    def _packaged_item(self, conn: int, item: wire.Event, now: float) -> None:
+    def _packaged_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         match item:
             case wire.PostcopyListen():
                 self._listen(now)
@@ -389,7 +389,7 @@ class DestinationSession:
     def _ram_setup(self, entries: tuple[wire.RamBlockEntry, ...], now: float) -> None:
         a = self.attempt
         blocks = tuple(
-            wire.RamBlock(idstr=e.idstr, used_length=e.used_length,
+            wire.RamBlockLayout(idstr=e.idstr, used_length=e.used_length,
                           host_page_size=e.page_size or self.block_page_sizes.get(e.idstr, wire.DEFAULT_TARGET_PAGE_SIZE))
             for e in entries)
         a.layout = wire.RamLayout(blocks=blocks, section_id=a.ram_section_id)
@@ -441,7 +441,7 @@ class DestinationSession:
         self._move(Trigger.RUN, now)
         self._out.append(ReceivePages(conn))
 
-    def _postcopy_item(self, item: wire.Event, now: float) -> None:
+    def _postcopy_item(self, item: wire.WireEvent, now: float) -> None:
         match item:
             case wire.Ping(value=v):
                 self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
@@ -460,7 +460,7 @@ class DestinationSession:
 
     # -- recovery --------------------------------------------------------------------------
 
-    def _handshake_item(self, conn: int, item: wire.Event, now: float) -> None:
+    def _handshake_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         layout = self.attempt.layout
         assert layout is not None
         match item:

@@ -107,7 +107,7 @@ class StreamItem:
     """One decoded item of a main channel (control items only once pages go to C)."""
 
     conn: int
-    event: wire.Event
+    event: wire.WireEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +157,7 @@ class ChannelFailed:
 class ReturnPathMessage:
     """A return-path message other than a page request (those the C loop serves)."""
 
-    event: wire.Event
+    event: wire.WireEvent
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ class SourceSession:
         self.switch_requested = not hold_switchover
         self.guest_stopped = False
         self.channels_up = False
-        self.switch_events: list[wire.Event] = []
+        self.switch_events: list[wire.WireEvent] = []
         self.stopped_at = 0.0
         self.downtime: float | None = None
         self.streaming = False
@@ -183,7 +183,7 @@ class SourceSession:
 
     # -- the stream ----------------------------------------------------------------------------
 
-    def preamble(self) -> list[wire.Event]:
+    def preamble(self) -> list[wire.WireEvent]:
         summary = 0
         for b in self.layout.blocks:
             summary |= b.host_page_size
@@ -258,7 +258,7 @@ class SourceSession:
     def _switch(self, sections: tuple[wire.DeviceSection, ...], stopped_at: float, now: float) -> None:
         """The guest stopped: discards, PACKAGED with its device state, RUN. The downtime runs to PONG 3."""
         self.stopped_at = stopped_at
-        events: list[wire.Event] = []
+        events: list[wire.WireEvent] = []
         for b in self.layout.blocks:
             ranges = [(0, b.used_length)]       # immediate postcopy: nothing was sent before
             for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
@@ -295,7 +295,7 @@ class SourceSession:
 
     # -- the return path ---------------------------------------------------------------------------
 
-    def _message(self, message: wire.Event, now: float) -> None:
+    def _message(self, message: wire.WireEvent, now: float) -> None:
         match message:
             case wire.Pong(value=v) if v & HEARTBEAT_MASK == HEARTBEAT_PING:
                 self.last_pong = now
@@ -427,5 +427,5 @@ class SourceSession:
         return out
 
 
-def _encode(events: Sequence[wire.Event]) -> bytes:
+def _encode(events: Sequence[wire.WireEvent]) -> bytes:
     return b"".join(wire.encode(e) for e in events)

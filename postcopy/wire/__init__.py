@@ -3,7 +3,9 @@
 Decoders (``MainStreamDecoder``, ``PreemptDecoder``, ``ReturnPathDecoder``)
 take bytes with ``receive_data`` (b"" = EOF) and give events with
 ``next_event`` (or ``NEED_DATA``); ``encode(event)`` gives the exact bytes back.
-No sockets, clocks or event loops here.
+No sockets, clocks or event loops here, and no compiled code at import: the
+bulk work on page records goes through a ``RecordScanner`` (``scanner=``),
+by default the C one of ``uffd._native`` when it is built, else ``PYTHON_SCANNER``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ._events import (
     DeviceSection,
     EnableColo,
     EndOfStream,
-    Event,
+    WireEvent,
     OpenReturnPath,
     Packaged,
     PageRequest,
@@ -42,7 +44,7 @@ from ._events import (
     PostcopyRamDiscard,
     PostcopyResume,
     PostcopyRun,
-    RamBlock,
+    RamBlockLayout,
     RamBlockEntry,
     RamEos,
     RamLayout,
@@ -65,9 +67,13 @@ from ._events import (
 from ._main import MainStreamDecoder
 from ._preempt import PreemptDecoder
 from ._return_path import ReturnPathDecoder, recv_bitmap_size
-from ._scan import tally as tally_pages
+from ._ramscan_ref import PYTHON_SCANNER
+from ._scanner import ChannelScanner, RecordScanner, c_scanner, default_scanner
+from ._channels import ChannelKind, classify_channel
+from ._peer import BASELINE_VERSION, PeerProfile, machine_type_version
 
 __all__ = [
+    "BASELINE_VERSION",
     "DEFAULT_HOST_PAGE_SIZE",
     "DEFAULT_MAX_PACKAGED_LENGTH",
     "DEFAULT_TARGET_PAGE_SIZE",
@@ -76,22 +82,25 @@ __all__ = [
     "MAX_RAM_SETUP_LENGTH",
     "MAX_RECV_BITMAP_BYTES",
     "NEED_DATA",
+    "PYTHON_SCANNER",
     "RAM_RECORD",
     "RECV_BITMAP_END_MARK",
     "RP_MAX_FRAME_LENGTH",
+    "ChannelKind",
+    "ChannelScanner",
     "Command",
     "Configuration",
     "ConnectionClosed",
     "DeviceSection",
     "EnableColo",
     "EndOfStream",
-    "Event",
     "LocalProtocolError",
     "MainStreamDecoder",
     "NeedData",
     "OpenReturnPath",
     "Packaged",
     "PageRequest",
+    "PeerProfile",
     "Ping",
     "Pong",
     "PostcopyAdvise",
@@ -101,13 +110,14 @@ __all__ = [
     "PostcopyRun",
     "PreemptDecoder",
     "ProtocolError",
-    "RamBlock",
     "RamBlockEntry",
+    "RamBlockLayout",
     "RamEos",
     "RamLayout",
     "RamPages",
     "RamRecord",
     "RamSetup",
+    "RecordScanner",
     "RecvBitmap",
     "RecvBitmapRequest",
     "RemoteProtocolError",
@@ -124,7 +134,17 @@ __all__ = [
     "SwitchoverAck",
     "SwitchoverStart",
     "VmDescription",
+    "WireEvent",
+    "c_scanner",
+    "classify_channel",
+    "default_scanner",
     "encode",
+    "machine_type_version",
     "recv_bitmap_size",
     "tally_pages",
 ]
+
+
+def tally_pages(records: bytes, nblocks: int, *, scanner: RecordScanner | None = None) -> list[tuple[int, int]]:
+    """(normal, zero) page-record counts per block index of ``RamPages.records``."""
+    return (scanner or default_scanner()).tally(records, nblocks)

@@ -8,7 +8,7 @@ from typing import Final
 
 from ._buffer import ReceiveBuffer
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import ConnectionClosed, Event
+from ._events import ConnectionClosed, WireEvent
 
 __all__ = ["NEED_DATA", "NeedData"]
 
@@ -29,7 +29,6 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-BE16 = struct.Struct(">H")
 BE32 = struct.Struct(">I")
 BE64 = struct.Struct(">Q")
 
@@ -52,7 +51,7 @@ class BaseDecoder:
 
     def __init__(self) -> None:
         self._buf = ReceiveBuffer()
-        self._pending: deque[Event] = deque()
+        self._pending: deque[WireEvent] = deque()
         self._error: RemoteProtocolError | None = None
         self._closed: ConnectionClosed | None = None
         #: what the item at the front is, for "truncated" messages
@@ -82,7 +81,7 @@ class BaseDecoder:
         else:
             self._buf.append(data)
 
-    def next_event(self) -> Event | NeedData:
+    def next_event(self) -> WireEvent | NeedData:
         if self._error is not None:
             raise self._error
         try:
@@ -105,12 +104,12 @@ class BaseDecoder:
                 return self._closed
             return event
         except LocalProtocolError as exc:
-            self._error = exc._as(RemoteProtocolError)  # type: ignore[assignment]
+            self._error = exc._as(RemoteProtocolError)
             raise self._error from None
 
-    def events(self) -> list[Event]:
+    def events(self) -> list[WireEvent]:
         """Every event available now (stops at NEED_DATA or ConnectionClosed)."""
-        out: list[Event] = []
+        out: list[WireEvent] = []
         while True:
             ev = self.next_event()
             if isinstance(ev, NeedData):
@@ -121,7 +120,7 @@ class BaseDecoder:
 
     # -- for subclasses ----------------------------------------------------
 
-    def _step(self) -> Event | NeedData:
+    def _step(self) -> WireEvent | NeedData:
         raise NotImplementedError
 
     def _complete(self) -> bool:

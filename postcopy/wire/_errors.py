@@ -8,6 +8,8 @@ a short stable string usable as a metrics label.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 __all__ = ["ERROR_KINDS", "LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
 
 #: Every ``kind`` a codec error may carry (closed set: safe as a metrics label).
@@ -54,6 +56,9 @@ ERROR_KINDS: frozenset[str] = frozenset(
 )
 
 
+_E = TypeVar("_E", bound="ProtocolError")
+
+
 class ProtocolError(Exception):
     """Abstract base: the byte stream broke the protocol.
 
@@ -75,7 +80,7 @@ class ProtocolError(Exception):
             message = f"{message} (at stream offset {offset})"
         super().__init__(message)
 
-    def _as(self, cls: type[ProtocolError]) -> ProtocolError:
+    def _as(self, cls: type[_E]) -> _E:
         err = cls.__new__(cls)
         Exception.__init__(err, *self.args)
         err.kind = self.kind

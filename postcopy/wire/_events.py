@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeAlias
 
 from ._errors import LocalProtocolError
 
@@ -20,7 +20,6 @@ __all__ = [
     "DeviceSection",
     "EnableColo",
     "EndOfStream",
-    "Event",
     "OpenReturnPath",
     "Packaged",
     "PageRequest",
@@ -31,8 +30,8 @@ __all__ = [
     "PostcopyRamDiscard",
     "PostcopyResume",
     "PostcopyRun",
-    "RamBlock",
     "RamBlockEntry",
+    "RamBlockLayout",
     "RamEos",
     "RamLayout",
     "RamPages",
@@ -50,9 +49,8 @@ __all__ = [
     "SwitchoverAck",
     "SwitchoverStart",
     "VmDescription",
+    "WireEvent",
 ]
-
-_frozen = dataclass(frozen=True, slots=True, kw_only=True)
 
 #: Layout of one entry of ``RamPages.records`` (C ``pc_ram_record``, native order):
 #: u64 offset, u64 data_pos, u32 block, u8 kind (1 ZERO, 2 PAGE), u8 had_idstr, u8 fill, u8 pad.
@@ -90,7 +88,7 @@ def _page_size(name: str, value: int) -> None:
 # ---------------------------------------------------------------- main channel
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StreamHeader:
     """``QEVM`` magic and version (3) at the start of a fresh main stream."""
 
@@ -100,7 +98,7 @@ class StreamHeader:
         _uint("version", self.version, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Configuration:
     """The configuration section (0x07) after the header.
 
@@ -125,12 +123,12 @@ class Configuration:
             raise _bad(f"uuid={self.uuid!r} is not 16 bytes")
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpenReturnPath:
     """MIG_CMD_OPEN_RETURN_PATH: the destination opens its RP writer."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ping:
     """MIG_CMD_PING: the destination answers with a Pong of the same value."""
 
@@ -140,7 +138,7 @@ class Ping:
         _uint("value", self.value, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostcopyAdvise:
     """MIG_CMD_POSTCOPY_ADVISE: len 16 with postcopy-ram, len 0 (both None) for dirty bitmaps only."""
 
@@ -155,32 +153,32 @@ class PostcopyAdvise:
             _uint("target_page_size", self.target_page_size, 64)  # type: ignore[arg-type]
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostcopyListen:
     """MIG_CMD_POSTCOPY_LISTEN."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostcopyRun:
     """MIG_CMD_POSTCOPY_RUN."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostcopyResume:
     """MIG_CMD_POSTCOPY_RESUME (recovery handshake)."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EnableColo:
     """MIG_CMD_ENABLE_COLO (x-colo only)."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchoverStart:
     """MIG_CMD_SWITCHOVER_START (10.0+; unknown to 7.2)."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostcopyRamDiscard:
     """MIG_CMD_POSTCOPY_RAM_DISCARD: byte ranges ``(start, length)`` of one block to drop."""
 
@@ -201,7 +199,7 @@ class PostcopyRamDiscard:
             raise _bad(f"discard version={self.version} (only 0 exists)")
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecvBitmapRequest:
     """MIG_CMD_RECV_BITMAP: the source asks for the received bitmap of one block."""
 
@@ -211,7 +209,7 @@ class RecvBitmapRequest:
         _idstr("idstr", self.idstr)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SectionStart:
     """SECTION_START header of an iterable section (only ``ram`` is decoded)."""
 
@@ -227,7 +225,7 @@ class SectionStart:
         _uint("version_id", self.version_id, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SectionPart:
     """SECTION_PART header (short: type and section id)."""
 
@@ -237,7 +235,7 @@ class SectionPart:
         _uint("section_id", self.section_id, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SectionEnd:
     """SECTION_END header (short: type and section id)."""
 
@@ -247,7 +245,7 @@ class SectionEnd:
         _uint("section_id", self.section_id, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SectionFooter:
     """0x7e + section id after a START/PART/END payload."""
 
@@ -257,7 +255,7 @@ class SectionFooter:
         _uint("section_id", self.section_id, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RamBlockEntry:
     """One block of the RAM setup list; ``page_size`` only when it was on the wire."""
 
@@ -272,7 +270,7 @@ class RamBlockEntry:
             _uint("page_size", self.page_size, 64)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RamSetup:
     """The ``ram`` START payload before its EOS: MEM_SIZE total and the block list."""
 
@@ -290,7 +288,7 @@ class RamSetup:
             )
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RamEos:
     """RAM_SAVE_FLAG_EOS: end of a RAM chunk (or of the preempt stream)."""
 
@@ -306,7 +304,7 @@ class RamRecord(NamedTuple):
     fill: int
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RamPages:
     """A run of page records, as ONE event: no Python object per page.
 
@@ -353,7 +351,7 @@ class RamPages:
         return memoryview(self.buffer)[rec.data_pos : rec.data_pos + self.target_page_size]
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceSection:
     """A FULL section of a device the codec does not interpret: payload kept opaque.
 
@@ -376,12 +374,12 @@ class DeviceSection:
             raise _bad("payload must be bytes")
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EndOfStream:
     """QEMU_VM_EOF (0x00): the sender's last item (or the end of a package)."""
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VmDescription:
     """QEMU_VM_VMDESCRIPTION after a precopy EOF: JSON kept as bytes."""
 
@@ -392,11 +390,11 @@ class VmDescription:
             raise _bad("json must be bytes shorter than 4 GiB")
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Packaged:
     """MIG_CMD_PACKAGED and its nested stream, decoded (LISTEN, device sections, PINGs, RUN)."""
 
-    events: tuple[Event, ...]
+    events: tuple[WireEvent, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "events", tuple(self.events))
@@ -409,7 +407,7 @@ class Packaged:
                 )
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionClosed:
     """The transport reached EOF at an item boundary.
 
@@ -422,7 +420,7 @@ class ConnectionClosed:
 # ---------------------------------------------------------------- return path
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shut:
     """RP SHUT: 0 = ok, non-zero = destination error."""
 
@@ -432,7 +430,7 @@ class Shut:
         _uint("value", self.value, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Pong:
     """RP PONG: echoes a PING value."""
 
@@ -442,7 +440,7 @@ class Pong:
         _uint("value", self.value, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PageRequest:
     """RP REQ_PAGES_ID (``idstr`` set) or REQ_PAGES (``idstr`` None: same block as before)."""
 
@@ -457,7 +455,7 @@ class PageRequest:
             _idstr("idstr", self.idstr)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecvBitmap:
     """RP RECV_BITMAP + its out-of-frame body (be64 size, LE bitmap, end mark)."""
 
@@ -473,7 +471,7 @@ class RecvBitmap:
         return int.from_bytes(self.bitmap, "little").bit_count()
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ResumeAck:
     """RP RESUME_ACK (QEMU sends 1)."""
 
@@ -483,7 +481,7 @@ class ResumeAck:
         _uint("value", self.value, 32)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchoverAck:
     """RP SWITCHOVER_ACK (8.1+)."""
 
@@ -491,8 +489,8 @@ class SwitchoverAck:
 # ---------------------------------------------------------------- local knowledge
 
 
-@_frozen
-class RamBlock:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RamBlockLayout:
     """A RAM block as both ends know it: name, size and host page size."""
 
     idstr: str
@@ -505,7 +503,7 @@ class RamBlock:
         _page_size("host_page_size", self.host_page_size)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RamLayout:
     """The RAM blocks of a migration (from the setup) and the ``ram`` section id.
 
@@ -513,7 +511,7 @@ class RamLayout:
     the layout learnt from the original main stream.
     """
 
-    blocks: tuple[RamBlock, ...]
+    blocks: tuple[RamBlockLayout, ...]
     section_id: int | None = None
     target_page_size: int = 4096
 
@@ -532,15 +530,15 @@ class RamLayout:
                 return i
         return None
 
-    def block(self, idstr: str) -> RamBlock | None:
+    def block(self, idstr: str) -> RamBlockLayout | None:
         i = self.index(idstr)
         return None if i is None else self.blocks[i]
 
 
-Event = Union[
-    StreamHeader, Configuration, OpenReturnPath, Ping, PostcopyAdvise, PostcopyListen,
-    PostcopyRun, PostcopyResume, EnableColo, SwitchoverStart, PostcopyRamDiscard,
-    RecvBitmapRequest, SectionStart, SectionPart, SectionEnd, SectionFooter, RamSetup, RamEos,
-    RamPages, DeviceSection, EndOfStream, VmDescription, Packaged, ConnectionClosed,
-    Shut, Pong, PageRequest, RecvBitmap, ResumeAck, SwitchoverAck,
-]
+WireEvent: TypeAlias = (
+    StreamHeader | Configuration | OpenReturnPath | Ping | PostcopyAdvise | PostcopyListen
+    | PostcopyRun | PostcopyResume | EnableColo | SwitchoverStart | PostcopyRamDiscard
+    | RecvBitmapRequest | SectionStart | SectionPart | SectionEnd | SectionFooter | RamSetup | RamEos
+    | RamPages | DeviceSection | EndOfStream | VmDescription | Packaged | ConnectionClosed
+    | Shut | Pong | PageRequest | RecvBitmap | ResumeAck | SwitchoverAck
+)

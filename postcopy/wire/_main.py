@@ -26,6 +26,7 @@ from ._constants import (
 from ._decoder import BE32, BE64, NEED_DATA, BaseDecoder, NeedData, Short, describe_bytes
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._ram import RamRecordReader
+from ._scanner import RecordScanner, default_scanner
 
 __all__ = ["MainStreamDecoder"]
 
@@ -41,12 +42,16 @@ class MainStreamDecoder(BaseDecoder):
 
     Local knowledge the stream does not carry:
 
-    * ``block_page_sizes``: host page size of huge-page backed blocks (idstr ->
-      bytes); others use ``host_page_size``.  It decides whether the RAM setup
-      carries a page-size field for a block (postcopy advised and the block's
-      page size differs from the host page size).
+    * ``block_page_sizes``: optional host page sizes of huge-page backed blocks
+      (idstr -> bytes), checked against the stream.  Not needed: once postcopy
+      is advised, the RAM setup's optional page-size fields are recognised from
+      the bytes themselves (see ``_inferred_page_size``); a block without one
+      has ``host_page_size``.  Without ADVISE a hint sets the block's page size.
     * ``recovery=True``: a postcopy-recovery connection (no header; it starts
       with commands); pass the ``layout`` learnt from the original stream.
+
+    ``scanner`` scans the page records (default: ``default_scanner()``, the C
+    scanner when the compiled core is built, else the Python reference).
     """
 
     def __init__(
@@ -59,9 +64,11 @@ class MainStreamDecoder(BaseDecoder):
         target_page_size: int = DEFAULT_TARGET_PAGE_SIZE,
         max_packaged_length: int = DEFAULT_MAX_PACKAGED_LENGTH,
         require_configuration: bool = True,
+        scanner: RecordScanner | None = None,
         _nested: bool = False,
     ) -> None:
         super().__init__()
+        self.scanner = scanner if scanner is not None else default_scanner()
         self.block_page_sizes = dict(block_page_sizes or {})
         self.host_page_size = host_page_size
         self.target_page_size = target_page_size
@@ -94,11 +101,11 @@ class MainStreamDecoder(BaseDecoder):
         self.layout = layout
         if layout.section_id is not None:
             self._iterables[layout.section_id] = "ram"
-        self._ram = RamRecordReader(layout, RAM_CHANNEL_MAIN, postcopy=self._postcopy)
+        self._ram = RamRecordReader(layout, RAM_CHANNEL_MAIN, postcopy=self._postcopy, scanner=self.scanner)
 
     # -- the state machine ---------------------------------------------------
 
-    def _step(self) -> ev.Event | NeedData:
+    def _step(self) -> ev.WireEvent | NeedData:
         st = self._state
         if st == "ram_records":
             self._expecting = "RAM page record"
@@ -139,7 +146,7 @@ class MainStreamDecoder(BaseDecoder):
         raise self._fail("trailing_data", f"{len(self._buf)} bytes after the end of the stream: "
                          f"{describe_bytes(self._buf.peek(len(self._buf)) or b'')}")
 
-    def _header(self) -> ev.Event:
+    def _header(self) -> ev.WireEvent:
         self._expecting = "stream header"
         view = self._need(8)
         magic, version = struct.unpack(">II", view)
@@ -153,7 +160,7 @@ class MainStreamDecoder(BaseDecoder):
         self._state = "config"
         return ev.StreamHeader(version=version)
 
-    def _configuration(self) -> ev.Event | NeedData:
+    def _configuration(self) -> ev.WireEvent | NeedData:
         self._expecting = "configuration section"
         view = self._need(1)
         if view[0] != SectionType.CONFIGURATION:
@@ -210,7 +217,7 @@ class MainStreamDecoder(BaseDecoder):
         self._state = "items"
         return event
 
-    def _item(self) -> ev.Event | NeedData:
+    def _item(self) -> ev.WireEvent | NeedData:
         self._expecting = "section or command header"
         t = self._need(1)[0]
         if t == SectionType.EOF:
@@ -238,7 +245,7 @@ class MainStreamDecoder(BaseDecoder):
         raise self._fail("unknown_section_type", f"unknown section type byte {t:#04x}"
                          + (f" ({names[t]} is not valid here)" if t in names else ""))
 
-    def _full_header(self, t: int) -> ev.Event:
+    def _full_header(self, t: int) -> ev.WireEvent:
         kind = "START" if t == SectionType.START else "FULL"
         self._expecting = f"section {kind} header"
         view = self._need(6)
@@ -288,7 +295,7 @@ class MainStreamDecoder(BaseDecoder):
             return BE32.unpack_from(data, q + 1)[0] in self._iterables
         return False
 
-    def _device_section(self, sid: int, idstr: str, instance_id: int, version_id: int, hdr: int) -> ev.Event:
+    def _device_section(self, sid: int, idstr: str, instance_id: int, version_id: int, hdr: int) -> ev.WireEvent:
         self._expecting = f"device section {idstr!r}"
         limit = hdr + MAX_DEVICE_SECTION_LENGTH + 5 + 512
         avail = min(len(self._buf), limit)
@@ -318,7 +325,7 @@ class MainStreamDecoder(BaseDecoder):
         self._dev_search_from = max(hdr, avail - 4)
         raise Short
 
-    def _ram_setup(self) -> ev.Event:
+    def _ram_setup(self) -> ev.WireEvent:
         self._expecting = "RAM setup"
         tps = self.target_page_size
         word = BE64.unpack(self._need(8))[0]
@@ -327,7 +334,7 @@ class MainStreamDecoder(BaseDecoder):
             raise self._fail("mem_size", f"RAM setup starts with flags {flags:#x}, expected MEM_SIZE (0x4)")
         pos, running = 8, 0
         entries: list[ev.RamBlockEntry] = []
-        blocks: list[ev.RamBlock] = []
+        blocks: list[ev.RamBlockLayout] = []
         while running < total:
             if pos > MAX_RAM_SETUP_LENGTH:
                 raise self._fail("frame_too_large", f"RAM setup longer than {MAX_RAM_SETUP_LENGTH} bytes")
@@ -339,29 +346,57 @@ class MainStreamDecoder(BaseDecoder):
             used = BE64.unpack_from(view, pos + 1 + idlen)[0]
             entry_at = pos
             pos += 1 + idlen + 8
-            local = self.block_page_sizes.get(idstr, self.host_page_size)
-            page_size = None
-            if self._advised and local != self.host_page_size:
-                page_size = BE64.unpack_from(self._need(pos + 8), pos)[0]
-                pos += 8
-                if page_size != local:
-                    raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
-                                     f"{page_size:#x} differs from the local {local:#x}", entry_at)
             running += used
             if running > total:
                 raise self._fail("mem_size", f"block sizes exceed the MEM_SIZE total {total:#x} at block "
                                  f"{idstr!r} (sum {running:#x})", entry_at)
+            hint = self.block_page_sizes.get(idstr)
+            local = self.host_page_size if hint is None else hint
+            page_size = None
+            if self._advised:
+                page_size = self._inferred_page_size(pos, last=running == total)
+                pos += 0 if page_size is None else 8
+                local = self.host_page_size if page_size is None else page_size
+                if hint is not None and local != hint:
+                    raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
+                                     f"{local:#x} differs from the local {hint:#x}", entry_at)
             if any(b.idstr == idstr for b in blocks):
                 raise self._fail("bad_value", f"block {idstr!r} listed twice in the RAM setup", entry_at)
             entries.append(ev.RamBlockEntry(idstr=idstr, used_length=used, page_size=page_size))
-            blocks.append(ev.RamBlock(idstr=idstr, used_length=used, host_page_size=local))
+            blocks.append(ev.RamBlockLayout(idstr=idstr, used_length=used, host_page_size=local))
         event = ev.RamSetup(total_bytes=total, blocks=tuple(entries))
         self._set_layout(ev.RamLayout(blocks=tuple(blocks), section_id=self._footer_id, target_page_size=tps))
         self._buf.consume(pos)
         self._state = "ram_setup_eos"
         return event
 
-    def _after_eof(self) -> ev.Event:
+    def _inferred_page_size(self, pos: int, *, last: bool) -> int | None:
+        """The optional be64 page size at ``pos`` of the RAM setup, read from the stream itself.
+
+        QEMU's ``ram_save_setup`` (ram.c) writes it after a block's used_length only
+        when postcopy-ram is on and ``block->page_size`` differs from the host page
+        size (7.2: ``qemu_host_page_size``; 9.0+: max(real host page size, target
+        page size)); the receiver (7.2 ``ram_load_precopy``, 8.0+ ``parse_ramblock``)
+        decides from its own blocks.  The stream still says it unambiguously:
+
+        * before another block, the next byte is that block's idstr length (1..255),
+          while a be64 page size (< 2**56) starts with 0x00;
+        * after the last block comes EOS (be64 0x10) -- not a page size, which is a
+          power of two >= 1 KiB -- so a power of two there is the page size and EOS
+          follows it.
+        """
+        if not last and self._need(pos + 1)[pos] != 0:
+            return None
+        word: int = BE64.unpack_from(self._need(pos + 8), pos)[0]
+        if last and word == RAM_FLAG_EOS:
+            return None
+        if word < 1024 or word & (word - 1) or word % self.target_page_size:
+            raise self._fail("bad_value", f"RAM setup: {word:#018x} after a block's used_length is neither "
+                             + ("EOS nor " if last else "") + "a page size (a power of two >= the target "
+                             f"page size {self.target_page_size:#x})", pos)
+        return word
+
+    def _after_eof(self) -> ev.WireEvent:
         view = self._need(1)
         if view[0] == SectionType.VMDESCRIPTION and not self._nested:
             self._expecting = "VMDESCRIPTION"
@@ -377,7 +412,7 @@ class MainStreamDecoder(BaseDecoder):
 
     # -- commands --------------------------------------------------------------
 
-    def _command(self) -> ev.Event:
+    def _command(self) -> ev.WireEvent:
         self._expecting = "command"
         view = self._need(5)
         cmd_no, ln = struct.unpack_from(">HH", view, 1)
@@ -397,7 +432,7 @@ class MainStreamDecoder(BaseDecoder):
         self._buf.consume(5 + ln)
         return event
 
-    def _command_event(self, cmd: Command, p: bytes) -> ev.Event:
+    def _command_event(self, cmd: Command, p: bytes) -> ev.WireEvent:
         if cmd == Command.OPEN_RETURN_PATH:
             return ev.OpenReturnPath()
         if cmd == Command.PING:
@@ -440,7 +475,7 @@ class MainStreamDecoder(BaseDecoder):
         if self._ram is not None:
             self._ram.scanner.postcopy = True
 
-    def _check_block(self, idstr: str, what: str) -> ev.RamBlock | None:
+    def _check_block(self, idstr: str, what: str) -> ev.RamBlockLayout | None:
         if self.layout is None:
             return None
         block = self.layout.block(idstr)
@@ -449,7 +484,7 @@ class MainStreamDecoder(BaseDecoder):
                              f"{', '.join(b.idstr for b in self.layout.blocks)})")
         return block
 
-    def _discard(self, p: bytes) -> ev.Event:
+    def _discard(self, p: bytes) -> ev.WireEvent:
         if len(p) < 20:
             raise self._fail("bad_length", f"POSTCOPY_RAM_DISCARD has len {len(p)}, at least 20 needed")
         version, n = p[0], p[1]
@@ -476,7 +511,7 @@ class MainStreamDecoder(BaseDecoder):
                                  f"past the block's used_length {block.used_length:#x}")
         return ev.PostcopyRamDiscard(idstr=idstr, ranges=ranges, version=version)
 
-    def _packaged(self) -> ev.Event:
+    def _packaged(self) -> ev.WireEvent:
         if self._nested:
             raise self._fail("nested_packaged", "PACKAGED inside a PACKAGED blob")
         length = BE32.unpack_from(self._need(9), 5)[0]
@@ -488,13 +523,14 @@ class MainStreamDecoder(BaseDecoder):
         inner = MainStreamDecoder(
             _nested=True, layout=self.layout, block_page_sizes=self.block_page_sizes,
             host_page_size=self.host_page_size, target_page_size=self.target_page_size,
+            scanner=self.scanner,
         )
         inner._advised = self._advised
         inner._iterables = dict(self._iterables)
         inner._buf.consumed = self._buf.consumed + 9
         inner.receive_data(bytes(blob))
         inner.receive_data(b"")
-        events: list[ev.Event] = []
+        events: list[ev.WireEvent] = []
         try:
             while True:
                 e = inner.next_event()

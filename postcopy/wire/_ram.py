@@ -1,4 +1,4 @@
-"""Page-record runs shared by the main and preempt decoders: C scan, one event per batch."""
+"""Page-record runs shared by the main and preempt decoders: bulk scan, one event per batch."""
 
 from __future__ import annotations
 
@@ -6,27 +6,23 @@ from ._constants import RAM_FLAG_CONTINUE
 from ._decoder import BaseDecoder, NeedData, Short, describe_bytes
 from ._errors import LocalProtocolError
 from ._events import RamEos, RamLayout, RamPages
-from ._scan import SCAN_ERRORS, SCAN_EOS, RamScanner
+from ._scanner import SCAN_EOS, SCAN_ERRORS, RecordScanner
 
-__all__ = ["RamRecordReader", "scanner_for"]
+__all__ = ["RamRecordReader"]
 
 #: idstr + header + a whole page: the most one record can need contiguously.
 _MAX_RECORD = 8 + 1 + 255 + 65536
 
 
-def scanner_for(layout: RamLayout, *, postcopy: bool) -> RamScanner:
-    blocks = [(b.idstr.encode("utf-8", "surrogateescape"), b.used_length, b.host_page_size)
-              for b in layout.blocks]
-    return RamScanner(blocks, target_page_size=layout.target_page_size, postcopy=postcopy)
-
-
 class RamRecordReader:
-    """Reads runs of page records for one channel until EOS."""
+    """Reads runs of page records for one channel until EOS, with ``scanner``'s channel state."""
 
-    def __init__(self, layout: RamLayout, channel: int, *, postcopy: bool) -> None:
+    def __init__(self, layout: RamLayout, channel: int, *, postcopy: bool, scanner: RecordScanner) -> None:
         self.layout = layout
         self.channel = channel
-        self.scanner = scanner_for(layout, postcopy=postcopy)
+        blocks = [(b.idstr.encode("utf-8", "surrogateescape"), b.used_length, b.host_page_size)
+                  for b in layout.blocks]
+        self.scanner = scanner.channel(blocks, target_page_size=layout.target_page_size, postcopy=postcopy)
         self._names = tuple(b.idstr for b in layout.blocks)
 
     def step(self, dec: BaseDecoder) -> RamPages | RamEos | NeedData:

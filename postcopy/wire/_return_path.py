@@ -39,7 +39,7 @@ class ReturnPathDecoder(BaseDecoder):
         self.page_size = page_size
         self._last_block: str | None = None
 
-    def _block(self, idstr: str, what: str) -> ev.RamBlock | None:
+    def _block(self, idstr: str, what: str) -> ev.RamBlockLayout | None:
         if self.layout is None:
             return None
         block = self.layout.block(idstr)
@@ -48,7 +48,7 @@ class ReturnPathDecoder(BaseDecoder):
                              f"{', '.join(b.idstr for b in self.layout.blocks)})")
         return block
 
-    def _step(self) -> ev.Event | NeedData:
+    def _step(self) -> ev.WireEvent | NeedData:
         if len(self._buf) == 0:
             return NEED_DATA
         self._expecting = "return-path frame header"
@@ -68,7 +68,7 @@ class ReturnPathDecoder(BaseDecoder):
         p = bytes(self._need(4 + ln)[4:])
         if msg == RpMessage.RECV_BITMAP:
             return self._recv_bitmap(p)
-        event: ev.Event
+        event: ev.WireEvent
         if msg == RpMessage.SHUT:
             event = ev.Shut(value=BE32.unpack(p)[0])
         elif msg == RpMessage.PONG:
@@ -82,7 +82,7 @@ class ReturnPathDecoder(BaseDecoder):
         self._buf.consume(4 + ln)
         return event
 
-    def _page_request(self, msg: RpMessage, p: bytes) -> ev.Event:
+    def _page_request(self, msg: RpMessage, p: bytes) -> ev.WireEvent:
         idstr: str | None = None
         if msg == RpMessage.REQ_PAGES_ID:
             if len(p) < 13 or len(p) != 13 + p[12]:
@@ -106,7 +106,7 @@ class ReturnPathDecoder(BaseDecoder):
         self._last_block = name
         return ev.PageRequest(start=start, length=length, idstr=idstr)
 
-    def _recv_bitmap(self, p: bytes) -> ev.Event:
+    def _recv_bitmap(self, p: bytes) -> ev.WireEvent:
         if len(p) < 2 or p[0] != len(p) - 1:
             raise self._fail("bad_length" if p[:1] != b"\0" else "empty_idstr",
                              f"RECV_BITMAP has len {len(p)}, expected 1 + idstr length (>= 2)")

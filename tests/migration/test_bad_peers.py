@@ -57,7 +57,7 @@ def _stream_until_run(spec: GuestSpec, memory, guest: Guest) -> bytes:  # type: 
     guest.stop()
     state = guest.save_state()
     entries = tuple(wire.RamBlockEntry(idstr=b.idstr, used_length=b.size) for b in spec.blocks)
-    events: list[wire.Event] = [
+    events: list[wire.WireEvent] = [
         wire.StreamHeader(), wire.Configuration(machine_type=MACHINE_TYPE), wire.OpenReturnPath(),
         wire.Ping(value=1), wire.PostcopyAdvise(pagesize_summary=PAGE_4K, target_page_size=PAGE_4K),
         wire.SectionStart(section_id=RAM_SECTION_ID, idstr="ram", instance_id=0, version_id=4),

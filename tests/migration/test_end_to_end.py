@@ -98,4 +98,5 @@ def test_vcpus_faulting_the_same_pages_at_once() -> None:
     check(o, spec)
     assert o.dest.remote_faults >= o.dest.requests_sent > 0
     assert o.dest.requests_sent <= o.dest.pages_total
-    assert len(o.dest.vcpu_blocktime_ns) == 4 and all(t > 0 for t in o.dest.vcpu_blocktime_ns)
+    assert len(o.dest.vcpu_blocktime_ns) == 4
+    assert all(t > 0 for t in o.dest.vcpu_blocktime_ns)

@@ -69,8 +69,10 @@ def test_link_down_and_up_during_postcopy() -> None:
         assert "source_error" not in box, box.get("source_error")
         assert "dest_error" not in box, box.get("dest_error")
         assert paused[0] in ("postcopy-paused", "postcopy-recover")
-        assert src.result.status == "completed" and dest.result.status == "completed"
-        assert src.result.recoveries >= 1 and dest.result.recoveries >= 1
+        assert src.result.status == "completed"
+        assert dest.result.status == "completed"
+        assert src.result.recoveries >= 1
+        assert dest.result.recoveries >= 1
         assert all(dest.path.placed_hashes(i) == src.result.hashes[b.idstr] for i, b in enumerate(dest.memory))
         assert dest.guest is not None
         dest.guest.stop()

@@ -52,7 +52,8 @@ def test_twenty_cuts_in_one_migration(preempt: bool) -> None:
     assert len(cuts) >= 20
     assert o.source.recoveries >= 20
     assert o.dest.recoveries == o.source.recoveries
-    assert "postcopy-paused" in o.source_statuses and "postcopy-recover" in o.source_statuses
+    assert "postcopy-paused" in o.source_statuses
+    assert "postcopy-recover" in o.source_statuses
     assert o.dest_statuses[-1] == "completed"
 
 
@@ -208,4 +209,5 @@ def test_cut_of_the_preempt_channel_alone() -> None:
     o = migrate(spec, preempt=True, cap=2 << 20, during=during, source_options=FAST_LINK, dest_options=FAST_LINK)
     check(o, spec)
     assert cut
-    assert o.source.recoveries >= 1 and o.dest.recoveries >= 1
+    assert o.source.recoveries >= 1
+    assert o.dest.recoveries >= 1

@@ -64,7 +64,8 @@ def test_main_stream_decodes_completely_and_reencodes(load_capture, drain_events
     assert dec.offset == len(data)
     assert events[-1] == ConnectionClosed(complete=complete)
     assert _roundtrip(events) == hashlib.sha256(data).hexdigest()
-    assert dec.layout is not None and dec.layout.blocks[0].idstr == "pc.ram"
+    assert dec.layout is not None
+    assert dec.layout.blocks[0].idstr == "pc.ram"
 
 
 def test_recovery_and_preempt_streams(load_capture, drain_events):
@@ -84,7 +85,8 @@ def test_recovery_and_preempt_streams(load_capture, drain_events):
     pre.receive_data(data)
     pre.receive_data(b"")
     events = drain_events(pre)
-    assert pre.saw_eos and pre.offset == len(data)
+    assert pre.saw_eos
+    assert pre.offset == len(data)
     assert b"".join(encode(e) for e in events) == data
     pages = [e for e in events if isinstance(e, RamPages)]
     assert all(e.channel == 1 for e in pages)
@@ -126,7 +128,9 @@ def test_immediate_capture_landmarks(load_capture, drain_events):
     assert isinstance(pkg.events[-1], PostcopyRun)
     assert pkg.events[-2] == Ping(value=3)
     devices = [e for e in pkg.events if isinstance(e, DeviceSection)]
-    assert devices and devices[0].idstr == "timer" and devices[-1].idstr == "globalstate"
+    assert devices
+    assert devices[0].idstr == "timer"
+    assert devices[-1].idstr == "globalstate"
     # RUN sits at 13975: LISTEN at 471 plus everything before RUN inside the blob
     assert 471 + sum(len(encode(e)) for e in pkg.events[:-1]) == 13975
     assert sum(1 for _, e in at["PostcopyRamDiscard"] if e.idstr == "pc.ram") == 1
@@ -177,4 +181,5 @@ def test_chunked_feeding_gives_the_same_bytes_and_pages(load_capture):
             n, z = tally_pages(ev.records, len(ev.blocks))[0]
             ref[0] += n
             ref[1] += z
-    assert pages == ref and ref[0] > 1000
+    assert pages == ref
+    assert ref[0] > 1000

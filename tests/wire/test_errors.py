@@ -10,7 +10,7 @@ from postcopy.wire import (
     LocalProtocolError,
     MainStreamDecoder,
     ProtocolError,
-    RamBlock,
+    RamBlockLayout,
     RamLayout,
     RemoteProtocolError,
     ReturnPathDecoder,
@@ -24,7 +24,12 @@ SETUP = struct.pack(">Q", 0x2000 | 4) + b"\x06pc.ram" + struct.pack(">Q", 0x2000
 FOOT = b"\x7e" + struct.pack(">I", 2)
 PART = b"\x02" + struct.pack(">I", 2)
 PREFIX = HEAD + ADVISE + RAM_START + SETUP + FOOT + PART
-LAYOUT = RamLayout(blocks=(RamBlock(idstr="pc.ram", used_length=0x2000),), section_id=2)
+LAYOUT = RamLayout(blocks=(RamBlockLayout(idstr="pc.ram", used_length=0x2000),), section_id=2)
+
+
+def _drain(dec) -> None:
+    while type(dec.next_event()).__name__ != "ConnectionClosed":
+        pass
 
 
 def _fail(dec, data: bytes, eof: bool = True) -> RemoteProtocolError:
@@ -32,8 +37,7 @@ def _fail(dec, data: bytes, eof: bool = True) -> RemoteProtocolError:
     if eof:
         dec.receive_data(b"")
     with pytest.raises(RemoteProtocolError) as info:
-        while not type(dec.next_event()).__name__ == "ConnectionClosed":
-            pass
+        _drain(dec)
     # refuses further input
     with pytest.raises(RemoteProtocolError):
         dec.next_event()
@@ -76,13 +80,16 @@ def test_main_channel_errors(kind, data, needle):
     err = _fail(MainStreamDecoder(), data)
     assert err.kind == kind
     assert needle in str(err)
-    assert err.offset is not None and "stream offset" in str(err)
+    assert err.offset is not None
+    assert "stream offset" in str(err)
 
 
 def test_packaged_limit_is_configurable_and_checked_before_buffering():
     dec = MainStreamDecoder(max_packaged_length=1000)
     err = _fail(dec, HEAD + b"\x08\x00\x07\x00\x04" + struct.pack(">I", 1001), eof=False)
-    assert err.kind == "packaged_too_large" and "1001" in str(err) and "1000" in str(err)
+    assert err.kind == "packaged_too_large"
+    assert "1001" in str(err)
+    assert "1000" in str(err)
 
 
 def _bitmap_frame(idstr: bytes, size: int, mark: int = 0x0123456789ABCDEF, body: bytes | None = None) -> bytes:
@@ -115,7 +122,8 @@ def test_return_path_errors(kind, data, needle):
 
 def test_unknown_block_bitmap_is_bounded_without_layout():
     err = _fail(ReturnPathDecoder(), _bitmap_frame(b"x", 1 << 40, body=b""), eof=False)
-    assert err.kind == "bitmap_size" and str(1 << 40) in str(err)
+    assert err.kind == "bitmap_size"
+    assert str(1 << 40) in str(err)
 
 
 def test_preempt_trailing_data_after_eos():

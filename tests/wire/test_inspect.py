@@ -35,7 +35,7 @@ def test_recovery_capture_reports_bitmaps_and_resume_ack(capsys, captures_dir):
     kinds = [(s["kind"], s["end"]) for s in report["streams"]]
     assert kinds == [("main", "closed"), ("return_path", "eof"), ("recovery", "eof"), ("return_path", "eof")]
     assert all(s["decoded_bytes"] == s["bytes"] for s in report["streams"])
-    assert [b["block"] for b in report["streams"][3]["bitmaps"]][0] == "pc.ram"
+    assert next(b["block"] for b in report["streams"][3]["bitmaps"]) == "pc.ram"
 
 
 def test_immediate_capture_counts(capsys, captures_dir, load_capture):
@@ -58,7 +58,8 @@ def test_preempt_capture_and_human_output(capsys, captures_dir):
     assert [s["kind"] for s in report["streams"]] == ["main", "return_path", "return_path", "preempt"]
     assert main(["inspect", str(captures_dir / "64M-postcopy-preempt-cap16M")]) == 0
     out = capsys.readouterr().out
-    assert "PACKAGED  POSTCOPY_LISTEN" in out and "pc.ram" in out
+    assert "PACKAGED  POSTCOPY_LISTEN" in out
+    assert "pc.ram" in out
 
 
 def test_inspect_user_errors(capsys, tmp_path, captures_dir):
@@ -74,4 +75,5 @@ def test_inspect_user_errors(capsys, tmp_path, captures_dir):
     bad.write_bytes(b"QEVM\0\0\0\x03\x07\0\0\0\x01x\x08\0\x63\0\0")
     assert main(["inspect", "--json", str(bad)]) == 1
     err = json.loads(capsys.readouterr().out)["streams"][0]["error"]
-    assert err["kind"] == "unknown_command" and "99" in err["message"]
+    assert err["kind"] == "unknown_command"
+    assert "99" in err["message"]

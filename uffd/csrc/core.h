@@ -24,11 +24,14 @@ static inline uint32_t pc_get_be32(const uint8_t *p)
 }
 static inline uint64_t pc_get_be64(const uint8_t *p) { return (uint64_t)pc_get_be32(p) << 32 | pc_get_be32(p + 4); }
 
-/* QEMU_VM_* section bytes and return-path message types (see the protocol spec). */
+/* QEMU_VM_* section bytes, MIG_CMD_* commands and return-path message types
+ * (see the protocol spec). tests/uffd/test_wire_constants.py checks them, and
+ * ramscan.h's RAM flags, against postcopy/wire/_constants.py. */
 #define PC_VM_SECTION_PART 0x02
 #define PC_VM_SECTION_END 0x03
 #define PC_VM_SECTION_FOOTER 0x7e
 #define PC_VM_COMMAND 0x08
+#define PC_MIG_CMD_PING 2
 #define PC_RP_REQ_PAGES_ID 3
 #define PC_RP_REQ_PAGES 4
 #define PC_RP_MAX_FRAME 512

@@ -475,7 +475,7 @@ int pc_src_bulk_run(pc_src *s)
         if (beat && !in_section) {
             /* Between sections: a PING the destination must answer, so a
              * link that silently stopped is noticed (the watchdog in Python). */
-            uint8_t ping[9] = { PC_VM_COMMAND, 0x00, 0x02, 0x00, 0x04 };    /* PING, length 4 */
+            uint8_t ping[9] = { PC_VM_COMMAND, 0x00, PC_MIG_CMD_PING, 0x00, 0x04 };    /* length 4 */
             s->ping_seq = (s->ping_seq + 1) & ~PC_HEARTBEAT_MASK;
             pc_put_be32(ping + 5, PC_HEARTBEAT_PING | s->ping_seq);
             batch_raw(bt, ping, 9);

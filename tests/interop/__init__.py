@@ -1,0 +1,1 @@
+"""Interop with real QEMU processes (harness in qemu.py)."""

@@ -1,0 +1,340 @@
+"""Real QEMU for interop tests and benchmarks: start, drive over QMP, read serial, dump and compare RAM.
+
+The guest is the 512-byte boot sector of ``tests/data/qemu-7.2/boot.img``
+(``guest.asm``): in long mode it loops forever incrementing the first byte of
+every 4 KiB page from 1 MiB to the top of RAM, and prints one letter A..Z to
+COM1 after each full pass.  Registers: RAX = the page it is at, R13 = passes
+completed.  That makes a migrated guest checkable page by page: every byte of
+the destination equals the stopped source's, except each page's first byte,
+which moved by exactly the increments the guest made since it runs there.
+
+Processes are ours: started here, ended by PID (``quit`` over QMP first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+__all__ = [
+    "BOOT_IMG",
+    "POSTCOPY_CAPS",
+    "MemoryCheck",
+    "Qemu",
+    "compare_guest_memory",
+    "free_port",
+    "guest_letters",
+    "hugetlbfs_mount",
+    "migrate_qemu_to_qemu",
+]
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "qemu-7.2"
+BOOT_IMG = DATA / "boot.img"
+QEMU_BIN = os.environ.get("POSTCOPY_QEMU", "qemu-system-x86_64")
+MiB = 1 << 20
+POSTCOPY_CAPS = ("events", "postcopy-ram", "return-path")
+_BANNER_END = b"Booting from Hard Disk"
+_REG = re.compile(r"\b(RAX|R13)=([0-9a-fA-F]{16})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def hugetlbfs_mount(pagesize: str = "2M") -> Iterator[Path]:
+    """A private hugetlbfs mount (root), unmounted afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="pc-huge-"))
+    subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={pagesize}", "none", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+        d.rmdir()
+
+
+def guest_letters(serial: bytes, *, after_banner: bool) -> bytes:
+    """The pass letters the guest printed (the source's SeaBIOS banner dropped)."""
+    if after_banner:
+        i = serial.find(_BANNER_END)
+        if i < 0:
+            return b""
+        serial = serial[i + len(_BANNER_END):]
+    return bytes(c for c in serial if 65 <= c <= 90)
+
+
+@dataclass
+class Qemu:
+    """One qemu-system-x86_64 process: TCG, the boot-sector guest, QMP on a unix socket, serial to a file."""
+
+    name: str
+    rundir: Path
+    mem: str = "64M"
+    incoming: bool = False
+    hugetlbfs: Path | None = None  # memory-backend-file on this mount (2 MiB pages)
+    accel: str = "tcg"
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    qmp: QEMUMonitorProtocol | None = None
+
+    def __post_init__(self) -> None:
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        # AF_UNIX paths are limited to 107 bytes: keep the socket in a short directory
+        self._sockdir = Path(tempfile.mkdtemp(prefix="pcq-"))
+        self.qmp_path = self._sockdir / "qmp.sock"
+        self.serial_path = self.rundir / f"{self.name}.serial"
+        self.log_path = self.rundir / f"{self.name}.log"
+        self.disk = self.rundir / f"{self.name}.img"  # a copy: IDE cannot be read-only, the repo's stays clean
+        shutil.copyfile(BOOT_IMG, self.disk)
+
+    @property
+    def mem_bytes(self) -> int:
+        units = {"K": 10, "M": 20, "G": 30}
+        return int(self.mem[:-1]) << units[self.mem[-1].upper()]
+
+    def argv(self) -> list[str]:
+        argv = [QEMU_BIN, "-name", self.name, "-accel", self.accel, "-cpu", "max" if self.accel == "tcg" else "host",
+                "-m", self.mem, "-smp", "1", "-nodefaults", "-nographic",
+                "-drive", f"file={self.disk},format=raw,if=ide",
+                "-serial", f"file:{self.serial_path}",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self.hugetlbfs is not None:
+            argv += ["-object", f"memory-backend-file,id=mem0,size={self.mem},mem-path={self.hugetlbfs},share=on",
+                     "-machine", "pc,memory-backend=mem0"]
+        else:
+            argv += ["-machine", "pc"]
+        if self.incoming:
+            argv += ["-incoming", "defer"]
+        return argv + self.extra
+
+    def start(self, timeout: float = 20.0) -> Qemu:
+        with contextlib.suppress(FileNotFoundError):
+            self.serial_path.unlink()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: qemu exited {self.proc.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s: {self.log()}")
+            time.sleep(0.01)
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+        self.qmp.connect()
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except FileNotFoundError:
+            return ""
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        assert self.qmp is not None, "not started"
+        return self.qmp.cmd(name, **args)
+
+    def hmp(self, line: str) -> str:
+        return str(self.cmd("human-monitor-command", **{"command-line": line}))
+
+    def serial(self) -> bytes:
+        try:
+            return self.serial_path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def letters(self) -> bytes:
+        return guest_letters(self.serial(), after_banner=not self.incoming)
+
+    def wait_letters(self, n: int, timeout: float = 60.0) -> bytes:
+        """Wait until the guest printed at least ``n`` pass letters (here)."""
+        deadline = time.monotonic() + timeout
+        while len(got := self.letters()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {len(got)} pass letters after {timeout} s, wanted {n}")
+            time.sleep(0.05)
+        return got
+
+    def set_capabilities(self, caps: tuple[str, ...] | list[str]) -> None:
+        self.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+
+    def status(self) -> str:
+        return str(self.cmd("query-migrate").get("status", "none"))
+
+    def wait_status(self, want: set[str], timeout: float = 60.0, fail: set[str] | None = None) -> dict[str, Any]:
+        fail = fail if fail is not None else {"failed", "cancelled"}
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.cmd("query-migrate")
+            st = info.get("status")
+            if st in want:
+                return info
+            if st in fail:
+                raise RuntimeError(f"{self.name}: migration {st}: {info.get('error-desc', '')} {self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: migration status {st!r} after {timeout} s, wanted {want}")
+            time.sleep(0.02)
+
+    def registers(self) -> dict[str, int]:
+        return {k: int(v, 16) for k, v in _REG.findall(self.hmp("info registers"))}
+
+    def dump_memory(self, path: Path) -> Path:
+        """Guest RAM below the top (the pc machine maps it from 0; < 3.5 GiB here) to a file, via pmemsave."""
+        self.cmd("pmemsave", val=0, size=self.mem_bytes, filename=str(path))
+        return path
+
+    def stop(self) -> None:
+        """``quit`` over QMP, then SIGTERM / SIGKILL this process by PID."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.cmd("quit")
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+        self.proc = None
+        self.qmp = None
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+
+    def __enter__(self) -> Qemu:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    pages: int
+    identical_low: bool  # below 1 MiB (code, page tables): byte-identical
+    other_bytes_mismatch: list[int]  # addresses of pages >= 1 MiB whose bytes 1..4095 differ
+    bad_counter_pages: list[int]  # pages whose first byte moved by anything but the guest's own increments
+    src_passes: int
+    dst_passes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.identical_low and not self.other_bytes_mismatch and not self.bad_counter_pages
+
+
+def compare_guest_memory(src_dump: Path, dst_dump: Path, src_regs: dict[str, int], dst_regs: dict[str, int],
+                         mem_bytes: int) -> MemoryCheck:
+    """B's memory equals A's up to the guest's own writes, page by page.
+
+    Page i (from 1 MiB) was incremented once per pass; with P passes done and
+    the vCPU at page X, page i's byte 0 moved from A's stop to B's stop by
+    ``(P_B - P_A) + [i < X_B] - [i < X_A]`` (mod 256); the page at X itself
+    may be either side (the vCPU can stop between the load and the store).
+    """
+    a = src_dump.read_bytes()
+    b = dst_dump.read_bytes()
+    assert len(a) == len(b) == mem_bytes, (len(a), len(b), mem_bytes)
+    low = a[:MiB] == b[:MiB]
+    pa, pb = src_regs["R13"], dst_regs["R13"]
+    xa = max(0, (src_regs["RAX"] - MiB) // 4096)
+    xb = max(0, (dst_regs["RAX"] - MiB) // 4096)
+    other: list[int] = []
+    bad: list[int] = []
+    sa, sb = a[MiB:], b[MiB:]
+    ma, mb = bytearray(sa), bytearray(sb)
+    zeros = bytes(len(ma[0::4096]))
+    ma[0::4096] = zeros
+    mb[0::4096] = zeros
+    if ma != mb:
+        other = [MiB + p for p in range(0, len(ma), 4096) if ma[p : p + 4096] != mb[p : p + 4096]]
+    fa, fb = sa[0::4096], sb[0::4096]
+    for i in range(len(fa)):
+        got = (fb[i] - fa[i]) & 0xFF
+        db = (0, 1) if i == xb else (int(i < xb),)
+        da = (0, 1) if i == xa else (int(i < xa),)
+        if got not in {(pb - pa + x - y) & 0xFF for x in db for y in da}:
+            bad.append(MiB + i * 4096)
+    return MemoryCheck(pages=len(fa), identical_low=low, other_bytes_mismatch=other[:20],
+                       bad_counter_pages=bad[:20], src_passes=pa, dst_passes=pb)
+
+
+@dataclass
+class MigrationResult:
+    total_ms: int
+    downtime_ms: int
+    setup_ms: int
+    transferred: int
+    wall_s: float
+    src_letters: bytes
+    dst_letters: bytes
+    memory: MemoryCheck
+    src_info: dict[str, Any]
+    dst_info: dict[str, Any]
+
+    @property
+    def throughput_mib_s(self) -> float:
+        return self.transferred / MiB / max(self.total_ms / 1000, 1e-9)
+
+
+def migrate_qemu_to_qemu(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
+                         hugetlbfs: Path | None = None, passes_before: int = 2, passes_after: int = 1,
+                         timeout: float = 120.0) -> MigrationResult:
+    """A real QEMU -> QEMU postcopy migration of the boot guest, checked page by page."""
+    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
+    src = Qemu("src", rundir, mem=mem, hugetlbfs=hugetlbfs)
+    dst = Qemu("dst", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
+    try:
+        src.start()
+        dst.start()
+        src.wait_letters(passes_before, timeout)
+        for vm in (src, dst):
+            vm.set_capabilities(caps)
+        src.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 10 << 30})
+        port = free_port()
+        dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        t0 = time.monotonic()
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if precopy_s:
+            time.sleep(precopy_s)
+        src.cmd("migrate-start-postcopy")
+        src_info = src.wait_status({"completed"}, timeout)
+        dst_info = dst.wait_status({"completed"}, timeout)
+        wall = time.monotonic() - t0
+        src_letters = src.letters()
+        dst.wait_letters(passes_after, timeout)
+        dst.cmd("stop")
+        # the source stopped itself at the switch; both are stopped now
+        regs_a, regs_b = src.registers(), dst.registers()
+        check = compare_guest_memory(src.dump_memory(rundir / "src.mem"), dst.dump_memory(rundir / "dst.mem"),
+                                     regs_a, regs_b, src.mem_bytes)
+        for f in ("src.mem", "dst.mem"):
+            (rundir / f).unlink()
+        return MigrationResult(
+            total_ms=int(src_info.get("total-time", 0)), downtime_ms=int(src_info.get("downtime", 0)),
+            setup_ms=int(src_info.get("setup-time", 0)),
+            transferred=int(src_info.get("ram", {}).get("transferred", 0)), wall_s=wall,
+            src_letters=src_letters, dst_letters=dst.letters(), memory=check, src_info=src_info,
+            dst_info=dst_info)
+    finally:
+        dst.stop()
+        src.stop()
