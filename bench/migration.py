@@ -10,10 +10,10 @@ Floors (C, no Python between timestamps; see bench/_floor.py):
 Migrations (a Source and a Destination in this process over loopback TCP, real
 userfaultfd, the built-in guest's vCPUs as C threads on both sides):
   busy guest (vCPUs touch random pages flat out): remote faults while the bulk stream
-  runs; latency = DestinationResult.latencies_ns (fault read -> page placed);
+  runs; latency = Destination.latencies_ns (fault read -> page placed);
   idle guest (rate_limit=1 access/s per vCPU): nearly every page goes by the bulk
   stream; throughput = bytes on the main channel / postcopy time (guest stop -> end);
-  downtime = SourceResult.downtime_ns (guest stop -> PONG 3), at several guest sizes.
+  downtime = MigrationStats.downtime_ns (guest stop -> PONG 3), at several guest sizes.
 
 Usage: python3 bench/migration.py [--quick] [--repeat N] [--json PATH] [--profile]
 The bench only prints (and writes JSON); it asserts nothing about speed.
@@ -43,9 +43,11 @@ from _floor import (
     tcp_stream_bps,
 )
 
-from postcopy.destination import Destination, DestinationResult
+from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
-from postcopy.source import Source, SourceResult
+from postcopy.owner import BuiltinGuest
+from postcopy.session import MigrationStats
+from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K, free_hugepages
 
@@ -246,7 +248,7 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
     memory = spec.build_memory()
     guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern[spec.pattern.upper()], seed=spec.seed,
                   write_percent=spec.write_percent, rate_limit=spec.rate_limit)
-    dest = Destination(spec, preempt=preempt)
+    dest = Destination(BuiltinGuest(spec), preempt=preempt)
     prof = ThreadProfile() if profile else None
     phases: dict[str, int] = {}
     # Where the downtime goes: the source guest's stop, the destination's discard and LISTEN.
@@ -268,17 +270,17 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
 
             t = threading.Thread(target=serve, name="bench-dest-serve")
             t.start()
-            src = Source(spec, memory, guest, preempt=preempt, bandwidth_cap=cap)
+            src = Source(BuiltinGuest(spec, memory, guest), preempt=preempt, bandwidth_cap=cap)
             if prof:
                 with prof:
-                    sres: SourceResult = src.migrate(listener.getsockname())
+                    sres: MigrationStats = src.migrate(listener.getsockname())
                     t.join(120)
             else:
                 sres = src.migrate(listener.getsockname())
                 t.join(120)
         if "error" in box:
             raise RuntimeError(f"destination failed: {box['error']}")
-        dres: DestinationResult = box["result"]
+        dres: MigrationStats = box["result"]
         if sres.status != "completed" or dres.status != "completed":
             raise RuntimeError(f"migration did not complete: source {sres.status} ({sres.error}), "
                                f"destination {dres.status} ({dres.error})")
@@ -290,7 +292,7 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
                    downtime_ns=sres.downtime_ns, faults=dres.remote_faults, requests=c["requests"],
                    requests_skipped=c["request_pages_skipped"],
                    preempt_pages=c["preempt_pages_normal"] + c["preempt_pages_zero"],
-                   latencies_ns=list(dres.latencies_ns), profile=prof.by_role() if prof else None,
+                   latencies_ns=list(dest.latencies_ns), profile=prof.by_role() if prof else None,
                    phases_ns=phases)
     finally:
         guest.close()

@@ -26,6 +26,7 @@ from pathlib import Path
 import importlib.util
 
 from postcopy.destination import Destination
+from postcopy.owner import BuiltinGuest
 from postcopy.guest import Guest, Pattern
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
@@ -123,8 +124,8 @@ def run(outages: int, outage: float, resets: int) -> dict[str, object]:
     memory = spec.build_memory()
     guest = Guest(memory, nvcpus=2, pattern=Pattern.SEQ, seed=spec.seed, write_percent=50, rate_limit=50)
     sclock, dclock = Clock(), Clock()
-    dest = Destination(spec, preempt=True, on_status=dclock, link_timeout=LINK_TIMEOUT)
-    src = Source(spec, memory, guest, preempt=True, bandwidth_cap=2 << 20, on_status=sclock,
+    dest = Destination(BuiltinGuest(spec), preempt=True, on_status=dclock, link_timeout=LINK_TIMEOUT)
+    src = Source(BuiltinGuest(spec, memory, guest), preempt=True, bandwidth_cap=2 << 20, on_status=sclock,
                  link_timeout=LINK_TIMEOUT)
     detect, restore, reset_to_active, floor = [], [], [], []
     try:

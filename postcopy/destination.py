@@ -244,7 +244,7 @@ class Destination:
             if follow is not None:
                 pending[:0] = self.session.handle(follow, time.monotonic())
 
-    def _do(self, action: Action) -> Input | None:  # noqa: PLR0911, PLR0912 - one case per action
+    def _do(self, action: Action) -> Input | None:
         match action:
             case ReceiveStream(conn=conn, recovery=recovery):
                 self._unclassified.pop(conn, None)
@@ -255,18 +255,18 @@ class Destination:
                 c.rx = Receiver(self._path if recovery else None, c.sock, RX_MAIN,
                                 self.session.layout.section_id if recovery and self.session.layout else 0)
                 self._start(f"dest-main-{conn}", self._read_main, conn, c.rx, recovery)
-            case HoldStream(conn=conn):
+            case HoldStream(conn=conn) if conn in self._conns:
                 self._conns[conn].go.clear()
-            case ResumeStream(conn=conn):
+            case ResumeStream(conn=conn) if conn in self._conns:
                 self._conns[conn].go.set()
             case AcceptPreempt(conn=conn):
                 self._unclassified.pop(conn, None)
-            case StartPreemptReceiver(conn=conn):
+            case StartPreemptReceiver(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
                 c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
                 self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c.rx)
-            case ReceivePages(conn=conn):
+            case ReceivePages(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
                 self._channel_rx["main"] = c.rx
@@ -325,7 +325,7 @@ class Destination:
                     if c6.rx is not None and c6.rx.path is None:
                         c6.rx.attach(self._path)
                         c6.rx.ram_section_id = layout.section_id or 0
-            case PlacePages(conn=conn, pages=pages):
+            case PlacePages(conn=conn, pages=pages) if conn in self._conns:
                 rx = self._conns[conn].rx
                 assert rx is not None
                 rx.place(bytes(pages.records), bytes(pages.buffer))
@@ -350,6 +350,8 @@ class Destination:
                 self._reset_before_run()
             case CheckComplete():
                 return StreamChecked(self.path.total_pages() - self.path.received_pages())
+            case HoldStream() | ResumeStream() | StartPreemptReceiver() | ReceivePages() | PlacePages():
+                pass        # its connection was closed by an earlier action of the same batch
             case StatusChanged(status=status):
                 self._status_changed(status)
             case Finish():

@@ -53,10 +53,13 @@ from postcopy.control import (
     TcpAddress,
     parse_migration_uri,
 )
-from postcopy.destination import Destination, DestinationResult
+from postcopy.destination import Destination
 from postcopy.guest import Guest
+from postcopy.owner import BuiltinGuest
+from postcopy.session import MigrationStats
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
+from postcopy.wire import DEFAULT_TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 
 __all__ = [
     "DestinationService",
@@ -72,7 +75,6 @@ __all__ = [
 
 log = logging.getLogger("postcopy.service")
 
-TARGET_PAGE_SIZE = 4096
 _LATENCY_WINDOW = 4096          # recent latencies kept for the live p50
 _RECOVER_WAIT_SECONDS = 1.0     # a pause/recover/resume that fails at once is reported to the client
 _PAUSED = MigrationStatus.POSTCOPY_PAUSED
@@ -526,14 +528,14 @@ class DestinationService(_RoleService[R]):
             raise ServiceError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
-        self.destination = Destination(self.spec, preempt=preempt, verify=self.verify,
+        self.destination = Destination(BuiltinGuest(self.spec), preempt=preempt, verify=self.verify,
                                        on_status=self._status_from_thread)
         self._set_status(MigrationStatus.SETUP)
         if self.on_listening is not None:
             self.on_listening(self.listen_address)
         dest = self.destination
 
-        def serve() -> DestinationResult:
+        def serve() -> MigrationStats:
             try:
                 return dest.serve(listener)
             finally:
@@ -566,7 +568,7 @@ class DestinationService(_RoleService[R]):
 
     def _drain_latencies(self, dest: Destination) -> None:
         dest.poll_latencies()
-        all_ns = dest.result.latencies_ns      # every latency stays there; observe the new ones
+        all_ns = dest.latencies_ns      # every latency stays there; observe the new ones
         new = all_ns[self._observed:]
         self._observed += len(new)
         hist = self.dmetrics.fault_latency
@@ -587,21 +589,13 @@ class DestinationService(_RoleService[R]):
         self._drain_latencies(dest)
         snap = dest.snapshot()
         m = self.dmetrics
-        nbytes = 0
-        for name in ("main", "preempt"):
-            ch: dict[str, int] = snap[name]  # type: ignore[assignment]
-            counters = m.channel(name)
-            self._sync(counters.normal_pages, ch["normal"])
-            self._sync(counters.zero_pages, ch["zero"])
-            self._sync(counters.bytes, ch["bytes"])
-            nbytes += ch["bytes"]
-        self._sync(m.page_faults, int(snap["faults"]))  # type: ignore[call-overload]
-        self._sync(m.page_requests, int(snap["requests_sent"]))  # type: ignore[call-overload]
-        if "discard_ranges" in snap:        # once the data path counts them
-            self._sync(m.discard_ranges, int(snap["discard_ranges"]))  # type: ignore[call-overload]
+        _sync_channels(self, m, snap)
+        self._sync(m.page_faults, snap.remote_faults)
+        self._sync(m.page_requests, snap.requests_sent)
+        self._sync(m.discard_ranges, snap.discard_ranges)
         p50 = statistics.median_low(self._recent) / 1000 if self._recent else None
-        return Sample(t=self.elapsed_seconds(), status=str(snap["status"]), pages=int(snap["pages_received"]),  # type: ignore[call-overload]
-                      pages_total=int(snap["pages_total"]), bytes=nbytes, faults=int(snap["faults"]),  # type: ignore[call-overload]
+        return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_received,
+                      pages_total=snap.pages_total, bytes=snap.bytes, faults=snap.remote_faults,
                       latency_p50_us=p50)
 
     def _snapshot_for_metrics(self) -> MigrationSnapshot:
@@ -609,17 +603,17 @@ class DestinationService(_RoleService[R]):
         if dest is None:
             return MigrationSnapshot(status=self._status, ram_total_bytes=self.spec_bytes())
         snap = dest.snapshot()
-        total = int(snap["pages_total"]) * TARGET_PAGE_SIZE  # type: ignore[call-overload]
-        received = int(snap["pages_received"]) * TARGET_PAGE_SIZE  # type: ignore[call-overload]
+        total = (snap.pages_total or self.spec_bytes() // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
+        received = snap.pages_received * TARGET_PAGE_SIZE
         return MigrationSnapshot(
             status=self._status,
-            pending_requests=int(snap["waiting"]),  # type: ignore[call-overload]
+            pending_requests=snap.pending_requests,
             ram_total_bytes=total,
             ram_remaining_bytes=max(0, total - received),
             total_seconds=self.elapsed_seconds(),
             paused_seconds=self.paused_seconds(),
-            blocktime_seconds=int(snap["blocktime_ns"]) / 1e9,  # type: ignore[call-overload]
-            vcpu_blocktime_seconds=tuple(ns / 1e9 for ns in snap["vcpu_blocktime_ns"]),  # type: ignore[attr-defined]
+            blocktime_seconds=snap.blocktime_ns / 1e9,
+            vcpu_blocktime_seconds=tuple(ns / 1e9 for ns in snap.vcpu_blocktime_ns),
         )
 
     def spec_bytes(self) -> int:
@@ -630,26 +624,24 @@ class DestinationService(_RoleService[R]):
         if dest is None:
             return MigrationInfo()
         snap = dest.snapshot()
-        main: dict[str, int] = snap["main"]  # type: ignore[assignment]
-        pre: dict[str, int] = snap["preempt"]  # type: ignore[assignment]
-        normal = main["normal"] + pre["normal"]
-        zero = main["zero"] + pre["zero"]
-        transferred = main["bytes"] + pre["bytes"]
-        total = int(snap["pages_total"]) * TARGET_PAGE_SIZE  # type: ignore[call-overload]
-        received = int(snap["pages_received"]) * TARGET_PAGE_SIZE  # type: ignore[call-overload]
+        normal = snap.main.normal_pages + snap.preempt.normal_pages
+        zero = snap.main.zero_pages + snap.preempt.zero_pages
+        transferred = snap.bytes
+        total = snap.pages_total * TARGET_PAGE_SIZE
+        received = snap.pages_received * TARGET_PAGE_SIZE
         seconds = self.elapsed_seconds()
         ram = RamStats(transferred=transferred, total=total, remaining=max(0, total - received), normal=normal,
                        normal_bytes=normal * TARGET_PAGE_SIZE, duplicate=zero,
-                       postcopy_requests=int(snap["requests_sent"]),  # type: ignore[call-overload]
+                       postcopy_requests=snap.requests_sent,
                        mbps=_mbps(transferred, seconds),
                        pages_per_second=int((normal + zero) / seconds) if seconds > 0 else 0,
                        postcopy_bytes=transferred)
         return MigrationInfo(
             total_time_ms=int(seconds * 1000), ram=ram,
-            blocktime_ms=int(snap["blocktime_ns"]) // 1_000_000,  # type: ignore[call-overload]
-            vcpu_blocktime_ms=tuple(ns // 1_000_000 for ns in snap["vcpu_blocktime_ns"]),  # type: ignore[attr-defined]
-            extras={"faults": snap["faults"], "pages-received": snap["pages_received"],
-                    "pages-total": snap["pages_total"], "error": dest.result.error},
+            blocktime_ms=snap.blocktime_ns // 1_000_000,
+            vcpu_blocktime_ms=tuple(ns // 1_000_000 for ns in snap.vcpu_blocktime_ns),
+            extras={"faults": snap.remote_faults, "pages-received": snap.pages_received,
+                    "pages-total": snap.pages_total, "error": snap.error},
         )
 
 
@@ -695,7 +687,7 @@ class SourceService(_RoleService[R]):
     def _migrate_to(self, address: tuple[str, int], preempt: bool, cap: int,
                     switchover: threading.Event | None) -> None:
         # under QMP a paused source waits for "migrate resume", as QEMU's does
-        self.source = Source(self.spec, self.memory, self.guest, preempt=preempt, bandwidth_cap=cap,
+        self.source = Source(BuiltinGuest(self.spec, self.memory, self.guest), preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
                              auto_recover=self.control is None)
         self.switchover = switchover
@@ -758,26 +750,12 @@ class SourceService(_RoleService[R]):
             return None
         snap = src.snapshot()
         m = self.smetrics
-        for name in ("main", "preempt"):
-            counters = m.channel(name)
-            self._sync(counters.normal_pages, int(snap[f"{name}_pages_normal"]))  # type: ignore[call-overload]
-            self._sync(counters.zero_pages, int(snap[f"{name}_pages_zero"]))  # type: ignore[call-overload]
-            self._sync(counters.bytes, int(snap[f"{name}_bytes"]))  # type: ignore[call-overload]
-        self._sync(m.page_requests, int(snap["requests"]))  # type: ignore[call-overload]
-        if "discard_ranges" in snap:        # once the data path counts them
-            self._sync(m.discard_ranges, int(snap["discard_ranges"]))  # type: ignore[call-overload]
-        self._sync(m.protocol_errors["bad_page_request"], src.result.bad_requests)
-        return Sample(t=self.elapsed_seconds(), status=str(snap["status"]), pages=self._sent_pages(snap),
-                      pages_total=self._total_pages, bytes=self._sent_bytes(snap),
-                      faults=int(snap["requests"]))  # type: ignore[call-overload]
-
-    @staticmethod
-    def _sent_pages(snap: dict[str, object]) -> int:
-        return sum(int(snap[f"{ch}_pages_{k}"]) for ch in ("main", "preempt") for k in ("normal", "zero"))  # type: ignore[call-overload]
-
-    @staticmethod
-    def _sent_bytes(snap: dict[str, object]) -> int:
-        return int(snap["main_bytes"]) + int(snap["preempt_bytes"])  # type: ignore[call-overload]
+        _sync_channels(self, m, snap)
+        self._sync(m.page_requests, snap.remote_faults)
+        self._sync(m.discard_ranges, snap.discard_ranges)
+        self._sync(m.protocol_errors["bad_page_request"], snap.bad_requests)
+        return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_sent,
+                      pages_total=self._total_pages, bytes=snap.bytes, faults=snap.remote_faults)
 
     def _snapshot_for_metrics(self) -> MigrationSnapshot:
         src = self.source
@@ -785,11 +763,11 @@ class SourceService(_RoleService[R]):
         if src is None:
             return MigrationSnapshot(status=self._status, ram_total_bytes=total, ram_remaining_bytes=total)
         snap = src.snapshot()
-        downtime_ns = int(snap["downtime_ns"])  # type: ignore[call-overload]
+        downtime_ns = snap.downtime_ns
         return MigrationSnapshot(
             status=self._status,
             ram_total_bytes=total,
-            ram_remaining_bytes=max(0, total - self._sent_pages(snap) * TARGET_PAGE_SIZE),
+            ram_remaining_bytes=max(0, total - snap.pages_sent * TARGET_PAGE_SIZE),
             total_seconds=self.elapsed_seconds(),
             downtime_seconds=downtime_ns / 1e9 if downtime_ns else None,
             paused_seconds=self.paused_seconds(),
@@ -800,20 +778,28 @@ class SourceService(_RoleService[R]):
         if src is None:
             return MigrationInfo()
         snap = src.snapshot()
-        normal = int(snap["main_pages_normal"]) + int(snap["preempt_pages_normal"])  # type: ignore[call-overload]
-        zero = int(snap["main_pages_zero"]) + int(snap["preempt_pages_zero"])  # type: ignore[call-overload]
-        transferred = self._sent_bytes(snap)
+        normal = snap.main.normal_pages + snap.preempt.normal_pages
+        zero = snap.main.zero_pages + snap.preempt.zero_pages
+        transferred = snap.bytes
         total = self._total_pages * TARGET_PAGE_SIZE
         seconds = self.elapsed_seconds()
-        downtime_ns = int(snap["downtime_ns"])  # type: ignore[call-overload]
+        downtime_ns = snap.downtime_ns
         ram = RamStats(transferred=transferred, total=total,
                        remaining=max(0, total - (normal + zero) * TARGET_PAGE_SIZE), normal=normal,
                        normal_bytes=normal * TARGET_PAGE_SIZE, duplicate=zero,
-                       postcopy_requests=int(snap["requests"]),  # type: ignore[call-overload]
+                       postcopy_requests=snap.remote_faults,
                        mbps=_mbps(transferred, seconds),
                        pages_per_second=int((normal + zero) / seconds) if seconds > 0 else 0,
                        postcopy_bytes=transferred)
         return MigrationInfo(total_time_ms=int(seconds * 1000), ram=ram,
                              downtime_ms=downtime_ns // 1_000_000 if downtime_ns else None,
-                             extras={"dirty-pages": snap["dirty_pages"], "error": src.result.error})
+                             extras={"dirty-pages": snap.dirty_pages, "error": snap.error})
 
+
+
+def _sync_channels(service: _RoleService[Any], metrics: DestinationMetrics | SourceMetrics, snap: MigrationStats) -> None:
+    for name, ch in (("main", snap.main), ("preempt", snap.preempt)):
+        counters = metrics.channel(name)
+        service._sync(counters.normal_pages, ch.normal_pages)
+        service._sync(counters.zero_pages, ch.zero_pages)
+        service._sync(counters.bytes, ch.bytes)

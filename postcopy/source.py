@@ -34,7 +34,6 @@ from .session import (
     GuestStopped,
     Input,
     MarkAllDirty,
-    MigrationFailed,
     MigrationStats,
     MigrationStatus,
     PauseRequested,

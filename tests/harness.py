@@ -28,6 +28,8 @@ class Outcome:
     guest_summary: str
     source_statuses: list[str] = field(default_factory=list)
     dest_statuses: list[str] = field(default_factory=list)
+    latencies_ns: list[int] = field(default_factory=list)
+    """The destination's fault -> placed latencies."""
 
 
 def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2,
@@ -77,7 +79,7 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
         assert dest.guest is not None
         dest.guest.stop()
         v = dest.guest.verify()
-        return Outcome(sres, dres, match, v.ok, v.summary(), src_statuses, dst_statuses)
+        return Outcome(sres, dres, match, v.ok, v.summary(), src_statuses, dst_statuses, list(dest.latencies_ns))
     finally:
         guest.close()
         dest.close()

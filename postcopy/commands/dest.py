@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from postcopy.cli import UserError
-from postcopy.destination import DestinationError, DestinationResult
+from postcopy.guest import Guest
+from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.service import DestinationService, MigrationAbandoned, ServiceError
 
 from .common import (
@@ -63,33 +64,34 @@ def run(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         raise UserError(str(exc)) from None
 
-    def finish(result: DestinationResult) -> int:
+    def finish(result: MigrationStats) -> int:
         dest = service.destination
         assert dest is not None
-        assert dest.guest is not None
+        guest = dest.guest
+        assert isinstance(guest, Guest)
         time.sleep(args.run_after)
-        dest.guest.stop()
+        guest.stop()
         report: dict[str, Any] = {
             "role": "destination",
-            "status": result.status,
+            "status": result.status.value,
             "recoveries": result.recoveries,
             "paused_seconds": round(result.paused_ns / 1e9, 4),
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,
             "duplicate_host_pages": result.duplicate_host_pages,
-            "fault_latency_us": percentiles_us(result.latencies_ns),
+            "fault_latency_us": percentiles_us(dest.latencies_ns),
             "latency_histogram": service.latency_histogram.to_json(),
             "blocktime_ms": result.blocktime_ns / 1e6,
             "vcpu_blocktime_ms": [ns / 1e6 for ns in result.vcpu_blocktime_ns],
             "source_stopped_ns": result.source_stopped_ns,
             "guest_started_ns": result.guest_started_ns,
             "finished_ns": result.finished_ns,
-            "guest_steps": dest.guest.stats().total_steps,
+            "guest_steps": guest.stats().total_steps,
             "timeline": list(service.timeline),
         }
         if args.verify:
-            v = dest.guest.verify()
+            v = guest.verify()
             report["guest_verify"] = {"ok": v.ok, "pages_checked": v.pages_checked,
                                       "pages_mismatched": v.pages_mismatched, "summary": v.summary()}
             if args.hashes_out:
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             service.destination.close()
     if outcome.error is not None:
         err = outcome.error
-        if isinstance(err, DestinationError):
+        if isinstance(err, MigrationFailed):
             raise UserError(f"migration failed ({err.kind}): {err}")
         if isinstance(err, OSError):
             raise UserError(f"migration failed: {err.strerror or err}")

@@ -18,7 +18,7 @@ from typing import Any
 from postcopy.cli import UserError
 from postcopy.guest import Guest, Pattern
 from postcopy.service import MigrationAbandoned, ServiceError, SourceService
-from postcopy.source import SourceError, SourceResult
+from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.spec import SpecError, parse_size
 
 from .common import (
@@ -48,11 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_service_arguments(p)
 
 
-def _report(result: SourceResult, timeline: list[dict[str, object]]) -> dict[str, Any]:
+def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[str, Any]:
     c = result.counters
     return {
         "role": "source",
-        "status": result.status,
+        "status": result.status.value,
         "recoveries": result.recoveries,
         "paused_seconds": round(result.paused_ns / 1e9, 4),
         "downtime_ms": round(result.downtime_ns / 1e6, 3),
@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from None
         svc = service
 
-        def finish(result: SourceResult) -> int:
-            if args.hashes_out and result.hashes:
-                write_hashes(args.hashes_out, result.hashes)
+        def finish(result: MigrationStats) -> int:
+            src = service.source
+            if args.hashes_out and src is not None and src.hashes:
+                write_hashes(args.hashes_out, src.hashes)
             write_json(_report(result, list(svc.timeline)), args.json)
             return 0
 
@@ -113,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         err = outcome.error
-        if isinstance(err, SourceError):
+        if isinstance(err, MigrationFailed) and err.kind == "connect":
+            raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
+        if isinstance(err, MigrationFailed):
             raise UserError(f"migration failed ({err.kind}): {err}")
         if isinstance(err, ConnectionRefusedError):
             raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")

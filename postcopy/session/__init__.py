@@ -15,7 +15,7 @@ from ._status import (
     next_status,
 )
 
-__all__ = [  # noqa: PLE0604
+__all__ = [
     "DESTINATION_TRANSITIONS",
     "FAILURE_KINDS",
     "PREEMPT_SILENCE_SECONDS",

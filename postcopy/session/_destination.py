@@ -99,6 +99,7 @@ class _Link:
     handshake_deadline: float = 0.0
     main_ended: bool = False      # EOF item seen after the last page
     preempt_ended: bool = False
+    resume_held: bool = False     # RESUME came before the preempt channel: answered once it is here
 
 
 class DestinationSession:
@@ -141,7 +142,7 @@ class DestinationSession:
             return self._flush()
         match event:
             case ConnectionAccepted(conn=conn, peer_host=host):
-                if self.attempt.held is not None and host == self.source_host and self.attempt.preempt is None:
+                if self._waiting_for_preempt() and host == self.source_host:
                     self._silent(conn, _Pending(host, now), now)   # PACKAGED waits for exactly this
                 else:
                     wait = PREEMPT_SILENCE_SECONDS if self._expects_preempt() else self.link_timeout
@@ -168,6 +169,10 @@ class DestinationSession:
             case PauseRequested():
                 if self.status is S.POSTCOPY_ACTIVE:
                     self._break(now, "paused by request")
+                elif self.status is S.POSTCOPY_RECOVER:
+                    self._drop_link_channels()
+                    self.link = _Link()
+                    self._move(Trigger.LINK_BROKEN, now)
             case RecoverRequested():
                 self.any_peer = True
             case _:
@@ -176,16 +181,20 @@ class DestinationSession:
 
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` has something to do, or None."""
+        if self.status.finished:
+            return None
         times = [p.deadline for p in self.pending.values()]
         if self.attempt.held is not None:
             times.append(self.attempt.held_deadline)
-        if self.link.handshake:
+        if self.link.handshake or self.link.resume_held:
             times.append(self.link.handshake_deadline)
         if self.recover_deadline is not None:
             times.append(self.recover_deadline)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> list[Action]:
+        if self.status.finished:
+            return self._flush()
         for conn, p in list(self.pending.items()):
             if p.deadline <= now:
                 del self.pending[conn]
@@ -193,7 +202,7 @@ class DestinationSession:
         if self.attempt.held is not None and self.attempt.held_deadline <= now:
             self._fail("preempt_mismatch", "the source never opened the preempt channel this destination expects: "
                        "start both sides with the same postcopy-preempt setting", now)
-        if self.link.handshake and self.link.handshake_deadline <= now:
+        if (self.link.handshake or self.link.resume_held) and self.link.handshake_deadline <= now:
             self._refuse_attempt("the recovery handshake did not finish within the link timeout", now)
         if self.recover_deadline is not None and self.recover_deadline <= now and not self.status.finished:
             self._fail("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s", now)
@@ -215,12 +224,27 @@ class DestinationSession:
 
     # -- connections --------------------------------------------------------------------------
 
+    def _waiting_for_preempt(self) -> bool:
+        """The stream is held until the preempt channel is here (PACKAGED or RESUME came first)."""
+        if self.status in (S.SETUP, S.ACTIVE):
+            return self.attempt.held is not None and self.attempt.preempt is None
+        return self.link.resume_held and self.link.preempt is None
+
+    def _claim_preempt(self, now: float) -> bool:
+        """QEMU's rule: the connection after main is its preempt channel; take a pending one now."""
+        for conn, p in list(self.pending.items()):
+            if p.peer_host == self.source_host:
+                del self.pending[conn]
+                self._silent(conn, p, now)
+                return True
+        return False
+
     def _expects_preempt(self) -> bool:
         if not self.preempt:
             return False
         if self.status in (S.SETUP, S.ACTIVE):
             return self.attempt.main is not None and self.attempt.preempt is None
-        return self.link.handshake and self.link.preempt is None
+        return (self.link.handshake or self.link.resume_held) and self.link.preempt is None
 
     def _spoke(self, conn: int, first: bytes, now: float) -> None:
         p = self.pending.pop(conn, None)
@@ -261,6 +285,7 @@ class DestinationSession:
             # a newer recovery replaces an attempt its source abandoned
             self._drop_link_channels()
             self._move(Trigger.RECOVERY_FAILED, now)
+        self.source_host = host         # the operator may have named a new peer (migrate-recover)
         self.link = _Link(main=conn, handshake=True, handshake_deadline=now + self.link_timeout)
         for p in self.pending.values():
             p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
@@ -283,6 +308,9 @@ class DestinationSession:
                         self._out.append(ResumeStream(a.main))
             else:
                 self.link.preempt = conn
+                if self.link.resume_held and self.link.main is not None:
+                    self._resume(self.link.main, now)
+                    self._out.append(ResumeStream(self.link.main))
             return
         self._refuse(conn, "silent, and no preempt channel is due")
 
@@ -348,9 +376,7 @@ class DestinationSession:
                 a.device_sections.append(item)
             case wire.Packaged(events=inner):
                 if self.preempt and a.preempt is None:
-                    candidates = [c for c, p in self.pending.items() if p.peer_host == self.source_host]
-                    if candidates:      # QEMU's rule: the connection after main is its preempt channel
-                        self._silent(candidates[0], self.pending.pop(candidates[0]), now)
+                    self._claim_preempt(now)
                 if self.preempt and a.preempt is None:
                     a.held, a.held_deadline = inner, now + self.link_timeout
                     self._out.append(HoldStream(conn))
@@ -472,18 +498,29 @@ class DestinationSession:
             case wire.Ping(value=v):
                 self._out.append(Send(conn, wire.encode(wire.Pong(value=v))))
             case wire.PostcopyResume():
-                self.link.handshake = False
-                self._out += [Send(conn, wire.encode(wire.ResumeAck(value=1))), AttachReturnPath(conn),
-                              ResendRequests()]
-                if self.link.preempt is not None:
-                    self._out.append(StartPreemptReceiver(self.link.preempt))
-                self._out.append(ReceivePages(conn))
-                self.recoveries += 1
-                self._move(Trigger.RESUMED, now)
+                if self.preempt and self.link.preempt is None and not self._claim_preempt(now):
+                    self.link.handshake = False
+                    self.link.resume_held = True        # answered once the preempt channel is here
+                    self.link.handshake_deadline = now + self.link_timeout
+                    self._out.append(HoldStream(conn))
+                    return
+                if not self.link.resume_held:
+                    self._resume(conn, now)
             case wire.ConnectionClosed():
                 self._refuse_attempt("the recovery connection closed during the handshake", now)
             case _:
                 self._refuse_attempt(f"unexpected {type(item).__name__} in the recovery handshake", now)
+
+    def _resume(self, conn: int, now: float) -> None:
+        link = self.link
+        link.handshake = False
+        link.resume_held = False
+        self._out += [Send(conn, wire.encode(wire.ResumeAck(value=1))), AttachReturnPath(conn), ResendRequests()]
+        if link.preempt is not None:
+            self._out.append(StartPreemptReceiver(link.preempt))
+        self._out.append(ReceivePages(conn))
+        self.recoveries += 1
+        self._move(Trigger.RESUMED, now)
 
     def _refuse_attempt(self, why: str, now: float) -> None:
         """This recovery attempt failed; the migration stays paused for the next one."""

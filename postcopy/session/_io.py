@@ -17,6 +17,7 @@ from ._status import MigrationStatus
 
 __all__ = [
     "AcceptPreempt",
+    "Action",
     "AnswerBitmapRequest",
     "AttachReturnPath",
     "BreakLink",
@@ -29,10 +30,10 @@ __all__ = [
     "CloseConnection",
     "Connect",
     "ConnectFailed",
+    "Connected",
     "ConnectionAccepted",
     "ConnectionClosed",
     "ConnectionSpoke",
-    "Connected",
     "DataPathFailed",
     "Discard",
     "Finish",
@@ -66,7 +67,6 @@ __all__ = [
     "StreamChecked",
     "StreamItem",
     "Write",
-    "Action",
 ]
 
 

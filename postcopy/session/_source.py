@@ -74,7 +74,7 @@ class SourceSession:
 
     role = "source"
 
-    def __init__(self, blocks: Sequence[wire.RamBlock], configuration: wire.Configuration, *, preempt: bool,
+    def __init__(self, blocks: Sequence[wire.RamBlockLayout], configuration: wire.Configuration, *, preempt: bool,
                  hold_switchover: bool = False, auto_recover: bool = True, link_timeout: float = 3.0,
                  recover_timeout: float = 120.0, connect_timeout: float = 0.0,
                  backoff: tuple[float, float] = (0.01, 0.02)) -> None:
@@ -142,9 +142,13 @@ class SourceSession:
                 self.switch_requested = True
                 self._maybe_switch()
             case PauseRequested():
-                self.manual_pause = True
+                # QEMU: migrate-pause only means something in postcopy
+                if self.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED):
+                    self.manual_pause = True
+                    self.retry_at = None
                 if self.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
                     self._pause("paused by request", now)
+                    self.retry_at = None
             case ResumeRequested():
                 self.manual_pause = False
                 if self.status is S.POSTCOPY_PAUSED and not self.recovery.connecting:
@@ -171,7 +175,7 @@ class SourceSession:
                 self._out.append(Connect(Channel.MAIN))
             elif self.status is S.POSTCOPY_PAUSED and not self.manual_pause:
                 self._reconnect(now)
-        if self.status is S.POSTCOPY_ACTIVE and self.streaming and now - self.last_pong > self.link_timeout:
+        if self.status is S.POSTCOPY_ACTIVE and self.streaming and now - self.last_pong >= self.link_timeout:
             self._pause(f"no PONG for {self.link_timeout:.1f} s", now)
         if self.shut_deadline is not None and self.shut_deadline <= now and self.status is S.POSTCOPY_ACTIVE:
             self._pause("no SHUT from the destination after the end of the stream", now)

@@ -11,9 +11,13 @@ import pytest
 from harness import check, migrate
 
 from postcopy import wire
-from postcopy.destination import Destination, DestinationError
+from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
-from postcopy.source import MACHINE_TYPE, RAM_SECTION_ID, Source
+from postcopy.owner import BUILTIN_MACHINE_TYPE as MACHINE_TYPE
+from postcopy.owner import BuiltinGuest
+from postcopy.session import MigrationFailed
+from postcopy.session._source import RAM_SECTION_ID
+from postcopy.source import Source
 from postcopy.spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, encode_device_state
 from uffd import PAGE_4K
 
@@ -96,7 +100,7 @@ def _fake_source(after_run: bytes, *, close_after: bool) -> tuple[Destination, d
     src_memory = spec.build_memory()
     src_guest = Guest(src_memory, nvcpus=2, pattern=Pattern.RANDOM, seed=spec.seed, write_percent=50)
     statuses: list[str] = []
-    dest = Destination(spec, preempt=False, link_timeout=0.5, recover_timeout=1.0, on_status=statuses.append)
+    dest = Destination(BuiltinGuest(spec), preempt=False, link_timeout=0.5, recover_timeout=1.0, on_status=statuses.append)
     box: dict[str, object] = {}
     try:
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -148,7 +152,7 @@ def test_connection_dropped_mid_record_pauses_instead_of_failing() -> None:
     try:
         assert "postcopy-paused" in statuses, box            # paused, waiting for a recovery ...
         error = box.get("error")
-        assert isinstance(error, DestinationError)
+        assert isinstance(error, MigrationFailed)
         assert error.kind == "recovery_timeout"              # ... none came
         assert dest.path.received_pages() == 0
         assert dest.guest is not None

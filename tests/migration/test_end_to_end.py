@@ -58,7 +58,7 @@ def test_bandwidth_cap_does_not_hold_back_requested_pages() -> None:
     postcopy_s = (o.source.finished_ns - o.source.stopped_ns) / 1e9
     main_bytes = o.source.counters["main_bytes"]
     assert main_bytes / postcopy_s <= cap * 1.2, "the cap was not applied to the background stream"
-    lat = sorted(o.dest.latencies_ns)
+    lat = sorted(o.latencies_ns)
     assert lat, "no remote faults"
     assert lat[len(lat) // 2] < 5_000_000, "requested pages waited behind the capped stream"
 

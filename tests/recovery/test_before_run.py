@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 from harness import check, migrate
 
+from postcopy import wire
 from postcopy.destination import Destination
+from postcopy.session import ConnectionClosed, Input, StreamItem
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_4K
@@ -20,18 +22,21 @@ def test_cut_between_listen_and_run_starts_over() -> None:
     spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random", rate_limit=2000)
 
     def during(src: Source, dst: Destination) -> None:
-        # hold the destination between LISTEN and RUN, then break the link there
-        original = dst._run_guest
+        # Let LISTEN through (memory registered, faults served), then cut the link
+        # before RUN: the destination's main channel ends where PACKAGED's RUN would be.
+        original = dst._feed
         gate: list[int] = []
 
-        def held_run_guest() -> None:
-            if not gate:
+        def feed(event: Input | None) -> None:
+            if not gate and isinstance(event, StreamItem) and isinstance(event.event, wire.Packaged):
                 gate.append(1)
-                src._break_link()
-                raise ConnectionError(104, "link broken before RUN (test)")
-            original()
+                original(StreamItem(event.conn, wire.PostcopyListen()))
+                src.break_link()
+                original(ConnectionClosed(event.conn, "link broken before RUN (test)"))
+                return
+            original(event)
 
-        dst._run_guest = held_run_guest  # type: ignore[method-assign]
+        dst._feed = feed  # type: ignore[method-assign]
 
     o = migrate(spec, preempt=True, during=during, warmup=0.3,
                 source_options={"link_timeout": 1.0}, dest_options={"link_timeout": 1.0})

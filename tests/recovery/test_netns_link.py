@@ -10,6 +10,7 @@ from netns import netns_pair
 
 from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
+from postcopy.owner import BuiltinGuest
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_4K
@@ -24,8 +25,8 @@ def test_link_down_and_up_during_postcopy() -> None:
     memory = spec.build_memory()
     guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern.SEQ, seed=spec.seed,
                   write_percent=spec.write_percent, rate_limit=spec.rate_limit)
-    dest = Destination(spec, preempt=True, verify=True, **LINK)
-    src = Source(spec, memory, guest, preempt=True, bandwidth_cap=4 << 20, verify=True, **LINK)
+    dest = Destination(BuiltinGuest(spec), preempt=True, verify=True, **LINK)
+    src = Source(BuiltinGuest(spec, memory, guest), preempt=True, bandwidth_cap=4 << 20, verify=True, **LINK)
     box: dict[str, object] = {}
     try:
         guest.fill_initial()
@@ -73,7 +74,7 @@ def test_link_down_and_up_during_postcopy() -> None:
         assert dest.result.status == "completed"
         assert src.result.recoveries >= 1
         assert dest.result.recoveries >= 1
-        assert all(dest.path.placed_hashes(i) == src.result.hashes[b.idstr] for i, b in enumerate(dest.memory))
+        assert all(dest.path.placed_hashes(i) == src.hashes[b.idstr] for i, b in enumerate(dest.memory))
         assert dest.guest is not None
         dest.guest.stop()
         v = dest.guest.verify()

@@ -11,6 +11,7 @@ import pytest
 from harness import check, migrate
 
 from postcopy.destination import Destination
+from postcopy.session import ConnectionClosed, Input
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K
@@ -37,7 +38,7 @@ def _cut_repeatedly(n: int, every: float, who: str, counter: list[int]):
                 if src.result.status in ("completed", "failed"):
                     return
                 time.sleep(0.002)
-            (dst.pause if who == "dest" else src._break_link)()
+            (dst.pause if who == "dest" else src.break_link)()
             counter.append(1)
     return during
 
@@ -135,9 +136,18 @@ def test_silent_destination_is_noticed_by_the_heartbeat() -> None:
         while src.result.status != "postcopy-active":
             time.sleep(0.005)
         time.sleep(0.2)
-        # stop the destination's main receiver without closing the socket: PINGs go unanswered
-        rx = dst._main_rx
+        # stop the destination's main receiver without closing the socket and keep the
+        # destination from noticing: PINGs go unanswered, as with a peer that hangs
+        conn = next(c for c, v in dst._conns.items() if v.pages)
+        rx = dst._conns[conn].rx
         assert rx is not None
+        original = dst._feed
+
+        def feed(event: Input | None) -> None:
+            if not (isinstance(event, ConnectionClosed) and event.conn == conn):
+                original(event)
+
+        dst._feed = feed  # type: ignore[method-assign]
         rx.stop()
         stalled.set()
 
@@ -175,7 +185,7 @@ def test_cut_during_the_recovery_itself() -> None:
             dst.pause()
             while src.result.status != "postcopy-recover":
                 time.sleep(0.0002)
-            src._break_link()            # mid handshake
+            src.break_link()            # mid handshake
             seen.append(src.result.status)
             while src.result.status != "postcopy-active":
                 time.sleep(0.005)
@@ -197,7 +207,9 @@ def test_cut_of_the_preempt_channel_alone() -> None:
             time.sleep(0.005)
         for _ in range(3):
             time.sleep(0.15)
-            sock = dst._preempt_sock
+            conn = dst.session.link.preempt
+            c = dst._conns.get(conn) if conn is not None else None
+            sock = c.sock if c is not None else None
             if sock is None or src.result.status != "postcopy-active":
                 continue
             try:
