@@ -166,7 +166,7 @@ class Destination:
         with self._lock:
             timer = self.session.get_timer()
         wait = None if timer is None else max(0.0, timer - time.monotonic())
-        watched: list[object] = [self._wake_r, *self._listeners, *self._unclassified.values()]
+        watched: list[int | socket.socket] = [self._wake_r, *self._listeners, *self._unclassified.values()]
         try:
             ready, _, _ = select.select(watched, [], [], wait)
         except (OSError, ValueError):       # a listener closed under us (migrate-recover)
@@ -175,10 +175,10 @@ class Destination:
         for r in ready:
             if r == self._wake_r:
                 os.read(self._wake_r, 4096)
-            elif r in self._listeners:
-                self._accept(r)  # type: ignore[arg-type]
-            else:
-                self._peek(r)  # type: ignore[arg-type]
+            elif isinstance(r, socket.socket) and r in self._listeners:
+                self._accept(r)
+            elif isinstance(r, socket.socket):
+                self._peek(r)
         with self._lock:
             timer = self.session.get_timer()
         if timer is not None and timer <= time.monotonic():
@@ -252,8 +252,9 @@ class Destination:
                 bound_bulk_buffers(c.sock)
                 if recovery:
                     set_recv_timeout(c.sock, self.link_timeout)
-                c.rx = Receiver(self._path if recovery else None, c.sock, RX_MAIN,
-                                self.session.layout.section_id if recovery and self.session.layout else 0)
+                layout = self.session.layout
+                section = layout.section_id if recovery and layout is not None and layout.section_id else 0
+                c.rx = Receiver(self._path if recovery else None, c.sock, RX_MAIN, section)
                 self._start(f"dest-main-{conn}", self._read_main, conn, c.rx, recovery)
             case HoldStream(conn=conn) if conn in self._conns:
                 self._conns[conn].go.clear()

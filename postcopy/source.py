@@ -119,8 +119,13 @@ class Source:
             auto_recover=self.auto_recover, link_timeout=self.link_timeout, recover_timeout=self.recover_timeout,
             connect_timeout=connect_timeout, backoff=self.backoff)
         if switchover is not None:
-            threading.Thread(target=lambda: (switchover.wait(), self.start_postcopy()),
-                             name="source-switchover", daemon=True).start()
+            hold = switchover
+
+            def release() -> None:
+                hold.wait()
+                self.start_postcopy()
+
+            threading.Thread(target=release, name="source-switchover", daemon=True).start()
         try:
             self._run(session.start(time.monotonic()))
             while self._finish is None:

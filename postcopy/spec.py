@@ -87,8 +87,7 @@ class GuestSpec:
     def build_memory(self) -> GuestMemory:
         blocks: list[RamBlock] = []
         try:
-            for b in self.blocks:
-                blocks.append(RamBlock(b.idstr, b.size, b.page_size, b.backing()))  # type: ignore[arg-type]
+            blocks.extend(RamBlock(b.idstr, b.size, b.page_size, b.backing()) for b in self.blocks)  # type: ignore[arg-type]
         except Exception:
             for blk in blocks:
                 blk.close()

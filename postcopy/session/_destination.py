@@ -304,7 +304,7 @@ class DestinationSession:
                 if a.held is not None and a.main is not None:
                     held, a.held = a.held, None
                     self._packaged(a.main, held, now)
-                    if self.status is S.POSTCOPY_ACTIVE:
+                    if not self.status.finished:    # RUN went through: the reader goes on
                         self._out.append(ResumeStream(a.main))
             else:
                 self.link.preempt = conn
