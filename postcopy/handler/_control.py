@@ -2,7 +2,9 @@
 SOCK_SEQPACKET datagram, descriptors as SCM_RIGHTS.
 
 supervisor -> server: ``serve`` {id, regions, fresh} with fds [uffd, state memfd];
-``stop`` {id}. server -> supervisor: ``ready`` {pid}; ``ended`` {id, rc, error}.
+``stop`` {id}. server -> supervisor: ``ready`` {pid}; ``ended`` {id, rc, error} (serving
+stopped on its own: the VMM is gone or an error); ``stopped`` {id} (after a ``stop``: nothing
+writes that VMM's shared record any more).
 """
 
 from __future__ import annotations

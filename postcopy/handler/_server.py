@@ -96,10 +96,14 @@ class Server:
         serving.thread = threading.Thread(target=self._run, args=(serving, fresh), name=f"vmm-{session_id}", daemon=True)
         serving.thread.start()
 
-    def _stop(self, session_id: int) -> None:
+    def _stop(self, session_id: int, *, ack: bool = True) -> None:
         serving = self._sessions.pop(session_id, None)
-        if serving is None:
-            return
+        if serving is not None:
+            self._close(serving)
+        if ack:   # the shared record is final from now on
+            self._send({"op": "stopped", "id": session_id})
+
+    def _close(self, serving: _Serving) -> None:
         serving.stopping = True
         lib.pc_hs_stop(serving.session)
         if serving.thread is not None:
@@ -123,7 +127,7 @@ class Server:
                 for fd in fds:
                     os.close(fd)
         for session_id in list(self._sessions):
-            self._stop(session_id)
+            self._stop(session_id, ack=False)
         return 0
 
 

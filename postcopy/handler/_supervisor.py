@@ -79,6 +79,7 @@ class Supervisor:
         self.server_pid: int | None = None
         self._lock = threading.Lock()     # sessions vs. the metrics thread
         self._sessions: dict[int, _Session] = {}
+        self._closing: dict[int, _Session] = {}   # ended, the server not yet done with its record
         self._ended: list[_Session] = []
         self._pending: dict[int, socket.socket] = {}   # connected, no handshake yet
         self._next_id = 1
@@ -97,7 +98,7 @@ class Supervisor:
 
     def views(self) -> list[SessionView]:
         with self._lock:
-            return [s.view() for s in (*self._ended, *self._sessions.values())]
+            return [s.view() for s in (*self._ended, *self._closing.values(), *self._sessions.values())]
 
     def report(self) -> dict[str, Any]:
         vmms = sorted((session_report(v) for v in self.views()), key=lambda r: int(r["id"]))
@@ -147,6 +148,8 @@ class Supervisor:
             self._sel.unregister(self._control)
             self._control.close()
             self._control = None
+        for closing in list(self._closing.values()):
+            self._finalize(closing)   # nobody writes their records any more
         if self._stop:
             return
         how = f"signal {-rc}" if rc < 0 else f"status {rc}"
@@ -167,7 +170,11 @@ class Supervisor:
         message, fds = got
         for fd in fds:
             os.close(fd)
-        if message.get("op") == "ended":
+        if message.get("op") == "stopped":
+            closing = self._closing.get(int(message["id"]))
+            if closing is not None:
+                self._finalize(closing)
+        elif message.get("op") == "ended":
             session = self._sessions.get(int(message["id"]))
             if session is not None:
                 rc = int(message.get("rc", 0))
@@ -261,22 +268,32 @@ class Supervisor:
         self._end(session, "extra_message")
 
     def _end(self, session: _Session, reason: str) -> None:
-        if self._control is not None:
-            with contextlib.suppress(OSError):
-                send_message(self._control, {"op": "stop", "id": session.session_id})
+        """Stop serving a VMM; its record is final once the server says "stopped" (or dies)."""
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(session.conn)
         session.conn.close()
         with self._lock:
             self._sessions.pop(session.session_id, None)
-            assert session.shared is not None
-            session.final = session.shared.snapshot()
-            session.shared.close()
-            session.shared = None
             session.end_reason = reason
+            self._closing[session.session_id] = session
+        self.session_ends[reason] = self.session_ends.get(reason, 0) + 1
+        sent = False
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                send_message(self._control, {"op": "stop", "id": session.session_id})
+                sent = True
+        if not sent:
+            self._finalize(session)
+
+    def _finalize(self, session: _Session) -> None:
+        with self._lock:
+            self._closing.pop(session.session_id, None)
+            if session.shared is not None:
+                session.final = session.shared.snapshot()
+                session.shared.close()
+                session.shared = None
             self._ended.append(session)
         os.close(session.uffd)
-        self.session_ends[reason] = self.session_ends.get(reason, 0) + 1
         self.options.on_change()
 
     # ---- the loop ----
@@ -318,7 +335,7 @@ class Supervisor:
         for conn in self._pending.values():
             conn.close()
         if self._control is not None:
-            self._control.close()   # the server sees EOF and exits
+            self._control.close()   # the server sees EOF, stops every thread and exits
             self._control = None
         if self._server is not None:
             try:
@@ -326,6 +343,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self._server.kill()
                 self._server.wait()
+        for closing in list(self._closing.values()):
+            self._finalize(closing)
         if self._pidfd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)

@@ -133,9 +133,10 @@ def test_sigkill_of_the_server_mid_run_does_not_freeze_the_vmm(vmm_binary: Path,
     assert vmm["server_restarts"] == 1
     assert vmm["wakes"] >= 2
     # nothing placed twice: the bytes placed across both servers never exceed the guest; a
-    # page the dead server placed just before dying may miss from its counters (not from its bitmap)
+    # copy the dead server made just before dying (a page per thread, a 64 KiB fill piece) may
+    # miss from its counters, not from its bitmap
     placed = vmm["bytes"]["fault"] + vmm["bytes"]["fill"]
-    assert 64 * MiB - 4 * 4096 <= placed <= 64 * MiB
+    assert 64 * MiB - 64 * 1024 - 2 * 4096 <= placed <= 64 * MiB
     if fill == "--fill":   # the fill finds any such page (EEXIST) and records it
         assert vmm["fill"]["progress"] == 1.0
         assert vmm["resident"] is True
