@@ -7,7 +7,7 @@
  * MADV_DONTNEEDs a range and checks it reads zeros.
  *
  * usage: vmm SOCKET MEMFILE [--page-size N] [--regions A,B] [--json new|old|kib]
- *            [--threads T] [--seed S] [--pause-at N] [--dontneed OFF,LEN] [--measure]
+ *            [--threads T] [--seed S] [--pause-at N] [--dontneed OFF,LEN] [--measure] [--think-ns N]
  * Region 1 maps file [0, A), region 2 file [A, A+B); region 2 lies below region 1.
  * Prints "RESULT ok=1 pages=N mismatches=M checksum=X ..." (and latency with --measure). */
 #define _GNU_SOURCE
@@ -33,6 +33,7 @@ static const char *json_style = "new";
 static int threads = 1;
 static uint64_t seed = 1, pause_at = 0, dn_off = 0, dn_len = 0;
 static int measure = 0;
+static uint64_t think_ns = 0;
 static uint8_t *r1, *r2;
 static const uint8_t *file;
 static uint64_t npages, mult, add;
@@ -101,6 +102,9 @@ static void *reader(void *arg)
             (void)a[0];
         }
         __atomic_fetch_add(&progress, 1, __ATOMIC_RELAXED);
+        if (think_ns) /* a guest computing between accesses */
+            for (uint64_t t0 = now_ns(); now_ns() - t0 < think_ns;)
+                ;
     }
     /* compare after touching, in this thread's share */
     for (uint64_t i = (uint64_t)t; i < npages; i += (uint64_t)threads) {
@@ -136,6 +140,7 @@ int main(int argc, char **argv)
         else if (!strcmp(o, "--pause-at")) pause_at = strtoull(v, NULL, 0), i++;
         else if (!strcmp(o, "--dontneed")) sscanf(v, "%lu,%lu", &dn_off, &dn_len), i++;
         else if (!strcmp(o, "--measure")) measure = 1;
+        else if (!strcmp(o, "--think-ns")) think_ns = strtoull(v, NULL, 0), i++;
         else { fprintf(stderr, "vmm: unknown option %s\n", o); return 2; }
     }
     int mfd = open(mem_path, O_RDONLY);

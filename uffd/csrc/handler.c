@@ -18,7 +18,10 @@
 
 #define QUEUE_CAP 1024u        /* pending faults: at most one per VMM thread, in practice */
 #define READ_MAX 256u
-#define FILL_PIECE (64u << 10) /* one UFFDIO_COPY of the fill; faults are checked between pieces */
+/* One UFFDIO_COPY of the fill; faults are read between pieces, so a fault
+ * waits at most one piece. Pieces restart at one page after a fault and
+ * double while none comes, up to FILL_PIECE_MAX. */
+#define FILL_PIECE_MAX (16u << 10)
 
 struct pc_hs_session {
     int uffd, stop_efd;
@@ -31,7 +34,7 @@ struct pc_hs_session {
     uint64_t src_len;
     pc_hs_state *st;
     pc_bitmap placed, removed;
-    uint64_t chunk, crash_after;
+    uint64_t chunk, piece, crash_after;
     uint32_t qhead, qlen;
     pc_fault queue[QUEUE_CAP];
     pc_fault rbuf[READ_MAX];
@@ -154,6 +157,7 @@ pc_hs_session *pc_hs_open(int uffd, const pc_hs_region *regions, uint32_t nregio
     add(&st->generation, 1);
     st->pages_done = pc_hs_count_done(shared, npages);
     s->chunk = PC_HS_FILL_MIN;
+    s->piece = 4096;
     int fl = fcntl(uffd, F_GETFL);
     if (fl < 0 || fcntl(uffd, F_SETFL, fl | O_NONBLOCK) < 0) {
         *err = -errno;
@@ -455,7 +459,7 @@ static int fill_step(pc_hs_session *s)
         }
         const pc_hs_region *r = &s->regions[region_of_bit(s, bit)];
         uint64_t ps = r->page_size, end_of_region = r->bit0 + r->size / ps;
-        uint64_t want = (budget < FILL_PIECE ? budget : FILL_PIECE) / ps;
+        uint64_t want = (budget < s->piece ? budget : s->piece) / ps;
         if (want == 0)
             want = 1;
         uint64_t run = 1;
@@ -488,6 +492,8 @@ static int fill_step(pc_hs_session *s)
             return d;
         if (s->qlen)
             return 0;
+        if (s->piece < FILL_PIECE_MAX)
+            s->piece *= 2;
     }
     mark_resident_if_done(s);
     return 0;
@@ -506,6 +512,7 @@ int pc_hs_run(pc_hs_session *s)
             if (served < 0)
                 return served;
             s->chunk = PC_HS_FILL_MIN; /* a fault came: restart small */
+            s->piece = 4096;
         }
         if (s->fill && !s->fill_done && !s->qlen) {
             int rc = fill_step(s);
