@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "source": ("postcopy.commands.source", "run the source role: migrate a guest to a destination"),
     "dest": ("postcopy.commands.dest", "run the destination role: receive a guest and serve its page faults"),
     "report": ("postcopy.commands.report", "summarise a run's JSON report and plot its fault latencies and timeline"),
+    "uffd-handler": ("postcopy.commands.uffd_handler",
+                     "serve the page faults of VMMs that hand over their userfaultfd (Firecracker's handshake)"),
     "inspect": ("postcopy.inspect", "decode a recorded migration stream and print its structure"),
 }
 

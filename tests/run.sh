@@ -14,6 +14,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v ip >/dev/null || need+=(iproute2)
     command -v promtool >/dev/null || need+=(prometheus)
     command -v xz >/dev/null || need+=(xz-utils)
+    command -v cc >/dev/null || need+=(gcc libc6-dev)   # tests/handler builds its VMM stand-in
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
