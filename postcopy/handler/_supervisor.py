@@ -304,6 +304,10 @@ class Supervisor:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
+    def _stopped(self) -> bool:
+        """Read anew: a handler just called may have set it (mypy would assume it unchanged)."""
+        return self._stop
+
     def run(self, on_ready: Callable[[Supervisor], None] | None = None) -> None:
         path = Path(self.options.socket_path)
         if path.is_socket():
@@ -323,7 +327,7 @@ class Supervisor:
             while not self._stop:
                 for key, _ in self._sel.select():
                     key.data(key)
-                    if self._stop:
+                    if self._stopped():
                         break
         finally:
             self._shutdown(path)
