@@ -14,6 +14,7 @@ Processes are ours: started here, ended by PID (``quit`` over QMP first).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 __all__ = [
     "BOOT_IMG",
@@ -78,6 +78,51 @@ def guest_letters(serial: bytes, *, after_banner: bool) -> bytes:
     return bytes(c for c in serial if 65 <= c <= 90)
 
 
+class QmpError(RuntimeError):
+    """QEMU answered a QMP command with an error."""
+
+
+class QmpClient:
+    """A blocking QMP client over a unix socket: greeting, qmp_capabilities, then one
+    command at a time (asynchronous events in between are kept in ``events``)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(path)
+        self._file = self._sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise QmpError(f"not a QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("QMP connection closed")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        request: dict[str, Any] = {"execute": name}
+        if args:
+            request["arguments"] = args
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise QmpError(f"{name}: {reply['error'].get('desc', reply['error'])}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
 @dataclass
 class Qemu:
     """One qemu-system-x86_64 process: TCG, the boot-sector guest, QMP on a unix socket, serial to a file."""
@@ -90,7 +135,7 @@ class Qemu:
     accel: str = "tcg"
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
-    qmp: QEMUMonitorProtocol | None = None
+    qmp: QmpClient | None = None
 
     def __post_init__(self) -> None:
         self.rundir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +180,7 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s: {self.log()}")
             time.sleep(0.01)
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect()
+        self.qmp = QmpClient(str(self.qmp_path))
         return self
 
     def log(self) -> str:
