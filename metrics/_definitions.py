@@ -16,7 +16,7 @@ from typing import Any, Final, Literal, overload
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 
 from metrics._collectors import MigrationCollector
-from metrics._vocabulary import CHANNELS, PAGE_KINDS, PROTOCOL_ERROR_KINDS, ROLES, Role
+from metrics._vocabulary import CHANNELS, PAGE_KINDS, PROTOCOL_ERROR_KINDS, REFUSAL_REASONS, ROLES, Role
 
 __all__ = [
     "LATENCY_BUCKETS_SECONDS",
@@ -117,6 +117,8 @@ class DestinationMetrics(Metrics):
     """Fault read -> page request written to the return path."""
     page_request_latency: Histogram
     """Page request written -> requested page received."""
+    refused_connections: MappingProxyType[str, Counter]
+    """Connections and streams refused (strangers, stalled or malformed peers), by reason."""
 
 
 def _version() -> str:
@@ -228,8 +230,15 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
                 "Page request received -> requested page written to its channel.",
             ),
         )
+    refused = Counter(
+        "postcopy_refused_connections",
+        "Connections or streams the destination refused without disturbing the migration, by reason.",
+        ["reason"],
+        registry=registry,
+    )
     return DestinationMetrics(
         **common,
+        refused_connections=MappingProxyType({reason: refused.labels(reason) for reason in REFUSAL_REASONS}),
         page_faults=Counter(
             "postcopy_page_faults",
             "Missing-page faults on not-yet-received guest pages.",

@@ -6,32 +6,23 @@ at startup and never grows with input (no addresses, peers or free-form strings)
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Final, Literal
+
+# One status vocabulary: the sessions own it, the metrics and QMP speak it.
+from postcopy.session._destination import REFUSAL_REASONS
+from postcopy.session._status import MigrationStatus
 
 __all__ = [
     "CHANNELS",
     "PAGE_KINDS",
     "PROTOCOL_ERROR_KINDS",
+    "REFUSAL_REASONS",
     "ROLES",
     "Channel",
     "MigrationStatus",
     "PageKind",
     "Role",
 ]
-
-
-class MigrationStatus(StrEnum):
-    """The migration states this service can be in, spelled as QEMU's MigrationStatus."""
-
-    NONE = "none"
-    SETUP = "setup"
-    ACTIVE = "active"
-    POSTCOPY_ACTIVE = "postcopy-active"
-    POSTCOPY_PAUSED = "postcopy-paused"
-    POSTCOPY_RECOVER = "postcopy-recover"
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 Role = Literal["source", "destination"]

@@ -94,7 +94,7 @@ class Destination:
 
     def __init__(self, owner: MemoryOwner, *, preempt: bool = True, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, link_timeout: float = 3.0,
-                 recover_timeout: float = 120.0) -> None:
+                 recover_timeout: float = 120.0, fail_fast: bool = False) -> None:
         self.owner = owner
         self.preempt = preempt
         self.verify = verify
@@ -102,7 +102,7 @@ class Destination:
         self._on_status = on_status
         self.session = DestinationSession(preempt=preempt, link_timeout=link_timeout,
                                           recover_timeout=recover_timeout,
-                                          block_page_sizes=owner.block_page_sizes())
+                                          block_page_sizes=owner.block_page_sizes(), fail_fast=fail_fast)
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._conns: dict[int, _Conn] = {}
@@ -233,14 +233,15 @@ class Destination:
         pending = list(actions)
         while pending:
             action = pending.pop(0)
+            conn = getattr(action, "conn", None)
             try:
                 follow = self._do(action)
             except MigrationFailed as exc:
-                follow = DataPathFailed(exc.kind, str(exc))
+                follow = DataPathFailed(exc.kind, str(exc), conn)
             except DataPathError as exc:
-                follow = DataPathFailed(exc.kind, str(exc))
+                follow = DataPathFailed(exc.kind, str(exc), conn)
             except OSError as exc:
-                follow = DataPathFailed("uffd", f"{type(action).__name__}: {exc}")
+                follow = DataPathFailed("uffd", f"{type(action).__name__}: {exc}", conn)
             if follow is not None:
                 pending[:0] = self.session.handle(follow, time.monotonic())
 
@@ -397,8 +398,8 @@ class Destination:
         except DataPathError as exc:
             self._channel_error(conn, exc)
         except wire.RemoteProtocolError as exc:
-            self._feed(DataPathFailed(exc.kind, str(exc)))
-        except ConnectionError as exc:
+            self._feed(DataPathFailed(exc.kind, str(exc), conn))
+        except OSError as exc:      # a reset, or the receive timeout of a silent peer
             self._feed(ConnectionClosed(conn, str(exc)))
 
     def _read_pages(self, conn: int, rx: Receiver) -> None:
@@ -434,7 +435,7 @@ class Destination:
         if exc.kind in ("io", "truncated"):
             self._feed(ConnectionClosed(conn, str(exc)))
         else:
-            self._feed(DataPathFailed(exc.kind, str(exc)))
+            self._feed(DataPathFailed(exc.kind, str(exc), conn))
 
     def _retire_channel(self, c: _Conn) -> None:
         if c.rx is None:

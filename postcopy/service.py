@@ -593,6 +593,8 @@ class DestinationService(_RoleService[R]):
         self._sync(m.page_faults, snap.remote_faults)
         self._sync(m.page_requests, snap.requests_sent)
         self._sync(m.discard_ranges, snap.discard_ranges)
+        for reason, count in dest.session.refused.items():
+            self._sync(m.refused_connections[reason], count)
         p50 = statistics.median_low(self._recent) / 1000 if self._recent else None
         return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_received,
                       pages_total=snap.pages_total, bytes=snap.bytes, faults=snap.remote_faults,
@@ -641,7 +643,9 @@ class DestinationService(_RoleService[R]):
             blocktime_ms=snap.blocktime_ns // 1_000_000,
             vcpu_blocktime_ms=tuple(ns // 1_000_000 for ns in snap.vcpu_blocktime_ns),
             extras={"faults": snap.remote_faults, "pages-received": snap.pages_received,
-                    "pages-total": snap.pages_total, "error": snap.error},
+                    "pages-total": snap.pages_total, "error": snap.error,
+                    "refused-connections": snap.refused_connections,
+                    "last-refusal": dest.session.last_refusal or None},
         )
 
 

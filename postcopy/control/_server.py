@@ -159,7 +159,19 @@ class QMPServer:
         """Listen on a unix socket; a stale socket file left by a dead server is replaced."""
         path = Path(path)
         self._check_free(path)
-        self._server = await asyncio.start_unix_server(self._serve, path=os.fspath(path))
+        # Only the owner may drive the migration: the socket file is 0600 whatever the
+        # process umask (bound under a strict umask, so it is never open even briefly).
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(os.fspath(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         st = path.stat()
         self._unix_path, self._unix_inode = path, (st.st_dev, st.st_ino)
         self._target.add_event_listener(self.broadcast)

@@ -59,6 +59,18 @@ __all__ = ["PREEMPT_SILENCE_SECONDS", "SHUT_NOTHING_TO_RECOVER", "DestinationSes
 
 S = MigrationStatus
 
+#: Why a connection or a stream was refused (a closed set: metrics label values).
+REFUSAL_REASONS: Final = (
+    "nothing_to_recover",   # a recovery while no guest runs here yet (answered SHUT 2)
+    "not_a_migration",      # its first byte is neither a stream header nor a command
+    "wrong_peer",           # not from the host the migration belongs to
+    "silent",               # said nothing, and no preempt channel was due
+    "malformed",            # a stream or handshake the codec or this role refused
+    "stalled",              # did not finish its setup or handshake within the link timeout
+    "replaced",             # a newer stream or recovery from the source took its place
+    "fresh_stream_after_run",  # a whole new stream while a guest runs here
+)
+
 #: A connection silent this long right after a main channel is its preempt channel.
 PREEMPT_SILENCE_SECONDS: Final = 0.005
 #: SHUT value answering a recovery when no guest runs here yet (the source starts over).
@@ -87,6 +99,19 @@ class _Attempt:
     discard_ranges: int = 0
     held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
     held_deadline: float = 0.0
+    setup_deadline: float | None = None    # its RAM setup must arrive by then (a stalled peer is dropped)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A connection that claims to be the source, not yet proven: a newer fresh stream
+    (proven by a complete RAM setup) or a recovery while the link looks healthy (proven
+    by a RECV_BITMAP for a known block). Until then it disturbs nothing."""
+
+    recovery: bool
+    peer_host: str
+    deadline: float
+    items: list[wire.WireEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -108,8 +133,9 @@ class DestinationSession:
     role = "destination"
 
     def __init__(self, *, preempt: bool, link_timeout: float = 3.0, recover_timeout: float = 120.0,
-                 block_page_sizes: dict[str, int] | None = None) -> None:
+                 block_page_sizes: dict[str, int] | None = None, fail_fast: bool = False) -> None:
         self.preempt = preempt
+        self.fail_fast = fail_fast      # QEMU's way: a bad stream before RUN fails the migration
         self.link_timeout = link_timeout
         self.recover_timeout = recover_timeout
         self.block_page_sizes = dict(block_page_sizes or {})
@@ -120,12 +146,14 @@ class DestinationSession:
         self.attempt = _Attempt()
         self.link = _Link()
         self.pending: dict[int, _Pending] = {}
+        self.candidates: dict[int, _Candidate] = {}
         self.recover_deadline: float | None = None
         self.paused_since: float | None = None
         self.paused_seconds = 0.0
         self.recoveries = 0
         self.restarts = 0
-        self.refused: dict[str, int] = {}
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.last_refusal = ""
         self.last_break_reason = ""
         self._out: list[Action] = []
 
@@ -157,8 +185,17 @@ class DestinationSession:
                 if conn == self.link.preempt:
                     self.link.preempt_ended = True
                     self._maybe_complete()
-            case DataPathFailed(kind=kind, message=message):
-                self._fail(kind if kind in _DATA_PATH_KINDS else "placement", message, now)
+            case DataPathFailed(kind=kind, message=message, conn=conn):
+                kind = kind if kind in _DATA_PATH_KINDS else "placement"
+                if conn is not None and conn in self.candidates:
+                    self._drop_candidate(conn, "malformed", f"{kind}: {message}")
+                elif self.status in (S.SETUP, S.ACTIVE) and kind not in ("internal", "uffd"):
+                    self._bad_stream(kind, message, now)
+                elif self.status is S.POSTCOPY_RECOVER and conn is not None and conn == self.link.main \
+                        and self.link.handshake and kind in wire.ERROR_KINDS:
+                    self._refuse_attempt(f"a malformed recovery handshake: {message}", now, "malformed")
+                else:
+                    self._fail(kind, message, now)
             case StreamChecked(missing_pages=missing):
                 if missing:
                     self._fail("incomplete", f"the stream ended with {missing} pages never received", now)
@@ -184,6 +221,9 @@ class DestinationSession:
         if self.status.finished:
             return None
         times = [p.deadline for p in self.pending.values()]
+        times += [c.deadline for c in self.candidates.values()]
+        if self.attempt.setup_deadline is not None:
+            times.append(self.attempt.setup_deadline)
         if self.attempt.held is not None:
             times.append(self.attempt.held_deadline)
         if self.link.handshake or self.link.resume_held:
@@ -199,6 +239,12 @@ class DestinationSession:
             if p.deadline <= now:
                 del self.pending[conn]
                 self._silent(conn, p, now)
+        for conn, c in list(self.candidates.items()):
+            if c.deadline <= now:
+                self._drop_candidate(conn, "stalled", "did not prove itself the source within the link timeout")
+        a = self.attempt
+        if a.setup_deadline is not None and a.setup_deadline <= now and self.status in (S.SETUP, S.ACTIVE):
+            self._bad_stream("truncated", "the stream stalled before its RAM setup", now, reason="stalled")
         if self.attempt.held is not None and self.attempt.held_deadline <= now:
             self._fail("preempt_mismatch", "the source never opened the preempt channel this destination expects: "
                        "start both sides with the same postcopy-preempt setting", now)
@@ -254,17 +300,27 @@ class DestinationSession:
             if self.status in (S.SETUP, S.ACTIVE):
                 self._fresh_main(conn, p.peer_host, now)
             else:
-                self._refuse(conn, "a fresh stream while a guest runs here")
+                self._refuse(conn, "fresh_stream_after_run", "a whole new stream while a guest runs here")
         elif first == _FIRST_COMMAND:
             self._recovery_main(conn, p.peer_host, now)
         else:
-            self._refuse(conn, "neither a migration stream nor a recovery")
+            self._refuse(conn, "not_a_migration", f"first byte {first!r} starts neither a stream nor a recovery")
 
     def _fresh_main(self, conn: int, host: str, now: float) -> None:
         if self.attempt.main is not None:
-            # A newer stream replaces one whose source gave up on it (its link died unnoticed here).
-            self._start_over(now, "a newer stream replaces it")
+            # A newer stream may replace one whose source gave up on it (its link died
+            # unnoticed here), but only once its complete RAM setup shows it is a source.
+            if not self._peer_ok(host):
+                self._refuse(conn, "wrong_peer", f"a second stream from {host}, not from the source's host")
+                return
+            self.candidates[conn] = _Candidate(recovery=False, peer_host=host, deadline=now + self.link_timeout)
+            self._out.append(ReceiveStream(conn, recovery=False))
+            return
+        self._adopt_fresh(conn, host, now)
+
+    def _adopt_fresh(self, conn: int, host: str, now: float) -> None:
         self.attempt.main = conn
+        self.attempt.setup_deadline = now + self.link_timeout
         self.source_host = host
         for p in self.pending.values():     # the preempt channel follows at once, silent
             p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
@@ -272,16 +328,22 @@ class DestinationSession:
 
     def _recovery_main(self, conn: int, host: str, now: float) -> None:
         if self.status in (S.SETUP, S.ACTIVE):
-            self.refused["nothing_to_recover"] = self.refused.get("nothing_to_recover", 0) + 1
+            self._count("nothing_to_recover", "a recovery while no guest runs here: SHUT 2, start over")
             self._out.append(CloseConnection(conn, wire.encode(wire.Shut(value=SHUT_NOTHING_TO_RECOVER))))
             return
         if not self._peer_ok(host):
-            self._refuse(conn, f"a recovery from {host}, not from the source's host")
+            self._refuse(conn, "wrong_peer", f"a recovery from {host}, not from the source's host")
             return
         if self.status is S.POSTCOPY_ACTIVE:
-            # the source noticed the broken link first and is already back
-            self._break(now, "the source reconnected")
-        elif self.status is S.POSTCOPY_RECOVER:
+            # The source may have noticed a broken link first and be back already; a
+            # stranger's knock must not break a healthy link: it proves itself first.
+            self.candidates[conn] = _Candidate(recovery=True, peer_host=host, deadline=now + self.link_timeout)
+            self._out.append(ReceiveStream(conn, recovery=True))
+            return
+        self._start_recovery(conn, host, now)
+
+    def _start_recovery(self, conn: int, host: str, now: float) -> None:
+        if self.status is S.POSTCOPY_RECOVER:
             # a newer recovery replaces an attempt its source abandoned
             self._drop_link_channels()
             self._move(Trigger.RECOVERY_FAILED, now)
@@ -312,17 +374,57 @@ class DestinationSession:
                     self._resume(self.link.main, now)
                     self._out.append(ResumeStream(self.link.main))
             return
-        self._refuse(conn, "silent, and no preempt channel is due")
+        self._refuse(conn, "silent", "said nothing, and no preempt channel was due")
 
     def _peer_ok(self, host: str) -> bool:
         return self.any_peer or self.source_host is None or host == self.source_host
 
-    def _refuse(self, conn: int, why: str) -> None:
-        self.refused[why] = self.refused.get(why, 0) + 1
+    def _count(self, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        self.last_refusal = f"{reason}: {detail}"
+
+    def _refuse(self, conn: int, reason: str, detail: str) -> None:
+        self._count(reason, detail)
         self._out.append(CloseConnection(conn))
+
+    def _drop_candidate(self, conn: int, reason: str, detail: str) -> None:
+        if self.candidates.pop(conn, None) is not None:
+            self._refuse(conn, reason, detail)
+
+    def _candidate_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
+        """A claimant proves itself: a fresh stream by its complete RAM setup, a
+        recovery by a RECV_BITMAP for a known block; anything else refuses it."""
+        c = self.candidates[conn]
+        c.items.append(item)
+        if c.recovery:
+            layout = self.attempt.layout
+            if isinstance(item, wire.RecvBitmapRequest) and layout is not None and layout.index(item.idstr) is not None:
+                del self.candidates[conn]
+                if self.status is S.POSTCOPY_ACTIVE:
+                    self._break(now, "the source reconnected")
+                self._start_recovery(conn, c.peer_host, now)
+                self._handshake_item(conn, item, now)
+            else:
+                self._drop_candidate(conn, "malformed", f"a recovery that starts with {type(item).__name__}")
+        elif isinstance(item, wire.RamSetup):
+            del self.candidates[conn]
+            if self.status not in (S.SETUP, S.ACTIVE):
+                self._refuse(conn, "fresh_stream_after_run", "a whole new stream while a guest runs here")
+                return
+            self._start_over(now, "a newer stream from the source replaces it", reason="replaced")
+            self._adopt_fresh(conn, c.peer_host, now)
+            for earlier in c.items:
+                self._preamble_item(conn, earlier, now)
+        elif isinstance(item, wire.ConnectionClosed):
+            self._drop_candidate(conn, "malformed", "closed before its RAM setup")
+        elif len(c.items) > _MAX_CANDIDATE_ITEMS:
+            self._drop_candidate(conn, "malformed", "no RAM setup among its first items")
 
     def _closed(self, conn: int, reason: str, now: float) -> None:
         if self.pending.pop(conn, None) is not None:
+            return
+        if self.candidates.pop(conn, None) is not None:
+            self._out.append(CloseConnection(conn))
             return
         if self.status in (S.SETUP, S.ACTIVE):
             if conn in (self.attempt.main, self.attempt.preempt):
@@ -340,7 +442,9 @@ class DestinationSession:
     # -- the main stream -----------------------------------------------------------------
 
     def _item(self, conn: int, item: wire.WireEvent, now: float) -> None:
-        if self.status in (S.SETUP, S.ACTIVE):
+        if conn in self.candidates:
+            self._candidate_item(conn, item, now)
+        elif self.status in (S.SETUP, S.ACTIVE):
             if conn == self.attempt.main:
                 self._preamble_item(conn, item, now)
         elif conn == self.link.main:
@@ -367,7 +471,7 @@ class DestinationSession:
                 self._ram_setup(entries, now)
             case wire.RamPages():
                 if a.layout is None:
-                    self._fail("no_ram_setup", "page records before the RAM setup", now)
+                    self._bad_stream("no_ram_setup", "page records before the RAM setup", now)
                 else:
                     self._out.append(PlacePages(conn, item))
             case wire.PostcopyRamDiscard(idstr=idstr, ranges=ranges):
@@ -397,7 +501,7 @@ class DestinationSession:
             if self.status.finished:
                 return
         if self.status is not S.POSTCOPY_ACTIVE:
-            self._fail("unexpected", "PACKAGED ended without RUN", now)
+            self._bad_stream("unexpected", "PACKAGED ended without RUN", now)
 
     def _packaged_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         match item:
@@ -414,20 +518,23 @@ class DestinationSession:
 
     def _ram_setup(self, entries: tuple[wire.RamBlockEntry, ...], now: float) -> None:
         a = self.attempt
+        a.setup_deadline = None
         blocks = tuple(
             wire.RamBlockLayout(idstr=e.idstr, used_length=e.used_length,
                           host_page_size=e.page_size or self.block_page_sizes.get(e.idstr, wire.DEFAULT_TARGET_PAGE_SIZE))
             for e in entries)
         a.layout = wire.RamLayout(blocks=blocks, section_id=a.ram_section_id)
-        if a.advise is not None:
+        # An ADVISE without payload (a source with postcopy-ram off) says nothing to check.
+        if a.advise is not None and a.advise.pagesize_summary is not None:
             summary = 0
             for b in blocks:
                 summary |= b.host_page_size
             tps = a.advise.target_page_size
             if tps != wire.DEFAULT_TARGET_PAGE_SIZE or a.advise.pagesize_summary != summary:
-                self._fail("advise_mismatch",
-                           f"POSTCOPY_ADVISE says target page {tps} and page sizes {a.advise.pagesize_summary:#x}; "
-                           f"the RAM setup's blocks have {wire.DEFAULT_TARGET_PAGE_SIZE} and {summary:#x}", now)
+                self._bad_stream("advise_mismatch",
+                                 f"POSTCOPY_ADVISE says target page {tps} and page sizes "
+                                 f"{a.advise.pagesize_summary:#x}; the RAM setup's blocks have "
+                                 f"{wire.DEFAULT_TARGET_PAGE_SIZE} and {summary:#x}", now)
                 return
         self._out.append(PrepareMemory(a.layout))
 
@@ -435,12 +542,12 @@ class DestinationSession:
         layout = self.attempt.layout
         index = layout.index(idstr) if layout is not None else None
         if layout is None or index is None:
-            self._fail("unknown_block", f"discard for unknown RAM block {idstr!r}", now)
+            self._bad_stream("unknown_block", f"discard for unknown RAM block {idstr!r}", now)
             return
         block = layout.blocks[index]
         for start, length in ranges:
             if length <= 0 or start < 0 or start + length > block.used_length or start % wire.DEFAULT_TARGET_PAGE_SIZE:
-                self._fail("bad_discard", f"discard {idstr} offset {start:#x} length {length:#x}: outside the block", now)
+                self._bad_stream("bad_discard", f"discard {idstr} offset {start:#x} length {length:#x}: outside the block", now)
                 return
         self.attempt.discard_ranges += len(ranges)
         self._out.append(Discard(index, ranges))
@@ -448,7 +555,7 @@ class DestinationSession:
     def _listen(self, now: float) -> None:
         a = self.attempt
         if a.layout is None:
-            self._fail("no_ram_setup", "LISTEN before the RAM setup", now)
+            self._bad_stream("no_ram_setup", "LISTEN before the RAM setup", now)
             return
         if a.listening:
             return
@@ -460,7 +567,7 @@ class DestinationSession:
     def _run(self, conn: int, now: float) -> None:
         a = self.attempt
         if not a.listening:
-            self._fail("unexpected", "RUN before LISTEN", now)
+            self._bad_stream("unexpected", "RUN before LISTEN", now)
             return
         self._out.append(StartGuest(tuple(a.device_sections)))
         self.link = _Link(main=conn, preempt=a.preempt)
@@ -492,7 +599,7 @@ class DestinationSession:
         match item:
             case wire.RecvBitmapRequest(idstr=idstr):
                 if layout.index(idstr) is None:
-                    self._refuse_attempt(f"RECV_BITMAP for unknown block {idstr!r}", now)
+                    self._refuse_attempt(f"RECV_BITMAP for unknown block {idstr!r}", now, "malformed")
                 else:
                     self._out.append(AnswerBitmapRequest(conn, idstr))
             case wire.Ping(value=v):
@@ -509,7 +616,7 @@ class DestinationSession:
             case wire.ConnectionClosed():
                 self._refuse_attempt("the recovery connection closed during the handshake", now)
             case _:
-                self._refuse_attempt(f"unexpected {type(item).__name__} in the recovery handshake", now)
+                self._refuse_attempt(f"unexpected {type(item).__name__} in the recovery handshake", now, "malformed")
 
     def _resume(self, conn: int, now: float) -> None:
         link = self.link
@@ -522,9 +629,9 @@ class DestinationSession:
         self.recoveries += 1
         self._move(Trigger.RESUMED, now)
 
-    def _refuse_attempt(self, why: str, now: float) -> None:
+    def _refuse_attempt(self, why: str, now: float, reason: str = "stalled") -> None:
         """This recovery attempt failed; the migration stays paused for the next one."""
-        self.refused[why] = self.refused.get(why, 0) + 1
+        self._count(reason, why)
         self._drop_link_channels()
         self.link = _Link()
         if self.status is S.POSTCOPY_RECOVER:
@@ -546,8 +653,19 @@ class DestinationSession:
         self.last_break_reason = why
         self._move(Trigger.LINK_BROKEN, now)
 
-    def _start_over(self, now: float, why: str) -> None:
+    def _bad_stream(self, kind: str, message: str, now: float, reason: str = "malformed") -> None:
+        """Before RUN a bad or stalled stream loses nothing: it is dropped, counted, and the
+        destination listens on for the real source (``fail_fast``: fail, as QEMU does)."""
+        if self.fail_fast or self.status not in (S.SETUP, S.ACTIVE):
+            self._fail(kind, message, now)
+            return
+        self._count(reason, f"{kind}: {message}")
+        self._start_over(now, message)
+
+    def _start_over(self, now: float, why: str, reason: str | None = None) -> None:
         """Before RUN nothing can be lost: drop the attempt and wait for the stream again."""
+        if reason is not None:
+            self._count(reason, why)
         self._out.append(ResetBeforeRun())
         for conn in (self.attempt.main, self.attempt.preempt):
             if conn is not None:
@@ -589,6 +707,9 @@ class DestinationSession:
         out, self._out = self._out, []
         return out
 
+
+#: A newer fresh stream must show its RAM setup within this many items.
+_MAX_CANDIDATE_ITEMS: Final = 16
 
 #: Data-path error kinds that keep their name as a failure kind.
 _DATA_PATH_KINDS: Final = frozenset({"placement", "uffd", "protocol", "internal"}) | wire.ERROR_KINDS

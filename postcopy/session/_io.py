@@ -119,10 +119,12 @@ class ChannelEnded:
 
 @dataclass(frozen=True, slots=True)
 class DataPathFailed:
-    """The C data path refused the stream (a malformed record, a placement error)."""
+    """The C data path or the codec refused a stream (a malformed record, a placement
+    error); ``conn`` when it is known whose."""
 
     kind: str
     message: str
+    conn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,18 @@ async def test_close_disconnects_clients(socket_path: Path) -> None:
         assert await reader.read() == b""
     writer.close()
     assert not socket_path.exists()  # noqa: ASYNC240 - one stat on tmpfs
+
+
+async def test_the_unix_socket_is_0600_whatever_the_umask(socket_path: Path) -> None:
+    """Issue 14 case 8: under umask 000 the control socket must still be the owner's alone."""
+    old = os.umask(0)
+    try:
+        server = QMPServer(ControlState("destination", actions=None))  # type: ignore[arg-type]  # never called here
+        await server.start_unix(socket_path)
+        assert os.umask(0) == 0            # the process umask was restored
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+    finally:
+        await server.close()

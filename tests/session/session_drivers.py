@@ -102,11 +102,12 @@ class Dest:
     pre: int | None = None
     recovery_main: int | None = None
     missing: int = 0                    # the shell's answer to CheckComplete
+    fail_fast: bool = False
     log: list[Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.s = DestinationSession(preempt=self.preempt, link_timeout=self.link_timeout,
-                                    recover_timeout=self.recover_timeout)
+                                    recover_timeout=self.recover_timeout, fail_fast=self.fail_fast)
 
     # every input goes through here: the table check and the shell's follow-up inputs
     def _took(self, before: S, actions: list[Action]) -> list[Action]:

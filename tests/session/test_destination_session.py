@@ -51,6 +51,7 @@ from postcopy.session import (
     RecoverRequested,
     RegisterMemory,
     ResendRequests,
+    PrepareMemory,
     ResetBeforeRun,
     ResumeStream,
     Send,
@@ -88,6 +89,18 @@ def setup_stream_started(preempt: bool):
     return d, S.SETUP, acts
 
 
+def setup_start_over_bad_stream(preempt: bool):
+    """A malformed stream before RUN (a stranger, or garbage after a header) is dropped and
+    counted; the destination listens on for the real source."""
+    d = Dest(preempt=preempt).to_setup_with_main()
+    acts = d.feed(DataPathFailed("bad_magic", "not a QEMU stream", d.main))
+    assert of_type(acts, ResetBeforeRun)
+    assert CloseConnection(d.main) in acts
+    assert d.s.refused["malformed"] == 1
+    assert not of_type(acts, Finish)
+    return d, S.SETUP, acts
+
+
 def setup_start_over_main_closed(preempt: bool):
     """The main channel closed before its header was even decoded: the stream is awaited again."""
     d = Dest(preempt=preempt).to_setup_with_main()
@@ -98,15 +111,29 @@ def setup_start_over_main_closed(preempt: bool):
     return d, S.SETUP, acts
 
 
+def test_a_newer_stream_replaces_the_attempt_once_it_shows_its_ram_setup() -> None:
+    for preempt in (False, True):
+        setup_start_over_newer_stream(preempt)
+
+
 def setup_start_over_newer_stream(preempt: bool):
-    """A second fresh stream replaces the first one (its source gave up on it)."""
+    """A second fresh stream replaces the first one (its source gave up on it), but only
+    once its complete RAM setup shows it is a source: until then it disturbs nothing."""
     d = Dest(preempt=preempt).to_setup_with_main()
     old = d.main
     d.main, acts = d.connect(b"Q")
-    assert of_type(acts, ResetBeforeRun) and CloseConnection(old) in acts
-    assert ReceiveStream(d.main, recovery=False) in acts
+    assert acts == [ReceiveStream(d.main, recovery=False)]
+    setup = preamble_items()
+    until_setup = setup[: next(i for i, e in enumerate(setup) if isinstance(e, wire.RamSetup)) + 1]
+    assert d.items(d.main, until_setup[:-1]) == []          # a candidate: nothing answered yet
+    acts = d.items(d.main, until_setup[-1:])
+    assert of_type(acts, ResetBeforeRun)
+    assert CloseConnection(old) in acts
+    assert of_type(acts, PrepareMemory)                      # its earlier items replayed in order
     assert d.s.restarts == 1
-    return d, S.SETUP, acts
+    assert d.s.refused["replaced"] == 1
+    d.items(d.main, setup[len(until_setup):])
+    return d, S.ACTIVE, acts
 
 
 def active_start_over_main_closed(preempt: bool):
@@ -214,9 +241,14 @@ def paused_recovery_started(preempt: bool):
 
 
 def pa_recovery_while_active(preempt: bool):
-    """The source noticed the broken link first: its recovery arrives while postcopy-active here."""
+    """The source noticed the broken link first: its recovery arrives while postcopy-active
+    here. It breaks the link only once it proves itself (a RECV_BITMAP for a known block)."""
     d = Dest(preempt=preempt).to_postcopy_active()
-    conn, acts = d.connect(b"\x08")
+    conn, first = d.connect(b"\x08")
+    assert first == [ReceiveStream(conn, recovery=True)]     # a candidate: the link stays up
+    assert d.s.status is S.POSTCOPY_ACTIVE
+    acts = first + d.items(conn, [wire.RecvBitmapRequest(idstr=BLOCK)])
+    assert AnswerBitmapRequest(conn, BLOCK) in acts
     assert transitions_of(acts) == [S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER]
     _paused_checks(d, acts, [d.main])
     assert ReceiveStream(conn, recovery=True) in acts
@@ -316,14 +348,14 @@ def none_failed(preempt: bool):
 
 
 def setup_failed(preempt: bool):
-    d = Dest(preempt=preempt).to_setup()
+    d = Dest(preempt=preempt, fail_fast=True).to_setup()
     acts = d.feed(DataPathFailed("weird", "something"))
     _failed_kind(d, acts, "placement")
     return d, S.SETUP, acts
 
 
 def active_failed_advise(preempt: bool):
-    d = Dest(preempt=preempt).to_setup_with_main()
+    d = Dest(preempt=preempt, fail_fast=True).to_setup_with_main()
     items = preamble_items()
     items = [wire.PostcopyAdvise(pagesize_summary=2 << 20, target_page_size=4096) if isinstance(e, wire.PostcopyAdvise)
              else e for e in items]
@@ -334,7 +366,7 @@ def active_failed_advise(preempt: bool):
 
 
 def active_failed_bad_discard(preempt: bool):
-    d = Dest(preempt=preempt).to_active()
+    d = Dest(preempt=preempt, fail_fast=True).to_active()
     acts = d.items(d.main, [wire.PostcopyRamDiscard(idstr=BLOCK, ranges=((0, 2 << 20),))])
     _failed_kind(d, acts, "bad_discard")
     return d, S.ACTIVE, acts
@@ -397,7 +429,7 @@ SCENARIOS: dict[tuple[S, T], list[Scenario]] = {
     (S.NONE, T.START): [none_start],
     (S.SETUP, T.STREAM_STARTED): [setup_stream_started],
     (S.ACTIVE, T.RUN): [active_run],
-    (S.SETUP, T.START_OVER): [setup_start_over_main_closed, setup_start_over_newer_stream],
+    (S.SETUP, T.START_OVER): [setup_start_over_main_closed, setup_start_over_bad_stream],
     (S.ACTIVE, T.START_OVER): [active_start_over_main_closed, active_start_over_eof_item,
                                active_start_over_preempt_closed],
     (S.POSTCOPY_ACTIVE, T.LINK_BROKEN): [pa_link_broken_main_closed, pa_link_broken_eof_item,
@@ -455,7 +487,8 @@ def test_recovery_before_run_is_answered_shut_2(status: str) -> None:
     conn, acts = d.connect(b"\x08")
     assert acts == [CloseConnection(conn, wire.encode(wire.Shut(value=SHUT_NOTHING_TO_RECOVER)))]
     assert d.s.status is before
-    assert d.s.refused == {"nothing_to_recover": 1}
+    assert d.s.refused["nothing_to_recover"] == 1
+    assert sum(d.s.refused.values()) == 1
 
 
 def test_stale_preempt_channel_closing_is_ignored() -> None:
@@ -621,3 +654,47 @@ def test_no_actions_after_finish_from_the_timer(preempt: bool) -> None:
     assert d.s.status is S.FAILED and of_type(acts, Finish)
     later = d.s.handle_timer(d.now + 10.0)
     assert later == [], f"actions after Finish: {later}"
+
+
+def test_a_stranger_knocking_during_postcopy_does_not_break_the_link() -> None:
+    """Issue 14 case 1: a connect, garbage or a wrong first command during postcopy pauses nothing."""
+    d = Dest(preempt=True).to_postcopy_active()
+    conn, acts = d.connect(b"\x08")
+    assert acts == [ReceiveStream(conn, recovery=True)]
+    acts = d.items(conn, [wire.OpenReturnPath()])
+    assert acts == [CloseConnection(conn)]
+    assert d.s.refused["malformed"] == 1
+    bare, _ = d.accept()
+    assert d.fire_timer() == [CloseConnection(bare)]           # silent, and no preempt was due
+    junk, acts = d.connect(b"G")
+    assert acts == [CloseConnection(junk)]
+    stall, _ = d.connect(b"\x08")
+    assert d.advance(d.link_timeout) == [CloseConnection(stall)]
+    assert d.s.refused["stalled"] == 1
+    assert d.s.status is S.POSTCOPY_ACTIVE
+    assert not of_type(d.log[-8:], BreakLink)
+
+
+def test_a_stream_that_stalls_before_its_ram_setup_is_dropped() -> None:
+    """Issue 14 case 3: one byte then silence holds nothing: dropped after the link timeout."""
+    d = Dest(preempt=False, link_timeout=2.0).to_setup_with_main()
+    acts = d.advance(2.0)
+    assert of_type(acts, ResetBeforeRun)
+    assert d.s.refused["stalled"] == 1
+    assert d.s.status is S.SETUP
+    assert not of_type(acts, Finish)
+
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_a_bad_stream_before_run_fails_only_with_fail_fast(fail_fast: bool) -> None:
+    d = Dest(preempt=False, fail_fast=fail_fast).to_active()
+    acts = d.items(d.main, [wire.PostcopyRamDiscard(idstr="nope", ranges=((0, 4096),))])
+    assert bool(of_type(acts, Finish)) is fail_fast
+    assert d.s.status is (S.FAILED if fail_fast else S.SETUP)
+
+
+def test_a_newer_stream_from_another_host_is_refused() -> None:
+    d = Dest(preempt=False).to_setup_with_main()
+    conn, acts = d.connect(b"Q", host=OTHER_HOST)
+    assert acts == [CloseConnection(conn)]
+    assert d.s.refused["wrong_peer"] == 1
