@@ -28,7 +28,7 @@ DEFAULT_HOST_PAGE_SIZE = 4096
 
 # Limits, checked before anything is buffered or allocated for an item.
 #: PACKAGED blob: QEMU allows up to 4 GiB; a real pc machine sends ~13 KiB.
-DEFAULT_MAX_PACKAGED_LENGTH = 256 * 1024 * 1024
+DEFAULT_MAX_PACKAGED_LENGTH = 16 * 1024 * 1024  # QEMU: MAX_VM_CMD_PACKAGED_SIZE (1 << 24)
 #: QEMU's source refuses RP frames larger than its 512-byte receive buffer.
 RP_MAX_FRAME_LENGTH = 512
 #: RECV_BITMAP body when the block size is unknown: 64 MiB covers a 2 TiB block at 4 KiB.

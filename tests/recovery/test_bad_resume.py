@@ -45,10 +45,14 @@ def _bad_replies(spec: GuestSpec) -> dict[str, bytes]:
     good = wire.encode(wire.RecvBitmap(idstr=block.idstr, bitmap=bytes(wire.recv_bitmap_size(block.size))))
     wrong_size = wire.encode(wire.RecvBitmap(idstr=block.idstr, bitmap=bytes(wire.recv_bitmap_size(block.size) + 8)))
     bad_end = good[:-1] + bytes([good[-1] ^ 0xFF])
-    return {"wrong_size": wrong_size, "bad_end_mark": bad_end}
+    # right size, but a bit set past the block's last page (32 pages in a 64-bit word)
+    small = next(b for b in spec.blocks if (b.size // 4096) % 64)
+    padded = (1 << ((small.size // 4096) % 64 + 3)).to_bytes(8, "little")
+    padding = wire.encode(wire.RecvBitmap(idstr=small.idstr, bitmap=padded))
+    return {"wrong_size": wrong_size, "bad_end_mark": bad_end, "padding_bits": padding}
 
 
-@pytest.mark.parametrize("kind", ["wrong_size", "bad_end_mark"])
+@pytest.mark.parametrize("kind", ["wrong_size", "bad_end_mark", "padding_bits"])
 def test_bad_bitmap_in_resume_is_refused_and_recovery_retries(kind: str) -> None:
     spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="seq", rate_limit=100)
     server, liar = _liar(_bad_replies(spec)[kind])
@@ -84,6 +88,8 @@ def test_bad_bitmap_in_resume_is_refused_and_recovery_retries(kind: str) -> None
     assert errors, "the bad bitmap was not refused"
     text = " ".join(errors).lower()   # type: ignore[arg-type]
     assert "recv_bitmap" in text or "bitmap" in text, text
-    assert ("announces" in text) if kind == "wrong_size" else ("end mark" in text or "0x0123456789abcdef" in text), text
+    expected = {"wrong_size": ("announces",), "bad_end_mark": ("end mark", "0x0123456789abcdef"),
+                "padding_bits": ("past the block's last page",)}[kind]
+    assert any(e in text for e in expected), text
     assert seen["status"] in ("postcopy-paused", "postcopy-recover")
     assert o.source.recoveries == 1
