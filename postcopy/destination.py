@@ -94,7 +94,8 @@ class Destination:
 
     def __init__(self, owner: MemoryOwner, *, preempt: bool = True, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, link_timeout: float = 3.0,
-                 recover_timeout: float = 120.0, fail_fast: bool = False) -> None:
+                 recover_timeout: float = 120.0, fail_fast: bool = False,
+                 max_packaged: int | None = None) -> None:
         self.owner = owner
         self.preempt = preempt
         self.verify = verify
@@ -103,6 +104,8 @@ class Destination:
         self.session = DestinationSession(preempt=preempt, link_timeout=link_timeout,
                                           recover_timeout=recover_timeout,
                                           block_page_sizes=owner.block_page_sizes(), fail_fast=fail_fast)
+        #: the most a PACKAGED (the device state at the switch) may buffer per connection
+        self.max_packaged = max_packaged or wire.DEFAULT_MAX_PACKAGED_LENGTH
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._conns: dict[int, _Conn] = {}
@@ -155,6 +158,11 @@ class Destination:
         try:
             while not self._done.is_set():
                 self._connection_loop_once()
+        except Exception as exc:
+            # a bug here must still end as "failed" with its error, never a silent "setup"
+            log.exception("the destination's connection loop failed")
+            self._feed(DataPathFailed("internal", f"connection loop: {exc!r}"))
+            raise
         finally:
             self._teardown()
         assert self._finish is not None
@@ -381,7 +389,8 @@ class Destination:
         """A main channel: decode items for the session until it says pages go to C."""
         try:
             dec = wire.MainStreamDecoder(recovery=recovery, layout=self.session.layout,
-                                         block_page_sizes=self.session.block_page_sizes)
+                                         block_page_sizes=self.session.block_page_sizes,
+                                         max_packaged_length=self.max_packaged)
             c = self._conns.get(conn)
             for event in decoded_items(rx.input, dec):
                 self._feed(StreamItem(conn, event))

@@ -494,7 +494,8 @@ class DestinationService(_RoleService[R]):
 
     def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
-                 on_listening: Callable[[tuple[str, int]], None] | None = None) -> None:
+                 on_listening: Callable[[tuple[str, int]], None] | None = None,
+                 fail_fast: bool = False, max_packaged: int | None = None) -> None:
         options = options or ServiceOptions()
         if listen is None and options.qmp is None:
             raise ServiceError("the destination needs a listen address or a QMP socket to receive migrate-incoming")
@@ -503,6 +504,8 @@ class DestinationService(_RoleService[R]):
         self.verify = verify
         self.listen = listen
         self.on_listening = on_listening
+        self.fail_fast = fail_fast
+        self.max_packaged = max_packaged
         self.destination: Destination | None = None
         self.listen_address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
@@ -529,7 +532,8 @@ class DestinationService(_RoleService[R]):
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
         self.destination = Destination(BuiltinGuest(self.spec), preempt=preempt, verify=self.verify,
-                                       on_status=self._status_from_thread)
+                                       on_status=self._status_from_thread, fail_fast=self.fail_fast,
+                                       max_packaged=self.max_packaged)
         self._set_status(MigrationStatus.SETUP)
         if self.on_listening is not None:
             self.on_listening(self.listen_address)

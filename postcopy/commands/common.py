@@ -20,6 +20,7 @@ __all__ = [
     "guest_spec",
     "parse_address",
     "percentiles_us",
+    "failure_report",
     "service_options",
     "write_json",
 ]
@@ -201,3 +202,9 @@ class Progress:
             self._rich.stop()
             self._rich = None
 
+
+
+def failure_report(role: str, error: BaseException, timeline: list[dict[str, object]]) -> dict[str, Any]:
+    """The JSON report of a migration that failed: its status, the error and its kind."""
+    return {"role": role, "status": "failed", "error": str(error),
+            "error_kind": getattr(error, "kind", type(error).__name__), "timeline": timeline}

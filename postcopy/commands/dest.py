@@ -28,6 +28,7 @@ from .common import (
     percentiles_us,
     service_options,
     write_hashes,
+    failure_report,
     write_json,
 )
 
@@ -45,7 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hash every page as placed and check the guest's own invariant at the end")
     p.add_argument("--run-after", type=float, default=0.5, help="seconds the guest runs after the migration")
     p.add_argument("--hashes-out", help="write the placed pages' hashes here (for --verify across processes)")
-    p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    p.add_argument("--json", metavar="PATH|-", help="write the JSON report (also when the migration fails)")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="fail on the first malformed or stalled stream before RUN, as QEMU does "
+                        "(default: drop it and keep listening for the real source)")
+    p.add_argument("--max-packaged", type=int, metavar="BYTES", default=None,
+                   help="largest PACKAGED (device state at the switch) a connection may buffer "
+                        "(default 16 MiB, QEMU's own limit)")
     add_service_arguments(p)
 
 
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("dest", args.progress, stream)
     try:
         service: DestinationService[int] = DestinationService(
-            spec, preempt=args.preempt, verify=args.verify, listen=listen,
+            spec, preempt=args.preempt, verify=args.verify, listen=listen, fail_fast=args.fail_fast,
+            max_packaged=args.max_packaged,
             options=service_options(args, progress),
             on_listening=lambda a: print(f"listening on {a[0]}:{a[1]}", file=stream, flush=True),
         )
@@ -113,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             service.destination.close()
     if outcome.error is not None:
         err = outcome.error
+        if args.json:
+            write_json(failure_report("destination", err, list(service.timeline)), args.json)
         if isinstance(err, MigrationFailed):
             raise UserError(f"migration failed ({err.kind}): {err}")
         if isinstance(err, OSError):

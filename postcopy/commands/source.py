@@ -29,6 +29,7 @@ from .common import (
     parse_address,
     service_options,
     write_hashes,
+    failure_report,
     write_json,
 )
 
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         err = outcome.error
+        if err is not None and args.json:
+            write_json(failure_report("source", err, list(svc.timeline)), args.json)
         if isinstance(err, MigrationFailed) and err.kind == "connect":
             raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
         if isinstance(err, MigrationFailed):

@@ -4,11 +4,15 @@ fake recovery. The migration completes verified, and nobody pauses it."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from harness import check, migrate
@@ -164,3 +168,27 @@ def test_an_oversized_packaged_is_refused_before_it_is_buffered() -> None:
     o = migrate(spec, preempt=True, address=address)
     check(o, spec)
     assert o.dest.refused_connections >= 1
+
+
+def test_fail_fast_ends_as_failed_with_the_error_in_the_report(tmp_path: Path) -> None:
+    """Case 4: any failure ends as "failed" with its error in the JSON report and a non-zero
+    exit; with --fail-fast a malformed stream before RUN is such a failure, as in QEMU."""
+    report = tmp_path / "dest.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "postcopy", "dest", "--listen", "127.0.0.1:0", "--size", "16M",
+         "--fail-fast", "--json", str(report), "--progress", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        host, port = line.split()[-1].rsplit(":", 1)
+        _knock((host, int(port)), HEADER + b"\xee" * 32, hold=0.2)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "migration failed" in err, err
+    data = json.loads(report.read_text())
+    assert data["status"] == "failed"
+    assert data["error_kind"] in ("bad_value", "unknown_section_type", "bad_magic", "malformed"), data
+    assert data["error"]
