@@ -8,7 +8,7 @@ exposes a registry over HTTP. The metric list is in docs/operations.md.
 
 from __future__ import annotations
 
-from metrics._collectors import MAX_VCPUS, MigrationCollector, MigrationSnapshot, SnapshotProvider
+from metrics._collectors import MAX_VCPU_SERIES, MigrationCollector, MigrationSnapshot, SnapshotProvider
 from metrics._definitions import (
     LATENCY_BUCKETS_SECONDS,
     ChannelCounters,
@@ -32,7 +32,7 @@ from metrics._vocabulary import (
 __all__ = [
     "CHANNELS",
     "LATENCY_BUCKETS_SECONDS",
-    "MAX_VCPUS",
+    "MAX_VCPU_SERIES",
     "PAGE_KINDS",
     "PROTOCOL_ERROR_KINDS",
     "ROLES",

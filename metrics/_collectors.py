@@ -14,13 +14,13 @@ from prometheus_client.metrics_core import Metric
 
 from metrics._vocabulary import MigrationStatus, Role
 
-__all__ = ["MAX_VCPUS", "MigrationCollector", "MigrationSnapshot", "SnapshotProvider"]
+__all__ = ["MAX_VCPU_SERIES", "MigrationCollector", "MigrationSnapshot", "SnapshotProvider"]
 
 log = logging.getLogger(__name__)
 
 # The vcpu label is an index below the guest's vCPU count, fixed when the
 # provider is bound; this bounds it however large a guest claims to be.
-MAX_VCPUS: Final = 1024
+MAX_VCPU_SERIES: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +68,8 @@ class MigrationCollector:
         The provider is called from the exposition thread: it must only read
         plain Python state, never touch userfaultfd-registered memory.
         """
-        if not 0 <= vcpu_count <= MAX_VCPUS:
-            raise ValueError(f"vcpu_count {vcpu_count} out of range 0..{MAX_VCPUS}")
+        if not 0 <= vcpu_count <= MAX_VCPU_SERIES:
+            raise ValueError(f"vcpu_count {vcpu_count} out of range 0..{MAX_VCPU_SERIES}")
         if vcpu_count and self._role != "destination":
             raise ValueError(f"vcpu blocktime is a destination metric; role is {self._role}")
         with self._lock:

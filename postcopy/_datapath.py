@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from uffd import Bitmap, RamBlock
 from uffd._native import ffi, lib
 
+from .wire import DEFAULT_TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 from .wire import NEED_DATA
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "decoded_items",
 ]
 
-TARGET_PAGE_SIZE = 4096
 
 RX_MAIN = lib.PC_RX_MAIN
 RX_PREEMPT = lib.PC_RX_PREEMPT

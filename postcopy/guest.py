@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from uffd._lowlevel import U64_MAX
 from uffd._native import ffi, lib
 
 __all__ = [
@@ -49,7 +50,7 @@ TARGET_PAGE_SIZE: int = lib.PC_GUEST_TARGET_PAGE_SIZE
 MAX_VCPUS: int = lib.PC_GUEST_MAX_VCPUS
 DEFAULT_SEED = 0x5EED
 _ERR_CAP = 512
-_U64_MAX = 2**64 - 1
+
 
 
 class GuestConfigError(ValueError):
@@ -175,7 +176,7 @@ def _bits(mask: int) -> tuple[int, ...]:
     return tuple(v for v in range(32) if mask >> v & 1)
 
 
-def _check_uint(name: str, value: object, limit: int = _U64_MAX) -> int:
+def _check_uint(name: str, value: object, limit: int = U64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         raise GuestConfigError(f"{name}={value!r}: must be an integer in 0..{limit}")
     return value

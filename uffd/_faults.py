@@ -17,7 +17,8 @@ from ._memory import RamBlock
 
 __all__ = ["TARGET_PAGE_SIZE", "Fault", "FaultBatch", "FaultReader"]
 
-TARGET_PAGE_SIZE = 4096
+#: the data path's page granularity, from the C core (checked against the wire codec by a test)
+TARGET_PAGE_SIZE: int = lib.PC_TARGET_PAGE_SIZE
 MAX_BATCH = 256  # the C reader's per-read() limit
 
 

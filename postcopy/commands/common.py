@@ -17,10 +17,10 @@ __all__ = [
     "Progress",
     "add_guest_arguments",
     "add_service_arguments",
+    "failure_report",
     "guest_spec",
     "parse_address",
     "percentiles_us",
-    "failure_report",
     "service_options",
     "write_json",
 ]

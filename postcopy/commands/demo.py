@@ -23,6 +23,7 @@ from typing import Any
 from postcopy.cli import UserError
 from postcopy.faultproxy import Direction, FaultProxy, Rule, random_cuts
 from postcopy.spec import parse_size
+from postcopy.wire import DEFAULT_TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 
 from postcopy.service import Sample
 
@@ -30,7 +31,6 @@ from .common import Progress, add_guest_arguments, read_hashes, write_json
 
 __all__ = ["add_arguments", "run"]
 
-TARGET_PAGE_SIZE = 4096
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
