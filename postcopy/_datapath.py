@@ -217,8 +217,6 @@ class DestinationPath:
             raise ValueError("not verifying")
         return bytes(ffi.buffer(self.hashes[index], _npages(self.blocks[index]) * 8))
 
-    def receiver(self, sock: socket.socket, kind: int, ram_section_id: int) -> Receiver:
-        return Receiver(self, sock, kind, ram_section_id)
 
 
 class Receiver:
@@ -276,8 +274,6 @@ class Receiver:
         if rc < 0:
             raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
 
-    def reset_temp(self) -> None:
-        lib.pc_rx_reset_temp(self._rx)
 
     def counters(self) -> tuple[int, int, int]:
         c = self._rx.c

@@ -1,4 +1,4 @@
-"""What both roles need to notice a broken link and to try again."""
+"""Socket settings both roles need: a dead peer noticed in time, the fault path first."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import contextlib
 import os
 import socket
 import struct
-import time
 
-__all__ = ["Backoff", "LinkBroken", "background_priority", "set_recv_timeout", "tune", "urgent_priority"]
-
-
-class LinkBroken(Exception):
-    """A channel failed during postcopy: both sides pause and recover."""
+__all__ = [
+    "background_priority",
+    "bound_bulk_buffers",
+    "set_recv_timeout",
+    "shutdown_quietly",
+    "tune",
+    "urgent_priority",
+]
 
 
 def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
@@ -66,19 +68,3 @@ def shutdown_quietly(sock: socket.socket | None) -> None:
         return
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-class Backoff:
-    """Bounded exponential backoff: ``first`` doubling up to ``cap`` seconds."""
-
-    def __init__(self, first: float = 0.01, cap: float = 1.0) -> None:
-        self.first = first
-        self.cap = cap
-        self.delay = first
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-    def wait(self) -> None:
-        time.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.cap)

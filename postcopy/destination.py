@@ -505,7 +505,12 @@ class Destination:
     # -- the end ------------------------------------------------------------------------------------
 
     def _status_changed(self, status: MigrationStatus) -> None:
-        log.info("destination: %s", status.value)
+        if status is MigrationStatus.POSTCOPY_PAUSED:
+            log.warning("destination: postcopy paused: %s", self.session.last_break_reason)
+        elif status is MigrationStatus.SETUP and self.session.restarts:
+            log.warning("destination: the stream starts over: %s", self.session.last_break_reason)
+        else:
+            log.info("destination: %s", status.value)
         if self._on_status is not None:
             self._on_status(status.value)
 

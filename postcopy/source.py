@@ -215,7 +215,10 @@ class Source:
             case CloseChannels():
                 self._close_channels()
             case StatusChanged(status=status):
-                log.info("source: %s", status.value)
+                if status is MigrationStatus.POSTCOPY_PAUSED and self.session is not None:
+                    log.warning("source: postcopy paused: %s", self.session.last_pause_reason)
+                else:
+                    log.info("source: %s", status.value)
                 if self._on_status is not None:
                     self._on_status(status.value)
             case Finish():
