@@ -116,10 +116,13 @@ def test_live_stream_into_the_vmm_every_page_matches(start_live: Any, mem12: Pat
     report = live.report()
     assert live.handler.returncode == 0, live.log()
     m = report["migration"]
-    assert report["mode"] == "live" and report["error"] is None and report["handed_back"] is True
+    assert report["mode"] == "live"
+    assert report["error"] is None
+    assert report["handed_back"] is True
     assert m["status"] == "completed"
     assert m["pages"] == {"received": 3072, "total": 3072}
-    assert m["remote_faults"] > 0 and m["requests_sent"] > 0           # the VMM's faults became page requests
+    assert m["remote_faults"] > 0           # the VMM's faults became page requests
+    assert m["requests_sent"] > 0
     assert m["fault_latency_us"]["count"] > 0
     assert (m["preempt"]["normal_pages"] > 0) == preempt             # requested pages took the preempt channel
     assert {r["offset"] for r in report["vmm"]["regions"]} == {0, 8 * MiB}
@@ -184,7 +187,7 @@ def test_link_cut_mid_stream_recovers_and_metrics_scrape(start_live: Any, mem12:
             scraped = urllib.request.urlopen(f"http://127.0.0.1:{live.metrics_port}/metrics", timeout=5).read().decode()
             assert time.monotonic() < deadline + 30, (scraped, live.log())
             time.sleep(0.1)
-        out, err = source.communicate(timeout=90)
+        _out, err = source.communicate(timeout=90)
         assert source.returncode == 0, (err.decode(), live.log())
     finally:
         if source.poll() is None:
@@ -197,6 +200,7 @@ def test_link_cut_mid_stream_recovers_and_metrics_scrape(start_live: Any, mem12:
         assert family in scraped, scraped
     report = live.report()
     m = report["migration"]
-    assert m["status"] == "completed" and m["recoveries"] == 1
+    assert m["status"] == "completed"
+    assert m["recoveries"] == 1
     assert m["pages"]["received"] == 3072
     assert m["paused_seconds"] > 0
