@@ -204,3 +204,20 @@ def test_link_cut_mid_stream_recovers_and_metrics_scrape(start_live: Any, mem12:
     assert m["recoveries"] == 1
     assert m["pages"]["received"] == 3072
     assert m["paused_seconds"] > 0
+
+
+@pytest.mark.hugetlb
+def test_live_huge_pages_with_dontneed(start_live: Any, mem12: Path) -> None:
+    """2 MiB hugetlbfs regions: the stream's block has 2 MiB pages, each placed whole;
+    a removed huge page is unregistered (the kernel serves it as zeros)."""
+    live = start_live(mem12, vmm_args=("--page-size", str(2 * MiB), "--threads", "2",
+                                       "--dontneed", f"{2 * MiB},{2 * MiB}"))
+    src = live.source(mem12, "--mem-page-size", "2M")
+    assert src.returncode == 0, (src.stderr.decode(), live.log())
+    res = live.vmm_result()
+    assert res["ok"] == "1", (res, live.log())
+    assert int(res["checksum"], 16) == expected_checksum(mem12, 12 * MiB, zero=(2 * MiB, 2 * MiB))
+    report = live.report()
+    assert report["migration"]["status"] == "completed", live.log()
+    assert {r["page_size"] for r in report["vmm"]["regions"]} == {2 * MiB}
+    assert report["migration"]["vmm_events"]["removed_pages"] == 2 * MiB // 4096
