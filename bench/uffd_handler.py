@@ -10,7 +10,13 @@ when its record says every page is placed (report time_to_resident_seconds).
 
 Targets: p50 within 1.2x of the plain handler; fully resident >= 2x sooner.
 
-Usage: python3 bench/uffd_handler.py [--size-mib 1024] [--think-ns 2000]
+``--live`` adds a row for live mode: ``uffd-handler --listen`` fed by
+``postcopy source --mem-file`` over localhost TCP (preempt on); a fault there
+is a page request answered by the source, and "resident" is the source's
+migration time (connected -> completed: every page placed), so the source's
+start (reading the file) is not counted.
+
+Usage: python3 bench/uffd_handler.py [--size-mib 1024] [--think-ns 2000] [--live]
 """
 
 from __future__ import annotations
@@ -87,6 +93,32 @@ def run_ours(vmm: Path, mem: Path, tmp: Path, size: int, think_ns: int, fill: bo
             "handler_p50_us": v["latency_us"]["p50"], "fill_bytes": v["bytes"]["fill"]}
 
 
+def run_live(vmm: Path, mem: Path, tmp: Path, size: int, think_ns: int) -> dict[str, float]:
+    import socket
+
+    sock, report = tmp / "live.sock", tmp / "live.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    h = subprocess.Popen([sys.executable, "-m", "postcopy", "uffd-handler", "--socket", str(sock), "--listen",
+                          f"127.0.0.1:{port}", "--report", str(report)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    while not sock.exists():
+        time.sleep(0.02)
+    v = subprocess.Popen([*vmm_args(vmm, sock, mem, size, think_ns), "--wait-eof"], stdout=subprocess.PIPE, text=True)
+    src_report = tmp / "live-source.json"
+    subprocess.run([sys.executable, "-m", "postcopy", "source", "--mem-file", str(mem), "--connect", f"127.0.0.1:{port}",
+                    "--progress", "none", "--json", str(src_report)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    out, _ = v.communicate(timeout=300)
+    h.wait(timeout=60)
+    res = result(out)
+    m = json.loads(report.read_text())["migration"]
+    assert res["ok"] == "1", res
+    assert m["status"] == "completed", m
+    return {"p50_us": float(res["p50_us"]), "p99_us": float(res["p99_us"]), "faults": float(res["faults"]),
+            "resident_s": json.loads(src_report.read_text())["total_time_s"], "touch_s": float(res["touch_seconds"]),
+            "handler_p50_us": m["fault_latency_us"]["p50"]}
+
+
 def median(rs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rs) for k in rs[0]}
 
@@ -96,6 +128,8 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--think-ns", type=int, default=2000, help="guest work between two page reads (default 2000)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each handler, interleaved; medians are reported")
+    p.add_argument("--live", action="store_true", help="add live mode (a postcopy stream over localhost)")
+    p.add_argument("--only-live", action="store_true", help="live mode and the plain handler only")
     args = p.parse_args()
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="uffd-handler-bench-") as d:
@@ -103,18 +137,31 @@ def main() -> int:
         vmm, plain = build(tmp)
         mem = tmp / "mem.bin"
         memory_file(mem, size)
-        runs: dict[str, list[dict[str, float]]] = {"plain": [], "nofill": [], "fill": []}
-        for _ in range(args.rounds):   # interleaved, so a noisy neighbour hits all three alike
+        runs: dict[str, list[dict[str, float]]] = {"plain": [], "nofill": [], "fill": [], "live": []}
+        for _ in range(args.rounds):   # interleaved, so a noisy neighbour hits all alike
             runs["plain"].append(run_plain(plain, vmm, mem, tmp, size, args.think_ns))
-            runs["nofill"].append(run_ours(vmm, mem, tmp, size, args.think_ns, fill=False))
-            runs["fill"].append(run_ours(vmm, mem, tmp, size, args.think_ns, fill=True))
-    base, nofill, ours = (median(runs[k]) for k in ("plain", "nofill", "fill"))
+            if not args.only_live:
+                runs["nofill"].append(run_ours(vmm, mem, tmp, size, args.think_ns, fill=False))
+                runs["fill"].append(run_ours(vmm, mem, tmp, size, args.think_ns, fill=True))
+            if args.live or args.only_live:
+                runs["live"].append(run_live(vmm, mem, tmp, size, args.think_ns))
+    medians = {k: median(v) for k, v in runs.items() if v}
     print(f"guest {args.size_mib} MiB, 4 KiB pages, every page read once in a scattered order, "
           f"{args.think_ns} ns of work between reads; medians of {args.rounds} interleaved rounds")
-    print(f"{'handler':<28}{'faults':>9}{'p50 us':>9}{'p99 us':>9}{'resident s':>12}{'handler p50 us':>16}")
-    for name, r in (("plain C (on-demand)", base), ("uffd-handler --no-fill", nofill), ("uffd-handler (fill)", ours)):
-        print(f"{name:<28}{r['faults']:>9.0f}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['resident_s']:>12.3f}"
+    print(f"{'handler':<34}{'faults':>9}{'p50 us':>9}{'p99 us':>9}{'resident s':>12}{'handler p50 us':>16}")
+    names = {"plain": "plain C (on-demand)", "nofill": "uffd-handler --no-fill", "fill": "uffd-handler (fill)",
+             "live": "uffd-handler --listen (live)"}
+    for key, r in medians.items():
+        print(f"{names[key]:<34}{r['faults']:>9.0f}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['resident_s']:>12.3f}"
               f"{r.get('handler_p50_us', float('nan')):>16.1f}")
+    base = medians["plain"]
+    if "live" in medians:
+        live = medians["live"]
+        print(f"live: fault p50 {live['p50_us'] / base['p50_us']:.1f}x the plain handler's (a network round trip "
+              f"instead of a local copy); fully resident after {live['resident_s']:.2f} s of streaming")
+    if "fill" not in medians:
+        return 0
+    nofill, ours = medians["nofill"], medians["fill"]
     p50_ratio = ours["p50_us"] / base["p50_us"]
     p50_nofill = nofill["p50_us"] / base["p50_us"]
     speedup = base["resident_s"] / ours["resident_s"]

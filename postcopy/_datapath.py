@@ -26,6 +26,8 @@ __all__ = [
     "DataPathError",
     "DestinationPath",
     "Receiver",
+    "RemoteBlock",
+    "RemoteRegion",
     "SockBuf",
     "SourcePath",
     "decoded_items",
@@ -107,6 +109,55 @@ def _npages(block: RamBlock) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteRegion:
+    """Bytes [block_offset, block_offset + size) of a block live at ``base`` in another process."""
+
+    base: int
+    size: int
+    block_offset: int
+
+
+class RemoteBlock(RamBlock):
+    """A RAM block that lives in another process, behind that process's
+    userfaultfd ``uffd``, at the addresses ``regions`` give (Firecracker's
+    GuestRegionUffdMapping: parts of one memory file at unrelated addresses).
+
+    The destination data path places its pages with UFFDIO_COPY/ZEROPAGE
+    through ``uffd`` (which acts on the mm of the process that created it) and
+    reads that process's faults from it; this process never maps, reads or
+    writes the memory. ``addr`` is a placeholder, never dereferenced.
+    """
+
+    def __init__(self, idstr: str, used_length: int, page_size: int, uffd: int,
+                 regions: Sequence[RemoteRegion], placeholder_addr: int) -> None:
+        # not RamBlock.__init__: there is nothing to map here
+        self.idstr = idstr
+        self.used_length = used_length
+        self.page_size = page_size
+        self.backing = "anon" if page_size == TARGET_PAGE_SIZE else "hugetlbfs"
+        self.fd = None
+        self.addr = placeholder_addr
+        self.uffd = uffd
+        self.regions = tuple(regions)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Nothing to do: DestinationPath.discard refuses ranges with placed pages (they
+        cannot be zapped through a userfaultfd) and the rest holds nothing yet."""
+
+    def view(self) -> memoryview:
+        raise OSError(95, f"block {self.idstr} lives in another process")
+
+    def close(self) -> None:
+        self.addr = 0
+
+    def __del__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<RemoteBlock {self.idstr!r} {self.used_length:#x} bytes in {len(self.regions)} region(s), uffd {self.uffd}>"
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationCounters:
     faults: int
     faults_dropped: int
@@ -119,6 +170,12 @@ class DestinationCounters:
     blocktime_ns: int
     vcpu_blocktime_ns: tuple[int, ...]
     waiting: int
+    removes: int = 0
+    """Remote memory: UFFD_EVENT_REMOVE/UNMAP events read, pages they covered, faults
+    served with a zero page there, host pages no region maps (skipped)."""
+    removed_pages: int = 0
+    zero_faults: int = 0
+    unmapped_host_pages: int = 0
 
 
 class DestinationPath:
@@ -144,6 +201,24 @@ class DestinationPath:
                 raise ValueError(f"block {b.idstr}: rejected by the data path ({rc})")
         if lib.pc_dst_finish_setup(self._d) < 0:
             raise ValueError("RAM blocks overlap")
+        #: the blocks are another process's memory (RemoteBlock): placed and faulted through its uffd
+        self.remote = any(isinstance(b, RemoteBlock) for b in self.blocks)
+        if self.remote:
+            self._set_remote()
+
+    def _set_remote(self) -> None:
+        remote = [b for b in self.blocks if isinstance(b, RemoteBlock)]
+        if len(remote) != len(self.blocks) or len({b.uffd for b in remote}) != 1:
+            raise ValueError("remote RAM blocks must all live behind one userfaultfd, with no local block besides")
+        regions = [(r.base, r.size, r.block_offset, b.page_size, i)
+                   for i, b in enumerate(remote) for r in b.regions]
+        arr = ffi.new("pc_dst_region[]", len(regions))
+        for k, region in enumerate(regions):
+            arr[k] = region
+        if lib.pc_dst_set_remote(self._d, remote[0].uffd, arr, len(regions)) < 0:
+            raise ValueError(f"regions {regions} do not fit the blocks "
+                             f"{[(b.idstr, b.used_length, b.page_size) for b in remote]}: each must lie inside its "
+                             "block, at multiples of its page size, without overlapping another")
 
     def index(self, idstr: str) -> int:
         for i, b in enumerate(self.blocks):
@@ -176,6 +251,15 @@ class DestinationPath:
         return int(rc)
 
     def discard(self, index: int, offset: int, length: int) -> None:
+        if self.remote:
+            # Pages not placed yet need nothing; a placed page cannot be taken back out of
+            # another process's memory (nothing zaps it through a userfaultfd).
+            first = offset // TARGET_PAGE_SIZE
+            hit = self.received[index].find_next_set(first)
+            if hit < first + -(-length // TARGET_PAGE_SIZE) and hit < len(self.received[index]):
+                raise OSError(95, f"discard {self.blocks[index].idstr} offset {hit * TARGET_PAGE_SIZE:#x}: the page "
+                                  "is already placed in another process's memory and cannot be taken back")
+            return
         if lib.pc_dst_discard(self._d, index, offset, length) < 0:
             b = self.blocks[index]
             raise ValueError(f"discard {b.idstr} offset {offset:#x} length {length:#x}: outside the block")
@@ -204,6 +288,7 @@ class DestinationPath:
         return DestinationCounters(
             c.faults, c.faults_dropped, c.faults_outside, c.requests_sent, c.requests_failed,
             c.host_pages_placed, c.zero_host_pages_placed, c.eexist, bt[0], tuple(vb[0:nv]), nw[0],
+            c.removes, c.removed_pages, c.zero_faults, c.unmapped_host_pages,
         )
 
     def received_pages(self) -> int:

@@ -462,6 +462,12 @@ class Destination:
     def _register(self) -> None:
         """LISTEN: register guest memory with userfaultfd and start serving faults."""
         blocks = self.path.blocks
+        if self.path.remote:
+            # another process's memory (_datapath.RemoteBlock), registered by it with its own
+            # userfaultfd, which the data path already uses: only the fault service starts here
+            self._fault_stop = os.pipe()
+            self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0])
+            return
         features = Feature.THREAD_ID
         if any(b.backing == "hugetlbfs" for b in blocks):
             features |= Feature.MISSING_HUGETLBFS

@@ -9,7 +9,11 @@ memory. Two owners live here:
 * :class:`HeadlessMemory`: memory with no guest. As a destination it creates
   whatever RAM blocks the stream's setup declares and keeps the device state
   as received (a QEMU stream, a snapshot, memory served to another process);
-  as a source it sends memory it was given with saved device state.
+  as a source it sends memory it was given with saved device state
+  (:func:`memory_from_file`: the contents of a memory file);
+* :class:`RemoteMemory`: another process's memory behind its userfaultfd (a
+  VMM that handed its uffd over, Firecracker style), as a destination: the
+  stream's one RAM block lives there, in regions mapped by file offset.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from uffd import PAGE_4K, GuestMemory, RamBlock
+from uffd._native import lib
 
 from . import wire
+from ._datapath import RemoteBlock, RemoteRegion
 from .guest import Guest, Pattern
 from .session import MigrationFailed
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, SpecError, decode_device_state, encode_device_state
 
-__all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner"]
+__all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "memory_from_file"]
 
 #: The machine type our own configuration section names.
 BUILTIN_MACHINE_TYPE = "postcopy-builtin-1"
@@ -220,3 +226,107 @@ class HeadlessMemory:
     def close(self) -> None:
         if self.memory is not None:
             self.memory.close()
+
+
+def memory_from_file(path: str, idstr: str = "mem", page_size: int = PAGE_4K) -> GuestMemory:
+    """One RAM block ``idstr`` holding the whole file (a source's memory, e.g. a
+    Firecracker snapshot's memory file); its size must be a multiple of ``page_size``."""
+    import os
+
+    size = os.stat(path).st_size
+    if size == 0 or size % page_size:
+        raise ValueError(f"memory file {path}: {size} bytes is not a positive multiple of the page size {page_size}")
+    block = RamBlock(idstr, size, page_size, "anon" if page_size == PAGE_4K else "hugetlbfs")
+    try:
+        view = block.view()
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:done + (64 << 20)])
+                if not n:
+                    raise ValueError(f"memory file {path} shrank while read ({done} of {size} bytes)")
+                done += n
+        view.release()
+    except BaseException:
+        block.close()
+        raise
+    return GuestMemory([block])
+
+
+class RemoteMemory:
+    """Another process's memory behind its userfaultfd, as a destination.
+
+    ``regions`` are (address in that process, size, offset in the stream's one
+    RAM block, page size), e.g. Firecracker's GuestRegionUffdMapping with the
+    block being the memory file. The block the stream declares must hold every
+    region and have their page size; its pages are placed through ``uffd`` and
+    that process's faults are read from it (see _datapath.RemoteBlock). The
+    memory cannot be discarded or reset from here: a placed page stays placed.
+    """
+
+    def __init__(self, uffd: int, regions: Sequence[tuple[int, int, int, int]]) -> None:
+        if not regions:
+            raise ValueError("no regions")
+        sizes = {r[3] for r in regions}
+        if len(sizes) != 1:
+            raise ValueError(f"regions of several page sizes {sorted(sizes)}: a stream's block has one")
+        self.uffd = uffd
+        self.regions = tuple(regions)
+        self.page_size = sizes.pop()
+        self.span = max(offset + size for _b, size, offset, _p in self.regions)
+        self.device_sections: tuple[wire.DeviceSection, ...] = ()
+        self._blocks: list[RamBlock] = []
+
+    def block_page_sizes(self) -> dict[str, int]:
+        return {}       # the stream names its block; provide_blocks checks the page size it declares
+
+    def provide_blocks(self, layout: wire.RamLayout) -> Sequence[RamBlock]:
+        theirs = [(b.idstr, b.used_length, b.host_page_size) for b in layout.blocks]
+        if len(layout.blocks) != 1:
+            raise MigrationFailed("ram_layout", f"the stream declares RAM blocks {theirs}; live postcopy into another "
+                                                "process's memory takes exactly one (the memory file)")
+        (b,) = layout.blocks
+        if b.used_length < self.span or b.host_page_size != self.page_size:
+            raise MigrationFailed("ram_layout", f"the stream's block {b.idstr!r} ({b.used_length:#x} bytes, pages of "
+                                                f"{b.host_page_size}) cannot hold the regions, which reach file offset "
+                                                f"{self.span:#x} with pages of {self.page_size}")
+        regions = [RemoteRegion(base, size, offset) for base, size, offset, _ps in self.regions]
+        self._blocks = [RemoteBlock(b.idstr, b.used_length, b.host_page_size, self.uffd, regions, 0)]
+        return list(self._blocks)
+
+    def ram_blocks(self) -> Sequence[RamBlock]:
+        return list(self._blocks)
+
+    def configuration(self) -> wire.Configuration:
+        return wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
+
+    def stop(self) -> None:
+        pass
+
+    def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
+        return self.device_sections
+
+    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+        self.device_sections = tuple(sections)
+
+    def start(self) -> None:
+        pass        # that process runs already; its faults wait for the stream
+
+    def vcpu_thread_ids(self) -> Sequence[int]:
+        return []
+
+    def reset(self) -> None:
+        if self._blocks:
+            raise MigrationFailed("reset", "the stream broke before RUN and would start over, but pages already "
+                                           "placed in another process's memory cannot be taken back")
+
+    def hand_back(self) -> None:
+        """After the migration: unregister every region from the uffd, so that process
+        runs on its own memory (its later MADV_DONTNEED reads zeros without us)."""
+        for base, size, _offset, _ps in self.regions:
+            rc = lib.pc_uffd_unregister(self.uffd, base, size)
+            if rc < 0 and rc != -3:     # ESRCH: that process is gone
+                raise OSError(-rc, f"UFFDIO_UNREGISTER [{base:#x}, {base + size:#x})")
+
+    def close(self) -> None:
+        self._blocks = []

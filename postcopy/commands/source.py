@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="hash every page at the switch (compare with the destination's)")
     p.add_argument("--hashes-out", help="write the pages' hashes at the switch here")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    mem = p.add_argument_group("memory file (instead of the built-in guest)")
+    mem.add_argument("--mem-file", metavar="FILE",
+                     help="send the contents of this file as one RAM block, with no guest (e.g. a Firecracker "
+                          "snapshot's memory, to postcopy uffd-handler --listen)")
+    mem.add_argument("--mem-idstr", default="mem", help="the block's idstr (default mem)")
+    mem.add_argument("--mem-page-size", default="4K", choices=["4K", "2M"],
+                     help="the block's host page size: the VMM's regions' page size (default 4K)")
     add_service_arguments(p)
 
 
@@ -72,6 +79,8 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mem_file is not None:
+        return _run_mem_file(args)
     spec = guest_spec(args)
     address = None if args.qmp else parse_address(args.connect)
     try:
@@ -132,4 +141,57 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if service is None or not service.worker_running:
             guest.close()
+            memory.close()
+
+
+def _run_mem_file(args: argparse.Namespace) -> int:
+    """Send a memory file (no guest runs: nothing is dirtied, the switch to postcopy comes at once)."""
+    from postcopy.owner import HeadlessMemory, memory_from_file
+    from postcopy.spec import BlockSpec, GuestSpec
+
+    address = None if args.qmp else parse_address(args.connect)
+    try:
+        cap = parse_size(args.bandwidth_cap)
+        page_size = parse_size(args.mem_page_size)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        memory = memory_from_file(args.mem_file, args.mem_idstr, page_size)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--mem-file {args.mem_file}: {exc}") from None
+    (block,) = list(memory)
+    spec = GuestSpec(blocks=(BlockSpec(block.idstr, block.used_length, page_size),), vcpus=0)
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    progress = Progress("source", args.progress, stream)
+    service: SourceService[int] | None = None
+    try:
+        try:
+            service = SourceService(spec, memory, None, preempt=args.preempt, bandwidth_cap=cap, verify=args.verify,
+                                    connect=address, connect_timeout=args.connect_timeout,
+                                    options=service_options(args, progress), owner=HeadlessMemory(memory))
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        svc = service
+
+        def finish(result: MigrationStats) -> int:
+            write_json(_report(result, list(svc.timeline)), args.json)
+            return 0
+
+        try:
+            outcome = service.run(finish)
+        except MigrationAbandoned as exc:
+            progress.close()
+            print(f"postcopy source: {exc}; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        err = outcome.error
+        if (isinstance(err, MigrationFailed) and err.kind == "connect") or isinstance(err, ConnectionRefusedError):
+            raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
+        if err is not None:
+            raise UserError(f"migration failed ({getattr(err, 'kind', type(err).__name__)}): {err}")
+        return int(outcome.finished or 0)
+    finally:
+        progress.close()
+        if service is None or not service.worker_running:
             memory.close()

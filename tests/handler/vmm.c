@@ -8,7 +8,10 @@
  *
  * usage: vmm SOCKET MEMFILE [--page-size N] [--regions A,B] [--json new|old|kib]
  *            [--threads T] [--seed S] [--pause-at N] [--dontneed OFF,LEN] [--measure] [--think-ns N]
+ *            [--wait-eof]
  * Region 1 maps file [0, A), region 2 file [A, A+B); region 2 lies below region 1.
+ * --wait-eof: before exiting, wait until the handler closes the connection (live mode:
+ * the migration ends after the last page was read).
  * Prints "RESULT ok=1 pages=N mismatches=M checksum=X ..." (and latency with --measure). */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,7 +35,7 @@ static uint64_t page_size = PG, size1 = 8 << 20, size2 = 4 << 20;
 static const char *json_style = "new";
 static int threads = 1;
 static uint64_t seed = 1, pause_at = 0, dn_off = 0, dn_len = 0;
-static int measure = 0;
+static int measure = 0, wait_eof = 0;
 static uint64_t think_ns = 0;
 static uint8_t *r1, *r2;
 static const uint8_t *file;
@@ -140,6 +143,7 @@ int main(int argc, char **argv)
         else if (!strcmp(o, "--pause-at")) pause_at = strtoull(v, NULL, 0), i++;
         else if (!strcmp(o, "--dontneed")) sscanf(v, "%lu,%lu", &dn_off, &dn_len), i++;
         else if (!strcmp(o, "--measure")) measure = 1;
+        else if (!strcmp(o, "--wait-eof")) wait_eof = 1;
         else if (!strcmp(o, "--think-ns")) think_ns = strtoull(v, NULL, 0), i++;
         else { fprintf(stderr, "vmm: unknown option %s\n", o); return 2; }
     }
@@ -239,6 +243,11 @@ int main(int argc, char **argv)
     }
     printf("\n");
     fflush(stdout);
+    if (wait_eof) {
+        char b[256];
+        while (read(s, b, sizeof b) > 0)
+            ;
+    }
     close(s);
     return mismatches == 0 && zero_bad == 0 ? 0 : 1;
 }

@@ -45,6 +45,12 @@ pc_dst *pc_dst_new(uint32_t nblocks)
     d->rp_last_block = -1;
     pthread_mutex_init(&d->rp_lock, NULL);
     pthread_mutex_init(&d->wlock, NULL);
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    /* the fault thread's reads must not starve behind a stream of placements */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&d->place_lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
     return d;
 }
 
@@ -60,6 +66,13 @@ void pc_dst_free(pc_dst *d)
     free(d->descs);
     free(d->desc_block);
     free(d->infos);
+    if (d->removed)
+        for (uint32_t i = 0; i < d->nblocks; i++)
+            pc_bitmap_free(d->removed[i]);
+    free(d->removed);
+    free(d->regions);
+    free(d->rdescs);
+    pthread_rwlock_destroy(&d->place_lock);
     pthread_mutex_destroy(&d->rp_lock);
     pthread_mutex_destroy(&d->wlock);
     free(d);
@@ -125,6 +138,62 @@ int pc_dst_finish_setup(pc_dst *d)
 }
 
 void pc_dst_set_uffd(pc_dst *d, int uffd) { __atomic_store_n(&d->uffd, uffd, __ATOMIC_RELEASE); }
+
+int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_t n)
+{
+    if (d->remote || !d->zero_buf || n == 0)
+        return -EINVAL;
+    for (uint32_t i = 0; i < n; i++) {
+        const pc_dst_region *r = &regions[i];
+        if (r->block >= d->nblocks)
+            return -EINVAL;
+        const pc_dst_block *b = &d->blocks[r->block];
+        if (r->page_size != b->host_page_size || r->size == 0 || r->size % r->page_size || r->base % r->page_size ||
+            r->block_offset % r->page_size || r->block_offset > b->length || r->size > b->length - r->block_offset)
+            return -EINVAL;
+        for (uint32_t j = 0; j < i; j++) {
+            const pc_dst_region *q = &regions[j];
+            if (r->base < q->base + q->size && q->base < r->base + r->size)
+                return -EINVAL;     /* overlapping in memory */
+            if (r->block == q->block && r->block_offset < q->block_offset + q->size &&
+                q->block_offset < r->block_offset + r->size)
+                return -EINVAL;     /* two places for the same bytes */
+        }
+    }
+    d->regions = calloc(n, sizeof(*d->regions));
+    d->rdescs = calloc(n, sizeof(*d->rdescs));
+    d->removed = calloc(d->nblocks, sizeof(*d->removed));
+    if (!d->regions || !d->rdescs || !d->removed)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < d->nblocks; i++)
+        if (!(d->removed[i] = pc_bitmap_new(d->blocks[i].length / PC_TARGET_PAGE_SIZE)))
+            return -ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {     /* insertion sort by base */
+        uint32_t j = i;
+        while (j && d->regions[j - 1].base > regions[i].base) {
+            d->regions[j] = d->regions[j - 1];
+            j--;
+        }
+        d->regions[j] = regions[i];
+    }
+    for (uint32_t i = 0; i < n; i++)
+        d->rdescs[i] = (pc_block_desc){ d->regions[i].base, d->regions[i].size, d->regions[i].page_size, NULL, NULL };
+    d->nregions = n;
+    d->remote = 1;
+    __atomic_store_n(&d->uffd, uffd, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* The region holding host page host_off of block bi, or NULL. */
+static const pc_dst_region *remote_region(const pc_dst *d, uint32_t bi, uint64_t host_off)
+{
+    for (uint32_t i = 0; i < d->nregions; i++) {
+        const pc_dst_region *r = &d->regions[i];
+        if (r->block == bi && host_off >= r->block_offset && host_off - r->block_offset < r->size)
+            return r;
+    }
+    return NULL;
+}
 
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n)
 {
@@ -334,10 +403,160 @@ static void page_waited(pc_dst *d, const pc_fault *f)
     pthread_mutex_unlock(&d->wlock);
 }
 
+/* Faults read and mapped to (stream block, host page offset): a request for
+ * each new one on the return path, and every one recorded as a waiter. */
+static void request_pages(pc_dst *d, pc_fault *faults, int n)
+{
+    pthread_mutex_lock(&d->rp_lock);
+    for (int i = 0; i < n; i++) {
+        pc_fault *f = &faults[i];
+        if (f->status == PC_FAULT_OUTSIDE) {
+            d->c.faults_outside++;
+            continue;
+        }
+        if (f->status == PC_FAULT_NEW) {
+            pc_dst_block *b = &d->blocks[f->block];
+            /* On failure the request stays outstanding (requested bit
+             * set) and is sent again by pc_dst_resend_requests. */
+            if (send_request_locked(d, f->block, f->offset) == 0) {
+                uint64_t sent = pc_now_ns();
+                __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], sent, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&d->c.requests_sent, 1, __ATOMIC_RELAXED);
+                pthread_mutex_lock(&d->wlock);
+                ring_put(d, PC_LAT_REQUEST, sent - f->t_ns);
+                pthread_mutex_unlock(&d->wlock);
+            } else {
+                __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], f->t_ns, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&d->c.requests_failed, 1, __ATOMIC_RELAXED);
+            }
+        }
+    }
+    pthread_mutex_unlock(&d->rp_lock);
+    for (int i = 0; i < n; i++)
+        if (faults[i].status != PC_FAULT_OUTSIDE)
+            page_waited(d, &faults[i]);
+}
+
+/* Remote memory, under the write side of place_lock: UFFD_EVENT_REMOVE
+ * (MADV_DONTNEED, a balloon) of [start, end): those pages read as zeros from
+ * now on. They count as received (nothing is asked for or placed there any
+ * more; a page that still arrives becomes a zero page); 4 KiB ranges are
+ * woken so a thread already waiting there faults again and gets a zero page;
+ * huge-page ranges are unregistered (there is no ZEROPAGE for them: the
+ * kernel fills them with zeros itself from then on, and unregistering wakes). */
+static void remote_removed(pc_dst *d, uint64_t start, uint64_t end)
+{
+    d->c.removes++;
+    for (uint32_t i = 0; i < d->nregions; i++) {
+        const pc_dst_region *r = &d->regions[i];
+        uint64_t lo = start > r->base ? start : r->base, hi = end < r->base + r->size ? end : r->base + r->size;
+        if (lo >= hi)
+            continue;
+        lo = lo / r->page_size * r->page_size;
+        hi = (hi + r->page_size - 1) / r->page_size * r->page_size;
+        pc_dst_block *b = &d->blocks[r->block];
+        uint64_t first = (r->block_offset + (lo - r->base)) / PC_TARGET_PAGE_SIZE, n = (hi - lo) / PC_TARGET_PAGE_SIZE;
+        pc_bitmap_set_range_atomic(d->removed[r->block], first, n);
+        pc_bitmap_set_range_atomic(b->received, first, n);
+        d->c.removed_pages += n;
+        if (r->page_size > PC_TARGET_PAGE_SIZE)
+            pc_uffd_unregister(d->uffd, lo, hi - lo);
+        else
+            pc_uffd_wake(d->uffd, lo, hi - lo);
+    }
+}
+
+/* Remote memory: a fault on a removed page gets a zero page at once. */
+static void remote_zero_fault(pc_dst *d, const pc_dst_region *r, const pc_fault *f)
+{
+    uint64_t dst = r->base + f->offset;
+    int64_t done = 0;
+    int rc = r->page_size == PC_TARGET_PAGE_SIZE ? pc_uffd_zeropage(d->uffd, dst, r->page_size, 0, &done)
+                                                 : pc_uffd_wake(d->uffd, dst, r->page_size);
+    if (rc == -EAGAIN)      /* another event pending: let the thread fault again after we read it */
+        pc_uffd_wake(d->uffd, dst, r->page_size);
+    uint64_t now = pc_now_ns();
+    pthread_mutex_lock(&d->wlock);
+    d->c.zero_faults++;
+    ring_put(d, PC_LAT_FAULT, now - f->t_ns);
+    d->c.latency_samples++;
+    pthread_mutex_unlock(&d->wlock);
+}
+
+static int remote_fault_service_run(pc_dst *d, int stop_fd)
+{
+    enum { BATCH = 64 };
+    pc_fault faults[BATCH];
+    pc_uffd_event events[BATCH];
+    struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    for (;;) {
+        int pr = poll(pfd, 2, -1);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (pfd[1].revents)
+            return 0;
+        if (pfd[0].revents & (POLLERR | POLLNVAL))
+            return -EBADF;
+        for (;;) {
+            uint32_t nother = 0;
+            pthread_rwlock_wrlock(&d->place_lock);
+            int n = pc_read_faults_ex(d->uffd, d->rdescs, d->nregions, faults, BATCH, NULL, events, BATCH, &nother);
+            for (uint32_t i = 0; n >= 0 && i < nother; i++) {
+                const pc_uffd_event *e = &events[i];
+                if (e->event == UFFD_EVENT_REMOVE || e->event == UFFD_EVENT_UNMAP)
+                    remote_removed(d, e->a, e->b);      /* unmapped: nothing to place there either */
+                else if (e->event == UFFD_EVENT_FORK && e->ufd >= 0)
+                    close(e->ufd);                      /* not ours to serve */
+            }
+            pthread_rwlock_unlock(&d->place_lock);
+            if (n == -EAGAIN)
+                break;
+            if (n < 0)
+                return n;
+            /* regions -> (stream block, offset in it); filter as pc_read_faults does for local blocks */
+            int m = 0;
+            uint32_t dropped = 0;
+            for (int i = 0; i < n; i++) {
+                pc_fault *f = &faults[i];
+                if (f->status == PC_FAULT_OUTSIDE) {
+                    pc_uffd_wake(d->uffd, f->address & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1), PC_TARGET_PAGE_SIZE);
+                    faults[m++] = *f;
+                    continue;
+                }
+                const pc_dst_region *r = &d->regions[f->block];
+                uint64_t page = (r->block_offset + f->offset) / PC_TARGET_PAGE_SIZE;
+                pc_dst_block *b = &d->blocks[r->block];
+                if (pc_bitmap_test(d->removed[r->block], page)) {
+                    remote_zero_fault(d, r, f);
+                    continue;
+                }
+                if (pc_bitmap_test(b->received, page)) {
+                    dropped++;      /* placed after the fault was queued: the copy woke the thread */
+                    continue;
+                }
+                f->block = r->block;
+                f->offset += r->block_offset;
+                f->status = pc_bitmap_test_and_set_atomic(b->requested, page) ? PC_FAULT_ALREADY_REQUESTED : PC_FAULT_NEW;
+                faults[m++] = *f;
+            }
+            __atomic_add_fetch(&d->c.faults, (uint64_t)n, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&d->c.faults_dropped, dropped, __ATOMIC_RELAXED);
+            request_pages(d, faults, m);
+            if (n + (int)nother < BATCH)
+                break;
+        }
+    }
+}
+
 int pc_fault_service_run(pc_dst *d, int stop_fd)
 {
     enum { BATCH = 64 };
     pc_fault faults[BATCH];
+    if (d->remote)
+        return remote_fault_service_run(d, stop_fd);
     struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
     for (;;) {
         int pr = poll(pfd, 2, -1);
@@ -362,34 +581,7 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
                 if (faults[i].status != PC_FAULT_OUTSIDE)
                     faults[i].block = d->desc_block[faults[i].block];
             __atomic_add_fetch(&d->c.faults_dropped, dropped, __ATOMIC_RELAXED);
-            pthread_mutex_lock(&d->rp_lock);
-            for (int i = 0; i < n; i++) {
-                pc_fault *f = &faults[i];
-                if (f->status == PC_FAULT_OUTSIDE) {
-                    d->c.faults_outside++;
-                    continue;
-                }
-                if (f->status == PC_FAULT_NEW) {
-                    pc_dst_block *b = &d->blocks[f->block];
-                    /* On failure the request stays outstanding (requested bit
-                     * set) and is sent again by pc_dst_resend_requests. */
-                    if (send_request_locked(d, f->block, f->offset) == 0) {
-                        uint64_t sent = pc_now_ns();
-                        __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], sent, __ATOMIC_RELAXED);
-                        __atomic_add_fetch(&d->c.requests_sent, 1, __ATOMIC_RELAXED);
-                        pthread_mutex_lock(&d->wlock);
-                        ring_put(d, PC_LAT_REQUEST, sent - f->t_ns);
-                        pthread_mutex_unlock(&d->wlock);
-                    } else {
-                        __atomic_store_n(&b->request_ns[f->offset / b->host_page_size], f->t_ns, __ATOMIC_RELAXED);
-                        __atomic_add_fetch(&d->c.requests_failed, 1, __ATOMIC_RELAXED);
-                    }
-                }
-            }
-            pthread_mutex_unlock(&d->rp_lock);
-            for (int i = 0; i < n; i++)
-                if (faults[i].status != PC_FAULT_OUTSIDE)
-                    page_waited(d, &faults[i]);
+            request_pages(d, faults, n);
             if (n < BATCH)
                 break;
         }
@@ -468,6 +660,70 @@ static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...)
     return code;
 }
 
+/* Remote memory: place one host page through the owner's uffd at the address
+ * of the region that maps it. Under the read side of place_lock, so that a
+ * REMOVE read by the fault thread is either seen here (a zero page instead)
+ * or read after this copy (and the owner's zap then clears it). */
+static int place_remote(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
+{
+    pc_dst *d = rx->dst;
+    pc_dst_block *b = &d->blocks[bi];
+    const pc_dst_region *r = remote_region(d, bi, host_off);
+    if (!r) {
+        __atomic_add_fetch(&d->c.unmapped_host_pages, 1, __ATOMIC_RELAXED);
+        return 0;       /* no region of the owner holds these bytes */
+    }
+    uint64_t hps = b->host_page_size, dst = r->base + (host_off - r->block_offset);
+    uint64_t first = host_off / PC_TARGET_PAGE_SIZE, deadline = 0, backoff_ns = 1000;
+    for (;;) {
+        int64_t done = 0;
+        int rc, zero = 0;
+        pthread_rwlock_rdlock(&d->place_lock);
+        if (pc_bitmap_test(d->removed[bi], first)) {
+            zero = 1;   /* removed: it reads zeros (huge pages: unregistered, the kernel does it) */
+            rc = hps == PC_TARGET_PAGE_SIZE ? pc_uffd_zeropage(d->uffd, dst, hps, 0, &done) : 0;
+        } else if (!src && b->zeroable) {
+            zero = 1;
+            rc = pc_uffd_zeropage(d->uffd, dst, hps, 0, &done);
+        } else {
+            rc = pc_uffd_copy(d->uffd, dst, (uint64_t)(uintptr_t)(src ? src : d->zero_buf), hps, 0, &done);
+        }
+        pthread_rwlock_unlock(&d->place_lock);
+        if (rc == -EAGAIN) {
+            /* The owner is changing its mappings (a REMOVE not read yet):
+             * wait for the fault thread to read it, lock released. */
+            uint64_t now = pc_now_ns();
+            if (!deadline)
+                deadline = now + 30ull * 1000000000ull;
+            if (__atomic_load_n(&rx->stop, __ATOMIC_ACQUIRE))
+                return rx_fail(rx, PC_RX_E_IO, EINTR, "stopped while the memory owner's mappings were changing");
+            if (now > deadline)
+                return rx_fail(rx, PC_RX_E_PLACE, EAGAIN, "%s offset 0x%llx: the memory owner's mappings kept "
+                               "changing for 30 s (are its userfaultfd events being read?)", b->idstr,
+                               (unsigned long long)host_off);
+            struct timespec ts = { 0, (long)backoff_ns };
+            nanosleep(&ts, NULL);
+            if (backoff_ns < 1000000)
+                backoff_ns *= 2;
+            continue;
+        }
+        if (rc == -EEXIST) {
+            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        if (rc == -ENOENT) {    /* the owner unmapped it (its UNMAP event may still be unread) */
+            __atomic_add_fetch(&d->c.unmapped_host_pages, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        if (rc < 0)
+            return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx (address 0x%llx of the memory owner): %s",
+                           zero ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY", b->idstr, (unsigned long long)host_off,
+                           (unsigned long long)dst,
+                           rc == -ESRCH ? "the process that owns this memory is gone" : strerror(-rc));
+        return 0;
+    }
+}
+
 /* Place one complete host page. src is HPS bytes, or NULL when all zero. */
 static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
 {
@@ -481,7 +737,11 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
         for (uint64_t i = 0; i < ntp; i++)
             b->hashes[first + i] = src ? pc_page_hash(src + i * PC_TARGET_PAGE_SIZE) : pc_zero_page_hash();
     }
-    if (uffd < 0) {
+    if (d->remote) {
+        int rc = place_remote(rx, bi, host_off, src);
+        if (rc)
+            return rc;
+    } else if (uffd < 0) {
         /* Before LISTEN nothing is registered: plain writes (precopy). */
         if (src)
             memcpy((void *)(uintptr_t)dst, src, hps);

@@ -43,7 +43,14 @@ typedef struct pc_dst_waiter { uint64_t host_off, t_ns; uint32_t block, tid; int
 typedef struct pc_dst_counters {
     uint64_t faults, faults_dropped, faults_outside, requests_sent, requests_failed;
     uint64_t host_pages_placed, zero_host_pages_placed, eexist, latency_samples;
+    /* remote memory only (pc_dst_set_remote) */
+    uint64_t removes, removed_pages, zero_faults, unmapped_host_pages;
 } pc_dst_counters;
+
+/* Remote memory: a region of another process's memory (mapped by its own
+ * userfaultfd) holding [block_offset, block_offset + size) of RAM block
+ * `block`. page_size must be the block's host page size. */
+typedef struct pc_dst_region { uint64_t base, size, block_offset, page_size; uint32_t block; } pc_dst_region;
 
 typedef struct pc_dst {
     int uffd;                           /* -1 before LISTEN: pages are written with memcpy */
@@ -71,6 +78,17 @@ typedef struct pc_dst {
     uint64_t rings[3][PC_DST_LATENCY_RING];
     uint64_t ring_head[3], ring_tail[3];
     pc_dst_counters c;
+    /* remote memory (pc_dst_set_remote): the blocks live in another process,
+     * behind its userfaultfd; this process never touches them. */
+    int remote;
+    uint32_t nregions;
+    pc_dst_region *regions;             /* sorted by base */
+    pc_block_desc *rdescs;              /* the regions, for pc_read_faults_ex (no bitmaps) */
+    pc_bitmap **removed;                /* per block, per target page: UFFD_EVENT_REMOVE read */
+    /* placements (read side) vs. the fault thread's reads of the uffd (write
+     * side): once a REMOVE is read and marked, no placement that checked
+     * before it can still copy stale bytes after the owner zaps the range. */
+    pthread_rwlock_t place_lock;
 } pc_dst;
 
 pc_dst *pc_dst_new(uint32_t nblocks);
@@ -81,6 +99,14 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
                      uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes);
 int pc_dst_finish_setup(pc_dst *d);     /* after the last set_block: checks overlaps, allocates buffers */
 void pc_dst_set_uffd(pc_dst *d, int uffd);
+/* After pc_dst_finish_setup: the blocks are another process's memory, mapped
+ * by `regions` (any order) and registered by that process with `uffd`. Every
+ * placement is a UFFDIO_COPY/ZEROPAGE through uffd at the region's address
+ * (never a write here, even before LISTEN); host pages no region maps are
+ * counted as received and skipped; pc_fault_service_run reads that uffd
+ * (faults, and UFFD_EVENT_REMOVE: the range reads zeros from then on).
+ * 0 or -EINVAL (a region outside its block, overlapping, or of another page size). */
+int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_t n);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */
 void pc_dst_set_rp(pc_dst *d, int fd);
