@@ -24,9 +24,11 @@ from postcopy.spec import SpecError, parse_size
 from .common import (
     Progress,
     add_guest_arguments,
+    add_precopy_arguments,
     add_service_arguments,
     guest_spec,
     parse_address,
+    precopy_policy,
     service_options,
     write_hashes,
     write_json,
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="hash every page at the switch (compare with the destination's)")
     p.add_argument("--hashes-out", help="write the pages' hashes at the switch here")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
+    add_precopy_arguments(p)
     add_service_arguments(p)
 
 
@@ -65,6 +68,8 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
                   "requested": c["request_pages_sent"]},
         "requests_received": c["requests"],
         "bad_requests": result.bad_requests,
+        "discard_ranges": result.discard_ranges,
+        "precopy": result.precopy.as_dict() if result.precopy is not None else None,
         "counters": c,
         "timeline": timeline,
     }
@@ -72,6 +77,7 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
 
 def run(args: argparse.Namespace) -> int:
     spec = guest_spec(args)
+    policy = precopy_policy(args)
     address = None if args.qmp else parse_address(args.connect)
     try:
         cap = parse_size(args.bandwidth_cap)
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
-                                    options=options)
+                                    options=options, precopy=policy, tracking=args.dirty_tracking)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service

@@ -745,5 +745,10 @@ int64_t pc_src_send_discards(pc_src *s)
     if (used && rc == 0)
         rc = pc_src_chan_write(s, PC_CHAN_MAIN, buf, used);
     free(buf);
+    /* As QEMU's ram_postcopy_send_discard_bitmap: the next page on main names
+     * its block again (the destination's postcopy receiver starts afresh). */
+    pthread_mutex_lock(&s->chan[PC_CHAN_MAIN].lock);
+    s->chan[PC_CHAN_MAIN].last_block = -1;
+    pthread_mutex_unlock(&s->chan[PC_CHAN_MAIN].lock);
     return rc < 0 ? rc : total;
 }
