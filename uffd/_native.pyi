@@ -68,6 +68,7 @@ class _Lib:
     PC_LAT_REPLY: Final[int]
     PC_LAT_REQUEST: Final[int]
     PC_MIG_CMD_PING: Final[int]
+    PC_MIG_CMD_POSTCOPY_RAM_DISCARD: Final[int]
     PC_RAM_FLAG_COMPRESS_PAGE: Final[int]
     PC_RAM_FLAG_CONTINUE: Final[int]
     PC_RAM_FLAG_EOS: Final[int]
