@@ -13,7 +13,7 @@ from importlib import metadata
 from types import MappingProxyType
 from typing import Any, Final, Literal, overload
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from metrics._collectors import MigrationCollector
 from metrics._vocabulary import CHANNELS, PAGE_KINDS, PROTOCOL_ERROR_KINDS, REFUSAL_REASONS, ROLES, Role
@@ -103,6 +103,14 @@ class SourceMetrics(Metrics):
 
     request_service_latency: Histogram
     """Page request received -> requested page written to its channel."""
+    precopy_rounds: Counter
+    """Precopy rounds started (pages sent while the guest ran)."""
+    precopy_bytes: Counter
+    """Main-channel bytes of the precopy rounds."""
+    precopy_dirty_pages: Gauge
+    """Pages the last precopy round's scan found written."""
+    precopy_dirty_rate: Gauge
+    """Pages per second the guest wrote during the last precopy round."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +237,15 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
                 "postcopy_page_request_service_seconds",
                 "Page request received -> requested page written to its channel.",
             ),
+            precopy_rounds=Counter("postcopy_precopy_rounds", "Precopy rounds started before the switch.",
+                                   registry=registry),
+            precopy_bytes=Counter("postcopy_precopy_bytes", "Main-channel bytes sent by precopy rounds.",
+                                  registry=registry),
+            precopy_dirty_pages=Gauge("postcopy_precopy_dirty_pages",
+                                      "Target pages the last precopy round's scan found written.", registry=registry),
+            precopy_dirty_rate=Gauge("postcopy_precopy_dirty_rate_pages_per_second",
+                                     "Target pages per second the guest wrote during the last precopy round.",
+                                     registry=registry),
         )
     refused = Counter(
         "postcopy_refused_connections",

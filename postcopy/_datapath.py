@@ -450,6 +450,22 @@ class SourcePath:
     def dirty_pages(self) -> int:
         return int(lib.pc_src_dirty_pages(self._s))
 
+    def set_round_mode(self, on: bool) -> None:
+        """Precopy: the next :meth:`run_bulk` is one pass from the first page (on), or the
+        postcopy stream that looks again until nothing is dirty (off)."""
+        lib.pc_src_set_round_mode(self._s, int(on))
+
+    def end_round(self) -> None:
+        """Cut the precopy pass in progress short (run_bulk returns STOPPED)."""
+        lib.pc_src_end_round(self._s)
+
+    def send_discards(self) -> int:
+        """POSTCOPY_RAM_DISCARD on main for every run of dirty pages; returns the ranges."""
+        rc = int(lib.pc_src_send_discards(self._s))
+        if rc < 0:
+            raise ConnectionError(-rc, "write of the discards on the main channel failed")
+        return rc
+
     def serve_return_path(self) -> int:
         """Serve page requests until a control message, EOF, a bad request or a stop."""
         rc = int(lib.pc_src_rp_run(self._s))

@@ -18,8 +18,11 @@ memory. Two owners live here:
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from uffd import PAGE_4K, GuestMemory, RamBlock
@@ -31,11 +34,25 @@ from .guest import Guest, Pattern
 from .session import MigrationFailed
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, SpecError, decode_device_state, encode_device_state
 
-__all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "memory_from_file"]
+__all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "WriterProcess", "memory_from_file"]
 
 #: The machine type our own configuration section names.
 BUILTIN_MACHINE_TYPE = "postcopy-builtin-1"
 DEVICE_SECTION_ID = 3
+
+
+@dataclass(frozen=True, slots=True)
+class WriterProcess:
+    """Source, precopy: whose page tables show the guest's writes.
+
+    ``pid`` 0 is this process. Soft-dirty tracking needs only the pid
+    (``/proc/PID/clear_refs`` and ``pagemap``); write-protect tracking of
+    another process also needs a userfaultfd that process made (``uffd``,
+    received over SCM_RIGHTS), since a userfaultfd acts on its maker's memory.
+    """
+
+    pid: int = 0
+    uffd: int = -1
 
 
 class MemoryOwner(Protocol):
@@ -56,6 +73,15 @@ class MemoryOwner(Protocol):
 
     def stop(self) -> None:
         """Source: stop the guest (the downtime starts)."""
+
+    def writer_process(self) -> WriterProcess:
+        """Source, precopy: the process that writes this memory (dirty tracking watches it)."""
+
+    def freeze_writers(self) -> None:
+        """Source, precopy: hold every writer for a moment (soft-dirty's read-and-clear)."""
+
+    def thaw_writers(self) -> None:
+        """Source: let them run again."""
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         """Source, guest stopped: its device state, sent inside PACKAGED."""
@@ -109,6 +135,17 @@ class BuiltinGuest:
         self.stopped_ns = time.monotonic_ns()
         if self.guest is not None:
             self.guest.stop()
+
+    def writer_process(self) -> WriterProcess:
+        return WriterProcess()      # the vCPUs are threads of this process
+
+    def freeze_writers(self) -> None:
+        if self.guest is not None:
+            self.guest.stop()
+
+    def thaw_writers(self) -> None:
+        if self.guest is not None:
+            self.guest.start()
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         if self.guest is None:
@@ -165,8 +202,10 @@ class HeadlessMemory:
     def __init__(self, memory: GuestMemory | None = None,
                  device_sections: Sequence[wire.DeviceSection] = (),
                  configuration: wire.Configuration | None = None,
-                 page_sizes: dict[str, int] | None = None, backing_2m: str = "hugetlbfs") -> None:
+                 page_sizes: dict[str, int] | None = None, backing_2m: str = "hugetlbfs",
+                 writer: WriterProcess | None = None) -> None:
         self.memory = memory
+        self.writer = writer or WriterProcess()
         self.device_sections = tuple(device_sections)
         self._configuration = configuration or wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
         self._page_sizes = dict(page_sizes or {})
@@ -204,6 +243,21 @@ class HeadlessMemory:
 
     def stop(self) -> None:
         pass
+
+    def writer_process(self) -> WriterProcess:
+        return self.writer
+
+    def freeze_writers(self) -> None:
+        """Another process writes this memory: SIGSTOP it and wait until it stopped."""
+        if self.writer.pid:
+            os.kill(self.writer.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 5.0
+            while _proc_state(self.writer.pid) not in ("T", "t") and time.monotonic() < deadline:
+                time.sleep(0.0005)
+
+    def thaw_writers(self) -> None:
+        if self.writer.pid:
+            os.kill(self.writer.pid, signal.SIGCONT)
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
@@ -303,6 +357,15 @@ class RemoteMemory:
     def stop(self) -> None:
         pass
 
+    def writer_process(self) -> WriterProcess:
+        raise RuntimeError("RemoteMemory is a destination: nothing here tracks its writes")
+
+    def freeze_writers(self) -> None:
+        pass
+
+    def thaw_writers(self) -> None:
+        pass
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
@@ -330,3 +393,11 @@ class RemoteMemory:
 
     def close(self) -> None:
         self._blocks = []
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"

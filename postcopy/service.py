@@ -56,7 +56,7 @@ from postcopy.control import (
 from postcopy.destination import Destination
 from postcopy.guest import Guest
 from postcopy.owner import BuiltinGuest, MemoryOwner
-from postcopy.session import MigrationStats
+from postcopy.session import MigrationStats, SwitchoverPolicy
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from postcopy.wire import DEFAULT_TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
@@ -107,6 +107,8 @@ class Sample:
     """Destination: remote page faults; source: page requests received."""
     latency_p50_us: float | None = None
     """Destination: median of the recent fault -> placed latencies."""
+    rounds: int = 0
+    """Source: precopy rounds so far."""
 
     def to_json(self) -> dict[str, object]:
         return {"t": round(self.t, 3), "pages": self.pages, "bytes": self.bytes, "faults": self.faults}
@@ -670,7 +672,8 @@ class SourceService(_RoleService[R]):
     def __init__(self, spec: GuestSpec, memory: Any, guest: Guest | None, *, preempt: bool = True,
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
-                 owner: MemoryOwner | None = None) -> None:
+                 owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
+                 tracking: str = "auto") -> None:
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
@@ -684,6 +687,8 @@ class SourceService(_RoleService[R]):
         self.verify = verify
         self.connect = connect
         self.connect_timeout = connect_timeout
+        self.precopy = precopy
+        self.tracking = tracking
         self.source: Source | None = None
         self.switchover: threading.Event | None = None
         self._total_pages = sum(b.used_length for b in memory) // TARGET_PAGE_SIZE
@@ -705,7 +710,7 @@ class SourceService(_RoleService[R]):
         owner = self.owner if self.owner is not None else BuiltinGuest(self.spec, self.memory, self.guest)
         self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
-                             auto_recover=self.control is None)
+                             auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source
@@ -770,8 +775,15 @@ class SourceService(_RoleService[R]):
         self._sync(m.page_requests, snap.remote_faults)
         self._sync(m.discard_ranges, snap.discard_ranges)
         self._sync(m.protocol_errors["bad_page_request"], snap.bad_requests)
+        pre = snap.precopy
+        if pre is not None:
+            self._sync(m.precopy_rounds, pre.rounds)
+            self._sync(m.precopy_bytes, pre.bytes)
+            m.precopy_dirty_pages.set(pre.dirty_pages_last_round)
+            m.precopy_dirty_rate.set(pre.dirty_rate_pages_per_s)
         return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_sent,
-                      pages_total=self._total_pages, bytes=snap.bytes, faults=snap.remote_faults)
+                      pages_total=self._total_pages, bytes=snap.bytes, faults=snap.remote_faults,
+                      rounds=pre.rounds if pre is not None else 0)
 
     def _snapshot_for_metrics(self) -> MigrationSnapshot:
         src = self.source
@@ -806,10 +818,14 @@ class SourceService(_RoleService[R]):
                        postcopy_requests=snap.remote_faults,
                        mbps=_mbps(transferred, seconds),
                        pages_per_second=int((normal + zero) / seconds) if seconds > 0 else 0,
-                       postcopy_bytes=transferred)
+                       dirty_sync_count=snap.precopy.rounds if snap.precopy is not None else 0,
+                       precopy_bytes=snap.precopy.bytes if snap.precopy is not None else 0,
+                       postcopy_bytes=transferred - (snap.precopy.bytes if snap.precopy is not None else 0))
+        extras: dict[str, object] = {"dirty-pages": snap.dirty_pages, "error": snap.error}
+        if snap.precopy is not None:
+            extras["precopy"] = snap.precopy.as_dict()
         return MigrationInfo(total_time_ms=int(seconds * 1000), ram=ram,
-                             downtime_ms=downtime_ns // 1_000_000 if downtime_ns else None,
-                             extras={"dirty-pages": snap.dirty_pages, "error": snap.error})
+                             downtime_ms=downtime_ns // 1_000_000 if downtime_ns else None, extras=extras)
 
 
 

@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from uffd._dirty import DirtyTracker, TrackingMethod, available_method
+
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
 from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
@@ -30,6 +32,9 @@ from .session import (
     Connect,
     Connected,
     ConnectFailed,
+    DirtyScanned,
+    DiscardsSent,
+    EndRound,
     Finish,
     GuestStopped,
     Input,
@@ -40,12 +45,19 @@ from .session import (
     ReloadDirty,
     ResumeRequested,
     ReturnPathMessage,
+    RoundFinished,
+    ScanDirty,
+    SendDiscards,
     SourceSession,
     StartBulk,
     StartPostcopy,
     StartReturnPath,
+    StartRound,
+    StartTracking,
     StatusChanged,
     StopGuest,
+    StopTracking,
+    SwitchoverPolicy,
     Write,
 )
 from .session._source import RAM_SECTION_ID
@@ -70,8 +82,14 @@ class Source:
                  on_status: Callable[[str], None] | None = None, auto_recover: bool = True,
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
-                 backoff: tuple[float, float] = (0.01, 0.02)) -> None:
+                 backoff: tuple[float, float] = (0.01, 0.02), precopy: SwitchoverPolicy | None = None,
+                 tracking: str = "auto") -> None:
         self.owner = owner
+        #: precopy rounds before the switch (None: postcopy at once)
+        self.precopy = precopy
+        self.tracking: TrackingMethod | None = available_method(tracking) if precopy is not None else None
+        self._tracker: DirtyTracker | None = None
+        self._round_base = 0
         self.blocks = tuple(owner.ram_blocks())
         self.preempt = preempt
         self.verify = verify
@@ -100,6 +118,7 @@ class Source:
         self._finished_ns = 0
         self._finish: Finish | None = None
         self._hasher: threading.Thread | None = None
+        self.tracking_stats: dict[str, int] = {}
 
     # -- the migration ------------------------------------------------------------------
 
@@ -117,7 +136,8 @@ class Source:
             [wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks],
             self.owner.configuration(), preempt=self.preempt, hold_switchover=switchover is not None,
             auto_recover=self.auto_recover, link_timeout=self.link_timeout, recover_timeout=self.recover_timeout,
-            connect_timeout=connect_timeout, backoff=self.backoff)
+            connect_timeout=connect_timeout, backoff=self.backoff,
+            precopy=self._policy(switchover is not None), tracking=self.tracking or "")
         if switchover is not None:
             hold = switchover
 
@@ -140,11 +160,18 @@ class Source:
         finally:
             self._finished_ns = time.monotonic_ns()
             self._close_channels()
+            self._stop_tracking()
         if self._hasher is not None:
             self._hasher.join()
         if self._finish.error is not None:
             raise self._finish.error
         return self.result
+
+    def _policy(self, held: bool) -> SwitchoverPolicy | None:
+        """Held for QMP's migrate-start-postcopy: rounds go on until it comes."""
+        if self.precopy is None or not held:
+            return self.precopy
+        return SwitchoverPolicy(mode="manual", max_rounds=0, max_downtime=self.precopy.max_downtime)
 
     # -- operator commands (any thread) ------------------------------------------------------
 
@@ -199,15 +226,36 @@ class Source:
                 stopped_at = time.monotonic()
                 self._stopped_ns = int(stopped_at * 1e9)
                 self.owner.stop()
-                return GuestStopped(tuple(self.owner.save_device_state()), stopped_at)
+                sections = tuple(self.owner.save_device_state())
+                if self.verify and self._hasher is None:
+                    # the pages as they are for good: what the destination must end up with
+                    self._hasher = threading.Thread(target=self._hash_all, name="source-hash", daemon=True)
+                    self._hasher.start()
+                return GuestStopped(sections, stopped_at)
             case MarkAllDirty():
                 self.path.mark_all_dirty()
                 self.path.canonicalize()
-                if self.verify and self._hasher is None:
-                    self._hasher = threading.Thread(target=self._hash_all, name="source-hash", daemon=True)
-                    self._hasher.start()
             case StartBulk():
+                self.path.set_round_mode(False)
                 self._start(f"source-bulk-{self._generation}", self._bulk)
+            case StartTracking():
+                self._start_tracking()
+            case StartRound(index=index):
+                self.path.set_round_mode(True)
+                self._round_base = self.path.counters()["main_bytes"]
+                self._start(f"source-round-{index}", self._round)
+            case EndRound():
+                self.path.end_round()
+            case ScanDirty():
+                return DirtyScanned(self._scan())
+            case StopTracking():
+                self._stop_tracking()
+            case SendDiscards():
+                self.path.canonicalize()
+                try:
+                    return DiscardsSent(self.path.send_discards())
+                except ConnectionError as exc:
+                    return ChannelFailed(f"write on the main channel: {exc}")
             case ReloadDirty(block_index=index, received_le=bitmap):
                 self.path.reload_dirty(index, bitmap)
             case BreakLink():
@@ -226,6 +274,36 @@ class Source:
             case _:
                 raise AssertionError(f"the source shell cannot carry out {action!r}")
         return None
+
+    # -- dirty tracking (precopy) --------------------------------------------------------------
+
+    def _start_tracking(self) -> None:
+        assert self.tracking is not None
+        writer = self.owner.writer_process()
+        self._tracker = DirtyTracker(
+            self.tracking, [(b.addr, b.used_length, b.page_size, self.path.dirty[i]) for i, b in enumerate(self.blocks)],
+            pid=writer.pid, uffd=writer.uffd)
+        self._tracker.start()
+
+    def _scan(self) -> int:
+        """The pages written since the last scan, now in the dirty bitmaps (C, GIL released)."""
+        t = self._tracker
+        if t is None:
+            return 0
+        stopped = self.session is not None and self.session.guest_stopped
+        if not t.needs_freeze or stopped:
+            return t.collect()
+        self.owner.freeze_writers()         # soft-dirty reads then clears: nobody may write in between
+        try:
+            return t.collect()
+        finally:
+            self.owner.thaw_writers()
+
+    def _stop_tracking(self) -> None:
+        if self._tracker is not None:
+            self.tracking_stats = self._tracker.stats()
+            self._tracker.close()
+            self._tracker = None
 
     def _connect(self, channel: Channel) -> Input:
         assert self._address is not None
@@ -265,6 +343,7 @@ class Source:
     # -- threads (they only put inputs) -------------------------------------------------------
 
     def _start(self, name: str, target: Callable[[int], None]) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
         t = threading.Thread(target=target, args=(self._generation,), name=name, daemon=True)
         self._threads.append(t)
         t.start()
@@ -282,6 +361,16 @@ class Source:
             return
         if rc == SourcePath.DONE:
             self._put(generation, BulkFinished())
+
+    def _round(self, generation: int) -> None:
+        background_priority()
+        try:
+            rc = self.path.run_bulk()
+        except DataPathError as exc:
+            self._put(generation, ChannelFailed(f"precopy round: {exc}"))
+            return
+        sent = self.path.counters()["main_bytes"] - self._round_base
+        self._put(generation, RoundFinished(bytes=sent, ended=rc == SourcePath.STOPPED))
 
     def _serve_return_path(self, generation: int) -> None:
         urgent_priority()
@@ -350,5 +439,6 @@ class Source:
             finished_ns=self._finished_ns,
             recovery_errors=tuple(s.recovery_errors) if s is not None else (),
             counters=c,
+            precopy=s.precopy_stats(now) if s is not None else None,
         )
 

@@ -11,16 +11,21 @@ from typing import Any, TextIO
 
 from postcopy.cli import UserError
 from postcopy.service import Sample, ServiceOptions
+from postcopy.session import SwitchoverPolicy
+from uffd._dirty import available_method
 from postcopy.spec import GuestSpec, SpecError, parse_page_size, parse_size
 
 __all__ = [
     "Progress",
     "add_guest_arguments",
+    "add_precopy_arguments",
     "add_service_arguments",
     "failure_report",
     "guest_spec",
     "parse_address",
     "percentiles_us",
+    "precopy_args",
+    "precopy_policy",
     "service_options",
     "write_json",
 ]
@@ -37,6 +42,43 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guest-rate", type=int, default=0, help="accesses per second per vCPU (0 = as fast as it goes)")
     p.add_argument("--preempt", action=argparse.BooleanOptionalAction, default=True,
                    help="send requested pages on a separate preempt channel (default on)")
+
+
+def add_precopy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precopy before postcopy (the source's guest keeps running meanwhile)")
+    g.add_argument("--precopy-seconds", type=float, default=0.0, metavar="S",
+                   help="copy memory in rounds for up to S seconds before the switch (0 = postcopy at once)")
+    g.add_argument("--switchover", default="time", choices=["time", "auto"],
+                   help="time: switch after --precopy-seconds; auto: as soon as the dirty rate stops shrinking or "
+                        "what is left fits in --max-downtime (--precopy-seconds stays the limit, default 30)")
+    g.add_argument("--precopy-rounds", type=int, default=0, metavar="N", help="switch after N rounds at the latest")
+    g.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
+                   help="auto: the downtime bound of a pure precopy finish (default 300 ms, as QEMU)")
+    g.add_argument("--dirty-tracking", default="auto", choices=["auto", "wp-async", "soft-dirty"],
+                   help="kernel dirty tracking: userfaultfd WP-async + PAGEMAP_SCAN (Linux 6.7+) or soft-dirty")
+
+
+def precopy_args(args: argparse.Namespace) -> list[str]:
+    """The precopy options again, for a child ``postcopy source``."""
+    return ["--precopy-seconds", str(args.precopy_seconds), "--switchover", args.switchover,
+            "--precopy-rounds", str(args.precopy_rounds), "--max-downtime", str(args.max_downtime),
+            "--dirty-tracking", args.dirty_tracking]
+
+
+def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
+    """None: postcopy at once. Checks that the dirty tracking works here."""
+    if args.precopy_seconds < 0 or args.precopy_rounds < 0 or args.max_downtime < 0:
+        raise UserError("--precopy-seconds, --precopy-rounds and --max-downtime must not be negative")
+    auto = args.switchover == "auto"
+    if not auto and args.precopy_seconds == 0 and args.precopy_rounds == 0:
+        return None
+    try:
+        available_method(args.dirty_tracking)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
+    seconds = args.precopy_seconds or (30.0 if auto or not args.precopy_rounds else 0.0)
+    return SwitchoverPolicy(mode="auto" if auto else "time", max_seconds=seconds, max_rounds=args.precopy_rounds,
+                            max_downtime=args.max_downtime / 1000)
 
 
 def guest_spec(args: argparse.Namespace) -> GuestSpec:
@@ -163,7 +205,7 @@ class Progress:
         if self.mode == "jsonl":
             print(json.dumps({"t": sample.t, "status": sample.status, "pages": sample.pages,
                               "pages_total": sample.pages_total, "bytes": sample.bytes, "faults": sample.faults,
-                              "p50_us": sample.latency_p50_us}), file=self.stream, flush=True)
+                              "p50_us": sample.latency_p50_us, "rounds": sample.rounds}), file=self.stream, flush=True)
             return
         rate = self._throughput(sample)
         p50 = f"{sample.latency_p50_us:.0f} us" if sample.latency_p50_us is not None else "-"
@@ -178,7 +220,8 @@ class Progress:
             return
         self._last_line, self._last_status = now, sample.status
         share = 100 * sample.pages / sample.pages_total if sample.pages_total else 0.0
-        print(f"{self.label}: {sample.status} {sample.pages}/{sample.pages_total} pages ({share:.1f}%), "
+        rounds = f" precopy round {sample.rounds}," if sample.rounds else ""
+        print(f"{self.label}: {sample.status}{rounds} {sample.pages}/{sample.pages_total} pages ({share:.1f}%), "
               f"{rate / 1e6:.1f} MB/s, {sample.faults} {self._events}, p50 {p50}", file=self.stream, flush=True)
 
     def _rich_update(self, sample: Sample, rate: float, p50: str) -> None:
@@ -194,7 +237,9 @@ class Progress:
             self._rich.start()
             self._task = self._rich.add_task(self.label, total=sample.pages_total or None, rate="-", faults=0, p50="-")
         self._rich.update(self._task, completed=sample.pages, total=sample.pages_total or None,
-                          description=f"{self.label} {sample.status}", rate=f"{rate / 1e6:.0f} MB/s",
+                          description=f"{self.label} {sample.status}"
+                                      + (f" (round {sample.rounds})" if sample.rounds else ""),
+                          rate=f"{rate / 1e6:.0f} MB/s",
                           faults=sample.faults, p50=p50)
 
     def close(self) -> None:

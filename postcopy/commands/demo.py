@@ -27,7 +27,7 @@ from postcopy.wire import DEFAULT_TARGET_PAGE_SIZE as TARGET_PAGE_SIZE
 
 from postcopy.service import Sample
 
-from .common import Progress, add_guest_arguments, read_hashes, write_json
+from .common import Progress, add_guest_arguments, add_precopy_arguments, precopy_args, precopy_policy, read_hashes, write_json
 
 __all__ = ["add_arguments", "run"]
 
@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve the destination's metrics on N and the source's on N+1 while it runs")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics endpoints bind (default 127.0.0.1)")
+    add_precopy_arguments(p)
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "lines", "none"],
                    help="live progress of the destination: rich on a terminal, lines otherwise (default auto)")
 
@@ -91,7 +92,7 @@ def _follow(stream: Any, progress: Progress) -> None:
         try:
             d = json.loads(line)
             sample = Sample(t=d["t"], status=d["status"], pages=d["pages"], pages_total=d["pages_total"],
-                            bytes=d["bytes"], faults=d["faults"], latency_p50_us=d["p50_us"])
+                            bytes=d["bytes"], faults=d["faults"], latency_p50_us=d["p50_us"], rounds=d.get("rounds", 0))
         except (ValueError, KeyError, TypeError):
             continue
         progress.update(sample)
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--metrics-port {args.metrics_port} must be in 1..65534 (the source uses N+1)")
     if args.inject_link_cuts < 0:
         raise UserError("--inject-link-cuts must be 0 or more")
+    precopy_policy(args)        # bad values and a missing dirty tracking fail here, not in the child
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     exe = [sys.executable, "-m", "postcopy"]
@@ -128,7 +130,7 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         t = Path(tmp)
         dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json")]
         src_cmd = [*exe, "source", "--connect", source_addr, *_guest_args(args), "--json", str(t / "source.json"),
-                   "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup)]
+                   "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup), *precopy_args(args)]
         dest_cmd += ["--progress", "jsonl"]
         src_cmd += ["--progress", "none"]
         if args.metrics_port is not None:
@@ -175,13 +177,17 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         "pages": s["pages"],
         "guest_verify": d.get("guest_verify"),
         "recoveries": s.get("recoveries", 0),
+        "precopy": s.get("precopy"),
+        "discard_ranges": s.get("discard_ranges", 0),
         "paused_seconds": s.get("paused_seconds", 0.0),
         "wall_time_s": round(elapsed, 3),
         "timeline": d.get("timeline", []),
         "latency_histogram": d.get("latency_histogram"),
         "source_timeline": s.get("timeline", []),
         "config": {"size": args.size, "page_size": args.page_size, "vcpus": args.vcpus, "pattern": args.pattern,
-                   "preempt": args.preempt, "bandwidth_cap": args.bandwidth_cap},
+                   "preempt": args.preempt, "bandwidth_cap": args.bandwidth_cap,
+                   "precopy_seconds": args.precopy_seconds, "switchover": args.switchover,
+                   "dirty_tracking": args.dirty_tracking},
     }
     if proxy is not None:
         cuts = [e for e in proxy.log() if e["event"] == "cut"]
@@ -189,6 +195,12 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
                                "at": [{"conn": e["conn"], "bytes": e.get("trigger_bytes", e.get("bytes"))} for e in cuts]}
         print(f"demo: {len(cuts)} link cuts (seed {proxy.seed}), {report['recoveries']} recoveries, "
               f"{report['paused_seconds']:.3f} s paused")
+    pre = report["precopy"]
+    if pre:
+        print(f"demo: precopy {pre['rounds']} rounds in {pre['seconds']:.2f} s ({pre['tracking']}), "
+              f"{pre['bytes'] / 1e6:.1f} MB, last round {pre['dirty_pages_last_round']} dirty pages "
+              f"({pre['dirty_rate_pages_per_s']:.0f}/s), {pre['dirty_pages_at_switch']} pages discarded in "
+              f"{pre['discard_ranges']} ranges at the switch ({pre['switch_reason']})")
     lat = report["fault_latency_us"]
     print(f"demo: {report['status']} in {report['total_time_s']:.3f} s: "
           f"{report['bytes_transferred'] / 1e6:.1f} MB at {report['throughput_bytes_per_s'] / 1e9:.2f} GB/s, "

@@ -24,9 +24,11 @@ from postcopy.spec import SpecError, parse_size
 from .common import (
     Progress,
     add_guest_arguments,
+    add_precopy_arguments,
     add_service_arguments,
     guest_spec,
     parse_address,
+    precopy_policy,
     service_options,
     write_hashes,
     failure_report,
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--mem-idstr", default="mem", help="the block's idstr (default mem)")
     mem.add_argument("--mem-page-size", default="4K", choices=["4K", "2M"],
                      help="the block's host page size: the VMM's regions' page size (default 4K)")
+    add_precopy_arguments(p)
     add_service_arguments(p)
 
 
@@ -73,6 +76,8 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
                   "requested": c["request_pages_sent"]},
         "requests_received": c["requests"],
         "bad_requests": result.bad_requests,
+        "discard_ranges": result.discard_ranges,
+        "precopy": result.precopy.as_dict() if result.precopy is not None else None,
         "counters": c,
         "timeline": timeline,
     }
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mem_file is not None:
         return _run_mem_file(args)
     spec = guest_spec(args)
+    policy = precopy_policy(args)
     address = None if args.qmp else parse_address(args.connect)
     try:
         cap = parse_size(args.bandwidth_cap)
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
-                                    options=options)
+                                    options=options, precopy=policy, tracking=args.dirty_tracking)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service

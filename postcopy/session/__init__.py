@@ -4,6 +4,7 @@ from ._destination import PREEMPT_SILENCE_SECONDS, SHUT_NOTHING_TO_RECOVER, Dest
 from ._errors import FAILURE_KINDS, LinkBroken, MigrationFailed, PostcopyError
 from ._io import *  # noqa: F403
 from ._io import __all__ as _io_all
+from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._source import SourceSession
 from ._stats import ChannelStats, MigrationStats
 from ._status import (
@@ -29,7 +30,10 @@ __all__ = [
     "MigrationStats",
     "MigrationStatus",
     "PostcopyError",
+    "PrecopyStats",
+    "RoundRecord",
     "SourceSession",
+    "SwitchoverPolicy",
     "Trigger",
     "next_status",
     *_io_all,

@@ -35,7 +35,10 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionSpoke",
     "DataPathFailed",
+    "DirtyScanned",
     "Discard",
+    "DiscardsSent",
+    "EndRound",
     "Finish",
     "GuestStopped",
     "HoldStream",
@@ -55,15 +58,21 @@ __all__ = [
     "ResumeRequested",
     "ResumeStream",
     "ReturnPathMessage",
+    "RoundFinished",
+    "ScanDirty",
     "Send",
+    "SendDiscards",
     "SendReturnPath",
     "StartBulk",
     "StartGuest",
     "StartPostcopy",
     "StartPreemptReceiver",
     "StartReturnPath",
+    "StartRound",
+    "StartTracking",
     "StatusChanged",
     "StopGuest",
+    "StopTracking",
     "StreamChecked",
     "StreamItem",
     "Write",
@@ -176,6 +185,29 @@ class BulkFinished:
     """The background stream sent every dirty page."""
 
 
+@dataclass(frozen=True, slots=True)
+class RoundFinished:
+    """Precopy: the C stream made its pass over the dirty pages (or :class:`EndRound` cut it short)."""
+
+    bytes: int
+    """Bytes it wrote on the main channel."""
+    ended: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyScanned:
+    """After :class:`ScanDirty`: target pages the guest wrote since the last scan (now dirty)."""
+
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardsSent:
+    """After :class:`SendDiscards`: how many ranges went out."""
+
+    ranges: int
+
+
 # -- inputs: operator commands (QMP) ------------------------------------------------
 
 
@@ -204,7 +236,7 @@ OperatorCommand = PauseRequested | RecoverRequested | ResumeRequested | StartPos
 Input = (
     ConnectionAccepted | ConnectionSpoke | ConnectionClosed | StreamItem | ChannelEnded | DataPathFailed
     | StreamChecked | Connected | ConnectFailed | ChannelFailed | ReturnPathMessage | GuestStopped
-    | BulkFinished | OperatorCommand
+    | BulkFinished | RoundFinished | DirtyScanned | DiscardsSent | OperatorCommand
 )
 
 
@@ -399,10 +431,45 @@ class StartBulk:
     """Source: the background stream of every dirty page (answer with BulkFinished)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StartTracking:
+    """Source, precopy: from now on the kernel tracks the guest's writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartRound:
+    """Source, precopy: one pass of the C stream over the dirty pages, guest running
+    (answer with :class:`RoundFinished`)."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndRound:
+    """Source, precopy: cut the round in progress short (the switch is due)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScanDirty:
+    """Source, precopy: OR the pages written since the last scan into the dirty
+    bitmaps and protect them again (answer with :class:`DirtyScanned`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendDiscards:
+    """Source, at the switch: POSTCOPY_RAM_DISCARD for every run of dirty host pages
+    (QEMU's encoding, 12 ranges a command; answer with :class:`DiscardsSent`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopTracking:
+    """Source: no more dirty tracking (the guest is stopped for good)."""
+
+
 Action = (
     StatusChanged | Finish | CloseConnection | ReceiveStream | HoldStream | ResumeStream | AcceptPreempt | ReceivePages
     | StartPreemptReceiver | Send | SendReturnPath | AttachReturnPath | AnswerBitmapRequest | ResendRequests
     | PrepareMemory | PlacePages | Discard | RegisterMemory | StartGuest | BreakLink | ResetBeforeRun
     | CheckComplete | Connect | Write | CloseChannels | StartReturnPath | StopGuest | MarkAllDirty | ReloadDirty
-    | StartBulk
+    | StartBulk | StartTracking | StartRound | EndRound | ScanDirty | SendDiscards | StopTracking
 )

@@ -25,6 +25,9 @@ from ._io import (
     Connect,
     Connected,
     ConnectFailed,
+    DirtyScanned,
+    DiscardsSent,
+    EndRound,
     Finish,
     GuestStopped,
     Input,
@@ -33,13 +36,20 @@ from ._io import (
     ReloadDirty,
     ResumeRequested,
     ReturnPathMessage,
+    RoundFinished,
+    ScanDirty,
+    SendDiscards,
     StartBulk,
     StartPostcopy,
     StartReturnPath,
+    StartRound,
+    StartTracking,
     StatusChanged,
     StopGuest,
+    StopTracking,
     Write,
 )
+from ._precopy import MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
 __all__ = ["HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "SourceSession"]
@@ -55,6 +65,25 @@ HEARTBEAT_PING: Final = 0x50430000
 CONNECT_RETRY_SECONDS: Final = 0.02
 #: No SHUT this many link timeouts after the end of the stream: the link is broken.
 SHUT_WAIT_LINK_TIMEOUTS: Final = 10
+
+
+@dataclass(slots=True)
+class _Precopy:
+    """The precopy phase: rounds while the guest runs, up to the switch."""
+
+    policy: SwitchoverPolicy
+    started: float = 0.0
+    round_started: float = 0.0
+    round_bytes: int = 0
+    running: bool = False           # a round's pass is under way in C
+    scan_at: float | None = None    # a short round's scan waits until then
+    rounds: list[RoundRecord] = field(default_factory=list)
+    started_rounds: int = 0
+    bytes: int = 0
+    ended_at: float | None = None
+    dirty_at_switch: int = 0
+    discard_ranges: int = 0
+    reason: str = ""
 
 
 @dataclass(slots=True)
@@ -77,7 +106,8 @@ class SourceSession:
     def __init__(self, blocks: Sequence[wire.RamBlockLayout], configuration: wire.Configuration, *, preempt: bool,
                  hold_switchover: bool = False, auto_recover: bool = True, link_timeout: float = 3.0,
                  recover_timeout: float = 120.0, connect_timeout: float = 0.0,
-                 backoff: tuple[float, float] = (0.01, 0.02)) -> None:
+                 backoff: tuple[float, float] = (0.01, 0.02), precopy: SwitchoverPolicy | None = None,
+                 tracking: str = "") -> None:
         self.layout = wire.RamLayout(blocks=tuple(blocks), section_id=RAM_SECTION_ID)
         self.configuration = configuration
         self.preempt = preempt
@@ -89,7 +119,10 @@ class SourceSession:
         self.backoff = backoff
         self.status = S.NONE
         self.error: MigrationFailed | None = None
-        self.switch_requested = not hold_switchover
+        #: precopy rounds before the switch (None: postcopy at once, every page discarded)
+        self.precopy = _Precopy(policy=precopy) if precopy is not None else None
+        self.tracking = tracking
+        self.switch_requested = not hold_switchover and precopy is None
         self.guest_stopped = False
         self.channels_up = False
         self.switch_events: list[wire.WireEvent] = []
@@ -136,11 +169,18 @@ class SourceSession:
                 self._message(message, now)
             case BulkFinished():
                 self._ending(now)
+            case RoundFinished(bytes=sent):
+                self._round_finished(sent, now)
+            case DirtyScanned(pages=pages):
+                self._scanned(pages, now)
+            case DiscardsSent(ranges=ranges):
+                self.discard_ranges += ranges
+                if self.precopy is not None:
+                    self.precopy.discard_ranges += ranges
             case ChannelFailed(reason=reason):
                 self._channel_failed(reason, now)
             case StartPostcopy():
-                self.switch_requested = True
-                self._maybe_switch()
+                self._request_switch("requested", now)
             case PauseRequested():
                 # QEMU: migrate-pause only means something in postcopy
                 if self.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED):
@@ -164,6 +204,13 @@ class SourceSession:
             times.append(self.last_pong + self.link_timeout)
         if self.recovery.handshake:
             times.append(self.recovery.deadline)
+        p = self.precopy
+        if p is not None and self.status is S.ACTIVE and not self.switch_requested and p.started_rounds:
+            deadline = p.policy.deadline(p.started)
+            if deadline is not None:
+                times.append(deadline)
+            if p.scan_at is not None:
+                times.append(p.scan_at)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -183,6 +230,14 @@ class SourceSession:
             self._attempt_failed("the destination did not answer the recovery within the link timeout", now)
         if self.recover_deadline is not None and self.recover_deadline <= now:
             self._fail("recovery_timeout", f"no recovery within {self.recover_timeout:.0f} s", now)
+        p = self.precopy
+        if p is not None and self.status is S.ACTIVE and not self.switch_requested and p.started_rounds:
+            deadline = p.policy.deadline(p.started)
+            if deadline is not None and deadline <= now:
+                self._request_switch("time", now)
+            elif p.scan_at is not None and p.scan_at <= now:
+                p.scan_at = None
+                self._out.append(ScanDirty())
         return self._flush()
 
     # -- the stream ----------------------------------------------------------------------------
@@ -217,6 +272,8 @@ class SourceSession:
             self._out.append(StartReturnPath())
             self.channels_up = True
             self._move(Trigger.STREAM_STARTED, now)
+            if self.precopy is not None:
+                self._start_precopy(now)
             self._maybe_switch()
             return
         r = self.recovery
@@ -254,26 +311,112 @@ class SourceSession:
         elif self.recovery.connecting:
             self._attempt_failed(f"connect {channel.value}: {reason}", now)
 
+    # -- precopy ------------------------------------------------------------------------------
+
+    def _start_precopy(self, now: float) -> None:
+        p = self.precopy
+        assert p is not None
+        p.started = now
+        # tracking first: a page written from here on is seen, then every page goes once
+        self._out += [StartTracking(), MarkAllDirty()]
+        self._next_round(now)
+
+    def _next_round(self, now: float) -> None:
+        p = self.precopy
+        assert p is not None
+        p.running = True
+        p.round_started = now
+        p.started_rounds += 1
+        self._out.append(StartRound(p.started_rounds - 1))
+
+    def _round_finished(self, sent: int, now: float) -> None:
+        p = self.precopy
+        if p is None or self.status is not S.ACTIVE or not p.running:
+            return
+        p.running = False
+        p.round_bytes = sent
+        p.bytes += sent
+        if self.switch_requested:
+            self._maybe_switch()        # the final scan comes with the guest stopped
+        elif now - p.round_started < MIN_ROUND_SECONDS:
+            p.scan_at = p.round_started + MIN_ROUND_SECONDS
+        else:
+            self._out.append(ScanDirty())
+
+    def _scanned(self, pages: int, now: float) -> None:
+        p = self.precopy
+        if p is None:
+            return
+        if self.guest_stopped:
+            p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
+            return
+        if self.status is not S.ACTIVE or self.switch_requested or p.running:
+            return
+        p.rounds.append(RoundRecord(seconds=max(now - p.round_started, 1e-9), bytes=p.round_bytes, dirty_pages=pages))
+        reason = p.policy.decide(p.rounds, now - p.started)
+        if reason is not None:
+            self._request_switch(reason, now)
+            return
+        self._move(Trigger.ROUND, now)
+        self._next_round(now)
+
+    def _request_switch(self, reason: str, now: float) -> None:
+        if self.switch_requested:
+            return
+        self.switch_requested = True
+        p = self.precopy
+        if p is not None and self.status is S.ACTIVE:
+            p.reason = reason
+            p.scan_at = None
+            if p.running:
+                self._out.append(EndRound())     # RoundFinished follows, then the switch
+                return
+        self._maybe_switch()
+
+    def precopy_stats(self, now: float) -> PrecopyStats | None:
+        p = self.precopy
+        if p is None:
+            return None
+        last = p.rounds[-1] if p.rounds else None
+        end = p.ended_at if p.ended_at is not None else (now if p.started_rounds else p.started)
+        return PrecopyStats(rounds=p.started_rounds, bytes=p.bytes, seconds=max(0.0, end - p.started),
+                            dirty_pages_last_round=last.dirty_pages if last else 0,
+                            dirty_rate_pages_per_s=last.dirty_rate if last else 0.0,
+                            dirty_pages_at_switch=p.dirty_at_switch, discard_ranges=p.discard_ranges,
+                            switch_reason=p.reason, tracking=self.tracking)
+
     def _maybe_switch(self) -> None:
+        p = self.precopy
+        if p is not None and p.running:
+            return
         if self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped:
             self.guest_stopped = True
             self._out.append(StopGuest())
 
     def _switch(self, sections: tuple[wire.DeviceSection, ...], stopped_at: float, now: float) -> None:
         """The guest stopped: discards, PACKAGED with its device state, RUN. The downtime runs to PONG 3."""
+        if self.status is not S.ACTIVE or self.switch_events:
+            return
         self.stopped_at = stopped_at
-        events: list[wire.WireEvent] = []
-        for b in self.layout.blocks:
-            ranges = [(0, b.used_length)]       # immediate postcopy: nothing was sent before
-            for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
-                chunk = tuple(ranges[i:i + MAX_DISCARDS_PER_COMMAND])
-                self.discard_ranges += len(chunk)
-                events.append(wire.PostcopyRamDiscard(idstr=b.idstr, ranges=chunk))
-        events.append(wire.Ping(value=2))
-        events.append(wire.Packaged(events=(wire.PostcopyListen(), *sections, wire.Ping(value=3), wire.PostcopyRun())))
-        events.append(wire.Ping(value=4))
-        self.switch_events = events
-        self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(events))]
+        # the whole stream again (a destination that dropped everything): every block discarded
+        discards: list[wire.WireEvent] = [wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
+                                          for b in self.layout.blocks]
+        tail: list[wire.WireEvent] = [
+            wire.Ping(value=2),
+            wire.Packaged(events=(wire.PostcopyListen(), *sections, wire.Ping(value=3), wire.PostcopyRun())),
+            wire.Ping(value=4),
+        ]
+        self.switch_events = discards + tail
+        p = self.precopy
+        if p is None:
+            # immediate postcopy: nothing was sent before, every page goes and every block is discarded
+            self.discard_ranges += len(discards)
+            self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(self.switch_events))]
+        else:
+            # what the guest wrote since its last scan, plus what the last round did not send:
+            # dropped on the destination (QEMU's ranges, 12 a command) and sent again
+            p.ended_at = stopped_at
+            self._out += [ScanDirty(), StopTracking(), SendDiscards(), Write(Channel.MAIN, _encode(tail))]
         self._move(Trigger.RUN, now)
         self._stream(now)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._precopy import PrecopyStats
 from ._status import MigrationStatus
 
 __all__ = ["ChannelStats", "MigrationStats"]
@@ -72,6 +73,8 @@ class MigrationStats:
     refused_connections: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     """Source: the C data path's raw counters."""
+    precopy: PrecopyStats | None = None
+    """Source: the precopy phase before the switch (None: postcopy at once)."""
 
     @property
     def pages_sent(self) -> int:

@@ -43,6 +43,7 @@ class Trigger(StrEnum):
 
     START = "start"                      # source: connecting; destination: listening
     STREAM_STARTED = "stream_started"    # source: header sent; destination: header received
+    ROUND = "round"                      # source: a precopy round ended, the next one starts (stays active)
     RUN = "run"                          # the guest runs on the destination (RUN sent / received)
     LINK_BROKEN = "link_broken"          # a channel failed, silence, or migrate-pause
     RECOVERY_STARTED = "recovery_started"  # a recovery connection is up, handshake under way
@@ -77,6 +78,8 @@ DESTINATION_TRANSITIONS: Final[dict[tuple[MigrationStatus, Trigger], MigrationSt
 SOURCE_TRANSITIONS: Final[dict[tuple[MigrationStatus, Trigger], MigrationStatus]] = {
     (S.NONE, T.START): S.SETUP,
     (S.SETUP, T.STREAM_STARTED): S.ACTIVE,
+    # precopy: rounds while the guest runs here, then the switch (RUN)
+    (S.ACTIVE, T.ROUND): S.ACTIVE,
     (S.ACTIVE, T.RUN): S.POSTCOPY_ACTIVE,
     (S.POSTCOPY_ACTIVE, T.LINK_BROKEN): S.POSTCOPY_PAUSED,
     (S.POSTCOPY_PAUSED, T.RECOVERY_STARTED): S.POSTCOPY_RECOVER,

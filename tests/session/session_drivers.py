@@ -26,6 +26,13 @@ from postcopy.session import (
     ConnectionSpoke,
     DestinationSession,
     GuestStopped,
+    MarkAllDirty,
+    StartRound,
+    StartTracking,
+    DirtyScanned,
+    DiscardsSent,
+    ScanDirty,
+    SendDiscards,
     MigrationStatus,
     SourceSession,
     StatusChanged,
@@ -33,6 +40,7 @@ from postcopy.session import (
     StreamChecked,
     StreamItem,
 )
+from postcopy.session._precopy import SwitchoverPolicy
 
 S = MigrationStatus
 
@@ -226,10 +234,16 @@ class Src:
     connect_ok: bool = True
     now: float = 0.0
     log: list[Action] = field(default_factory=list)
+    precopy: SwitchoverPolicy | None = None
+    dirty_found: int = 100
+    """What ScanDirty answers (pages written since the last scan)."""
+    discard_ranges: int = 7
+    """What SendDiscards answers."""
 
     def __post_init__(self) -> None:
         self.s = SourceSession(source_blocks(), CONFIG, preempt=self.preempt, hold_switchover=self.hold_switchover,
-                               link_timeout=self.link_timeout, recover_timeout=self.recover_timeout)
+                               link_timeout=self.link_timeout, recover_timeout=self.recover_timeout,
+                               precopy=self.precopy, tracking="wp-async")
 
     def _took(self, before: S, actions: list[Action]) -> list[Action]:
         out = list(actions)
@@ -241,6 +255,10 @@ class Src:
                 follow = Connected(a.channel) if self.connect_ok else ConnectFailed(a.channel, "refused")
             elif isinstance(a, StopGuest):
                 follow = GuestStopped((DEVICE,), self.now)
+            elif isinstance(a, ScanDirty):
+                follow = DirtyScanned(self.dirty_found)
+            elif isinstance(a, SendDiscards):
+                follow = DiscardsSent(self.discard_ranges)
             if follow is not None:
                 out[i + 1:i + 1] = self.s.handle(follow, self.now)
             i += 1
@@ -281,6 +299,14 @@ class Src:
         self.s.switch_requested = False
         self.start()
         assert self.s.status is S.ACTIVE
+        return self
+
+    def to_precopy(self) -> Src:
+        """Connected, precopy under way: tracking on, every page dirty, round 0 sent by C."""
+        acts = self.start()
+        assert self.s.status is S.ACTIVE
+        assert acts[-3:] == [StartTracking(), MarkAllDirty(), StartRound(0)] or \
+            acts[-4:-1] == [StartTracking(), MarkAllDirty(), StartRound(0)], acts
         return self
 
     def to_postcopy_active(self) -> Src:

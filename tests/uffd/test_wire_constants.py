@@ -20,6 +20,7 @@ FRAMING = [
     ("PC_VM_SECTION_FOOTER", wc.SectionType.FOOTER),
     ("PC_VM_COMMAND", wc.SectionType.COMMAND),
     ("PC_MIG_CMD_PING", wc.Command.PING),
+    ("PC_MIG_CMD_POSTCOPY_RAM_DISCARD", wc.Command.POSTCOPY_RAM_DISCARD),
     ("PC_RP_REQ_PAGES_ID", wc.RpMessage.REQ_PAGES_ID),
     ("PC_RP_REQ_PAGES", wc.RpMessage.REQ_PAGES),
     ("PC_RP_MAX_FRAME", wc.RP_MAX_FRAME_LENGTH),

@@ -32,6 +32,7 @@ static inline uint64_t pc_get_be64(const uint8_t *p) { return (uint64_t)pc_get_b
 #define PC_VM_SECTION_FOOTER 0x7e
 #define PC_VM_COMMAND 0x08
 #define PC_MIG_CMD_PING 2
+#define PC_MIG_CMD_POSTCOPY_RAM_DISCARD 6
 #define PC_RP_REQ_PAGES_ID 3
 #define PC_RP_REQ_PAGES 4
 #define PC_RP_MAX_FRAME 512

@@ -424,8 +424,9 @@ int pc_src_bulk_run(pc_src *s)
     int in_section = 0, rc = 0, result = PC_TX_DONE;
     uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0;
     pthread_mutex_lock(&c->lock);
+    int round_mode = __atomic_load_n(&s->round_mode, __ATOMIC_ACQUIRE);
     for (;;) {
-        if (stopped(s)) {
+        if (stopped(s) || (round_mode && __atomic_load_n(&s->round_end, __ATOMIC_ACQUIRE))) {
             result = PC_TX_STOPPED;
             break;
         }
@@ -485,6 +486,8 @@ int pc_src_bulk_run(pc_src *s)
             break;
         uint64_t sent = bt->flushed - flushed_before;
         section_bytes += sent;
+        if (done && round_mode)
+            break;          /* one pass: the next scan says what to send next */
         if (done) {
             /* A request may have re-dirtied nothing, but a recovery reload
              * may have: look once more from the start. */
@@ -675,4 +678,77 @@ void pc_hash_pages(uint64_t base, uint64_t npages, uint64_t *out)
 {
     for (uint64_t i = 0; i < npages; i++)
         out[i] = pc_page_hash((const uint8_t *)(uintptr_t)(base + i * PC_TARGET_PAGE_SIZE));
+}
+
+void pc_src_set_round_mode(pc_src *s, int on)
+{
+    s->cursor_block = 0;
+    s->cursor_page = 0;
+    __atomic_store_n(&s->round_end, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->round_mode, on, __ATOMIC_RELEASE);
+}
+
+void pc_src_end_round(pc_src *s) { __atomic_store_n(&s->round_end, 1, __ATOMIC_RELEASE); }
+
+/* Append one discard command (n ranges) to buf; returns its length. */
+static size_t discard_cmd(uint8_t *buf, const pc_src_block *b, const uint64_t (*r)[2], int n)
+{
+    size_t len = 1 + 1 + b->idlen + 1 + 16u * (size_t)n, o = 0;
+    buf[o++] = PC_VM_COMMAND;
+    pc_put_be16(buf + o, PC_MIG_CMD_POSTCOPY_RAM_DISCARD);
+    pc_put_be16(buf + o + 2, (uint16_t)len);
+    o += 4;
+    buf[o++] = 0;                       /* version */
+    buf[o++] = (uint8_t)b->idlen;
+    memcpy(buf + o, b->idstr, b->idlen);
+    o += b->idlen;
+    buf[o++] = 0;                       /* QEMU sends the name's NUL too */
+    for (int i = 0; i < n; i++, o += 16) {
+        pc_put_be64(buf + o, r[i][0]);
+        pc_put_be64(buf + o + 8, r[i][1]);
+    }
+    return o;
+}
+
+int64_t pc_src_send_discards(pc_src *s)
+{
+    enum { CMD_MAX = 5 + 3 + 255 + 16 * PC_SRC_DISCARDS_PER_CMD, BUF = 64 * 1024 };
+    uint8_t *buf = malloc(BUF);
+    if (!buf)
+        return -ENOMEM;
+    int64_t total = 0;
+    int rc = 0;
+    size_t used = 0;
+    for (uint32_t bi = 0; bi < s->nblocks && rc == 0; bi++) {
+        pc_src_block *b = &s->blocks[bi];
+        uint64_t npages = b->length / PC_TARGET_PAGE_SIZE;
+        uint64_t r[PC_SRC_DISCARDS_PER_CMD][2];
+        int n = 0;
+        for (uint64_t i = pc_bitmap_find_next_set(b->dirty, 0); i < npages && rc == 0;) {
+            uint64_t j = pc_bitmap_find_next_zero(b->dirty, i);
+            r[n][0] = i * PC_TARGET_PAGE_SIZE;
+            r[n][1] = (j - i) * PC_TARGET_PAGE_SIZE;
+            total++;
+            if (++n == PC_SRC_DISCARDS_PER_CMD) {
+                used += discard_cmd(buf + used, b, (const uint64_t (*)[2])r, n);
+                n = 0;
+            }
+            if (used + CMD_MAX > BUF) {
+                rc = pc_src_chan_write(s, PC_CHAN_MAIN, buf, used);
+                used = 0;
+            }
+            i = j < npages ? pc_bitmap_find_next_set(b->dirty, j) : npages;
+        }
+        if (n && rc == 0)
+            used += discard_cmd(buf + used, b, (const uint64_t (*)[2])r, n);
+    }
+    if (used && rc == 0)
+        rc = pc_src_chan_write(s, PC_CHAN_MAIN, buf, used);
+    free(buf);
+    /* As QEMU's ram_postcopy_send_discard_bitmap: the next page on main names
+     * its block again (the destination's postcopy receiver starts afresh). */
+    pthread_mutex_lock(&s->chan[PC_CHAN_MAIN].lock);
+    s->chan[PC_CHAN_MAIN].last_block = -1;
+    pthread_mutex_unlock(&s->chan[PC_CHAN_MAIN].lock);
+    return rc < 0 ? rc : total;
 }

@@ -64,6 +64,8 @@ typedef struct pc_src {
     uint32_t cursor_block;
     uint64_t cursor_page;
     int stop;
+    int round_mode;                 /* precopy: one pass over the bitmaps, then PC_TX_DONE */
+    int round_end;                  /* precopy: end the pass now (PC_TX_STOPPED) */
     /* return path */
     pc_sockbuf rp;
     int rp_ready;
@@ -105,6 +107,20 @@ enum {
     PC_TX_E_IO = -1,        /* a write failed: err_errno */
 };
 int pc_src_bulk_run(pc_src *s);
+/* Precopy rounds: with round_mode on, the next pc_src_bulk_run starts at the
+ * first page, makes one pass over the dirty bitmaps (what the last scan
+ * found) and returns PC_TX_DONE; pc_src_end_round makes it return
+ * PC_TX_STOPPED at its next batch (the session switches over). Off: the
+ * postcopy stream, which looks again until nothing is dirty. */
+void pc_src_set_round_mode(pc_src *s, int on);
+void pc_src_end_round(pc_src *s);
+/* QEMU's MAX_DISCARDS_PER_COMMAND */
+#define PC_SRC_DISCARDS_PER_CMD 12
+/* Switchover: on the main channel, POSTCOPY_RAM_DISCARD commands for every
+ * run of dirty host pages of every block (QEMU's encoding: byte ranges, at
+ * most 12 per command, one block per command). Returns the number of ranges
+ * or -errno. Hosts pages must be canonical (pc_src_canonicalize). */
+int64_t pc_src_send_discards(pc_src *s);
 uint64_t pc_src_dirty_pages(pc_src *s);
 
 enum {

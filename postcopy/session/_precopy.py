@@ -1,0 +1,112 @@
+"""Precopy before postcopy: the rounds' record and the switchover policy (pure).
+
+While the guest runs, the source sends every page once, then in rounds what
+the kernel's dirty tracking found written since (``uffd/_dirty.py``). The
+policy decides after each round whether to stop the guest and switch to
+postcopy; a deadline (``max_seconds``) ends the round in progress.
+
+Policies (``SwitchoverPolicy``):
+
+* ``time``: after ``max_seconds`` (and/or ``max_rounds``), whatever the guest does;
+* ``auto``: also as soon as precopy stops paying off: the expected downtime of a
+  pure precopy finish (dirty pages / the last round's bandwidth) is within
+  ``max_downtime`` (converged: little is left for postcopy), or the dirty rate
+  stopped shrinking while that downtime is still above the bound (precopy will
+  not converge: postcopy takes the rest). ``max_seconds`` stays an upper bound.
+* ``manual`` (QMP): rounds go on until ``migrate-start-postcopy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = ["MIN_ROUND_SECONDS", "PrecopyStats", "RoundRecord", "SwitchoverPolicy"]
+
+TARGET_PAGE: Final = 4096
+#: A round shorter than this waits before its scan (an idle guest does not spin).
+MIN_ROUND_SECONDS: Final = 0.05
+#: "Stopped shrinking": the dirty rate fell by less than this fraction.
+SHRINK_FRACTION: Final = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One precopy round: what it sent and what the scan after it found written."""
+
+    seconds: float
+    bytes: int
+    dirty_pages: int
+
+    @property
+    def dirty_rate(self) -> float:
+        """Pages written per second during the round."""
+        return self.dirty_pages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchoverPolicy:
+    mode: Literal["time", "auto", "manual"] = "time"
+    max_seconds: float = 2.0
+    max_rounds: int = 0
+    """0: no limit on rounds."""
+    max_downtime: float = 0.3
+    """auto: the bound on a pure precopy finish's downtime (QEMU's downtime-limit, 300 ms)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("time", "auto", "manual"):
+            raise ValueError(f"switchover {self.mode!r}: choose time, auto or manual")
+        if self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0:
+            raise ValueError("precopy limits must not be negative")
+
+    def deadline(self, started: float) -> float | None:
+        """When the round in progress is cut short and the switch happens."""
+        if self.mode == "manual" or self.max_seconds <= 0:
+            return None
+        return started + self.max_seconds
+
+    def decide(self, rounds: Sequence[RoundRecord], elapsed: float) -> str | None:
+        """After a round and its scan: why to switch now, or None to go on."""
+        if self.mode == "manual" or not rounds:
+            return None
+        if self.max_seconds > 0 and elapsed >= self.max_seconds:
+            return "time"
+        if self.max_rounds and len(rounds) >= self.max_rounds:
+            return "rounds"
+        if self.mode != "auto":
+            return None
+        last = rounds[-1]
+        bandwidth = max((r.bandwidth for r in rounds[-3:]), default=0.0)
+        expected = last.dirty_pages * TARGET_PAGE / bandwidth if bandwidth > 0 else float("inf")
+        if last.dirty_pages == 0 or expected <= self.max_downtime:
+            return "converged"
+        if len(rounds) >= 3 and last.dirty_rate >= (1 - SHRINK_FRACTION) * rounds[-2].dirty_rate:
+            return "not_shrinking"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyStats:
+    """What the report and the metrics show as ``precopy``."""
+
+    rounds: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    dirty_pages_last_round: int = 0
+    dirty_rate_pages_per_s: float = 0.0
+    dirty_pages_at_switch: int = 0
+    discard_ranges: int = 0
+    switch_reason: str = ""
+    tracking: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rounds": self.rounds, "bytes": self.bytes, "seconds": round(self.seconds, 4),
+                "dirty_pages_last_round": self.dirty_pages_last_round,
+                "dirty_rate_pages_per_s": round(self.dirty_rate_pages_per_s, 1),
+                "dirty_pages_at_switch": self.dirty_pages_at_switch, "discard_ranges": self.discard_ranges,
+                "switch_reason": self.switch_reason, "tracking": self.tracking}

@@ -1,0 +1,118 @@
+"""Precopy, then postcopy, end to end (a Source and a Destination in this process
+over loopback, the guest writing on the source throughout the rounds).
+
+After the switch every page the destination holds must be the source's page at
+the switch (no stale precopy page survives its discard) and the guest's own
+replay must agree; with 4 KiB and 2 MiB pages, and with a recovery in the
+postcopy phase. The soft-dirty method is covered by tests/precopy/test_tracking.py
+as far as this kernel allows (CONFIG_MEM_SOFT_DIRTY).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from harness import Outcome, check, migrate
+
+from postcopy.destination import Destination
+from postcopy.session import SwitchoverPolicy
+from postcopy.source import Source
+from postcopy.spec import GuestSpec
+from uffd import PAGE_2M, PAGE_4K
+
+pytestmark = pytest.mark.root
+
+
+def _precopy(o: Outcome, min_rounds: int = 2) -> None:
+    pre = o.source.precopy
+    assert pre is not None
+    assert pre.tracking == "wp-async"
+    assert pre.rounds >= min_rounds, pre
+    assert pre.bytes > 0
+    assert pre.seconds > 0
+    # the guest kept writing: pages went stale on the destination and were discarded at the switch
+    assert pre.dirty_pages_at_switch > 0, pre
+    assert pre.discard_ranges > 0, pre
+    assert o.dest.discard_ranges == pre.discard_ranges
+
+
+@pytest.mark.parametrize("pattern", ["random", "hot"])
+def test_4k_guest_writing_during_precopy(pattern: str) -> None:
+    spec = GuestSpec.simple(32 << 20, PAGE_4K, vcpus=2, pattern=pattern, write_percent=30, rate_limit=50_000)
+    o = migrate(spec, preempt=True, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=1.0), "tracking": "wp-async"})
+    check(o, spec)
+    _precopy(o)
+
+
+@pytest.mark.hugetlb
+def test_2m_guest_writing_during_precopy() -> None:
+    spec = GuestSpec.simple(64 << 20, PAGE_2M, vcpus=2, pattern="random", write_percent=30, rate_limit=20_000)
+    o = migrate(spec, preempt=True, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=1.0), "tracking": "wp-async"})
+    check(o, spec)
+    _precopy(o)
+
+
+def test_no_preempt_and_a_fast_writer() -> None:
+    spec = GuestSpec.simple(16 << 20, PAGE_4K, vcpus=2, pattern="random", write_percent=50)
+    o = migrate(spec, preempt=False, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=0.8), "tracking": "wp-async"})
+    check(o, spec)
+    _precopy(o, min_rounds=1)
+
+
+def test_auto_switchover_on_an_idle_guest_converges() -> None:
+    spec = GuestSpec.simple(16 << 20, PAGE_4K, vcpus=1, pattern="hot", write_percent=1, rate_limit=100)
+    o = migrate(spec, preempt=True, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="auto", max_seconds=10.0), "tracking": "wp-async"})
+    check(o, spec)
+    pre = o.source.precopy
+    assert pre is not None
+    assert pre.switch_reason == "converged", pre
+    assert pre.seconds < 5.0, pre
+
+
+def test_recovery_in_the_postcopy_phase_after_precopy() -> None:
+    spec = GuestSpec.simple(16 << 20, PAGE_4K, vcpus=2, pattern="random", write_percent=30, rate_limit=2000)
+    cuts: list[int] = []
+
+    def during(src: Source, dst: Destination) -> None:
+        while src.result.status != "postcopy-active":
+            if src.result.status in ("completed", "failed"):
+                return
+            time.sleep(0.002)
+        time.sleep(0.05)
+        if src.result.status == "postcopy-active":
+            dst.pause()
+            cuts.append(1)
+
+    o = migrate(spec, preempt=True, cap=4 << 20, warmup=0.1, during=during,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=0.6), "tracking": "wp-async",
+                                "link_timeout": 1.0},
+                dest_options={"link_timeout": 1.0})
+    check(o, spec)
+    _precopy(o, min_rounds=1)
+    assert cuts
+    assert o.source.recoveries >= 1
+
+
+def test_demo_with_precopy_verifies(tmp_path) -> None:
+    out = tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "postcopy", "demo", "--size", "32M", "--pattern", "random",
+                        "--write-percent", "20", "--guest-rate", "20000", "--precopy-seconds", "1",
+                        "--verify", "--progress", "lines", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    assert d["verified"]
+    assert d["status"] == "completed"
+    pre = d["precopy"]
+    assert set(pre) >= {"rounds", "bytes", "seconds", "dirty_pages_last_round", "dirty_rate_pages_per_s"}
+    assert pre["rounds"] >= 2
+    assert pre["bytes"] > 32 << 20
+    assert "precopy round" in r.stdout or "precopy" in r.stdout
