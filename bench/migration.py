@@ -46,7 +46,16 @@ from _floor import (
 from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
 from postcopy.owner import BuiltinGuest
-from postcopy.session import MigrationStats
+from postcopy import wire
+from postcopy.session import (
+    Discard,
+    MigrationStats,
+    RegisterMemory,
+    SendReturnPath,
+    StartGuest,
+    StartPreemptReceiver,
+    StreamItem,
+)
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K, free_hugepages
@@ -224,21 +233,103 @@ class Run:
         return self.main_bytes / self.postcopy_s
 
 
-def time_calls(obj: object, method: str, phases: dict[str, int], key: str) -> None:
-    """Add the wall ns of every call of obj.method to phases[key] (bench-side only;
-    a role that renames the method just loses the figure)."""
-    inner = getattr(obj, method, None)
-    if inner is None:
-        return
+class SwitchTrace:
+    """Timestamps of every step between the source guest's stop and PONG 3 (bench-side:
+    it wraps methods of the objects the bench builds; a role that renames one just loses
+    that mark). :meth:`phases` turns them into consecutive phases that add up to the downtime."""
 
-    def timed(*a: Any, **kw: Any) -> Any:
-        t0 = time.monotonic_ns()
-        try:
-            return inner(*a, **kw)
-        finally:
-            phases[key] = phases.get(key, 0) + time.monotonic_ns() - t0
+    PONG3 = wire.encode(wire.Pong(value=3))
 
-    setattr(obj, method, timed)
+    def __init__(self) -> None:
+        self.marks: dict[str, int] = {}
+        self.sums: dict[str, int] = {}
+
+    def mark(self, key: str, first: bool = True) -> None:
+        if not first or key not in self.marks:
+            self.marks[key] = time.monotonic_ns()
+
+    def wrap(self, obj: object, method: str, before: str | None, after: str | None,
+             when: Any = None, total: str | None = None) -> None:
+        inner = getattr(obj, method, None)
+        if inner is None:
+            return
+
+        def traced(*a: Any, **kw: Any) -> Any:
+            hit = when is None or when(*a, **kw)
+            t0 = time.monotonic_ns()
+            if hit and before:
+                self.marks.setdefault(before, t0)
+            try:
+                return inner(*a, **kw)
+            finally:
+                t1 = time.monotonic_ns()
+                if hit and after:
+                    self.marks.setdefault(after, t1)
+                if hit and total:
+                    self.sums[total] = self.sums.get(total, 0) + t1 - t0
+
+        setattr(obj, method, traced)
+
+    def attach_source(self, src: Source, owner: BuiltinGuest) -> None:
+        stopped = lambda *a, **kw: "src_stop_end" in self.marks    # noqa: E731
+        self.wrap(owner, "stop", None, "src_stop_end", total="guest_stop_ns")
+        self.wrap(owner, "save_device_state", None, "src_save_end")
+        self.wrap(src.path, "mark_all_dirty", None, "src_mark_dirty_end", when=stopped)
+        self.wrap(src.path, "write", "src_write_start", "src_write_end", when=stopped)
+
+    def attach_destination(self, dest: Destination) -> None:
+        def item_is(kind: type) -> Any:
+            return lambda ev: isinstance(ev, StreamItem) and isinstance(ev.event, kind)
+
+        def action_is(kind: type) -> Any:
+            return lambda act: isinstance(act, kind)
+
+        self.wrap(dest, "_feed", "dst_discard_item", None, when=item_is(wire.PostcopyRamDiscard))
+        self.wrap(dest, "_feed", "dst_packaged_item", "dst_packaged_done", when=item_is(wire.Packaged))
+        self.wrap(dest, "_do", None, None, when=action_is(Discard), total="dest_discard_ns")
+        self.wrap(dest, "_do", "dst_listen_start", "dst_listen_end", when=action_is(RegisterMemory),
+                  total="dest_listen_ns")
+        self.wrap(dest, "_do", "dst_preempt_rx_start", "dst_preempt_rx_end", when=action_is(StartPreemptReceiver))
+        self.wrap(dest, "_do", "dst_pong3_start", "dst_pong3_end",
+                  when=lambda act: isinstance(act, SendReturnPath) and act.data == self.PONG3)
+        self.wrap(dest, "_do", "dst_load_start", "dst_load_end", when=action_is(StartGuest))
+
+    def phases(self, stopped_ns: int, downtime_ns: int) -> dict[str, int]:
+        """Consecutive phases from the guest's stop to PONG 3 (ns); missing marks merge into the next phase."""
+        m = self.marks
+        steps = [
+            ("src_guest_stop_ns", "src_stop_end"),
+            ("src_device_save_ns", "src_save_end"),
+            ("src_switch_events_written_ns", "src_write_end"),
+            ("wire_to_dest_first_discard_ns", "dst_discard_item"),
+            ("dest_discards_ns", "dst_packaged_item"),
+            ("dest_packaged_to_listen_ns", "dst_listen_start"),
+            ("dest_listen_register_ns", "dst_listen_end"),
+            ("dest_preempt_receiver_ns", "dst_preempt_rx_end"),
+            ("dest_to_pong3_ns", "dst_pong3_start"),
+        ]
+        out: dict[str, int] = {}
+        prev = stopped_ns
+        for name, key in steps:
+            t = m.get(key)
+            if t is None or t < prev:
+                continue
+            out[name] = t - prev
+            prev = t
+        # PONG 3 written, on the wire, read by the source's return-path thread (where the downtime ends)
+        out["pong3_to_source_ns"] = stopped_ns + downtime_ns - prev
+        if "dst_load_start" in m and "dst_load_end" in m:
+            out["after_pong3_device_load_start_ns"] = m["dst_load_end"] - m["dst_load_start"]
+        return out
+
+
+PHASE_COLUMNS = [
+    ("src_guest_stop_ns", "src stop"), ("src_device_save_ns", "dev save"),
+    ("src_switch_events_written_ns", "switch write"), ("wire_to_dest_first_discard_ns", "wire+decode"),
+    ("dest_discards_ns", "dst discards"), ("dest_packaged_to_listen_ns", "PACKAGED->LISTEN"),
+    ("dest_listen_register_ns", "LISTEN"), ("dest_preempt_receiver_ns", "preempt rx"),
+    ("dest_to_pong3_ns", "->PONG3"), ("pong3_to_source_ns", "PONG3->src"),
+]
 
 
 def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, profile: bool) -> Run:
@@ -250,11 +341,9 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
                   write_percent=spec.write_percent, rate_limit=spec.rate_limit)
     dest = Destination(BuiltinGuest(spec), preempt=preempt)
     prof = ThreadProfile() if profile else None
-    phases: dict[str, int] = {}
-    # Where the downtime goes: the source guest's stop, the destination's discard and LISTEN.
-    time_calls(guest, "stop", phases, "guest_stop_ns")
-    time_calls(dest, "_discard", phases, "dest_discard_ns")
-    time_calls(dest, "_listen", phases, "dest_listen_ns")
+    # Where the downtime goes: every step from the source guest's stop to PONG 3.
+    trace = SwitchTrace()
+    trace.attach_destination(dest)
     try:
         guest.fill_initial()
         guest.start()
@@ -270,7 +359,9 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
 
             t = threading.Thread(target=serve, name="bench-dest-serve")
             t.start()
-            src = Source(BuiltinGuest(spec, memory, guest), preempt=preempt, bandwidth_cap=cap)
+            src_owner = BuiltinGuest(spec, memory, guest)
+            src = Source(src_owner, preempt=preempt, bandwidth_cap=cap)
+            trace.attach_source(src, src_owner)
             if prof:
                 with prof:
                     sres: MigrationStats = src.migrate(listener.getsockname())
@@ -293,7 +384,7 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
                    requests_skipped=c["request_pages_skipped"],
                    preempt_pages=c["preempt_pages_normal"] + c["preempt_pages_zero"],
                    latencies_ns=list(dest.latencies_ns), profile=prof.by_role() if prof else None,
-                   phases_ns=phases)
+                   phases_ns={**trace.sums, **trace.phases(sres.stopped_ns, sres.downtime_ns)})
     finally:
         guest.close()
         dest.close()
@@ -474,13 +565,15 @@ def print_downtime(runs: list[Run]) -> None:
 
     table = [[f"{page_label(r.page_size)} {r.size // MiB} MiB {'busy' if r.busy else 'idle'}",
               f"{r.downtime_ns / 1e6:.2f}", "ok" if r.downtime_ns <= TARGET_DOWNTIME_NS else "MISS",
-              ms(r, "guest_stop_ns"), ms(r, "dest_discard_ns"), ms(r, "dest_listen_ns"),
-              f"{(r.downtime_ns - r.phases_ns.get('guest_stop_ns', 0)) / 1e6:.2f}",
+              *(ms(r, key) for key, _ in PHASE_COLUMNS),
               f"{r.postcopy_s:.2f}", f"{r.bulk_bps / 1e9:.2f}"] for r in runs]
-    print_table(["guest (preempt on)", "downtime ms", "<=10ms", "of which: guest stop", "dest discard",
-                 "dest listen", "downtime - guest stop", "postcopy s", "bulk GB/s"], table)
-    print("  an idle guest's vCPUs nap up to 10 ms between accesses (guest.c throttle), so stopping it takes "
-          "up to 10 ms; the busy rows show the downtime of a guest that stops at once")
+    print_table(["guest (preempt on)", "downtime ms", f"<={TARGET_DOWNTIME_NS / 1e6:g}ms",
+                 *(label for _, label in PHASE_COLUMNS), "postcopy s", "bulk GB/s"], table)
+    print("  phases (ms, consecutive, adding up to the downtime): the source guest's stop (vCPU join), its device "
+          "state save, the switch events written on main (discards, PACKAGED), the wire and the destination's "
+          "decoding up to the first discard, the discards, PACKAGED decoded up to LISTEN, LISTEN (uffd register, "
+          "fault service started), the preempt receiver started, up to PONG 3's write, PONG 3 written and "
+          "read by the source's return-path thread (where the downtime ends)")
 
 
 def qemu_reference() -> list[dict[str, str]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
+
+from uffd._native import lib
 
 __all__ = [
     "background_priority",
@@ -34,15 +35,15 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
 def urgent_priority(nice: int = -10) -> None:
     """Raise the calling thread above the guest and the bulk stream: it serves
     page faults. Needs CAP_SYS_NICE; without it the thread keeps its priority."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    lib.pc_thread_set_nice(nice)
 
 
 def background_priority(nice: int = 10) -> None:
     """Lower the calling thread (Linux: PRIO_PROCESS 0 is the thread) below
-    the fault path: on 2 cores the bulk stream must not delay an urgent page."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    the fault path: on 2 cores the bulk stream must not delay an urgent page.
+    The call is C with the GIL released: a thread lowered while holding the GIL
+    would be preempted at once and stall every Python thread of the process."""
+    lib.pc_thread_set_nice(nice)
 
 
 #: Bytes the bulk stream may have in flight in the kernel on each side. A page

@@ -87,6 +87,7 @@ class _Conn:
     rx: Receiver | None = None
     pages: bool = False         # the C receiver places pages; only control items come back
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
+    ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
 
 
 class Destination:
@@ -115,6 +116,7 @@ class Destination:
         self._early_return_path: socket.socket | None = None     # OPEN_RETURN_PATH comes before the RAM setup
         self._uffd: Userfaultfd | None = None
         self._fault_stop: tuple[int, int] | None = None
+        self._fault_go: threading.Event | None = None      # set at LISTEN: the idle fault service starts serving
         self._retired: list[object] = []        # C objects and fds kept until close(): threads may still be in them
         self._threads: list[threading.Thread] = []
         self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
@@ -271,11 +273,14 @@ class Destination:
                 self._conns[conn].go.set()
             case AcceptPreempt(conn=conn):
                 self._unclassified.pop(conn, None)
+                if conn in self._conns:
+                    # its thread starts now and waits: the switch only hands it the receiver
+                    self._start(f"dest-preempt-{conn}", self._read_preempt, conn, self._conns[conn])
             case StartPreemptReceiver(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
                 c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
-                self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c.rx)
+                c.ready.set()
             case ReceivePages(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
@@ -286,6 +291,7 @@ class Destination:
                 c2 = self._conns.pop(conn, None)
                 if c2 is not None:
                     c2.go.set()
+                    c2.ready.set()      # a preempt thread still waiting for its receiver ends
                 if c2 is not None and c2.rx is not None:
                     self._retire_channel(c2)        # its reader thread may still be in recv(): no close yet
                     shutdown_quietly(c2.sock)
@@ -331,6 +337,7 @@ class Destination:
                 self._path = DestinationPath(list(blocks), verify=self.verify)
                 if self._early_return_path is not None:
                     self._path.set_return_path(self._early_return_path)
+                self._prepare_faults()
                 for c6 in self._conns.values():
                     if c6.rx is not None and c6.rx.path is None:
                         c6.rx.attach(self._path)
@@ -341,9 +348,15 @@ class Destination:
                 rx.place(bytes(pages.records), bytes(pages.buffer))
             case Discard(block_index=index, ranges=ranges):
                 block = self.path.blocks[index]
+                received = self.path.received[index]
                 for start, length in ranges:
+                    # nothing placed in the range: it is still missing, nothing to drop (the
+                    # immediate switch discards whole blocks that were never touched here)
+                    first = start // wire.DEFAULT_TARGET_PAGE_SIZE
+                    placed = received.find_next_set(first) < first + length // wire.DEFAULT_TARGET_PAGE_SIZE
                     self.path.discard(index, start, length)
-                    block.discard(start, length)
+                    if placed:
+                        block.discard(start, length)
             case RegisterMemory():
                 self._register()
             case StartGuest(device_sections=sections):
@@ -427,8 +440,12 @@ class Destination:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
 
-    def _read_preempt(self, conn: int, rx: Receiver) -> None:
+    def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()
+        c.ready.wait()      # set at LISTEN with the receiver, or when the connection goes
+        rx = c.rx
+        if rx is None or conn not in self._conns:
+            return
         try:
             code = rx.run()
         except DataPathError as exc:
@@ -459,29 +476,42 @@ class Destination:
 
     # -- memory -----------------------------------------------------------------------------------
 
-    def _register(self) -> None:
-        """LISTEN: register guest memory with userfaultfd and start serving faults."""
+    def _prepare_faults(self) -> None:
+        """At the RAM setup, long before the switch: the userfaultfd (nothing registered yet) and the
+        fault service's thread, idle until LISTEN. LISTEN then only registers: no thread starts while
+        the guest is stopped."""
+        self._stop_fault_service()      # one prepared for an earlier RAM setup
+        if self._uffd is not None:
+            self._retired.append(self._uffd)
+            self._uffd = None
         blocks = self.path.blocks
-        if self.path.remote:
-            # another process's memory (_datapath.RemoteBlock), registered by it with its own
-            # userfaultfd, which the data path already uses: only the fault service starts here
-            self._fault_stop = os.pipe()
-            self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0])
-            return
-        features = Feature.THREAD_ID
-        if any(b.backing == "hugetlbfs" for b in blocks):
-            features |= Feature.MISSING_HUGETLBFS
-        if any(b.backing == "memfd" for b in blocks):
-            features |= Feature.MISSING_SHMEM
-        self._uffd = Userfaultfd(features, user_mode_only=True)
-        for b in blocks:
-            self._uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
-        self.path.attach_uffd(self._uffd.fileno())
+        if not self.path.remote:
+            # (remote: another process's memory, registered by it with its own userfaultfd,
+            # which the data path already uses)
+            features = Feature.THREAD_ID
+            if any(b.backing == "hugetlbfs" for b in blocks):
+                features |= Feature.MISSING_HUGETLBFS
+            if any(b.backing == "memfd" for b in blocks):
+                features |= Feature.MISSING_SHMEM
+            self._uffd = Userfaultfd(features, user_mode_only=True)
         self._fault_stop = os.pipe()
-        self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0])
+        self._fault_go = threading.Event()
+        self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0], self._fault_go)
 
-    def _serve_faults(self, path: DestinationPath, stop_fd: int) -> None:
+    def _register(self) -> None:
+        """LISTEN: register guest memory with userfaultfd; the fault service starts serving."""
+        if self._fault_go is None:
+            self._prepare_faults()
+        assert self._fault_go is not None
+        if self._uffd is not None:
+            for b in self.path.blocks:
+                self._uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+            self.path.attach_uffd(self._uffd.fileno())
+        self._fault_go.set()
+
+    def _serve_faults(self, path: DestinationPath, stop_fd: int, go: threading.Event) -> None:
         urgent_priority()
+        go.wait()       # LISTEN (or the service stops before it: then stop_fd is readable at once)
         rc = path.serve_faults(stop_fd)
         if rc < 0:
             self._feed(DataPathFailed("uffd", f"fault service stopped: {os.strerror(-rc)}"))
@@ -491,6 +521,9 @@ class Destination:
             os.write(self._fault_stop[1], b"x")
             self._retired.append(self._fault_stop)
             self._fault_stop = None
+        if self._fault_go is not None:
+            self._fault_go.set()
+            self._fault_go = None
 
     def _reset_before_run(self) -> None:
         """No guest ran here: drop what was received; the next stream starts from nothing."""
@@ -540,6 +573,7 @@ class Destination:
                     c.rx.stop()
                 shutdown_quietly(c.sock)
                 c.go.set()
+                c.ready.set()
         for t in self._threads:
             t.join(timeout=10)
         for c in self._conns.values():

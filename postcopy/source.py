@@ -380,6 +380,7 @@ class Source:
         try:
             while True:
                 code = self.path.serve_return_path()
+                read_at = time.monotonic()
                 if code == SourcePath.RP_BAD_REQUEST:
                     self._bad_requests += 1
                     log.warning("destination sent a bad page request: %s", self.path.last_error())
@@ -392,7 +393,7 @@ class Source:
                 event = next(decoded_items(self.path.rp, wire.ReturnPathDecoder(layout=layout)))
                 if isinstance(event, wire.ResumeAck) and main is not None:
                     set_recv_timeout(main, 0)
-                self._put(generation, ReturnPathMessage(event))
+                self._put(generation, ReturnPathMessage(event, read_at))
                 if isinstance(event, wire.Shut):
                     return
         except (DataPathError, wire.RemoteProtocolError, OSError) as exc:

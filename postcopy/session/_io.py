@@ -166,9 +166,11 @@ class ChannelFailed:
 
 @dataclass(frozen=True, slots=True)
 class ReturnPathMessage:
-    """A return-path message other than a page request (those the C loop serves)."""
+    """A return-path message other than a page request (those the C loop serves).
+    ``received_at``: when the return path read it (monotonic s; 0: when handled)."""
 
     event: wire.WireEvent
+    received_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

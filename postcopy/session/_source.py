@@ -165,8 +165,8 @@ class SourceSession:
                 self._connect_failed(channel, reason, now)
             case GuestStopped(device_sections=sections, stopped_at=stopped_at):
                 self._switch(sections, stopped_at, now)
-            case ReturnPathMessage(event=message):
-                self._message(message, now)
+            case ReturnPathMessage(event=message, received_at=received_at):
+                self._message(message, now, received_at or now)
             case BulkFinished():
                 self._ending(now)
             case RoundFinished(bytes=sent):
@@ -442,14 +442,15 @@ class SourceSession:
 
     # -- the return path ---------------------------------------------------------------------------
 
-    def _message(self, message: wire.WireEvent, now: float) -> None:
+    def _message(self, message: wire.WireEvent, now: float, received_at: float) -> None:
         match message:
             case wire.Pong(value=v) if v & HEARTBEAT_MASK == HEARTBEAT_PING:
                 self.last_pong = now
             case wire.Pong(value=v):
                 self.last_pong = now
                 if v == 3 and self.downtime is None and self.guest_stopped:
-                    self.downtime = now - self.stopped_at
+                    # up to the return path's read, not to this thread's turn to handle it
+                    self.downtime = max(0.0, min(now, received_at) - self.stopped_at)
             case wire.Shut(value=v) if self.recovery.handshake and v == SHUT_NOTHING_TO_RECOVER:
                 # no guest ran there yet: send the whole stream again, the guest still stopped here
                 self._out.append(CloseChannels())

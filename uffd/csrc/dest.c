@@ -389,9 +389,15 @@ static void page_waited(pc_dst *d, const pc_fault *f)
 {
     pc_dst_block *b = &d->blocks[f->block];
     pthread_mutex_lock(&d->wlock);
+    int v = vcpu_index(d, f->tid);
+    if (v >= 0)     /* a vCPU waits for one page at a time: a new fault ends its earlier wait */
+        for (uint32_t w = 0; w < d->nwaiters; w++)
+            if (d->waiters[w].vcpu == v) {
+                waiter_done_locked(d, w, f->t_ns > d->waiters[w].t_ns ? f->t_ns : d->waiters[w].t_ns);
+                break;
+            }
     if (d->nwaiters < PC_DST_MAX_WAITERS) {
         uint32_t w = d->nwaiters++;
-        int v = vcpu_index(d, f->tid);
         d->waiters[w] = (pc_dst_waiter){ f->offset, f->t_ns, f->block, f->tid, v };
         if (v >= 0 && ++d->vcpus_blocked == d->nvcpus)
             d->all_blocked_since_ns = f->t_ns;
