@@ -30,6 +30,7 @@ can be replayed with ``--first I --iterations 1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import lzma
 import mmap
@@ -226,15 +227,14 @@ class _Pair:
         self.ours, self.theirs = socket.socketpair()
         # a stalled reader shows up as an io error, not a hang
         self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-        self.thread = threading.Thread(target=_feed, args=(self.theirs, data, rng), daemon=True)
+        own = random.Random(rng.getrandbits(64))    # the thread's draws must not race the caller's
+        self.thread = threading.Thread(target=_feed, args=(self.theirs, data, own), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
         for s in (self.ours, self.theirs):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.thread.join()
         self.ours.close()
         self.theirs.close()
@@ -499,8 +499,8 @@ def _marks(wire: Any, make: Callable[[], Any], data: bytes) -> list[int]:
     try:
         for start, end, ev in _items(wire, make(), data):
             if isinstance(ev, wire.RamPages):
-                for rec in ev.iter_records():
-                    marks.append(start + rec.data_pos + (ev.target_page_size if rec.kind == REC_PAGE else 1))
+                marks.extend(start + rec.data_pos + (ev.target_page_size if rec.kind == REC_PAGE else 1)
+                             for rec in ev.iter_records())
             marks.append(end)
     except wire.RemoteProtocolError:
         pass        # a seed cut in the middle of an item: marks up to there
@@ -522,8 +522,9 @@ def make_seeds(wire: Any, layout: Any, size: int) -> list[Seed]:
     def main_seed(name: str, raw: bytes, make: Callable[[], Any], is_recovery: bool = False) -> None:
         marks = _marks(wire, make, raw)
         body = raw[: _cut(marks, size)] + tail
-        for target in ("dest", "decode-recovery" if is_recovery else "decode-main"):
-            seeds.append(Seed(name, target, body, _marks(wire, make, body), recovery=is_recovery))
+        marks = _marks(wire, make, body)
+        seeds.extend(Seed(name, target, body, marks, recovery=is_recovery)
+                     for target in ("dest", "decode-recovery" if is_recovery else "decode-main"))
 
     main_seed("immediate", _read("64M-postcopy-immediate/capture/conn0.s2d.bin.xz", 20000 + 2 * size), main)
     pre = _read("64M-precopy1s-then-postcopy/capture/conn0.s2d.bin.xz", 18479948 + 2 * size)
@@ -536,14 +537,14 @@ def make_seeds(wire: Any, layout: Any, size: int) -> list[Seed]:
     raw = _read("64M-postcopy-preempt-cap16M/capture/conn1.s2d.bin.xz")
     marks = _marks(wire, preempt, raw)
     body = raw[: _cut(marks, size)] + struct.pack(">Q", 0x10)
-    for target in ("preempt", "decode-preempt"):
-        seeds.append(Seed("preempt-channel", target, body, _marks(wire, preempt, body)))
+    marks = _marks(wire, preempt, body)
+    seeds.extend(Seed("preempt-channel", target, body, marks) for target in ("preempt", "decode-preempt"))
     for name, rel in (("rp-resume", "64M-postcopy-recover-pause-cap16M/capture-resume/conn0.d2s.bin.xz"),
                       ("rp-preempt", "64M-postcopy-preempt-cap16M/capture/conn0.d2s.bin.xz"),
                       ("rp-pause", "64M-postcopy-recover-pause-cap16M/capture/conn0.d2s.bin.xz")):
         raw = _read(rel)
-        for target in ("rp", "decode-rp"):
-            seeds.append(Seed(name, target, raw, _marks(wire, rp, raw)))
+        marks = _marks(wire, rp, raw)
+        seeds.extend(Seed(name, target, raw, marks) for target in ("rp", "decode-rp"))
     return seeds
 
 
@@ -571,8 +572,9 @@ def main() -> int:
     ap.add_argument("--build", type=Path,
                     help="the sanitized build made by `python3 uffd/_build.py --sanitize DIR` (DIR)")
     ap.add_argument("--allow-unsanitized", action="store_true", help="run on the normal build (no ASan)")
-    ap.add_argument("--canary", action="store_true",
-                    help="write one byte into a guard page and die: checks that faults are reported")
+    ap.add_argument("--canary", choices=("guard", "heap"),
+                    help="die on purpose, to check that the sanitizer reports it: 'guard' writes into a "
+                         "guard page, 'heap' has the C core read past a 16-byte heap buffer")
     args = ap.parse_args()
     # this tree's postcopy, and uffd from the sanitized build when one is named
     sys.path[:0] = [str(args.build.resolve()), str(ROOT)] if args.build else [str(ROOT)]
@@ -587,10 +589,17 @@ def main() -> int:
         return 2
     print(f"fuzz_datapath: C core {uffd._native.__file__} ({'unsanitized' if why else 'ASan+UBSan'}); "
           f"postcopy from {Path(wire.__file__).parents[1]}", flush=True)
-    if args.canary:
+    if args.canary == "guard":
         b = GuardedBlock("canary", 4096, 4096)
         ctypes.memset(b.addr + 4096, 1, 1)      # the guard page after the block
         print("fuzz_datapath: the guard page did not fault", file=sys.stderr)
+        return 3
+    if args.canary == "heap":
+        small = uffd._native.ffi.new("uint8_t[]", 16)
+        out = uffd._native.ffi.new("uint64_t[]", 1)
+        addr = int(uffd._native.ffi.cast("uintptr_t", small))
+        uffd._native.lib.pc_hash_pages(addr, 1, out)     # hashes 4096 bytes of the 16
+        print("fuzz_datapath: the C core read past a heap buffer unnoticed", file=sys.stderr)
         return 3
 
     setup = next(ev for _, _, ev in _items(wire, wire.MainStreamDecoder(),
