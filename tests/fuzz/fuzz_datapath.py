@@ -133,7 +133,18 @@ EXTREMES = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0x1001, 0x7FFF, 0x8
             0x8000000000000000, 0xFFFFFFFFFFFFF000, 0xFFFFFFFFFFFFFFFF)
 
 
-def mutate(rng: random.Random, seed: Seed, others: list[Seed]) -> bytes:
+def edge_values(lengths: list[int]) -> list[int]:
+    """Offsets at and around the ends of the captures' RAM blocks: an off-by-one in a bounds
+    check shows only with an offset right at a block's end."""
+    out = set()
+    for length in lengths:
+        for delta in (-HUGE, -4096, 0, 4096, HUGE):
+            if length + delta >= 0:
+                out.add(length + delta)
+    return sorted(out)
+
+
+def mutate(rng: random.Random, seed: Seed, others: list[Seed], edges: list[int]) -> bytes:
     data = bytearray(seed.data)
     marks = seed.marks or [0]
 
@@ -143,7 +154,7 @@ def mutate(rng: random.Random, seed: Seed, others: list[Seed]) -> bytes:
         return rng.randrange(len(data) + 1)
 
     for _ in range(1 + min(int(rng.expovariate(0.7)), 8)):
-        op = rng.randrange(9)
+        op = rng.randrange(10)
         at = pos()
         if op == 0 and data:                                     # bit flip
             at = min(at, len(data) - 1)
@@ -176,6 +187,12 @@ def mutate(rng: random.Random, seed: Seed, others: list[Seed]) -> bytes:
                 data[at:at] = other.data[other.marks[i] : other.marks[min(len(other.marks) - 1, i + 3)]]
         elif op == 8:                                            # truncate
             del data[at:]
+        elif op == 9 and edges:                                  # an offset at a block's end
+            # a page record's header (offset | flags) or a REQ_PAGES start (4 bytes in)
+            at = min(rng.choice(marks) + rng.choice((0, 0, 4)), max(0, len(data) - 8))
+            old = int.from_bytes(data[at : at + 8].ljust(8, b"\0"), "big")
+            value = rng.choice(edges) | (old & 0xFFF if rng.random() < 0.7 else rng.choice((0x2, 0x8, 0x22, 0x28)))
+            data[at : at + 8] = value.to_bytes(8, "big")
     return bytes(data)
 
 
@@ -612,6 +629,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
     all_seeds = make_seeds(wire, layout, args.size)
+    edges = edge_values([b.used_length for b in layout.blocks])
     seeds = [s for s in all_seeds if s.target in chosen]
     ctx = Ctx(wire=wire, dp=dp, layout=layout, blocks=BlockCache())
     status = os.open(args.status, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if args.status else -1
@@ -631,7 +649,7 @@ def main() -> int:
             rng = random.Random(f"{args.seed}:{i}")
             seed = rng.choice(seeds)
             others = [s for s in all_seeds if s.target == seed.target and s is not seed]
-            data = mutate(rng, seed, others)
+            data = mutate(rng, seed, others, edges)
             if status >= 0:
                 line = f"--seed {args.seed} --first {i} --iterations 1 --targets {seed.target} ({seed.name})\n"
                 os.pwrite(status, line.encode().ljust(96), 0)
