@@ -55,7 +55,7 @@ from postcopy.control import (
 )
 from postcopy.destination import Destination
 from postcopy.guest import Guest
-from postcopy.owner import BuiltinGuest
+from postcopy.owner import BuiltinGuest, MemoryOwner
 from postcopy.session import MigrationStats
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
@@ -494,7 +494,9 @@ class DestinationService(_RoleService[R]):
 
     def __init__(self, spec: GuestSpec, *, preempt: bool = True, verify: bool = False,
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
-                 on_listening: Callable[[tuple[str, int]], None] | None = None) -> None:
+                 on_listening: Callable[[tuple[str, int]], None] | None = None,
+                 owner: Callable[[], MemoryOwner] | None = None, link_timeout: float = 3.0) -> None:
+        """``owner`` makes the memory owner of each incoming migration (default: the built-in guest of ``spec``)."""
         options = options or ServiceOptions()
         if listen is None and options.qmp is None:
             raise ServiceError("the destination needs a listen address or a QMP socket to receive migrate-incoming")
@@ -503,6 +505,8 @@ class DestinationService(_RoleService[R]):
         self.verify = verify
         self.listen = listen
         self.on_listening = on_listening
+        self.make_owner: Callable[[], MemoryOwner] = owner or (lambda: BuiltinGuest(self.spec))
+        self.link_timeout = link_timeout
         self.destination: Destination | None = None
         self.listen_address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
@@ -528,8 +532,8 @@ class DestinationService(_RoleService[R]):
             raise ServiceError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
-        self.destination = Destination(BuiltinGuest(self.spec), preempt=preempt, verify=self.verify,
-                                       on_status=self._status_from_thread)
+        self.destination = Destination(self.make_owner(), preempt=preempt, verify=self.verify,
+                                       on_status=self._status_from_thread, link_timeout=self.link_timeout)
         self._set_status(MigrationStatus.SETUP)
         if self.on_listening is not None:
             self.on_listening(self.listen_address)
@@ -655,15 +659,18 @@ class SourceService(_RoleService[R]):
 
     role_name: ClassVar[Role] = "source"
 
-    def __init__(self, spec: GuestSpec, memory: Any, guest: Guest, *, preempt: bool = True,
+    def __init__(self, spec: GuestSpec, memory: Any, guest: Guest | None, *, preempt: bool = True,
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
-                 connect_timeout: float = 30.0, options: ServiceOptions | None = None) -> None:
+                 connect_timeout: float = 30.0, options: ServiceOptions | None = None,
+                 owner: MemoryOwner | None = None) -> None:
+        """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``."""
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
         super().__init__(spec, options)
         self.memory = memory
         self.guest = guest
+        self.owner = owner
         self.preempt = preempt
         self.bandwidth_cap = bandwidth_cap
         self.verify = verify
@@ -687,7 +694,8 @@ class SourceService(_RoleService[R]):
     def _migrate_to(self, address: tuple[str, int], preempt: bool, cap: int,
                     switchover: threading.Event | None) -> None:
         # under QMP a paused source waits for "migrate resume", as QEMU's does
-        self.source = Source(BuiltinGuest(self.spec, self.memory, self.guest), preempt=preempt, bandwidth_cap=cap,
+        owner = self.owner or BuiltinGuest(self.spec, self.memory, self.guest)
+        self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
                              auto_recover=self.control is None)
         self.switchover = switchover
