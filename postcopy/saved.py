@@ -129,8 +129,7 @@ class SnapshotMemory:
         self.device_sections = tuple(snapshot.device_sections())
         blocks: list[RamBlock] = []
         try:
-            for b in snapshot.blocks:
-                blocks.append(RamBlock.map_file(b.idstr, snapshot.path(b.idstr), b.page_size))
+            blocks.extend(RamBlock.map_file(b.idstr, snapshot.path(b.idstr), b.page_size) for b in snapshot.blocks)
         except (OSError, ValueError) as exc:
             for blk in blocks:
                 blk.close()

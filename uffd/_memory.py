@@ -9,7 +9,7 @@ import functools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ._errors import UnknownBlockError
 from ._lowlevel import ffi, lib
@@ -27,7 +27,7 @@ MAX_IDSTR_BYTES = 255
 
 
 @functools.cache
-def _libc_mmap() -> ctypes._CFuncPtr:
+def _libc_mmap() -> Any:
     fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mmap
     fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
     fn.restype = ctypes.c_void_p

@@ -194,7 +194,7 @@ def _run_snapshot(args: argparse.Namespace) -> int:
 
 
 def _raise_outcome(err: BaseException | None, args: argparse.Namespace, address: object) -> None:
-    if isinstance(err, MigrationFailed) and err.kind == "connect" or isinstance(err, ConnectionRefusedError):
+    if (isinstance(err, MigrationFailed) and err.kind == "connect") or isinstance(err, ConnectionRefusedError):
         raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
     if isinstance(err, MigrationFailed):
         raise UserError(f"migration failed ({err.kind}): {err}")

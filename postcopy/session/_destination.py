@@ -198,10 +198,8 @@ class DestinationSession:
         if self.status.finished:
             return self._flush()
         for conn, p in list(self.pending.items()):
-            if self.status.finished:
-                break       # a silent connection failed the migration: the others were closed with it
-            if p.deadline <= now:
-                del self.pending[conn]
+            # (gone from pending: a silent connection before it failed the migration and closed it)
+            if p.deadline <= now and self.pending.pop(conn, None) is not None:
                 self._silent(conn, p, now)
         if self.attempt.held is not None and self.attempt.held_deadline <= now:
             self._fail("preempt_mismatch", "the source never opened the preempt channel this destination expects: "

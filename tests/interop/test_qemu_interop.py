@@ -44,14 +44,16 @@ def _check_saved(r: ToUsResult, *, main_block: str = "pc.ram", page_size: int = 
     """QEMU completed; the snapshot holds every block QEMU declared, the device state, and A's RAM
     exactly (A stopped at the switch and keeps its RAM)."""
     assert r.src_info["status"] == "completed"
-    assert r.report["status"] == "completed" and r.report["pages"]["received"] == r.report["pages"]["total"]
+    assert r.report["status"] == "completed"
+    assert r.report["pages"]["received"] == r.report["pages"]["total"]
     snap = Snapshot.open(r.snapshot)
     assert snap.machine_type == "pc-i440fx-7.2"
     names = {b.idstr for b in snap.blocks}
     assert names == QEMU_72_BLOCKS | {main_block}
     main = snap.block(main_block)
     assert (main.used_length, main.page_size) == (MEM, page_size)
-    assert len(snap.devices) > 20 and all(d.in_package for d in snap.devices)
+    assert len(snap.devices) > 20
+    assert all(d.in_package for d in snap.devices)
     assert {"cpu", "serial", "timer"} <= {d.idstr for d in snap.devices}
     a = r.src_dump.read_bytes()
     saved = snap.path(main_block).read_bytes()
@@ -79,7 +81,8 @@ def test_qemu_to_us_pause_and_resume(tmp_path: Path, preempt: bool) -> None:
     r = migrate_qemu_to_us(tmp_path, preempt=preempt, pause_s=0.3)
     assert r.paused_seen, "the destination never reported postcopy-paused"
     _check_saved(r)
-    assert r.report["recoveries"] == 1 and r.report["paused_seconds"] >= 0.3
+    assert r.report["recoveries"] == 1
+    assert r.report["paused_seconds"] >= 0.3
 
 
 @pytest.mark.parametrize(("qemu_preempt", "ours"), [(True, False), (False, True)],
@@ -106,7 +109,8 @@ def test_preempt_mismatch_is_one_sentence_within_the_link_timeout(tmp_path: Path
     err = d.stderr().strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("postcopy dest: migration failed (preempt_mismatch): "), err
-    assert "same postcopy-preempt setting" in err[-1] and err[-1].count(". ") == 0
+    assert "same postcopy-preempt setting" in err[-1]
+    assert err[-1].count(". ") == 0
     assert took < link_timeout + 1.5, took
     assert not (tmp_path / "snapshot" / "manifest.json").exists()
 
@@ -119,7 +123,8 @@ def _relay(tmp_path: Path, *, preempt: bool, hugetlbfs: Path | None = None) -> N
     assert b.dst_info["status"] == "completed"
     assert b.source_report["status"] == "completed"
     # B runs the saved guest where A stopped: the next pass letter, and more after it
-    assert r.src_letters and b.dst_letters, (r.src_letters[-3:], b.dst_letters[:3])
+    assert r.src_letters, "A never printed a pass letter"
+    assert b.dst_letters, "B never printed a pass letter"
     assert b.dst_letters[0] == _next_letter(r.src_letters[-1]), (r.src_letters[-3:], b.dst_letters[:3])
     check = compare_guest_memory(r.src_dump, b.dst_dump, r.src_regs, b.dst_regs, MEM)
     assert check.pages == (MEM - MiB) // 4096
