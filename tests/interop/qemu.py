@@ -42,6 +42,7 @@ __all__ = [
     "hugetlbfs_mount",
     "migrate_qemu_to_qemu",
     "migrate_qemu_to_us",
+    "qemu_file_restore",
     "restore_into_qemu",
 ]
 
@@ -185,8 +186,14 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s: {self.log()}")
             time.sleep(0.01)
-        self.qmp = QmpClient(str(self.qmp_path))
-        return self
+        while True:
+            try:
+                self.qmp = QmpClient(str(self.qmp_path))
+                return self
+            except ConnectionRefusedError:      # the socket file exists a moment before QEMU listens on it
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def log(self) -> str:
         try:
@@ -564,21 +571,38 @@ class RestoreResult:
 
 def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt: bool = False,
                       hugetlbfs: Path | None = None, passes_after: int = 1, bandwidth_cap: str = "0",
-                      dump: bool = True, timeout: float = 60.0) -> RestoreResult:
-    """Lazy restore: QEMU B ``-incoming`` (same machine arguments, postcopy capabilities) <- our source."""
+                      dump: bool = True, via_qmp: bool = False, timeout: float = 60.0) -> RestoreResult:
+    """Lazy restore: QEMU B ``-incoming`` (same machine arguments, postcopy capabilities) <- our source.
+
+    ``via_qmp``: the source is started first with a QMP socket and driven as QEMU's would be
+    (capabilities, ``migrate``, ``migrate-start-postcopy``); ``run_s`` then counts from ``migrate``
+    (not from starting the process), as for QEMU's own restore.
+    """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     b = Qemu("b", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
     s: PostcopyProcess | None = None
+    sq: QmpClient | None = None
+    sockdir = Path(tempfile.mkdtemp(prefix="pcs-"))
     try:
         b.start()
         b.set_capabilities(caps)
         port = free_port()
         b.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        t0 = time.monotonic()
-        s = PostcopyProcess(rundir, "source", [
-            "source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
-            "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
-            "--progress", "none", "--json", str(rundir / "source.json")])
+        args = ["source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
+                "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
+                "--progress", "none", "--json", str(rundir / "source.json")]
+        if via_qmp:
+            s = PostcopyProcess(rundir, "source", [*args, "--qmp", str(sockdir / "qmp.sock")])
+            s.wait_line("QMP control socket on")
+            sq = QmpClient(str(sockdir / "qmp.sock"))
+            sq.cmd("migrate-set-capabilities",
+                   capabilities=[{"capability": c, "state": True} for c in caps])
+            t0 = time.monotonic()
+            sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            sq.cmd("migrate-start-postcopy")
+        else:
+            t0 = time.monotonic()
+            s = PostcopyProcess(rundir, "source", args)
         deadline = t0 + timeout
         while b.cmd("query-status").get("status") != "running":
             if s.proc.poll() is not None and s.proc.returncode != 0:
@@ -589,6 +613,11 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
         run_s = time.monotonic() - t0
         info = b.wait_status({"completed"}, timeout)
         wall = time.monotonic() - t0
+        if sq is not None:
+            while sq.cmd("query-migrate").get("status") != "completed" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with contextlib.suppress(Exception):
+                sq.cmd("quit")
         rc = s.wait(timeout)
         if rc != 0:
             raise RuntimeError(f"postcopy source exited {rc}: {s.stderr()}")
@@ -602,6 +631,48 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
         return RestoreResult(run_s=run_s, wall_s=wall, dst_info=info, dst_letters=b.letters(), dst_regs=regs,
                              dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()))
     finally:
+        if sq is not None:
+            sq.close()
         if s is not None:
             s.stop()
         b.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def qemu_file_restore(rundir: Path, *, mem: str = "1G", passes_before: int = 2,
+                      timeout: float = 300.0) -> tuple[float, float]:
+    """QEMU's own save and restore of a stopped VM: ``migrate`` to ``exec:cat > FILE``, then a new
+    QEMU ``-incoming`` from ``exec:cat FILE``. Returns (save seconds, seconds from ``migrate-incoming``
+    until the restored guest runs)."""
+    image = rundir / "vm.state"
+    a = Qemu("fa", rundir, mem=mem)
+    try:
+        a.start()
+        a.wait_letters(passes_before, timeout)
+        a.cmd("stop")
+        a.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+        t0 = time.monotonic()
+        a.cmd("migrate", uri=f"exec:cat > {image}")
+        a.wait_status({"completed"}, timeout)
+        save_s = time.monotonic() - t0
+    finally:
+        a.stop()
+    b = Qemu("fb", rundir, mem=mem, incoming=True)
+    try:
+        b.start()
+        t0 = time.monotonic()
+        b.cmd("migrate-incoming", uri=f"exec:cat {image}")
+        deadline = t0 + timeout
+        while (st := b.cmd("query-status").get("status")) != "running":
+            if st == "paused" and b.status() == "completed":
+                b.cmd("cont")       # it was saved stopped: loaded, now resume it (as virsh restore does)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fb: not running after {timeout} s: {b.log()}")
+            time.sleep(0.002)
+        run_s = time.monotonic() - t0
+        if not b.wait_letters(1, timeout):
+            raise RuntimeError("fb: the restored guest printed nothing")
+        return save_s, run_s
+    finally:
+        b.stop()
+        image.unlink(missing_ok=True)
