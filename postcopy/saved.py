@@ -58,7 +58,7 @@ class SavingMemory(HeadlessMemory):
     def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
                           configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         if configuration is None:
-            raise MigrationFailed("no_configuration", "the stream had no configuration section: there is no "
+            raise MigrationFailed("device_state", "the stream had no configuration section: there is no "
                                   "machine type to save the VM with")
         super().load_device_state(sections, configuration=configuration, in_package=in_package)
         self.received_configuration = configuration
