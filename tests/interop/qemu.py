@@ -124,6 +124,9 @@ class QmpClient:
             elif "return" in reply:
                 return reply["return"]
 
+    def set_timeout(self, seconds: float) -> None:
+        self._sock.settimeout(seconds)
+
     def close(self) -> None:
         self._file.close()
         self._sock.close()
@@ -260,13 +263,14 @@ class Qemu:
             return
         if self.proc.poll() is None and self.qmp is not None:
             with contextlib.suppress(Exception):
+                self.qmp.set_timeout(3.0)   # a QEMU stuck in a failed postcopy may never answer
                 self.qmp.cmd("quit")
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
