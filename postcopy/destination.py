@@ -346,8 +346,8 @@ class Destination:
                     block.discard(start, length)
             case RegisterMemory():
                 self._register()
-            case StartGuest(device_sections=sections):
-                self.owner.load_device_state(sections)
+            case StartGuest(device_sections=sections, configuration=configuration, in_package=in_package):
+                self.owner.load_device_state(sections, configuration=configuration, in_package=in_package)
                 self.owner.start()
                 self._guest_started_ns = time.monotonic_ns()
                 self.path.set_vcpu_threads(list(self.owner.vcpu_thread_ids()))

@@ -86,8 +86,10 @@ class MemoryOwner(Protocol):
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         """Source, guest stopped: its device state, sent inside PACKAGED."""
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
-        """Destination, at RUN: the device state received; raises MigrationFailed."""
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
+        """Destination, at RUN: the device state received (every device section in stream order,
+        the configuration section, whether each section came inside PACKAGED); raises MigrationFailed."""
 
     def start(self) -> None:
         """Destination, at RUN: run the guest on this memory."""
@@ -154,7 +156,8 @@ class BuiltinGuest:
         return (wire.DeviceSection(section_id=DEVICE_SECTION_ID, idstr=DEVICE_IDSTR, instance_id=0,
                                    version_id=DEVICE_VERSION, payload=payload),)
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         ours = [s for s in sections if s.idstr == DEVICE_IDSTR]
         if not ours:
             raise MigrationFailed("no_device_state", f"PACKAGED carried no {DEVICE_IDSTR!r} section before RUN")
@@ -207,6 +210,7 @@ class HeadlessMemory:
         self.memory = memory
         self.writer = writer or WriterProcess()
         self.device_sections = tuple(device_sections)
+        self.in_package: tuple[bool, ...] = (True,) * len(self.device_sections)
         self._configuration = configuration or wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
         self._page_sizes = dict(page_sizes or {})
         self._backing_huge = backing_2m
@@ -262,8 +266,12 @@ class HeadlessMemory:
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         self.device_sections = tuple(sections)
+        self.in_package = tuple(in_package) or (True,) * len(self.device_sections)
+        if configuration is not None:
+            self._configuration = configuration
 
     def start(self) -> None:
         pass
@@ -273,6 +281,7 @@ class HeadlessMemory:
 
     def reset(self) -> None:
         self.device_sections = ()
+        self.in_package = ()
         if self.memory is not None:
             for b in self.memory:
                 b.discard(0, b.used_length)
@@ -369,7 +378,8 @@ class RemoteMemory:
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         self.device_sections = tuple(sections)
 
     def start(self) -> None:

@@ -20,7 +20,7 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
 from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
-from .owner import MemoryOwner
+from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
 from .session import (
     Action,
     BreakLink,
@@ -105,6 +105,9 @@ class Source:
         self.path = SourcePath(list(self.blocks), RAM_SECTION_ID)
         self.path.configure(preempt=preempt, bandwidth_cap=bandwidth_cap)
         self.path.set_heartbeat(heartbeat)
+        # A QEMU machine goes to QEMU (or to a destination that takes what QEMU takes): QEMU's destination
+        # fails on a page placed twice, so a requested page in flight on main is not sent again on preempt.
+        self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
         self.hashes: dict[str, bytes] = {}
         self.session: SourceSession | None = None
         self._inputs: queue.SimpleQueue[Input] = queue.SimpleQueue()
