@@ -37,13 +37,16 @@ class RamRecordReader:
                 break
             # An incomplete record at the front: once it can be complete, join it with
             # what follows; until then do not look again (no rescan per short read).
-            need = self._record_length(view)
-            if need <= len(view):  # cannot happen for a valid record; just look again later
-                need = len(view) + 1
-            if len(buf) < need:
-                dec._expecting = "RAM page record"
-                raise Short(need)
-            buf.peek(max(need, min(len(buf), len(view) + _MAX_RECORD)))
+            join = len(view) + _MAX_RECORD
+            if len(buf) < join:  # (no need to ask when a whole record of any kind is there)
+                need = self._record_length(view)
+                if need <= len(view):  # cannot happen for a valid record; just look again later
+                    need = len(view) + 1
+                if len(buf) < need:
+                    dec._expecting = "RAM page record"
+                    raise Short(need)
+                join = max(need, len(buf))
+            buf.peek(join)
         end = consumed - 8 if status == SCAN_EOS else consumed
         event = RamPages(channel=self.channel, blocks=self._names, records=records,
                          buffer=view[:end], target_page_size=self.layout.target_page_size) if records else None
