@@ -62,6 +62,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def kill_tcp(port: int) -> None:
+    """Kill both ends of every TCP connection to local ``port`` (``ss -K``: RST, as a broken link)."""
+    subprocess.run(["ss", "-K", "-t", f"( dport = :{port} or sport = :{port} )"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 @contextlib.contextmanager
 def hugetlbfs_mount(pagesize: str = "2M") -> Iterator[Path]:
     """A private hugetlbfs mount (root), unmounted afterwards."""
@@ -571,19 +577,28 @@ class RestoreResult:
     dst_regs: dict[str, int]
     dst_dump: Path
     source_report: dict[str, Any]
+    paused_seen: bool = False       # B reported postcopy-paused after the cut
 
 
 def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt: bool = False,
                       hugetlbfs: Path | None = None, passes_after: int = 1, bandwidth_cap: str = "0",
-                      dump: bool = True, via_qmp: bool = False, timeout: float = 60.0) -> RestoreResult:
+                      dump: bool = True, via_qmp: bool = False, pause_s: float = 0.0, cut: str = "qmp",
+                      timeout: float = 60.0) -> RestoreResult:
     """Lazy restore: QEMU B ``-incoming`` (same machine arguments, postcopy capabilities) <- our source.
 
     ``via_qmp``: the source is started first with a QMP socket and driven as QEMU's would be
     (capabilities, ``migrate``, ``migrate-start-postcopy``); ``run_s`` then counts from ``migrate``
     (not from starting the process), as for QEMU's own restore.
+
+    ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts) the link to B is cut; B must report
+    postcopy-paused; after ``pause_s`` B is told ``migrate-recover`` to a new port. ``cut="qmp"`` (with
+    ``via_qmp``): ``migrate-pause`` on our source cuts it and ``migrate`` with ``resume: true`` to the new
+    port resumes; ``cut="kill"``: ``ss -K`` kills the TCP connections and our source, started with
+    ``--recover-connect`` the new port, resumes by itself.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     b = Qemu("b", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
+    paused_seen = False
     s: PostcopyProcess | None = None
     sq: QmpClient | None = None
     sockdir = Path(tempfile.mkdtemp(prefix="pcs-"))
@@ -591,16 +606,23 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
         b.start()
         b.set_capabilities(caps)
         port = free_port()
+        new_port = free_port()
         b.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        if pause_s and not via_qmp:
+            bandwidth_cap = str(32 << 20)
         args = ["source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
                 "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
                 "--progress", "none", "--json", str(rundir / "source.json")]
+        if pause_s and cut == "kill":
+            args += ["--recover-connect", f"127.0.0.1:{new_port}"]
         if via_qmp:
             s = PostcopyProcess(rundir, "source", [*args, "--qmp", str(sockdir / "qmp.sock")])
             s.wait_line("QMP control socket on")
             sq = QmpClient(str(sockdir / "qmp.sock"))
             sq.cmd("migrate-set-capabilities",
                    capabilities=[{"capability": c, "state": True} for c in caps])
+            if pause_s:
+                sq.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 32 << 20})
             t0 = time.monotonic()
             sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             sq.cmd("migrate-start-postcopy")
@@ -615,6 +637,20 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
                 raise TimeoutError(f"b: not running after {timeout} s: {b.log()} {s.stderr()}")
             time.sleep(0.002)
         run_s = time.monotonic() - t0
+        if pause_s:
+            b.wait_status({"postcopy-active"}, timeout)
+            time.sleep(0.2)
+            if cut == "qmp":
+                assert sq is not None, "a pause by QMP needs via_qmp"
+                sq.cmd("migrate-pause")
+            else:
+                kill_tcp(port)
+            b.wait_status({"postcopy-paused"}, timeout)
+            paused_seen = True
+            time.sleep(pause_s)
+            b.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{new_port}")
+            if sq is not None:
+                sq.cmd("migrate", uri=f"tcp:127.0.0.1:{new_port}", resume=True)
         info = b.wait_status({"completed"}, timeout)
         wall = time.monotonic() - t0
         if sq is not None:
@@ -633,7 +669,8 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
             regs = b.registers()
             b.dump_memory(path)
         return RestoreResult(run_s=run_s, wall_s=wall, dst_info=info, dst_letters=b.letters(), dst_regs=regs,
-                             dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()))
+                             dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()),
+                             paused_seen=paused_seen)
     finally:
         if sq is not None:
             sq.close()
