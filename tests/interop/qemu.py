@@ -457,12 +457,14 @@ class PostcopyProcess:
 
 
 def _postcopy_dest(rundir: Path, save: Path, *, preempt: bool, link_timeout: float = 3.0,
-                   qmp: Path | None = None) -> tuple[PostcopyProcess, int]:
+                   qmp: Path | None = None, touch: str | None = None) -> tuple[PostcopyProcess, int]:
     """``postcopy dest --save`` listening on a free port: (process, port)."""
     args = ["dest", "--listen", "127.0.0.1:0", "--save", str(save), "--preempt" if preempt else "--no-preempt",
             "--link-timeout", str(link_timeout), "--progress", "none", "--json", str(rundir / "dest.json")]
     if qmp is not None:
         args += ["--qmp", str(qmp)]
+    if touch is not None:
+        args += ["--touch", touch]
     d = PostcopyProcess(rundir, "dest", args)
     line = d.wait_line("listening on")
     return d, int(line.rsplit(":", 1)[1])
@@ -491,12 +493,15 @@ class ToUsResult:
 
 def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
                        hugetlbfs: Path | None = None, pause_s: float = 0.0, passes_before: int = 2,
+                       recover_new_port: bool = False, touch: str | None = None,
                        timeout: float = 60.0) -> ToUsResult:
     """A real QEMU -> ``postcopy dest --save DIR`` (postcopy-ram, return-path, maybe preempt).
 
     ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts), ``migrate-pause`` on A; the
     destination must report postcopy-paused (QMP); after ``pause_s`` A resumes (``migrate`` with
-    ``resume: true`` to the same address). A stays stopped at the switch; its RAM is dumped.
+    ``resume: true`` to the same address). With ``recover_new_port`` the destination is told QMP
+    ``migrate-recover`` to a new port first and A resumes to that one. ``touch``: the destination's
+    ``--touch`` reader (page requests from RUN on). A stays stopped at the switch; its RAM is dumped.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     save = rundir / "snapshot"
@@ -511,7 +516,7 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
         if pause_s:
             params["max-postcopy-bandwidth"] = 32 << 20
         a.cmd("migrate-set-parameters", **params)
-        d, port = _postcopy_dest(rundir, save, preempt=preempt, qmp=dqmp)
+        d, port = _postcopy_dest(rundir, save, preempt=preempt, qmp=dqmp, touch=touch)
         uri = f"tcp:127.0.0.1:{port}"
         t0 = time.monotonic()
         a.cmd("migrate", uri=uri)
@@ -531,9 +536,12 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
                 while not paused_seen and time.monotonic() < deadline:
                     paused_seen = dq.cmd("query-migrate").get("status") == "postcopy-paused"
                     time.sleep(0.02)
+                time.sleep(pause_s)
+                if recover_new_port:
+                    uri = f"tcp:127.0.0.1:{free_port()}"
+                    dq.cmd("migrate-recover", uri=uri)
             finally:
                 dq.close()
-            time.sleep(pause_s)
             a.cmd("migrate", uri=uri, resume=True)
         info = a.wait_status({"completed"}, timeout)
         wall = time.monotonic() - t0
