@@ -100,14 +100,18 @@ class QmpClient:
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._sock.connect(path)
-        self._file = self._sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QmpError(f"not a QMP greeting: {greeting}")
-        self.cmd("qmp_capabilities")
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            self._file = self._sock.makefile("rb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise QmpError(f"not a QMP greeting: {greeting}")
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self._sock.close()      # a refused connect (QEMU not listening yet) is retried: leak nothing
+            raise
 
     def _read(self) -> dict[str, Any]:
         line = self._file.readline()
