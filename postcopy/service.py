@@ -602,6 +602,7 @@ class DestinationService(_RoleService[R]):
         _sync_channels(self, m, snap)
         self._sync(m.page_faults, snap.remote_faults)
         self._sync(m.page_requests, snap.requests_sent)
+        self._sync(m.page_requests_resent, snap.requests_resent)
         self._sync(m.discard_ranges, snap.discard_ranges)
         for reason, count in dest.session.refused.items():
             self._sync(m.refused_connections[reason], count)

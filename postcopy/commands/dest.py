@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,
+            "requests_resent": result.requests_resent,
             "duplicate_host_pages": result.duplicate_host_pages,
             "fault_latency_us": percentiles_us(dest.latencies_ns),
             "latency_histogram": service.latency_histogram.to_json(),
