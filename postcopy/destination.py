@@ -118,6 +118,7 @@ class Destination:
         self._retired: list[object] = []        # C objects and fds kept until close(): threads may still be in them
         self._threads: list[threading.Thread] = []
         self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
+        self._requests_resent = 0
         self._channel_rx: dict[str, Receiver | None] = {"main": None, "preempt": None}
         self._wake_r, self._wake_w = os.pipe()
         self._finish: Finish | None = None
@@ -323,7 +324,9 @@ class Destination:
                         return ConnectionClosed(conn, f"write failed: {exc}")
             case ResendRequests():
                 try:
-                    log.info("recovered: %d outstanding page requests sent again", self.path.resend_requests())
+                    resent = self.path.resend_requests()
+                    self._requests_resent += resent
+                    log.info("recovered: %d outstanding page requests sent again", resent)
                 except ConnectionError as exc:
                     log.info("resending page requests failed: %s", exc)
             case PrepareMemory(layout=layout):
@@ -589,7 +592,7 @@ class Destination:
             paused_ns=int(s.paused_total(time.monotonic()) * 1e9),
             source_stopped_ns=getattr(self.owner, "source_stopped_ns", 0),
             started_ns=self._started_ns, guest_started_ns=self._guest_started_ns, finished_ns=self._finished_ns,
-            refused_connections=sum(s.refused.values()),
+            refused_connections=sum(s.refused.values()), requests_resent=self._requests_resent,
         )
         if path is None:
             return MigrationStats(**base)  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from . import wire
 from ._datapath import RemoteBlock, RemoteRegion
 from .guest import Guest, Pattern
 from .session import MigrationFailed
+from .touch import TouchPattern, TouchReader, TouchStats
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, SpecError, decode_device_state, encode_device_state
 
 __all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "WriterProcess", "memory_from_file"]
@@ -206,8 +207,11 @@ class HeadlessMemory:
                  device_sections: Sequence[wire.DeviceSection] = (),
                  configuration: wire.Configuration | None = None,
                  page_sizes: dict[str, int] | None = None, backing_2m: str = "hugetlbfs",
-                 writer: WriterProcess | None = None) -> None:
+                 writer: WriterProcess | None = None, touch: TouchPattern | None = None) -> None:
+        """``touch``: as a destination, read the memory in this pattern from RUN on (:mod:`postcopy.touch`)."""
         self.memory = memory
+        self.touch = touch
+        self.toucher: TouchReader | None = None
         self.writer = writer or WriterProcess()
         self.device_sections = tuple(device_sections)
         self.in_package: tuple[bool, ...] = (True,) * len(self.device_sections)
@@ -221,6 +225,10 @@ class HeadlessMemory:
         return dict(self._page_sizes)
 
     def provide_blocks(self, layout: wire.RamLayout) -> Sequence[RamBlock]:
+        if self.touch is not None and layout.index(self.touch.idstr) is None:
+            names = ", ".join(b.idstr for b in layout.blocks)
+            raise MigrationFailed("ram_layout", f"--touch {self.touch.idstr}: the stream has no such RAM block "
+                                                f"(it declares {names})")
         if self.memory is not None:
             theirs = [(b.idstr, b.used_length) for b in layout.blocks]
             ours = [(b.idstr, b.used_length) for b in self.memory]
@@ -274,7 +282,13 @@ class HeadlessMemory:
             self._configuration = configuration
 
     def start(self) -> None:
-        pass
+        if self.touch is not None and self.memory is not None and self.toucher is None:
+            block = next(b for b in self.memory if b.idstr == self.touch.idstr)
+            self.toucher = TouchReader(block, self.touch)
+            self.toucher.start()
+
+    def touch_stats(self) -> TouchStats | None:
+        return self.toucher.stats() if self.toucher is not None else None
 
     def vcpu_thread_ids(self) -> Sequence[int]:
         return []
@@ -287,6 +301,8 @@ class HeadlessMemory:
                 b.discard(0, b.used_length)
 
     def close(self) -> None:
+        if self.toucher is not None and not self.toucher.stop():
+            return      # a read still waits in the memory: leave it mapped rather than unmap it under the reader
         if self.memory is not None:
             self.memory.close()
 

@@ -24,6 +24,7 @@ from . import wire
 from .owner import HeadlessMemory, WriterProcess
 from .session import MigrationFailed
 from .snapshot import MANIFEST, Snapshot, SnapshotError, SnapshotWriter
+from .touch import TouchPattern
 
 __all__ = ["SavingMemory", "SnapshotMemory", "stream_head"]
 
@@ -46,8 +47,9 @@ class SavingMemory(HeadlessMemory):
     migration runs (userfaultfd needs it); the snapshot's files are plain.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, backing_2m: str = "hugetlbfs") -> None:
-        super().__init__(backing_2m=backing_2m)
+    def __init__(self, directory: str | os.PathLike[str], *, backing_2m: str = "hugetlbfs",
+                 touch: TouchPattern | None = None) -> None:
+        super().__init__(backing_2m=backing_2m, touch=touch)
         self.directory = Path(directory)
         if (self.directory / MANIFEST).exists():
             raise SnapshotError(f"{self.directory}: already holds a snapshot ({MANIFEST} exists); "

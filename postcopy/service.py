@@ -602,6 +602,7 @@ class DestinationService(_RoleService[R]):
         _sync_channels(self, m, snap)
         self._sync(m.page_faults, snap.remote_faults)
         self._sync(m.page_requests, snap.requests_sent)
+        self._sync(m.page_requests_resent, snap.requests_resent)
         self._sync(m.discard_ranges, snap.discard_ranges)
         for reason, count in dest.session.refused.items():
             self._sync(m.refused_connections[reason], count)
@@ -673,8 +674,9 @@ class SourceService(_RoleService[R]):
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
                  owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
-                 tracking: str = "auto") -> None:
-        """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``."""
+                 tracking: str = "auto", recover_connect: tuple[str, int] | None = None) -> None:
+        """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``.
+        ``recover_connect``: where to reconnect after a pause (default: where it migrates to)."""
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
@@ -689,6 +691,7 @@ class SourceService(_RoleService[R]):
         self.connect_timeout = connect_timeout
         self.precopy = precopy
         self.tracking = tracking
+        self.recover_connect = recover_connect
         self.source: Source | None = None
         self.switchover: threading.Event | None = None
         self._total_pages = sum(b.used_length for b in memory) // TARGET_PAGE_SIZE
@@ -710,7 +713,8 @@ class SourceService(_RoleService[R]):
         owner = self.owner or BuiltinGuest(self.spec, self.memory, self.guest)
         self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
-                             auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking)
+                             auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking,
+                             recover_address=self.recover_connect)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source

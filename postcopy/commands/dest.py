@@ -23,6 +23,7 @@ from postcopy.guest import Guest
 from postcopy.owner import HeadlessMemory, MemoryOwner
 from postcopy.saved import SavingMemory
 from postcopy.snapshot import SnapshotError
+from postcopy.touch import TouchPattern
 from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.service import DestinationService, MigrationAbandoned, ServiceError
 
@@ -55,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true",
                    help="no guest here: memory made to the measure of the stream's RAM setup, device state kept "
                         "as received (the --size/--page-size/--vcpus/--pattern options do not apply)")
+    p.add_argument("--touch", metavar="IDSTR[:STRIDE]",
+                   help="with --headless/--save: from RUN on, read one byte every STRIDE bytes (default 4096) of "
+                        "RAM block IDSTR, top down, as a guest would: each missing page is a page request "
+                        "(e.g. --touch pc.ram)")
     p.add_argument("--link-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="a channel silent this long is broken; a preempt channel must come within it (default 3)")
     p.add_argument("--verify", action="store_true",
@@ -82,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--verify checks the built-in guest; there is none with --save/--headless")
     if args.link_timeout <= 0:
         raise UserError(f"--link-timeout {args.link_timeout} must be positive")
+    touch: TouchPattern | None = None
+    if args.touch is not None:
+        if not headless:
+            raise UserError("--touch reads the memory of a destination with no guest: use it with --headless or --save")
+        try:
+            touch = TouchPattern.parse(args.touch)
+        except ValueError as exc:
+            raise UserError(f"--touch {exc}") from None
     owner: Callable[[], MemoryOwner] | None = None
     if args.save is not None:
         save_dir = args.save
@@ -89,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
             SavingMemory(save_dir)      # says now, not after the migration, that DIR holds a snapshot
         except SnapshotError as exc:
             raise UserError(str(exc)) from None
-        owner = lambda: SavingMemory(save_dir)  # noqa: E731
+        owner = lambda: SavingMemory(save_dir, touch=touch)  # noqa: E731
     elif headless:
-        owner = HeadlessMemory
+        owner = lambda: HeadlessMemory(touch=touch)  # noqa: E731
     try:
         service: DestinationService[int] = DestinationService(
             spec, preempt=args.preempt, verify=args.verify, listen=listen, fail_fast=args.fail_fast,
@@ -120,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "pages": {"received": result.pages_received, "total": result.pages_total},
             "remote_faults": result.remote_faults,
             "requests_sent": result.requests_sent,
+            "requests_resent": result.requests_resent,
             "duplicate_host_pages": result.duplicate_host_pages,
             "fault_latency_us": percentiles_us(dest.latencies_ns),
             "latency_histogram": service.latency_histogram.to_json(),
@@ -177,6 +191,7 @@ def _finish_headless(owner: MemoryOwner, result: MigrationStats, service: Destin
         "bytes_received": result.bytes,
         "remote_faults": result.remote_faults,
         "requests_sent": result.requests_sent,
+        "requests_resent": result.requests_resent,
         "started_ns": result.started_ns,
         "guest_started_ns": result.guest_started_ns,
         "finished_ns": result.finished_ns,
@@ -184,6 +199,11 @@ def _finish_headless(owner: MemoryOwner, result: MigrationStats, service: Destin
                    for b in owner.ram_blocks()],
         "timeline": list(service.timeline),
     }
+    if isinstance(owner, HeadlessMemory) and owner.toucher is not None:
+        owner.toucher.wait()            # every page is there: the last reads end at once
+        stats = owner.touch_stats()
+        assert stats is not None
+        report["touch"] = stats.as_dict()
     if isinstance(owner, SavingMemory):
         t0 = time.monotonic()
         try:

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs before the switch")
     p.add_argument("--bandwidth-cap", default="0", help="bytes per second for the background stream (0 = none)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the destination")
+    p.add_argument("--recover-connect", metavar="HOST:PORT",
+                   help="after a pause, reconnect here instead of --connect (e.g. where a paused QEMU destination "
+                        "listens after migrate-recover); with --qmp, QMP migrate with resume names it")
     p.add_argument("--verify", action="store_true", help="hash every page at the switch (compare with the destination's)")
     p.add_argument("--hashes-out", help="write the pages' hashes at the switch here")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
@@ -69,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the block's host page size: the VMM's regions' page size (default 4K)")
     add_precopy_arguments(p)
     add_service_arguments(p)
+
+
+def _recover_connect(args: argparse.Namespace) -> tuple[str, int] | None:
+    return parse_address(args.recover_connect) if args.recover_connect else None
 
 
 def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[str, Any]:
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
                                     options=options, precopy=policy, tracking=args.dirty_tracking)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
@@ -190,6 +198,7 @@ def _run_mem_file(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, None, preempt=args.preempt, bandwidth_cap=cap, verify=args.verify,
                                     connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
                                     options=service_options(args, progress), owner=HeadlessMemory(memory))
         except ServiceError as exc:
             raise UserError(str(exc)) from None
@@ -239,6 +248,7 @@ def _run_snapshot(args: argparse.Namespace) -> int:
         try:
             service = SourceService(guest_spec(args), owner.ram_blocks(), None, preempt=args.preempt,
                                     bandwidth_cap=cap, connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
                                     options=service_options(args, progress), owner=owner)
         except ServiceError as exc:
             raise UserError(str(exc)) from None

@@ -62,6 +62,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def kill_tcp(port: int) -> None:
+    """Kill both ends of every TCP connection to local ``port`` (``ss -K``: RST, as a broken link)."""
+    subprocess.run(["ss", "-K", "-t", f"( dport = :{port} or sport = :{port} )"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 @contextlib.contextmanager
 def hugetlbfs_mount(pagesize: str = "2M") -> Iterator[Path]:
     """A private hugetlbfs mount (root), unmounted afterwards."""
@@ -94,14 +100,18 @@ class QmpClient:
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._sock.connect(path)
-        self._file = self._sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QmpError(f"not a QMP greeting: {greeting}")
-        self.cmd("qmp_capabilities")
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            self._file = self._sock.makefile("rb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise QmpError(f"not a QMP greeting: {greeting}")
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self._sock.close()      # a refused connect (QEMU not listening yet) is retried: leak nothing
+            raise
 
     def _read(self) -> dict[str, Any]:
         line = self._file.readline()
@@ -451,12 +461,14 @@ class PostcopyProcess:
 
 
 def _postcopy_dest(rundir: Path, save: Path, *, preempt: bool, link_timeout: float = 3.0,
-                   qmp: Path | None = None) -> tuple[PostcopyProcess, int]:
+                   qmp: Path | None = None, touch: str | None = None) -> tuple[PostcopyProcess, int]:
     """``postcopy dest --save`` listening on a free port: (process, port)."""
     args = ["dest", "--listen", "127.0.0.1:0", "--save", str(save), "--preempt" if preempt else "--no-preempt",
             "--link-timeout", str(link_timeout), "--progress", "none", "--json", str(rundir / "dest.json")]
     if qmp is not None:
         args += ["--qmp", str(qmp)]
+    if touch is not None:
+        args += ["--touch", touch]
     d = PostcopyProcess(rundir, "dest", args)
     line = d.wait_line("listening on")
     return d, int(line.rsplit(":", 1)[1])
@@ -485,12 +497,15 @@ class ToUsResult:
 
 def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
                        hugetlbfs: Path | None = None, pause_s: float = 0.0, passes_before: int = 2,
+                       recover_new_port: bool = False, touch: str | None = None,
                        timeout: float = 60.0) -> ToUsResult:
     """A real QEMU -> ``postcopy dest --save DIR`` (postcopy-ram, return-path, maybe preempt).
 
     ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts), ``migrate-pause`` on A; the
     destination must report postcopy-paused (QMP); after ``pause_s`` A resumes (``migrate`` with
-    ``resume: true`` to the same address). A stays stopped at the switch; its RAM is dumped.
+    ``resume: true`` to the same address). With ``recover_new_port`` the destination is told QMP
+    ``migrate-recover`` to a new port first and A resumes to that one. ``touch``: the destination's
+    ``--touch`` reader (page requests from RUN on). A stays stopped at the switch; its RAM is dumped.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     save = rundir / "snapshot"
@@ -505,7 +520,7 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
         if pause_s:
             params["max-postcopy-bandwidth"] = 32 << 20
         a.cmd("migrate-set-parameters", **params)
-        d, port = _postcopy_dest(rundir, save, preempt=preempt, qmp=dqmp)
+        d, port = _postcopy_dest(rundir, save, preempt=preempt, qmp=dqmp, touch=touch)
         uri = f"tcp:127.0.0.1:{port}"
         t0 = time.monotonic()
         a.cmd("migrate", uri=uri)
@@ -525,9 +540,12 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
                 while not paused_seen and time.monotonic() < deadline:
                     paused_seen = dq.cmd("query-migrate").get("status") == "postcopy-paused"
                     time.sleep(0.02)
+                time.sleep(pause_s)
+                if recover_new_port:
+                    uri = f"tcp:127.0.0.1:{free_port()}"
+                    dq.cmd("migrate-recover", uri=uri)
             finally:
                 dq.close()
-            time.sleep(pause_s)
             a.cmd("migrate", uri=uri, resume=True)
         info = a.wait_status({"completed"}, timeout)
         wall = time.monotonic() - t0
@@ -571,19 +589,28 @@ class RestoreResult:
     dst_regs: dict[str, int]
     dst_dump: Path
     source_report: dict[str, Any]
+    paused_seen: bool = False       # B reported postcopy-paused after the cut
 
 
 def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt: bool = False,
                       hugetlbfs: Path | None = None, passes_after: int = 1, bandwidth_cap: str = "0",
-                      dump: bool = True, via_qmp: bool = False, timeout: float = 60.0) -> RestoreResult:
+                      dump: bool = True, via_qmp: bool = False, pause_s: float = 0.0, cut: str = "qmp",
+                      timeout: float = 60.0) -> RestoreResult:
     """Lazy restore: QEMU B ``-incoming`` (same machine arguments, postcopy capabilities) <- our source.
 
     ``via_qmp``: the source is started first with a QMP socket and driven as QEMU's would be
     (capabilities, ``migrate``, ``migrate-start-postcopy``); ``run_s`` then counts from ``migrate``
     (not from starting the process), as for QEMU's own restore.
+
+    ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts) the link to B is cut; B must report
+    postcopy-paused; after ``pause_s`` B is told ``migrate-recover`` to a new port. ``cut="qmp"`` (with
+    ``via_qmp``): ``migrate-pause`` on our source cuts it and ``migrate`` with ``resume: true`` to the new
+    port resumes; ``cut="kill"``: ``ss -K`` kills the TCP connections and our source, started with
+    ``--recover-connect`` the new port, resumes by itself.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     b = Qemu("b", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
+    paused_seen = False
     s: PostcopyProcess | None = None
     sq: QmpClient | None = None
     sockdir = Path(tempfile.mkdtemp(prefix="pcs-"))
@@ -591,16 +618,23 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
         b.start()
         b.set_capabilities(caps)
         port = free_port()
+        new_port = free_port()
         b.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        if pause_s and not via_qmp:
+            bandwidth_cap = str(32 << 20)
         args = ["source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
                 "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
                 "--progress", "none", "--json", str(rundir / "source.json")]
+        if pause_s and cut == "kill":
+            args += ["--recover-connect", f"127.0.0.1:{new_port}"]
         if via_qmp:
             s = PostcopyProcess(rundir, "source", [*args, "--qmp", str(sockdir / "qmp.sock")])
             s.wait_line("QMP control socket on")
             sq = QmpClient(str(sockdir / "qmp.sock"))
             sq.cmd("migrate-set-capabilities",
                    capabilities=[{"capability": c, "state": True} for c in caps])
+            if pause_s:
+                sq.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 32 << 20})
             t0 = time.monotonic()
             sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             sq.cmd("migrate-start-postcopy")
@@ -615,6 +649,20 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
                 raise TimeoutError(f"b: not running after {timeout} s: {b.log()} {s.stderr()}")
             time.sleep(0.002)
         run_s = time.monotonic() - t0
+        if pause_s:
+            b.wait_status({"postcopy-active"}, timeout)
+            time.sleep(0.2)
+            if cut == "qmp":
+                assert sq is not None, "a pause by QMP needs via_qmp"
+                sq.cmd("migrate-pause")
+            else:
+                kill_tcp(port)
+            b.wait_status({"postcopy-paused"}, timeout)
+            paused_seen = True
+            time.sleep(pause_s)
+            b.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{new_port}")
+            if sq is not None:
+                sq.cmd("migrate", uri=f"tcp:127.0.0.1:{new_port}", resume=True)
         info = b.wait_status({"completed"}, timeout)
         wall = time.monotonic() - t0
         if sq is not None:
@@ -633,7 +681,8 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
             regs = b.registers()
             b.dump_memory(path)
         return RestoreResult(run_s=run_s, wall_s=wall, dst_info=info, dst_letters=b.letters(), dst_regs=regs,
-                             dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()))
+                             dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()),
+                             paused_seen=paused_seen)
     finally:
         if sq is not None:
             sq.close()

@@ -6,7 +6,11 @@
 * ``postcopy source --from-snapshot DIR`` -> QEMU ``-incoming``: the saved VM runs at once
   (lazy restore);
 * the relay of both: QEMU A -> us -> snapshot -> us -> QEMU B, where B's serial continues
-  with the next letter and B's memory equals A's page by page up to the guest's own writes.
+  with the next letter and B's memory equals A's page by page up to the guest's own writes;
+* recovery with QEMU in both directions to a new address: our destination told QMP
+  ``migrate-recover`` (QEMU resumes to it, the reads outstanding at the pause complete after it
+  and their requests went again); a paused QEMU destination told ``migrate-recover`` (our source
+  resumes to it by QMP ``migrate`` with resume, or by itself with ``--recover-connect``).
 """
 
 from __future__ import annotations
@@ -145,3 +149,54 @@ def test_relay_on_hugetlbfs(tmp_path: Path, preempt: bool) -> None:
     """Guests on 2 MiB hugetlbfs (memory-backend-file) on both QEMUs; our destination's blocks too."""
     with hugetlbfs_mount() as huge:
         _relay(tmp_path, preempt=preempt, hugetlbfs=huge)
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["no-preempt", "preempt"])
+def test_qemu_to_us_migrate_recover_to_a_new_port_with_outstanding_reads(tmp_path: Path, preempt: bool) -> None:
+    """Our destination paused by QEMU's migrate-pause, told QMP migrate-recover tcp:NEWPORT; QEMU resumes
+    there. A reader (--touch pc.ram) had a read waiting at the pause: it completes after the resume (it
+    waited at least the pause), its request went again, and the saved RAM equals A's."""
+    pause_s = 0.5
+    r = migrate_qemu_to_us(tmp_path, preempt=preempt, pause_s=pause_s, recover_new_port=True, touch="pc.ram")
+    assert r.paused_seen, "the destination never reported postcopy-paused"
+    _check_saved(r)
+    rep = r.report
+    assert rep["recoveries"] == 1
+    assert rep["paused_seconds"] >= pause_s
+    assert rep["requests_resent"] >= 1, rep
+    touch = rep["touch"]
+    assert touch["done"], touch
+    assert touch["pages"] == MEM // 4096, touch
+    assert touch["longest_wait_s"] >= pause_s, touch        # a read waited through the pause
+    assert rep["remote_faults"] >= 1
+
+
+@pytest.fixture(scope="module")
+def saved_vm(tmp_path_factory: pytest.TempPathFactory) -> ToUsResult:
+    """One QEMU A -> us snapshot for the restores that cut their link (a saved VM restores any number of times)."""
+    r = migrate_qemu_to_us(tmp_path_factory.mktemp("saved-vm"), preempt=False)
+    _check_saved(r)
+    return r
+
+
+@pytest.mark.parametrize(("cut", "preempt"), [("qmp", False), ("qmp", True), ("kill", True)],
+                         ids=["migrate-pause-no-preempt", "migrate-pause-preempt", "killed-tcp-preempt"])
+def test_restore_into_qemu_recovers_to_its_migrate_recover_address(tmp_path: Path, saved_vm: ToUsResult,
+                                                                   cut: str, preempt: bool) -> None:
+    """Relay A -> us -> B with the cut on the us -> B leg: B pauses (postcopy-paused), is told
+    migrate-recover tcp:NEWPORT, and our source resumes to it (QMP migrate resume, or by itself with
+    --recover-connect after ss -K killed the connections). B keeps running the guest where A stopped,
+    and B's memory equals A's page by page up to the guest's own writes."""
+    r = saved_vm
+    b = restore_into_qemu(r.snapshot, tmp_path, preempt=preempt, via_qmp=cut == "qmp", pause_s=0.3, cut=cut)
+    assert b.paused_seen
+    assert b.dst_info["status"] == "completed"
+    assert b.source_report["status"] == "completed"
+    assert b.source_report["recoveries"] == 1
+    assert b.source_report["paused_seconds"] >= 0.3
+    assert b.dst_letters, "B never printed a pass letter"
+    assert b.dst_letters[0] == _next_letter(r.src_letters[-1]), (r.src_letters[-3:], b.dst_letters[:3])
+    check = compare_guest_memory(r.src_dump, b.dst_dump, r.src_regs, b.dst_regs, MEM)
+    assert check.pages == (MEM - MiB) // 4096
+    assert check.dst_passes > check.src_passes
+    assert check.ok, check
