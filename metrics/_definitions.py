@@ -119,6 +119,8 @@ class DestinationMetrics(Metrics):
 
     page_faults: Counter
     """Missing-page faults read from userfaultfd (after dropping already-received pages)."""
+    page_requests_resent: Counter
+    """Page requests sent again after a recovery (outstanding at the pause)."""
     fault_latency: Histogram
     """Fault read -> page placed (the guest thread is woken)."""
     fault_request_delay: Histogram
@@ -259,6 +261,11 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
         page_faults=Counter(
             "postcopy_page_faults",
             "Missing-page faults on not-yet-received guest pages.",
+            registry=registry,
+        ),
+        page_requests_resent=Counter(
+            "postcopy_page_requests_resent",
+            "Page requests sent again after a recovery (those outstanding at the pause).",
             registry=registry,
         ),
         fault_latency=_histogram(

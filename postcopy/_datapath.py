@@ -424,6 +424,10 @@ class SourcePath:
     def configure(self, *, preempt: bool, bandwidth_cap: int = 0, section_bytes: int = 0) -> None:
         lib.pc_src_configure(self._s, int(preempt), bandwidth_cap, section_bytes)
 
+    def set_send_once(self, once: bool) -> None:
+        """Never send a host page twice (a QEMU destination fails on the second copy)."""
+        lib.pc_src_set_send_once(self._s, int(once))
+
     def stop(self) -> None:
         lib.pc_src_stop(self._s)
 

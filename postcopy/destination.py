@@ -120,6 +120,7 @@ class Destination:
         self._retired: list[object] = []        # C objects and fds kept until close(): threads may still be in them
         self._threads: list[threading.Thread] = []
         self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
+        self._requests_resent = 0
         self._channel_rx: dict[str, Receiver | None] = {"main": None, "preempt": None}
         self._wake_r, self._wake_w = os.pipe()
         self._finish: Finish | None = None
@@ -329,7 +330,9 @@ class Destination:
                         return ConnectionClosed(conn, f"write failed: {exc}")
             case ResendRequests():
                 try:
-                    log.info("recovered: %d outstanding page requests sent again", self.path.resend_requests())
+                    resent = self.path.resend_requests()
+                    self._requests_resent += resent
+                    log.info("recovered: %d outstanding page requests sent again", resent)
                 except ConnectionError as exc:
                     log.info("resending page requests failed: %s", exc)
             case PrepareMemory(layout=layout):
@@ -359,8 +362,8 @@ class Destination:
                         block.discard(start, length)
             case RegisterMemory():
                 self._register()
-            case StartGuest(device_sections=sections):
-                self.owner.load_device_state(sections)
+            case StartGuest(device_sections=sections, configuration=configuration, in_package=in_package):
+                self.owner.load_device_state(sections, configuration=configuration, in_package=in_package)
                 self.owner.start()
                 self._guest_started_ns = time.monotonic_ns()
                 self.path.set_vcpu_threads(list(self.owner.vcpu_thread_ids()))
@@ -623,7 +626,7 @@ class Destination:
             paused_ns=int(s.paused_total(time.monotonic()) * 1e9),
             source_stopped_ns=getattr(self.owner, "source_stopped_ns", 0),
             started_ns=self._started_ns, guest_started_ns=self._guest_started_ns, finished_ns=self._finished_ns,
-            refused_connections=sum(s.refused.values()),
+            refused_connections=sum(s.refused.values()), requests_resent=self._requests_resent,
         )
         if path is None:
             return MigrationStats(**base)  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from . import wire
 from ._datapath import RemoteBlock, RemoteRegion
 from .guest import Guest, Pattern
 from .session import MigrationFailed
+from .touch import TouchPattern, TouchReader, TouchStats
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, SpecError, decode_device_state, encode_device_state
 
 __all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "WriterProcess", "memory_from_file"]
@@ -86,8 +87,10 @@ class MemoryOwner(Protocol):
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         """Source, guest stopped: its device state, sent inside PACKAGED."""
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
-        """Destination, at RUN: the device state received; raises MigrationFailed."""
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
+        """Destination, at RUN: the device state received (every device section in stream order,
+        the configuration section, whether each section came inside PACKAGED); raises MigrationFailed."""
 
     def start(self) -> None:
         """Destination, at RUN: run the guest on this memory."""
@@ -154,7 +157,8 @@ class BuiltinGuest:
         return (wire.DeviceSection(section_id=DEVICE_SECTION_ID, idstr=DEVICE_IDSTR, instance_id=0,
                                    version_id=DEVICE_VERSION, payload=payload),)
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         ours = [s for s in sections if s.idstr == DEVICE_IDSTR]
         if not ours:
             raise MigrationFailed("no_device_state", f"PACKAGED carried no {DEVICE_IDSTR!r} section before RUN")
@@ -203,10 +207,14 @@ class HeadlessMemory:
                  device_sections: Sequence[wire.DeviceSection] = (),
                  configuration: wire.Configuration | None = None,
                  page_sizes: dict[str, int] | None = None, backing_2m: str = "hugetlbfs",
-                 writer: WriterProcess | None = None) -> None:
+                 writer: WriterProcess | None = None, touch: TouchPattern | None = None) -> None:
+        """``touch``: as a destination, read the memory in this pattern from RUN on (:mod:`postcopy.touch`)."""
         self.memory = memory
+        self.touch = touch
+        self.toucher: TouchReader | None = None
         self.writer = writer or WriterProcess()
         self.device_sections = tuple(device_sections)
+        self.in_package: tuple[bool, ...] = (True,) * len(self.device_sections)
         self._configuration = configuration or wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
         self._page_sizes = dict(page_sizes or {})
         self._backing_huge = backing_2m
@@ -217,6 +225,10 @@ class HeadlessMemory:
         return dict(self._page_sizes)
 
     def provide_blocks(self, layout: wire.RamLayout) -> Sequence[RamBlock]:
+        if self.touch is not None and layout.index(self.touch.idstr) is None:
+            names = ", ".join(b.idstr for b in layout.blocks)
+            raise MigrationFailed("ram_layout", f"--touch {self.touch.idstr}: the stream has no such RAM block "
+                                                f"(it declares {names})")
         if self.memory is not None:
             theirs = [(b.idstr, b.used_length) for b in layout.blocks]
             ours = [(b.idstr, b.used_length) for b in self.memory]
@@ -262,22 +274,35 @@ class HeadlessMemory:
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         self.device_sections = tuple(sections)
+        self.in_package = tuple(in_package) or (True,) * len(self.device_sections)
+        if configuration is not None:
+            self._configuration = configuration
 
     def start(self) -> None:
-        pass
+        if self.touch is not None and self.memory is not None and self.toucher is None:
+            block = next(b for b in self.memory if b.idstr == self.touch.idstr)
+            self.toucher = TouchReader(block, self.touch)
+            self.toucher.start()
+
+    def touch_stats(self) -> TouchStats | None:
+        return self.toucher.stats() if self.toucher is not None else None
 
     def vcpu_thread_ids(self) -> Sequence[int]:
         return []
 
     def reset(self) -> None:
         self.device_sections = ()
+        self.in_package = ()
         if self.memory is not None:
             for b in self.memory:
                 b.discard(0, b.used_length)
 
     def close(self) -> None:
+        if self.toucher is not None and not self.toucher.stop():
+            return      # a read still waits in the memory: leave it mapped rather than unmap it under the reader
         if self.memory is not None:
             self.memory.close()
 
@@ -369,7 +394,8 @@ class RemoteMemory:
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
-    def load_device_state(self, sections: Sequence[wire.DeviceSection]) -> None:
+    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
+                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
         self.device_sections = tuple(sections)
 
     def start(self) -> None:

@@ -498,7 +498,8 @@ class DestinationService(_RoleService[R]):
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
                  on_listening: Callable[[tuple[str, int]], None] | None = None,
                  fail_fast: bool = False, max_packaged: int | None = None,
-                 owner: MemoryOwner | None = None) -> None:
+                 owner: Callable[[], MemoryOwner] | None = None, link_timeout: float = 3.0) -> None:
+        """``owner`` makes the memory owner of each incoming migration (default: the built-in guest of ``spec``)."""
         options = options or ServiceOptions()
         if listen is None and options.qmp is None:
             raise ServiceError("the destination needs a listen address or a QMP socket to receive migrate-incoming")
@@ -509,8 +510,8 @@ class DestinationService(_RoleService[R]):
         self.on_listening = on_listening
         self.fail_fast = fail_fast
         self.max_packaged = max_packaged
-        self.owner = owner
-        """Whose memory the migration goes into (default: a built-in guest of ``spec``)."""
+        self.make_owner: Callable[[], MemoryOwner] = owner or (lambda: BuiltinGuest(self.spec))
+        self.link_timeout = link_timeout
         self.destination: Destination | None = None
         self.listen_address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
@@ -536,10 +537,9 @@ class DestinationService(_RoleService[R]):
             raise ServiceError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
-        owner = self.owner if self.owner is not None else BuiltinGuest(self.spec)
-        self.destination = Destination(owner, preempt=preempt, verify=self.verify,
-                                       on_status=self._status_from_thread, fail_fast=self.fail_fast,
-                                       max_packaged=self.max_packaged)
+        self.destination = Destination(self.make_owner(), preempt=preempt, verify=self.verify,
+                                       on_status=self._status_from_thread, link_timeout=self.link_timeout,
+                                       fail_fast=self.fail_fast, max_packaged=self.max_packaged)
         self._set_status(MigrationStatus.SETUP)
         if self.on_listening is not None:
             self.on_listening(self.listen_address)
@@ -602,6 +602,7 @@ class DestinationService(_RoleService[R]):
         _sync_channels(self, m, snap)
         self._sync(m.page_faults, snap.remote_faults)
         self._sync(m.page_requests, snap.requests_sent)
+        self._sync(m.page_requests_resent, snap.requests_resent)
         self._sync(m.discard_ranges, snap.discard_ranges)
         for reason, count in dest.session.refused.items():
             self._sync(m.refused_connections[reason], count)
@@ -673,7 +674,9 @@ class SourceService(_RoleService[R]):
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
                  owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
-                 tracking: str = "auto") -> None:
+                 tracking: str = "auto", recover_connect: tuple[str, int] | None = None) -> None:
+        """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``.
+        ``recover_connect``: where to reconnect after a pause (default: where it migrates to)."""
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
@@ -681,7 +684,6 @@ class SourceService(_RoleService[R]):
         self.memory = memory
         self.guest = guest
         self.owner = owner
-        """Whose memory is sent (default: the built-in guest ``guest`` running on ``memory``)."""
         self.preempt = preempt
         self.bandwidth_cap = bandwidth_cap
         self.verify = verify
@@ -689,6 +691,7 @@ class SourceService(_RoleService[R]):
         self.connect_timeout = connect_timeout
         self.precopy = precopy
         self.tracking = tracking
+        self.recover_connect = recover_connect
         self.source: Source | None = None
         self.switchover: threading.Event | None = None
         self._total_pages = sum(b.used_length for b in memory) // TARGET_PAGE_SIZE
@@ -707,10 +710,11 @@ class SourceService(_RoleService[R]):
     def _migrate_to(self, address: tuple[str, int], preempt: bool, cap: int,
                     switchover: threading.Event | None) -> None:
         # under QMP a paused source waits for "migrate resume", as QEMU's does
-        owner = self.owner if self.owner is not None else BuiltinGuest(self.spec, self.memory, self.guest)
+        owner = self.owner or BuiltinGuest(self.spec, self.memory, self.guest)
         self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
-                             auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking)
+                             auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking,
+                             recover_address=self.recover_connect)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source

@@ -20,7 +20,7 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
 from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
-from .owner import MemoryOwner
+from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
 from .session import (
     Action,
     BreakLink,
@@ -83,7 +83,9 @@ class Source:
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
                  backoff: tuple[float, float] = (0.01, 0.02), precopy: SwitchoverPolicy | None = None,
-                 tracking: str = "auto") -> None:
+                 tracking: str = "auto", recover_address: tuple[str, int] | None = None) -> None:
+        """``recover_address``: where reconnections after a pause go (default: the migrate address),
+        e.g. where a paused QEMU destination listens after ``migrate-recover URI``."""
         self.owner = owner
         #: precopy rounds before the switch (None: postcopy at once)
         self.precopy = precopy
@@ -105,10 +107,14 @@ class Source:
         self.path = SourcePath(list(self.blocks), RAM_SECTION_ID)
         self.path.configure(preempt=preempt, bandwidth_cap=bandwidth_cap)
         self.path.set_heartbeat(heartbeat)
+        # A QEMU machine goes to QEMU (or to a destination that takes what QEMU takes): QEMU's destination
+        # fails on a page placed twice, so a requested page in flight on main is not sent again on preempt.
+        self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
         self.hashes: dict[str, bytes] = {}
         self.session: SourceSession | None = None
         self._inputs: queue.SimpleQueue[Input] = queue.SimpleQueue()
         self._address: tuple[str, int] | None = None
+        self._recover_address = recover_address
         self._socks: dict[Channel, socket.socket] = {}
         self._threads: list[threading.Thread] = []
         self._generation = 0
@@ -185,7 +191,7 @@ class Source:
     def resume(self, address: tuple[str, int] | None = None) -> None:
         """Recover now, to ``address`` if given (QMP migrate with resume: true)."""
         if address is not None:
-            self._address = address
+            self._recover_address = address
         self._inputs.put(ResumeRequested())
 
     def break_link(self) -> None:
@@ -308,8 +314,9 @@ class Source:
     def _connect(self, channel: Channel) -> Input:
         assert self._address is not None
         fresh = self.session is not None and self.session.status.value == "setup"
+        address = self._address if fresh else self._recover_address or self._address
         try:
-            sock = socket.create_connection(self._address, timeout=None if fresh else self.reconnect_timeout)
+            sock = socket.create_connection(address, timeout=None if fresh else self.reconnect_timeout)
         except OSError as exc:
             return ConnectFailed(channel, str(exc))
         sock.settimeout(None)

@@ -1,19 +1,22 @@
-"""Guest memory: named RAM blocks (anonymous, memfd or hugetlbfs) and their set."""
+"""Guest memory: named RAM blocks (anonymous, memfd, hugetlbfs, or a private map of a file) and their set."""
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ._errors import UnknownBlockError
 from ._lowlevel import ffi, lib
 
 __all__ = ["GuestMemory", "RamBlock"]
 
-Backing = Literal["anon", "memfd", "hugetlbfs"]
+Backing = Literal["anon", "memfd", "hugetlbfs", "file"]
 
 PAGE_4K = 4096
 PAGE_2M = 2 << 20
@@ -21,6 +24,14 @@ PAGE_1G = 1 << 30
 _HUGE_FLAGS = {PAGE_2M: os.MFD_HUGE_2MB, PAGE_1G: os.MFD_HUGE_1GB}
 # QEMU sends an idstr with a one-byte length.
 MAX_IDSTR_BYTES = 255
+
+
+@functools.cache
+def _libc_mmap() -> Any:
+    fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mmap
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    fn.restype = ctypes.c_void_p
+    return fn
 
 
 def free_hugepages(page_size: int) -> int:
@@ -98,6 +109,40 @@ class RamBlock:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def map_file(cls, idstr: str, path: str | os.PathLike[str], page_size: int = PAGE_4K) -> RamBlock:
+        """A block whose memory is a private map of the whole file at ``path`` (backing "file").
+
+        Pages are read from the file when first touched (the page cache: a
+        saved VM served lazily); writes, if any, stay private and never reach
+        the file. ``page_size`` is the guest's page size for this block (what a
+        migration stream declares, e.g. 2 MiB for a block QEMU backs with
+        hugetlbfs); the mapping itself uses base pages. Not for userfaultfd.
+        """
+        if page_size < PAGE_4K or page_size & (page_size - 1):
+            raise ValueError(f"RAM block {idstr!r}: page_size={page_size} is not a power of two >= {PAGE_4K}")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= 0 or size % page_size:
+                raise ValueError(f"RAM block {idstr!r}: {path} has {size} bytes, not a positive multiple of "
+                                 f"the page size {page_size}")
+            prot, flags = 0x1 | 0x2, 0x02       # PROT_READ | PROT_WRITE, MAP_PRIVATE
+            addr = _libc_mmap()(None, size, prot, flags, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of {path} for RAM block {idstr!r}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        block = cls.__new__(cls)
+        block.addr = int(addr)
+        block.fd = None
+        block.idstr = idstr
+        block.used_length = size
+        block.page_size = page_size
+        block.backing = "file"
+        return block
 
     @property
     def closed(self) -> bool:

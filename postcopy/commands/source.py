@@ -5,6 +5,13 @@ to postcopy at once. With ``--qmp`` it waits for QMP ``migrate tcp:HOST:PORT``
 (the ``postcopy-ram`` capability on) and holds the switch to postcopy until
 ``migrate-start-postcopy``; it stays up afterwards until QMP ``quit`` (or
 ``--linger`` seconds).
+
+With ``--from-snapshot DIR`` it migrates a saved VM (``postcopy dest --save``)
+instead of the built-in guest, e.g. into ``qemu-system-x86_64 -incoming``
+started with the VM's machine arguments and the postcopy capabilities: the
+switch to postcopy is immediate, so that QEMU runs the VM at once and pulls its
+pages on demand while the rest streams (a lazy restore). Preempt is off by
+default there (QEMU's default); ``--preempt`` when QEMU has postcopy-preempt on.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Any
 
 from postcopy.cli import UserError
 from postcopy.guest import Guest, Pattern
+from postcopy.saved import SnapshotMemory
+from postcopy.snapshot import SnapshotError
 from postcopy.service import MigrationAbandoned, ServiceError, SourceService
 from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.spec import SpecError, parse_size
@@ -42,9 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default="127.0.0.1:4444",
                    help="HOST:PORT of the destination (ignored with --qmp: QMP migrate names it)")
     add_guest_arguments(p)
+    p.set_defaults(preempt=None)    # on, except with --from-snapshot
+    p.add_argument("--from-snapshot", metavar="DIR",
+                   help="migrate the saved VM of this snapshot directory (docs/snapshot.md), not the built-in guest")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs before the switch")
     p.add_argument("--bandwidth-cap", default="0", help="bytes per second for the background stream (0 = none)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the destination")
+    p.add_argument("--recover-connect", metavar="HOST:PORT",
+                   help="after a pause, reconnect here instead of --connect (e.g. where a paused QEMU destination "
+                        "listens after migrate-recover); with --qmp, QMP migrate with resume names it")
     p.add_argument("--verify", action="store_true", help="hash every page at the switch (compare with the destination's)")
     p.add_argument("--hashes-out", help="write the pages' hashes at the switch here")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report")
@@ -57,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the block's host page size: the VMM's regions' page size (default 4K)")
     add_precopy_arguments(p)
     add_service_arguments(p)
+
+
+def _recover_connect(args: argparse.Namespace) -> tuple[str, int] | None:
+    return parse_address(args.recover_connect) if args.recover_connect else None
 
 
 def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[str, Any]:
@@ -84,6 +103,10 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.preempt is None:
+        args.preempt = args.from_snapshot is None
+    if args.from_snapshot is not None:
+        return _run_snapshot(args)
     if args.mem_file is not None:
         return _run_mem_file(args)
     spec = guest_spec(args)
@@ -109,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
                                     options=options, precopy=policy, tracking=args.dirty_tracking)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
@@ -174,6 +198,7 @@ def _run_mem_file(args: argparse.Namespace) -> int:
         try:
             service = SourceService(spec, memory, None, preempt=args.preempt, bandwidth_cap=cap, verify=args.verify,
                                     connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
                                     options=service_options(args, progress), owner=HeadlessMemory(memory))
         except ServiceError as exc:
             raise UserError(str(exc)) from None
@@ -201,3 +226,62 @@ def _run_mem_file(args: argparse.Namespace) -> int:
         progress.close()
         if service is None or not service.worker_running:
             memory.close()
+
+
+def _run_snapshot(args: argparse.Namespace) -> int:
+    """``--from-snapshot DIR``: the saved VM is the source; nothing runs here."""
+    if args.verify:
+        raise UserError("--verify hashes the built-in guest's pages; not with --from-snapshot")
+    address = None if args.qmp else parse_address(args.connect)
+    try:
+        cap = parse_size(args.bandwidth_cap)
+    except SpecError as exc:
+        raise UserError(f"--bandwidth-cap: {exc}") from None
+    try:
+        owner = SnapshotMemory.open(args.from_snapshot)
+    except SnapshotError as exc:
+        raise UserError(str(exc)) from None
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    progress = Progress("source", args.progress, stream)
+    service: SourceService[int] | None = None
+    try:
+        try:
+            service = SourceService(guest_spec(args), owner.ram_blocks(), None, preempt=args.preempt,
+                                    bandwidth_cap=cap, connect=address, connect_timeout=args.connect_timeout,
+                                    recover_connect=_recover_connect(args),
+                                    options=service_options(args, progress), owner=owner)
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        svc = service
+
+        def finish(result: MigrationStats) -> int:
+            write_json(_report(result, list(svc.timeline)), args.json)
+            return 0
+
+        try:
+            outcome = service.run(finish)
+        except MigrationAbandoned as exc:
+            progress.close()
+            print(f"postcopy source: {exc}; exiting", file=sys.stderr, flush=True)
+            os._exit(1)     # the role's threads still read the mapped snapshot: do not unmap it under them
+        except ServiceError as exc:
+            raise UserError(str(exc)) from None
+        if outcome.error is not None and args.json:
+            write_json(failure_report("source", outcome.error, list(svc.timeline)), args.json)
+        _raise_outcome(outcome.error, args, address)
+        return int(outcome.finished or 0)
+    finally:
+        progress.close()
+        if service is None or not service.worker_running:
+            owner.close()
+
+
+def _raise_outcome(err: BaseException | None, args: argparse.Namespace, address: object) -> None:
+    if (isinstance(err, MigrationFailed) and err.kind == "connect") or isinstance(err, ConnectionRefusedError):
+        raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
+    if isinstance(err, MigrationFailed):
+        raise UserError(f"migration failed ({err.kind}): {err}")
+    if isinstance(err, OSError):
+        raise UserError(f"migration failed: {err.strerror or err}")
+    if err is not None:
+        raise UserError(f"migration failed ({getattr(err, 'kind', type(err).__name__)}): {err}")

@@ -11,12 +11,12 @@ every negotiated client.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import errno
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Awaitable, Callable
@@ -55,49 +55,201 @@ class _ParseError:
         self.fatal = fatal
 
 
+_STRUCTURE: Final = re.compile(rb'[{}\[\]"\n]')
+_IN_STRING: Final = re.compile(rb'["\\\n]')
+_SCALAR_END: Final = re.compile(rb'[ \t\r\n{}\[\]",:]')
+_SPACE: Final = b" \t\r\n"
+# Below this size an open value is checked for an error at every newline.
+_ALWAYS_CHECK: Final = 512
+_MORE: Final = object()  # _MessageStream._next: no complete value yet (a JSON null is None)
+
+
 class _MessageStream:
     """Splits a byte stream into JSON values without requiring newlines.
 
-    A value that does not parse is reported only once a newline follows the
-    failing position (before that it may just be incomplete); input is then
-    skipped through that newline, so one bad line does not poison the next.
+    Bytes are scanned once, as they arrive, for the structure of the value at
+    the front (bracket depth, strings, escapes; like QEMU's json-streamer), and
+    a value is parsed only when its brackets balance, so input that arrives in
+    small pieces costs time linear in its size.  A value that does not parse is
+    reported only once a newline follows the failing position (before that it
+    may just be incomplete); input is then skipped through that newline, so one
+    bad line does not poison the next.  Syntax errors inside a value whose
+    brackets are still open are looked for at newlines: at each one while the
+    value is under ``_ALWAYS_CHECK`` bytes, then each time it has doubled since
+    the last look (so looking stays linear too; an error in a later line of a
+    long multi-line value is then found when it doubles or closes).
+
+    ``work`` counts the bytes scanned and parsed (for the tests).
     """
 
     def __init__(self) -> None:
-        self._text = ""
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._decoder = json.JSONDecoder()
+        self.work = 0
+        self._buf = bytearray()  # input not consumed yet; the current value starts at 0
+        self._error: tuple[str, int] | None = None  # (message, skip through the newline after)
+        self._consume(0)
+
+    def _reset(self) -> None:
+        self._buf = bytearray()
+        self._error = None
+        self._consume(0)
 
     def feed(self, data: bytes) -> list[object]:
-        self._text += self._utf8.decode(data)
+        self._buf += data
         out: list[object] = []
-        while True:
-            self._text = self._text.lstrip(" \t\r\n")
-            if not self._text:
-                return out
-            try:
-                value, end = self._decoder.raw_decode(self._text)
-            except json.JSONDecodeError as exc:
-                newline = self._text.find("\n", exc.pos)
-                if newline < 0:
-                    break
-                out.append(_ParseError(f"JSON parse error, {exc.msg[0].lower()}{exc.msg[1:]}"))
-                self._text = self._text[newline + 1 :]
-                continue
-            except (ValueError, RecursionError) as exc:  # int digit limit, nesting depth
-                newline = self._text.find("\n")
-                if newline < 0:
-                    break
-                reason = "nesting too deep" if isinstance(exc, RecursionError) else str(exc)
-                out.append(_ParseError(f"JSON parse error, {reason}"))
-                self._text = self._text[newline + 1 :]
-                continue
-            out.append(value)
-            self._text = self._text[end:]
-        if len(self._text) > MAX_MESSAGE_BYTES:
-            self._text = ""
+        while (item := self._next()) is not _MORE:
+            out.append(item)
+        if len(self._buf) > MAX_MESSAGE_BYTES:
+            self._reset()
             out.append(_ParseError(f"QMP input exceeds {MAX_MESSAGE_BYTES} bytes", fatal=True))
         return out
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]  # O(1) amortised: CPython moves the start of a bytearray
+        self._pos = 0  # scanned up to here
+        self._open = False  # an object, array or string has started (at 0)
+        self._in_string = False
+        self._depth = 0
+        self._checked = 0  # value length at the last look for an early error
+
+    def _fail(self, desc: str, skip_from: int) -> None:
+        self._error = (f"JSON parse error, {desc}", skip_from)
+
+    def _parse(self, end: int) -> tuple[object, int] | None:
+        """Parse ``_buf[:end]``: (value, bytes used), or None after entering the error state."""
+        text = self._buf[:end].decode("utf-8", "replace")
+        self.work += end
+        try:
+            value, used = self._decoder.raw_decode(text)
+        except json.JSONDecodeError as exc:
+            prefix = text[: exc.pos]
+            at = len(prefix.encode()) - 2 * prefix.count("\ufffd")  # a replaced byte was 1 byte
+            self._fail(f"{exc.msg[0].lower()}{exc.msg[1:]}", at)
+            return None
+        except (ValueError, RecursionError) as exc:  # int digit limit, nesting depth
+            self._fail("nesting too deep" if isinstance(exc, RecursionError) else str(exc), 0)
+            return None
+        return value, len(text[:used].encode("utf-8", "surrogatepass")) if used < len(text) else end
+
+    def _next(self) -> object:
+        """The next complete value or error, or ``_MORE`` when more input is needed."""
+        buf = self._buf
+        while True:
+            if self._error is not None:
+                desc, skip_from = self._error
+                newline = buf.find(b"\n", skip_from)
+                self.work += max(len(buf) - skip_from, 0)
+                if newline < 0:
+                    self._error = (desc, len(buf))  # look on from here
+                    return _MORE
+                self._error = None
+                self._consume(newline + 1)
+                return _ParseError(desc)
+            if not self._open:
+                i = 0
+                while i < len(buf) and buf[i] in _SPACE:
+                    i += 1
+                self.work += i
+                self._consume(i)
+                if not buf:
+                    return _MORE
+                first = buf[0]
+                if first in b"{[":
+                    self._open, self._depth, self._pos = True, 1, 1
+                elif first == 0x22:  # "
+                    self._open, self._in_string, self._pos = True, True, 1
+                else:  # a bare scalar (or garbage): parse it as far as it goes now
+                    m = _SCALAR_END.search(buf, 1)
+                    end = len(buf) if m is None else m.start()
+                    parsed = self._parse(end)
+                    if parsed is None and m is None and end < 6:
+                        self._error = None  # maybe a literal or number still arriving: look again
+                        return _MORE
+                    if parsed is not None:
+                        self._consume(parsed[1])
+                        return parsed[0]
+                    continue
+            stop = self._scan()
+            if stop is None:
+                if self._failed():
+                    continue
+                return _MORE
+            parsed = self._parse(stop)
+            if parsed is not None:
+                self._consume(stop)
+                return parsed[0]
+
+    def _failed(self) -> bool:
+        return self._error is not None
+
+    def _scan(self) -> int | None:
+        """Scan on from ``_pos``: the end of the value at the front, or None (incomplete or error)."""
+        buf = self._buf
+        i = self._pos
+        try:
+            while True:
+                if self._in_string:
+                    m = _IN_STRING.search(buf, i)
+                    if m is None:
+                        i = len(buf)
+                        return None
+                    j = m.start()
+                    c = buf[j]
+                    if c == 0x5C:  # backslash: skip the escaped byte
+                        if j + 1 >= len(buf):
+                            i = j
+                            return None
+                        i = j + 2
+                        continue
+                    if c == 0x0A:  # a raw newline in a string: invalid (reported at it)
+                        i = j
+                        if self._parse(j + 1) is not None:  # cannot happen; still, never stall
+                            self._fail("invalid control character in a string", j)
+                        return None
+                    self._in_string = False
+                    i = j + 1
+                    if self._depth == 0:
+                        return i
+                    continue
+                m = _STRUCTURE.search(buf, i)
+                if m is None:
+                    i = len(buf)
+                    return None
+                j = m.start()
+                c = buf[j]
+                i = j + 1
+                if c == 0x22:
+                    self._in_string = True
+                elif c in b"{[":
+                    self._depth += 1
+                elif c in b"}]":
+                    self._depth -= 1
+                    if self._depth == 0:
+                        return i
+                elif i < _ALWAYS_CHECK or i >= 2 * self._checked:  # a newline in an open value:
+                    # look for an error (at every newline while the value is small, then each
+                    # time it has doubled: O(_ALWAYS_CHECK) per byte at most)
+                    self._checked = i
+                    self._early_error(i)
+                    if self._error is not None:
+                        return None
+        finally:
+            self.work += i - self._pos
+            self._pos = i
+
+    def _early_error(self, end: int) -> None:
+        """Enter the error state if ``_buf[:end]`` cannot be the start of a value."""
+        text = self._buf[:end].decode("utf-8", "replace")
+        self.work += end
+        try:
+            self._decoder.raw_decode(text)
+        except json.JSONDecodeError as exc:
+            if text[exc.pos :].strip():  # an error before the end, not just "incomplete"
+                prefix = text[: exc.pos]
+                at = len(prefix.encode()) - 2 * prefix.count("\ufffd")
+                self._fail(f"{exc.msg[0].lower()}{exc.msg[1:]}", at)
+        except (ValueError, RecursionError) as exc:
+            self._fail("nesting too deep" if isinstance(exc, RecursionError) else str(exc), 0)
 
 
 class _Client:

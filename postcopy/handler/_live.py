@@ -219,7 +219,7 @@ def run_live(options: LiveOptions, write_report: Callable[[dict[str, Any]], None
     handed_back = False
     try:
         service: DestinationService[int] = DestinationService(
-            spec, preempt=options.preempt, listen=options.listen, options=service_options, owner=owner,
+            spec, preempt=options.preempt, listen=options.listen, options=service_options, owner=lambda: owner,
             on_listening=lambda a: say(f"uffd-handler: listening for the stream on {a[0]}:{a[1]}"))
     except ServiceError as exc:
         vmm.close()

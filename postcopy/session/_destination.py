@@ -96,6 +96,8 @@ class _Attempt:
     layout: wire.RamLayout | None = None
     listening: bool = False
     device_sections: list[wire.DeviceSection] = field(default_factory=list)
+    in_package: list[bool] = field(default_factory=list)
+    configuration: wire.Configuration | None = None
     discard_ranges: int = 0
     held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
     held_deadline: float = 0.0
@@ -236,8 +238,8 @@ class DestinationSession:
         if self.status.finished:
             return self._flush()
         for conn, p in list(self.pending.items()):
-            if p.deadline <= now:
-                del self.pending[conn]
+            # (gone from pending: a silent connection before it failed the migration and closed it)
+            if p.deadline <= now and self.pending.pop(conn, None) is not None:
                 self._silent(conn, p, now)
         for conn, c in list(self.candidates.items()):
             if c.deadline <= now:
@@ -374,7 +376,20 @@ class DestinationSession:
                     self._resume(self.link.main, now)
                     self._out.append(ResumeStream(self.link.main))
             return
+        if not self.preempt and p.peer_host == self.source_host and self._main_open():
+            self._out.append(CloseConnection(conn))
+            self._fail("preempt_mismatch", _UNEXPECTED_PREEMPT, now)   # QEMU's rule: after main, preempt
+            return
         self._refuse(conn, "silent", "said nothing, and no preempt channel was due")
+
+    def _main_open(self) -> bool:
+        if self.status in (S.SETUP, S.ACTIVE):
+            return self.attempt.main is not None
+        return self.status is S.POSTCOPY_ACTIVE and self.link.main is not None and not self.link.handshake
+
+    def _unexpected_preempt_pending(self) -> bool:
+        """Preempt off here, and a connection from the source is open besides main: its preempt channel."""
+        return any(p.peer_host == self.source_host for p in self.pending.values())
 
     def _peer_ok(self, host: str) -> bool:
         return self.any_peer or self.source_host is None or host == self.source_host
@@ -476,9 +491,15 @@ class DestinationSession:
                     self._out.append(PlacePages(conn, item))
             case wire.PostcopyRamDiscard(idstr=idstr, ranges=ranges):
                 self._discard(idstr, ranges, now)
+            case wire.Configuration():
+                a.configuration = item
             case wire.DeviceSection():
                 a.device_sections.append(item)
+                a.in_package.append(False)
             case wire.Packaged(events=inner):
+                if not self.preempt and self._unexpected_preempt_pending():
+                    self._fail("preempt_mismatch", _UNEXPECTED_PREEMPT, now)
+                    return
                 if self.preempt and a.preempt is None:
                     self._claim_preempt(now)
                 if self.preempt and a.preempt is None:
@@ -509,6 +530,7 @@ class DestinationSession:
                 self._listen(now)
             case wire.DeviceSection():
                 self.attempt.device_sections.append(item)
+                self.attempt.in_package.append(True)
             case wire.Ping(value=v):
                 self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
             case wire.PostcopyRun():
@@ -569,7 +591,7 @@ class DestinationSession:
         if not a.listening:
             self._bad_stream("unexpected", "RUN before LISTEN", now)
             return
-        self._out.append(StartGuest(tuple(a.device_sections)))
+        self._out.append(StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)))
         self.link = _Link(main=conn, preempt=a.preempt)
         self._move(Trigger.RUN, now)
         self._out.append(ReceivePages(conn))
@@ -710,6 +732,8 @@ class DestinationSession:
 
 #: A newer fresh stream must show its RAM setup within this many items.
 _MAX_CANDIDATE_ITEMS: Final = 16
+_UNEXPECTED_PREEMPT: Final = ("the source opened a postcopy-preempt channel, which this destination runs without: "
+                               "start both sides with the same postcopy-preempt setting")
 
 #: Data-path error kinds that keep their name as a failure kind.
 _DATA_PATH_KINDS: Final = frozenset({"placement", "uffd", "protocol", "internal"}) | wire.ERROR_KINDS

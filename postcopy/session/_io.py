@@ -366,9 +366,17 @@ class RegisterMemory:
 
 @dataclass(frozen=True, slots=True)
 class StartGuest:
-    """RUN: the memory owner loads this device state and starts the guest."""
+    """RUN: the memory owner loads this device state and starts the guest.
+
+    ``device_sections``: every device section before RUN, in stream order;
+    ``in_package``: for each of them, whether it came inside PACKAGED;
+    ``configuration``: the stream's configuration section (None: it had none).
+    An owner that keeps a VM as received (a snapshot) needs all three.
+    """
 
     device_sections: tuple[wire.DeviceSection, ...]
+    configuration: wire.Configuration | None = None
+    in_package: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

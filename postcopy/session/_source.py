@@ -110,6 +110,8 @@ class SourceSession:
                  tracking: str = "") -> None:
         self.layout = wire.RamLayout(blocks=tuple(blocks), section_id=RAM_SECTION_ID)
         self.configuration = configuration
+        #: What the destination understands, as far as the machine type we send tells (at least QEMU 7.2).
+        self.peer = wire.PeerProfile.from_stream(configuration)
         self.preempt = preempt
         self.hold_switchover = hold_switchover
         self.auto_recover = auto_recover
@@ -265,7 +267,7 @@ class SourceSession:
     def _connected(self, channel: Channel, now: float) -> None:
         if self.status is S.SETUP:
             if channel is Channel.MAIN:
-                self._out.append(Write(Channel.MAIN, _encode(self.preamble())))
+                self._out.append(Write(Channel.MAIN, self._encode(self.preamble())))
                 if self.preempt:
                     self._out.append(Connect(Channel.PREEMPT))     # 7.2 style: at once
                     return
@@ -281,11 +283,11 @@ class SourceSession:
             return
         if channel is Channel.MAIN:
             if r.starting_over:
-                self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(self.preamble()))]
+                self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(self.preamble()))]
             else:
                 self._move(Trigger.RECOVERY_STARTED, now)
                 # the commands first, then the preempt channel: the destination tells them apart by content
-                self._out.append(Write(Channel.MAIN, _encode(
+                self._out.append(Write(Channel.MAIN, self._encode(
                     [wire.RecvBitmapRequest(idstr=b.idstr) for b in self.layout.blocks])))
             if self.preempt:
                 self._out.append(Connect(Channel.PREEMPT))
@@ -293,7 +295,7 @@ class SourceSession:
         self._out.append(StartReturnPath())
         r.connecting = False
         if r.starting_over:
-            self._out.append(Write(Channel.MAIN, _encode(self.switch_events)))
+            self._out.append(Write(Channel.MAIN, self._encode(self.switch_events)))
             self.restarts += 1
             self.recovery = _Recovery()
             self._move(Trigger.START_OVER, now)
@@ -411,12 +413,12 @@ class SourceSession:
         if p is None:
             # immediate postcopy: nothing was sent before, every page goes and every block is discarded
             self.discard_ranges += len(discards)
-            self._out += [MarkAllDirty(), Write(Channel.MAIN, _encode(self.switch_events))]
+            self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(self.switch_events))]
         else:
             # what the guest wrote since its last scan, plus what the last round did not send:
             # dropped on the destination (QEMU's ranges, 12 a command) and sent again
             p.ended_at = stopped_at
-            self._out += [ScanDirty(), StopTracking(), SendDiscards(), Write(Channel.MAIN, _encode(tail))]
+            self._out += [ScanDirty(), StopTracking(), SendDiscards(), Write(Channel.MAIN, self._encode(tail))]
         self._move(Trigger.RUN, now)
         self._stream(now)
 
@@ -432,7 +434,7 @@ class SourceSession:
             return
         self.streaming = False
         self.ending_sent = True
-        self._out.append(Write(Channel.MAIN, _encode([
+        self._out.append(Write(Channel.MAIN, self._encode([
             wire.SectionEnd(section_id=RAM_SECTION_ID), wire.RamEos(),
             wire.SectionFooter(section_id=RAM_SECTION_ID), wire.EndOfStream()])))
         if self.preempt:
@@ -493,7 +495,7 @@ class SourceSession:
         self._out.append(ReloadDirty(index, bitmap))
         if not r.pending_bitmaps:
             r.resume_sent = True
-            self._out.append(Write(Channel.MAIN, _encode([wire.PostcopyResume()])))
+            self._out.append(Write(Channel.MAIN, self._encode([wire.PostcopyResume()])))
 
     # -- pause and recovery --------------------------------------------------------------------------
 
@@ -573,6 +575,13 @@ class SourceSession:
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []
         return out
+
+    def _encode(self, events: Sequence[wire.WireEvent]) -> bytes:
+        """The bytes of ``events``; raises LocalProtocolError for a command the peer may not know
+        (the configuration's machine type says how new the destination QEMU is at least)."""
+        for e in events:
+            self.peer.check_sendable(e)
+        return _encode(events)
 
 
 def _encode(events: Sequence[wire.WireEvent]) -> bytes:

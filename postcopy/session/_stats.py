@@ -50,6 +50,8 @@ class MigrationStats:
     """Destination: faults that needed the source; source: page requests received."""
     requests_sent: int = 0
     """Destination: page requests written on the return path."""
+    requests_resent: int = 0
+    """Destination: page requests sent again after recoveries (those outstanding at the pause)."""
     pending_requests: int = 0
     """Destination: pages requested and not yet placed."""
     bad_requests: int = 0

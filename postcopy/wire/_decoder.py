@@ -34,7 +34,15 @@ BE64 = struct.Struct(">Q")
 
 
 class Short(Exception):
-    """Internal: the item at the front is not complete yet (nothing consumed)."""
+    """Internal: the item at the front is not complete yet (nothing consumed).
+
+    ``need``: the decoder tries the item again only once this many bytes are
+    buffered (or at EOF), so a short read costs nothing until it can help.
+    """
+
+    def __init__(self, need: int) -> None:
+        super().__init__(need)
+        self.need = need
 
 
 def describe_bytes(view: bytes | memoryview, limit: int = 16) -> str:
@@ -56,6 +64,11 @@ class BaseDecoder:
         self._closed: ConnectionClosed | None = None
         #: what the item at the front is, for "truncated" messages
         self._expecting = "item"
+        #: no step is tried before this many bytes are buffered (set by Short)
+        self._want = 0
+        #: a copy of the first len(_acc) buffered bytes, for items scanned as they arrive
+        self._acc = bytearray()
+        self._acc_at = 0  # stream offset of _acc[0]
 
     # -- public API ------------------------------------------------------
 
@@ -89,9 +102,13 @@ class BaseDecoder:
                 return self._pending.popleft()
             if self._closed is not None:
                 return self._closed
+            if len(self._buf) < self._want and not self._buf.eof:
+                return NEED_DATA
             try:
                 event = self._step()
-            except Short:
+                self._want = 0
+            except Short as short:
+                self._want = short.need
                 event = NEED_DATA
             if event is NEED_DATA and self._buf.eof:
                 if len(self._buf):
@@ -129,8 +146,33 @@ class BaseDecoder:
     def _need(self, n: int) -> memoryview:
         view = self._buf.peek(n)
         if view is None:
-            raise Short
+            raise Short(n)
         return view
+
+    def _grow(self, n: int, cap: int) -> bytearray:
+        """A copy of at least the first ``n`` buffered bytes (Short if fewer have arrived).
+
+        For items whose end is found by scanning (device sections, the RAM
+        setup): the copy is kept while the item at the front stays the same, and
+        only bytes not copied yet are added, at least doubling it (up to ``cap``
+        or what is buffered), so each byte is copied O(1) times however the item
+        arrives.  Never keep a memoryview of the result: it grows in place.
+        """
+        if self._acc_at != self._buf.consumed:
+            self._acc = bytearray()
+            self._acc_at = self._buf.consumed
+        acc = self._acc
+        have = len(acc)
+        if have >= n:
+            return acc
+        if len(self._buf) < n:
+            raise Short(n)
+        self._buf.copy_into(acc, have, max(n, min(len(self._buf), cap, max(2 * have, 4096))))
+        return acc
+
+    def _drop_acc(self) -> None:
+        """Release the item copy (after the item was consumed)."""
+        self._acc = bytearray()
 
     def _fail(self, kind: str, message: str, rel: int = 0) -> LocalProtocolError:
         return LocalProtocolError(message, kind=kind, offset=self._buf.consumed + rel)

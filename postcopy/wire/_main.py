@@ -33,8 +33,22 @@ __all__ = ["MainStreamDecoder"]
 _SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities", "configuration/uuid")
 
 
-def _text(b: bytes | memoryview) -> str:
+def _text(b: bytes | bytearray | memoryview) -> str:
     return bytes(b).decode("utf-8", "surrogateescape")
+
+
+class _SetupProgress:
+    """How far the RAM setup at the front has been parsed (blocks read so far)."""
+
+    __slots__ = ("blocks", "entries", "names", "pos", "running", "total")
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.pos = 8  # after the MEM_SIZE word
+        self.running = 0
+        self.entries: list[ev.RamBlockEntry] = []
+        self.blocks: list[ev.RamBlockLayout] = []
+        self.names: set[str] = set()
 
 
 class MainStreamDecoder(BaseDecoder):
@@ -82,6 +96,9 @@ class MainStreamDecoder(BaseDecoder):
         self._footer_id = 0
         self._saw_eof = False
         self._dev_search_from = 0
+        self._setup: _SetupProgress | None = None
+        #: capability-list progress of the configuration: (list start, capabilities read, next pos)
+        self._config_caps: tuple[int, list[str], int] | None = None
         self._ram: RamRecordReader | None = None
         self.layout: ev.RamLayout | None = None
         if layout is not None:
@@ -169,22 +186,27 @@ class MainStreamDecoder(BaseDecoder):
                                  f"the header, got byte {view[0]:#04x}")
             self._state = "items"
             return self._item()
-        n = BE32.unpack_from(self._need(5), 1)[0]
+        cap = 5 + MAX_CONFIG_NAME_LENGTH * 65 + 512
+
+        def need(n: int) -> bytearray:
+            return self._grow(n, cap)
+
+        n = BE32.unpack_from(need(5), 1)[0]
         if n > MAX_CONFIG_NAME_LENGTH:
             raise self._fail("frame_too_large", f"machine type name of {n} bytes exceeds "
                              f"{MAX_CONFIG_NAME_LENGTH}")
         pos = 5 + n
-        name = _text(self._need(pos)[5:pos])
+        name = _text(need(pos)[5:pos])
         found: dict[str, object] = {}
         last = -1
         while True:
             if len(self._buf) == pos and self._buf.eof:
                 break
-            view = self._need(pos + 1)
-            if view[pos] != SectionType.SUBSECTION:
+            data = need(pos + 1)
+            if data[pos] != SectionType.SUBSECTION:
                 break
-            sub_len = self._need(pos + 2)[pos + 1]
-            head = self._need(pos + 2 + sub_len + 4)
+            sub_len = need(pos + 2)[pos + 1]
+            head = need(pos + 2 + sub_len + 4)
             sub = _text(head[pos + 2 : pos + 2 + sub_len])
             version = BE32.unpack_from(head, pos + 2 + sub_len)[0]
             if sub not in _SUBSECTIONS:
@@ -196,24 +218,32 @@ class MainStreamDecoder(BaseDecoder):
             last = _SUBSECTIONS.index(sub)
             body = pos + 2 + sub_len + 4
             if sub == "configuration/target-page-bits":
-                found["target_page_bits"] = BE32.unpack_from(self._need(body + 4), body)[0]
+                found["target_page_bits"] = BE32.unpack_from(need(body + 4), body)[0]
                 pos = body + 4
             elif sub == "configuration/uuid":
-                found["uuid"] = bytes(self._need(body + 16)[body : body + 16])
+                found["uuid"] = bytes(need(body + 16)[body : body + 16])
                 pos = body + 16
             else:
-                count = BE32.unpack_from(self._need(body + 4), body)[0]
+                count = BE32.unpack_from(need(body + 4), body)[0]
                 pos = body + 4
-                caps = []
-                for _ in range(count):
+                # the list can be long: resume at the first capability not read yet
+                list_at = pos
+                if self._config_caps is not None and self._config_caps[0] == list_at:
+                    caps, pos = self._config_caps[1], self._config_caps[2]
+                else:
+                    caps = []
+                while len(caps) < count:
                     if pos > MAX_CONFIG_NAME_LENGTH * 64:
                         raise self._fail("frame_too_large", f"capability list of {count} entries too long")
-                    clen = self._need(pos + 1)[pos]
-                    caps.append(_text(self._need(pos + 1 + clen)[pos + 1 : pos + 1 + clen]))
+                    clen = need(pos + 1)[pos]
+                    caps.append(_text(need(pos + 1 + clen)[pos + 1 : pos + 1 + clen]))
                     pos += 1 + clen
+                    self._config_caps = (list_at, caps, pos)
                 found["capabilities"] = tuple(caps)
+        self._config_caps = None
         event = ev.Configuration(machine_type=name, **found)  # type: ignore[arg-type]
         self._buf.consume(pos)
+        self._drop_acc()
         self._state = "items"
         return event
 
@@ -269,7 +299,7 @@ class MainStreamDecoder(BaseDecoder):
         self._state = "ram_setup"
         return ev.SectionStart(section_id=sid, idstr=idstr, instance_id=instance_id, version_id=version_id)
 
-    def _plausible_next(self, data: bytes, q: int, at_end: bool) -> bool | None:
+    def _plausible_next(self, data: bytearray, q: int, at_end: bool) -> bool | None:
         """Is there a valid item start at ``q``?  None: cannot tell yet."""
         if q >= len(data):
             return True if at_end else None
@@ -296,77 +326,112 @@ class MainStreamDecoder(BaseDecoder):
         return False
 
     def _device_section(self, sid: int, idstr: str, instance_id: int, version_id: int, hdr: int) -> ev.WireEvent:
+        """A device section ends at the first footer ``7e <sid>`` followed by a plausible item.
+
+        The bytes are copied once into the item copy (``_grow``, at least
+        doubling it per look) and the footer search resumes where the last look
+        stopped (``_dev_search_from``), so a section that arrives in small
+        pieces costs time linear in its size.
+        """
         self._expecting = f"device section {idstr!r}"
         limit = hdr + MAX_DEVICE_SECTION_LENGTH + 5 + 512
-        avail = min(len(self._buf), limit)
-        data = bytes(self._need(avail))
-        at_end = self._nested or (self._buf.eof and avail == len(self._buf))
+        buffered = len(self._buf)
         pattern = bytes((SectionType.FOOTER,)) + BE32.pack(sid)
-        p = data.find(pattern, max(hdr, self._dev_search_from))
-        while p >= 0:
-            verdict = self._plausible_next(data, p + 5, at_end)
-            if verdict is None:
-                self._dev_search_from = p
-                raise Short
-            if verdict:
-                if p - hdr > MAX_DEVICE_SECTION_LENGTH:
+        have = len(self._acc) if self._acc_at == self._buf.consumed else 0
+        want = max(hdr, min(have + 1, buffered))
+        verdict: bool | None = False
+        while True:
+            data = self._grow(want, limit)
+            avail = len(data)
+            at_end = avail == buffered and (self._nested or self._buf.eof)
+            p = data.find(pattern, max(hdr, self._dev_search_from))
+            while p >= 0:
+                verdict = self._plausible_next(data, p + 5, at_end)
+                if verdict is None:
                     break
-                self._buf.consume(p + 5)
-                self._dev_search_from = 0
-                return ev.DeviceSection(section_id=sid, idstr=idstr, instance_id=instance_id,
-                                        version_id=version_id, payload=data[hdr:p])
-            p = data.find(pattern, p + 1)
+                if verdict:
+                    if p - hdr > MAX_DEVICE_SECTION_LENGTH:
+                        break
+                    payload = bytes(memoryview(data)[hdr:p])
+                    self._buf.consume(p + 5)
+                    self._dev_search_from = 0
+                    self._drop_acc()
+                    return ev.DeviceSection(section_id=sid, idstr=idstr, instance_id=instance_id,
+                                            version_id=version_id, payload=payload)
+                p = data.find(pattern, p + 1)
+            if p >= 0 and verdict is None:  # a footer whose next item has not fully arrived
+                self._dev_search_from = p
+            else:
+                self._dev_search_from = max(hdr, avail - 4)
+            if p >= 0 and verdict is not None:  # a footer past the limit
+                break
+            if avail >= min(buffered, limit):
+                break
+            want = avail + 1  # more is buffered: look at (at least twice) more of it
         if avail - hdr > MAX_DEVICE_SECTION_LENGTH:
             raise self._fail("device_section_too_large", f"device section {idstr!r} (id {sid}) has no "
                              f"footer within {MAX_DEVICE_SECTION_LENGTH} bytes")
         if self._nested:
             raise self._fail("bad_footer", f"device section {idstr!r} (id {sid}) has no footer "
                              f"7e {sid:08x} before the end of the PACKAGED blob")
-        self._dev_search_from = max(hdr, avail - 4)
-        raise Short
+        raise Short(buffered + 1)
 
     def _ram_setup(self) -> ev.WireEvent:
+        """The RAM setup: MEM_SIZE total, then (idstr, used_length[, page size]) per block.
+
+        Parsed as it arrives: the bytes are copied once into the item copy
+        (``_grow``) and the parse resumes at the first block not read yet
+        (``_setup``), so a setup that arrives in small pieces costs time linear
+        in its size.
+        """
         self._expecting = "RAM setup"
         tps = self.target_page_size
-        word = BE64.unpack(self._need(8))[0]
-        total, flags = word & ~(tps - 1), word & (tps - 1)
-        if flags != RAM_FLAG_MEM_SIZE:
-            raise self._fail("mem_size", f"RAM setup starts with flags {flags:#x}, expected MEM_SIZE (0x4)")
-        pos, running = 8, 0
-        entries: list[ev.RamBlockEntry] = []
-        blocks: list[ev.RamBlockLayout] = []
-        while running < total:
+        cap = MAX_RAM_SETUP_LENGTH + 1 + 255 + 16
+        st = self._setup
+        if st is None:
+            word = BE64.unpack_from(self._grow(8, cap), 0)[0]
+            total, flags = word & ~(tps - 1), word & (tps - 1)
+            if flags != RAM_FLAG_MEM_SIZE:
+                raise self._fail("mem_size", f"RAM setup starts with flags {flags:#x}, expected MEM_SIZE (0x4)")
+            st = self._setup = _SetupProgress(total)
+        total = st.total
+        while st.running < total:
+            pos = st.pos
             if pos > MAX_RAM_SETUP_LENGTH:
                 raise self._fail("frame_too_large", f"RAM setup longer than {MAX_RAM_SETUP_LENGTH} bytes")
-            idlen = self._need(pos + 1)[pos]
+            idlen = self._grow(pos + 1, cap)[pos]
             if idlen == 0:
                 raise self._fail("empty_idstr", "RAM setup block with an empty idstr", pos)
-            view = self._need(pos + 1 + idlen + 8)
-            idstr = _text(view[pos + 1 : pos + 1 + idlen])
-            used = BE64.unpack_from(view, pos + 1 + idlen)[0]
-            entry_at = pos
-            pos += 1 + idlen + 8
-            running += used
+            data = self._grow(pos + 1 + idlen + 8, cap)
+            idstr = _text(data[pos + 1 : pos + 1 + idlen])
+            used = BE64.unpack_from(data, pos + 1 + idlen)[0]
+            end = pos + 1 + idlen + 8
+            running = st.running + used
             if running > total:
                 raise self._fail("mem_size", f"block sizes exceed the MEM_SIZE total {total:#x} at block "
-                                 f"{idstr!r} (sum {running:#x})", entry_at)
+                                 f"{idstr!r} (sum {running:#x})", pos)
             hint = self.block_page_sizes.get(idstr)
             local = self.host_page_size if hint is None else hint
             page_size = None
             if self._advised:
-                page_size = self._inferred_page_size(pos, last=running == total)
-                pos += 0 if page_size is None else 8
+                page_size = self._inferred_page_size(end, last=running == total)
+                end += 0 if page_size is None else 8
                 local = self.host_page_size if page_size is None else page_size
                 if hint is not None and local != hint:
                     raise self._fail("page_size_mismatch", f"block {idstr!r}: sender's page size "
-                                     f"{local:#x} differs from the local {hint:#x}", entry_at)
-            if any(b.idstr == idstr for b in blocks):
-                raise self._fail("bad_value", f"block {idstr!r} listed twice in the RAM setup", entry_at)
-            entries.append(ev.RamBlockEntry(idstr=idstr, used_length=used, page_size=page_size))
-            blocks.append(ev.RamBlockLayout(idstr=idstr, used_length=used, host_page_size=local))
-        event = ev.RamSetup(total_bytes=total, blocks=tuple(entries))
-        self._set_layout(ev.RamLayout(blocks=tuple(blocks), section_id=self._footer_id, target_page_size=tps))
-        self._buf.consume(pos)
+                                     f"{local:#x} differs from the local {hint:#x}", pos)
+            if idstr in st.names:
+                raise self._fail("bad_value", f"block {idstr!r} listed twice in the RAM setup", pos)
+            # the whole entry has arrived: only now move on (a Short above retries it)
+            st.names.add(idstr)
+            st.entries.append(ev.RamBlockEntry(idstr=idstr, used_length=used, page_size=page_size))
+            st.blocks.append(ev.RamBlockLayout(idstr=idstr, used_length=used, host_page_size=local))
+            st.pos, st.running = end, running
+        event = ev.RamSetup(total_bytes=total, blocks=tuple(st.entries))
+        self._set_layout(ev.RamLayout(blocks=tuple(st.blocks), section_id=self._footer_id, target_page_size=tps))
+        self._buf.consume(st.pos)
+        self._setup = None
+        self._drop_acc()
         self._state = "ram_setup_eos"
         return event
 
@@ -385,9 +450,10 @@ class MainStreamDecoder(BaseDecoder):
           power of two >= 1 KiB -- so a power of two there is the page size and EOS
           follows it.
         """
-        if not last and self._need(pos + 1)[pos] != 0:
+        cap = MAX_RAM_SETUP_LENGTH + 1 + 255 + 16
+        if not last and self._grow(pos + 1, cap)[pos] != 0:
             return None
-        word: int = BE64.unpack_from(self._need(pos + 8), pos)[0]
+        word: int = BE64.unpack_from(self._grow(pos + 8, cap), pos)[0]
         if last and word == RAM_FLAG_EOS:
             return None
         if word < 1024 or word & (word - 1) or word % self.target_page_size:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._constants import RAM_FLAG_CONTINUE
+from ._constants import RAM_FLAG_CONTINUE, RAM_FLAG_PAGE, RAM_FLAG_ZERO
 from ._decoder import BaseDecoder, NeedData, Short, describe_bytes
 from ._errors import LocalProtocolError
 from ._events import RamEos, RamLayout, RamPages
@@ -35,12 +35,18 @@ class RamRecordReader:
                 raise self._error(dec, view, status, err_pos)
             if records or status == SCAN_EOS:
                 break
-            # An incomplete record at the end of the first chunk: join it with the next ones.
-            if len(buf) > len(view):
-                buf.peek(min(len(buf), len(view) + _MAX_RECORD))
-                continue
-            dec._expecting = "RAM page record"
-            raise Short
+            # An incomplete record at the front: once it can be complete, join it with
+            # what follows; until then do not look again (no rescan per short read).
+            join = len(view) + _MAX_RECORD
+            if len(buf) < join:  # (no need to ask when a whole record of any kind is there)
+                need = self._record_length(view)
+                if need <= len(view):  # cannot happen for a valid record; just look again later
+                    need = len(view) + 1
+                if len(buf) < need:
+                    dec._expecting = "RAM page record"
+                    raise Short(need)
+                join = max(need, len(buf))
+            buf.peek(join)
         end = consumed - 8 if status == SCAN_EOS else consumed
         event = RamPages(channel=self.channel, blocks=self._names, records=records,
                          buffer=view[:end], target_page_size=self.layout.target_page_size) if records else None
@@ -51,6 +57,23 @@ class RamRecordReader:
             dec._pending.append(RamEos())
         assert event is not None
         return event
+
+    def _record_length(self, head: memoryview) -> int:
+        """Bytes the record starting ``head`` needs (a lower bound while its header is incomplete)."""
+        if len(head) < 8:
+            return 8
+        tps = self.layout.target_page_size
+        flags = int.from_bytes(head[:8], "big") & (tps - 1)
+        n = 8
+        if flags & (RAM_FLAG_PAGE | RAM_FLAG_ZERO) and not flags & RAM_FLAG_CONTINUE:
+            if len(head) < 9:
+                return 9
+            n = 9 + head[8]
+        if flags & RAM_FLAG_PAGE:
+            n += tps
+        elif flags & RAM_FLAG_ZERO:
+            n += 1
+        return n
 
     def _error(self, dec: BaseDecoder, view: memoryview, code: int, pos: int) -> LocalProtocolError:
         kind, what = SCAN_ERRORS.get(code, ("bad_value", f"scanner error {code}"))

@@ -220,4 +220,6 @@ def test_live_huge_pages_with_dontneed(start_live: Any, mem12: Path) -> None:
     report = live.report()
     assert report["migration"]["status"] == "completed", live.log()
     assert {r["page_size"] for r in report["vmm"]["regions"]} == {2 * MiB}
-    assert report["migration"]["vmm_events"]["removed_pages"] == 2 * MiB // 4096
+    # the VMM's MADV_DONTNEED may come after every page arrived and the regions were handed
+    # back (then the kernel alone serves zeros there, as the checksum shows): 0 or the range
+    assert report["migration"]["vmm_events"]["removed_pages"] in (0, 2 * MiB // 4096)

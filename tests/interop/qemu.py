@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,12 +34,16 @@ __all__ = [
     "BOOT_IMG",
     "POSTCOPY_CAPS",
     "MemoryCheck",
+    "PostcopyProcess",
     "Qemu",
     "compare_guest_memory",
     "free_port",
     "guest_letters",
     "hugetlbfs_mount",
     "migrate_qemu_to_qemu",
+    "migrate_qemu_to_us",
+    "qemu_file_restore",
+    "restore_into_qemu",
 ]
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "qemu-7.2"
@@ -47,6 +52,7 @@ QEMU_BIN = os.environ.get("POSTCOPY_QEMU", "qemu-system-x86_64")
 MiB = 1 << 20
 POSTCOPY_CAPS = ("events", "postcopy-ram", "return-path")
 _BANNER_END = b"Booting from Hard Disk"
+REPO = Path(__file__).resolve().parent.parent.parent
 _REG = re.compile(r"\b(RAX|R13)=([0-9a-fA-F]{16})")
 
 
@@ -54,6 +60,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def kill_tcp(port: int) -> None:
+    """Kill both ends of every TCP connection to local ``port`` (``ss -K``: RST, as a broken link)."""
+    subprocess.run(["ss", "-K", "-t", f"( dport = :{port} or sport = :{port} )"], check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 @contextlib.contextmanager
@@ -88,14 +100,18 @@ class QmpClient:
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._sock.connect(path)
-        self._file = self._sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QmpError(f"not a QMP greeting: {greeting}")
-        self.cmd("qmp_capabilities")
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            self._file = self._sock.makefile("rb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise QmpError(f"not a QMP greeting: {greeting}")
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self._sock.close()      # a refused connect (QEMU not listening yet) is retried: leak nothing
+            raise
 
     def _read(self) -> dict[str, Any]:
         line = self._file.readline()
@@ -117,6 +133,9 @@ class QmpClient:
                 raise QmpError(f"{name}: {reply['error'].get('desc', reply['error'])}")
             elif "return" in reply:
                 return reply["return"]
+
+    def set_timeout(self, seconds: float) -> None:
+        self._sock.settimeout(seconds)
 
     def close(self) -> None:
         self._file.close()
@@ -180,8 +199,14 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no QMP socket after {timeout} s: {self.log()}")
             time.sleep(0.01)
-        self.qmp = QmpClient(str(self.qmp_path))
-        return self
+        while True:
+            try:
+                self.qmp = QmpClient(str(self.qmp_path))
+                return self
+            except ConnectionRefusedError:      # the socket file exists a moment before QEMU listens on it
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def log(self) -> str:
         try:
@@ -248,13 +273,14 @@ class Qemu:
             return
         if self.proc.poll() is None and self.qmp is not None:
             with contextlib.suppress(Exception):
+                self.qmp.set_timeout(3.0)   # a QEMU stuck in a failed postcopy may never answer
                 self.qmp.cmd("quit")
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -382,3 +408,324 @@ def migrate_qemu_to_qemu(rundir: Path, *, mem: str = "64M", preempt: bool = Fals
     finally:
         dst.stop()
         src.stop()
+
+
+# -- our own roles as processes, against real QEMU ------------------------------------------------
+
+
+class PostcopyProcess:
+    """``python -m postcopy ARGS`` of this checkout, with stdout/stderr in files; ended by PID."""
+
+    def __init__(self, rundir: Path, name: str, args: list[str]) -> None:
+        self.name = name
+        self.out = rundir / f"{name}.out"
+        self.err = rundir / f"{name}.err"
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "postcopy", *args], cwd=REPO, env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def wait_line(self, prefix: str, timeout: float = 20.0) -> str:
+        """The first stdout line starting with ``prefix`` (e.g. "listening on")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.out.read_text(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode} before {prefix!r}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no {prefix!r} line after {timeout} s: {self.stderr()}")
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} still running after {timeout} s: {self.stderr()}") from None
+
+    def stderr(self) -> str:
+        try:
+            return self.err.read_text(errors="replace")[-3000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _postcopy_dest(rundir: Path, save: Path, *, preempt: bool, link_timeout: float = 3.0,
+                   qmp: Path | None = None, touch: str | None = None) -> tuple[PostcopyProcess, int]:
+    """``postcopy dest --save`` listening on a free port: (process, port)."""
+    args = ["dest", "--listen", "127.0.0.1:0", "--save", str(save), "--preempt" if preempt else "--no-preempt",
+            "--link-timeout", str(link_timeout), "--progress", "none", "--json", str(rundir / "dest.json")]
+    if qmp is not None:
+        args += ["--qmp", str(qmp)]
+    if touch is not None:
+        args += ["--touch", touch]
+    d = PostcopyProcess(rundir, "dest", args)
+    line = d.wait_line("listening on")
+    return d, int(line.rsplit(":", 1)[1])
+
+
+@dataclass
+class ToUsResult:
+    """QEMU A -> ``postcopy dest --save``: A's figures, A's stopped state, the snapshot."""
+
+    total_ms: int
+    downtime_ms: int
+    transferred: int
+    wall_s: float
+    src_info: dict[str, Any]
+    src_letters: bytes
+    src_regs: dict[str, int]
+    src_dump: Path
+    snapshot: Path
+    report: dict[str, Any]
+    paused_seen: bool = False
+
+    @property
+    def throughput_mib_s(self) -> float:
+        return self.transferred / MiB / max(self.total_ms / 1000, 1e-9)
+
+
+def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
+                       hugetlbfs: Path | None = None, pause_s: float = 0.0, passes_before: int = 2,
+                       recover_new_port: bool = False, touch: str | None = None,
+                       timeout: float = 60.0) -> ToUsResult:
+    """A real QEMU -> ``postcopy dest --save DIR`` (postcopy-ram, return-path, maybe preempt).
+
+    ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts), ``migrate-pause`` on A; the
+    destination must report postcopy-paused (QMP); after ``pause_s`` A resumes (``migrate`` with
+    ``resume: true`` to the same address). With ``recover_new_port`` the destination is told QMP
+    ``migrate-recover`` to a new port first and A resumes to that one. ``touch``: the destination's
+    ``--touch`` reader (page requests from RUN on). A stays stopped at the switch; its RAM is dumped.
+    """
+    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
+    save = rundir / "snapshot"
+    a = Qemu("a", rundir, mem=mem, hugetlbfs=hugetlbfs)
+    dqmp = Path(tempfile.mkdtemp(prefix="pcd-")) / "qmp.sock" if pause_s else None
+    d: PostcopyProcess | None = None
+    try:
+        a.start()
+        a.wait_letters(passes_before, timeout)
+        a.set_capabilities(caps)
+        params: dict[str, Any] = {"downtime-limit": 1, "max-bandwidth": 10 << 30}
+        if pause_s:
+            params["max-postcopy-bandwidth"] = 32 << 20
+        a.cmd("migrate-set-parameters", **params)
+        d, port = _postcopy_dest(rundir, save, preempt=preempt, qmp=dqmp, touch=touch)
+        uri = f"tcp:127.0.0.1:{port}"
+        t0 = time.monotonic()
+        a.cmd("migrate", uri=uri)
+        if precopy_s:
+            time.sleep(precopy_s)
+        a.cmd("migrate-start-postcopy")
+        paused_seen = False
+        if pause_s:
+            assert dqmp is not None
+            a.wait_status({"postcopy-active"}, timeout)
+            time.sleep(0.2)
+            a.cmd("migrate-pause")
+            a.wait_status({"postcopy-paused"}, timeout)
+            dq = QmpClient(str(dqmp))
+            try:
+                deadline = time.monotonic() + 5
+                while not paused_seen and time.monotonic() < deadline:
+                    paused_seen = dq.cmd("query-migrate").get("status") == "postcopy-paused"
+                    time.sleep(0.02)
+                time.sleep(pause_s)
+                if recover_new_port:
+                    uri = f"tcp:127.0.0.1:{free_port()}"
+                    dq.cmd("migrate-recover", uri=uri)
+            finally:
+                dq.close()
+            a.cmd("migrate", uri=uri, resume=True)
+        info = a.wait_status({"completed"}, timeout)
+        wall = time.monotonic() - t0
+        if dqmp is not None:
+            dq = QmpClient(str(dqmp))       # the destination lingers for QMP quit once done
+            try:
+                deadline = time.monotonic() + timeout
+                while dq.cmd("query-migrate").get("status") != "completed" and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                while not (save / "manifest.json").exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                with contextlib.suppress(Exception):
+                    dq.cmd("quit")
+            finally:
+                dq.close()
+        rc = d.wait(timeout)
+        if rc != 0:
+            raise RuntimeError(f"postcopy dest exited {rc}: {d.stderr()}")
+        regs = a.registers()
+        dump = a.dump_memory(rundir / "a.mem")
+        return ToUsResult(total_ms=int(info.get("total-time", 0)), downtime_ms=int(info.get("downtime", 0)),
+                          transferred=int(info.get("ram", {}).get("transferred", 0)), wall_s=wall, src_info=info,
+                          src_letters=a.letters(), src_regs=regs, src_dump=dump, snapshot=save,
+                          report=json.loads((rundir / "dest.json").read_text()), paused_seen=paused_seen)
+    finally:
+        if d is not None:
+            d.stop()
+        a.stop()
+        if dqmp is not None:
+            shutil.rmtree(dqmp.parent, ignore_errors=True)
+
+
+@dataclass
+class RestoreResult:
+    """``postcopy source --from-snapshot`` -> QEMU B."""
+
+    run_s: float            # from starting the source until B runs the guest
+    wall_s: float           # until B reports completed
+    dst_info: dict[str, Any]
+    dst_letters: bytes
+    dst_regs: dict[str, int]
+    dst_dump: Path
+    source_report: dict[str, Any]
+    paused_seen: bool = False       # B reported postcopy-paused after the cut
+
+
+def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt: bool = False,
+                      hugetlbfs: Path | None = None, passes_after: int = 1, bandwidth_cap: str = "0",
+                      dump: bool = True, via_qmp: bool = False, pause_s: float = 0.0, cut: str = "qmp",
+                      timeout: float = 60.0) -> RestoreResult:
+    """Lazy restore: QEMU B ``-incoming`` (same machine arguments, postcopy capabilities) <- our source.
+
+    ``via_qmp``: the source is started first with a QMP socket and driven as QEMU's would be
+    (capabilities, ``migrate``, ``migrate-start-postcopy``); ``run_s`` then counts from ``migrate``
+    (not from starting the process), as for QEMU's own restore.
+
+    ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts) the link to B is cut; B must report
+    postcopy-paused; after ``pause_s`` B is told ``migrate-recover`` to a new port. ``cut="qmp"`` (with
+    ``via_qmp``): ``migrate-pause`` on our source cuts it and ``migrate`` with ``resume: true`` to the new
+    port resumes; ``cut="kill"``: ``ss -K`` kills the TCP connections and our source, started with
+    ``--recover-connect`` the new port, resumes by itself.
+    """
+    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
+    b = Qemu("b", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
+    paused_seen = False
+    s: PostcopyProcess | None = None
+    sq: QmpClient | None = None
+    sockdir = Path(tempfile.mkdtemp(prefix="pcs-"))
+    try:
+        b.start()
+        b.set_capabilities(caps)
+        port = free_port()
+        new_port = free_port()
+        b.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        if pause_s and not via_qmp:
+            bandwidth_cap = str(32 << 20)
+        args = ["source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
+                "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
+                "--progress", "none", "--json", str(rundir / "source.json")]
+        if pause_s and cut == "kill":
+            args += ["--recover-connect", f"127.0.0.1:{new_port}"]
+        if via_qmp:
+            s = PostcopyProcess(rundir, "source", [*args, "--qmp", str(sockdir / "qmp.sock")])
+            s.wait_line("QMP control socket on")
+            sq = QmpClient(str(sockdir / "qmp.sock"))
+            sq.cmd("migrate-set-capabilities",
+                   capabilities=[{"capability": c, "state": True} for c in caps])
+            if pause_s:
+                sq.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 32 << 20})
+            t0 = time.monotonic()
+            sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            sq.cmd("migrate-start-postcopy")
+        else:
+            t0 = time.monotonic()
+            s = PostcopyProcess(rundir, "source", args)
+        deadline = t0 + timeout
+        while b.cmd("query-status").get("status") != "running":
+            if s.proc.poll() is not None and s.proc.returncode != 0:
+                raise RuntimeError(f"postcopy source exited {s.proc.returncode}: {s.stderr()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"b: not running after {timeout} s: {b.log()} {s.stderr()}")
+            time.sleep(0.002)
+        run_s = time.monotonic() - t0
+        if pause_s:
+            b.wait_status({"postcopy-active"}, timeout)
+            time.sleep(0.2)
+            if cut == "qmp":
+                assert sq is not None, "a pause by QMP needs via_qmp"
+                sq.cmd("migrate-pause")
+            else:
+                kill_tcp(port)
+            b.wait_status({"postcopy-paused"}, timeout)
+            paused_seen = True
+            time.sleep(pause_s)
+            b.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{new_port}")
+            if sq is not None:
+                sq.cmd("migrate", uri=f"tcp:127.0.0.1:{new_port}", resume=True)
+        info = b.wait_status({"completed"}, timeout)
+        wall = time.monotonic() - t0
+        if sq is not None:
+            while sq.cmd("query-migrate").get("status") != "completed" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with contextlib.suppress(Exception):
+                sq.cmd("quit")
+        rc = s.wait(timeout)
+        if rc != 0:
+            raise RuntimeError(f"postcopy source exited {rc}: {s.stderr()}")
+        regs: dict[str, int] = {}
+        path = rundir / "b.mem"
+        if dump:
+            b.wait_letters(passes_after, timeout)
+            b.cmd("stop")
+            regs = b.registers()
+            b.dump_memory(path)
+        return RestoreResult(run_s=run_s, wall_s=wall, dst_info=info, dst_letters=b.letters(), dst_regs=regs,
+                             dst_dump=path, source_report=json.loads((rundir / "source.json").read_text()),
+                             paused_seen=paused_seen)
+    finally:
+        if sq is not None:
+            sq.close()
+        if s is not None:
+            s.stop()
+        b.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def qemu_file_restore(rundir: Path, *, mem: str = "1G", passes_before: int = 2,
+                      timeout: float = 300.0) -> tuple[float, float]:
+    """QEMU's own save and restore of a stopped VM: ``migrate`` to ``exec:cat > FILE``, then a new
+    QEMU ``-incoming`` from ``exec:cat FILE``. Returns (save seconds, seconds from ``migrate-incoming``
+    until the restored guest runs)."""
+    image = rundir / "vm.state"
+    a = Qemu("fa", rundir, mem=mem)
+    try:
+        a.start()
+        a.wait_letters(passes_before, timeout)
+        a.cmd("stop")
+        a.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+        t0 = time.monotonic()
+        a.cmd("migrate", uri=f"exec:cat > {image}")
+        a.wait_status({"completed"}, timeout)
+        save_s = time.monotonic() - t0
+    finally:
+        a.stop()
+    b = Qemu("fb", rundir, mem=mem, incoming=True)
+    try:
+        b.start()
+        t0 = time.monotonic()
+        b.cmd("migrate-incoming", uri=f"exec:cat {image}")
+        deadline = t0 + timeout
+        while (st := b.cmd("query-status").get("status")) != "running":
+            if st == "paused" and b.status() == "completed":
+                b.cmd("cont")       # it was saved stopped: loaded, now resume it (as virsh restore does)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fb: not running after {timeout} s: {b.log()}")
+            time.sleep(0.002)
+        run_s = time.monotonic() - t0
+        if not b.wait_letters(1, timeout):
+            raise RuntimeError("fb: the restored guest printed nothing")
+        return save_s, run_s
+    finally:
+        b.stop()
+        image.unlink(missing_ok=True)

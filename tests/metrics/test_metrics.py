@@ -50,6 +50,7 @@ def test_destination_series_exist_at_zero(registry: CollectorRegistry) -> None:
     for name in (
         "postcopy_page_faults_total",
         "postcopy_page_requests_sent_total",
+        "postcopy_page_requests_resent_total",
         "postcopy_discard_ranges_received_total",
         "postcopy_recoveries_total",
         "postcopy_paused_seconds_total",

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from session_drivers import (
     BLOCK,
+    CONFIG,
+    DEVICE,
     OTHER_HOST,
     SRC_HOST,
     Dest,
@@ -167,7 +169,7 @@ def active_run(preempt: bool):
     d = Dest(preempt=preempt).to_active()
     acts = d.items(d.main, switch_items())
     assert RegisterMemory() in acts
-    assert StartGuest((switch_items()[-1].events[1],)) in acts
+    assert StartGuest((switch_items()[-1].events[1],), CONFIG, (True,)) in acts
     assert ReceivePages(d.main) in acts
     assert SendReturnPath(wire.encode(wire.Pong(value=3))) in acts
     if preempt:
@@ -524,7 +526,7 @@ def test_packaged_held_until_preempt_channel() -> None:
     pre, acts = d.accept()     # the preempt channel, at last: taken at once, no silence needed
     assert acts[0] == AcceptPreempt(pre)
     assert RegisterMemory() in acts and StartPreemptReceiver(pre) in acts
-    assert StartGuest((switch_items()[-1].events[1],)) in acts
+    assert StartGuest((switch_items()[-1].events[1],), CONFIG, (True,)) in acts
     assert acts.index(ReceivePages(d.main)) < acts.index(ResumeStream(d.main))
     assert d.s.status is S.POSTCOPY_ACTIVE
     assert d.s.get_timer() is None
@@ -548,13 +550,6 @@ def test_held_packaged_ignores_other_hosts() -> None:
     acts = d.advance(PREEMPT_SILENCE_SECONDS * 2)
     assert acts == [CloseConnection(other)]
     assert d.s.status is S.ACTIVE
-
-
-def test_silent_connection_without_preempt_is_refused_after_link_timeout() -> None:
-    d = Dest(preempt=False, link_timeout=2.0).to_active()
-    conn, acts = d.accept()
-    assert acts == [] and d.s.get_timer() == pytest.approx(d.now + 2.0)
-    assert d.fire_timer() == [CloseConnection(conn)]
 
 
 def test_recovery_from_another_host_is_refused() -> None:
@@ -698,3 +693,45 @@ def test_a_newer_stream_from_another_host_is_refused() -> None:
     conn, acts = d.connect(b"Q", host=OTHER_HOST)
     assert acts == [CloseConnection(conn)]
     assert d.s.refused["wrong_peer"] == 1
+
+
+# -- what a destination keeps of a QEMU stream; a preempt channel it does not expect ---------------
+
+
+def test_start_guest_carries_configuration_and_where_each_section_came() -> None:
+    """An owner that keeps the VM as received (a snapshot) gets the configuration section and,
+    for each device section, whether it came inside PACKAGED."""
+    d = Dest(preempt=False).to_setup_with_main()
+    outside = wire.DeviceSection(section_id=9, idstr="timer", instance_id=0, version_id=2, payload=b"\x07")
+    d.items(d.main, [*preamble_items(), outside])
+    acts = d.items(d.main, switch_items())
+    assert of_type(acts, StartGuest) == [StartGuest((outside, DEVICE), CONFIG, (False, True))]
+
+
+def test_unexpected_preempt_channel_fails_at_packaged() -> None:
+    """Preempt off here, QEMU 7.2 with preempt: its preempt channel connects right after main
+    and stays silent; at PACKAGED that is a mismatch, said at once (not a hang on requests)."""
+    d = Dest(preempt=False, link_timeout=3.0).to_setup_with_main()
+    d.accept()                          # silent, still pending: QEMU's preempt channel
+    d.items(d.main, preamble_items())
+    acts = d.items(d.main, switch_items())
+    _failed_kind(d, acts, "preempt_mismatch")
+    assert "postcopy-preempt" in str(d.s.error) and not of_type(acts, StartGuest)
+    assert BreakLink() in acts
+
+
+def test_unexpected_preempt_channel_fails_within_link_timeout() -> None:
+    """A long precopy phase: the silent connection fails the migration after link_timeout."""
+    d = Dest(preempt=False, link_timeout=2.0).to_active()
+    conn, acts = d.accept()
+    assert acts == [] and d.s.get_timer() == pytest.approx(d.now + 2.0)
+    acts = d.fire_timer()
+    _failed_kind(d, acts, "preempt_mismatch")
+    assert CloseConnection(conn) in acts
+
+
+def test_unexpected_silent_connection_from_another_host_is_only_refused() -> None:
+    d = Dest(preempt=False, link_timeout=2.0).to_active()
+    conn, _ = d.accept(OTHER_HOST)
+    acts = d.fire_timer()
+    assert acts == [CloseConnection(conn)] and d.s.status is S.ACTIVE

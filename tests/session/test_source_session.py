@@ -23,10 +23,12 @@ from session_drivers import (
     SwitchoverPolicy,
     bitmap,
     of_type,
+    source_blocks,
     transitions_of,
 )
 
 from postcopy import wire
+from postcopy.session import SourceSession
 from postcopy.session import (
     SOURCE_TRANSITIONS,
     BreakLink,
@@ -484,3 +486,17 @@ def test_no_actions_after_finish() -> None:
     s.rp(wire.Shut(value=1))
     assert s.s.handle_timer(s.now + 1000) == []
     assert s.s.handle(ChannelFailed("x"), s.now) == []
+
+
+def test_never_encodes_a_command_the_peer_may_not_know() -> None:
+    """The machine type sent says how new the destination is at least: a 7.2 machine's peer gets
+    nothing newer than 7.2 knows (MIG_CMD_SWITCHOVER_START is 10.0+), a 10.0 machine's may."""
+    from postcopy.wire import LocalProtocolError
+
+    old = SourceSession(source_blocks(), wire.Configuration(machine_type="pc-i440fx-7.2"), preempt=False)
+    assert old.peer.version == (7, 2)
+    with pytest.raises(LocalProtocolError, match="SWITCHOVER_START"):
+        old._encode([wire.SwitchoverStart()])
+    assert old._encode(old.preamble())      # everything the source sends, 7.2 knows
+    new = SourceSession(source_blocks(), wire.Configuration(machine_type="pc-q35-10.0"), preempt=False)
+    assert new._encode([wire.SwitchoverStart()]) == wire.encode(wire.SwitchoverStart())

@@ -145,6 +145,11 @@ void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t s
         s->section_bytes = section_bytes;
 }
 
+void pc_src_set_send_once(pc_src *s, int once)
+{
+    __atomic_store_n(&s->send_once, once, __ATOMIC_RELAXED);
+}
+
 void pc_src_stop(pc_src *s)
 {
     __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
@@ -567,7 +572,7 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
     for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
         if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
             if (!claim_host_page(b, off)) {
-                if (!still_queued_on_main(s, b, off)) {
+                if (__atomic_load_n(&s->send_once, __ATOMIC_RELAXED) || !still_queued_on_main(s, b, off)) {
                     __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
                     continue;
                 }

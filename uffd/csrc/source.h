@@ -51,6 +51,7 @@ typedef struct pc_src {
     pc_src_chan chan[2];
     uint32_t ram_section_id;
     int preempt;                    /* requested pages go on the preempt channel */
+    int send_once;                  /* never send a host page twice (QEMU's destination fails on EEXIST) */
     uint64_t bandwidth_cap;         /* bulk bytes per second, 0 = unlimited */
     uint64_t section_bytes;         /* bulk data per PART section */
     uint64_t heartbeat_ns;          /* between sections, a PING at least this often (0 = never) */
@@ -85,6 +86,9 @@ void pc_src_canonicalize(pc_src *s);
 void pc_src_set_channel(pc_src *s, int ch, int fd);
 void pc_src_set_rp(pc_src *s, int fd);
 void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t section_bytes);
+/* once: a requested page the bulk stream already took is not sent again on the preempt channel,
+ * however long it waits in the socket queue (a QEMU destination fails on a second copy). */
+void pc_src_set_send_once(pc_src *s, int once);
 void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns);
 void pc_src_stop(pc_src *s);
 /* After a pause: clear the stop flag, rewind the background scan to the
