@@ -320,13 +320,15 @@ class DestinationSession:
             return
         self._adopt_fresh(conn, host, now)
 
-    def _adopt_fresh(self, conn: int, host: str, now: float) -> None:
+    def _adopt_fresh(self, conn: int, host: str, now: float, *, reading: bool = False) -> None:
+        """``conn`` is the attempt's main channel; ``reading``: a candidate whose reader runs already."""
         self.attempt.main = conn
         self.attempt.setup_deadline = now + self.link_timeout
         self.source_host = host
         for p in self.pending.values():     # the preempt channel follows at once, silent
             p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
-        self._out.append(ReceiveStream(conn, recovery=False))
+        if not reading:
+            self._out.append(ReceiveStream(conn, recovery=False))
 
     def _recovery_main(self, conn: int, host: str, now: float) -> None:
         if self.status in (S.SETUP, S.ACTIVE):
@@ -427,7 +429,7 @@ class DestinationSession:
                 self._refuse(conn, "fresh_stream_after_run", "a whole new stream while a guest runs here")
                 return
             self._start_over(now, "a newer stream from the source replaces it", reason="replaced")
-            self._adopt_fresh(conn, c.peer_host, now)
+            self._adopt_fresh(conn, c.peer_host, now, reading=True)
             for earlier in c.items:
                 self._preamble_item(conn, earlier, now)
         elif isinstance(item, wire.ConnectionClosed):

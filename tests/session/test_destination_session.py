@@ -132,6 +132,7 @@ def setup_start_over_newer_stream(preempt: bool):
     assert of_type(acts, ResetBeforeRun)
     assert CloseConnection(old) in acts
     assert of_type(acts, PrepareMemory)                      # its earlier items replayed in order
+    assert not of_type(acts, ReceiveStream)                  # its reader runs already: never a second one
     assert d.s.restarts == 1
     assert d.s.refused["replaced"] == 1
     d.items(d.main, setup[len(until_setup):])
