@@ -113,6 +113,7 @@ class Destination:
         self._unclassified: dict[int, socket.socket] = {}
         self._next_conn = 1
         self._path: DestinationPath | None = None
+        self._registered = False       # LISTEN registered the blocks (a precopy-only finish never does)
         self._early_return_path: socket.socket | None = None     # OPEN_RETURN_PATH comes before the RAM setup
         self._uffd: Userfaultfd | None = None
         self._fault_stop: tuple[int, int] | None = None
@@ -282,11 +283,12 @@ class Destination:
                 c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
                 c.ready.set()
-            case ReceivePages(conn=conn) if conn in self._conns:
+            case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
                 self._channel_rx["main"] = c.rx
-                set_recv_timeout(c.sock, self.link_timeout)     # silence on main = a broken link
+                if silence_breaks:
+                    set_recv_timeout(c.sock, self.link_timeout)     # silence on main = a broken link
             case CloseConnection(conn=conn, reply=reply):
                 self._unclassified.pop(conn, None)
                 c2 = self._conns.pop(conn, None)
@@ -428,14 +430,19 @@ class Destination:
             self._feed(ConnectionClosed(conn, str(exc)))
 
     def _read_pages(self, conn: int, rx: Receiver) -> None:
+        c = self._conns.get(conn)
         while True:
             code = rx.run()
             if code == Receiver.CONTROL:
-                dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout)
+                dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
+                                             block_page_sizes=self.session.block_page_sizes,
+                                             max_packaged_length=self.max_packaged)
                 event = next(decoded_items(rx.input, dec))
                 self._feed(StreamItem(conn, event))
-                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed):
+                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
                     return
+                if c is not None:
+                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
             elif code == Receiver.EOF:
                 self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
                 return
@@ -510,6 +517,7 @@ class Destination:
             for b in self.path.blocks:
                 self._uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
             self.path.attach_uffd(self._uffd.fileno())
+            self._registered = True
         self._fault_go.set()
 
     def _serve_faults(self, path: DestinationPath, stop_fd: int, go: threading.Event) -> None:
@@ -532,10 +540,12 @@ class Destination:
         """No guest ran here: drop what was received; the next stream starts from nothing."""
         self._stop_fault_service()
         if self._uffd is not None:
-            for b in self.path.blocks:
-                self._uffd.unregister(b.addr, b.used_length)
+            if self._registered and self._path is not None:
+                for b in self._path.blocks:
+                    self._uffd.unregister(b.addr, b.used_length)
             self._retired.append(self._uffd)
             self._uffd = None
+        self._registered = False
         if self._path is not None:
             self._retired.append(self._path)
         self._path = None
@@ -559,7 +569,7 @@ class Destination:
     def _end(self, finish: Finish) -> None:
         self._finish = finish
         self._finished_ns = time.monotonic_ns()
-        if finish.error is None and self._uffd is not None and self._path is not None:
+        if finish.error is None and self._uffd is not None and self._path is not None and self._registered:
             for b in self._path.blocks:
                 self._uffd.unregister(b.addr, b.used_length)
         if finish.error is not None:

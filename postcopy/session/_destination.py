@@ -102,6 +102,7 @@ class _Attempt:
     held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
     held_deadline: float = 0.0
     setup_deadline: float | None = None    # its RAM setup must arrive by then (a stalled peer is dropped)
+    pages_in_c: bool = False    # after the RAM setup section the C receiver places precopy pages
 
 
 @dataclass(slots=True)
@@ -157,6 +158,7 @@ class DestinationSession:
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.last_refusal = ""
         self.last_break_reason = ""
+        self.precopy_only = False       # the source completed in precopy: no postcopy phase
         self._out: list[Action] = []
 
     # -- entry points -----------------------------------------------------------------
@@ -484,6 +486,12 @@ class DestinationSession:
                 a.advise = item
             case wire.SectionStart(idstr="ram", section_id=sid):
                 a.ram_section_id = sid
+            case wire.SectionFooter(section_id=sid) if a.layout is not None and sid == a.ram_section_id \
+                    and not a.pages_in_c:
+                # The RAM setup is complete: precopy pages go to the C receiver (plain writes,
+                # nothing registered yet); only commands and other sections come back here.
+                a.pages_in_c = True
+                self._out.append(ReceivePages(conn, silence_breaks=False))
             case wire.RamSetup(blocks=entries):
                 self._ram_setup(entries, now)
             case wire.RamPages():
@@ -515,8 +523,21 @@ class DestinationSession:
                 self._run(conn, now)
             case wire.ConnectionClosed():
                 self._start_over(now, "the source closed the main channel before the switch to postcopy")
+            case wire.EndOfStream():
+                self._precopy_completed(now)
             case _:
                 pass        # configuration, footers, EOS markers: nothing to do
+
+    def _precopy_completed(self, now: float) -> None:
+        """The source finished in precopy (QEMU does when it converges before
+        migrate-start-postcopy): every page came as a plain write and the device state
+        followed; no guest faulted, nothing is registered. Start the guest, check, SHUT 0."""
+        a = self.attempt
+        if a.layout is None:
+            self._bad_stream("no_ram_setup", "the stream ended before its RAM setup", now)
+            return
+        self.precopy_only = True
+        self._out += [StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)), CheckComplete()]
 
     def _packaged(self, conn: int, inner: tuple[wire.WireEvent, ...], now: float) -> None:
         for event in inner:

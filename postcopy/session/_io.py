@@ -295,9 +295,12 @@ class AcceptPreempt:
 
 @dataclass(frozen=True, slots=True)
 class ReceivePages:
-    """The main channel ``conn`` goes on in C: pages placed, control items back here."""
+    """The main channel ``conn`` goes on in C: pages placed, control items back here.
+    ``silence_breaks``: after RUN, silence on it means a broken link (before RUN a held
+    switchover may keep a healthy source quiet for long)."""
 
     conn: int
+    silence_breaks: bool = True
 
 
 @dataclass(frozen=True, slots=True)

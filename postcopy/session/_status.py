@@ -72,6 +72,8 @@ DESTINATION_TRANSITIONS: Final[dict[tuple[MigrationStatus, Trigger], MigrationSt
     (S.POSTCOPY_RECOVER, T.LINK_BROKEN): S.POSTCOPY_PAUSED,
     (S.POSTCOPY_RECOVER, T.RESUMED): S.POSTCOPY_ACTIVE,
     (S.POSTCOPY_ACTIVE, T.COMPLETED): S.COMPLETED,
+    # the source finished in precopy (QEMU, when it converges before migrate-start-postcopy)
+    (S.ACTIVE, T.COMPLETED): S.COMPLETED,
     **{(s, T.FAILED): S.FAILED for s in _ANY_LIVE},
 }
 

@@ -498,7 +498,7 @@ class ToUsResult:
 def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
                        hugetlbfs: Path | None = None, pause_s: float = 0.0, passes_before: int = 2,
                        recover_new_port: bool = False, touch: str | None = None,
-                       timeout: float = 60.0) -> ToUsResult:
+                       precopy_only: bool = False, timeout: float = 60.0) -> ToUsResult:
     """A real QEMU -> ``postcopy dest --save DIR`` (postcopy-ram, return-path, maybe preempt).
 
     ``pause_s``: during postcopy (capped at 32 MiB/s so it lasts), ``migrate-pause`` on A; the
@@ -506,6 +506,9 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
     ``resume: true`` to the same address). With ``recover_new_port`` the destination is told QMP
     ``migrate-recover`` to a new port first and A resumes to that one. ``touch``: the destination's
     ``--touch`` reader (page requests from RUN on). A stays stopped at the switch; its RAM is dumped.
+    ``precopy_s``: precopy runs that long first, capped at 32 MiB/s so that it cannot converge
+    (the switch to postcopy is what is tested); ``precopy_only``: no migrate-start-postcopy,
+    QEMU converges and completes in precopy.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     save = rundir / "snapshot"
@@ -516,7 +519,8 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
         a.start()
         a.wait_letters(passes_before, timeout)
         a.set_capabilities(caps)
-        params: dict[str, Any] = {"downtime-limit": 1, "max-bandwidth": 10 << 30}
+        params: dict[str, Any] = {"downtime-limit": 1 if not precopy_only else 300,
+                                  "max-bandwidth": 32 << 20 if precopy_s else 10 << 30}
         if pause_s:
             params["max-postcopy-bandwidth"] = 32 << 20
         a.cmd("migrate-set-parameters", **params)
@@ -526,7 +530,8 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
         a.cmd("migrate", uri=uri)
         if precopy_s:
             time.sleep(precopy_s)
-        a.cmd("migrate-start-postcopy")
+        if not precopy_only:
+            a.cmd("migrate-start-postcopy")
         paused_seen = False
         if pause_s:
             assert dqmp is not None

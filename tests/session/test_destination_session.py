@@ -223,6 +223,27 @@ def pa_link_broken_pause_requested(preempt: bool):
     return d, S.POSTCOPY_ACTIVE, acts
 
 
+def active_completed_in_precopy(preempt: bool):
+    """QEMU finished in precopy (it converged before migrate-start-postcopy): device state and EOF
+    with no LISTEN or RUN. The guest starts on what was written, then SHUT 0."""
+    d = Dest(preempt=preempt).to_active()
+    acts = d.items(d.main, [DEVICE, wire.EndOfStream()])
+    starts = of_type(acts, StartGuest)
+    assert len(starts) == 1
+    assert starts[0].device_sections == (DEVICE,)
+    assert not of_type(acts, RegisterMemory)
+    assert SendReturnPath(wire.encode(wire.Shut(value=0))) in acts
+    assert acts[-1] == Finish(None)
+    assert d.s.precopy_only
+    return d, S.ACTIVE, acts
+
+
+def test_a_precopy_finish_with_pages_missing_fails() -> None:
+    d = Dest(preempt=False, missing=3).to_active()
+    acts = d.items(d.main, [DEVICE, wire.EndOfStream()])
+    _failed_kind(d, acts, "incomplete")
+
+
 def pa_completed(preempt: bool):
     d = Dest(preempt=preempt).to_postcopy_active()
     acts = d.items(d.main, [wire.EndOfStream()])
@@ -445,6 +466,7 @@ SCENARIOS: dict[tuple[S, T], list[Scenario]] = {
     (S.POSTCOPY_RECOVER, T.LINK_BROKEN): [recover_pause_requested],
     (S.POSTCOPY_RECOVER, T.RESUMED): [recover_resumed],
     (S.POSTCOPY_ACTIVE, T.COMPLETED): [pa_completed],
+    (S.ACTIVE, T.COMPLETED): [active_completed_in_precopy],
     (S.NONE, T.FAILED): [none_failed],
     (S.SETUP, T.FAILED): [setup_failed],
     (S.ACTIVE, T.FAILED): [active_failed_advise, active_failed_bad_discard, active_failed_preempt_mismatch],
