@@ -28,7 +28,8 @@ from postcopy.saved import SnapshotMemory
 from postcopy.snapshot import SnapshotError
 from postcopy.service import MigrationAbandoned, ServiceError, SourceService
 from postcopy.session import MigrationFailed, MigrationStats
-from postcopy.spec import SpecError, parse_size
+from postcopy.owner import HeadlessMemory, memory_from_file
+from postcopy.spec import BlockSpec, GuestSpec, SpecError, parse_size
 
 from .common import (
     Progress,
@@ -176,12 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_mem_file(args: argparse.Namespace) -> int:
     """Send a memory file (no guest runs: nothing is dirtied, the switch to postcopy comes at once)."""
-    from postcopy.owner import HeadlessMemory, memory_from_file
-    from postcopy.spec import BlockSpec, GuestSpec
-
-    address = None if args.qmp else parse_address(args.connect)
     try:
-        cap = parse_size(args.bandwidth_cap)
         page_size = parse_size(args.mem_page_size)
     except SpecError as exc:
         raise UserError(str(exc)) from None
@@ -191,63 +187,36 @@ def _run_mem_file(args: argparse.Namespace) -> int:
         raise UserError(f"--mem-file {args.mem_file}: {exc}") from None
     (block,) = list(memory)
     spec = GuestSpec(blocks=(BlockSpec(block.idstr, block.used_length, page_size),), vcpus=0)
-    stream = sys.stderr if args.json == "-" else sys.stdout
-    progress = Progress("source", args.progress, stream)
-    service: SourceService[int] | None = None
-    try:
-        try:
-            service = SourceService(spec, memory, None, preempt=args.preempt, bandwidth_cap=cap, verify=args.verify,
-                                    connect=address, connect_timeout=args.connect_timeout,
-                                    recover_connect=_recover_connect(args),
-                                    options=service_options(args, progress), owner=HeadlessMemory(memory))
-        except ServiceError as exc:
-            raise UserError(str(exc)) from None
-        svc = service
-
-        def finish(result: MigrationStats) -> int:
-            write_json(_report(result, list(svc.timeline)), args.json)
-            return 0
-
-        try:
-            outcome = service.run(finish)
-        except MigrationAbandoned as exc:
-            progress.close()
-            print(f"postcopy source: {exc}; exiting", file=sys.stderr, flush=True)
-            os._exit(1)
-        except ServiceError as exc:
-            raise UserError(str(exc)) from None
-        err = outcome.error
-        if (isinstance(err, MigrationFailed) and err.kind == "connect") or isinstance(err, ConnectionRefusedError):
-            raise UserError(f"no destination answers at {args.connect if address else 'the migrate URI'}")
-        if err is not None:
-            raise UserError(f"migration failed ({getattr(err, 'kind', type(err).__name__)}): {err}")
-        return int(outcome.finished or 0)
-    finally:
-        progress.close()
-        if service is None or not service.worker_running:
-            memory.close()
+    return _run_headless(args, spec, HeadlessMemory(memory), verify=args.verify)
 
 
 def _run_snapshot(args: argparse.Namespace) -> int:
     """``--from-snapshot DIR``: the saved VM is the source; nothing runs here."""
     if args.verify:
         raise UserError("--verify hashes the built-in guest's pages; not with --from-snapshot")
-    address = None if args.qmp else parse_address(args.connect)
-    try:
-        cap = parse_size(args.bandwidth_cap)
-    except SpecError as exc:
-        raise UserError(f"--bandwidth-cap: {exc}") from None
     try:
         owner = SnapshotMemory.open(args.from_snapshot)
     except SnapshotError as exc:
         raise UserError(str(exc)) from None
+    return _run_headless(args, guest_spec(args), owner, verify=False)
+
+
+def _run_headless(args: argparse.Namespace, spec: GuestSpec, owner: HeadlessMemory | SnapshotMemory, *,
+                  verify: bool) -> int:
+    """Migrate memory that no guest here writes (a memory file, a saved VM) through the service."""
+    address = None if args.qmp else parse_address(args.connect)
+    try:
+        cap = parse_size(args.bandwidth_cap)
+    except SpecError as exc:
+        owner.close()
+        raise UserError(f"--bandwidth-cap: {exc}") from None
     stream = sys.stderr if args.json == "-" else sys.stdout
     progress = Progress("source", args.progress, stream)
     service: SourceService[int] | None = None
     try:
         try:
-            service = SourceService(guest_spec(args), owner.ram_blocks(), None, preempt=args.preempt,
-                                    bandwidth_cap=cap, connect=address, connect_timeout=args.connect_timeout,
+            service = SourceService(spec, owner.ram_blocks(), None, preempt=args.preempt, bandwidth_cap=cap,
+                                    verify=verify, connect=address, connect_timeout=args.connect_timeout,
                                     recover_connect=_recover_connect(args),
                                     options=service_options(args, progress), owner=owner)
         except ServiceError as exc:
@@ -263,7 +232,7 @@ def _run_snapshot(args: argparse.Namespace) -> int:
         except MigrationAbandoned as exc:
             progress.close()
             print(f"postcopy source: {exc}; exiting", file=sys.stderr, flush=True)
-            os._exit(1)     # the role's threads still read the mapped snapshot: do not unmap it under them
+            os._exit(1)     # the role's threads still read the mapped memory: do not unmap it under them
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         if outcome.error is not None and args.json:
