@@ -175,10 +175,10 @@ class Destination:
         return self.result
 
     def _connection_loop_once(self) -> None:
-        with self._lock:
+        with self._lock:        # readers' actions change these dicts: list them under the lock
             timer = self.session.get_timer()
+            watched: list[int | socket.socket] = [self._wake_r, *self._listeners, *self._unclassified.values()]
         wait = None if timer is None else max(0.0, timer - time.monotonic())
-        watched: list[int | socket.socket] = [self._wake_r, *self._listeners, *self._unclassified.values()]
         try:
             ready, _, _ = select.select(watched, [], [], wait)
         except (OSError, ValueError):       # a listener closed under us (migrate-recover)
@@ -203,22 +203,27 @@ class Destination:
             return
         sock.setblocking(True)
         tune(sock, self.link_timeout)
-        conn = self._next_conn
-        self._next_conn += 1
-        self._conns[conn] = _Conn(sock)
-        self._conns[conn].go.set()
-        self._unclassified[conn] = sock
+        c = _Conn(sock)
+        c.go.set()
+        with self._lock:
+            conn = self._next_conn
+            self._next_conn += 1
+            self._conns[conn] = c
+            self._unclassified[conn] = sock
         self._feed(ConnectionAccepted(conn, str(peer[0])))
 
     def _peek(self, sock: socket.socket) -> None:
-        conn = next((c for c, s in self._unclassified.items() if s is sock), None)
-        if conn is None:
-            return
-        del self._unclassified[conn]
+        with self._lock:
+            conn = next((c for c, s in self._unclassified.items() if s is sock), None)
+            if conn is None:
+                return
+            del self._unclassified[conn]
         try:
             first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            self._unclassified[conn] = sock
+            with self._lock:
+                if conn in self._conns:
+                    self._unclassified[conn] = sock
             return
         except OSError as exc:
             self._feed(ConnectionClosed(conn, str(exc)))
