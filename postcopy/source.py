@@ -112,7 +112,8 @@ class Source:
         self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
         self.hashes: dict[str, bytes] = {}
         self.session: SourceSession | None = None
-        self._inputs: queue.SimpleQueue[Input] = queue.SimpleQueue()
+        # (generation of the channels that produced it, or None for an operator's command, input)
+        self._inputs: queue.SimpleQueue[tuple[int | None, Input]] = queue.SimpleQueue()
         self._address: tuple[str, int] | None = None
         self._recover_address = recover_address
         self._socks: dict[Channel, socket.socket] = {}
@@ -158,10 +159,12 @@ class Source:
                 timer = session.get_timer()
                 wait = None if timer is None else max(0.0, timer - time.monotonic())
                 try:
-                    event = self._inputs.get(timeout=wait)
+                    generation, event = self._inputs.get(timeout=wait)
                 except queue.Empty:
                     self._run(session.handle_timer(time.monotonic()))
                     continue
+                if generation is not None and generation != self._generation:
+                    continue        # from channels closed since: their end was already dealt with
                 self._run(session.handle(event, time.monotonic()))
         finally:
             self._finished_ns = time.monotonic_ns()
@@ -182,17 +185,17 @@ class Source:
     # -- operator commands (any thread) ------------------------------------------------------
 
     def start_postcopy(self) -> None:
-        self._inputs.put(StartPostcopy())
+        self._inputs.put((None, StartPostcopy()))
 
     def pause(self) -> None:
         """Break the link on purpose (QMP migrate-pause); wait for :meth:`resume`."""
-        self._inputs.put(PauseRequested())
+        self._inputs.put((None, PauseRequested()))
 
     def resume(self, address: tuple[str, int] | None = None) -> None:
         """Recover now, to ``address`` if given (QMP migrate with resume: true)."""
         if address is not None:
             self._recover_address = address
-        self._inputs.put(ResumeRequested())
+        self._inputs.put((None, ResumeRequested()))
 
     def break_link(self) -> None:
         """Cut the channels as a network failure would (tests, fault injection)."""
@@ -322,9 +325,8 @@ class Source:
         sock.settimeout(None)
         tune(sock, self.link_timeout)
         if channel is Channel.MAIN:
-            self._close_channels()
+            self._close_channels()      # a new generation: what the old channels' threads said is stale
             bound_bulk_buffers(sock)
-            self._generation += 1
             self.path.restart()
             self.path.set_return_path(sock)
             if not fresh:
@@ -334,7 +336,9 @@ class Source:
         return Connected(channel)
 
     def _close_channels(self) -> None:
-        """Stop the C loops, join their threads, close the sockets (driver thread only)."""
+        """Stop the C loops, join their threads, close the sockets (driver thread only).
+        Whatever those threads still report belongs to a generation that is over."""
+        self._generation += 1
         self.path.stop()
         for sock in self._socks.values():
             shutdown_quietly(sock)
@@ -357,7 +361,7 @@ class Source:
 
     def _put(self, generation: int, event: Input) -> None:
         if generation == self._generation:
-            self._inputs.put(event)
+            self._inputs.put((generation, event))
 
     def _bulk(self, generation: int) -> None:
         background_priority()
@@ -368,6 +372,8 @@ class Source:
             return
         if rc == SourcePath.DONE:
             self._put(generation, BulkFinished())
+        else:       # stopped under it: break_link (a cut), or its channels are being closed
+            self._put(generation, ChannelFailed("the background stream was stopped"))
 
     def _round(self, generation: int) -> None:
         background_priority()
@@ -396,6 +402,7 @@ class Source:
                     self._put(generation, ChannelFailed("return path closed"))
                     return
                 if code != SourcePath.RP_CONTROL:
+                    self._put(generation, ChannelFailed("the return path was stopped"))
                     return
                 event = next(decoded_items(self.path.rp, wire.ReturnPathDecoder(layout=layout)))
                 if isinstance(event, wire.ResumeAck) and main is not None:
