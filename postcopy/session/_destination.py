@@ -348,7 +348,8 @@ class DestinationSession:
             return
         self._start_recovery(conn, host, now)
 
-    def _start_recovery(self, conn: int, host: str, now: float) -> None:
+    def _start_recovery(self, conn: int, host: str, now: float, *, reading: bool = False) -> None:
+        """``conn`` starts the recovery handshake; ``reading``: a candidate whose reader runs already."""
         if self.status is S.POSTCOPY_RECOVER:
             # a newer recovery replaces an attempt its source abandoned
             self._drop_link_channels()
@@ -358,7 +359,8 @@ class DestinationSession:
         for p in self.pending.values():
             p.deadline = min(p.deadline, now + PREEMPT_SILENCE_SECONDS)
         self._move(Trigger.RECOVERY_STARTED, now)
-        self._out.append(ReceiveStream(conn, recovery=True))
+        if not reading:
+            self._out.append(ReceiveStream(conn, recovery=True))
 
     def _silent(self, conn: int, p: _Pending, now: float) -> None:
         """A connection that said nothing: the preempt channel if one is due from its host."""
@@ -421,7 +423,7 @@ class DestinationSession:
                 del self.candidates[conn]
                 if self.status is S.POSTCOPY_ACTIVE:
                     self._break(now, "the source reconnected")
-                self._start_recovery(conn, c.peer_host, now)
+                self._start_recovery(conn, c.peer_host, now, reading=True)
                 self._handshake_item(conn, item, now)
             else:
                 self._drop_candidate(conn, "malformed", f"a recovery that starts with {type(item).__name__}")

@@ -271,7 +271,9 @@ def pa_recovery_while_active(preempt: bool):
     conn, first = d.connect(b"\x08")
     assert first == [ReceiveStream(conn, recovery=True)]     # a candidate: the link stays up
     assert d.s.status is S.POSTCOPY_ACTIVE
-    acts = first + d.items(conn, [wire.RecvBitmapRequest(idstr=BLOCK)])
+    promoted = d.items(conn, [wire.RecvBitmapRequest(idstr=BLOCK)])
+    assert not of_type(promoted, ReceiveStream)             # its reader runs already: never a second one
+    acts = first + promoted
     assert AnswerBitmapRequest(conn, BLOCK) in acts
     assert transitions_of(acts) == [S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER]
     _paused_checks(d, acts, [d.main])
