@@ -73,6 +73,10 @@ REFUSAL_REASONS: Final = (
 
 #: A connection silent this long right after a main channel is its preempt channel.
 PREEMPT_SILENCE_SECONDS: Final = 0.005
+#: Heartbeat PINGs of our source's C bulk stream carry this tag in their top bits
+#: (uffd/csrc/source.h). QEMU sends none: silence is a broken link only from a peer that pings.
+HEARTBEAT_MASK: Final = 0xFFFF0000
+HEARTBEAT_PING: Final = 0x50430000
 #: SHUT value answering a recovery when no guest runs here yet (the source starts over).
 SHUT_NOTHING_TO_RECOVER: Final = 2
 _FIRST_HEADER: Final = b"Q"        # QEMU_VM_FILE_MAGIC's first byte
@@ -128,6 +132,7 @@ class _Link:
     main_ended: bool = False      # EOF item seen after the last page
     preempt_ended: bool = False
     resume_held: bool = False     # RESUME came before the preempt channel: answered once it is here
+    heartbeats: bool = False      # the source pings while it streams: its silence means a broken link
 
 
 class DestinationSession:
@@ -619,12 +624,15 @@ class DestinationSession:
         self._out.append(StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)))
         self.link = _Link(main=conn, preempt=a.preempt)
         self._move(Trigger.RUN, now)
-        self._out.append(ReceivePages(conn))
+        self._out.append(ReceivePages(conn, silence_breaks=False))
 
     def _postcopy_item(self, item: wire.WireEvent, now: float) -> None:
         match item:
             case wire.Ping(value=v):
                 self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
+                if v & HEARTBEAT_MASK == HEARTBEAT_PING and not self.link.heartbeats and self.link.main is not None:
+                    self.link.heartbeats = True     # from now on its silence is a broken link
+                    self._out.append(ReceivePages(self.link.main, silence_breaks=True))
             case wire.EndOfStream():
                 self.link.main_ended = True
                 self._maybe_complete()
@@ -672,7 +680,7 @@ class DestinationSession:
         self._out += [Send(conn, wire.encode(wire.ResumeAck(value=1))), AttachReturnPath(conn), ResendRequests()]
         if link.preempt is not None:
             self._out.append(StartPreemptReceiver(link.preempt))
-        self._out.append(ReceivePages(conn))
+        self._out.append(ReceivePages(conn, silence_breaks=False))
         self.recoveries += 1
         self._move(Trigger.RESUMED, now)
 

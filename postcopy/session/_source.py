@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .. import wire
-from ._destination import SHUT_NOTHING_TO_RECOVER
+from ._destination import HEARTBEAT_MASK, HEARTBEAT_PING, SHUT_NOTHING_TO_RECOVER
 from ._errors import MigrationFailed
 from ._io import (
     Action,
@@ -58,9 +58,6 @@ S = MigrationStatus
 
 RAM_SECTION_ID: Final = 2
 MAX_DISCARDS_PER_COMMAND: Final = 12        # QEMU's limit per POSTCOPY_RAM_DISCARD
-#: Heartbeat PINGs of the C bulk stream carry this tag in their top bits (uffd/csrc/source.h).
-HEARTBEAT_MASK: Final = 0xFFFF0000
-HEARTBEAT_PING: Final = 0x50430000
 #: A destination still starting: connection attempts this far apart.
 CONNECT_RETRY_SECONDS: Final = 0.02
 #: No SHUT this many link timeouts after the end of the stream: the link is broken.

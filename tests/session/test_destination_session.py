@@ -30,6 +30,7 @@ from session_drivers import (
 )
 
 from postcopy import wire
+from postcopy.session._destination import HEARTBEAT_PING
 from postcopy.session import (
     DESTINATION_TRANSITIONS,
     PREEMPT_SILENCE_SECONDS,
@@ -171,7 +172,7 @@ def active_run(preempt: bool):
     acts = d.items(d.main, switch_items())
     assert RegisterMemory() in acts
     assert StartGuest((switch_items()[-1].events[1],), CONFIG, (True,)) in acts
-    assert ReceivePages(d.main) in acts
+    assert ReceivePages(d.main, silence_breaks=False) in acts
     assert SendReturnPath(wire.encode(wire.Pong(value=3))) in acts
     if preempt:
         assert StartPreemptReceiver(d.pre) in acts
@@ -289,7 +290,7 @@ def recover_resumed(preempt: bool):
     assert Send(c, wire.encode(wire.ResumeAck(value=1))) in acts
     i = acts.index(AttachReturnPath(c))
     assert ResendRequests() in acts[i:], "page requests outstanding from the pause are not sent again"
-    assert ReceivePages(c) in acts
+    assert ReceivePages(c, silence_breaks=False) in acts
     if preempt:
         assert StartPreemptReceiver(d.pre) in acts
     assert d.s.recoveries == 1
@@ -552,7 +553,7 @@ def test_packaged_held_until_preempt_channel() -> None:
     assert acts[0] == AcceptPreempt(pre)
     assert RegisterMemory() in acts and StartPreemptReceiver(pre) in acts
     assert StartGuest((switch_items()[-1].events[1],), CONFIG, (True,)) in acts
-    assert acts.index(ReceivePages(d.main)) < acts.index(ResumeStream(d.main))
+    assert acts.index(ReceivePages(d.main, silence_breaks=False)) < acts.index(ResumeStream(d.main))
     assert d.s.status is S.POSTCOPY_ACTIVE
     assert d.s.get_timer() is None
 
@@ -760,3 +761,15 @@ def test_unexpected_silent_connection_from_another_host_is_only_refused() -> Non
     conn, _ = d.accept(OTHER_HOST)
     acts = d.fire_timer()
     assert acts == [CloseConnection(conn)] and d.s.status is S.ACTIVE
+
+
+def test_silence_breaks_the_link_only_once_the_source_has_pinged() -> None:
+    """QEMU sends no heartbeat: a quiet QEMU source is not a broken link. Our source's first
+    heartbeat PING after RUN turns the receive timeout on."""
+    d = Dest(preempt=False).to_postcopy_active()
+    assert ReceivePages(d.main, silence_breaks=False) in d.log
+    acts = d.items(d.main, [wire.Ping(value=4)])            # an ordinary PING: no change
+    assert not of_type(acts, ReceivePages)
+    acts = d.items(d.main, [wire.Ping(value=HEARTBEAT_PING | 7)])
+    assert ReceivePages(d.main, silence_breaks=True) in acts
+    assert not of_type(d.items(d.main, [wire.Ping(value=HEARTBEAT_PING | 8)]), ReceivePages)

@@ -73,3 +73,9 @@ def test_packed_record_layout_matches_pc_ram_record() -> None:
         {"offset": 0x1000, "data_pos": 7, "block": 3, "kind": REC_PAGE, "had_idstr": 1, "fill": 0},
     )
     assert RAM_RECORD.unpack(ffi.buffer(rec)[:]) == (0x1000, 7, 3, REC_PAGE, 1, 0, 0)
+
+
+def test_the_sessions_heartbeat_tag_is_the_c_sources() -> None:
+    from postcopy.session._destination import HEARTBEAT_MASK, HEARTBEAT_PING
+
+    assert (HEARTBEAT_MASK, HEARTBEAT_PING) == (lib.PC_HEARTBEAT_MASK, lib.PC_HEARTBEAT_PING)
