@@ -457,13 +457,21 @@ class SourcePath:
         postcopy stream that looks again until nothing is dirty (off)."""
         lib.pc_src_set_round_mode(self._s, int(on))
 
+    def resume_round(self) -> None:
+        """Precopy: the next :meth:`run_bulk` goes on where the ended pass stopped (a sync
+        period cut it) and returns DONE at the end of the pass."""
+        lib.pc_src_resume_round(self._s)
+
     def end_round(self) -> None:
         """Cut the precopy pass in progress short (run_bulk returns STOPPED)."""
         lib.pc_src_end_round(self._s)
 
-    def send_discards(self) -> int:
-        """POSTCOPY_RAM_DISCARD on main for every run of dirty pages; returns the ranges."""
-        rc = int(lib.pc_src_send_discards(self._s))
+    def send_discards(self, *, before_stop: bool = False) -> int:
+        """POSTCOPY_RAM_DISCARD on main for every run of dirty pages; returns the ranges.
+        ``before_stop`` (guest running, no round after it): remember what was discarded;
+        the next call (guest stopped) discards only the pages dirty since."""
+        flags = lib.PC_SRC_DISCARD_REMEMBER if before_stop else lib.PC_SRC_DISCARD_NEW_ONLY
+        rc = int(lib.pc_src_send_discards(self._s, flags))
         if rc < 0:
             raise ConnectionError(-rc, "write of the discards on the main channel failed")
         return rc

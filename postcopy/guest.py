@@ -339,6 +339,17 @@ class Guest:
         """Ask every vCPU to stop at its next access boundary; returns at once."""
         lib.pc_guest_request_stop(self._handle())
 
+    def set_throttle(self, percent: int) -> None:
+        """Auto-converge (QEMU's cpu throttle): every vCPU sleeps ``percent`` % of the time,
+        in 10 ms run slices (0: full speed; at most 99). Takes effect while running."""
+        if not 0 <= percent <= 99:
+            raise ValueError(f"throttle {percent} %: must be within 0-99")
+        lib.pc_guest_set_throttle(self._handle(), percent)
+
+    @property
+    def throttle(self) -> int:
+        return int(lib.pc_guest_throttle(self._handle()))
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU has left its loop; False on timeout."""
         timeout_ns = -1 if timeout is None else min(max(0, math.ceil(timeout * 1e9)), 2**62)

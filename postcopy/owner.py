@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ class MemoryOwner(Protocol):
 
     def thaw_writers(self) -> None:
         """Source: let them run again."""
+
+    def throttle(self, percent: int) -> None:
+        """Source, precopy (auto-converge): let the writers run only ``100 - percent`` % of
+        the time from now on (0: full speed again). An owner with no writer ignores it."""
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         """Source, guest stopped: its device state, sent inside PACKAGED."""
@@ -149,6 +154,11 @@ class BuiltinGuest:
     def thaw_writers(self) -> None:
         if self.guest is not None:
             self.guest.start()
+
+    def throttle(self, percent: int) -> None:
+        """The vCPU threads sleep ``percent`` % of the time (10 ms slices, in C)."""
+        if self.guest is not None:
+            self.guest.set_throttle(percent)
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         if self.guest is None:
@@ -218,6 +228,7 @@ class HeadlessMemory:
         self._configuration = configuration or wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
         self._page_sizes = dict(page_sizes or {})
         self._backing_huge = backing_2m
+        self._duty: _DutyCycle | None = None
 
     def block_page_sizes(self) -> dict[str, int]:
         if self.memory is not None:
@@ -271,6 +282,16 @@ class HeadlessMemory:
         if self.writer.pid:
             os.kill(self.writer.pid, signal.SIGCONT)
 
+    def throttle(self, percent: int) -> None:
+        """Another process writes this memory: SIGSTOP/SIGCONT duty cycles (100 ms periods,
+        stopped ``percent`` % of each). No writer process (pid 0: memory nobody else writes):
+        nothing to do."""
+        if not self.writer.pid:
+            return
+        if self._duty is None:
+            self._duty = _DutyCycle(self.writer.pid)
+        self._duty.set(percent)
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
@@ -301,6 +322,8 @@ class HeadlessMemory:
                 b.discard(0, b.used_length)
 
     def close(self) -> None:
+        if self._duty is not None:
+            self._duty.set(0)
         if self.toucher is not None and not self.toucher.stop():
             return      # a read still waits in the memory: leave it mapped rather than unmap it under the reader
         if self.memory is not None:
@@ -391,6 +414,9 @@ class RemoteMemory:
     def thaw_writers(self) -> None:
         pass
 
+    def throttle(self, percent: int) -> None:
+        pass
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
@@ -419,6 +445,49 @@ class RemoteMemory:
 
     def close(self) -> None:
         self._blocks = []
+
+
+class _DutyCycle:
+    """Throttle another process: SIGSTOP for ``percent`` % of every period, SIGCONT for the
+    rest (a thread of ours; the process runs freely again at 0 % or when this ends)."""
+
+    PERIOD = 0.1
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.percent = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def set(self, percent: int) -> None:
+        with self._cond:
+            self.percent = max(0, min(99, percent))
+            self._cond.notify_all()
+            if self.percent and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name=f"throttle-{self.pid}", daemon=True)
+                self._thread.start()
+        if not self.percent and self._thread is not None:
+            self._thread.join(1.0)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    percent = self.percent
+                if not percent:
+                    return
+                os.kill(self.pid, signal.SIGSTOP)
+                try:
+                    with self._cond:
+                        self._cond.wait(self.PERIOD * percent / 100)
+                finally:
+                    os.kill(self.pid, signal.SIGCONT)
+                with self._cond:
+                    if self.percent:
+                        self._cond.wait(self.PERIOD * (100 - self.percent) / 100)
+        except ProcessLookupError:
+            return      # the writer is gone
 
 
 def _proc_state(pid: int) -> str:

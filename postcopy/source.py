@@ -58,6 +58,7 @@ from .session import (
     StopGuest,
     StopTracking,
     SwitchoverPolicy,
+    ThrottleGuest,
     Write,
 )
 from .session._source import RAM_SECTION_ID
@@ -126,6 +127,7 @@ class Source:
         self._finish: Finish | None = None
         self._hasher: threading.Thread | None = None
         self.tracking_stats: dict[str, int] = {}
+        self._throttled = 0
 
     # -- the migration ------------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class Source:
             self._finished_ns = time.monotonic_ns()
             self._close_channels()
             self._stop_tracking()
+            if self._throttled:
+                self._throttled = 0
+                self.owner.throttle(0)      # a guest that goes on running here (a failed precopy) runs at full speed
         if self._hasher is not None:
             self._hasher.join()
         if self._finish.error is not None:
@@ -249,20 +254,26 @@ class Source:
                 self._start(f"source-bulk-{self._generation}", self._bulk)
             case StartTracking():
                 self._start_tracking()
-            case StartRound(index=index):
-                self.path.set_round_mode(True)
+            case StartRound(index=index, resume=resume):
+                if resume:
+                    self.path.resume_round()
+                else:
+                    self.path.set_round_mode(True)
                 self._round_base = self.path.counters()["main_bytes"]
                 self._start(f"source-round-{index}", self._round)
+            case ThrottleGuest(percent=percent):
+                self._throttled = percent
+                self.owner.throttle(percent)
             case EndRound():
                 self.path.end_round()
             case ScanDirty():
                 return DirtyScanned(self._scan())
             case StopTracking():
                 self._stop_tracking()
-            case SendDiscards():
+            case SendDiscards(before_stop=before_stop):
                 self.path.canonicalize()
                 try:
-                    return DiscardsSent(self.path.send_discards())
+                    return DiscardsSent(self.path.send_discards(before_stop=before_stop))
                 except ConnectionError as exc:
                     return ChannelFailed(f"write on the main channel: {exc}")
             case ReloadDirty(block_index=index, received_le=bitmap):

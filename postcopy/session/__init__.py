@@ -4,7 +4,7 @@ from ._destination import PREEMPT_SILENCE_SECONDS, SHUT_NOTHING_TO_RECOVER, Dest
 from ._errors import FAILURE_KINDS, LinkBroken, MigrationFailed, PostcopyError
 from ._io import *  # noqa: F403
 from ._io import __all__ as _io_all
-from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy
+from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy, ThrottlePolicy
 from ._source import SourceSession
 from ._stats import ChannelStats, MigrationStats
 from ._status import (
@@ -34,6 +34,7 @@ __all__ = [
     "RoundRecord",
     "SourceSession",
     "SwitchoverPolicy",
+    "ThrottlePolicy",
     "Trigger",
     "next_status",
     *_io_all,

@@ -75,6 +75,7 @@ __all__ = [
     "StopTracking",
     "StreamChecked",
     "StreamItem",
+    "ThrottleGuest",
     "Write",
 ]
 
@@ -452,9 +453,11 @@ class StartTracking:
 @dataclass(frozen=True, slots=True)
 class StartRound:
     """Source, precopy: one pass of the C stream over the dirty pages, guest running
-    (answer with :class:`RoundFinished`)."""
+    (answer with :class:`RoundFinished`). ``resume``: go on with the pass a sync period
+    cut (from where it stopped, to the end of the pass) instead of a new pass."""
 
     index: int
+    resume: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,7 +474,19 @@ class ScanDirty:
 @dataclass(frozen=True, slots=True)
 class SendDiscards:
     """Source, at the switch: POSTCOPY_RAM_DISCARD for every run of dirty host pages
-    (QEMU's encoding, 12 ranges a command; answer with :class:`DiscardsSent`)."""
+    (QEMU's encoding, 12 ranges a command; answer with :class:`DiscardsSent`).
+    ``before_stop``: the guest still runs (the drain before the stop): remember what
+    goes now; the discards after the stop then cover only the pages dirty since."""
+
+    before_stop: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleGuest:
+    """Source, precopy (auto-converge): let the guest's vCPUs run only ``100 - percent``
+    % of the time from now on (0: full speed again)."""
+
+    percent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,5 +499,5 @@ Action = (
     | StartPreemptReceiver | Send | SendReturnPath | AttachReturnPath | AnswerBitmapRequest | ResendRequests
     | PrepareMemory | PlacePages | Discard | RegisterMemory | StartGuest | BreakLink | ResetBeforeRun
     | CheckComplete | Connect | Write | CloseChannels | StartReturnPath | StopGuest | MarkAllDirty | ReloadDirty
-    | StartBulk | StartTracking | StartRound | EndRound | ScanDirty | SendDiscards | StopTracking
+    | StartBulk | StartTracking | StartRound | EndRound | ScanDirty | SendDiscards | StopTracking | ThrottleGuest
 )

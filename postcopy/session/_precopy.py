@@ -14,6 +14,20 @@ Policies (``SwitchoverPolicy``):
   stopped shrinking while that downtime is still above the bound (precopy will
   not converge: postcopy takes the rest). ``max_seconds`` stays an upper bound.
 * ``manual`` (QMP): rounds go on until ``migrate-start-postcopy``.
+
+The switch after precopy (``drain_seconds`` > 0): with the guest still running,
+a scan, the discards for what it found (the destination drops those pages while
+the guest runs) and a PING; the guest stops when its PONG comes back, or after
+``drain_seconds`` whatever happens. A destination answers a PING only after
+everything before it on the main channel (QEMU's loads the stream in order), so
+at the stop the socket buffers are empty and the downtime's discards cover only
+the pages written since that scan.
+
+Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
+``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
+first pass too; when a period's dirty bytes exceed ``trigger`` of the bytes it
+sent, ``high_periods`` times, the guest is throttled to ``initial`` %, then
+``increment`` % more each time, up to ``maximum`` %.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["MIN_ROUND_SECONDS", "PrecopyStats", "RoundRecord", "SwitchoverPolicy"]
+__all__ = ["MIN_ROUND_SECONDS", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
 
 TARGET_PAGE: Final = 4096
 #: A round shorter than this waits before its scan (an idle guest does not spin).
@@ -50,6 +64,41 @@ class RoundRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottlePolicy:
+    """Auto-converge: QEMU's cpu-throttle-initial, cpu-throttle-increment, max-cpu-throttle and
+    throttle-trigger-threshold (its two high periods and 1 s period are the defaults here)."""
+
+    initial: int = 20
+    increment: int = 10
+    maximum: int = 99
+    trigger: float = 0.5
+    """A period is "high" when the bytes it dirtied exceed this share of the bytes it sent."""
+    high_periods: int = 2
+    """Throttle (more) after this many high periods (QEMU: 2)."""
+    sync_seconds: float = 1.0
+    """A round running longer is cut there and scanned (the next one goes on with its pass)."""
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.initial <= 99 and 0 <= self.increment <= 99 and 1 <= self.maximum <= 99):
+            raise ValueError("throttle percentages must be within 1-99 (increment 0-99)")
+        if self.initial > self.maximum:
+            raise ValueError(f"throttle initial {self.initial} % is above its maximum {self.maximum} %")
+        if self.trigger <= 0 or self.high_periods < 1 or self.sync_seconds <= 0:
+            raise ValueError("throttle trigger, high periods and sync period must be positive")
+
+    def after(self, record: RoundRecord, percent: int, high: int) -> tuple[int, int]:
+        """After a period: the new throttle percentage and count of high periods."""
+        if record.dirty_pages * TARGET_PAGE <= self.trigger * record.bytes:
+            return percent, high
+        high += 1
+        if high < self.high_periods:
+            return percent, high
+        if percent == 0:
+            return self.initial, 0
+        return min(percent + self.increment, self.maximum), 0
+
+
+@dataclass(frozen=True, slots=True)
 class SwitchoverPolicy:
     mode: Literal["time", "auto", "manual"] = "time"
     max_seconds: float = 2.0
@@ -57,11 +106,16 @@ class SwitchoverPolicy:
     """0: no limit on rounds."""
     max_downtime: float = 0.3
     """auto: the bound on a pure precopy finish's downtime (QEMU's downtime-limit, 300 ms)."""
+    drain_seconds: float = 1.0
+    """At the switch, the longest wait for the destination to take what was sent before the
+    guest stops (0: stop at once, the backlog and every discard fall into the downtime)."""
+    throttle: ThrottlePolicy | None = None
+    """Auto-converge: slow the guest down while its dirty rate outruns the rounds."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("time", "auto", "manual"):
             raise ValueError(f"switchover {self.mode!r}: choose time, auto or manual")
-        if self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0:
+        if self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0 or self.drain_seconds < 0:
             raise ValueError("precopy limits must not be negative")
 
     def deadline(self, started: float) -> float | None:
@@ -103,10 +157,24 @@ class PrecopyStats:
     discard_ranges: int = 0
     switch_reason: str = ""
     tracking: str = ""
+    drain: str = ""
+    """How the wait before the stop ended: "pong" (the destination took everything sent),
+    "timeout", or "" (no drain)."""
+    drain_seconds: float = 0.0
+    dirty_pages_before_stop: int = 0
+    """Dirty at the scan before the drain (discarded while the guest still ran)."""
+    discard_ranges_before_stop: int = 0
+    throttle_percent: int = 0
+    """The highest throttle reached (auto-converge)."""
+    throttle_changes: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {"rounds": self.rounds, "bytes": self.bytes, "seconds": round(self.seconds, 4),
                 "dirty_pages_last_round": self.dirty_pages_last_round,
                 "dirty_rate_pages_per_s": round(self.dirty_rate_pages_per_s, 1),
                 "dirty_pages_at_switch": self.dirty_pages_at_switch, "discard_ranges": self.discard_ranges,
-                "switch_reason": self.switch_reason, "tracking": self.tracking}
+                "switch_reason": self.switch_reason, "tracking": self.tracking,
+                "drain": self.drain, "drain_seconds": round(self.drain_seconds, 4),
+                "dirty_pages_before_stop": self.dirty_pages_before_stop,
+                "discard_ranges_before_stop": self.discard_ranges_before_stop,
+                "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes}

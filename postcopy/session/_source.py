@@ -47,12 +47,13 @@ from ._io import (
     StatusChanged,
     StopGuest,
     StopTracking,
+    ThrottleGuest,
     Write,
 )
 from ._precopy import MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
-__all__ = ["HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "SourceSession"]
+__all__ = ["DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "SourceSession"]
 
 S = MigrationStatus
 
@@ -62,6 +63,9 @@ MAX_DISCARDS_PER_COMMAND: Final = 12        # QEMU's limit per POSTCOPY_RAM_DISC
 CONNECT_RETRY_SECONDS: Final = 0.02
 #: No SHUT this many link timeouts after the end of the stream: the link is broken.
 SHUT_WAIT_LINK_TIMEOUTS: Final = 10
+#: The PING before the guest stops after precopy: its PONG says the destination took every
+#: page sent before it (not a heartbeat: another tag in the top half; QEMU's are 1-4 and 0x42).
+DRAIN_PING: Final = 0x50440001
 
 
 @dataclass(slots=True)
@@ -81,6 +85,19 @@ class _Precopy:
     dirty_at_switch: int = 0
     discard_ranges: int = 0
     reason: str = ""
+    resume: bool = False            # the next round goes on with a pass a sync period cut
+    sync_cut: bool = False          # EndRound sent for a sync period (not for the switch)
+    # the drain before the stop: "" -> "scan" (guest running) -> "wait" (PING sent) -> "pong"/"timeout"
+    drain: str = ""
+    drain_started: float = 0.0
+    drain_deadline: float | None = None
+    drain_seconds: float = 0.0
+    dirty_before_stop: int = 0
+    discard_ranges_before_stop: int = 0
+    throttle: int = 0               # percent now
+    throttle_max: int = 0
+    throttle_changes: int = 0
+    high_periods: int = 0
 
 
 @dataclass(slots=True)
@@ -168,14 +185,16 @@ class SourceSession:
                 self._message(message, now, received_at or now)
             case BulkFinished():
                 self._ending(now)
-            case RoundFinished(bytes=sent):
-                self._round_finished(sent, now)
+            case RoundFinished(bytes=sent, ended=ended):
+                self._round_finished(sent, ended, now)
             case DirtyScanned(pages=pages):
                 self._scanned(pages, now)
             case DiscardsSent(ranges=ranges):
                 self.discard_ranges += ranges
                 if self.precopy is not None:
                     self.precopy.discard_ranges += ranges
+                    if not self.guest_stopped:
+                        self.precopy.discard_ranges_before_stop += ranges
             case ChannelFailed(reason=reason):
                 self._channel_failed(reason, now)
             case StartPostcopy():
@@ -210,7 +229,19 @@ class SourceSession:
                 times.append(deadline)
             if p.scan_at is not None:
                 times.append(p.scan_at)
+            sync = self._sync_due()
+            if sync is not None:
+                times.append(sync)
+        if p is not None and p.drain == "wait" and p.drain_deadline is not None:
+            times.append(p.drain_deadline)
         return min(times) if times else None
+
+    def _sync_due(self) -> float | None:
+        """Throttling: when the round in progress is cut to measure the dirty rate."""
+        p = self.precopy
+        if p is None or p.policy.throttle is None or not p.running or p.sync_cut:
+            return None
+        return p.round_started + p.policy.throttle.sync_seconds
 
     def handle_timer(self, now: float) -> list[Action]:
         if self.status.finished:
@@ -232,11 +263,17 @@ class SourceSession:
         p = self.precopy
         if p is not None and self.status is S.ACTIVE and not self.switch_requested and p.started_rounds:
             deadline = p.policy.deadline(p.started)
+            sync = self._sync_due()
             if deadline is not None and deadline <= now:
                 self._request_switch("time", now)
             elif p.scan_at is not None and p.scan_at <= now:
                 p.scan_at = None
                 self._out.append(ScanDirty())
+            elif sync is not None and sync <= now:
+                p.sync_cut = True
+                self._out.append(EndRound())        # RoundFinished(ended) follows: scan, then the pass goes on
+        if p is not None and p.drain == "wait" and p.drain_deadline is not None and p.drain_deadline <= now:
+            self._drained("timeout", now)
         return self._flush()
 
     # -- the stream ----------------------------------------------------------------------------
@@ -273,7 +310,7 @@ class SourceSession:
             self._move(Trigger.STREAM_STARTED, now)
             if self.precopy is not None:
                 self._start_precopy(now)
-            self._maybe_switch()
+            self._maybe_switch(now)
             return
         r = self.recovery
         if not r.connecting:
@@ -324,19 +361,22 @@ class SourceSession:
         p = self.precopy
         assert p is not None
         p.running = True
+        p.sync_cut = False
         p.round_started = now
         p.started_rounds += 1
-        self._out.append(StartRound(p.started_rounds - 1))
+        self._out.append(StartRound(p.started_rounds - 1, resume=p.resume))
 
-    def _round_finished(self, sent: int, now: float) -> None:
+    def _round_finished(self, sent: int, ended: bool, now: float) -> None:
         p = self.precopy
         if p is None or self.status is not S.ACTIVE or not p.running:
             return
         p.running = False
         p.round_bytes = sent
         p.bytes += sent
+        # a pass cut for a sync period goes on where it stopped; a whole pass starts again from the first page
+        p.resume = ended and p.sync_cut
         if self.switch_requested:
-            self._maybe_switch()        # the final scan comes with the guest stopped
+            self._maybe_switch(now)
         elif now - p.round_started < MIN_ROUND_SECONDS:
             p.scan_at = p.round_started + MIN_ROUND_SECONDS
         else:
@@ -349,15 +389,49 @@ class SourceSession:
         if self.guest_stopped:
             p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
             return
+        if p.drain == "scan" and self.status is S.ACTIVE:
+            # guest running: drop what it found on the destination now, then wait for the PONG
+            p.dirty_before_stop = pages
+            p.drain = "wait"
+            p.drain_started = now
+            p.drain_deadline = now + p.policy.drain_seconds
+            self._out += [SendDiscards(before_stop=True),
+                          Write(Channel.MAIN, self._encode([wire.Ping(value=DRAIN_PING)]))]
+            return
         if self.status is not S.ACTIVE or self.switch_requested or p.running:
             return
-        p.rounds.append(RoundRecord(seconds=max(now - p.round_started, 1e-9), bytes=p.round_bytes, dirty_pages=pages))
+        record = RoundRecord(seconds=max(now - p.round_started, 1e-9), bytes=p.round_bytes, dirty_pages=pages)
+        p.rounds.append(record)
+        self._throttle(record)
         reason = p.policy.decide(p.rounds, now - p.started)
         if reason is not None:
             self._request_switch(reason, now)
             return
         self._move(Trigger.ROUND, now)
         self._next_round(now)
+
+    def _throttle(self, record: RoundRecord) -> None:
+        """Auto-converge: throttle the guest (more) while it dirties faster than the rounds send."""
+        p = self.precopy
+        assert p is not None
+        t = p.policy.throttle
+        if t is None:
+            return
+        percent, p.high_periods = t.after(record, p.throttle, p.high_periods)
+        if percent != p.throttle:
+            p.throttle = percent
+            p.throttle_max = max(p.throttle_max, percent)
+            p.throttle_changes += 1
+            self._out.append(ThrottleGuest(percent))
+
+    def _drained(self, how: str, now: float) -> None:
+        """The drain before the stop is over (PONG or its deadline): stop the guest."""
+        p = self.precopy
+        assert p is not None
+        p.drain = how
+        p.drain_deadline = None
+        p.drain_seconds = now - p.drain_started
+        self._stop_guest()
 
     def _request_switch(self, reason: str, now: float) -> None:
         if self.switch_requested:
@@ -368,9 +442,10 @@ class SourceSession:
             p.reason = reason
             p.scan_at = None
             if p.running:
-                self._out.append(EndRound())     # RoundFinished follows, then the switch
+                if not p.sync_cut:
+                    self._out.append(EndRound())     # RoundFinished follows, then the switch
                 return
-        self._maybe_switch()
+        self._maybe_switch(now)
 
     def precopy_stats(self, now: float) -> PrecopyStats | None:
         p = self.precopy
@@ -382,13 +457,28 @@ class SourceSession:
                             dirty_pages_last_round=last.dirty_pages if last else 0,
                             dirty_rate_pages_per_s=last.dirty_rate if last else 0.0,
                             dirty_pages_at_switch=p.dirty_at_switch, discard_ranges=p.discard_ranges,
-                            switch_reason=p.reason, tracking=self.tracking)
+                            switch_reason=p.reason, tracking=self.tracking, drain=p.drain if p.drain in (
+                                "pong", "timeout") else "", drain_seconds=p.drain_seconds,
+                            dirty_pages_before_stop=p.dirty_before_stop,
+                            discard_ranges_before_stop=p.discard_ranges_before_stop,
+                            throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes)
 
-    def _maybe_switch(self) -> None:
+    def _maybe_switch(self, now: float) -> None:
         p = self.precopy
         if p is not None and p.running:
             return
-        if self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped:
+        if not (self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped):
+            return
+        if p is not None and p.policy.drain_seconds > 0:
+            # after precopy: scan, discard and drain with the guest running, then stop it
+            if p.drain == "":
+                p.drain = "scan"
+                self._out.append(ScanDirty())
+            return
+        self._stop_guest()
+
+    def _stop_guest(self) -> None:
+        if not self.guest_stopped:
             self.guest_stopped = True
             self._out.append(StopGuest())
 
@@ -415,7 +505,8 @@ class SourceSession:
             # what the guest wrote since its last scan, plus what the last round did not send:
             # dropped on the destination (QEMU's ranges, 12 a command) and sent again
             p.ended_at = stopped_at
-            self._out += [ScanDirty(), StopTracking(), SendDiscards(), Write(Channel.MAIN, self._encode(tail))]
+            # tracking stops once the switch is on the wire (its teardown is no downtime)
+            self._out += [ScanDirty(), SendDiscards(), Write(Channel.MAIN, self._encode(tail)), StopTracking()]
         self._move(Trigger.RUN, now)
         self._stream(now)
 
@@ -445,6 +536,10 @@ class SourceSession:
         match message:
             case wire.Pong(value=v) if v & HEARTBEAT_MASK == HEARTBEAT_PING:
                 self.last_pong = now
+            case wire.Pong(value=v) if v == DRAIN_PING:
+                self.last_pong = now
+                if self.precopy is not None and self.precopy.drain == "wait" and self.status is S.ACTIVE:
+                    self._drained("pong", now)
             case wire.Pong(value=v):
                 self.last_pong = now
                 if v == 3 and self.downtime is None and self.guest_stopped:

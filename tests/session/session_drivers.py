@@ -40,9 +40,12 @@ from postcopy.session import (
     StreamChecked,
     StreamItem,
 )
+from postcopy.session import Write
 from postcopy.session._precopy import SwitchoverPolicy
+from postcopy.session._source import DRAIN_PING
 
 S = MigrationStatus
+DRAIN_PING_BYTES = wire.encode(wire.Ping(value=DRAIN_PING))
 
 SRC_HOST = "10.0.0.1"
 OTHER_HOST = "10.0.0.99"
@@ -239,6 +242,8 @@ class Src:
     """What ScanDirty answers (pages written since the last scan)."""
     discard_ranges: int = 7
     """What SendDiscards answers."""
+    answer_drain: bool = True
+    """The destination answers the PING before the stop at once (its PONG is fed back)."""
 
     def __post_init__(self) -> None:
         self.s = SourceSession(source_blocks(), CONFIG, preempt=self.preempt, hold_switchover=self.hold_switchover,
@@ -259,6 +264,8 @@ class Src:
                 follow = DirtyScanned(self.dirty_found)
             elif isinstance(a, SendDiscards):
                 follow = DiscardsSent(self.discard_ranges)
+            elif isinstance(a, Write) and self.answer_drain and a.data == DRAIN_PING_BYTES:
+                follow = ReturnPathMessage(wire.Pong(value=DRAIN_PING))
             if follow is not None:
                 out[i + 1:i + 1] = self.s.handle(follow, self.now)
             i += 1

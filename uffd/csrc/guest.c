@@ -55,6 +55,7 @@ struct pc_guest {
     uint64_t *first_page; /* nregions + 1 prefix sums of 4 KiB pages */
     struct vcpu *vcpus;
     _Atomic int stop;
+    _Atomic uint32_t throttle_pct; /* auto-converge: % of the time each vCPU sleeps (0: none) */
     _Atomic uint32_t active;
     bool threads_exist;
     pthread_mutex_t ctl; /* start / join / save / load / verify / fill */
@@ -402,6 +403,46 @@ static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
     }
 }
 
+/* Throttling (QEMU's cpu_throttle): a vCPU runs THROTTLE_SLICE_NS, then sleeps
+ * pct / (100 - pct) of that; checked every THROTTLE_CHECK accesses. False if asked to stop. */
+#define THROTTLE_SLICE_NS 10000000ull
+#define THROTTLE_CHECK 256u
+static bool throttle_pause(pc_guest *g, uint64_t *slice_start)
+{
+    uint32_t pct = atomic_load_explicit(&g->throttle_pct, memory_order_relaxed);
+    uint64_t now = pc_now_ns();
+    if (pct == 0 || now - *slice_start < THROTTLE_SLICE_NS) {
+        if (pct == 0)
+            *slice_start = now;
+        return true;
+    }
+    if (pct > 99)
+        pct = 99;
+    uint64_t until = now + (now - *slice_start) * pct / (100 - pct);
+    while (now < until) {
+        if (atomic_load_explicit(&g->stop, memory_order_relaxed))
+            return false;
+        if (atomic_load_explicit(&g->throttle_pct, memory_order_relaxed) == 0)
+            break;      /* released: run again at once */
+        uint64_t nap = until - now < 500000ull ? until - now : 500000ull;  /* stop stays prompt */
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)nap};
+        nanosleep(&ts, NULL);
+        now = pc_now_ns();
+    }
+    *slice_start = pc_now_ns();
+    return true;
+}
+
+void pc_guest_set_throttle(pc_guest *g, uint32_t percent)
+{
+    atomic_store(&g->throttle_pct, percent > 99 ? 99 : percent);
+}
+
+uint32_t pc_guest_throttle(const pc_guest *g)
+{
+    return atomic_load(&g->throttle_pct);
+}
+
 static void *vcpu_main(void *arg)
 {
     struct vcpu *c = arg;
@@ -414,9 +455,12 @@ static void *vcpu_main(void *arg)
     uint64_t reads = atomic_load_explicit(&c->reads, memory_order_relaxed);
     uint64_t writes = atomic_load_explicit(&c->writes, memory_order_relaxed);
     const uint64_t start_ns = g->rate_limit ? pc_now_ns() : 0, first_step = steps;
+    uint64_t slice_start = pc_now_ns();
 
     while (steps < c->limit && !atomic_load_explicit(&g->stop, memory_order_relaxed)) {
         if (g->rate_limit && !throttle(g, start_ns, steps - first_step))
+            break;
+        if ((steps & (THROTTLE_CHECK - 1)) == 0 && !throttle_pause(g, &slice_start))
             break;
         bool is_write;
         uint64_t page = next_access(g, c, &prng, &position, &is_write);

@@ -105,6 +105,9 @@ int pc_guest_start(pc_guest *g, uint64_t nsteps);
 
 /* Ask every vCPU to stop at its next access boundary; never blocks. */
 void pc_guest_request_stop(pc_guest *g);
+/* Auto-converge: every vCPU sleeps `percent` % of the time (10 ms run slices; 0-99). */
+void pc_guest_set_throttle(pc_guest *g, uint32_t percent);
+uint32_t pc_guest_throttle(const pc_guest *g);
 
 /* Wait until every vCPU has left its loop: 0, or -ETIMEDOUT after timeout_ns
  * (negative = forever). A vCPU blocked in a userfaultfd fault leaves only once

@@ -76,6 +76,7 @@ void pc_src_free(pc_src *s)
     for (uint32_t i = 0; i < s->nblocks; i++) {
         free(s->blocks[i].main_end);
         free(s->blocks[i].main_ns);
+        pc_bitmap_free(s->blocks[i].discarded);
     }
     free(s->blocks);
     free(s);
@@ -693,7 +694,43 @@ void pc_src_set_round_mode(pc_src *s, int on)
     __atomic_store_n(&s->round_mode, on, __ATOMIC_RELEASE);
 }
 
+void pc_src_resume_round(pc_src *s)
+{
+    __atomic_store_n(&s->round_end, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->round_mode, 1, __ATOMIC_RELEASE);
+}
+
 void pc_src_end_round(pc_src *s) { __atomic_store_n(&s->round_end, 1, __ATOMIC_RELEASE); }
+
+/* Word w of the pages to discard: dirty, and not discarded already (x may be NULL). */
+static inline uint64_t discard_word(const pc_bitmap *d, const pc_bitmap *x, uint64_t w)
+{
+    uint64_t v = __atomic_load_n(&d->words[w], __ATOMIC_ACQUIRE);
+    return x ? v & ~x->words[w] : v;
+}
+
+/* The next page at or after i whose discard bit is `want` (npages if none). */
+static uint64_t discard_next(const pc_bitmap *d, const pc_bitmap *x, uint64_t i, uint64_t npages, int want)
+{
+    if (i >= npages)
+        return npages;
+    uint64_t nw = pc_bitmap_nwords(d), w = i / 64;
+    uint64_t v = discard_word(d, x, w);
+    if (!want)
+        v = ~v;
+    v &= ~0ull << (i % 64);
+    for (;;) {
+        if (v) {
+            uint64_t j = w * 64 + (uint64_t)__builtin_ctzll(v);
+            return j < npages ? j : npages;
+        }
+        if (++w >= nw)
+            return npages;
+        v = discard_word(d, x, w);
+        if (!want)
+            v = ~v;
+    }
+}
 
 /* Append one discard command (n ranges) to buf; returns its length. */
 static size_t discard_cmd(uint8_t *buf, const pc_src_block *b, const uint64_t (*r)[2], int n)
@@ -715,7 +752,7 @@ static size_t discard_cmd(uint8_t *buf, const pc_src_block *b, const uint64_t (*
     return o;
 }
 
-int64_t pc_src_send_discards(pc_src *s)
+int64_t pc_src_send_discards(pc_src *s, int flags)
 {
     enum { CMD_MAX = 5 + 3 + 255 + 16 * PC_SRC_DISCARDS_PER_CMD, BUF = 64 * 1024 };
     uint8_t *buf = malloc(BUF);
@@ -727,10 +764,11 @@ int64_t pc_src_send_discards(pc_src *s)
     for (uint32_t bi = 0; bi < s->nblocks && rc == 0; bi++) {
         pc_src_block *b = &s->blocks[bi];
         uint64_t npages = b->length / PC_TARGET_PAGE_SIZE;
+        const pc_bitmap *skip = (flags & PC_SRC_DISCARD_NEW_ONLY) ? b->discarded : NULL;
         uint64_t r[PC_SRC_DISCARDS_PER_CMD][2];
         int n = 0;
-        for (uint64_t i = pc_bitmap_find_next_set(b->dirty, 0); i < npages && rc == 0;) {
-            uint64_t j = pc_bitmap_find_next_zero(b->dirty, i);
+        for (uint64_t i = discard_next(b->dirty, skip, 0, npages, 1); i < npages && rc == 0;) {
+            uint64_t j = discard_next(b->dirty, skip, i, npages, 0);
             r[n][0] = i * PC_TARGET_PAGE_SIZE;
             r[n][1] = (j - i) * PC_TARGET_PAGE_SIZE;
             total++;
@@ -742,10 +780,21 @@ int64_t pc_src_send_discards(pc_src *s)
                 rc = pc_src_chan_write(s, PC_CHAN_MAIN, buf, used);
                 used = 0;
             }
-            i = j < npages ? pc_bitmap_find_next_set(b->dirty, j) : npages;
+            i = discard_next(b->dirty, skip, j, npages, 1);
         }
         if (n && rc == 0)
             used += discard_cmd(buf + used, b, (const uint64_t (*)[2])r, n);
+        if (rc == 0 && (flags & PC_SRC_DISCARD_REMEMBER)) {
+            /* what the destination dropped now (the pages stay dirty here: no round follows) */
+            if (!b->discarded && !(b->discarded = pc_bitmap_new(b->dirty->nbits)))
+                rc = -ENOMEM;
+            else
+                for (uint64_t w = 0; w < pc_bitmap_nwords(b->dirty); w++)
+                    b->discarded->words[w] |= __atomic_load_n(&b->dirty->words[w], __ATOMIC_ACQUIRE);
+        } else if (flags & PC_SRC_DISCARD_NEW_ONLY) {
+            pc_bitmap_free(b->discarded);
+            b->discarded = NULL;
+        }
     }
     if (used && rc == 0)
         rc = pc_src_chan_write(s, PC_CHAN_MAIN, buf, used);

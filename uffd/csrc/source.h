@@ -24,6 +24,7 @@
 typedef struct pc_src_block {
     uint64_t base, length, host_page_size;
     pc_bitmap *dirty;               /* one bit per target page: still to send */
+    pc_bitmap *discarded;           /* precopy switch: discarded before the guest stopped (NULL: none) */
     uint64_t *main_end;             /* per host page: main-channel byte count once it is queued there, 0 = not */
     uint64_t *main_ns;              /* per host page: when it was queued on main */
     uint32_t idlen;
@@ -117,14 +118,22 @@ int pc_src_bulk_run(pc_src *s);
  * PC_TX_STOPPED at its next batch (the session switches over). Off: the
  * postcopy stream, which looks again until nothing is dirty. */
 void pc_src_set_round_mode(pc_src *s, int on);
+/* The next round goes on from where an ended one stopped (a sync period cut
+ * the pass): it returns PC_TX_DONE at the end of the pass. */
+void pc_src_resume_round(pc_src *s);
 void pc_src_end_round(pc_src *s);
 /* QEMU's MAX_DISCARDS_PER_COMMAND */
 #define PC_SRC_DISCARDS_PER_CMD 12
 /* Switchover: on the main channel, POSTCOPY_RAM_DISCARD commands for every
  * run of dirty host pages of every block (QEMU's encoding: byte ranges, at
  * most 12 per command, one block per command). Returns the number of ranges
- * or -errno. Hosts pages must be canonical (pc_src_canonicalize). */
-int64_t pc_src_send_discards(pc_src *s);
+ * or -errno. Hosts pages must be canonical (pc_src_canonicalize).
+ * flags: PC_SRC_DISCARD_REMEMBER (guest still running, no round after it):
+ * remember the pages discarded; PC_SRC_DISCARD_NEW_ONLY (guest stopped):
+ * only the dirty pages not discarded before, then forget what was. */
+#define PC_SRC_DISCARD_REMEMBER 1
+#define PC_SRC_DISCARD_NEW_ONLY 2
+int64_t pc_src_send_discards(pc_src *s, int flags);
 uint64_t pc_src_dirty_pages(pc_src *s);
 
 enum {
