@@ -166,6 +166,9 @@ class SnapshotMemory:
     def thaw_writers(self) -> None:
         pass
 
+    def throttle(self, percent: int) -> None:
+        pass        # a saved VM: nothing runs on this memory
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 

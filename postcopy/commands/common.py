@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from postcopy.cli import UserError
 from postcopy.service import Sample, ServiceOptions
-from postcopy.session import SwitchoverPolicy
+from postcopy.session import SwitchoverPolicy, ThrottlePolicy
 from uffd._dirty import available_method
 from postcopy.spec import GuestSpec, SpecError, parse_page_size, parse_size
 
@@ -56,19 +56,40 @@ def add_precopy_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: the downtime bound of a pure precopy finish (default 300 ms, as QEMU)")
     g.add_argument("--dirty-tracking", default="auto", choices=["auto", "wp-async", "soft-dirty"],
                    help="kernel dirty tracking: userfaultfd WP-async + PAGEMAP_SCAN (Linux 6.7+) or soft-dirty")
+    g.add_argument("--precopy-drain", type=float, default=1000.0, metavar="MS",
+                   help="at the switch, wait up to MS for the destination to take what was sent (PING/PONG) "
+                        "before the guest stops, so the downtime does not read a socket backlog (0 = stop at once; "
+                        "default 1000)")
+    g.add_argument("--precopy-throttle", action="store_true",
+                   help="auto-converge, as QEMU's: while the guest dirties more than half of what a period sends, "
+                        "twice, throttle its vCPUs (built-in guest: they sleep; another process: SIGSTOP duty cycles)")
+    g.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
+                   help="first throttle (default 20 %%, QEMU's cpu-throttle-initial)")
+    g.add_argument("--throttle-increment", type=int, default=10, metavar="PCT",
+                   help="added each time the dirty rate is still high (default 10 %%)")
+    g.add_argument("--throttle-max", type=int, default=99, metavar="PCT", help="at most (default 99 %%)")
+    g.add_argument("--throttle-period", type=float, default=1000.0, metavar="MS",
+                   help="the dirty rate is measured at least this often: a longer pass is cut and scanned "
+                        "(default 1000 ms)")
+    g.add_argument("--throttle-high-periods", type=int, default=2, metavar="N",
+                   help="throttle (more) after N periods with a high dirty rate (default 2, as QEMU)")
 
 
 def precopy_args(args: argparse.Namespace) -> list[str]:
     """The precopy options again, for a child ``postcopy source``."""
     return ["--precopy-seconds", str(args.precopy_seconds), "--switchover", args.switchover,
             "--precopy-rounds", str(args.precopy_rounds), "--max-downtime", str(args.max_downtime),
-            "--dirty-tracking", args.dirty_tracking]
+            "--dirty-tracking", args.dirty_tracking, "--precopy-drain", str(args.precopy_drain),
+            *(["--precopy-throttle"] if args.precopy_throttle else []),
+            "--throttle-initial", str(args.throttle_initial), "--throttle-increment", str(args.throttle_increment),
+            "--throttle-max", str(args.throttle_max), "--throttle-period", str(args.throttle_period),
+            "--throttle-high-periods", str(args.throttle_high_periods)]
 
 
 def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
     """None: postcopy at once. Checks that the dirty tracking works here."""
-    if args.precopy_seconds < 0 or args.precopy_rounds < 0 or args.max_downtime < 0:
-        raise UserError("--precopy-seconds, --precopy-rounds and --max-downtime must not be negative")
+    if args.precopy_seconds < 0 or args.precopy_rounds < 0 or args.max_downtime < 0 or args.precopy_drain < 0:
+        raise UserError("--precopy-seconds, --precopy-rounds, --max-downtime and --precopy-drain must not be negative")
     auto = args.switchover == "auto"
     if not auto and args.precopy_seconds == 0 and args.precopy_rounds == 0:
         return None
@@ -76,9 +97,18 @@ def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
         available_method(args.dirty_tracking)
     except OSError as exc:
         raise UserError(str(exc)) from None
+    throttle = None
+    if args.precopy_throttle:
+        try:
+            throttle = ThrottlePolicy(initial=args.throttle_initial, increment=args.throttle_increment,
+                                      maximum=args.throttle_max, high_periods=args.throttle_high_periods,
+                                      sync_seconds=args.throttle_period / 1000)
+        except ValueError as exc:
+            raise UserError(f"--precopy-throttle: {exc}") from None
     seconds = args.precopy_seconds or (30.0 if auto or not args.precopy_rounds else 0.0)
     return SwitchoverPolicy(mode="auto" if auto else "time", max_seconds=seconds, max_rounds=args.precopy_rounds,
-                            max_downtime=args.max_downtime / 1000)
+                            max_downtime=args.max_downtime / 1000, drain_seconds=args.precopy_drain / 1000,
+                            throttle=throttle)
 
 
 def guest_spec(args: argparse.Namespace) -> GuestSpec:

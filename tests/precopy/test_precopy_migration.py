@@ -19,7 +19,7 @@ import pytest
 from harness import Outcome, check, migrate
 
 from postcopy.destination import Destination
-from postcopy.session import SwitchoverPolicy
+from postcopy.session import SwitchoverPolicy, ThrottlePolicy
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K
@@ -27,7 +27,7 @@ from uffd import PAGE_2M, PAGE_4K
 pytestmark = pytest.mark.root
 
 
-def _precopy(o: Outcome, min_rounds: int = 2) -> None:
+def _precopy(o: Outcome, min_rounds: int = 2, stale: bool = True) -> None:
     pre = o.source.precopy
     assert pre is not None
     assert pre.tracking == "wp-async"
@@ -35,9 +35,13 @@ def _precopy(o: Outcome, min_rounds: int = 2) -> None:
     assert pre.bytes > 0
     assert pre.seconds > 0
     # the guest kept writing: pages went stale on the destination and were discarded at the switch
-    assert pre.dirty_pages_at_switch > 0, pre
-    assert pre.discard_ranges > 0, pre
+    # (before the stop what the last scan found, after it what the guest wrote during the drain)
+    if stale:
+        assert pre.dirty_pages_before_stop + pre.dirty_pages_at_switch > 0, pre
+        assert pre.discard_ranges > 0, pre
     assert o.dest.discard_ranges == pre.discard_ranges
+    # the link was drained before the stop: the destination answered the PING behind every precopy page
+    assert pre.drain == "pong", pre
 
 
 @pytest.mark.parametrize("pattern", ["random", "hot"])
@@ -64,6 +68,39 @@ def test_no_preempt_and_a_fast_writer() -> None:
                 source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=0.8), "tracking": "wp-async"})
     check(o, spec)
     _precopy(o, min_rounds=1)
+
+
+def test_a_flat_out_guest_drains_before_the_stop() -> None:
+    """Precopy pages queue up in the socket buffers while a flat-out guest shares the CPUs; the
+    switch waits (guest running) for the destination to take them and to drop what the last scan
+    found, so the downtime covers only the pages written since."""
+    spec = GuestSpec.simple(64 << 20, PAGE_4K, vcpus=2, pattern="random", write_percent=10)
+    o = migrate(spec, preempt=True, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=1.0), "tracking": "wp-async"})
+    check(o, spec)
+    _precopy(o, min_rounds=1)
+    pre = o.source.precopy
+    assert pre is not None
+    assert pre.discard_ranges_before_stop > 0, pre      # dropped while the guest still ran
+    assert pre.dirty_pages_before_stop > 0, pre
+    assert 0 < pre.drain_seconds < 1.0, pre
+    # what the stop still discards is only what the guest wrote during the drain
+    assert pre.discard_ranges - pre.discard_ranges_before_stop <= pre.dirty_pages_at_switch, pre
+    assert o.source.downtime_ns < 1_000_000_000, o.source.downtime_ns
+
+
+def test_throttled_precopy_of_a_flat_out_guest() -> None:
+    spec = GuestSpec.simple(64 << 20, PAGE_4K, vcpus=2, pattern="random", write_percent=50)
+    throttle = ThrottlePolicy(initial=50, increment=25, maximum=95, high_periods=1, sync_seconds=0.2)
+    o = migrate(spec, preempt=True, warmup=0.1,
+                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=1.2, throttle=throttle),
+                                "tracking": "wp-async"})
+    check(o, spec)
+    _precopy(o, min_rounds=2, stale=False)     # at 95 % the guest may write nothing after the last scan
+    pre = o.source.precopy
+    assert pre is not None
+    assert pre.throttle_percent >= 50, pre
+    assert pre.throttle_changes >= 1, pre
 
 
 def test_auto_switchover_on_an_idle_guest_converges() -> None:
@@ -115,4 +152,5 @@ def test_demo_with_precopy_verifies(tmp_path) -> None:
     assert set(pre) >= {"rounds", "bytes", "seconds", "dirty_pages_last_round", "dirty_rate_pages_per_s"}
     assert pre["rounds"] >= 2
     assert pre["bytes"] > 32 << 20
+    assert pre["drain"] == "pong"
     assert "precopy round" in r.stdout or "precopy" in r.stdout
