@@ -466,6 +466,11 @@ class SourcePath:
         """Cut the precopy pass in progress short (run_bulk returns STOPPED)."""
         lib.pc_src_end_round(self._s)
 
+    def coarsen_discards(self, max_ranges: int) -> int:
+        """Guest stopped: when the pages to discard make more than ``max_ranges`` runs, widen
+        them to aligned chunks (marked dirty: sent again); returns the chunk in target pages."""
+        return int(lib.pc_src_coarsen_discards(self._s, max_ranges))
+
     def send_discards(self, *, before_stop: bool = False) -> int:
         """POSTCOPY_RAM_DISCARD on main for every run of dirty pages; returns the ranges.
         ``before_stop`` (guest running, no round after it): remember what was discarded;

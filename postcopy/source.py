@@ -270,10 +270,11 @@ class Source:
                 return DirtyScanned(self._scan())
             case StopTracking():
                 self._stop_tracking()
-            case SendDiscards(before_stop=before_stop):
+            case SendDiscards(before_stop=before_stop, max_ranges=max_ranges):
+                chunk = self.path.coarsen_discards(max_ranges) if max_ranges and not before_stop else 1
                 self.path.canonicalize()
                 try:
-                    return DiscardsSent(self.path.send_discards(before_stop=before_stop))
+                    return DiscardsSent(self.path.send_discards(before_stop=before_stop), chunk)
                 except ConnectionError as exc:
                     return ChannelFailed(f"write on the main channel: {exc}")
             case ReloadDirty(block_index=index, received_le=bitmap):

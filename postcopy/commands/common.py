@@ -60,6 +60,10 @@ def add_precopy_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the switch, wait up to MS for the destination to take what was sent (PING/PONG) "
                         "before the guest stops, so the downtime does not read a socket backlog (0 = stop at once; "
                         "default 1000)")
+    g.add_argument("--max-discard-ranges", type=int, default=512, metavar="N",
+                   help="after the guest stopped, at most N discard ranges: more runs are widened to aligned "
+                        "chunks that are sent again (each range costs the destination time in the downtime; "
+                        "0 = no bound; default 512)")
     g.add_argument("--precopy-throttle", action="store_true",
                    help="auto-converge, as QEMU's: while the guest dirties more than half of what a period sends, "
                         "twice, throttle its vCPUs (built-in guest: they sleep; another process: SIGSTOP duty cycles)")
@@ -80,6 +84,7 @@ def precopy_args(args: argparse.Namespace) -> list[str]:
     return ["--precopy-seconds", str(args.precopy_seconds), "--switchover", args.switchover,
             "--precopy-rounds", str(args.precopy_rounds), "--max-downtime", str(args.max_downtime),
             "--dirty-tracking", args.dirty_tracking, "--precopy-drain", str(args.precopy_drain),
+            "--max-discard-ranges", str(args.max_discard_ranges),
             *(["--precopy-throttle"] if args.precopy_throttle else []),
             "--throttle-initial", str(args.throttle_initial), "--throttle-increment", str(args.throttle_increment),
             "--throttle-max", str(args.throttle_max), "--throttle-period", str(args.throttle_period),
@@ -88,7 +93,8 @@ def precopy_args(args: argparse.Namespace) -> list[str]:
 
 def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
     """None: postcopy at once. Checks that the dirty tracking works here."""
-    if args.precopy_seconds < 0 or args.precopy_rounds < 0 or args.max_downtime < 0 or args.precopy_drain < 0:
+    if args.precopy_seconds < 0 or args.precopy_rounds < 0 or args.max_downtime < 0 or args.precopy_drain < 0 \
+            or args.max_discard_ranges < 0:
         raise UserError("--precopy-seconds, --precopy-rounds, --max-downtime and --precopy-drain must not be negative")
     auto = args.switchover == "auto"
     if not auto and args.precopy_seconds == 0 and args.precopy_rounds == 0:
@@ -108,6 +114,7 @@ def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
     seconds = args.precopy_seconds or (30.0 if auto or not args.precopy_rounds else 0.0)
     return SwitchoverPolicy(mode="auto" if auto else "time", max_seconds=seconds, max_rounds=args.precopy_rounds,
                             max_downtime=args.max_downtime / 1000, drain_seconds=args.precopy_drain / 1000,
+                            max_discard_ranges=args.max_discard_ranges,
                             throttle=throttle)
 
 

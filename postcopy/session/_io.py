@@ -206,9 +206,11 @@ class DirtyScanned:
 
 @dataclass(frozen=True, slots=True)
 class DiscardsSent:
-    """After :class:`SendDiscards`: how many ranges went out."""
+    """After :class:`SendDiscards`: how many ranges went out (``chunk_pages``: the
+    target pages a range was widened to, 1 when not)."""
 
     ranges: int
+    chunk_pages: int = 1
 
 
 # -- inputs: operator commands (QMP) ------------------------------------------------
@@ -476,9 +478,12 @@ class SendDiscards:
     """Source, at the switch: POSTCOPY_RAM_DISCARD for every run of dirty host pages
     (QEMU's encoding, 12 ranges a command; answer with :class:`DiscardsSent`).
     ``before_stop``: the guest still runs (the drain before the stop): remember what
-    goes now; the discards after the stop then cover only the pages dirty since."""
+    goes now; the discards after the stop then cover only the pages dirty since.
+    ``max_ranges`` (guest stopped; 0: no bound): more runs than this are widened to
+    aligned chunks, sent again (the destination's cost, in the downtime, is per range)."""
 
     before_stop: bool = False
+    max_ranges: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,11 +111,15 @@ class SwitchoverPolicy:
     guest stops (0: stop at once, the backlog and every discard fall into the downtime)."""
     throttle: ThrottlePolicy | None = None
     """Auto-converge: slow the guest down while its dirty rate outruns the rounds."""
+    max_discard_ranges: int = 512
+    """After the stop, at most this many discard ranges (more are widened to aligned chunks
+    that go again: each range costs the destination time in the downtime; 0: no bound)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("time", "auto", "manual"):
             raise ValueError(f"switchover {self.mode!r}: choose time, auto or manual")
-        if self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0 or self.drain_seconds < 0:
+        if (self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0 or self.drain_seconds < 0
+                or self.max_discard_ranges < 0):
             raise ValueError("precopy limits must not be negative")
 
     def deadline(self, started: float) -> float | None:
@@ -167,6 +171,8 @@ class PrecopyStats:
     throttle_percent: int = 0
     """The highest throttle reached (auto-converge)."""
     throttle_changes: int = 0
+    discard_chunk_pages: int = 1
+    """After the stop: the target pages one discard range was widened to (1: not widened)."""
 
     def as_dict(self) -> dict[str, object]:
         return {"rounds": self.rounds, "bytes": self.bytes, "seconds": round(self.seconds, 4),
@@ -177,4 +183,5 @@ class PrecopyStats:
                 "drain": self.drain, "drain_seconds": round(self.drain_seconds, 4),
                 "dirty_pages_before_stop": self.dirty_pages_before_stop,
                 "discard_ranges_before_stop": self.discard_ranges_before_stop,
-                "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes}
+                "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes,
+                "discard_chunk_pages": self.discard_chunk_pages}

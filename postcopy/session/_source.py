@@ -98,6 +98,7 @@ class _Precopy:
     throttle_max: int = 0
     throttle_changes: int = 0
     high_periods: int = 0
+    discard_chunk: int = 1
 
 
 @dataclass(slots=True)
@@ -189,12 +190,14 @@ class SourceSession:
                 self._round_finished(sent, ended, now)
             case DirtyScanned(pages=pages):
                 self._scanned(pages, now)
-            case DiscardsSent(ranges=ranges):
+            case DiscardsSent(ranges=ranges, chunk_pages=chunk):
                 self.discard_ranges += ranges
                 if self.precopy is not None:
                     self.precopy.discard_ranges += ranges
                     if not self.guest_stopped:
                         self.precopy.discard_ranges_before_stop += ranges
+                    else:
+                        self.precopy.discard_chunk = chunk
             case ChannelFailed(reason=reason):
                 self._channel_failed(reason, now)
             case StartPostcopy():
@@ -461,7 +464,8 @@ class SourceSession:
                                 "pong", "timeout") else "", drain_seconds=p.drain_seconds,
                             dirty_pages_before_stop=p.dirty_before_stop,
                             discard_ranges_before_stop=p.discard_ranges_before_stop,
-                            throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes)
+                            throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes,
+                            discard_chunk_pages=p.discard_chunk)
 
     def _maybe_switch(self, now: float) -> None:
         p = self.precopy
@@ -506,7 +510,8 @@ class SourceSession:
             # dropped on the destination (QEMU's ranges, 12 a command) and sent again
             p.ended_at = stopped_at
             # tracking stops once the switch is on the wire (its teardown is no downtime)
-            self._out += [ScanDirty(), SendDiscards(), Write(Channel.MAIN, self._encode(tail)), StopTracking()]
+            self._out += [ScanDirty(), SendDiscards(max_ranges=p.policy.max_discard_ranges),
+                          Write(Channel.MAIN, self._encode(tail)), StopTracking()]
         self._move(Trigger.RUN, now)
         self._stream(now)
 

@@ -55,7 +55,7 @@ def test_rounds_go_on_until_the_deadline_then_cut_the_round_short() -> None:
     # guest running: scan, discard what it found, PING; its PONG (answered at once here) stops the guest
     assert acts[:4] == [ScanDirty(), SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_PING_BYTES),
                         StopGuest()]
-    assert SendDiscards() in acts[4:]
+    assert SendDiscards(max_ranges=512) in acts[4:]
     assert s.s.status is S.POSTCOPY_ACTIVE
     st = s.s.precopy_stats(s.now)
     assert st is not None and st.rounds == 4 and st.bytes == 3 * 64 * MB + MB and st.switch_reason == "time"
@@ -185,7 +185,7 @@ def test_the_guest_stops_when_the_drain_ping_is_answered() -> None:
     acts = s.rp(wire.Pong(value=DRAIN_PING))
     assert acts[0] == StopGuest()
     # guest stopped: the exact scan, only the new discards, then the switch; tracking ends after it
-    assert acts[1:3] == [ScanDirty(), SendDiscards()]
+    assert acts[1:3] == [ScanDirty(), SendDiscards(max_ranges=512)]
     assert isinstance(acts[3], Write) and wire.encode(wire.PostcopyListen()) in acts[3].data
     assert acts[4] == StopTracking()
     assert s.s.status is S.POSTCOPY_ACTIVE

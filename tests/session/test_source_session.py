@@ -132,7 +132,7 @@ def active_run_after_precopy(preempt: bool):
     acts = s.feed(RoundFinished(bytes=4096, ended=True))
     # guest running: scan, discards, the drain PING (answered at once by the driver); then the stop
     assert [a for a in acts[:4] if not isinstance(a, Write)] == [ScanDirty(), SendDiscards(before_stop=True), StopGuest()]
-    assert acts[4:6] == [ScanDirty(), SendDiscards()] and StopTracking() in acts
+    assert acts[4:6] == [ScanDirty(), SendDiscards(max_ranges=512)] and StopTracking() in acts
     data = _writes(acts)
     assert wire.encode(wire.PostcopyRun()) in data
     assert b"pc.ram" not in data.split(wire.encode(wire.Ping(value=2)))[0], "no whole-block discard after precopy"

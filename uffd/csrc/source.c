@@ -752,6 +752,46 @@ static size_t discard_cmd(uint8_t *buf, const pc_src_block *b, const uint64_t (*
     return o;
 }
 
+/* Runs of chunks of c target pages holding a page to discard (dirty, not discarded before). */
+static uint64_t discard_runs(const pc_src *s, uint64_t c)
+{
+    uint64_t runs = 0;
+    for (uint32_t bi = 0; bi < s->nblocks; bi++) {
+        const pc_src_block *b = &s->blocks[bi];
+        uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, last = UINT64_MAX;
+        for (uint64_t i = discard_next(b->dirty, b->discarded, 0, npages, 1); i < npages;) {
+            uint64_t k = i / c;
+            if (last == UINT64_MAX || k != last + 1)
+                runs++;
+            last = k;
+            i = discard_next(b->dirty, b->discarded, (k + 1) * c, npages, 1);
+        }
+    }
+    return runs;
+}
+
+int64_t pc_src_coarsen_discards(pc_src *s, uint64_t max_ranges)
+{
+    uint64_t c = 1;
+    while (c < PC_SRC_COARSEN_MAX_PAGES && discard_runs(s, c) > max_ranges)
+        c *= 2;
+    if (c == 1)
+        return 1;
+    for (uint32_t bi = 0; bi < s->nblocks; bi++) {
+        pc_src_block *b = &s->blocks[bi];
+        uint64_t npages = b->length / PC_TARGET_PAGE_SIZE;
+        for (uint64_t i = discard_next(b->dirty, b->discarded, 0, npages, 1); i < npages;) {
+            uint64_t k = i / c, start = k * c, n = start + c <= npages ? c : npages - start;
+            /* the whole chunk goes again: dropped on the destination, sent again from here */
+            pc_bitmap_set_range_atomic(b->dirty, start, n);
+            if (b->discarded)
+                pc_bitmap_clear_range_atomic(b->discarded, start, n);
+            i = discard_next(b->dirty, b->discarded, start + n, npages, 1);
+        }
+    }
+    return (int64_t)c;
+}
+
 int64_t pc_src_send_discards(pc_src *s, int flags)
 {
     enum { CMD_MAX = 5 + 3 + 255 + 16 * PC_SRC_DISCARDS_PER_CMD, BUF = 64 * 1024 };

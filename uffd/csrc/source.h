@@ -134,6 +134,12 @@ void pc_src_end_round(pc_src *s);
 #define PC_SRC_DISCARD_REMEMBER 1
 #define PC_SRC_DISCARD_NEW_ONLY 2
 int64_t pc_src_send_discards(pc_src *s, int flags);
+/* Guest stopped, before the discards: at most max_ranges of them. When the
+ * pages to discard make more runs, whole aligned chunks of 2, 4, ... (at most
+ * PC_SRC_COARSEN_MAX_PAGES) target pages are discarded and sent again instead
+ * (the destination's cost is per range). Returns the chunk in target pages (1: as they were). */
+#define PC_SRC_COARSEN_MAX_PAGES 512
+int64_t pc_src_coarsen_discards(pc_src *s, uint64_t max_ranges);
 uint64_t pc_src_dirty_pages(pc_src *s);
 
 enum {
