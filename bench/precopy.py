@@ -7,10 +7,13 @@ downtime (guest stop -> PONG 3) and the precopy figures. Also:
     WP-async tracking scanned every 100 ms (PAGEMAP_SCAN collect + re-protect), as
     during precopy;
   * read-mostly check: --write-percent 10, 2 s of precopy must take fewer than a
-    fifth of the remote faults of pure postcopy (prints ok/miss).
+    fifth of the remote faults of pure postcopy (prints ok/miss), as it is and with
+    --precopy-throttle (auto-converge: QEMU's defaults, and a fast one);
+  * downtime after precopy with the drain before the stop (default) and without it
+    (--precopy-drain 0 --max-discard-ranges 0: the switch as before the drain).
 
-Usage: python3 bench/precopy.py [--sizes 1G] [--downtime-sizes 256M,1G] [--precopy-seconds 2]
-       [--guest-rate N] [--json PATH]
+Usage: python3 bench/precopy.py [--sizes 1G] [--downtime-sizes 256M,1G,4G] [--precopy-seconds 2]
+       [--guest-rate N] [--skip-workloads] [--json PATH]
 The bench prints figures (and JSON); it asserts nothing.
 """
 
@@ -34,24 +37,38 @@ from uffd import PAGE_4K, Bitmap, RamBlock
 from uffd._dirty import DirtyTracker
 
 
+#: the switch as it was before the drain: stop at once, every discard (however many) in the downtime
+NO_DRAIN = ["--precopy-drain", "0", "--max-discard-ranges", "0"]
+#: auto-converge as QEMU's defaults (20 % first, +10 %, two high 1 s periods)
+THROTTLE_QEMU = ["--precopy-throttle"]
+#: auto-converge fast enough for 2 s: 0.3 s periods, one is enough, 90 % first
+THROTTLE_FAST = ["--precopy-throttle", "--throttle-initial", "90", "--throttle-high-periods", "1",
+                 "--throttle-period", "300"]
+
+
 def demo(size: str, pattern: str, precopy: float, *, write_percent: int = 50, guest_rate: int = 0,
-         page_size: str = "4K") -> dict[str, Any]:
+         page_size: str = "4K", extra: list[str] | None = None, label: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo.json"
         cmd = [sys.executable, "-m", "postcopy", "demo", "--size", size, "--page-size", page_size,
                "--pattern", pattern, "--write-percent", str(write_percent), "--guest-rate", str(guest_rate),
-               "--precopy-seconds", str(precopy), "--verify", "--progress", "none", "--json", str(out)]
+               "--precopy-seconds", str(precopy), "--verify", "--progress", "none", "--json", str(out),
+               *(extra or [])]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
         d: dict[str, Any] = json.loads(out.read_text())
     pre = d.get("precopy") or {}
     return {"size": size, "pattern": pattern, "write_percent": write_percent, "guest_rate": guest_rate,
-            "precopy_s": precopy, "verified": d["verified"], "remote_faults": d["remote_faults"],
+            "precopy_s": precopy, "variant": label or ("pure" if precopy == 0 else "precopy"), "verified": d["verified"], "remote_faults": d["remote_faults"],
             "total_s": d["total_time_s"], "postcopy_s": d["postcopy_time_s"], "downtime_ms": d["downtime_ms"],
             "bytes": d["bytes_transferred"], "rounds": pre.get("rounds", 0), "precopy_bytes": pre.get("bytes", 0),
             "dirty_last_round": pre.get("dirty_pages_last_round", 0),
-            "dirty_rate": pre.get("dirty_rate_pages_per_s", 0.0), "discarded": pre.get("dirty_pages_at_switch", 0)}
+            "dirty_rate": pre.get("dirty_rate_pages_per_s", 0.0), "discarded": pre.get("dirty_pages_at_switch", 0),
+            "drain": pre.get("drain", ""), "drain_s": pre.get("drain_seconds", 0.0),
+            "discard_ranges": pre.get("discard_ranges", 0),
+            "discard_ranges_after_stop": pre.get("discard_ranges", 0) - pre.get("discard_ranges_before_stop", 0),
+            "discard_chunk": pre.get("discard_chunk_pages", 1), "throttle": pre.get("throttle_percent", 0)}
 
 
 def tracking_cost(size: int, seconds: float = 1.0, scan_every: float = 0.1) -> dict[str, float]:
@@ -96,35 +113,44 @@ def tracking_cost(size: int, seconds: float = 1.0, scan_every: float = 0.1) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1G")
-    ap.add_argument("--downtime-sizes", default="256M,1G")
+    ap.add_argument("--downtime-sizes", default="256M,1G,4G")
     ap.add_argument("--precopy-seconds", type=float, default=2.0)
     ap.add_argument("--guest-rate", type=int, default=0, help="accesses/s per vCPU of the workload rows (0 = flat out)")
+    ap.add_argument("--skip-workloads", action="store_true", help="only the downtime and read-mostly rows")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
-    print(f"{'size':>5} {'pattern':>7} {'wr%':>4} {'rate':>6} {'precopy':>7} {'rounds':>6} {'faults':>7} "
-          f"{'total s':>8} {'downtime ms':>11} {'discarded':>9} {'verify':>6}")
+    print(f"{'size':>5} {'pattern':>7} {'wr%':>4} {'rate':>6} {'variant':>14} {'rounds':>6} {'faults':>7} "
+          f"{'total s':>8} {'downtime ms':>11} {'drain':>13} {'ranges':>12} {'thr%':>4} {'verify':>6}")
 
     def show(r: dict[str, Any]) -> None:
         rows.append(r)
-        print(f"{r['size']:>5} {r['pattern']:>7} {r['write_percent']:>4} {r['guest_rate']:>6} {r['precopy_s']:>7} "
+        drain = f"{r['drain']} {r['drain_s'] * 1000:.0f}ms" if r["drain"] else "-"
+        ranges = f"{r['discard_ranges']}/{r['discard_ranges_after_stop']}" if r["precopy_s"] else "-"
+        print(f"{r['size']:>5} {r['pattern']:>7} {r['write_percent']:>4} {r['guest_rate']:>6} {r['variant']:>14} "
               f"{r['rounds']:>6} {r['remote_faults']:>7} {r['total_s']:>8.2f} {r['downtime_ms']:>11.1f} "
-              f"{r['discarded']:>9} {'ok' if r['verified'] else 'FAIL':>6}", flush=True)
+              f"{drain:>13} {ranges:>12} {r['throttle']:>4} {'ok' if r['verified'] else 'FAIL':>6}", flush=True)
 
-    for size in args.sizes.split(","):
-        for pattern in ("hot", "random"):
-            for pre in (0.0, args.precopy_seconds):
-                show(demo(size, pattern, pre, guest_rate=args.guest_rate))
+    pre_s = args.precopy_seconds
+    if not args.skip_workloads:
+        for size in args.sizes.split(","):
+            for pattern in ("hot", "random"):
+                for pre in (0.0, pre_s):
+                    show(demo(size, pattern, pre, guest_rate=args.guest_rate))
     downtime: dict[str, dict[str, float]] = {}
     for size in args.downtime_sizes.split(","):
-        pure = next((r for r in rows if r["size"] == size and r["pattern"] == "hot" and r["precopy_s"] == 0), None)
-        pre = next((r for r in rows if r["size"] == size and r["pattern"] == "hot" and r["precopy_s"] > 0), None)
-        if pure is None:
-            show(pure := demo(size, "hot", 0.0, guest_rate=args.guest_rate))
-        if pre is None:
-            show(pre := demo(size, "hot", args.precopy_seconds, guest_rate=args.guest_rate))
-        downtime[size] = {"postcopy_ms": pure["downtime_ms"], "precopy_then_postcopy_ms": pre["downtime_ms"]}
-    print("\ndowntime (hot):", json.dumps(downtime))
+        def row(variant: str, pre: float, extra: list[str] | None = None, size: str = size) -> dict[str, Any]:
+            r = next((r for r in rows if r["size"] == size and r["pattern"] == "hot" and r["variant"] == variant), None)
+            if r is None:
+                r = demo(size, "hot", pre, guest_rate=args.guest_rate, extra=extra, label=variant)
+                show(r)
+            return r
+        pure = row("pure", 0.0)
+        before = row("no-drain", pre_s, NO_DRAIN)
+        after = row("precopy", pre_s)
+        downtime[size] = {"postcopy_ms": pure["downtime_ms"], "precopy_no_drain_ms": before["downtime_ms"],
+                          "precopy_drain_ms": after["downtime_ms"]}
+    print("\ndowntime (hot, 50 % writes, flat out):", json.dumps(downtime))
     cost = tracking_cost(parse_size("1G"))
     print(f"tracking cost (1 GiB, random, 50% writes, scan every 100 ms): {cost['untracked'] / 1e6:.2f} M accesses/s "
           f"untracked, {cost['wp-async'] / 1e6:.2f} M with WP-async ({cost['slowdown']:.2f}x), "
@@ -132,13 +158,17 @@ def main() -> int:
     checks = {}
     for rate in (0, 20000):
         pure = demo("1G", "random", 0.0, write_percent=10, guest_rate=rate)
-        pre = demo("1G", "random", 2.0, write_percent=10, guest_rate=rate)
         show(pure)
-        show(pre)
-        ok = pre["remote_faults"] * 5 < pure["remote_faults"]
-        checks[f"rate {rate or 'flat out'}"] = ok
-        print(f"read-mostly (1G random, 10% writes, guest rate {rate or 'flat out'}): {pre['remote_faults']} vs "
-              f"{pure['remote_faults']} remote faults: {'ok' if ok else 'miss'} (< 1/5 required)", flush=True)
+        variants = [("precopy", None)] + ([("throttle-qemu", THROTTLE_QEMU), ("throttle-fast", THROTTLE_FAST)]
+                                          if rate == 0 else [])
+        for label, extra in variants:
+            pre = demo("1G", "random", pre_s, write_percent=10, guest_rate=rate, extra=extra, label=label)
+            show(pre)
+            ok = pre["remote_faults"] * 5 < pure["remote_faults"]
+            checks[f"rate {rate or 'flat out'} {label}"] = ok
+            print(f"read-mostly (1G random, 10% writes, guest rate {rate or 'flat out'}, {label}): "
+                  f"{pre['remote_faults']} vs {pure['remote_faults']} remote faults: "
+                  f"{'ok' if ok else 'miss'} (< 1/5 required)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "downtime": downtime, "tracking_cost": cost,
                                                "read_mostly": checks}, indent=1))
