@@ -201,6 +201,10 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
               f"{pre['bytes'] / 1e6:.1f} MB, last round {pre['dirty_pages_last_round']} dirty pages "
               f"({pre['dirty_rate_pages_per_s']:.0f}/s), {pre['dirty_pages_at_switch']} pages discarded in "
               f"{pre['discard_ranges']} ranges at the switch ({pre['switch_reason']})")
+        if pre.get("drain"):
+            print(f"demo: drained before the stop in {pre['drain_seconds'] * 1000:.0f} ms ({pre['drain']}), "
+                  f"{pre['discard_ranges'] - pre['discard_ranges_before_stop']} discard ranges after it"
+                  + (f", throttled up to {pre['throttle_percent']} %" if pre.get("throttle_percent") else ""))
     lat = report["fault_latency_us"]
     print(f"demo: {report['status']} in {report['total_time_s']:.3f} s: "
           f"{report['bytes_transferred'] / 1e6:.1f} MB at {report['throughput_bytes_per_s'] / 1e9:.2f} GB/s, "
