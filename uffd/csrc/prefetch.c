@@ -246,3 +246,25 @@ void pc_pf_unmark_sent(pc_prefetch *p, uint32_t block, uint64_t page)
     if (test_clear(p, block, (int64_t)page))
         p->c.pages_sent -= tp(p, block);
 }
+
+int pc_pf_zone(const pc_prefetch *p, int i, uint32_t *block, uint64_t *lo, uint64_t *hi)
+{
+    if (i < 0 || i >= PC_PF_STREAMS)
+        return 0;
+    const pc_pf_stream *s = &p->st[i];
+    if (!s->active || !s->confirmed)
+        return 0;
+    int64_t npages = (int64_t)p->npages[s->block];
+    int64_t beyond = s->target + (int64_t)s->window * s->stride;    /* one more window past what is due */
+    int64_t near = s->stride > 0 ? s->last : beyond, far = s->stride > 0 ? beyond : s->last;
+    if (near < 0)
+        near = 0;
+    if (far > npages - 1)
+        far = npages - 1;
+    if (near > far)
+        return 0;
+    *block = s->block;
+    *lo = (uint64_t)near;
+    *hi = (uint64_t)far + 1;
+    return 1;
+}

@@ -408,6 +408,47 @@ static int drain_queue(pc_src *s, batch *bt, int *in_section)
     }
 }
 
+/* How long a stream's zone stays the prefetch's after its last request. */
+#define ZONE_NS 20000000ull
+
+static void publish_zones(pc_src *s)
+{
+    uint64_t now = pc_now_ns();
+    for (int i = 0; i < PC_PF_STREAMS; i++) {
+        uint32_t bi;
+        uint64_t lo, hi;
+        if (!pc_pf_zone(&s->pf, i, &bi, &lo, &hi)) {
+            __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
+            continue;
+        }
+        uint64_t ntp = s->blocks[bi].host_page_size / PC_TARGET_PAGE_SIZE;
+        if (__atomic_load_n(&s->zone[i].lo, __ATOMIC_RELAXED) == lo * ntp &&
+            __atomic_load_n(&s->zone[i].block, __ATOMIC_RELAXED) == bi &&
+            __atomic_load_n(&s->zone[i].hi, __ATOMIC_RELAXED) == hi * ntp &&
+            __atomic_load_n(&s->zone[i].until_ns, __ATOMIC_RELAXED))
+            continue;       /* unchanged: its clock runs from its last move */
+        __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->zone[i].block, bi, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].lo, lo * ntp, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].hi, hi * ntp, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].until_ns, now + ZONE_NS, __ATOMIC_RELEASE);
+    }
+}
+
+/* Bulk side: the end of the live prefetch zone target page i of block bi is in, or i. */
+static uint64_t past_zones(pc_src *s, uint32_t bi, uint64_t i, uint64_t now)
+{
+    for (int z = 0; z < PC_PF_STREAMS; z++) {
+        uint64_t until = __atomic_load_n(&s->zone[z].until_ns, __ATOMIC_ACQUIRE);
+        if (!until || now >= until || __atomic_load_n(&s->zone[z].block, __ATOMIC_RELAXED) != bi)
+            continue;
+        uint64_t lo = __atomic_load_n(&s->zone[z].lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&s->zone[z].hi, __ATOMIC_RELAXED);
+        if (i >= lo && i < hi)
+            return hi;
+    }
+    return i;
+}
+
 /* Wait until `until` (monotonic ns) or a stop; without preempt, requested
  * pages are sent while waiting: they never wait for the cap. */
 static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
@@ -442,7 +483,8 @@ int pc_src_bulk_run(pc_src *s)
         return src_fail(s, PC_TX_E_IO, ENOMEM, "out of memory");
     pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
     int in_section = 0, rc = 0, result = PC_TX_DONE;
-    uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0;
+    uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0, pass_pages = 0;
+    int skipped_zone = 0;           /* this pass left pages to the prefetch */
     pthread_mutex_lock(&c->lock);
     int round_mode = __atomic_load_n(&s->round_mode, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -454,7 +496,7 @@ int pc_src_bulk_run(pc_src *s)
             break;
         uint64_t flushed_before = bt->flushed;     /* requested pages above do not count against the cap */
         /* Gather up to BATCH_RECORDS target pages of whole host pages. */
-        uint64_t records = 0;
+        uint64_t records = 0, now = pc_now_ns();
         while (records < BATCH_RECORDS && s->cursor_block < s->nblocks) {
             pc_src_block *b = &s->blocks[s->cursor_block];
             uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
@@ -465,6 +507,12 @@ int pc_src_bulk_run(pc_src *s)
                 continue;
             }
             uint64_t first = i - i % ntp;
+            uint64_t past = past_zones(s, s->cursor_block, first, now);
+            if (past != first) {
+                s->cursor_page = past;      /* a guest walks there: the prefetch sends it */
+                skipped_zone = 1;
+                continue;
+            }
             s->cursor_page = first + ntp;
             if (!claim_host_page(b, first * PC_TARGET_PAGE_SIZE))
                 continue;       /* a request took it first */
@@ -478,6 +526,7 @@ int pc_src_bulk_run(pc_src *s)
                 break;
             __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
             records += ntp;
+            pass_pages++;
         }
         if (rc < 0)
             break;
@@ -513,6 +562,13 @@ int pc_src_bulk_run(pc_src *s)
              * may have: look once more from the start. */
             if (pc_src_dirty_pages(s) == 0)
                 break;
+            if (skipped_zone && !pass_pages) {
+                /* all that is left is where guests walk: the prefetch sends it, or the zones expire */
+                struct timespec nap = { 0, 1000000 };
+                nanosleep(&nap, NULL);
+            }
+            skipped_zone = 0;
+            pass_pages = 0;
             s->cursor_block = 0;
             s->cursor_page = 0;
             continue;
@@ -691,8 +747,10 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
             pthread_mutex_unlock(&s->qlock);
         }
     }
-    if (s->preempt && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) >= 0)
+    if (s->preempt && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) >= 0) {
         pc_pf_request(&s->pf, bi, start / hps);
+        publish_zones(s);
+    }
     return 0;
 }
 

@@ -82,6 +82,11 @@ typedef struct pc_src {
     char err_msg[256];
     pc_src_counters c;
     pc_prefetch pf;                 /* the return-path thread's; pc_src_restart forgets its streams */
+    /* Where the prefetch streams go next (target pages [lo, hi) of a block),
+     * published by the return-path thread for the bulk stream, which leaves
+     * them to the prefetch until `until_ns` (a stream that stops asking
+     * loses its zone soon). */
+    struct { uint32_t block; uint64_t lo, hi, until_ns; } zone[PC_PF_STREAMS];
 } pc_src;
 
 pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id);
