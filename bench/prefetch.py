@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from postcopy.spec import parse_size  # noqa: E402
+from postcopy.spec import parse_size
 
 TARGET_PAGE = 4096
 

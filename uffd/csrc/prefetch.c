@@ -171,7 +171,7 @@ int pc_pf_request(pc_prefetch *p, uint32_t block, uint64_t page)
                 p->c.hits++;
                 return 1;
             }
-            if (s->confirmed && k <= reach + (int64_t)max_window(p, block)) {
+            if (s->confirmed && k <= reach + (int64_t)s->window) {
                 /* further along the line: the guest skipped pages sent for it */
                 s->window = shrink(p, block, s->window);
                 s->last = q;

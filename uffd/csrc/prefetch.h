@@ -8,8 +8,8 @@
  * lands on the stream's line, at most one step past what was already sent
  * ahead, is a hit: the window (host pages sent ahead of the last request)
  * doubles up to the cap and the pages up to last + stride * window become due.
- * A request further along the line (the guest skipped pages sent for it)
- * halves the window; a request that matches no stream re-anchors a nearby
+ * A request further along the line, less than a window past what was sent
+ * (the guest skipped pages sent for it), halves the window; a request that matches no stream re-anchors a nearby
  * stream with a new candidate stride or takes the least recently used slot.
  * A stride is trusted once two requests in a row confirm it.
  *
