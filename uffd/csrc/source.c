@@ -182,6 +182,8 @@ void pc_src_restart(pc_src *s)
     s->cursor_block = 0;
     s->cursor_page = 0;
     pc_pf_reset(&s->pf);        /* the return-path thread is not running */
+    for (int i = 0; i < PC_PF_STREAMS; i++)
+        __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
 }
 
