@@ -4,6 +4,10 @@ random guest gets (almost) nothing sent ahead."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -80,3 +84,25 @@ def test_no_prefetch_without_preempt() -> None:
     check(o, spec)
     assert o.source.prefetch is None
     assert o.source.counters["prefetch_pages_sent"] == 0
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_demo_reports_prefetch(tmp_path: Path, prefetch: bool) -> None:
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "postcopy", "demo", "--size", "64M", "--progress", "none", "--json", str(out),
+         "--prefetch" if prefetch else "--no-prefetch"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    assert report["status"] == "completed"
+    assert report["config"]["prefetch"] is prefetch
+    if not prefetch:
+        assert report["prefetch"] is None
+        return
+    pf = report["prefetch"]
+    assert set(pf) == {"pages_sent", "pages_used", "windows", "hits", "misses", "wasted_estimate", "wasted_fraction"}
+    assert pf["pages_sent"] > 0
+    assert pf["wasted_estimate"] == pf["pages_sent"] - pf["pages_used"]
+    assert "prefetch sent" in proc.stdout
