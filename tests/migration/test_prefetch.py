@@ -39,8 +39,8 @@ def test_sequential_guest_needs_far_fewer_remote_faults() -> None:
     check(on, spec)
     pf = on.source.prefetch
     assert pf is not None
-    assert pf.hits > 0
-    assert pf.pages_sent > PAGES // 4, pf
+    assert pf.hits > 0, pf
+    assert pf.pages_sent > PAGES // 10, pf
     assert pf.wasted_estimate < pf.pages_sent // 2, pf
     assert off.dest.remote_faults > 100, "the guest did not run ahead of the stream: nothing to compare"
     assert on.dest.remote_faults * 3 < off.dest.remote_faults, (on.dest.remote_faults, off.dest.remote_faults)
