@@ -426,6 +426,12 @@ class SourcePath:
         """Never send a host page twice (a QEMU destination fails on the second copy)."""
         lib.pc_src_set_send_once(self._s, int(once))
 
+    def set_prefetch(self, max_window: int, min_window: int = 0) -> None:
+        """Send ahead of sequential and strided request streams on the preempt channel, in windows
+        of ``min_window`` up to ``max_window`` bytes (at least one host page; ``max_window`` 0: off).
+        Before the return path runs."""
+        lib.pc_src_set_prefetch(self._s, min_window, max_window)
+
     def stop(self) -> None:
         lib.pc_src_stop(self._s)
 
@@ -497,6 +503,9 @@ class SourcePath:
         out = {name: int(getattr(s.c, name)) for name in (
             "requests", "request_pages_sent", "request_pages_skipped", "resent_target_pages", "requests_queued",
             "host_pages_sent")}
+        pf = s.pf.c
+        for name in ("hits", "misses", "windows", "pages_sent", "pages_used"):
+            out[f"prefetch_{name}"] = int(getattr(pf, name))
         for ch, label in ((0, "main"), (1, "preempt")):
             out[f"{label}_pages_normal"] = int(s.chan[ch].pages_normal)
             out[f"{label}_pages_zero"] = int(s.chan[ch].pages_zero)

@@ -674,9 +674,11 @@ class SourceService(_RoleService[R]):
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
                  owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
-                 tracking: str = "auto", recover_connect: tuple[str, int] | None = None) -> None:
+                 tracking: str = "auto", recover_connect: tuple[str, int] | None = None,
+                 prefetch: bool = True) -> None:
         """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``.
-        ``recover_connect``: where to reconnect after a pause (default: where it migrates to)."""
+        ``recover_connect``: where to reconnect after a pause (default: where it migrates to).
+        ``prefetch``: send ahead of the destination's sequential request streams (with preempt)."""
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
@@ -692,6 +694,7 @@ class SourceService(_RoleService[R]):
         self.precopy = precopy
         self.tracking = tracking
         self.recover_connect = recover_connect
+        self.prefetch = prefetch
         self.source: Source | None = None
         self.switchover: threading.Event | None = None
         self._total_pages = sum(b.used_length for b in memory) // TARGET_PAGE_SIZE
@@ -714,7 +717,7 @@ class SourceService(_RoleService[R]):
         self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
                              auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking,
-                             recover_address=self.recover_connect)
+                             recover_address=self.recover_connect, prefetch=self.prefetch)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source

@@ -42,6 +42,7 @@ from .session import (
     MigrationStats,
     MigrationStatus,
     PauseRequested,
+    PrefetchStats,
     ReloadDirty,
     ResumeRequested,
     ReturnPathMessage,
@@ -69,6 +70,10 @@ log = logging.getLogger("postcopy.source")
 
 _CHANNEL_IDS = {Channel.MAIN: CHAN_MAIN, Channel.PREEMPT: CHAN_PREEMPT}
 
+#: Prefetch windows (bytes): the first window of a stream, and the most sent ahead of one stream.
+PREFETCH_MIN_WINDOW = 64 << 10
+PREFETCH_MAX_WINDOW = 4 << 20
+
 
 class Source:
     """Migrate the memory of ``owner`` (and whatever runs on it) to a destination.
@@ -84,9 +89,12 @@ class Source:
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
                  backoff: tuple[float, float] = (0.01, 0.02), precopy: SwitchoverPolicy | None = None,
-                 tracking: str = "auto", recover_address: tuple[str, int] | None = None) -> None:
+                 tracking: str = "auto", recover_address: tuple[str, int] | None = None,
+                 prefetch: bool = True) -> None:
         """``recover_address``: where reconnections after a pause go (default: the migrate address),
-        e.g. where a paused QEMU destination listens after ``migrate-recover URI``."""
+        e.g. where a paused QEMU destination listens after ``migrate-recover URI``.
+        ``prefetch``: with preempt, send ahead of sequential and strided request streams
+        (:data:`PREFETCH_MIN_WINDOW` growing to :data:`PREFETCH_MAX_WINDOW` bytes)."""
         self.owner = owner
         #: precopy rounds before the switch (None: postcopy at once)
         self.precopy = precopy
@@ -108,6 +116,8 @@ class Source:
         self.path = SourcePath(list(self.blocks), RAM_SECTION_ID)
         self.path.configure(preempt=preempt, bandwidth_cap=bandwidth_cap)
         self.path.set_heartbeat(heartbeat)
+        self.prefetch = prefetch and preempt
+        self.path.set_prefetch(PREFETCH_MAX_WINDOW if self.prefetch else 0, PREFETCH_MIN_WINDOW)
         # A QEMU machine goes to QEMU (or to a destination that takes what QEMU takes): QEMU's destination
         # fails on a page placed twice, so a requested page in flight on main is not sent again on preempt.
         self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
@@ -467,5 +477,7 @@ class Source:
             recovery_errors=tuple(s.recovery_errors) if s is not None else (),
             counters=c,
             precopy=s.precopy_stats(now) if s is not None else None,
+            prefetch=PrefetchStats(c["prefetch_pages_sent"], c["prefetch_pages_used"], c["prefetch_windows"],
+                                   c["prefetch_hits"], c["prefetch_misses"]) if self.prefetch else None,
         )
 

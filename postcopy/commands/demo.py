@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth-cap", default="0", metavar="BYTES_PER_S",
                    help="cap the background stream (e.g. 100M); requested pages are never capped")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the source guest runs before the switch")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="the source sends ahead of sequential and strided page-request streams (with preempt; "
+                        "default on)")
     p.add_argument("--verify", action="store_true",
                    help="compare every page the destination placed with the source's at the switch, "
                         "and check the guest's own invariant")
@@ -130,7 +133,8 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         t = Path(tmp)
         dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json")]
         src_cmd = [*exe, "source", "--connect", source_addr, *_guest_args(args), "--json", str(t / "source.json"),
-                   "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup), *precopy_args(args)]
+                   "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup), *precopy_args(args),
+                   "--prefetch" if args.prefetch else "--no-prefetch"]
         dest_cmd += ["--progress", "jsonl"]
         src_cmd += ["--progress", "none"]
         if args.metrics_port is not None:
@@ -178,6 +182,7 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         "guest_verify": d.get("guest_verify"),
         "recoveries": s.get("recoveries", 0),
         "precopy": s.get("precopy"),
+        "prefetch": s.get("prefetch"),
         "discard_ranges": s.get("discard_ranges", 0),
         "paused_seconds": s.get("paused_seconds", 0.0),
         "wall_time_s": round(elapsed, 3),
@@ -187,7 +192,7 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         "config": {"size": args.size, "page_size": args.page_size, "vcpus": args.vcpus, "pattern": args.pattern,
                    "preempt": args.preempt, "bandwidth_cap": args.bandwidth_cap,
                    "precopy_seconds": args.precopy_seconds, "switchover": args.switchover,
-                   "dirty_tracking": args.dirty_tracking},
+                   "dirty_tracking": args.dirty_tracking, "prefetch": args.prefetch},
     }
     if proxy is not None:
         cuts = [e for e in proxy.log() if e["event"] == "cut"]
@@ -205,6 +210,11 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
             print(f"demo: drained before the stop in {pre['drain_seconds'] * 1000:.0f} ms ({pre['drain']}), "
                   f"{pre['discard_ranges'] - pre['discard_ranges_before_stop']} discard ranges after it"
                   + (f", throttled up to {pre['throttle_percent']} %" if pre.get("throttle_percent") else ""))
+    pf = report["prefetch"]
+    if pf:
+        print(f"demo: prefetch sent {pf['pages_sent']} pages ahead in {pf['windows']} windows "
+              f"({pf['hits']} hits, {pf['misses']} misses), {pf['wasted_estimate']} never passed "
+              f"({pf['wasted_fraction']:.1%})")
     lat = report["fault_latency_us"]
     print(f"demo: {report['status']} in {report['total_time_s']:.3f} s: "
           f"{report['bytes_transferred'] / 1e6:.1f} MB at {report['throughput_bytes_per_s'] / 1e9:.2f} GB/s, "

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="migrate the saved VM of this snapshot directory (docs/snapshot.md), not the built-in guest")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the guest runs before the switch")
     p.add_argument("--bandwidth-cap", default="0", help="bytes per second for the background stream (0 = none)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="with preempt, send pages ahead of sequential and strided page-request streams "
+                        "(default on)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the destination")
     p.add_argument("--recover-connect", metavar="HOST:PORT",
                    help="after a pause, reconnect here instead of --connect (e.g. where a paused QEMU destination "
@@ -95,6 +98,7 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
                   "zero": c["main_pages_zero"] + c["preempt_pages_zero"],
                   "requested": c["request_pages_sent"]},
         "requests_received": c["requests"],
+        "prefetch": result.prefetch.as_dict() if result.prefetch is not None else None,
         "bad_requests": result.bad_requests,
         "discard_ranges": result.discard_ranges,
         "precopy": result.precopy.as_dict() if result.precopy is not None else None,
@@ -134,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             service = SourceService(spec, memory, guest, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
                                     recover_connect=_recover_connect(args),
-                                    options=options, precopy=policy, tracking=args.dirty_tracking)
+                                    options=options, precopy=policy, tracking=args.dirty_tracking,
+                                    prefetch=args.prefetch)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service
@@ -218,7 +223,8 @@ def _run_headless(args: argparse.Namespace, spec: GuestSpec, owner: HeadlessMemo
             service = SourceService(spec, owner.ram_blocks(), None, preempt=args.preempt, bandwidth_cap=cap,
                                     verify=verify, connect=address, connect_timeout=args.connect_timeout,
                                     recover_connect=_recover_connect(args),
-                                    options=service_options(args, progress), owner=owner)
+                                    options=service_options(args, progress), owner=owner,
+                                    prefetch=args.prefetch)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service

@@ -10,6 +10,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>  /* SIOCOUTQ */
 #include <linux/tcp.h>   /* struct tcp_info with tcpi_bytes_acked (glibc's lacks it) */
 #include <stddef.h>
 #include <sys/uio.h>
@@ -42,6 +45,11 @@ pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
         return NULL;
     s->blocks = calloc(nblocks ? nblocks : 1, sizeof(*s->blocks));
     if (!s->blocks) {
+        free(s);
+        return NULL;
+    }
+    if (pc_pf_init(&s->pf, nblocks) < 0) {
+        free(s->blocks);
         free(s);
         return NULL;
     }
@@ -79,6 +87,7 @@ void pc_src_free(pc_src *s)
         pc_bitmap_free(s->blocks[i].discarded);
     }
     free(s->blocks);
+    pc_pf_release(&s->pf);
     free(s);
 }
 
@@ -93,7 +102,7 @@ int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, u
     free(b->main_ns);
     b->main_end = calloc(length / host_page_size, sizeof(uint64_t));
     b->main_ns = calloc(length / host_page_size, sizeof(uint64_t));
-    if (!b->main_end || !b->main_ns)
+    if (!b->main_end || !b->main_ns || pc_pf_set_block(&s->pf, i, length / host_page_size, host_page_size) < 0)
         return -ENOMEM;
     b->base = base;
     b->length = length;
@@ -151,6 +160,11 @@ void pc_src_set_send_once(pc_src *s, int once)
     __atomic_store_n(&s->send_once, once, __ATOMIC_RELAXED);
 }
 
+void pc_src_set_prefetch(pc_src *s, uint64_t min_bytes, uint64_t max_bytes)
+{
+    pc_pf_configure(&s->pf, min_bytes, max_bytes);
+}
+
 void pc_src_stop(pc_src *s)
 {
     __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
@@ -168,6 +182,9 @@ void pc_src_restart(pc_src *s)
     pthread_mutex_unlock(&s->qlock);
     s->cursor_block = 0;
     s->cursor_page = 0;
+    pc_pf_reset(&s->pf);        /* the return-path thread is not running */
+    for (int i = 0; i < PC_PF_STREAMS; i++)
+        __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
 }
 
@@ -394,6 +411,47 @@ static int drain_queue(pc_src *s, batch *bt, int *in_section)
     }
 }
 
+/* How long a stream's zone stays the prefetch's after its last request. */
+#define ZONE_NS 20000000ull
+
+static void publish_zones(pc_src *s)
+{
+    uint64_t now = pc_now_ns();
+    for (int i = 0; i < PC_PF_STREAMS; i++) {
+        uint32_t bi;
+        uint64_t lo, hi;
+        if (!pc_pf_zone(&s->pf, i, &bi, &lo, &hi)) {
+            __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
+            continue;
+        }
+        uint64_t ntp = s->blocks[bi].host_page_size / PC_TARGET_PAGE_SIZE;
+        if (__atomic_load_n(&s->zone[i].lo, __ATOMIC_RELAXED) == lo * ntp &&
+            __atomic_load_n(&s->zone[i].block, __ATOMIC_RELAXED) == bi &&
+            __atomic_load_n(&s->zone[i].hi, __ATOMIC_RELAXED) == hi * ntp &&
+            __atomic_load_n(&s->zone[i].until_ns, __ATOMIC_RELAXED))
+            continue;       /* unchanged: its clock runs from its last move */
+        __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->zone[i].block, bi, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].lo, lo * ntp, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].hi, hi * ntp, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->zone[i].until_ns, now + ZONE_NS, __ATOMIC_RELEASE);
+    }
+}
+
+/* Bulk side: the end of the live prefetch zone target page i of block bi is in, or i. */
+static uint64_t past_zones(pc_src *s, uint32_t bi, uint64_t i, uint64_t now)
+{
+    for (int z = 0; z < PC_PF_STREAMS; z++) {
+        uint64_t until = __atomic_load_n(&s->zone[z].until_ns, __ATOMIC_ACQUIRE);
+        if (!until || now >= until || __atomic_load_n(&s->zone[z].block, __ATOMIC_RELAXED) != bi)
+            continue;
+        uint64_t lo = __atomic_load_n(&s->zone[z].lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&s->zone[z].hi, __ATOMIC_RELAXED);
+        if (i >= lo && i < hi)
+            return hi;
+    }
+    return i;
+}
+
 /* Wait until `until` (monotonic ns) or a stop; without preempt, requested
  * pages are sent while waiting: they never wait for the cap. */
 static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
@@ -428,7 +486,8 @@ int pc_src_bulk_run(pc_src *s)
         return src_fail(s, PC_TX_E_IO, ENOMEM, "out of memory");
     pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
     int in_section = 0, rc = 0, result = PC_TX_DONE;
-    uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0;
+    uint64_t section_bytes = 0, window_start = pc_now_ns(), window_bytes = 0, pass_pages = 0;
+    int skipped_zone = 0;           /* this pass left pages to the prefetch */
     pthread_mutex_lock(&c->lock);
     int round_mode = __atomic_load_n(&s->round_mode, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -440,7 +499,7 @@ int pc_src_bulk_run(pc_src *s)
             break;
         uint64_t flushed_before = bt->flushed;     /* requested pages above do not count against the cap */
         /* Gather up to BATCH_RECORDS target pages of whole host pages. */
-        uint64_t records = 0;
+        uint64_t records = 0, now = pc_now_ns();
         while (records < BATCH_RECORDS && s->cursor_block < s->nblocks) {
             pc_src_block *b = &s->blocks[s->cursor_block];
             uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
@@ -451,6 +510,12 @@ int pc_src_bulk_run(pc_src *s)
                 continue;
             }
             uint64_t first = i - i % ntp;
+            uint64_t past = past_zones(s, s->cursor_block, first, now);
+            if (past != first) {
+                s->cursor_page = past;      /* a guest walks there: the prefetch sends it */
+                skipped_zone = 1;
+                continue;
+            }
             s->cursor_page = first + ntp;
             if (!claim_host_page(b, first * PC_TARGET_PAGE_SIZE))
                 continue;       /* a request took it first */
@@ -464,6 +529,7 @@ int pc_src_bulk_run(pc_src *s)
                 break;
             __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
             records += ntp;
+            pass_pages++;
         }
         if (rc < 0)
             break;
@@ -499,6 +565,13 @@ int pc_src_bulk_run(pc_src *s)
              * may have: look once more from the start. */
             if (pc_src_dirty_pages(s) == 0)
                 break;
+            if (skipped_zone && !pass_pages) {
+                /* all that is left is where guests walk: the prefetch sends it, or the zones expire */
+                struct timespec nap = { 0, 1000000 };
+                nanosleep(&nap, NULL);
+            }
+            skipped_zone = 0;
+            pass_pages = 0;
             s->cursor_block = 0;
             s->cursor_page = 0;
             continue;
@@ -564,6 +637,73 @@ static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
     return __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL) != 0;
 }
 
+/* Prefetch: what one burst may send, and how much may wait unsent in the
+ * preempt socket before more is sent ahead (a requested page queues behind
+ * it). */
+#define PF_CHUNK_BYTES (128u << 10)
+#define PF_CHUNK_LOOKS 4096         /* due pages looked at per chunk (most may be sent already) */
+#define PF_QUEUE_LIMIT (512 << 10)
+enum { PF_SENT = 0, PF_FULL = 1 };
+
+/* Send one chunk of the pages the detector says are due on the preempt
+ * channel (return-path thread). PF_SENT, PF_FULL (the socket's queue is
+ * long: wait for it or a request) or PC_RP_E_IO. */
+static int prefetch_chunk(pc_src *s)
+{
+    static __thread batch *bt;
+    if (!bt && !(bt = calloc(1, sizeof(*bt))))
+        return src_fail(s, PC_RP_E_IO, ENOMEM, "out of memory");
+    pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
+    struct { uint32_t block; uint64_t page; } claimed[PF_CHUNK_BYTES / PC_TARGET_PAGE_SIZE];
+    uint32_t n = 0;
+    uint64_t bytes = 0;
+    int rc = 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->fd < 0) {                /* finished or broken: nothing more goes this way */
+        pthread_mutex_unlock(&c->lock);
+        pc_pf_reset(&s->pf);
+        return PF_SENT;
+    }
+    int outq = 0;
+    if (ioctl(c->fd, SIOCOUTQ, &outq) == 0 && outq > PF_QUEUE_LIMIT) {
+        pthread_mutex_unlock(&c->lock);
+        return PF_FULL;
+    }
+    batch_reset(bt);
+    uint32_t bi;
+    uint64_t page;
+    for (int looks = 0; bytes < PF_CHUNK_BYTES && looks < PF_CHUNK_LOOKS && pc_pf_next(&s->pf, &bi, &page); looks++) {
+        pc_src_block *b = &s->blocks[bi];
+        /* claimed under the channel lock: a finish (the preempt EOS) cannot come between claim and send */
+        if (!claim_host_page(b, page * b->host_page_size))
+            continue;
+        claimed[n].block = bi;
+        claimed[n].page = page;
+        n++;
+        pc_pf_mark_sent(&s->pf, bi, page);
+        if ((rc = batch_host_page(s, PC_CHAN_PREEMPT, bt, bi, page * b->host_page_size)) < 0)
+            break;
+        bytes += b->host_page_size;
+    }
+    if (rc == 0)
+        rc = batch_flush(s, PC_CHAN_PREEMPT, bt);
+    batch_reset(bt);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0) {
+        /* Put them back: they must still be sent (a recovery reloads the dirty bitmaps anyway). */
+        for (uint32_t i = 0; i < n; i++) {
+            pc_src_block *b = &s->blocks[claimed[i].block];
+            uint64_t ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
+            pc_bitmap_set_range_atomic(b->dirty, claimed[i].page * ntp, ntp);
+            pc_pf_unmark_sent(&s->pf, claimed[i].block, claimed[i].page);
+        }
+        pc_pf_reset(&s->pf);
+        return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));
+    }
+    __atomic_add_fetch(&s->c.host_pages_sent, n, __ATOMIC_RELAXED);
+    return PF_SENT;
+}
+
 /* One page request (already validated): serve or queue each host page. */
 static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
 {
@@ -610,6 +750,10 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
             pthread_mutex_unlock(&s->qlock);
         }
     }
+    if (s->preempt && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) >= 0) {
+        pc_pf_request(&s->pf, bi, start / hps);
+        publish_zones(s);
+    }
     return 0;
 }
 
@@ -629,6 +773,18 @@ int pc_src_rp_run(pc_src *s)
     for (;;) {
         if (stopped(s))
             return PC_RP_STOPPED;
+        if (pc_sockbuf_avail(in) < 4 && pc_pf_pending(&s->pf)) {
+            /* Pages are due ahead of the guest: a chunk of them, unless a request is waiting. */
+            struct pollfd pfd = { in->fd, POLLIN, 0 };
+            if (poll(&pfd, 1, 0) == 0) {
+                int rc = prefetch_chunk(s);
+                if (rc < 0)
+                    return rc;
+                if (rc == PF_FULL)
+                    poll(&pfd, 1, 1);
+                continue;
+            }
+        }
         int64_t r = pc_sockbuf_fill(in, 4);
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")

@@ -6,7 +6,13 @@
  *    here: with preempt, the requested host page is written on the preempt
  *    channel at once (never behind the bulk stream or its cap); without, it is
  *    queued for the bulk sender, which sends it before its next batch and
- *    while it waits for the cap. Other messages go back to Python. */
+ *    while it waits for the cap. Other messages go back to Python.
+ *    With prefetch on (and preempt), each request also feeds a stream
+ *    detector (prefetch.h): the pages it expects next are sent ahead on the
+ *    preempt channel, in small chunks between requests (a request waiting on
+ *    the return path is always served first) and only while the preempt
+ *    socket's send queue is short. A page sent ahead is claimed as any other:
+ *    never sent twice. */
 #ifndef PC_SOURCE_H
 #define PC_SOURCE_H
 
@@ -14,6 +20,7 @@
 #include <stdint.h>
 
 #include "bitmap.h"
+#include "prefetch.h"
 #include "sockbuf.h"
 
 #define PC_SRC_QUEUE 4096
@@ -75,6 +82,12 @@ typedef struct pc_src {
     int err_errno;
     char err_msg[256];
     pc_src_counters c;
+    pc_prefetch pf;                 /* the return-path thread's; pc_src_restart forgets its streams */
+    /* Where the prefetch streams go next (target pages [lo, hi) of a block),
+     * published by the return-path thread for the bulk stream, which leaves
+     * them to the prefetch until `until_ns` (a stream that stops asking
+     * loses its zone soon). */
+    struct { uint32_t block; uint64_t lo, hi, until_ns; } zone[PC_PF_STREAMS];
 } pc_src;
 
 pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id);
@@ -91,6 +104,9 @@ void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t s
  * however long it waits in the socket queue (a QEMU destination fails on a second copy). */
 void pc_src_set_send_once(pc_src *s, int once);
 void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns);
+/* Prefetch windows in bytes (max_bytes 0 = off, the default). Set before the
+ * return-path thread runs. Needs preempt: without it, nothing is sent ahead. */
+void pc_src_set_prefetch(pc_src *s, uint64_t min_bytes, uint64_t max_bytes);
 void pc_src_stop(pc_src *s);
 /* After a pause: clear the stop flag, rewind the background scan to the
  * start and forget queued requests (the destination sends them again). */

@@ -1,0 +1,124 @@
+"""Prefetch that follows the guest: the default demo with and without it.
+
+Each row is one `postcopy demo` (two processes on loopback): a sequential guest (the
+default demo: 1 GiB, 2 busy vCPUs, preempt on) and a random one, each with prefetch on
+and off, interleaved (seq/on, seq/off, random/on, random/off, then again), so that a
+change in the machine's load hits every variant alike. A run starts only once the
+1-minute load average is below --max-load (waiting up to --max-wait seconds; the load
+at the start is recorded with the row).
+
+Figures per row: GB/s end to end (bytes moved / postcopy time, as the demo reports),
+remote faults as a share of the guest's pages, pages sent ahead and the share of them
+never passed by their stream (prefetch's waste estimate, see docs/design.md).
+The summary gives each variant's median and checks issue 13's targets (ok/miss):
+  * seq with prefetch: remote faults <= 5% of pages and >= 0.8 GB/s;
+  * random: with prefetch no slower than without (median GB/s within 5%);
+  * waste < 10% of what prefetch sends (seq).
+
+Usage: python3 bench/prefetch.py [--runs 3] [--size 1G] [--max-load 1.5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from postcopy.spec import parse_size
+
+TARGET_PAGE = 4096
+
+
+def wait_for_load(max_load: float, max_wait: float) -> float:
+    deadline = time.monotonic() + max_wait
+    while True:
+        load = os.getloadavg()[0]
+        if load < max_load or time.monotonic() >= deadline:
+            return load
+        time.sleep(2)
+
+
+def demo(size: str, pattern: str, prefetch: bool, *, verify: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "demo.json"
+        cmd = [sys.executable, "-m", "postcopy", "demo", "--size", size, "--pattern", pattern,
+               "--prefetch" if prefetch else "--no-prefetch", "--progress", "none", "--json", str(out)]
+        if verify:
+            cmd.append("--verify")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+        d: dict[str, Any] = json.loads(out.read_text())
+    pages = parse_size(size) // TARGET_PAGE
+    pf = d.get("prefetch") or {}
+    return {"pattern": pattern, "prefetch": prefetch, "verified": d["verified"],
+            "gbps": d["throughput_bytes_per_s"] / 1e9, "postcopy_s": d["postcopy_time_s"],
+            "remote_faults": d["remote_faults"], "fault_pct": 100.0 * d["remote_faults"] / pages,
+            "prefetch_pages": pf.get("pages_sent", 0), "wasted_pct": 100.0 * pf.get("wasted_fraction", 0.0),
+            "hits": pf.get("hits", 0), "misses": pf.get("misses", 0)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--patterns", default="seq,random")
+    ap.add_argument("--max-load", type=float, default=1.5)
+    ap.add_argument("--max-wait", type=float, default=120.0)
+    ap.add_argument("--verify", action="store_true", help="--verify every run (slower)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    rows: list[dict[str, Any]] = []
+    print(f"{'pattern':8} {'prefetch':8} {'load':>5} {'GB/s':>6} {'faults':>7} {'faults%':>8} "
+          f"{'sent ahead':>10} {'wasted%':>8}")
+    for _ in range(args.runs):
+        for pattern in args.patterns.split(","):
+            for prefetch in (True, False):
+                load = wait_for_load(args.max_load, args.max_wait)
+                row = demo(args.size, pattern, prefetch, verify=args.verify)
+                row["load"] = load
+                rows.append(row)
+                print(f"{pattern:8} {'on' if prefetch else 'off':8} {load:5.2f} {row['gbps']:6.2f} "
+                      f"{row['remote_faults']:7d} {row['fault_pct']:7.2f}% {row['prefetch_pages']:10d} "
+                      f"{row['wasted_pct']:7.2f}%", flush=True)
+
+    def med(pattern: str, prefetch: bool, key: str) -> float:
+        vals = [r[key] for r in rows if r["pattern"] == pattern and r["prefetch"] == prefetch]
+        return statistics.median(vals) if vals else float("nan")
+
+    summary: dict[str, Any] = {}
+    for pattern in args.patterns.split(","):
+        for prefetch in (True, False):
+            summary[f"{pattern}/{'on' if prefetch else 'off'}"] = {
+                k: med(pattern, prefetch, k) for k in ("gbps", "fault_pct", "prefetch_pages", "wasted_pct")}
+    print("\nmedians:")
+    for name, m in summary.items():
+        print(f"  {name:11} {m['gbps']:5.2f} GB/s, faults {m['fault_pct']:5.2f}% of pages, "
+              f"{m['prefetch_pages']:.0f} pages sent ahead, {m['wasted_pct']:.2f}% never passed")
+    checks: dict[str, bool] = {}
+    if "seq/on" in summary:
+        s = summary["seq/on"]
+        checks["seq remote faults <= 5% of pages"] = s["fault_pct"] <= 5.0
+        checks["seq >= 0.8 GB/s end to end"] = s["gbps"] >= 0.8
+        checks["seq waste < 10% of pages sent ahead"] = s["wasted_pct"] < 10.0
+    if "random/on" in summary:
+        checks["random no slower with prefetch (within 5%)"] = (
+            summary["random/on"]["gbps"] >= 0.95 * summary["random/off"]["gbps"])
+    for name, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'miss'} {name}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "medians": summary, "checks": checks}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
