@@ -76,8 +76,8 @@ def add_precopy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precopy-throttle", nargs="?", const="qemu", default=None, choices=sorted(THROTTLE_PRESETS),
                    help="auto-converge: while the guest dirties more than half of what a period sends, throttle its "
                         "vCPUs (built-in guest: they sleep; another process: SIGSTOP duty cycles). qemu (the default "
-                        "of the bare option): QEMU's 20 %% first, +10 %%, after two high 1 s periods; fast: 80 %% "
-                        "first after one high 0.25 s period, for a precopy of a few seconds")
+                        "of the bare option): QEMU's 20 %% first, +10 %%, after two high 1 s periods; fast: 95 %% "
+                        "first after one high 0.25 s period (then 99 %%), for a precopy of a few seconds")
     g.add_argument("--throttle-initial", type=int, default=None, metavar="PCT",
                    help="first throttle (default: the preset's; QEMU's cpu-throttle-initial is 20 %%)")
     g.add_argument("--throttle-increment", type=int, default=None, metavar="PCT",

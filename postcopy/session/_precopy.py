@@ -115,7 +115,7 @@ class ThrottlePolicy:
 #: at once, and hard, so that a flat-out writer converges within about a second.
 THROTTLE_PRESETS: Final[dict[str, ThrottlePolicy]] = {
     "qemu": ThrottlePolicy(),
-    "fast": ThrottlePolicy(initial=80, increment=10, maximum=99, high_periods=1, sync_seconds=0.25),
+    "fast": ThrottlePolicy(initial=95, increment=4, maximum=99, high_periods=1, sync_seconds=0.25),
 }
 
 
