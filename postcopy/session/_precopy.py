@@ -23,6 +23,11 @@ everything before it on the main channel (QEMU's loads the stream in order), so
 at the stop the socket buffers are empty and the downtime's discards cover only
 the pages written since that scan.
 
+During precopy the guest's writers run at ``writer_nice`` (19) so that the sender and
+the receiver go first; at the switch they get their priority back. The drain resends
+(``drain_mode="resend"``) what the scan at the switch found in a last pass, and again
+while the discard runs left halve, before its PING.
+
 Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
 ``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
 first pass too; when a period's dirty bytes exceed ``trigger`` of the bytes it
