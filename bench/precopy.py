@@ -12,8 +12,12 @@ downtime (guest stop -> PONG 3) and the precopy figures. Also:
   * downtime after precopy with the drain before the stop (default) and without it
     (--precopy-drain 0 --max-discard-ranges 0: the switch as before the drain).
 
+  * --only read-mostly / --only drain (--runs N, interleaved): the read-mostly rows (pure, precopy
+    as default, vCPUs at nice 0, --precopy-throttle fast) and the drain rows (256M hot: resend,
+    discard, no drain), with medians and the ratio to pure postcopy.
+
 Usage: python3 bench/precopy.py [--sizes 1G] [--downtime-sizes 256M,1G,4G] [--precopy-seconds 2]
-       [--guest-rate N] [--skip-workloads] [--json PATH]
+       [--guest-rate N] [--skip-workloads] [--only read-mostly|drain --runs 3] [--json PATH]
 The bench prints figures (and JSON); it asserts nothing.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,9 +46,12 @@ from uffd._dirty import DirtyTracker
 NO_DRAIN = ["--precopy-drain", "0", "--max-discard-ranges", "0"]
 #: auto-converge as QEMU's defaults (20 % first, +10 %, two high 1 s periods)
 THROTTLE_QEMU = ["--precopy-throttle"]
-#: auto-converge fast enough for 2 s: 0.3 s periods, one is enough, 90 % first
-THROTTLE_FAST = ["--precopy-throttle", "--throttle-initial", "90", "--throttle-high-periods", "1",
-                 "--throttle-period", "300"]
+#: auto-converge fast enough for 2 s: the preset (95 % after one high 0.25 s period, then 99 %)
+THROTTLE_FAST = ["--precopy-throttle", "fast"]
+#: the guest's vCPUs keep their priority during precopy (as before --precopy-guest-nice)
+NICE_0 = ["--precopy-guest-nice", "0"]
+#: the drain discards what the last scan found instead of sending it again
+DRAIN_DISCARD = ["--precopy-drain-mode", "discard"]
 
 
 def demo(size: str, pattern: str, precopy: float, *, write_percent: int = 50, guest_rate: int = 0,
@@ -68,7 +76,9 @@ def demo(size: str, pattern: str, precopy: float, *, write_percent: int = 50, gu
             "drain": pre.get("drain", ""), "drain_s": pre.get("drain_seconds", 0.0),
             "discard_ranges": pre.get("discard_ranges", 0),
             "discard_ranges_after_stop": pre.get("discard_ranges", 0) - pre.get("discard_ranges_before_stop", 0),
-            "discard_chunk": pre.get("discard_chunk_pages", 1), "throttle": pre.get("throttle_percent", 0)}
+            "discard_chunk": pre.get("discard_chunk_pages", 1), "throttle": pre.get("throttle_percent", 0),
+            "drain_bytes": pre.get("drain_bytes", 0), "writer_nice": pre.get("writer_nice", 0),
+            "postcopy_pages": (d["bytes_transferred"] - pre.get("bytes", 0)) // 4096}
 
 
 def tracking_cost(size: int, seconds: float = 1.0, scan_every: float = 0.1) -> dict[str, float]:
@@ -117,6 +127,10 @@ def main() -> int:
     ap.add_argument("--precopy-seconds", type=float, default=2.0)
     ap.add_argument("--guest-rate", type=int, default=0, help="accesses/s per vCPU of the workload rows (0 = flat out)")
     ap.add_argument("--skip-workloads", action="store_true", help="only the downtime and read-mostly rows")
+    ap.add_argument("--only", choices=["read-mostly", "drain"],
+                    help="read-mostly: pure / precopy / nice 0 / throttle rows, --runs times interleaved; "
+                         "drain: 256M hot, resend / discard / no drain, --runs times interleaved")
+    ap.add_argument("--runs", type=int, default=1, help="interleaved repetitions of the --only rows")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
@@ -132,6 +146,8 @@ def main() -> int:
               f"{drain:>13} {ranges:>12} {r['throttle']:>4} {'ok' if r['verified'] else 'FAIL':>6}", flush=True)
 
     pre_s = args.precopy_seconds
+    if args.only:
+        return _only(args, show, rows)
     if not args.skip_workloads:
         for size in args.sizes.split(","):
             for pattern in ("hot", "random"):
@@ -159,8 +175,8 @@ def main() -> int:
     for rate in (0, 20000):
         pure = demo("1G", "random", 0.0, write_percent=10, guest_rate=rate)
         show(pure)
-        variants = [("precopy", None)] + ([("throttle-qemu", THROTTLE_QEMU), ("throttle-fast", THROTTLE_FAST)]
-                                          if rate == 0 else [])
+        variants = [("precopy", None)] + ([("nice-0", NICE_0), ("throttle-qemu", THROTTLE_QEMU),
+                                           ("throttle-fast", THROTTLE_FAST)] if rate == 0 else [])
         for label, extra in variants:
             pre = demo("1G", "random", pre_s, write_percent=10, guest_rate=rate, extra=extra, label=label)
             show(pre)
@@ -172,6 +188,43 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "downtime": downtime, "tracking_cost": cost,
                                                "read_mostly": checks}, indent=1))
+    return 0
+
+
+def _only(args: argparse.Namespace, show: Any, rows: list[dict[str, Any]]) -> int:
+    """The --only rows, each variant once per run, runs interleaved (a loaded machine drifts)."""
+    pre_s = args.precopy_seconds
+    if args.only == "read-mostly":
+        plan: list[tuple[str, str, int, int, float, str, list[str] | None]] = []
+        for rate in (0, 20000):
+            plan.append(("1G", "random", 10, rate, 0.0, "pure", None))
+            plan.append(("1G", "random", 10, rate, pre_s, "precopy", None))
+            if rate == 0:
+                plan.append(("1G", "random", 10, rate, pre_s, "nice-0", NICE_0))
+            plan.append(("1G", "random", 10, rate, pre_s, "throttle-fast", THROTTLE_FAST))
+    else:
+        plan = [("256M", "hot", 50, 0, 0.0, "pure", None), ("256M", "hot", 50, 0, pre_s, "precopy", None),
+                ("256M", "hot", 50, 0, pre_s, "drain-discard", DRAIN_DISCARD),
+                ("256M", "hot", 50, 0, pre_s, "no-drain", NO_DRAIN)]
+    for _ in range(args.runs):
+        for size, pattern, wp, rate, pre, label, extra in plan:
+            show(demo(size, pattern, pre, write_percent=wp, guest_rate=rate, extra=extra, label=label))
+    print("\nmedians:")
+    summary: dict[str, dict[str, float]] = {}
+    for size, pattern, wp, rate, _pre, label, _extra in plan:
+        mine = [r for r in rows if r["variant"] == label and r["guest_rate"] == rate and r["size"] == size]
+        key = f"{size} {pattern} {wp}% rate {rate or 'flat out'} {label}"
+        summary[key] = {k: statistics.median(r[k] for r in mine)
+                        for k in ("remote_faults", "downtime_ms", "total_s", "postcopy_pages", "drain_s")}
+        pure = [r for r in rows if r["variant"] == "pure" and r["guest_rate"] == rate and r["size"] == size]
+        ratio = summary[key]["remote_faults"] / max(statistics.median(r["remote_faults"] for r in pure), 1)
+        summary[key]["vs_pure"] = ratio
+        print(f"  {key}: faults {summary[key]['remote_faults']:.0f} ({ratio:.3f} of pure"
+              f"{', target < 0.2 ok' if ratio < 0.2 else ''}), downtime {summary[key]['downtime_ms']:.1f} ms, "
+              f"postcopy pages {summary[key]['postcopy_pages']:.0f}, drain {summary[key]['drain_s'] * 1000:.0f} ms",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "medians": summary}, indent=1))
     return 0
 
 

@@ -472,6 +472,10 @@ class SourcePath:
         """Cut the precopy pass in progress short (run_bulk returns STOPPED)."""
         lib.pc_src_end_round(self._s)
 
+    def discard_runs(self) -> int:
+        """The discard ranges the dirty pages would make now (runs not discarded before)."""
+        return int(lib.pc_src_discard_runs(self._s))
+
     def coarsen_discards(self, max_ranges: int) -> int:
         """Guest stopped: when the pages to discard make more than ``max_ranges`` runs, widen
         them to aligned chunks (marked dirty: sent again); returns the chunk in target pages."""

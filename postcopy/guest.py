@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -349,6 +350,23 @@ class Guest:
     @property
     def throttle(self) -> int:
         return int(lib.pc_guest_throttle(self._handle()))
+
+    def set_vcpu_nice(self, nice: int | None) -> int:
+        """Run every vCPU (the running ones and those started later) at ``nice`` (-20..19),
+        or with None each back at the nice it started with. Returns the threads changed.
+        Raising a priority again needs CAP_SYS_NICE (or RLIMIT_NICE): PermissionError."""
+        if nice is not None and not -20 <= nice <= 19:
+            raise ValueError(f"nice {nice}: must be within -20..19")
+        rc = int(lib.pc_guest_set_vcpu_nice(self._handle(), lib.PC_GUEST_NICE_KEEP if nice is None else nice))
+        if rc < 0:
+            raise OSError(-rc, f"setpriority of a vCPU thread: {os.strerror(-rc)}")
+        return rc
+
+    @property
+    def vcpu_nice(self) -> int | None:
+        """The nice set by :meth:`set_vcpu_nice` (None: the vCPUs keep their own)."""
+        nice = int(lib.pc_guest_vcpu_nice(self._handle()))
+        return None if nice == lib.PC_GUEST_NICE_KEEP else nice
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU has left its loop; False on timeout."""

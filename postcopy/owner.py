@@ -18,6 +18,7 @@ memory. Two owners live here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -88,6 +89,11 @@ class MemoryOwner(Protocol):
     def throttle(self, percent: int) -> None:
         """Source, precopy (auto-converge): let the writers run only ``100 - percent`` % of
         the time from now on (0: full speed again). An owner with no writer ignores it."""
+
+    def set_writer_nice(self, nice: int | None) -> None:
+        """Source, precopy: run the writers' threads at ``nice`` (the migration's threads go
+        first); None: each back at the nice it had. An owner with no writer ignores it.
+        Raises OSError (PermissionError: raising a priority needs CAP_SYS_NICE)."""
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         """Source, guest stopped: its device state, sent inside PACKAGED."""
@@ -160,6 +166,11 @@ class BuiltinGuest:
         if self.guest is not None:
             self.guest.set_throttle(percent)
 
+    def set_writer_nice(self, nice: int | None) -> None:
+        """The vCPU threads (running, and started later: after a freeze) at ``nice`` (C)."""
+        if self.guest is not None:
+            self.guest.set_vcpu_nice(nice)
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         if self.guest is None:
             raise RuntimeError("no guest to save")
@@ -229,6 +240,7 @@ class HeadlessMemory:
         self._page_sizes = dict(page_sizes or {})
         self._backing_huge = backing_2m
         self._duty: _DutyCycle | None = None
+        self._nice: _ThreadNice | None = None
 
     def block_page_sizes(self) -> dict[str, int]:
         if self.memory is not None:
@@ -292,6 +304,17 @@ class HeadlessMemory:
             self._duty = _DutyCycle(self.writer.pid)
         self._duty.set(percent)
 
+    def set_writer_nice(self, nice: int | None) -> None:
+        """Another process writes this memory: every thread of it (``/proc/PID/task``) at
+        ``nice``, each one's own remembered; None: back as they were (threads it made
+        meanwhile inherited the lowered nice: they get its main thread's). No writer
+        process: nothing to do."""
+        if not self.writer.pid:
+            return
+        if self._nice is None:
+            self._nice = _ThreadNice(self.writer.pid)
+        self._nice.set(nice)
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
@@ -324,6 +347,9 @@ class HeadlessMemory:
     def close(self) -> None:
         if self._duty is not None:
             self._duty.set(0)
+        if self._nice is not None:
+            with contextlib.suppress(OSError):
+                self._nice.set(None)
         if self.toucher is not None and not self.toucher.stop():
             return      # a read still waits in the memory: leave it mapped rather than unmap it under the reader
         if self.memory is not None:
@@ -417,6 +443,9 @@ class RemoteMemory:
     def throttle(self, percent: int) -> None:
         pass
 
+    def set_writer_nice(self, nice: int | None) -> None:
+        pass
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 
@@ -488,6 +517,45 @@ class _DutyCycle:
                         self._cond.wait(self.PERIOD * (100 - self.percent) / 100)
         except ProcessLookupError:
             return      # the writer is gone
+
+
+class _ThreadNice:
+    """Another process's threads at a nice of ours, and back (setpriority per thread id:
+    Linux's nice is per thread)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.saved: dict[int, int] = {}
+
+    def _tids(self) -> list[int]:
+        try:
+            return [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+        except OSError:
+            return []       # the writer is gone
+
+    def set(self, nice: int | None) -> None:
+        first: OSError | None = None
+        if nice is not None:
+            for tid in self._tids():
+                try:
+                    self.saved.setdefault(tid, os.getpriority(os.PRIO_PROCESS, tid))
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                except ProcessLookupError:
+                    continue        # that thread just ended
+                except OSError as exc:
+                    first = first or exc
+        else:
+            default = self.saved.get(self.pid, 0)
+            for tid in self._tids():
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, self.saved.get(tid, default))
+                except ProcessLookupError:
+                    continue
+                except OSError as exc:
+                    first = first or exc
+            self.saved.clear()
+        if first is not None:
+            raise first
 
 
 def _proc_state(pid: int) -> str:

@@ -169,6 +169,9 @@ class SnapshotMemory:
     def throttle(self, percent: int) -> None:
         pass        # a saved VM: nothing runs on this memory
 
+    def set_writer_nice(self, nice: int | None) -> None:
+        pass
+
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
 

@@ -8,6 +8,7 @@ says to close the channels. Sequence on the wire: see ``postcopy/session/_source
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import socket
@@ -61,6 +62,7 @@ from .session import (
     SwitchoverPolicy,
     ThrottleGuest,
     Write,
+    WriterPriority,
 )
 from .session._source import RAM_SECTION_ID
 
@@ -138,6 +140,7 @@ class Source:
         self._hasher: threading.Thread | None = None
         self.tracking_stats: dict[str, int] = {}
         self._throttled = 0
+        self._writer_nice = 0
 
     # -- the migration ------------------------------------------------------------------
 
@@ -185,6 +188,8 @@ class Source:
             if self._throttled:
                 self._throttled = 0
                 self.owner.throttle(0)      # a guest that goes on running here (a failed precopy) runs at full speed
+            if self._writer_nice:
+                self._set_writer_nice(0)    # ... and at its own priority
         if self._hasher is not None:
             self._hasher.join()
         if self._finish.error is not None:
@@ -195,7 +200,7 @@ class Source:
         """Held for QMP's migrate-start-postcopy: rounds go on until it comes."""
         if self.precopy is None or not held:
             return self.precopy
-        return SwitchoverPolicy(mode="manual", max_rounds=0, max_downtime=self.precopy.max_downtime)
+        return dataclasses.replace(self.precopy, mode="manual", max_rounds=0)
 
     # -- operator commands (any thread) ------------------------------------------------------
 
@@ -274,10 +279,13 @@ class Source:
             case ThrottleGuest(percent=percent):
                 self._throttled = percent
                 self.owner.throttle(percent)
+            case WriterPriority(nice=nice):
+                self._set_writer_nice(nice)
             case EndRound():
                 self.path.end_round()
             case ScanDirty():
-                return DirtyScanned(self._scan())
+                pages = self._scan()
+                return DirtyScanned(pages, self.path.discard_runs())
             case StopTracking():
                 self._stop_tracking()
             case SendDiscards(before_stop=before_stop, max_ranges=max_ranges):
@@ -307,6 +315,15 @@ class Source:
         return None
 
     # -- dirty tracking (precopy) --------------------------------------------------------------
+
+    def _set_writer_nice(self, nice: int) -> None:
+        """The guest's writers at ``nice`` (0: back as they were). Putting them back needs
+        CAP_SYS_NICE (or RLIMIT_NICE) while they run: without it they stay lowered (logged)."""
+        self._writer_nice = nice
+        try:
+            self.owner.set_writer_nice(nice or None)
+        except OSError as exc:
+            log.warning("source: the guest's writers at nice %s: %s", nice or "as before", exc)
 
     def _start_tracking(self) -> None:
         assert self.tracking is not None

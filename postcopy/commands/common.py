@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from typing import Any, TextIO
 from postcopy.cli import UserError
 from postcopy.service import Sample, ServiceOptions
 from postcopy.session import SwitchoverPolicy, ThrottlePolicy
+from postcopy.session._precopy import THROTTLE_PRESETS, WRITER_NICE
 from uffd._dirty import available_method
 from postcopy.spec import GuestSpec, SpecError, parse_page_size, parse_size
 
@@ -60,23 +62,32 @@ def add_precopy_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the switch, wait up to MS for the destination to take what was sent (PING/PONG) "
                         "before the guest stops, so the downtime does not read a socket backlog (0 = stop at once; "
                         "default 1000)")
+    g.add_argument("--precopy-drain-mode", default="resend", choices=["resend", "discard"],
+                   help="what the drain does with what the guest wrote during the last round: resend it in a last "
+                        "pass (default) or discard it on the destination (it is fetched after RUN)")
     g.add_argument("--max-discard-ranges", type=int, default=512, metavar="N",
                    help="after the guest stopped, at most N discard ranges: more runs are widened to aligned "
                         "chunks that are sent again (each range costs the destination time in the downtime; "
                         "0 = no bound; default 512)")
-    g.add_argument("--precopy-throttle", action="store_true",
-                   help="auto-converge, as QEMU's: while the guest dirties more than half of what a period sends, "
-                        "twice, throttle its vCPUs (built-in guest: they sleep; another process: SIGSTOP duty cycles)")
-    g.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
-                   help="first throttle (default 20 %%, QEMU's cpu-throttle-initial)")
-    g.add_argument("--throttle-increment", type=int, default=10, metavar="PCT",
-                   help="added each time the dirty rate is still high (default 10 %%)")
-    g.add_argument("--throttle-max", type=int, default=99, metavar="PCT", help="at most (default 99 %%)")
-    g.add_argument("--throttle-period", type=float, default=1000.0, metavar="MS",
+    g.add_argument("--precopy-guest-nice", type=int, default=WRITER_NICE, metavar="N",
+                   help="during precopy the guest's vCPUs (another process: its threads) run at nice N, so the "
+                        "migration's threads take the CPUs first; restored at the switch (0 = unchanged; "
+                        f"default {WRITER_NICE})")
+    g.add_argument("--precopy-throttle", nargs="?", const="qemu", default=None, choices=sorted(THROTTLE_PRESETS),
+                   help="auto-converge: while the guest dirties more than half of what a period sends, throttle its "
+                        "vCPUs (built-in guest: they sleep; another process: SIGSTOP duty cycles). qemu (the default "
+                        "of the bare option): QEMU's 20 %% first, +10 %%, after two high 1 s periods; fast: 95 %% "
+                        "first after one high 0.25 s period (then 99 %%), for a precopy of a few seconds")
+    g.add_argument("--throttle-initial", type=int, default=None, metavar="PCT",
+                   help="first throttle (default: the preset's; QEMU's cpu-throttle-initial is 20 %%)")
+    g.add_argument("--throttle-increment", type=int, default=None, metavar="PCT",
+                   help="added each time the dirty rate is still high (default: the preset's)")
+    g.add_argument("--throttle-max", type=int, default=None, metavar="PCT", help="at most (default 99 %%)")
+    g.add_argument("--throttle-period", type=float, default=None, metavar="MS",
                    help="the dirty rate is measured at least this often: a longer pass is cut and scanned "
-                        "(default 1000 ms)")
-    g.add_argument("--throttle-high-periods", type=int, default=2, metavar="N",
-                   help="throttle (more) after N periods with a high dirty rate (default 2, as QEMU)")
+                        "(default: the preset's)")
+    g.add_argument("--throttle-high-periods", type=int, default=None, metavar="N",
+                   help="throttle (more) after N periods with a high dirty rate (default: the preset's)")
 
 
 def precopy_args(args: argparse.Namespace) -> list[str]:
@@ -84,11 +95,14 @@ def precopy_args(args: argparse.Namespace) -> list[str]:
     return ["--precopy-seconds", str(args.precopy_seconds), "--switchover", args.switchover,
             "--precopy-rounds", str(args.precopy_rounds), "--max-downtime", str(args.max_downtime),
             "--dirty-tracking", args.dirty_tracking, "--precopy-drain", str(args.precopy_drain),
-            "--max-discard-ranges", str(args.max_discard_ranges),
-            *(["--precopy-throttle"] if args.precopy_throttle else []),
-            "--throttle-initial", str(args.throttle_initial), "--throttle-increment", str(args.throttle_increment),
-            "--throttle-max", str(args.throttle_max), "--throttle-period", str(args.throttle_period),
-            "--throttle-high-periods", str(args.throttle_high_periods)]
+            "--precopy-drain-mode", args.precopy_drain_mode,
+            "--max-discard-ranges", str(args.max_discard_ranges), "--precopy-guest-nice", str(args.precopy_guest_nice),
+            *(["--precopy-throttle", args.precopy_throttle] if args.precopy_throttle else []),
+            *[arg for name, value in (("--throttle-initial", args.throttle_initial),
+                                      ("--throttle-increment", args.throttle_increment),
+                                      ("--throttle-max", args.throttle_max), ("--throttle-period", args.throttle_period),
+                                      ("--throttle-high-periods", args.throttle_high_periods))
+              if value is not None for arg in (name, str(value))]]
 
 
 def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
@@ -103,19 +117,26 @@ def precopy_policy(args: argparse.Namespace) -> SwitchoverPolicy | None:
         available_method(args.dirty_tracking)
     except OSError as exc:
         raise UserError(str(exc)) from None
+    if not 0 <= args.precopy_guest_nice <= 19:
+        raise UserError(f"--precopy-guest-nice {args.precopy_guest_nice}: must be within 0..19 (0 = unchanged)")
     throttle = None
     if args.precopy_throttle:
+        base = ThrottlePolicy.preset(args.precopy_throttle)
+        period = args.throttle_period
         try:
-            throttle = ThrottlePolicy(initial=args.throttle_initial, increment=args.throttle_increment,
-                                      maximum=args.throttle_max, high_periods=args.throttle_high_periods,
-                                      sync_seconds=args.throttle_period / 1000)
+            throttle = dataclasses.replace(
+                base, **{k: v for k, v in (("initial", args.throttle_initial), ("increment", args.throttle_increment),
+                                           ("maximum", args.throttle_max), ("high_periods", args.throttle_high_periods),
+                                           ("sync_seconds", None if period is None else period / 1000))
+                         if v is not None})
         except ValueError as exc:
             raise UserError(f"--precopy-throttle: {exc}") from None
     seconds = args.precopy_seconds or (30.0 if auto or not args.precopy_rounds else 0.0)
     return SwitchoverPolicy(mode="auto" if auto else "time", max_seconds=seconds, max_rounds=args.precopy_rounds,
                             max_downtime=args.max_downtime / 1000, drain_seconds=args.precopy_drain / 1000,
+                            drain_mode=args.precopy_drain_mode,
                             max_discard_ranges=args.max_discard_ranges,
-                            throttle=throttle)
+                            throttle=throttle, writer_nice=args.precopy_guest_nice)
 
 
 def guest_spec(args: argparse.Namespace) -> GuestSpec:

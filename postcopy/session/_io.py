@@ -77,6 +77,7 @@ __all__ = [
     "StreamItem",
     "ThrottleGuest",
     "Write",
+    "WriterPriority",
 ]
 
 
@@ -199,9 +200,11 @@ class RoundFinished:
 
 @dataclass(frozen=True, slots=True)
 class DirtyScanned:
-    """After :class:`ScanDirty`: target pages the guest wrote since the last scan (now dirty)."""
+    """After :class:`ScanDirty`: target pages the guest wrote since the last scan (now dirty);
+    ``runs``: the discard ranges every dirty page would make now (-1: not counted)."""
 
     pages: int
+    runs: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,6 +498,14 @@ class ThrottleGuest:
 
 
 @dataclass(frozen=True, slots=True)
+class WriterPriority:
+    """Source, precopy: run the guest's writers (vCPUs) at ``nice`` so that the migration's
+    threads go first; 0: each back at the priority it had."""
+
+    nice: int
+
+
+@dataclass(frozen=True, slots=True)
 class StopTracking:
     """Source: no more dirty tracking (the guest is stopped for good)."""
 
@@ -505,4 +516,5 @@ Action = (
     | PrepareMemory | PlacePages | Discard | RegisterMemory | StartGuest | BreakLink | ResetBeforeRun
     | CheckComplete | Connect | Write | CloseChannels | StartReturnPath | StopGuest | MarkAllDirty | ReloadDirty
     | StartBulk | StartTracking | StartRound | EndRound | ScanDirty | SendDiscards | StopTracking | ThrottleGuest
+    | WriterPriority
 )

@@ -23,6 +23,11 @@ everything before it on the main channel (QEMU's loads the stream in order), so
 at the stop the socket buffers are empty and the downtime's discards cover only
 the pages written since that scan.
 
+During precopy the guest's writers run at ``writer_nice`` (19) so that the sender and
+the receiver go first; at the switch they get their priority back. The drain resends
+(``drain_mode="resend"``) what the scan at the switch found in a last pass, and again
+while the discard runs left halve, before its PING.
+
 Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
 ``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
 first pass too; when a period's dirty bytes exceed ``trigger`` of the bytes it
@@ -36,13 +41,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["MIN_ROUND_SECONDS", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
+__all__ = ["MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
 
 TARGET_PAGE: Final = 4096
 #: A round shorter than this waits before its scan (an idle guest does not spin).
 MIN_ROUND_SECONDS: Final = 0.05
 #: "Stopped shrinking": the dirty rate fell by less than this fraction.
 SHRINK_FRACTION: Final = 0.10
+#: During precopy the guest's writers run at this nice (the lowest priority): the sender
+#: (nice 10) and, on one host, the destination's receiver go first.
+WRITER_NICE: Final = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,24 @@ class ThrottlePolicy:
             return self.initial, 0
         return min(percent + self.increment, self.maximum), 0
 
+    @classmethod
+    def preset(cls, name: str) -> ThrottlePolicy:
+        """``qemu``: QEMU's defaults (20 % first, +10 %, two high 1 s periods: it acts after
+        2 s at the earliest); ``fast``: for a short precopy (see THROTTLE_PRESETS)."""
+        try:
+            return THROTTLE_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"throttle preset {name!r}: choose {', '.join(THROTTLE_PRESETS)}") from None
+
+
+#: Auto-converge presets. ``fast`` is what QEMU users do for a short precopy (a high
+#: cpu-throttle-initial): the dirty rate is measured every 0.25 s, one high period throttles
+#: at once, and hard, so that a flat-out writer converges within about a second.
+THROTTLE_PRESETS: Final[dict[str, ThrottlePolicy]] = {
+    "qemu": ThrottlePolicy(),
+    "fast": ThrottlePolicy(initial=95, increment=4, maximum=99, high_periods=1, sync_seconds=0.25),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SwitchoverPolicy:
@@ -109,18 +135,29 @@ class SwitchoverPolicy:
     drain_seconds: float = 1.0
     """At the switch, the longest wait for the destination to take what was sent before the
     guest stops (0: stop at once, the backlog and every discard fall into the downtime)."""
+    drain_mode: Literal["resend", "discard"] = "resend"
+    """What the drain does with the pages the scan at the switch finds dirty, the guest still
+    running: ``resend`` them in a last pass (the destination keeps them unless written again),
+    or ``discard`` them (the destination drops them: they fault after RUN)."""
     throttle: ThrottlePolicy | None = None
     """Auto-converge: slow the guest down while its dirty rate outruns the rounds."""
     max_discard_ranges: int = 512
     """After the stop, at most this many discard ranges (more are widened to aligned chunks
     that go again: each range costs the destination time in the downtime; 0: no bound)."""
+    writer_nice: int = WRITER_NICE
+    """During precopy the guest's writers (vCPUs) run at this nice, so the migration's own
+    threads take the CPUs first; restored at the switch (0: the guest keeps its priority)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("time", "auto", "manual"):
             raise ValueError(f"switchover {self.mode!r}: choose time, auto or manual")
+        if self.drain_mode not in ("resend", "discard"):
+            raise ValueError(f"drain mode {self.drain_mode!r}: choose resend or discard")
         if (self.max_seconds < 0 or self.max_rounds < 0 or self.max_downtime < 0 or self.drain_seconds < 0
                 or self.max_discard_ranges < 0):
             raise ValueError("precopy limits must not be negative")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer nice {self.writer_nice}: must be within 0..19 (0: unchanged)")
 
     def deadline(self, started: float) -> float | None:
         """When the round in progress is cut short and the switch happens."""
@@ -166,13 +203,19 @@ class PrecopyStats:
     "timeout", or "" (no drain)."""
     drain_seconds: float = 0.0
     dirty_pages_before_stop: int = 0
-    """Dirty at the scan before the drain (discarded while the guest still ran)."""
+    """Dirty at the scan before the drain (resent, or discarded, while the guest still ran)."""
+    drain_bytes: int = 0
+    """Sent by the drain's last passes (resend)."""
+    drain_passes: int = 0
+    """Resend: the passes before the stop (another while the discard ranges left halve)."""
     discard_ranges_before_stop: int = 0
     throttle_percent: int = 0
     """The highest throttle reached (auto-converge)."""
     throttle_changes: int = 0
     discard_chunk_pages: int = 1
     """After the stop: the target pages one discard range was widened to (1: not widened)."""
+    writer_nice: int = 0
+    """The nice the guest's writers ran at during precopy (0: unchanged)."""
 
     def as_dict(self) -> dict[str, object]:
         return {"rounds": self.rounds, "bytes": self.bytes, "seconds": round(self.seconds, 4),
@@ -181,7 +224,8 @@ class PrecopyStats:
                 "dirty_pages_at_switch": self.dirty_pages_at_switch, "discard_ranges": self.discard_ranges,
                 "switch_reason": self.switch_reason, "tracking": self.tracking,
                 "drain": self.drain, "drain_seconds": round(self.drain_seconds, 4),
-                "dirty_pages_before_stop": self.dirty_pages_before_stop,
+                "dirty_pages_before_stop": self.dirty_pages_before_stop, "drain_bytes": self.drain_bytes,
+                "drain_passes": self.drain_passes,
                 "discard_ranges_before_stop": self.discard_ranges_before_stop,
                 "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes,
-                "discard_chunk_pages": self.discard_chunk_pages}
+                "discard_chunk_pages": self.discard_chunk_pages, "writer_nice": self.writer_nice}

@@ -49,6 +49,7 @@ from ._io import (
     StopTracking,
     ThrottleGuest,
     Write,
+    WriterPriority,
 )
 from ._precopy import MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
@@ -87,8 +88,12 @@ class _Precopy:
     reason: str = ""
     resume: bool = False            # the next round goes on with a pass a sync period cut
     sync_cut: bool = False          # EndRound sent for a sync period (not for the switch)
-    # the drain before the stop: "" -> "scan" (guest running) -> "wait" (PING sent) -> "pong"/"timeout"
+    # the drain before the stop: "" -> "scan" (guest running) -> ["round" (resend: a last pass of
+    # what the scan found) ->] "wait" (PING sent) -> "pong"/"timeout"
     drain: str = ""
+    drain_bytes: int = 0
+    drain_runs: int = -1            # resend: the discard runs the last scan found (each pass must halve them)
+    drain_passes: int = 0
     drain_started: float = 0.0
     drain_deadline: float | None = None
     drain_seconds: float = 0.0
@@ -99,6 +104,7 @@ class _Precopy:
     throttle_changes: int = 0
     high_periods: int = 0
     discard_chunk: int = 1
+    writer_nice: int = 0            # the guest's writers run at this nice now (0: as they were)
 
 
 @dataclass(slots=True)
@@ -188,8 +194,8 @@ class SourceSession:
                 self._ending(now)
             case RoundFinished(bytes=sent, ended=ended):
                 self._round_finished(sent, ended, now)
-            case DirtyScanned(pages=pages):
-                self._scanned(pages, now)
+            case DirtyScanned(pages=pages, runs=runs):
+                self._scanned(pages, now, runs)
             case DiscardsSent(ranges=ranges, chunk_pages=chunk):
                 self.discard_ranges += ranges
                 if self.precopy is not None:
@@ -235,14 +241,14 @@ class SourceSession:
             sync = self._sync_due()
             if sync is not None:
                 times.append(sync)
-        if p is not None and p.drain == "wait" and p.drain_deadline is not None:
+        if p is not None and p.drain in ("wait", "round") and p.drain_deadline is not None:
             times.append(p.drain_deadline)
         return min(times) if times else None
 
     def _sync_due(self) -> float | None:
         """Throttling: when the round in progress is cut to measure the dirty rate."""
         p = self.precopy
-        if p is None or p.policy.throttle is None or not p.running or p.sync_cut:
+        if p is None or p.policy.throttle is None or not p.running or p.sync_cut or p.drain:
             return None
         return p.round_started + p.policy.throttle.sync_seconds
 
@@ -275,8 +281,12 @@ class SourceSession:
             elif sync is not None and sync <= now:
                 p.sync_cut = True
                 self._out.append(EndRound())        # RoundFinished(ended) follows: scan, then the pass goes on
-        if p is not None and p.drain == "wait" and p.drain_deadline is not None and p.drain_deadline <= now:
-            self._drained("timeout", now)
+        if p is not None and p.drain_deadline is not None and p.drain_deadline <= now:
+            if p.drain == "wait":
+                self._drained("timeout", now)
+            elif p.drain == "round" and p.running:
+                p.drain = "cut"
+                self._out.append(EndRound())        # its RoundFinished stops the guest
         return self._flush()
 
     # -- the stream ----------------------------------------------------------------------------
@@ -356,6 +366,10 @@ class SourceSession:
         p = self.precopy
         assert p is not None
         p.started = now
+        if p.policy.writer_nice:
+            # the migration's threads first: a flat-out guest would starve the sender
+            p.writer_nice = p.policy.writer_nice
+            self._out.append(WriterPriority(p.writer_nice))
         # tracking first: a page written from here on is seen, then every page goes once
         self._out += [StartTracking(), MarkAllDirty()]
         self._next_round(now)
@@ -376,6 +390,15 @@ class SourceSession:
         p.running = False
         p.round_bytes = sent
         p.bytes += sent
+        if p.drain in ("round", "cut"):
+            # the last pass before the stop is over: PING behind it, or the deadline passed
+            p.drain_bytes += sent
+            if p.drain == "cut":
+                self._drained("timeout", now)
+            else:
+                p.drain = "wait"
+                self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=DRAIN_PING)])))
+            return
         # a pass cut for a sync period goes on where it stopped; a whole pass starts again from the first page
         p.resume = ended and p.sync_cut
         if self.switch_requested:
@@ -385,19 +408,44 @@ class SourceSession:
         else:
             self._out.append(ScanDirty())
 
-    def _scanned(self, pages: int, now: float) -> None:
+    def _scanned(self, pages: int, now: float, runs: int = -1) -> None:
         p = self.precopy
         if p is None:
             return
         if self.guest_stopped:
             p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
             return
+        if p.drain == "rescan" and self.status is S.ACTIVE:
+            # after a resend pass's PONG: again while what is left shrinks and would be widened after the stop
+            bound = p.policy.max_discard_ranges
+            if runs < 0 or runs <= bound or (p.drain_runs >= 0 and runs * 2 > p.drain_runs) \
+                    or p.drain_deadline is None or now >= p.drain_deadline:
+                self._drained("pong", now)
+                return
+            p.drain_runs = runs
+            p.drain_passes += 1
+            p.drain = "round"
+            p.started_rounds += 1
+            p.running = True
+            p.round_started = now
+            self._out.append(StartRound(p.started_rounds - 1))
+            return
         if p.drain == "scan" and self.status is S.ACTIVE:
             # guest running: drop what it found on the destination now, then wait for the PONG
             p.dirty_before_stop = pages
-            p.drain = "wait"
             p.drain_started = now
             p.drain_deadline = now + p.policy.drain_seconds
+            if p.policy.drain_mode == "resend":
+                # a last pass of what is dirty (what the cut round left too), then the PING behind it
+                p.drain_runs = runs
+                p.drain_passes = 1
+                p.drain = "round"
+                p.started_rounds += 1
+                p.running = True
+                p.round_started = now
+                self._out.append(StartRound(p.started_rounds - 1))
+                return
+            p.drain = "wait"
             self._out += [SendDiscards(before_stop=True),
                           Write(Channel.MAIN, self._encode([wire.Ping(value=DRAIN_PING)]))]
             return
@@ -464,8 +512,8 @@ class SourceSession:
                                 "pong", "timeout") else "", drain_seconds=p.drain_seconds,
                             dirty_pages_before_stop=p.dirty_before_stop,
                             discard_ranges_before_stop=p.discard_ranges_before_stop,
-                            throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes,
-                            discard_chunk_pages=p.discard_chunk)
+                            drain_bytes=p.drain_bytes, drain_passes=p.drain_passes, throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes,
+                            discard_chunk_pages=p.discard_chunk, writer_nice=p.policy.writer_nice)
 
     def _maybe_switch(self, now: float) -> None:
         p = self.precopy
@@ -474,7 +522,7 @@ class SourceSession:
         if not (self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped):
             return
         if p is not None and p.policy.drain_seconds > 0:
-            # after precopy: scan, discard and drain with the guest running, then stop it
+            # after precopy: scan, resend (or discard) and drain with the guest running, then stop it
             if p.drain == "":
                 p.drain = "scan"
                 self._out.append(ScanDirty())
@@ -512,6 +560,9 @@ class SourceSession:
             # tracking stops once the switch is on the wire (its teardown is no downtime)
             self._out += [ScanDirty(), SendDiscards(max_ranges=p.policy.max_discard_ranges),
                           Write(Channel.MAIN, self._encode(tail)), StopTracking()]
+            if p.writer_nice:
+                p.writer_nice = 0
+                self._out.append(WriterPriority(0))     # a guest started again here runs as before
         self._move(Trigger.RUN, now)
         self._stream(now)
 
@@ -543,8 +594,13 @@ class SourceSession:
                 self.last_pong = now
             case wire.Pong(value=v) if v == DRAIN_PING:
                 self.last_pong = now
-                if self.precopy is not None and self.precopy.drain == "wait" and self.status is S.ACTIVE:
-                    self._drained("pong", now)
+                p = self.precopy
+                if p is not None and p.drain == "wait" and self.status is S.ACTIVE:
+                    if p.policy.drain_mode == "resend" and p.policy.max_discard_ranges:
+                        p.drain = "rescan"      # what did the guest write meanwhile?
+                        self._out.append(ScanDirty())
+                    else:
+                        self._drained("pong", now)
             case wire.Pong(value=v):
                 self.last_pong = now
                 if v == 3 and self.downtime is None and self.guest_stopped:

@@ -51,23 +51,35 @@ def test_discards_before_and_after_the_stop_and_widened() -> None:
         assert path.send_discards() == 2
         assert _ranges(b) == [(13, 1), (500, 1)]
         assert all(dirty.test(p) for p in (10, 11, 12, 13, 100, 500, 2000))    # all still to send
-        # the next switch remembers nothing from this one; 40 scattered pages, at most 8 ranges
+        # the next switch remembers nothing from this one; 40 pages in pairs, at most 24 ranges
         assert path.send_discards(before_stop=True) == 4        # 10-13, 100, 500, 2000
         _ranges(b)
-        for p in range(1000, 3000, 50):
+        new = [q for base in range(1000, 3000, 100) for q in (base, base + 2)]
+        for p in new:
             dirty.set(p)
-        chunk = path.coarsen_discards(8)
-        assert chunk > 1
+        chunk = path.coarsen_discards(24)
+        assert chunk == 2       # each pair is one aligned run of 2 chunks
         got = _ranges(b) if path.send_discards() else []
-        assert 0 < len(got) <= 8
+        assert 0 < len(got) <= 24
         # every new page is inside a discarded range, ranges are chunk-aligned, and all of it goes again
-        for p in range(1000, 3000, 50):
+        for p in new:
             if p != 2000:       # dropped before the stop already
                 assert any(s <= p < s + n for s, n in got), p
         for s, n in got:
             assert s % chunk == 0
             assert n % chunk == 0
             assert all(dirty.test(q) for q in range(s, s + n))
+        # scattered pages are widened no further than twice what they are (a random writer's
+        # would otherwise cover most of the memory): more ranges than the bound instead
+        path.send_discards(before_stop=True)
+        _ranges(b)
+        scattered = list(range(3001, 4001, 25))
+        for p in scattered:
+            dirty.set(p)
+        assert path.coarsen_discards(8) == 2
+        got = _ranges(b) if path.send_discards() else []
+        assert len(got) == len(scattered)
+        assert sum(n for _, n in got) <= 2 * len(scattered)
         path.set_channel(CHAN_MAIN, None)
     a.close()
     b.close()

@@ -27,7 +27,7 @@ from uffd import PAGE_2M, PAGE_4K
 pytestmark = pytest.mark.root
 
 
-def _precopy(o: Outcome, min_rounds: int = 2, stale: bool = True) -> None:
+def _precopy(o: Outcome, min_rounds: int = 2, stale: bool = True, drain: tuple[str, ...] = ("pong",)) -> None:
     pre = o.source.precopy
     assert pre is not None
     assert pre.tracking == "wp-async"
@@ -38,10 +38,11 @@ def _precopy(o: Outcome, min_rounds: int = 2, stale: bool = True) -> None:
     # (before the stop what the last scan found, after it what the guest wrote during the drain)
     if stale:
         assert pre.dirty_pages_before_stop + pre.dirty_pages_at_switch > 0, pre
-        assert pre.discard_ranges > 0, pre
+        # the drain resent what the last scan found (or discarded it); after the stop, discards
+        assert pre.discard_ranges > 0 or pre.drain_bytes > 0, pre
     assert o.dest.discard_ranges == pre.discard_ranges
     # the link was drained before the stop: the destination answered the PING behind every precopy page
-    assert pre.drain == "pong", pre
+    assert pre.drain in drain, pre
 
 
 @pytest.mark.parametrize("pattern", ["random", "hot"])
@@ -70,17 +71,24 @@ def test_no_preempt_and_a_fast_writer() -> None:
     _precopy(o, min_rounds=1)
 
 
-def test_a_flat_out_guest_drains_before_the_stop() -> None:
+@pytest.mark.parametrize("mode", ["resend", "discard"])
+def test_a_flat_out_guest_drains_before_the_stop(mode: str) -> None:
     """Precopy pages queue up in the socket buffers while a flat-out guest shares the CPUs; the
-    switch waits (guest running) for the destination to take them and to drop what the last scan
-    found, so the downtime covers only the pages written since."""
+    switch waits (guest running) for the destination to take them and what the last scan found
+    (resent in a last pass, or dropped), so the downtime covers only the pages written since."""
     spec = GuestSpec.simple(64 << 20, PAGE_4K, vcpus=2, pattern="random", write_percent=10)
-    o = migrate(spec, preempt=True, warmup=0.1,
-                source_options={"precopy": SwitchoverPolicy(mode="time", max_seconds=1.0), "tracking": "wp-async"})
+    policy = SwitchoverPolicy(mode="time", max_seconds=1.0, drain_mode=mode)  # type: ignore[arg-type]
+    o = migrate(spec, preempt=True, warmup=0.1, source_options={"precopy": policy, "tracking": "wp-async"})
     check(o, spec)
     _precopy(o, min_rounds=1)
     pre = o.source.precopy
     assert pre is not None
+    if mode == "resend":
+        assert pre.drain_bytes > 0, pre                 # sent again while the guest still ran
+        assert pre.discard_ranges_before_stop == 0, pre
+        assert pre.drain_passes >= 1, pre
+        assert 0 < pre.drain_seconds < 1.0, pre
+        return
     assert pre.discard_ranges_before_stop > 0, pre      # dropped while the guest still ran
     assert pre.dirty_pages_before_stop > 0, pre
     assert 0 < pre.drain_seconds < 1.0, pre
@@ -133,7 +141,8 @@ def test_recovery_in_the_postcopy_phase_after_precopy() -> None:
                                 "link_timeout": 1.0},
                 dest_options={"link_timeout": 1.0})
     check(o, spec)
-    _precopy(o, min_rounds=1)
+    # at 4 MB/s the last resend pass may not end within the drain's second: its deadline stops the guest
+    _precopy(o, min_rounds=1, drain=("pong", "timeout"))
     assert cuts
     assert o.source.recoveries >= 1
 

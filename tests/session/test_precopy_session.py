@@ -46,7 +46,7 @@ def _round(s: Src, seconds: float, sent: int = 64 * MB) -> list:
 
 
 def test_rounds_go_on_until_the_deadline_then_cut_the_round_short() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=2.0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=2.0)).to_precopy()
     assert s.s.get_timer() == pytest.approx(2.0)
     for i in range(1, 4):
         assert _round(s, 0.3) == [ScanDirty(), StartRound(i)]
@@ -63,7 +63,7 @@ def test_rounds_go_on_until_the_deadline_then_cut_the_round_short() -> None:
 
 
 def test_a_round_ending_after_the_deadline_switches_without_another() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=1.0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=1.0)).to_precopy()
     acts = _round(s, 1.5)
     assert acts[:3] == [ScanDirty(), ScanDirty(), SendDiscards(before_stop=True)]
     assert StopGuest() in acts
@@ -71,7 +71,7 @@ def test_a_round_ending_after_the_deadline_switches_without_another() -> None:
 
 
 def test_max_rounds() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=0, max_rounds=2)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=0, max_rounds=2)).to_precopy()
     assert s.s.get_timer() is None
     assert _round(s, 0.2)[-1] == StartRound(1)
     acts = _round(s, 0.2)
@@ -79,14 +79,14 @@ def test_max_rounds() -> None:
 
 
 def test_a_short_round_waits_before_its_scan() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=5.0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=5.0)).to_precopy()
     assert _round(s, 0.001, sent=0) == []           # an idle guest does not make the source spin
     assert s.s.get_timer() == pytest.approx(MIN_ROUND_SECONDS)
     assert s.fire_timer() == [ScanDirty(), StartRound(1)]
 
 
 def test_migrate_start_postcopy_during_a_round() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual")).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual")).to_precopy()
     assert s.s.get_timer() is None                  # manual: rounds until told
     _round(s, 0.5)
     assert s.feed(StartPostcopy()) == [EndRound()]
@@ -96,13 +96,13 @@ def test_migrate_start_postcopy_during_a_round() -> None:
 
 
 def test_a_scan_answer_between_rounds_does_not_double_start() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=5.0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=5.0)).to_precopy()
     _round(s, 0.5)
     assert s.feed(RoundFinished(bytes=MB)) == []    # a stray second answer: no round is running
 
 
 def test_the_switch_after_precopy_discards_only_what_is_dirty() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual"), dirty_found=42, discard_ranges=5).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual"), dirty_found=42, discard_ranges=5).to_precopy()
     _round(s, 0.5)
     s.feed(StartPostcopy())
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
@@ -117,7 +117,7 @@ def test_the_switch_after_precopy_discards_only_what_is_dirty() -> None:
 
 
 def test_a_failure_during_precopy_fails_the_migration() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=5.0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=5.0)).to_precopy()
     acts = s.feed(ChannelFailed("reset"))
     fin = of_type(acts, Finish)
     assert fin and fin[0].error is not None and fin[0].error.kind == "io"
@@ -125,7 +125,7 @@ def test_a_failure_during_precopy_fails_the_migration() -> None:
 
 
 def test_start_over_after_precopy_sends_the_whole_stream_again() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=0.5)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=0.5)).to_precopy()
     _round(s, 0.6)
     assert s.s.status is S.POSTCOPY_ACTIVE
     assert any(isinstance(e, wire.PostcopyRamDiscard) and e.ranges[0][0] == 0 for e in s.s.switch_events)
@@ -139,16 +139,16 @@ def _r(dirty: int, seconds: float = 1.0, sent: int = 100 * MB) -> RoundRecord:
 
 
 def test_policy_time_and_rounds() -> None:
-    p = SwitchoverPolicy(mode="time", max_seconds=2.0, max_rounds=3)
+    p = SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=2.0, max_rounds=3)
     assert p.decide([_r(1000)], 1.0) is None
     assert p.decide([_r(1000)], 2.0) == "time"
     assert p.decide([_r(1000)] * 3, 1.5) == "rounds"
     assert p.deadline(10.0) == 12.0
-    assert SwitchoverPolicy(mode="manual").deadline(0.0) is None
+    assert SwitchoverPolicy(drain_mode="discard", mode="manual").deadline(0.0) is None
 
 
 def test_policy_auto_converged() -> None:
-    p = SwitchoverPolicy(mode="auto", max_seconds=30, max_downtime=0.3)
+    p = SwitchoverPolicy(drain_mode="discard", mode="auto", max_seconds=30, max_downtime=0.3)
     # 100 MB/s: 0.3 s is 7324 pages
     assert p.decide([_r(100_000), _r(7000)], 2.0) == "converged"
     assert p.decide([_r(100_000), _r(8000)], 2.0) is None
@@ -156,7 +156,7 @@ def test_policy_auto_converged() -> None:
 
 
 def test_policy_auto_not_shrinking() -> None:
-    p = SwitchoverPolicy(mode="auto", max_seconds=30, max_downtime=0.3)
+    p = SwitchoverPolicy(drain_mode="discard", mode="auto", max_seconds=30, max_downtime=0.3)
     assert p.decide([_r(90_000), _r(60_000), _r(40_000)], 3.0) is None        # still shrinking
     assert p.decide([_r(90_000), _r(60_000), _r(58_000)], 3.0) == "not_shrinking"
     assert p.decide([_r(60_000), _r(58_000)], 2.0) is None                    # give it three rounds
@@ -164,7 +164,7 @@ def test_policy_auto_not_shrinking() -> None:
 
 def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="switchover"):
-        SwitchoverPolicy(mode="soon")  # type: ignore[arg-type]
+        SwitchoverPolicy(drain_mode="discard", mode="soon")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
         SwitchoverPolicy(max_seconds=-1)
 
@@ -173,7 +173,7 @@ def test_policy_rejects_nonsense() -> None:
 
 
 def test_the_guest_stops_when_the_drain_ping_is_answered() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=0.5), answer_drain=False).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual", drain_seconds=0.5), answer_drain=False).to_precopy()
     _round(s, 0.5)
     s.feed(StartPostcopy())
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
@@ -195,7 +195,7 @@ def test_the_guest_stops_when_the_drain_ping_is_answered() -> None:
 
 
 def test_the_drain_deadline_stops_the_guest_anyway() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=1.0, drain_seconds=0.3), answer_drain=False).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=1.0, drain_seconds=0.3), answer_drain=False).to_precopy()
     assert s.fire_timer() == [EndRound()]
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
     assert Write(Channel.MAIN, DRAIN_PING_BYTES) in acts and StopGuest() not in acts
@@ -207,7 +207,7 @@ def test_the_drain_deadline_stops_the_guest_anyway() -> None:
 
 
 def test_a_link_failure_during_the_drain_fails_before_the_stop() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual"), answer_drain=False).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual"), answer_drain=False).to_precopy()
     _round(s, 0.2)
     s.feed(StartPostcopy())
     s.feed(RoundFinished(bytes=MB, ended=True))
@@ -216,7 +216,7 @@ def test_a_link_failure_during_the_drain_fails_before_the_stop() -> None:
 
 
 def test_no_drain_stops_at_once() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=0)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual", drain_seconds=0)).to_precopy()
     _round(s, 0.2)
     s.feed(StartPostcopy())
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
@@ -245,7 +245,7 @@ def test_throttle_policy_as_qemu() -> None:
 
 def test_a_long_round_is_cut_for_a_sync_period_and_the_pass_goes_on() -> None:
     t = ThrottlePolicy(initial=50, increment=25, maximum=99, high_periods=1, sync_seconds=0.4)
-    s = Src(precopy=SwitchoverPolicy(mode="time", max_seconds=5.0, throttle=t), dirty_found=50_000).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=5.0, throttle=t), dirty_found=50_000).to_precopy()
     assert s.s.get_timer() == pytest.approx(0.4)
     assert s.fire_timer() == [EndRound()]             # the sync period: cut, scan, measure
     assert s.s.get_timer() == pytest.approx(5.0)      # no second cut while the first one ends
@@ -264,7 +264,7 @@ def test_a_long_round_is_cut_for_a_sync_period_and_the_pass_goes_on() -> None:
 
 def test_the_switch_during_a_sync_cut_waits_for_that_round() -> None:
     t = ThrottlePolicy(sync_seconds=0.4)
-    s = Src(precopy=SwitchoverPolicy(mode="manual", throttle=t)).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual", throttle=t)).to_precopy()
     assert s.fire_timer() == [EndRound()]
     assert s.feed(StartPostcopy()) == []              # the round is ending already: no second EndRound
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
@@ -272,7 +272,7 @@ def test_the_switch_during_a_sync_cut_waits_for_that_round() -> None:
 
 
 def test_no_throttle_no_sync_cut() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual")).to_precopy()
+    s = Src(precopy=SwitchoverPolicy(drain_mode="discard", mode="manual")).to_precopy()
     assert s.s.get_timer() is None
     acts = _round(s, 5.0, sent=MB)
     assert not of_type(acts, ThrottleGuest)

@@ -117,7 +117,7 @@ def active_run(preempt: bool):
 
 
 def active_round(preempt: bool):
-    s = Src(preempt=preempt, precopy=SwitchoverPolicy(mode="time", max_seconds=5.0)).to_precopy()
+    s = Src(preempt=preempt, precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=5.0)).to_precopy()
     s.now += 0.5
     acts = s.feed(RoundFinished(bytes=BLOCK_LEN + ODD_LEN))
     assert acts == [ScanDirty(), StartRound(1)]     # the scan's answer came back before StartRound
@@ -126,7 +126,7 @@ def active_round(preempt: bool):
 
 
 def active_run_after_precopy(preempt: bool):
-    s = Src(preempt=preempt, precopy=SwitchoverPolicy(mode="time", max_seconds=1.0)).to_precopy()
+    s = Src(preempt=preempt, precopy=SwitchoverPolicy(drain_mode="discard", mode="time", max_seconds=1.0)).to_precopy()
     acts = s.fire_timer()                   # the deadline cuts the round short
     assert acts == [EndRound()]
     acts = s.feed(RoundFinished(bytes=4096, ended=True))

@@ -42,6 +42,7 @@ struct vcpu {
     uint32_t index;
     _Atomic bool in_loop;    /* between its start and its exit (pc_guest_stop) */
     _Atomic uint32_t tid;    /* kernel thread id while running: uffd THREAD_ID names it */
+    int base_nice;           /* its nice when it started (what pc_guest_set_vcpu_nice restores) */
     pc_guest *g;
     pthread_t thread;
 };
@@ -56,6 +57,7 @@ struct pc_guest {
     struct vcpu *vcpus;
     _Atomic int stop;
     _Atomic uint32_t throttle_pct; /* auto-converge: % of the time each vCPU sleeps (0: none) */
+    _Atomic int vcpu_nice;         /* precopy: the vCPUs run at this nice (PC_GUEST_NICE_KEEP: as started) */
     _Atomic uint32_t active;
     bool threads_exist;
     pthread_mutex_t ctl; /* start / join / save / load / verify / fill */
@@ -257,6 +259,7 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     pc_guest *g = calloc(1, sizeof(*g));
     if (!g)
         goto oom;
+    atomic_init(&g->vcpu_nice, PC_GUEST_NICE_KEEP);
     g->regions = calloc(nregions, sizeof(*g->regions));
     g->first_page = calloc(nregions + 1, sizeof(*g->first_page));
     g->vcpus = aligned_alloc(64, sizeof(struct vcpu) * nvcpus);
@@ -443,11 +446,45 @@ uint32_t pc_guest_throttle(const pc_guest *g)
     return atomic_load(&g->throttle_pct);
 }
 
+/* Precopy: the vCPUs yield to the migration's threads (the sender, and on one host the
+ * receiver): every vCPU running now and every one started later runs at `nice`;
+ * PC_GUEST_NICE_KEEP puts the running ones back to the nice they started with (lowering
+ * needs no privilege, putting back does: CAP_SYS_NICE or RLIMIT_NICE). Returns the
+ * number of threads changed, or -errno of the first failure. */
+int pc_guest_set_vcpu_nice(pc_guest *g, int nice)
+{
+    atomic_store(&g->vcpu_nice, nice);
+    int changed = 0, err = 0;
+    for (uint32_t v = 0; v < g->nvcpus; v++) {
+        struct vcpu *c = &g->vcpus[v];
+        uint32_t tid = atomic_load(&c->tid);
+        if (!tid || !atomic_load(&c->in_loop))
+            continue;
+        int want = nice == PC_GUEST_NICE_KEEP ? c->base_nice : nice;
+        if (setpriority(PRIO_PROCESS, (id_t)tid, want) == 0)
+            changed++;
+        else if (!err)
+            err = -errno;
+    }
+    return err ? err : changed;
+}
+
+int pc_guest_vcpu_nice(const pc_guest *g)
+{
+    return atomic_load(&g->vcpu_nice);
+}
+
 static void *vcpu_main(void *arg)
 {
     struct vcpu *c = arg;
     pc_guest *g = c->g;
     const uint32_t v = c->index;
+    errno = 0;
+    int nice_now = getpriority(PRIO_PROCESS, 0);     /* this thread's (inherited from its creator) */
+    c->base_nice = errno ? 0 : nice_now;
+    int lowered = atomic_load(&g->vcpu_nice);
+    if (lowered != PC_GUEST_NICE_KEEP)
+        (void)setpriority(PRIO_PROCESS, 0, lowered);
     atomic_store(&c->tid, (uint32_t)syscall(SYS_gettid));
     atomic_store(&c->in_loop, true);
     uint64_t prng = c->prng, position = c->position, hash = c->read_hash;

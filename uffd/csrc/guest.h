@@ -31,6 +31,7 @@
 #define PC_GUEST_MAX_VCPUS 32
 #define PC_GUEST_MAX_REGIONS 1024
 #define PC_GUEST_STATE_VERSION 1
+#define PC_GUEST_NICE_KEEP 100  /* pc_guest_set_vcpu_nice: the nice each vCPU started with */
 
 /* workload patterns */
 #define PC_GUEST_PATTERN_SEQ 0    /* each vCPU walks its share of pages in order, pass after pass */
@@ -108,6 +109,10 @@ void pc_guest_request_stop(pc_guest *g);
 /* Auto-converge: every vCPU sleeps `percent` % of the time (10 ms run slices; 0-99). */
 void pc_guest_set_throttle(pc_guest *g, uint32_t percent);
 uint32_t pc_guest_throttle(const pc_guest *g);
+/* Precopy: the vCPUs (running and started later) run at `nice`; PC_GUEST_NICE_KEEP: each
+ * back at the nice it started with. Threads changed, or -errno of the first failure. */
+int pc_guest_set_vcpu_nice(pc_guest *g, int nice);
+int pc_guest_vcpu_nice(const pc_guest *g);
 
 /* Wait until every vCPU has left its loop: 0, or -ETIMEDOUT after timeout_ns
  * (negative = forever). A vCPU blocked in a userfaultfd fault leaves only once

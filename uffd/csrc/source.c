@@ -908,10 +908,11 @@ static size_t discard_cmd(uint8_t *buf, const pc_src_block *b, const uint64_t (*
     return o;
 }
 
-/* Runs of chunks of c target pages holding a page to discard (dirty, not discarded before). */
-static uint64_t discard_runs(const pc_src *s, uint64_t c)
+/* Runs of chunks of c target pages holding a page to discard (dirty, not discarded before);
+ * *covered (may be NULL): the target pages those chunks hold. */
+static uint64_t discard_runs_covering(const pc_src *s, uint64_t c, uint64_t *covered)
 {
-    uint64_t runs = 0;
+    uint64_t runs = 0, chunks = 0;
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {
         const pc_src_block *b = &s->blocks[bi];
         uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, last = UINT64_MAX;
@@ -920,17 +921,33 @@ static uint64_t discard_runs(const pc_src *s, uint64_t c)
             if (last == UINT64_MAX || k != last + 1)
                 runs++;
             last = k;
+            chunks++;
             i = discard_next(b->dirty, b->discarded, (k + 1) * c, npages, 1);
         }
     }
+    if (covered)
+        *covered = chunks * c;
     return runs;
 }
 
+static uint64_t discard_runs(const pc_src *s, uint64_t c) { return discard_runs_covering(s, c, NULL); }
+
+uint64_t pc_src_discard_runs(const pc_src *s) { return discard_runs(s, 1); }
+
 int64_t pc_src_coarsen_discards(pc_src *s, uint64_t max_ranges)
 {
-    uint64_t c = 1;
-    while (c < PC_SRC_COARSEN_MAX_PAGES && discard_runs(s, c) > max_ranges)
+    /* Widen no further than PC_SRC_COARSEN_MAX_COVER times the pages to discard: scattered
+     * writes (a random writer) would otherwise widen to chunks covering most of the memory,
+     * all of it then fetched again after RUN; past that the ranges exceed max_ranges. */
+    uint64_t c = 1, pages = 0;
+    (void)discard_runs_covering(s, 1, &pages);
+    while (c < PC_SRC_COARSEN_MAX_PAGES && discard_runs(s, c) > max_ranges) {
+        uint64_t covered = 0;
+        (void)discard_runs_covering(s, c * 2, &covered);
+        if (covered > PC_SRC_COARSEN_MAX_COVER * pages)
+            break;
         c *= 2;
+    }
     if (c == 1)
         return 1;
     for (uint32_t bi = 0; bi < s->nblocks; bi++) {

@@ -155,7 +155,11 @@ int64_t pc_src_send_discards(pc_src *s, int flags);
  * PC_SRC_COARSEN_MAX_PAGES) target pages are discarded and sent again instead
  * (the destination's cost is per range). Returns the chunk in target pages (1: as they were). */
 #define PC_SRC_COARSEN_MAX_PAGES 512
+/* ... but never to chunks covering more than this many times the pages to discard. */
+#define PC_SRC_COARSEN_MAX_COVER 2
 int64_t pc_src_coarsen_discards(pc_src *s, uint64_t max_ranges);
+/* The discard ranges the dirty pages make now (runs of dirty pages not discarded before). */
+uint64_t pc_src_discard_runs(const pc_src *s);
 uint64_t pc_src_dirty_pages(pc_src *s);
 
 enum {
