@@ -794,6 +794,21 @@ class SourceService(_RoleService[R]):
             self._sync(m.precopy_bytes, pre.bytes)
             m.precopy_dirty_pages.set(pre.dirty_pages_last_round)
             m.precopy_dirty_rate.set(pre.dirty_rate_pages_per_s)
+        pf = snap.prefetch
+        if pf is not None:
+            self._sync(m.prefetch_pages_sent, pf.pages_sent)
+            self._sync(m.prefetch_pages_used, pf.pages_used)
+            self._sync(m.prefetch_windows, pf.windows)
+            self._sync(m.prefetch_requests["hit"], pf.hits)
+            self._sync(m.prefetch_requests["miss"], pf.misses)
+            m.prefetch_wasted_pages.set(pf.wasted_estimate)
+        hot = snap.hot_set
+        if hot is not None:
+            m.hot_set_pages.set(hot.pages)
+            on_preempt = snap.counters.get("hot_pages_preempt", 0)
+            self._sync(m.hot_set_pages_pushed["main"], hot.pushed - on_preempt)
+            self._sync(m.hot_set_pages_pushed["preempt"], on_preempt)
+            self._sync(m.hot_set_pages_recorded, hot.recorded)
         return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_sent,
                       pages_total=self._total_pages, bytes=snap.bytes, faults=snap.remote_faults,
                       rounds=pre.rounds if pre is not None else 0)

@@ -46,8 +46,9 @@ class HotSetStats:
     """Source: the hot set of an earlier migration pushed first, and the one this migration records.
 
     Target pages. ``pages``: in the loaded hot set, as far as this migration's blocks hold them;
-    ``pushed``: sent first by the bulk stream (the others were asked for, sent ahead or already
-    sent before it got to them); ``recorded``: requested or sent ahead here (``--record-hot-set``).
+    ``pushed``: sent before they were asked for, first in the bulk stream or on the preempt channel
+    (the others were asked for, sent ahead or already sent before their turn; after a recovery the
+    pages the destination lost are pushed again and count again); ``recorded``: requested or sent ahead here (``--record-hot-set``).
     """
 
     pages: int = 0

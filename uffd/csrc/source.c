@@ -194,6 +194,7 @@ void pc_src_restart(pc_src *s)
     s->cursor_page = 0;
     pc_pf_reset(&s->pf);        /* the return-path thread is not running */
     s->hot_pos = s->hot_off = s->rp_hot_pos = s->rp_hot_off = 0;   /* the hot set first again, after a recovery */
+    s->hot_armed = 0;
     for (int i = 0; i < PC_PF_STREAMS; i++)
         __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
@@ -501,8 +502,6 @@ int pc_src_bulk_run(pc_src *s)
     int skipped_zone = 0;           /* this pass left pages to the prefetch */
     pthread_mutex_lock(&c->lock);
     int round_mode = __atomic_load_n(&s->round_mode, __ATOMIC_ACQUIRE);
-    if (!round_mode)
-        __atomic_store_n(&s->hot_armed, 1, __ATOMIC_RELEASE);    /* postcopy: the hot set may go on preempt too */
     for (;;) {
         if (stopped(s) || (round_mode && __atomic_load_n(&s->round_end, __ATOMIC_ACQUIRE))) {
             result = PC_TX_STOPPED;
@@ -753,6 +752,7 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
     __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
     for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
         record_hot(s, bi, off / hps);
+        s->hot_armed = 1;       /* the destination runs the guest: the preempt channel may carry the hot set */
         if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
             if (!claim_host_page(b, off)) {
                 if (__atomic_load_n(&s->send_once, __ATOMIC_RELAXED) || !still_queued_on_main(s, b, off)) {

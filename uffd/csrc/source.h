@@ -101,7 +101,7 @@ typedef struct pc_src {
      * thread pushes them too, between requests (rp_hot_pos/off); each page goes once. */
     pc_src_range *hot;
     uint64_t nhot, hot_pos, hot_off, rp_hot_pos, rp_hot_off;
-    int hot_armed;                  /* the postcopy bulk stream started: the guest runs on the destination */
+    int hot_armed;                  /* a page request came on this connection: the guest runs there (rp thread) */
     /* Recording (pc_src_record_hot): the pages requested or sent ahead, as runs in
      * the order of their first request (return-path thread; rec_lock for readers). */
     pthread_mutex_t rec_lock;
