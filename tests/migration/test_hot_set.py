@@ -9,7 +9,7 @@ import subprocess
 import sys
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import harness
 import pytest
@@ -34,7 +34,7 @@ PAGES = sum(b.size for b in SPEC.blocks) // 4096
 class _RecordingSource(Source):
     """Keeps what it recorded (the harness does not return the Source)."""
 
-    recorded: list[HotSet] = []
+    recorded: ClassVar[list[HotSet]] = []
 
     def migrate(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -67,7 +67,9 @@ def test_a_recorded_hot_set_cuts_remote_faults(monkeypatch: pytest.MonkeyPatch) 
     without = migrate(SPEC, preempt=True, cap=CAP)
     check(without, SPEC)
     hs = again.source.hot_set
-    assert hs is not None and hs.pages == hot.pages and hs.warnings == ()
+    assert hs is not None
+    assert hs.pages == hot.pages
+    assert hs.warnings == ()
     assert hs.pushed > hot.pages // 2, hs          # the rest was asked for or sent ahead before its turn
     assert again.source.counters["hot_pages_preempt"] > 0, "a capped stream: the preempt channel pushes most"
     assert without.source.hot_set is None
@@ -96,7 +98,8 @@ def test_a_foreign_hot_set_is_used_for_what_fits() -> None:
     assert hs.pages == 50 + 96 + 64
     assert 0 < hs.pushed <= hs.pages
     text = " ".join(hs.warnings)
-    assert "'gone' is not in this migration" in text and "104 hot set pages lie past the end" in text
+    assert "'gone' is not in this migration" in text
+    assert "104 hot set pages lie past the end" in text
 
 
 def test_a_hot_set_without_preempt_goes_first_in_the_bulk_stream() -> None:
@@ -109,7 +112,8 @@ def test_a_hot_set_without_preempt_goes_first_in_the_bulk_stream() -> None:
     o = migrate(spec, preempt=False, source_options={"hot_set": hot})
     check(o, spec)
     hs = o.source.hot_set
-    assert hs is not None and hs.pages == 1024
+    assert hs is not None
+    assert hs.pages == 1024
     assert hs.pushed > 900, hs
     assert o.source.counters["hot_pages_preempt"] == 0
 
@@ -130,8 +134,10 @@ def test_demo_records_then_replays_a_hot_set(tmp_path: Path) -> None:
     second = _run("demo", *guest, "--hot-set", str(hot), "--json", str(tmp_path / "2.json"))
     assert second.returncode == 0, second.stderr + second.stdout
     r2 = json.loads((tmp_path / "2.json").read_text())
-    assert r2["verified"] is True and r2["guest_verify"]["ok"]
-    assert r2["hot_set"]["pages"] == recorded.pages and r2["hot_set"]["pushed"] > 0
+    assert r2["verified"] is True
+    assert r2["guest_verify"]["ok"]
+    assert r2["hot_set"]["pages"] == recorded.pages
+    assert r2["hot_set"]["pushed"] > 0
     assert "hot set:" in second.stdout
     assert r2["remote_faults"] * 2 < r1["remote_faults"], (r1["remote_faults"], r2["remote_faults"])
 

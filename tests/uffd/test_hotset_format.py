@@ -33,7 +33,8 @@ def test_round_trip_keeps_blocks_runs_and_order(tmp_path: Path) -> None:
     assert len(data) == 24 + sum(1 + len(b.idstr) + 16 for b in hs.blocks) + 16 * 4 + 4
     back = HotSet.decode(data)
     assert back == hs
-    assert back.pages == 3 + 1 + 1 + 512 and back.nruns == 4
+    assert back.pages == 3 + 1 + 1 + 512
+    assert back.nruns == 4
     path = tmp_path / "hot"
     hs.save(path)
     assert HotSet.load(path) == hs
@@ -94,7 +95,8 @@ def test_resolve_matches_blocks_by_idstr_and_keeps_the_order() -> None:
     here = (BIOS, HotBlock("extra", 1 << 20, 4096), RAM, HUGE)
     r = sample().resolve(here)
     assert list(r.runs) == [2, 5000, 3, 0, 10, 1, 2, 7, 1, 3, 512, 512]
-    assert r.pages == 517 and r.warnings == ()
+    assert r.pages == 517
+    assert r.warnings == ()
 
 
 def test_resolve_leaves_out_what_does_not_fit_with_warnings() -> None:
@@ -112,7 +114,8 @@ def test_resolve_leaves_out_what_does_not_fit_with_warnings() -> None:
 
 def test_resolve_warns_when_nothing_fits() -> None:
     r = sample().resolve((HotBlock("other", 1 << 20, 4096),))
-    assert r.pages == 0 and len(r.runs) == 0
+    assert r.pages == 0
+    assert len(r.runs) == 0
     assert r.warnings[-1] == "no page of the hot set fits this migration's blocks: nothing is pushed first"
 
 
