@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from array import array
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,7 +75,7 @@ def test_a_recorded_hot_set_cuts_remote_faults(monkeypatch: pytest.MonkeyPatch) 
     assert again.source.counters["hot_pages_preempt"] > 0, "a capped stream: the preempt channel pushes most"
     assert without.source.hot_set is None
     assert without.dest.remote_faults > 100, "the guest did not run ahead of the stream: nothing to compare"
-    assert again.dest.remote_faults * 3 < without.dest.remote_faults, (again.dest.remote_faults,
+    assert again.dest.remote_faults * 2 < without.dest.remote_faults, (again.dest.remote_faults,
                                                                         without.dest.remote_faults)
     # every page went once (requested pages may go again on preempt with a built-in destination)
     assert sent_pages(again) - again.source.counters["resent_target_pages"] == PAGES
@@ -150,3 +151,37 @@ def test_a_file_that_is_not_a_hot_set_stops_the_source_before_it_migrates(tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"postcopy source: --hot-set {junk}: hot set version 0: this postcopy reads version 1"]
+
+
+def test_a_hot_set_survives_link_cuts() -> None:
+    # a slow guest and a 2 MiB/s stream: postcopy lasts seconds; the whole 4 MiB of pc.ram, last page
+    # first, is the hot set, so pushes are under way (and the list walked again) at every cut
+    spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="hot", rate_limit=100)
+    runs = array("Q")
+    for first in range(2048 - 16, -1, -16):
+        runs.extend((0, first, 16))
+    hot = HotSet((HotBlock("pc.ram", 8 << 20, 4096),), runs)
+    cuts = 0
+
+    def during(src: Source, dst: Any) -> None:
+        nonlocal cuts
+        while src.result.status != "postcopy-active":
+            time.sleep(0.005)
+        for _ in range(3):
+            time.sleep(0.05)
+            while src.result.status != "postcopy-active":
+                if src.result.status in ("completed", "failed"):
+                    return
+                time.sleep(0.002)
+            dst.pause()
+            cuts += 1
+
+    fast = {"link_timeout": 1.0}
+    o = migrate(spec, preempt=True, cap=2 << 20, during=during, source_options={"hot_set": hot, **fast},
+                dest_options=fast)
+    check(o, spec)
+    assert cuts >= 1
+    assert o.source.recoveries == cuts
+    hs = o.source.hot_set
+    assert hs is not None
+    assert hs.pushed >= 1024, hs
