@@ -21,6 +21,7 @@ from metrics._http import MetricsServer, serve_metrics
 from metrics._vocabulary import (
     CHANNELS,
     PAGE_KINDS,
+    PREFETCH_RESULTS,
     PROTOCOL_ERROR_KINDS,
     ROLES,
     Channel,
@@ -34,6 +35,7 @@ __all__ = [
     "LATENCY_BUCKETS_SECONDS",
     "MAX_VCPU_SERIES",
     "PAGE_KINDS",
+    "PREFETCH_RESULTS",
     "PROTOCOL_ERROR_KINDS",
     "ROLES",
     "Channel",

@@ -16,7 +16,15 @@ from typing import Any, Final, Literal, overload
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from metrics._collectors import MigrationCollector
-from metrics._vocabulary import CHANNELS, PAGE_KINDS, PROTOCOL_ERROR_KINDS, REFUSAL_REASONS, ROLES, Role
+from metrics._vocabulary import (
+    CHANNELS,
+    PAGE_KINDS,
+    PREFETCH_RESULTS,
+    PROTOCOL_ERROR_KINDS,
+    REFUSAL_REASONS,
+    ROLES,
+    Role,
+)
 
 __all__ = [
     "LATENCY_BUCKETS_SECONDS",
@@ -111,6 +119,22 @@ class SourceMetrics(Metrics):
     """Pages the last precopy round's scan found written."""
     precopy_dirty_rate: Gauge
     """Pages per second the guest wrote during the last precopy round."""
+    prefetch_pages_sent: Counter
+    """Target pages sent ahead of the destination's request streams."""
+    prefetch_pages_used: Counter
+    """Of those, pages the guest then walked through (a later request of the stream passed them)."""
+    prefetch_windows: Counter
+    """Predicted requests that made new pages due."""
+    prefetch_requests: MappingProxyType[str, Counter]
+    """Page requests a stream predicted ("hit") or not ("miss"), by PREFETCH_RESULTS."""
+    prefetch_wasted_pages: Gauge
+    """Sent ahead and not walked through (yet): the waste estimate, an upper bound."""
+    hot_set_pages: Gauge
+    """Target pages of the hot set pushed first (as far as this migration's blocks hold them)."""
+    hot_set_pages_pushed: MappingProxyType[str, Counter]
+    """Hot set pages sent before they were asked for, by channel (main: first in the bulk stream)."""
+    hot_set_pages_recorded: Counter
+    """Target pages recorded for a later migration's hot set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +256,12 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
         collector=collector,
     )
     if role == "source":
+        prefetch_requests = Counter("postcopy_prefetch_requests",
+                                    "Page requests the prefetch predicted (hit) or not (miss).", ["result"],
+                                    registry=registry)
+        hot_pushed = Counter("postcopy_hot_set_pages_pushed",
+                             "Hot set pages sent before the destination asked for them, by channel.", ["channel"],
+                             registry=registry)
         return SourceMetrics(
             **common,
             request_service_latency=_histogram(
@@ -248,6 +278,25 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
             precopy_dirty_rate=Gauge("postcopy_precopy_dirty_rate_pages_per_second",
                                      "Target pages per second the guest wrote during the last precopy round.",
                                      registry=registry),
+            prefetch_pages_sent=Counter("postcopy_prefetch_pages_sent",
+                                        "Target pages sent ahead of the destination's request streams.",
+                                        registry=registry),
+            prefetch_pages_used=Counter("postcopy_prefetch_pages_used",
+                                        "Target pages sent ahead that the guest then walked through.",
+                                        registry=registry),
+            prefetch_windows=Counter("postcopy_prefetch_windows",
+                                     "Predicted page requests that made new pages due to send ahead.",
+                                     registry=registry),
+            prefetch_requests=MappingProxyType({r: prefetch_requests.labels(r) for r in PREFETCH_RESULTS}),
+            prefetch_wasted_pages=Gauge("postcopy_prefetch_wasted_pages",
+                                        "Target pages sent ahead and not walked through (yet): an upper bound "
+                                        "of the prefetch's waste.", registry=registry),
+            hot_set_pages=Gauge("postcopy_hot_set_pages", "Target pages of the hot set pushed first.",
+                                registry=registry),
+            hot_set_pages_pushed=MappingProxyType({ch: hot_pushed.labels(ch) for ch in CHANNELS}),
+            hot_set_pages_recorded=Counter("postcopy_hot_set_pages_recorded",
+                                           "Target pages recorded for a later migration's hot set.",
+                                           registry=registry),
         )
     refused = Counter(
         "postcopy_refused_connections",

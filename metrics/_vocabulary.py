@@ -15,12 +15,14 @@ from postcopy.session._status import MigrationStatus
 __all__ = [
     "CHANNELS",
     "PAGE_KINDS",
+    "PREFETCH_RESULTS",
     "PROTOCOL_ERROR_KINDS",
     "REFUSAL_REASONS",
     "ROLES",
     "Channel",
     "MigrationStatus",
     "PageKind",
+    "PrefetchResult",
     "Role",
 ]
 
@@ -33,6 +35,10 @@ CHANNELS: Final[tuple[Channel, ...]] = ("main", "preempt")
 
 PageKind = Literal["normal", "zero"]
 PAGE_KINDS: Final[tuple[PageKind, ...]] = ("normal", "zero")
+
+# A page request the source's prefetch predicted (a hit) or not (a miss).
+PrefetchResult = Literal["hit", "miss"]
+PREFETCH_RESULTS: Final[tuple[PrefetchResult, ...]] = ("hit", "miss")
 
 # The wire codec's error kinds; anything else is counted as "other" so a new kind
 # can never create an unbounded label value.

@@ -10,7 +10,9 @@ before dropping these wrappers.
 
 from __future__ import annotations
 
+import errno
 import socket
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -432,6 +434,31 @@ class SourcePath:
         Before the return path runs."""
         lib.pc_src_set_prefetch(self._s, min_window, max_window)
 
+    def set_hot(self, runs: array[int]) -> None:
+        """The postcopy bulk stream sends these runs first, in order: flat (block, first, npages)
+        triples of target pages (empty: none). Before the bulk stream runs."""
+        if len(runs) % 3 or runs.itemsize != 8:
+            raise ValueError("hot runs: an array('Q') of (block, first, npages) triples")
+        buf = ffi.from_buffer("pc_src_range[]", runs) if runs else ffi.NULL
+        rc = lib.pc_src_set_hot(self._s, buf, len(runs) // 3)
+        if rc < 0:
+            raise ValueError("hot runs: a run lies outside its block" if rc == -errno.ERANGE else f"hot runs: {rc}")
+
+    def record_hot(self, on: bool) -> None:
+        """Record the host pages requested or sent ahead, in the order of their first request."""
+        if lib.pc_src_record_hot(self._s, int(on)) < 0:
+            raise MemoryError("pc_src_record_hot")
+
+    def hot_recorded(self) -> array[int]:
+        """What was recorded: flat (block, first, npages) triples of target pages."""
+        while True:
+            n = lib.pc_src_hot_recorded(self._s, ffi.NULL, 0)
+            out = array("Q", bytes(24 * n))
+            got = lib.pc_src_hot_recorded(self._s, ffi.from_buffer("pc_src_range[]", out) if n else ffi.NULL, n)
+            if got <= n:
+                del out[3 * got:]
+                return out
+
     def stop(self) -> None:
         lib.pc_src_stop(self._s)
 
@@ -506,7 +533,7 @@ class SourcePath:
         s = self._s
         out = {name: int(getattr(s.c, name)) for name in (
             "requests", "request_pages_sent", "request_pages_skipped", "resent_target_pages", "requests_queued",
-            "host_pages_sent")}
+            "host_pages_sent", "hot_pages_sent", "hot_pages_recorded", "hot_pages_preempt")}
         pf = s.pf.c
         for name in ("hits", "misses", "windows", "pages_sent", "pages_used"):
             out[f"prefetch_{name}"] = int(getattr(pf, name))

@@ -55,6 +55,7 @@ from postcopy.control import (
 )
 from postcopy.destination import Destination
 from postcopy.guest import Guest
+from postcopy.hotset import HotSet
 from postcopy.owner import BuiltinGuest, MemoryOwner
 from postcopy.session import MigrationStats, SwitchoverPolicy
 from postcopy.source import Source
@@ -675,10 +676,12 @@ class SourceService(_RoleService[R]):
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
                  owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
                  tracking: str = "auto", recover_connect: tuple[str, int] | None = None,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, hot_set: HotSet | None = None, record_hot_set: bool = False) -> None:
         """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``.
         ``recover_connect``: where to reconnect after a pause (default: where it migrates to).
-        ``prefetch``: send ahead of the destination's sequential request streams (with preempt)."""
+        ``prefetch``: send ahead of the destination's sequential request streams (with preempt).
+        ``hot_set``: push an earlier migration's hot set first; ``record_hot_set``: record this one's
+        (``source.recorded_hot_set()`` once it finished)."""
         options = options or ServiceOptions()
         if connect is None and options.qmp is None:
             raise ServiceError("the source needs a destination address or a QMP socket to receive migrate")
@@ -695,6 +698,8 @@ class SourceService(_RoleService[R]):
         self.tracking = tracking
         self.recover_connect = recover_connect
         self.prefetch = prefetch
+        self.hot_set = hot_set
+        self.record_hot_set = record_hot_set
         self.source: Source | None = None
         self.switchover: threading.Event | None = None
         self._total_pages = sum(b.used_length for b in memory) // TARGET_PAGE_SIZE
@@ -717,7 +722,8 @@ class SourceService(_RoleService[R]):
         self.source = Source(owner, preempt=preempt, bandwidth_cap=cap,
                              verify=self.verify, on_status=self._status_from_thread,
                              auto_recover=self.control is None, precopy=self.precopy, tracking=self.tracking,
-                             recover_address=self.recover_connect, prefetch=self.prefetch)
+                             recover_address=self.recover_connect, prefetch=self.prefetch,
+                             hot_set=self.hot_set, record_hot_set=self.record_hot_set)
         self.switchover = switchover
         self._set_status(MigrationStatus.SETUP)
         source = self.source
@@ -788,6 +794,21 @@ class SourceService(_RoleService[R]):
             self._sync(m.precopy_bytes, pre.bytes)
             m.precopy_dirty_pages.set(pre.dirty_pages_last_round)
             m.precopy_dirty_rate.set(pre.dirty_rate_pages_per_s)
+        pf = snap.prefetch
+        if pf is not None:
+            self._sync(m.prefetch_pages_sent, pf.pages_sent)
+            self._sync(m.prefetch_pages_used, pf.pages_used)
+            self._sync(m.prefetch_windows, pf.windows)
+            self._sync(m.prefetch_requests["hit"], pf.hits)
+            self._sync(m.prefetch_requests["miss"], pf.misses)
+            m.prefetch_wasted_pages.set(pf.wasted_estimate)
+        hot = snap.hot_set
+        if hot is not None:
+            m.hot_set_pages.set(hot.pages)
+            on_preempt = snap.counters.get("hot_pages_preempt", 0)
+            self._sync(m.hot_set_pages_pushed["main"], hot.pushed - on_preempt)
+            self._sync(m.hot_set_pages_pushed["preempt"], on_preempt)
+            self._sync(m.hot_set_pages_recorded, hot.recorded)
         return Sample(t=self.elapsed_seconds(), status=snap.status.value, pages=snap.pages_sent,
                       pages_total=self._total_pages, bytes=snap.bytes, faults=snap.remote_faults,
                       rounds=pre.rounds if pre is not None else 0)

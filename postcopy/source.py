@@ -21,6 +21,7 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
 from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
+from .hotset import HotBlock, HotSet
 from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
 from .session import (
     Action,
@@ -43,6 +44,7 @@ from .session import (
     MigrationStats,
     MigrationStatus,
     PauseRequested,
+    HotSetStats,
     PrefetchStats,
     ReloadDirty,
     ResumeRequested,
@@ -92,11 +94,15 @@ class Source:
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,
                  backoff: tuple[float, float] = (0.01, 0.02), precopy: SwitchoverPolicy | None = None,
                  tracking: str = "auto", recover_address: tuple[str, int] | None = None,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, hot_set: HotSet | None = None, record_hot_set: bool = False) -> None:
         """``recover_address``: where reconnections after a pause go (default: the migrate address),
         e.g. where a paused QEMU destination listens after ``migrate-recover URI``.
         ``prefetch``: with preempt, send ahead of sequential and strided request streams
-        (:data:`PREFETCH_MIN_WINDOW` growing to :data:`PREFETCH_MAX_WINDOW` bytes)."""
+        (:data:`PREFETCH_MIN_WINDOW` growing to :data:`PREFETCH_MAX_WINDOW` bytes).
+        ``hot_set``: an earlier migration's hot set (postcopy/hotset.py): after the switch the bulk
+        stream sends those pages first, in their order; what does not fit these blocks is left out
+        with a warning (:attr:`hot_set_warnings`). ``record_hot_set``: record the pages the
+        destination asks for (and those sent ahead) for :meth:`recorded_hot_set`."""
         self.owner = owner
         #: precopy rounds before the switch (None: postcopy at once)
         self.precopy = precopy
@@ -120,6 +126,19 @@ class Source:
         self.path.set_heartbeat(heartbeat)
         self.prefetch = prefetch and preempt
         self.path.set_prefetch(PREFETCH_MAX_WINDOW if self.prefetch else 0, PREFETCH_MIN_WINDOW)
+        self._hot_blocks = tuple(HotBlock(b.idstr, b.used_length, b.page_size) for b in self.blocks)
+        self.hot_set_pages = 0
+        self.hot_set_warnings: tuple[str, ...] = ()
+        if hot_set is not None:
+            resolved = hot_set.resolve(self._hot_blocks)
+            for warning in resolved.warnings:
+                log.warning("source: %s", warning)
+            self.path.set_hot(resolved.runs)
+            self.hot_set_pages = resolved.pages
+            self.hot_set_warnings = resolved.warnings
+        self.record_hot_set = record_hot_set
+        self.path.record_hot(record_hot_set)
+        self._hot_set_used = hot_set is not None
         # A QEMU machine goes to QEMU (or to a destination that takes what QEMU takes): QEMU's destination
         # fails on a page placed twice, so a requested page in flight on main is not sent again on preempt.
         self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
@@ -452,6 +471,11 @@ class Source:
         except (DataPathError, wire.RemoteProtocolError, OSError) as exc:
             self._put(generation, ChannelFailed(f"return path: {exc}"))
 
+    def recorded_hot_set(self) -> HotSet:
+        """The pages the destination asked for (and those sent ahead), in the order of their
+        first request: the hot set for a later migration of this guest (with ``record_hot_set``)."""
+        return HotSet(self._hot_blocks, self.path.hot_recorded())
+
     def _hash_all(self) -> None:
         for b in self.blocks:
             self.hashes[b.idstr] = hash_pages(b)
@@ -465,6 +489,11 @@ class Source:
     @property
     def result(self) -> MigrationStats:
         return self.snapshot()
+
+    def _hot_set_stats(self, c: dict[str, int]) -> HotSetStats | None:
+        if not self._hot_set_used and not self.record_hot_set:
+            return None
+        return HotSetStats(self.hot_set_pages, c["hot_pages_sent"], c["hot_pages_recorded"], self.hot_set_warnings)
 
     def snapshot(self) -> MigrationStats:
         """Live figures, cheap to take at any time (C counters)."""
@@ -496,5 +525,6 @@ class Source:
             precopy=s.precopy_stats(now) if s is not None else None,
             prefetch=PrefetchStats(c["prefetch_pages_sent"], c["prefetch_pages_used"], c["prefetch_windows"],
                                    c["prefetch_hits"], c["prefetch_misses"]) if self.prefetch else None,
+            hot_set=self._hot_set_stats(c),
         )
 

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="the source sends ahead of sequential and strided page-request streams (with preempt; "
                         "default on)")
+    p.add_argument("--hot-set", metavar="FILE",
+                   help="the source pushes this hot set (from an earlier --record-hot-set) first after the switch")
+    p.add_argument("--record-hot-set", metavar="FILE",
+                   help="the source records the pages the destination asks for and writes them here as a hot set")
     p.add_argument("--verify", action="store_true",
                    help="compare every page the destination placed with the source's at the switch, "
                         "and check the guest's own invariant")
@@ -135,6 +139,10 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         src_cmd = [*exe, "source", "--connect", source_addr, *_guest_args(args), "--json", str(t / "source.json"),
                    "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup), *precopy_args(args),
                    "--prefetch" if args.prefetch else "--no-prefetch"]
+        if args.hot_set:
+            src_cmd += ["--hot-set", str(Path(args.hot_set).resolve())]
+        if args.record_hot_set:
+            src_cmd += ["--record-hot-set", str(Path(args.record_hot_set).resolve())]
         dest_cmd += ["--progress", "jsonl"]
         src_cmd += ["--progress", "none"]
         if args.metrics_port is not None:
@@ -183,6 +191,7 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         "recoveries": s.get("recoveries", 0),
         "precopy": s.get("precopy"),
         "prefetch": s.get("prefetch"),
+        "hot_set": s.get("hot_set"),
         "discard_ranges": s.get("discard_ranges", 0),
         "paused_seconds": s.get("paused_seconds", 0.0),
         "wall_time_s": round(elapsed, 3),
@@ -215,6 +224,11 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         print(f"demo: prefetch sent {pf['pages_sent']} pages ahead in {pf['windows']} windows "
               f"({pf['hits']} hits, {pf['misses']} misses), {pf['wasted_estimate']} never passed "
               f"({pf['wasted_fraction']:.1%})")
+    hot = report["hot_set"]
+    if hot:
+        print(f"demo: hot set: {hot['pushed']} of its {hot['pages']} pages pushed first"
+              + (f", {hot['recorded']} pages recorded" if args.record_hot_set else "")
+              + "".join(f"; {w}" for w in hot["warnings"]))
     lat = report["fault_latency_us"]
     print(f"demo: {report['status']} in {report['total_time_s']:.3f} s: "
           f"{report['bytes_transferred'] / 1e6:.1f} MB at {report['throughput_bytes_per_s'] / 1e9:.2f} GB/s, "

@@ -24,8 +24,10 @@ from typing import Any
 
 from postcopy.cli import UserError
 from postcopy.guest import Guest, Pattern
+from postcopy.hotset import HotSet, HotSetError
 from postcopy.saved import SnapshotMemory
 from postcopy.snapshot import SnapshotError
+from postcopy.source import Source
 from postcopy.service import MigrationAbandoned, ServiceError, SourceService
 from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.owner import HeadlessMemory, memory_from_file
@@ -60,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="with preempt, send pages ahead of sequential and strided page-request streams "
                         "(default on)")
+    p.add_argument("--hot-set", metavar="FILE",
+                   help="push this hot set (recorded by an earlier migration of the same guest with "
+                        "--record-hot-set) first after the switch; what does not fit is left out with a warning")
+    p.add_argument("--record-hot-set", metavar="FILE",
+                   help="record the pages the destination asks for (and those sent ahead), in the order of their "
+                        "first request, and write them here as a hot set once the migration completed "
+                        "(with --hot-set, the pages pushed from it too)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the destination")
     p.add_argument("--recover-connect", metavar="HOST:PORT",
                    help="after a pause, reconnect here instead of --connect (e.g. where a paused QEMU destination "
@@ -99,12 +108,32 @@ def _report(result: MigrationStats, timeline: list[dict[str, object]]) -> dict[s
                   "requested": c["request_pages_sent"]},
         "requests_received": c["requests"],
         "prefetch": result.prefetch.as_dict() if result.prefetch is not None else None,
+        "hot_set": result.hot_set.as_dict() if result.hot_set is not None else None,
         "bad_requests": result.bad_requests,
         "discard_ranges": result.discard_ranges,
         "precopy": result.precopy.as_dict() if result.precopy is not None else None,
         "counters": c,
         "timeline": timeline,
     }
+
+
+def _hot_set(args: argparse.Namespace) -> HotSet | None:
+    """The --hot-set file, read before anything is migrated (a file that is not a hot set is an error)."""
+    if args.hot_set is None:
+        return None
+    try:
+        return HotSet.load(args.hot_set)
+    except HotSetError as exc:
+        raise UserError(f"--hot-set {exc}") from None
+
+
+def _save_hot_set(args: argparse.Namespace, source: Source | None) -> None:
+    if args.record_hot_set is None or source is None:
+        return
+    try:
+        source.recorded_hot_set().save(args.record_hot_set)
+    except (OSError, HotSetError) as exc:
+        raise UserError(f"--record-hot-set {args.record_hot_set}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_snapshot(args)
     if args.mem_file is not None:
         return _run_mem_file(args)
+    hot_set = _hot_set(args)
     spec = guest_spec(args)
     policy = precopy_policy(args)
     address = None if args.qmp else parse_address(args.connect)
@@ -139,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
                                     verify=args.verify, connect=address, connect_timeout=args.connect_timeout,
                                     recover_connect=_recover_connect(args),
                                     options=options, precopy=policy, tracking=args.dirty_tracking,
-                                    prefetch=args.prefetch)
+                                    prefetch=args.prefetch, hot_set=hot_set,
+                                    record_hot_set=args.record_hot_set is not None)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service
@@ -149,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             if args.hashes_out and src is not None and src.hashes:
                 write_hashes(args.hashes_out, src.hashes)
             write_json(_report(result, list(svc.timeline)), args.json)
+            _save_hot_set(args, src)
             return 0
 
         try:
@@ -212,9 +244,13 @@ def _run_headless(args: argparse.Namespace, spec: GuestSpec, owner: HeadlessMemo
     address = None if args.qmp else parse_address(args.connect)
     try:
         cap = parse_size(args.bandwidth_cap)
+        hot_set = _hot_set(args)
     except SpecError as exc:
         owner.close()
         raise UserError(f"--bandwidth-cap: {exc}") from None
+    except UserError:
+        owner.close()
+        raise
     stream = sys.stderr if args.json == "-" else sys.stdout
     progress = Progress("source", args.progress, stream)
     service: SourceService[int] | None = None
@@ -224,13 +260,15 @@ def _run_headless(args: argparse.Namespace, spec: GuestSpec, owner: HeadlessMemo
                                     verify=verify, connect=address, connect_timeout=args.connect_timeout,
                                     recover_connect=_recover_connect(args),
                                     options=service_options(args, progress), owner=owner,
-                                    prefetch=args.prefetch)
+                                    prefetch=args.prefetch, hot_set=hot_set,
+                                    record_hot_set=args.record_hot_set is not None)
         except ServiceError as exc:
             raise UserError(str(exc)) from None
         svc = service
 
         def finish(result: MigrationStats) -> int:
             write_json(_report(result, list(svc.timeline)), args.json)
+            _save_hot_set(args, svc.source)
             return 0
 
         try:

@@ -6,7 +6,7 @@ from ._io import *  # noqa: F403
 from ._io import __all__ as _io_all
 from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy, ThrottlePolicy
 from ._source import SourceSession
-from ._stats import ChannelStats, MigrationStats, PrefetchStats
+from ._stats import ChannelStats, HotSetStats, MigrationStats, PrefetchStats
 from ._status import (
     DESTINATION_TRANSITIONS,
     SOURCE_TRANSITIONS,
@@ -31,6 +31,7 @@ __all__ = [
     "MigrationStatus",
     "PostcopyError",
     "PrecopyStats",
+    "HotSetStats",
     "PrefetchStats",
     "RoundRecord",
     "SourceSession",

@@ -8,7 +8,7 @@ from typing import Literal
 from ._precopy import PrecopyStats
 from ._status import MigrationStatus
 
-__all__ = ["ChannelStats", "MigrationStats", "PrefetchStats"]
+__all__ = ["ChannelStats", "HotSetStats", "MigrationStats", "PrefetchStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,26 @@ class PrefetchStats:
         return {"pages_sent": self.pages_sent, "pages_used": self.pages_used, "windows": self.windows,
                 "hits": self.hits, "misses": self.misses, "wasted_estimate": self.wasted_estimate,
                 "wasted_fraction": round(self.wasted_fraction, 4)}
+
+
+@dataclass(frozen=True, slots=True)
+class HotSetStats:
+    """Source: the hot set of an earlier migration pushed first, and the one this migration records.
+
+    Target pages. ``pages``: in the loaded hot set, as far as this migration's blocks hold them;
+    ``pushed``: sent before they were asked for, first in the bulk stream or on the preempt channel
+    (the others were asked for, sent ahead or already sent before their turn; after a recovery the
+    pages the destination lost are pushed again and count again); ``recorded``: requested or sent ahead here (``--record-hot-set``).
+    """
+
+    pages: int = 0
+    pushed: int = 0
+    recorded: int = 0
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"pages": self.pages, "pushed": self.pushed, "recorded": self.recorded,
+                "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +129,8 @@ class MigrationStats:
     """Source: the precopy phase before the switch (None: postcopy at once)."""
     prefetch: PrefetchStats | None = None
     """Source: pages sent ahead of the guest (None: prefetch off)."""
+    hot_set: HotSetStats | None = None
+    """Source: a hot set pushed first or recorded (None: neither)."""
 
     @property
     def pages_sent(self) -> int:

@@ -284,3 +284,35 @@ def test_serve_metrics_reports_busy_port(registry: CollectorRegistry) -> None:
         serve_metrics(registry, first.port)
     with pytest.raises(ValueError, match="port 70000 out of range"):
         serve_metrics(registry, 70000)
+
+
+def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None:
+    m = make_metrics(registry, "source")
+    value = registry.get_sample_value
+    names = ["postcopy_prefetch_pages_sent_total", "postcopy_prefetch_pages_used_total",
+             "postcopy_prefetch_windows_total", "postcopy_prefetch_wasted_pages", "postcopy_hot_set_pages",
+             "postcopy_hot_set_pages_recorded_total"]
+    assert [value(n) for n in names] == [0] * len(names)           # there from the start, at 0
+    for result in ("hit", "miss"):
+        assert value("postcopy_prefetch_requests_total", {"result": result}) == 0
+    for channel in ("main", "preempt"):
+        assert value("postcopy_hot_set_pages_pushed_total", {"channel": channel}) == 0
+    m.prefetch_pages_sent.inc(96)
+    m.prefetch_pages_used.inc(90)
+    m.prefetch_windows.inc(5)
+    m.prefetch_requests["hit"].inc(7)
+    m.prefetch_requests["miss"].inc(2)
+    m.prefetch_wasted_pages.set(6)
+    m.hot_set_pages.set(2048)
+    m.hot_set_pages_pushed["preempt"].inc(1500)
+    m.hot_set_pages_pushed["main"].inc(500)
+    m.hot_set_pages_recorded.inc(2100)
+    assert [value(n) for n in names] == [96, 90, 5, 6, 2048, 2100]
+    assert value("postcopy_prefetch_requests_total", {"result": "hit"}) == 7
+    assert value("postcopy_prefetch_requests_total", {"result": "miss"}) == 2
+    assert value("postcopy_hot_set_pages_pushed_total", {"channel": "preempt"}) == 1500
+    assert value("postcopy_hot_set_pages_pushed_total", {"channel": "main"}) == 500
+    # a destination has none of them
+    make_metrics(reg := CollectorRegistry(), "destination")
+    assert reg.get_sample_value("postcopy_prefetch_pages_sent_total") is None
+    assert reg.get_sample_value("postcopy_hot_set_pages") is None

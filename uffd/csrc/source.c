@@ -38,6 +38,11 @@ static int src_fail(pc_src *s, int code, int err, const char *fmt, ...)
     return code;
 }
 
+static void record_hot(pc_src *s, uint32_t bi, uint64_t host_page);
+static int take_hot(pc_src *s, uint64_t *pos, uint64_t *off, uint32_t *bi, uint64_t *first);
+struct batch;
+static int bulk_hot_page(pc_src *s, struct batch *bt, uint32_t bi, uint64_t first, int *in_section);
+
 pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
 {
     pc_src *s = calloc(1, sizeof(*s));
@@ -63,6 +68,7 @@ pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
         s->chan[ch].last_block = -1;
     }
     pthread_mutex_init(&s->qlock, NULL);
+    pthread_mutex_init(&s->rec_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);    /* cap_wait computes monotonic deadlines */
@@ -80,6 +86,10 @@ void pc_src_free(pc_src *s)
     for (int ch = 0; ch < 2; ch++)
         pthread_mutex_destroy(&s->chan[ch].lock);
     pthread_mutex_destroy(&s->qlock);
+    pthread_mutex_destroy(&s->rec_lock);
+    pc_src_record_hot(s, 0);
+    free(s->rec);
+    free(s->hot);
     pthread_cond_destroy(&s->qcond);
     for (uint32_t i = 0; i < s->nblocks; i++) {
         free(s->blocks[i].main_end);
@@ -183,6 +193,8 @@ void pc_src_restart(pc_src *s)
     s->cursor_block = 0;
     s->cursor_page = 0;
     pc_pf_reset(&s->pf);        /* the return-path thread is not running */
+    s->hot_pos = s->hot_off = s->rp_hot_pos = s->rp_hot_off = 0;   /* the hot set first again, after a recovery */
+    s->hot_armed = 0;
     for (int i = 0; i < PC_PF_STREAMS; i++)
         __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
@@ -501,6 +513,15 @@ int pc_src_bulk_run(pc_src *s)
         /* Gather up to BATCH_RECORDS target pages of whole host pages. */
         uint64_t records = 0, now = pc_now_ns();
         while (records < BATCH_RECORDS && s->cursor_block < s->nblocks) {
+            uint32_t hot_block;
+            uint64_t hot_first;
+            if (!round_mode && s->hot_pos < s->nhot && take_hot(s, &s->hot_pos, &s->hot_off, &hot_block, &hot_first)) {
+                if ((rc = bulk_hot_page(s, bt, hot_block, hot_first, &in_section)) < 0)
+                    break;
+                records += s->blocks[hot_block].host_page_size / PC_TARGET_PAGE_SIZE;
+                pass_pages++;
+                continue;
+            }
             pc_src_block *b = &s->blocks[s->cursor_block];
             uint64_t npages = b->length / PC_TARGET_PAGE_SIZE, ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
             uint64_t i = pc_bitmap_find_next_set(b->dirty, s->cursor_page);
@@ -645,10 +666,10 @@ static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
 #define PF_QUEUE_LIMIT (512 << 10)
 enum { PF_SENT = 0, PF_FULL = 1 };
 
-/* Send one chunk of the pages the detector says are due on the preempt
- * channel (return-path thread). PF_SENT, PF_FULL (the socket's queue is
- * long: wait for it or a request) or PC_RP_E_IO. */
-static int prefetch_chunk(pc_src *s)
+/* Send one chunk of the pages the detector says are due (or, with hot set, of
+ * the hot set) on the preempt channel (return-path thread). PF_SENT, PF_FULL
+ * (the socket's queue is long: wait for it or a request) or PC_RP_E_IO. */
+static int prefetch_chunk(pc_src *s, int hot)
 {
     static __thread batch *bt;
     if (!bt && !(bt = calloc(1, sizeof(*bt))))
@@ -656,12 +677,13 @@ static int prefetch_chunk(pc_src *s)
     pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
     struct { uint32_t block; uint64_t page; } claimed[PF_CHUNK_BYTES / PC_TARGET_PAGE_SIZE];
     uint32_t n = 0;
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, hot_pages = 0;
     int rc = 0;
     pthread_mutex_lock(&c->lock);
     if (c->fd < 0) {                /* finished or broken: nothing more goes this way */
         pthread_mutex_unlock(&c->lock);
         pc_pf_reset(&s->pf);
+        s->rp_hot_pos = s->nhot;    /* the bulk stream sends the rest of the hot set */
         return PF_SENT;
     }
     int outq = 0;
@@ -672,15 +694,28 @@ static int prefetch_chunk(pc_src *s)
     batch_reset(bt);
     uint32_t bi;
     uint64_t page;
-    for (int looks = 0; bytes < PF_CHUNK_BYTES && looks < PF_CHUNK_LOOKS && pc_pf_next(&s->pf, &bi, &page); looks++) {
-        pc_src_block *b = &s->blocks[bi];
+    for (int looks = 0; bytes < PF_CHUNK_BYTES && looks < PF_CHUNK_LOOKS; looks++) {
+        pc_src_block *b;
         /* claimed under the channel lock: a finish (the preempt EOS) cannot come between claim and send */
-        if (!claim_host_page(b, page * b->host_page_size))
-            continue;
+        if (hot) {
+            uint64_t first;
+            if (!take_hot(s, &s->rp_hot_pos, &s->rp_hot_off, &bi, &first))
+                break;
+            b = &s->blocks[bi];
+            page = first / (b->host_page_size / PC_TARGET_PAGE_SIZE);
+            hot_pages += b->host_page_size / PC_TARGET_PAGE_SIZE;
+        } else {
+            if (!pc_pf_next(&s->pf, &bi, &page))
+                break;
+            b = &s->blocks[bi];
+            if (!claim_host_page(b, page * b->host_page_size))
+                continue;
+            pc_pf_mark_sent(&s->pf, bi, page);
+        }
         claimed[n].block = bi;
         claimed[n].page = page;
         n++;
-        pc_pf_mark_sent(&s->pf, bi, page);
+        record_hot(s, bi, page);
         if ((rc = batch_host_page(s, PC_CHAN_PREEMPT, bt, bi, page * b->host_page_size)) < 0)
             break;
         bytes += b->host_page_size;
@@ -695,12 +730,17 @@ static int prefetch_chunk(pc_src *s)
             pc_src_block *b = &s->blocks[claimed[i].block];
             uint64_t ntp = b->host_page_size / PC_TARGET_PAGE_SIZE;
             pc_bitmap_set_range_atomic(b->dirty, claimed[i].page * ntp, ntp);
-            pc_pf_unmark_sent(&s->pf, claimed[i].block, claimed[i].page);
+            if (!hot)
+                pc_pf_unmark_sent(&s->pf, claimed[i].block, claimed[i].page);
         }
         pc_pf_reset(&s->pf);
         return src_fail(s, PC_RP_E_IO, -rc, "preempt channel write: %s", strerror(-rc));
     }
     __atomic_add_fetch(&s->c.host_pages_sent, n, __ATOMIC_RELAXED);
+    if (hot_pages) {
+        __atomic_add_fetch(&s->c.hot_pages_sent, hot_pages, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->c.hot_pages_preempt, hot_pages, __ATOMIC_RELAXED);
+    }
     return PF_SENT;
 }
 
@@ -711,6 +751,8 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
     uint64_t hps = b->host_page_size;
     __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
     for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
+        record_hot(s, bi, off / hps);
+        s->hot_armed = 1;       /* the destination runs the guest: the preempt channel may carry the hot set */
         if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
             if (!claim_host_page(b, off)) {
                 if (__atomic_load_n(&s->send_once, __ATOMIC_RELAXED) || !still_queued_on_main(s, b, off)) {
@@ -773,11 +815,14 @@ int pc_src_rp_run(pc_src *s)
     for (;;) {
         if (stopped(s))
             return PC_RP_STOPPED;
-        if (pc_sockbuf_avail(in) < 4 && pc_pf_pending(&s->pf)) {
-            /* Pages are due ahead of the guest: a chunk of them, unless a request is waiting. */
+        int pf_due = pc_pf_pending(&s->pf);
+        int hot_due = !pf_due && s->preempt && s->rp_hot_pos < s->nhot && __atomic_load_n(&s->hot_armed, __ATOMIC_ACQUIRE);
+        if (pc_sockbuf_avail(in) < 4 && (pf_due || hot_due)) {
+            /* Pages are due ahead of the guest (the detector's first, then the hot set's):
+             * a chunk of them, unless a request is waiting. */
             struct pollfd pfd = { in->fd, POLLIN, 0 };
             if (poll(&pfd, 1, 0) == 0) {
-                int rc = prefetch_chunk(s);
+                int rc = prefetch_chunk(s, !pf_due);
                 if (rc < 0)
                     return rc;
                 if (rc == PF_FULL)
@@ -1018,4 +1063,139 @@ int64_t pc_src_send_discards(pc_src *s, int flags)
     s->chan[PC_CHAN_MAIN].last_block = -1;
     pthread_mutex_unlock(&s->chan[PC_CHAN_MAIN].lock);
     return rc < 0 ? rc : total;
+}
+
+/* ---- hot set: pushed first by the postcopy bulk stream, or recorded ------------ */
+
+int pc_src_set_hot(pc_src *s, const pc_src_range *runs, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        if (runs[i].block >= s->nblocks)
+            return -ERANGE;
+        uint64_t npages = s->blocks[runs[i].block].length / PC_TARGET_PAGE_SIZE;
+        if (!runs[i].npages || runs[i].first >= npages || runs[i].npages > npages - runs[i].first)
+            return -ERANGE;
+    }
+    pc_src_range *copy = NULL;
+    if (n && !(copy = malloc(n * sizeof(*copy))))
+        return -ENOMEM;
+    if (n)
+        memcpy(copy, runs, n * sizeof(*copy));
+    free(s->hot);
+    s->hot = copy;
+    s->nhot = n;
+    s->hot_pos = s->hot_off = s->rp_hot_pos = s->rp_hot_off = 0;
+    return 0;
+}
+
+/* Claim the next dirty host page of the hot set from cursor (pos, off) (the bulk
+ * stream's or the return path's): 1 and its block and first target page, or 0
+ * when the whole set went (sent, requested or sent ahead). */
+static int take_hot(pc_src *s, uint64_t *pos, uint64_t *off, uint32_t *bi, uint64_t *first)
+{
+    while (*pos < s->nhot) {
+        const pc_src_range *r = &s->hot[*pos];
+        if (*off >= r->npages) {
+            ++*pos;
+            *off = 0;
+            continue;
+        }
+        pc_src_block *b = &s->blocks[r->block];
+        uint64_t ntp = b->host_page_size / PC_TARGET_PAGE_SIZE, page = r->first + *off;
+        uint64_t host_first = page - page % ntp;
+        *off = host_first + ntp - r->first;
+        if (claim_host_page(b, host_first * PC_TARGET_PAGE_SIZE)) {
+            *bi = (uint32_t)r->block;
+            *first = host_first;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Bulk side (main channel lock held): one claimed hot host page into the batch. */
+static int bulk_hot_page(pc_src *s, batch *bt, uint32_t bi, uint64_t first, int *in_section)
+{
+    if (!*in_section) {
+        uint8_t h[5] = { PC_VM_SECTION_PART };
+        pc_put_be32(h + 1, s->ram_section_id);
+        batch_raw(bt, h, 5);
+        *in_section = 1;
+    }
+    int rc = batch_host_page(s, PC_CHAN_MAIN, bt, bi, first * PC_TARGET_PAGE_SIZE);
+    if (rc < 0) {
+        pc_src_block *b = &s->blocks[bi];
+        pc_bitmap_set_range_atomic(b->dirty, first, b->host_page_size / PC_TARGET_PAGE_SIZE);
+        return rc;
+    }
+    __atomic_add_fetch(&s->c.host_pages_sent, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&s->c.hot_pages_sent, s->blocks[bi].host_page_size / PC_TARGET_PAGE_SIZE, __ATOMIC_RELAXED);
+    record_hot(s, bi, first / (s->blocks[bi].host_page_size / PC_TARGET_PAGE_SIZE));
+    return 0;
+}
+
+int pc_src_record_hot(pc_src *s, int on)
+{
+    pthread_mutex_lock(&s->rec_lock);
+    if (on && !s->rec_seen) {
+        pc_bitmap **seen = calloc(s->nblocks ? s->nblocks : 1, sizeof(*seen));
+        int ok = seen != NULL;
+        for (uint32_t i = 0; ok && i < s->nblocks; i++)
+            ok = (seen[i] = pc_bitmap_new(s->blocks[i].length / s->blocks[i].host_page_size)) != NULL;
+        if (!ok) {
+            for (uint32_t i = 0; seen && i < s->nblocks; i++)
+                pc_bitmap_free(seen[i]);
+            free(seen);
+            pthread_mutex_unlock(&s->rec_lock);
+            return -ENOMEM;
+        }
+        __atomic_store_n(&s->rec_seen, seen, __ATOMIC_RELEASE);
+    } else if (!on && s->rec_seen) {
+        /* only with the return-path thread stopped (or never started) */
+        pc_bitmap **seen = s->rec_seen;
+        __atomic_store_n(&s->rec_seen, NULL, __ATOMIC_RELEASE);
+        for (uint32_t i = 0; i < s->nblocks; i++)
+            pc_bitmap_free(seen[i]);
+        free(seen);
+    }
+    pthread_mutex_unlock(&s->rec_lock);
+    return 0;
+}
+
+/* Return-path thread: host page `host_page` of block bi was asked for or sent ahead. */
+static void record_hot(pc_src *s, uint32_t bi, uint64_t host_page)
+{
+    pc_bitmap **seen = __atomic_load_n(&s->rec_seen, __ATOMIC_ACQUIRE);
+    if (!seen || pc_bitmap_test_and_set_atomic(seen[bi], host_page))
+        return;
+    uint64_t ntp = s->blocks[bi].host_page_size / PC_TARGET_PAGE_SIZE, first = host_page * ntp;
+    pthread_mutex_lock(&s->rec_lock);
+    pc_src_range *last = s->nrec ? &s->rec[s->nrec - 1] : NULL;
+    if (last && last->block == bi && last->first + last->npages == first) {
+        last->npages += ntp;
+    } else {
+        if (s->nrec == s->rec_cap) {
+            uint64_t cap = s->rec_cap ? s->rec_cap * 2 : 1024;
+            pc_src_range *grown = realloc(s->rec, cap * sizeof(*grown));
+            if (!grown) {                   /* a hint: what does not fit is left out */
+                pthread_mutex_unlock(&s->rec_lock);
+                return;
+            }
+            s->rec = grown;
+            s->rec_cap = cap;
+        }
+        s->rec[s->nrec++] = (pc_src_range){ bi, first, ntp };
+    }
+    __atomic_add_fetch(&s->c.hot_pages_recorded, ntp, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&s->rec_lock);
+}
+
+uint64_t pc_src_hot_recorded(pc_src *s, pc_src_range *out, uint64_t max)
+{
+    pthread_mutex_lock(&s->rec_lock);
+    uint64_t n = s->nrec;
+    if (out && max)
+        memcpy(out, s->rec, (n < max ? n : max) * sizeof(*out));
+    pthread_mutex_unlock(&s->rec_lock);
+    return n;
 }

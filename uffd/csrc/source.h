@@ -51,7 +51,15 @@ enum { PC_CHAN_MAIN = 0, PC_CHAN_PREEMPT = 1 };
 typedef struct pc_src_counters {
     uint64_t requests, request_pages_sent, request_pages_skipped, requests_queued, bad_requests, host_pages_sent;
     uint64_t resent_target_pages;   /* requested while queued on main, not yet acked: sent again on preempt */
+    uint64_t hot_pages_sent;        /* target pages the postcopy bulk stream sent first as the hot set */
+    uint64_t hot_pages_recorded;    /* target pages recorded (pc_src_record_hot) */
+    uint64_t hot_pages_preempt;     /* of hot_pages_sent: pushed on the preempt channel between requests */
 } pc_src_counters;
+
+/* A run of target pages of one block (hot sets: pushed first, or recorded). */
+typedef struct pc_src_range {
+    uint64_t block, first, npages;
+} pc_src_range;
 
 typedef struct pc_src {
     uint32_t nblocks;
@@ -88,6 +96,18 @@ typedef struct pc_src {
      * them to the prefetch until `until_ns` (a stream that stops asking
      * loses its zone soon). */
     struct { uint32_t block; uint64_t lo, hi, until_ns; } zone[PC_PF_STREAMS];
+    /* Hot set (pc_src_set_hot): once the postcopy bulk stream runs, it sends these
+     * first, in order (hot_pos/off: its cursor) and, with preempt, the return-path
+     * thread pushes them too, between requests (rp_hot_pos/off); each page goes once. */
+    pc_src_range *hot;
+    uint64_t nhot, hot_pos, hot_off, rp_hot_pos, rp_hot_off;
+    int hot_armed;                  /* a page request came on this connection: the guest runs there (rp thread) */
+    /* Recording (pc_src_record_hot): the pages requested or sent ahead, as runs in
+     * the order of their first request (return-path thread; rec_lock for readers). */
+    pthread_mutex_t rec_lock;
+    pc_bitmap **rec_seen;           /* per block, per host page: recorded already (NULL: not recording) */
+    pc_src_range *rec;
+    uint64_t nrec, rec_cap;
 } pc_src;
 
 pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id);
@@ -107,6 +127,19 @@ void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns);
 /* Prefetch windows in bytes (max_bytes 0 = off, the default). Set before the
  * return-path thread runs. Needs preempt: without it, nothing is sent ahead. */
 void pc_src_set_prefetch(pc_src *s, uint64_t min_bytes, uint64_t max_bytes);
+/* Hot set: the postcopy bulk stream (not precopy rounds) sends the dirty host
+ * pages of these runs first, in this order, then walks the bitmaps as usual;
+ * with preempt, the return-path thread also pushes them on the preempt channel
+ * as it sends ahead for the prefetch (after the prefetch's pages, between
+ * requests, while the socket's queue is short, not under the bandwidth cap).
+ * Runs are in target pages; n 0 clears. 0, -ERANGE (a run outside its block), -ENOMEM.
+ * Before the bulk stream runs; pc_src_restart goes through the list again. */
+int pc_src_set_hot(pc_src *s, const pc_src_range *runs, uint64_t n);
+/* Record the host pages requested (and sent ahead by the prefetch), each once, as
+ * runs of target pages in the order of their first request. 0 or -ENOMEM. */
+int pc_src_record_hot(pc_src *s, int on);
+/* Copy up to max recorded runs into out; returns how many there are. */
+uint64_t pc_src_hot_recorded(pc_src *s, pc_src_range *out, uint64_t max);
 void pc_src_stop(pc_src *s);
 /* After a pause: clear the stop flag, rewind the background scan to the
  * start and forget queued requests (the destination sends them again). */
