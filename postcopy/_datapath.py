@@ -52,9 +52,16 @@ class SockBuf:
     def available(self) -> int:
         return int(self._sb.tail - self._sb.head)
 
-    def peek(self, start: int = 0) -> bytes:
+    def peek(self, start: int = 0, limit: int | None = None) -> bytes:
+        """The buffered bytes from ``start`` (at most ``limit`` of them)."""
         sb = self._sb
-        return bytes(ffi.buffer(sb.buf + sb.head + start, sb.tail - sb.head - start))
+        n = sb.tail - sb.head - start
+        return bytes(ffi.buffer(sb.buf + sb.head + start, n if limit is None else min(n, limit)))
+
+    def first_byte(self) -> int | None:
+        """The next unread byte, or None when nothing is buffered (no copy, no wait)."""
+        sb = self._sb
+        return int(sb.buf[sb.head]) if sb.tail > sb.head else None
 
     def fill(self, n: int) -> int:
         """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""
@@ -71,10 +78,16 @@ class SockBuf:
         return int(self._sb.bytes)
 
 
+#: The most :func:`decoded_items` hands the decoder at a time: at the switch the C buffer
+#: holds megabytes of pages behind the last control item, which Python must not copy.
+DECODE_CHUNK = 64 * 1024
+
+
 def decoded_items(buf: SockBuf, dec: Any) -> Iterator[Any]:
     """Events of a sans-IO decoder fed from ``buf``, each consuming exactly its
     bytes: whatever follows the last event taken stays in the C buffer, for
-    the C loop to go on from there."""
+    the C loop to go on from there. The decoder gets the buffered bytes in
+    chunks of at most :data:`DECODE_CHUNK`, as it needs them."""
     fed = 0
     last = dec.offset
     while True:
@@ -83,7 +96,7 @@ def decoded_items(buf: SockBuf, dec: Any) -> Iterator[Any]:
             if buf.available() <= fed and buf.fill(fed + 1) == 0:
                 dec.receive_data(b"")
                 continue
-            chunk = buf.peek(fed)
+            chunk = buf.peek(fed, DECODE_CHUNK)
             dec.receive_data(chunk)
             fed += len(chunk)
             continue
@@ -478,6 +491,11 @@ class SourcePath:
 
     def last_error(self) -> str:
         return ffi.string(self._s.err_msg).decode(errors="replace")
+
+    @property
+    def rp_control_ns(self) -> int:
+        """CLOCK_MONOTONIC ns when :meth:`serve_return_path` last saw a control message."""
+        return int(self._s.rp_control_ns)
 
     def counters(self) -> dict[str, int]:
         s = self._s

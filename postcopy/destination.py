@@ -86,6 +86,7 @@ class _Conn:
     sock: socket.socket
     rx: Receiver | None = None
     pages: bool = False         # the C receiver places pages; only control items come back
+    postcopy: bool = False      # ... and the guest runs here: they compete with its faults
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
 
@@ -291,6 +292,7 @@ class Destination:
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
+                c.postcopy = self.session.status is MigrationStatus.POSTCOPY_ACTIVE
                 self._channel_rx["main"] = c.rx
                 if silence_breaks:
                     set_recv_timeout(c.sock, self.link_timeout)     # silence on main = a broken link
@@ -409,7 +411,13 @@ class Destination:
             self._feed(DataPathFailed("internal", f"{threading.current_thread().name}: {exc!r}"))
 
     def _read_main(self, conn: int, rx: Receiver, recovery: bool) -> None:
-        """A main channel: decode items for the session until it says pages go to C."""
+        """A main channel: decode items for the session until it says pages go to C.
+
+        Up to RUN this thread runs above the guest (urgent priority): nothing here
+        competes with it for anything that matters more, and the switch (discards,
+        PACKAGED, LISTEN, PONG 3, RUN) is the guest's downtime. Once the guest runs
+        here, it places bulk pages below the fault path (background priority)."""
+        urgent_priority()
         try:
             dec = wire.MainStreamDecoder(recovery=recovery, layout=self.session.layout,
                                          block_page_sizes=self.session.block_page_sizes,
@@ -425,8 +433,7 @@ class Destination:
                     break
             else:
                 return
-            background_priority()   # this thread now places bulk pages: below the fault path
-            self._read_pages(conn, rx)
+            self._read_pages(conn, rx, c)
         except DataPathError as exc:
             self._channel_error(conn, exc)
         except wire.RemoteProtocolError as exc:
@@ -434,26 +441,39 @@ class Destination:
         except OSError as exc:      # a reset, or the receive timeout of a silent peer
             self._feed(ConnectionClosed(conn, str(exc)))
 
-    def _read_pages(self, conn: int, rx: Receiver) -> None:
-        c = self._conns.get(conn)
+    def _read_pages(self, conn: int, rx: Receiver, c: _Conn) -> None:
+        lowered = False
         while True:
+            if c.postcopy and not lowered:
+                background_priority()   # the guest runs here: bulk pages go below the fault path
+                lowered = True
             code = rx.run()
             if code == Receiver.CONTROL:
-                dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
-                                             block_page_sizes=self.session.block_page_sizes,
-                                             max_packaged_length=self.max_packaged)
-                event = next(decoded_items(rx.input, dec))
-                self._feed(StreamItem(conn, event))
-                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
+                if not self._control(conn, rx, c):
                     return
-                if c is not None:
-                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
             elif code == Receiver.EOF:
                 self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
                 return
             else:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
+
+    def _control(self, conn: int, rx: Receiver, c: _Conn) -> bool:
+        """The C receiver stopped at a control item: decode it and every command right
+        behind it with one decoder (the switch's discards, PINGs and PACKAGED come
+        together), feeding each to the session in order; False: the channel is done."""
+        dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
+                                     block_page_sizes=self.session.block_page_sizes,
+                                     max_packaged_length=self.max_packaged)
+        items = decoded_items(rx.input, dec)
+        while True:
+            event = next(items)
+            self._feed(StreamItem(conn, event))
+            if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
+                return False
+            c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
+            if rx.input.first_byte() != wire.SectionType.COMMAND:
+                return True     # pages (or nothing yet): the C loop goes on
 
     def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()

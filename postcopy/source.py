@@ -393,7 +393,7 @@ class Source:
         try:
             while True:
                 code = self.path.serve_return_path()
-                read_at = time.monotonic()
+                read_at = self.path.rp_control_ns / 1e9     # taken in C: not when this thread gets the GIL back
                 if code == SourcePath.RP_BAD_REQUEST:
                     self._bad_requests += 1
                     log.warning("destination sent a bad page request: %s", self.path.last_error())

@@ -639,8 +639,10 @@ int pc_src_rp_run(pc_src *s)
         if (len > PC_RP_MAX_FRAME)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
-        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES)
+        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
+            s->rp_control_ns = pc_now_ns();     /* not when Python gets the GIL back */
             return PC_RP_CONTROL;
+        }
         r = pc_sockbuf_fill(in, 4u + len);
         if (r == 0)
             return src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message");
