@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from migration import MiB, TARGET_DOWNTIME_NS, Run, hugepages_for, migrate, print_downtime  # noqa: E402
+from migration import MiB, TARGET_DOWNTIME_NS, Run, hugepages_for, migrate, print_downtime
 
-from uffd import PAGE_2M, PAGE_4K, free_hugepages  # noqa: E402
+from uffd import PAGE_2M, PAGE_4K, free_hugepages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"2 MiB {size // MiB} MiB skipped: {free_hugepages(PAGE_2M)} free hugepages")
                 continue
             for _ in range(args.repeat):
-                for busy in (False, True):
-                    runs.append(migrate(size, page, busy=busy, preempt=True, cap=0, profile=False))
+                runs.extend(migrate(size, page, busy=busy, preempt=True, cap=0, profile=False) for busy in (False, True))
     print_downtime(runs)
     worst = max(r.downtime_ns for r in runs)
     med = statistics.median(r.downtime_ns for r in runs)

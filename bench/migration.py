@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from _floor import (
     copy_batched_bps,
@@ -296,7 +296,6 @@ class SwitchTrace:
         self.wrap(dest, "_do", None, "dst_prepare_end", when=action_is(PrepareMemory))
         # the main reader back from C with a control item (the first one after the source's stop)
         self.wrap(dest, "_control", "dst_rx_control", None, when=after_stop)
-        self.wrap(dest, "_control_batch", "dst_rx_control", None, when=after_stop)
         self.wrap(dest, "_feed", "dst_discard_item", None, when=item_is(wire.PostcopyRamDiscard))
         self.wrap(dest, "_feed", "dst_packaged_item", "dst_packaged_done", when=item_is(wire.Packaged))
         self.wrap(dest, "_feed", "dst_ping2_item", "dst_ping2_end",
@@ -312,7 +311,7 @@ class SwitchTrace:
 
     #: (phase, the mark that ends it) in the order they happen; a phase ends at the first mark
     #: of its kind after the previous phase's end (missing marks merge into the next phase).
-    STEPS = [
+    STEPS: ClassVar[list[tuple[str, str]]] = [
         ("src_guest_stop_ns", "src_stop_end"),          # vCPUs joined
         ("src_device_save_ns", "src_save_end"),
         ("src_mark_dirty_ns", "src_canonicalize_end"),  # every page dirty again (immediate postcopy)

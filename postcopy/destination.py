@@ -34,7 +34,15 @@ from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
-from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
+from ._link import (
+    background_priority,
+    bound_bulk_buffers,
+    quick_gil_handoff,
+    set_recv_timeout,
+    shutdown_quietly,
+    tune,
+    urgent_priority,
+)
 from .owner import MemoryOwner
 from .session import (
     AcceptPreempt,
@@ -87,6 +95,7 @@ class _Conn:
     rx: Receiver | None = None
     pages: bool = False         # the C receiver places pages; only control items come back
     postcopy: bool = False      # ... and the guest runs here: they compete with its faults
+    lowered: bool = False       # its reader runs at background priority (set by the reader only)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
 
@@ -416,13 +425,15 @@ class Destination:
         Up to RUN this thread runs above the guest (urgent priority): nothing here
         competes with it for anything that matters more, and the switch (discards,
         PACKAGED, LISTEN, PONG 3, RUN) is the guest's downtime. Once the guest runs
-        here, it places bulk pages below the fault path (background priority)."""
+        here, it places bulk pages below the fault path (background priority). Until
+        then the GIL comes back to it quickly too (:func:`quick_gil_handoff`)."""
         urgent_priority()
+        quick_gil_handoff(True)
+        c = self._conns.get(conn)
         try:
             dec = wire.MainStreamDecoder(recovery=recovery, layout=self.session.layout,
                                          block_page_sizes=self.session.block_page_sizes,
                                          max_packaged_length=self.max_packaged)
-            c = self._conns.get(conn)
             for event in decoded_items(rx.input, dec):
                 self._feed(StreamItem(conn, event))
                 if c is not None:
@@ -440,16 +451,23 @@ class Destination:
             self._feed(DataPathFailed(exc.kind, str(exc), conn))
         except OSError as exc:      # a reset, or the receive timeout of a silent peer
             self._feed(ConnectionClosed(conn, str(exc)))
+        finally:
+            if c is None or not c.lowered:
+                quick_gil_handoff(False)
 
     def _read_pages(self, conn: int, rx: Receiver, c: _Conn) -> None:
-        lowered = False
         while True:
-            if c.postcopy and not lowered:
+            if c.postcopy and not c.lowered:
+                c.lowered = True
+                quick_gil_handoff(False)
                 background_priority()   # the guest runs here: bulk pages go below the fault path
-                lowered = True
+            # built while the channel is quiet: not on the way from the switch's bytes to PONG 3
+            dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
+                                         block_page_sizes=self.session.block_page_sizes,
+                                         max_packaged_length=self.max_packaged)
             code = rx.run()
             if code == Receiver.CONTROL:
-                if not self._control(conn, rx, c):
+                if not self._control(conn, rx, c, dec):
                     return
             elif code == Receiver.EOF:
                 self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
@@ -458,13 +476,10 @@ class Destination:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
 
-    def _control(self, conn: int, rx: Receiver, c: _Conn) -> bool:
+    def _control(self, conn: int, rx: Receiver, c: _Conn, dec: wire.MainStreamDecoder) -> bool:
         """The C receiver stopped at a control item: decode it and every command right
-        behind it with one decoder (the switch's discards, PINGs and PACKAGED come
+        behind it with ``dec`` (fresh; the switch's discards, PINGs and PACKAGED come
         together), feeding each to the session in order; False: the channel is done."""
-        dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
-                                     block_page_sizes=self.session.block_page_sizes,
-                                     max_packaged_length=self.max_packaged)
         items = decoded_items(rx.input, dec)
         while True:
             event = next(items)

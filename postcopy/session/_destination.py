@@ -198,6 +198,9 @@ class DestinationSession:
                 kind = kind if kind in _DATA_PATH_KINDS else "placement"
                 if conn is not None and conn in self.candidates:
                     self._drop_candidate(conn, "malformed", f"{kind}: {message}")
+                elif self.status in (S.SETUP, S.ACTIVE) and conn is not None \
+                        and conn not in (self.attempt.main, self.attempt.preempt):
+                    pass    # a stream already dropped (its reader saw the close): not the stream of now
                 elif self.status in (S.SETUP, S.ACTIVE) and kind not in ("internal", "uffd"):
                     self._bad_stream(kind, message, now)
                 elif self.status is S.POSTCOPY_RECOVER and conn is not None and conn == self.link.main \

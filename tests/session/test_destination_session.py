@@ -140,6 +140,16 @@ def setup_start_over_newer_stream(preempt: bool):
     return d, S.ACTIVE, acts
 
 
+def test_the_replaced_streams_late_failure_does_not_touch_the_new_one() -> None:
+    """The replaced stream's reader sees its close as a truncated stream: that stream is
+    gone already, and the new one goes on (it once started over again and lost its source)."""
+    d, _, _ = setup_start_over_newer_stream(preempt=True)
+    restarts = d.s.restarts
+    old = next(a.conn for a in d.log if isinstance(a, CloseConnection))
+    assert d.feed(DataPathFailed("truncated", "stream ends 1 bytes into an incomplete stream header", old)) == []
+    assert d.s.restarts == restarts and d.s.status is S.ACTIVE and d.s.attempt.main == d.main
+
+
 def active_start_over_main_closed(preempt: bool):
     """Pause before RUN: the main channel closes -> start over (no guest runs here yet)."""
     d = Dest(preempt=preempt).to_active()
@@ -629,6 +639,19 @@ def test_preamble_ping_answered_on_the_return_path() -> None:
     assert AttachReturnPath(d.main) in acts
     assert SendReturnPath(wire.encode(wire.Pong(value=1))) in acts
     assert acts.index(AttachReturnPath(d.main)) < acts.index(SendReturnPath(wire.encode(wire.Pong(value=1))))
+
+
+def test_ready_ping_is_answered_only_after_the_ram_setup() -> None:
+    """The source stops its guest on this PONG: it must come after the memory is prepared,
+    so that no part of the destination's setup falls inside the downtime."""
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=False).to_setup_with_main()
+    acts = d.items(d.main, [*preamble_items(), wire.Ping(value=READY_PING)])
+    pong = SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))
+    assert pong in acts
+    assert acts.index(of_type(acts, PrepareMemory)[0]) < acts.index(pong)
+    assert acts.index(of_type(acts, ReceivePages)[0]) < acts.index(pong)
 
 
 def test_start_over_then_the_whole_stream_again() -> None:
