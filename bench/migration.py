@@ -283,10 +283,10 @@ class SwitchTrace:
         stopping = "src_stop_start"
 
         def item_is(kind: type) -> Any:
-            return lambda ev: isinstance(ev, StreamItem) and isinstance(ev.event, kind)
+            return lambda ev, **kw: isinstance(ev, StreamItem) and isinstance(ev.event, kind)
 
         def action_is(kind: type) -> Any:
-            return lambda act: isinstance(act, kind)
+            return lambda act, **kw: isinstance(act, kind)
 
         def after_stop(*a: Any, **kw: Any) -> bool:
             return stopping in self.marks
@@ -299,7 +299,7 @@ class SwitchTrace:
         self.wrap(dest, "_feed", "dst_discard_item", None, when=item_is(wire.PostcopyRamDiscard))
         self.wrap(dest, "_feed", "dst_packaged_item", "dst_packaged_done", when=item_is(wire.Packaged))
         self.wrap(dest, "_feed", "dst_ping2_item", "dst_ping2_end",
-                  when=lambda ev: isinstance(ev, StreamItem) and ev.event == wire.Ping(value=2))
+                  when=lambda ev, **kw: isinstance(ev, StreamItem) and ev.event == wire.Ping(value=2))
         self.wrap(dest, "_do", "dst_discard_start", "dst_discard_end", when=action_is(Discard),
                   total="dest_discard_ns")
         self.wrap(dest, "_do", "dst_listen_start", "dst_listen_end", when=action_is(RegisterMemory),

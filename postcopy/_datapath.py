@@ -494,7 +494,8 @@ class SourcePath:
 
     @property
     def rp_control_ns(self) -> int:
-        """CLOCK_MONOTONIC ns when :meth:`serve_return_path` last saw a control message."""
+        """CLOCK_MONOTONIC ns when the control message :meth:`serve_return_path` last returned
+        for came in (the return path's recv that brought it)."""
         return int(self._s.rp_control_ns)
 
     def counters(self) -> dict[str, int]:

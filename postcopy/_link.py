@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import sys
@@ -15,7 +16,9 @@ __all__ = [
     "bound_bulk_buffers",
     "quick_gil_handoff",
     "set_recv_timeout",
+    "set_thread_nice",
     "shutdown_quietly",
+    "thread_nice",
     "tune",
     "urgent_priority",
 ]
@@ -38,6 +41,16 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
 def urgent_priority(nice: int = -10) -> None:
     """Raise the calling thread above the guest and the bulk stream: it serves
     page faults. Needs CAP_SYS_NICE; without it the thread keeps its priority."""
+    lib.pc_thread_set_nice(nice)
+
+
+def thread_nice() -> int:
+    """The calling thread's nice value (Linux: PRIO_PROCESS 0 is the thread)."""
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def set_thread_nice(nice: int) -> None:
+    """Back to ``nice`` (from :func:`thread_nice`), in C with the GIL released."""
     lib.pc_thread_set_nice(nice)
 
 

@@ -96,6 +96,7 @@ class _Conn:
     pages: bool = False         # the C receiver places pages; only control items come back
     postcopy: bool = False      # ... and the guest runs here: they compete with its faults
     lowered: bool = False       # its reader runs at background priority (set by the reader only)
+    preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``ready``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
 
@@ -125,6 +126,8 @@ class Destination:
         self._path: DestinationPath | None = None
         self._registered = False       # LISTEN registered the blocks (a precopy-only finish never does)
         self._early_return_path: socket.socket | None = None     # OPEN_RETURN_PATH comes before the RAM setup
+        self._hold_replies = False      # set under the lock, for one input (see _control)
+        self._held_replies = b""
         self._uffd: Userfaultfd | None = None
         self._fault_stop: tuple[int, int] | None = None
         self._fault_go: threading.Event | None = None      # set at LISTEN: the idle fault service starts serving
@@ -242,12 +245,17 @@ class Destination:
 
     # -- feeding the session --------------------------------------------------------------------
 
-    def _feed(self, event: Input | None) -> None:
-        """Hand one input (None: start) to the session and carry out its actions."""
+    def _feed(self, event: Input | None, *, hold_replies: bool = False) -> None:
+        """Hand one input (None: start) to the session and carry out its actions.
+        ``hold_replies``: its return-path writes wait for the next one (see :meth:`_control`)."""
         with self._lock:
             before = self.session.get_timer()
             now = time.monotonic()
-            self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+            self._hold_replies = hold_replies
+            try:
+                self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+            finally:
+                self._hold_replies = False
             after = self.session.get_timer()
         if after is not None and (before is None or after < before):
             os.write(self._wake_w, b"t")       # the connection loop sleeps until the earlier timer
@@ -291,11 +299,17 @@ class Destination:
             case AcceptPreempt(conn=conn):
                 self._unclassified.pop(conn, None)
                 if conn in self._conns:
-                    # its thread starts now and waits: the switch only hands it the receiver
-                    self._start(f"dest-preempt-{conn}", self._read_preempt, conn, self._conns[conn])
+                    # its thread starts now and waits; its receiver is built as soon as the memory
+                    # is known: the switch (LISTEN) only lets it go
+                    c = self._conns[conn]
+                    c.preempt = True
+                    if self._path is not None:
+                        c.rx = Receiver(self._path, c.sock, RX_PREEMPT, 0)
+                    self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c)
             case StartPreemptReceiver(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
-                c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
+                if c.rx is None:
+                    c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
                 c.ready.set()
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
@@ -318,6 +332,10 @@ class Destination:
                 elif c2 is not None:
                     _close_with_reply(c2.sock, reply)
             case SendReturnPath(data=data):
+                if self._hold_replies:
+                    self._held_replies += data
+                    return None
+                data, self._held_replies = self._held_replies + data, b""
                 try:
                     if self._path is not None:
                         self._path.send(data)       # shares a lock with the fault service's requests
@@ -363,6 +381,8 @@ class Destination:
                     if c6.rx is not None and c6.rx.path is None:
                         c6.rx.attach(self._path)
                         c6.rx.ram_section_id = layout.section_id or 0
+                    elif c6.preempt and c6.rx is None:
+                        c6.rx = Receiver(self._path, c6.sock, RX_PREEMPT, 0)   # let go at LISTEN
             case PlacePages(conn=conn, pages=pages) if conn in self._conns:
                 rx = self._conns[conn].rx
                 assert rx is not None
@@ -461,13 +481,12 @@ class Destination:
                 c.lowered = True
                 quick_gil_handoff(False)
                 background_priority()   # the guest runs here: bulk pages go below the fault path
-            # built while the channel is quiet: not on the way from the switch's bytes to PONG 3
-            dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
-                                         block_page_sizes=self.session.block_page_sizes,
-                                         max_packaged_length=self.max_packaged)
+            # up to RUN, built while the channel is quiet: not between the switch's bytes and PONG 3
+            # (after it, not at background priority while holding the GIL for nothing)
+            dec = None if c.lowered else self._control_decoder()
             code = rx.run()
             if code == Receiver.CONTROL:
-                if not self._control(conn, rx, c, dec):
+                if not self._control(conn, rx, c, dec or self._control_decoder()):
                     return
             elif code == Receiver.EOF:
                 self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
@@ -476,19 +495,38 @@ class Destination:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
 
+    def _control_decoder(self) -> wire.MainStreamDecoder:
+        return wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
+                                      block_page_sizes=self.session.block_page_sizes,
+                                      max_packaged_length=self.max_packaged)
+
     def _control(self, conn: int, rx: Receiver, c: _Conn, dec: wire.MainStreamDecoder) -> bool:
         """The C receiver stopped at a control item: decode it and every command right
         behind it with ``dec`` (fresh; the switch's discards, PINGs and PACKAGED come
         together), feeding each to the session in order; False: the channel is done."""
         items = decoded_items(rx.input, dec)
-        while True:
-            event = next(items)
-            self._feed(StreamItem(conn, event))
-            if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
-                return False
-            c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
-            if rx.input.first_byte() != wire.SectionType.COMMAND:
-                return True     # pages (or nothing yet): the C loop goes on
+        try:
+            while True:
+                event = next(items)
+                more = rx.input.first_byte() == wire.SectionType.COMMAND
+                # A PING's PONG with more commands right behind it goes out with the next reply of
+                # the run (the switch: PONG 2 with PONG 3): in one process with the source, its
+                # return-path thread would wake for it and take the GIL in the middle of the switch.
+                self._feed(StreamItem(conn, event), hold_replies=more and isinstance(event, wire.Ping))
+                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
+                    return False
+                if not c.go.is_set():
+                    self._send_held_replies()
+                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
+                if not more:
+                    return True     # pages (or nothing yet): the C loop goes on
+        finally:
+            self._send_held_replies()
+
+    def _send_held_replies(self) -> None:
+        with self._lock:
+            if self._held_replies:
+                self._carry_out([SendReturnPath(b"")])
 
     def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()

@@ -19,7 +19,16 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
-from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
+from ._link import (
+    background_priority,
+    bound_bulk_buffers,
+    set_recv_timeout,
+    set_thread_nice,
+    shutdown_quietly,
+    thread_nice,
+    tune,
+    urgent_priority,
+)
 from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
 from .session import (
     Action,
@@ -122,6 +131,7 @@ class Source:
         self._bad_requests = 0
         self._started_ns = 0
         self._stopped_ns = 0
+        self._nice_before_switch: int | None = None     # the driver runs urgent from the stop to PONG 3
         self._finished_ns = 0
         self._finish: Finish | None = None
         self._hasher: threading.Thread | None = None
@@ -166,7 +176,10 @@ class Source:
                 if generation is not None and generation != self._generation:
                     continue        # from channels closed since: their end was already dealt with
                 self._run(session.handle(event, time.monotonic()))
+                if self._nice_before_switch is not None and session.downtime is not None:
+                    self._end_switch_priority()
         finally:
+            self._end_switch_priority()
             self._finished_ns = time.monotonic_ns()
             self._close_channels()
             self._stop_tracking()
@@ -175,6 +188,11 @@ class Source:
         if self._finish.error is not None:
             raise self._finish.error
         return self.result
+
+    def _end_switch_priority(self) -> None:
+        if self._nice_before_switch is not None:
+            set_thread_nice(self._nice_before_switch)
+            self._nice_before_switch = None
 
     def _policy(self, held: bool) -> SwitchoverPolicy | None:
         """Held for QMP's migrate-start-postcopy: rounds go on until it comes."""
@@ -232,6 +250,12 @@ class Source:
             case StartReturnPath():
                 self._start(f"source-rp-{self._generation}", self._serve_return_path)
             case StopGuest():
+                # The guest's downtime starts: this thread stops it, saves its devices and writes
+                # the switch, above the rest of the machine until PONG 3. (In one process with the
+                # destination, a thread preempted while it holds the GIL stalls the switch there.)
+                if self._nice_before_switch is None:
+                    self._nice_before_switch = thread_nice()
+                    urgent_priority()
                 stopped_at = time.monotonic()
                 self._stopped_ns = int(stopped_at * 1e9)
                 self.owner.stop()

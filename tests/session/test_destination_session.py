@@ -654,6 +654,55 @@ def test_ready_ping_is_answered_only_after_the_ram_setup() -> None:
     assert acts.index(of_type(acts, ReceivePages)[0]) < acts.index(pong)
 
 
+def test_ready_ping_takes_the_pending_preempt_channel_before_it_is_answered() -> None:
+    """The source stops its guest on READY's PONG: the preempt channel, connected before READY
+    was sent, is classified by then (QEMU's rule: the source's next connection after main),
+    not by a silence timer or a claim at PACKAGED inside the downtime."""
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    pre, acts = d.accept()
+    assert not of_type(acts, AcceptPreempt)               # pending: the silence would tell, later
+    acts = d.items(d.main, [wire.Ping(value=READY_PING)])
+    pong = SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))
+    assert acts == [AcceptPreempt(pre), pong]
+    acts = d.items(d.main, switch_items())
+    assert not of_type(acts, AcceptPreempt) and StartPreemptReceiver(pre) in acts
+    assert d.s.status is S.POSTCOPY_ACTIVE
+
+
+def test_ready_pong_waits_for_a_preempt_channel_not_accepted_yet() -> None:
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    assert d.items(d.main, [wire.Ping(value=READY_PING)]) == []     # held: no preempt channel yet
+    pre, acts = d.accept()
+    # accepted as the preempt channel at once (no silence to wait for), then the PONG
+    assert acts == [AcceptPreempt(pre), SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))]
+
+
+def test_a_held_ready_pong_goes_after_a_link_timeout_without_preempt_channel() -> None:
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True, link_timeout=2.0).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    assert d.items(d.main, [wire.Ping(value=READY_PING)]) == []
+    acts = d.fire_timer()
+    assert d.now == pytest.approx(2.0)
+    assert SendReturnPath(wire.encode(wire.Pong(value=READY_PING))) in acts
+    assert d.s.status is S.ACTIVE        # PACKAGED then fails as before (preempt_mismatch)
+
+
+def test_pings_before_the_ram_setup_or_without_preempt_are_answered_at_once() -> None:
+    d = Dest(preempt=True).to_setup_with_main()
+    assert SendReturnPath(wire.encode(wire.Pong(value=1))) in d.items(d.main, preamble_items())
+    d2 = Dest(preempt=False).to_setup_with_main()
+    d2.items(d2.main, preamble_items())
+    assert d2.items(d2.main, [wire.Ping(value=7)]) == [SendReturnPath(wire.encode(wire.Pong(value=7)))]
+
+
 def test_start_over_then_the_whole_stream_again() -> None:
     """Pause before RUN, then the source's whole stream on a new connection: RUN goes through."""
     d = Dest(preempt=False).to_active()

@@ -628,7 +628,10 @@ int pc_src_rp_run(pc_src *s)
     for (;;) {
         if (stopped(s))
             return PC_RP_STOPPED;
+        uint64_t had = in->bytes;
         int64_t r = pc_sockbuf_fill(in, 4);
+        if (in->bytes != had)
+            s->rp_recv_ns = pc_now_ns();
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
                                         : PC_RP_EOF;
@@ -640,7 +643,7 @@ int pc_src_rp_run(pc_src *s)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
         if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
-            s->rp_control_ns = pc_now_ns();     /* not when Python gets the GIL back */
+            s->rp_control_ns = s->rp_recv_ns;   /* when it came in, not when Python gets the GIL back */
             return PC_RP_CONTROL;
         }
         r = pc_sockbuf_fill(in, 4u + len);
