@@ -244,6 +244,7 @@ class SwitchTrace:
     def __init__(self) -> None:
         self.marks: dict[str, int] = {}
         self.sums: dict[str, int] = {}
+        self._rules: dict[tuple[int, str], list[tuple[Any, str | None, str | None, str | None]]] = {}
 
     def mark(self, key: str, first: bool = True) -> None:
         if not first or key not in self.marks:
@@ -251,25 +252,37 @@ class SwitchTrace:
 
     def wrap(self, obj: object, method: str, before: str | None, after: str | None,
              when: Any = None, total: str | None = None) -> None:
-        inner = getattr(obj, method, None)
-        if inner is None:
-            return
+        """Mark ``before``/``after`` the first call of ``obj.method`` for which ``when`` holds
+        (``total``: sum every such call's time). One wrapper per method, whatever the rules:
+        the marks must not cost the switch they time."""
+        rules = self._rules.get((id(obj), method))
+        if rules is None:
+            inner = getattr(obj, method, None)
+            if inner is None:
+                return
+            rules = self._rules[(id(obj), method)] = []
+            marks, sums, clock, rule_list = self.marks, self.sums, time.monotonic_ns, rules
 
-        def traced(*a: Any, **kw: Any) -> Any:
-            hit = when is None or when(*a, **kw)
-            t0 = time.monotonic_ns()
-            if hit and before:
-                self.marks.setdefault(before, t0)
-            try:
-                return inner(*a, **kw)
-            finally:
-                t1 = time.monotonic_ns()
-                if hit and after:
-                    self.marks.setdefault(after, t1)
-                if hit and total:
-                    self.sums[total] = self.sums.get(total, 0) + t1 - t0
+            def traced(*a: Any, **kw: Any) -> Any:
+                hits = [r for r in rule_list if r[0] is None or r[0](*a, **kw)]
+                if not hits:
+                    return inner(*a, **kw)
+                t0 = clock()
+                for _, b, _, _ in hits:
+                    if b:
+                        marks.setdefault(b, t0)
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    t1 = clock()
+                    for _, _, e, tot in hits:
+                        if e:
+                            marks.setdefault(e, t1)
+                        if tot:
+                            sums[tot] = sums.get(tot, 0) + t1 - t0
 
-        setattr(obj, method, traced)
+            setattr(obj, method, traced)
+        rules.append((when, before, after, total))
 
     def attach_source(self, src: Source, owner: BuiltinGuest) -> None:
         stopping = lambda *a, **kw: "src_stop_start" in self.marks    # noqa: E731
@@ -315,12 +328,13 @@ class SwitchTrace:
         ("src_guest_stop_ns", "src_stop_end"),          # vCPUs joined
         ("src_device_save_ns", "src_save_end"),
         ("src_mark_dirty_ns", "src_canonicalize_end"),  # every page dirty again (immediate postcopy)
-        # the switch events (discards, PING 2, PACKAGED(LISTEN, devices, PING 3, RUN)) handed to the socket;
-        # the write's return is not on the way to PONG 3 (it may wait for the GIL while the destination works)
+        # the switch events (PING 2, PACKAGED(LISTEN, devices, PING 3, RUN); after precopy the discards
+        # first: immediate postcopy sends them before the stop) handed to the socket; the write's return
+        # is not on the way to PONG 3 (it may wait for the GIL while the destination works)
         ("src_to_switch_write_ns", "src_write_start"),
         ("dest_setup_ns", "dst_prepare_end"),           # the destination still taking in the RAM setup
         ("wire_to_dest_reader_ns", "dst_rx_control"),   # on the wire; the main reader's C loop back with it
-        ("dest_decode_discard_ns", "dst_discard_item"),  # Python decodes up to the first discard
+        ("dest_decode_discard_ns", "dst_discard_item"),  # Python decodes up to the first discard (precopy)
         ("dest_to_discard_ns", "dst_discard_start"),    # session: the Discard action out
         ("dest_discard_ns", "dst_discard_end"),         # the Discard action(s) carried out
         ("dest_ping2_ns", "dst_ping2_end"),             # PING 2 decoded, PONG 2 written
@@ -601,10 +615,11 @@ def print_downtime(runs: list[Run]) -> None:
                  *(label for _, label in PHASE_COLUMNS), "postcopy s", "bulk GB/s"], table)
     print("  phases (ms, consecutive, adding up to the downtime; SwitchTrace.STEPS): the source guest's stop "
           "(vCPU join), its device state save, every page marked dirty (if inside the downtime), up to the write of "
-          "the switch events on main (discards, PING 2, PACKAGED), the destination still taking in the RAM setup "
+          "the switch events on main (discards after precopy, PING 2, PACKAGED), the destination still taking in the RAM setup "
           "(if it was not ready), the wire and the main reader's wakeup (its C loop back with a control item), "
-          "decoding up to the first discard, the session's Discard, the discard carried out, PING 2 decoded and "
-          "answered, PACKAGED decoded, "
+          "decoding up to the first discard, the session's Discard, the discard carried out (the last three only "
+          "after precopy: immediate postcopy discards before the stop), PING 2 decoded and answered, PACKAGED "
+          "decoded, "
           "PACKAGED up to LISTEN, LISTEN (uffd register), the preempt receiver started, up to PONG 3's write, "
           "PONG 3 written, on the wire and read by the source's return-path thread (where the downtime ends)")
 

@@ -404,9 +404,16 @@ class SourceSession:
                 and not self.guest_stopped:
             self.guest_stopped = True
             if p is None:
-                # immediate postcopy: every page goes; marked before the stop, not inside the downtime
-                self._out.append(MarkAllDirty())
+                # Immediate postcopy: every page goes and every block is discarded, whatever the guest
+                # does until it stops. Both before the stop, not inside the downtime (the destination
+                # has taken in the discards by the time PACKAGED comes).
+                discards = self._whole_block_discards()
+                self.discard_ranges += len(discards)
+                self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(discards))]
             self._out.append(StopGuest())
+
+    def _whole_block_discards(self) -> list[wire.WireEvent]:
+        return [wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),)) for b in self.layout.blocks]
 
     def _peer_is_ready(self) -> None:
         self.ready_deadline = None
@@ -419,20 +426,16 @@ class SourceSession:
         if self.status is not S.ACTIVE or self.switch_events:
             return
         self.stopped_at = stopped_at
-        # the whole stream again (a destination that dropped everything): every block discarded
-        discards: list[wire.WireEvent] = [wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
-                                          for b in self.layout.blocks]
         tail: list[wire.WireEvent] = [
             wire.Ping(value=2),
             wire.Packaged(events=(wire.PostcopyListen(), *sections, wire.Ping(value=3), wire.PostcopyRun())),
             wire.Ping(value=4),
         ]
-        self.switch_events = discards + tail
+        # the whole stream again (a destination that dropped everything): every block discarded
+        self.switch_events = self._whole_block_discards() + tail
         p = self.precopy
         if p is None:
-            # immediate postcopy: nothing was sent before, every page goes and every block is discarded
-            self.discard_ranges += len(discards)
-            self._out.append(Write(Channel.MAIN, self._encode(self.switch_events)))
+            self._out.append(Write(Channel.MAIN, self._encode(tail)))     # the discards went before the stop
         else:
             # what the guest wrote since its last scan, plus what the last round did not send:
             # dropped on the destination (QEMU's ranges, 12 a command) and sent again

@@ -516,11 +516,18 @@ def test_guest_stops_only_once_the_destination_answered_ready() -> None:
     assert s.s.get_timer() == pytest.approx(s.now + s.link_timeout)
     s.now += 0.01
     acts = s.rp(wire.Pong(value=READY_PING))
-    # immediate postcopy: every page marked dirty before the stop, not inside the downtime
-    assert acts[:2] == [MarkAllDirty(), StopGuest()]
-    assert wire.encode(wire.PostcopyRun()) in _writes(acts)
-    assert not of_type(acts[2:], MarkAllDirty)
+    # immediate postcopy: every page marked dirty and every block discarded before the stop,
+    # not inside the downtime; after it only PING 2, PACKAGED (devices, RUN), PING 4
+    discards = _encode([wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
+                        for b in source_blocks()])
+    assert acts[:3] == [MarkAllDirty(), Write(Channel.MAIN, discards), StopGuest()]
+    after = _writes(acts[3:])
+    assert after.startswith(wire.encode(wire.Ping(value=2))) and wire.encode(wire.PostcopyRun()) in after
+    assert b"pc.ram" not in after
+    assert not of_type(acts[3:], MarkAllDirty)
     assert s.s.status is S.POSTCOPY_ACTIVE and s.s.stopped_at == pytest.approx(0.01)
+    assert s.s.discard_ranges == len(source_blocks())
+    assert _encode(s.s.switch_events).startswith(discards)      # a start-over sends them again
 
 
 def test_a_destination_that_never_answers_ready_gets_one_link_timeout() -> None:
@@ -538,7 +545,7 @@ def test_ready_before_start_postcopy_switches_at_once_on_request() -> None:
     acts = s.start()
     assert s.s.peer_ready and not of_type(acts, StopGuest)       # held until StartPostcopy
     acts = s.feed(StartPostcopy())
-    assert acts[:2] == [MarkAllDirty(), StopGuest()]
+    assert acts[0] == MarkAllDirty() and acts[2] == StopGuest()
 
 
 def test_precopy_switch_waits_for_ready_too_and_marks_nothing() -> None:
