@@ -10,6 +10,8 @@ before dropping these wrappers.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -274,6 +276,29 @@ class DestinationPath:
         if lib.pc_dst_discard(self._d, index, offset, length) < 0:
             b = self.blocks[index]
             raise ValueError(f"discard {b.idstr} offset {offset:#x} length {length:#x}: outside the block")
+
+    def discard_ranges(self, index: int, ranges: Sequence[tuple[int, int]]) -> int:
+        """All ranges of one discard command in one C call (no Python per range): each is missing
+        again, and one with a placed page is dropped from memory (MADV_DONTNEED, or a punched
+        hole for a file-backed block). Returns how many ranges held placed pages."""
+        if self.remote:
+            for start, length in ranges:
+                self.discard(index, start, length)
+            return 0
+        if not ranges:
+            return 0
+        flat = ffi.new("uint64_t[]", [x for r in ranges for x in r])
+        bad = ffi.new("uint32_t *")
+        fd = getattr(self.blocks[index], "fd", None)
+        rc = int(lib.pc_dst_discard_ranges(self._d, index, flat, len(ranges), -1 if fd is None else fd, bad))
+        if rc >= 0:
+            return rc
+        b = self.blocks[index]
+        start, length = ranges[bad[0]] if 0 <= bad[0] < len(ranges) else (0, 0)
+        if rc == -errno.ERANGE:
+            raise ValueError(f"discard {b.idstr} offset {start:#x} length {length:#x}: outside the block")
+        raise OSError(-rc, f"dropping the discarded pages of {b.idstr} offset {start:#x} length {length}: "
+                           f"{os.strerror(-rc)}")
 
     def serve_faults(self, stop_fd: int) -> int:
         """The fault loop (blocks until stop_fd is readable)."""

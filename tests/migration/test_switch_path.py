@@ -8,9 +8,14 @@ import socket
 import sys
 import threading
 
+import pytest
+
 from postcopy import wire
-from postcopy._datapath import DECODE_CHUNK, RX_MAIN, Receiver, decoded_items
+from postcopy._datapath import DECODE_CHUNK, RX_MAIN, DestinationPath, Receiver, decoded_items
 from postcopy._link import QUICK_SWITCH_INTERVAL, quick_gil_handoff
+from uffd import RamBlock
+
+PAGE = 4096
 
 LAYOUT = wire.RamLayout(blocks=(wire.RamBlockLayout(idstr="pc.ram", used_length=1 << 30),), section_id=2)
 DEVICE = wire.DeviceSection(section_id=3, idstr="dev", instance_id=0, version_id=1, payload=b"\x01" * 300)
@@ -67,3 +72,42 @@ def test_quick_gil_handoff_is_counted_and_restores_the_interval() -> None:
     assert sys.getswitchinterval() == before
     quick_gil_handoff(False)        # unmatched: nothing changes
     assert sys.getswitchinterval() == before
+
+
+def _path_with(backing: str) -> tuple[DestinationPath, RamBlock]:
+    block = RamBlock("pc.ram", 64 * PAGE, backing=backing)   # type: ignore[arg-type]
+    return DestinationPath([block], verify=False), block
+
+
+def test_discard_ranges_drops_placed_pages_and_only_marks_the_rest_missing() -> None:
+    """One C call per discard command (issue 13: after precopy, hundreds of ranges fall
+    inside the downtime): a range with a placed page is dropped from memory, a range with
+    none only becomes missing (memory untouched), both in one call."""
+    for backing in ("anon", "memfd"):
+        path, block = _path_with(backing)
+        try:
+            view = block.view()
+            view[0:PAGE] = b"\x11" * PAGE                 # placed (received bit set)
+            view[8 * PAGE:9 * PAGE] = b"\x22" * PAGE      # written but never received: not ours to drop
+            path.received[0].set_range(0, 4)
+            assert path.discard_ranges(0, [(0, 4 * PAGE), (8 * PAGE, 2 * PAGE)]) == 1
+            assert path.received[0].count() == 0
+            assert bytes(view[0:PAGE]) == b"\x00" * PAGE, backing
+            assert bytes(view[8 * PAGE:9 * PAGE]) == b"\x22" * PAGE, backing
+            view.release()
+        finally:
+            block.close()
+
+
+def test_discard_ranges_checks_every_range_before_applying_any() -> None:
+    path, block = _path_with("anon")
+    try:
+        path.received[0].set_range(0, 2)
+        with pytest.raises(ValueError, match="offset 0x41000"):
+            path.discard_ranges(0, [(0, PAGE), (65 * PAGE, PAGE)])
+        assert path.received[0].count() == 2           # nothing applied
+        with pytest.raises(ValueError, match="outside the block"):
+            path.discard_ranges(0, [(PAGE + 1, PAGE)])
+        assert path.discard_ranges(0, []) == 0
+    finally:
+        block.close()

@@ -116,6 +116,13 @@ int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -er
 int64_t pc_dst_resend_requests(pc_dst *d);
 /* Discard ranges clear received bits (before LISTEN the memory is dropped by the caller). */
 int pc_dst_discard(pc_dst *d, uint32_t block, uint64_t offset, uint64_t length);
+/* All ranges of one POSTCOPY_RAM_DISCARD in one call (pairs of offset, length in bytes): each
+ * becomes missing again; a range with a placed page is also dropped from memory (MADV_DONTNEED,
+ * or fallocate PUNCH_HOLE on punch_fd for a file-backed block). Every range is checked before
+ * any is applied. Returns how many ranges held placed pages; -ERANGE (a range outside the block
+ * or misaligned) or the drop's -errno, with *bad the index of that range. */
+int pc_dst_discard_ranges(pc_dst *d, uint32_t block, const uint64_t *ranges, uint32_t n, int punch_fd,
+                          uint32_t *bad);
 /* Latency samples of one kind (PC_LAT_*) since the last drain; returns how many were copied. */
 uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t max);
 void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting);
