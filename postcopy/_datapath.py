@@ -378,9 +378,10 @@ class Receiver:
             raise MemoryError("pc_rx_attach")
         self.path = path
 
-    def run(self) -> int:
-        """Place pages until something needs Python; raises DataPathError on errors."""
-        rc = int(lib.pc_rx_run(self._rx))
+    def run(self, nice: int | None = None) -> int:
+        """Place pages until something needs Python; raises DataPathError on errors.
+        ``nice``: the calling thread first takes that nice value, in C (not holding the GIL)."""
+        rc = int(lib.pc_rx_run(self._rx) if nice is None else lib.pc_rx_run_niced(self._rx, nice))
         if rc < 0:
             raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
         return rc
@@ -481,8 +482,10 @@ class SourcePath:
         if rc < 0:
             raise ConnectionError(-rc, f"write on {'main' if channel == CHAN_MAIN else 'preempt'} channel failed")
 
-    def run_bulk(self) -> int:
-        rc = int(lib.pc_src_bulk_run(self._s))
+    def run_bulk(self, nice: int | None = None) -> int:
+        """The background stream; ``nice``: the calling thread first takes that nice value, in C
+        (never holding the GIL at background priority)."""
+        rc = int(lib.pc_src_bulk_run(self._s) if nice is None else lib.pc_src_bulk_run_niced(self._s, nice))
         if rc < 0:
             raise DataPathError("io", ffi.string(self._s.err_msg).decode(errors="replace"))
         return rc

@@ -12,6 +12,7 @@ import threading
 from uffd._native import lib
 
 __all__ = [
+    "BACKGROUND_NICE",
     "background_priority",
     "bound_bulk_buffers",
     "quick_gil_handoff",
@@ -54,7 +55,11 @@ def set_thread_nice(nice: int) -> None:
     lib.pc_thread_set_nice(nice)
 
 
-def background_priority(nice: int = 10) -> None:
+#: The nice value of threads that move bulk pages (below the guest and the fault path).
+BACKGROUND_NICE = 10
+
+
+def background_priority(nice: int = BACKGROUND_NICE) -> None:
     """Lower the calling thread (Linux: PRIO_PROCESS 0 is the thread) below
     the fault path: on 2 cores the bulk stream must not delay an urgent page.
     The call is C with the GIL released: a thread lowered while holding the GIL

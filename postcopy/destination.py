@@ -35,7 +35,7 @@ from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
 from ._link import (
-    background_priority,
+    BACKGROUND_NICE,
     bound_bulk_buffers,
     quick_gil_handoff,
     set_recv_timeout,
@@ -470,14 +470,15 @@ class Destination:
 
     def _read_pages(self, conn: int, rx: Receiver, c: _Conn) -> None:
         while True:
+            nice = None
             if c.postcopy and not c.lowered:
                 c.lowered = True
                 quick_gil_handoff(False)
-                background_priority()   # the guest runs here: bulk pages go below the fault path
+                nice = BACKGROUND_NICE  # the guest runs here: bulk pages go below the fault path
             # up to RUN, built while the channel is quiet: not between the switch's bytes and PONG 3
             # (after it, not at background priority while holding the GIL for nothing)
             dec = None if c.lowered else self._control_decoder()
-            code = rx.run()
+            code = rx.run(nice)     # lowered in C: this thread never holds the GIL at background priority
             if code == Receiver.CONTROL:
                 if not self._control(conn, rx, c, dec or self._control_decoder()):
                     return

@@ -20,7 +20,7 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
 from ._link import (
-    background_priority,
+    BACKGROUND_NICE,
     bound_bulk_buffers,
     set_recv_timeout,
     set_thread_nice,
@@ -388,9 +388,8 @@ class Source:
             self._inputs.put((generation, event))
 
     def _bulk(self, generation: int) -> None:
-        background_priority()
         try:
-            rc = self.path.run_bulk()
+            rc = self.path.run_bulk(nice=BACKGROUND_NICE)     # lowered in C: never holding the GIL
         except DataPathError as exc:
             self._put(generation, ChannelFailed(f"background stream: {exc}"))
             return
@@ -400,9 +399,8 @@ class Source:
             self._put(generation, ChannelFailed("the background stream was stopped"))
 
     def _round(self, generation: int) -> None:
-        background_priority()
         try:
-            rc = self.path.run_bulk()
+            rc = self.path.run_bulk(nice=BACKGROUND_NICE)     # lowered in C: never holding the GIL
         except DataPathError as exc:
             self._put(generation, ChannelFailed(f"precopy round: {exc}"))
             return

@@ -914,6 +914,12 @@ static int rx_records(pc_rx *rx)
     }
 }
 
+int pc_rx_run_niced(pc_rx *rx, int nice)
+{
+    pc_thread_set_nice(nice);
+    return pc_rx_run(rx);
+}
+
 int pc_rx_run(pc_rx *rx)
 {
     pc_sockbuf *in = &rx->in;

@@ -172,6 +172,8 @@ void pc_rx_free(pc_rx *rx);
 /* the RAM blocks arrived (or changed): place into d from now on */
 int pc_rx_attach(pc_rx *rx, pc_dst *d);
 int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */
+/* The same, from a thread that first sets its own nice value (in C: never holding the GIL lowered). */
+int pc_rx_run_niced(pc_rx *rx, int nice);
 void pc_rx_stop(pc_rx *rx);
 /* Python decodes control messages from rx->in with the pc_sockbuf_* calls. */
 /* Place a run of records already scanned by someone else (precopy pages that

@@ -18,6 +18,7 @@
 #include "core.h"
 #include "pagehash.h"
 #include "ramscan.h"
+#include "uffd.h"
 
 #define BATCH_RECORDS 64            /* 256 KiB of 4 KiB pages: a requested page never waits long behind one */
 #define HDR_MAX (8 + 1 + 255 + 1)
@@ -418,6 +419,12 @@ static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
         pthread_mutex_unlock(&s->qlock);
     }
     return 0;
+}
+
+int pc_src_bulk_run_niced(pc_src *s, int nice)
+{
+    pc_thread_set_nice(nice);
+    return pc_src_bulk_run(s);
 }
 
 int pc_src_bulk_run(pc_src *s)

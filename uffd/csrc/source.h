@@ -114,6 +114,9 @@ enum {
     PC_TX_E_IO = -1,        /* a write failed: err_errno */
 };
 int pc_src_bulk_run(pc_src *s);
+/* The same, from a thread that first sets its own nice value: lowered here, in C, the thread
+ * never holds the GIL at background priority (a preempted holder would stall the switch). */
+int pc_src_bulk_run_niced(pc_src *s, int nice);
 /* Precopy rounds: with round_mode on, the next pc_src_bulk_run starts at the
  * first page, makes one pass over the dirty bitmaps (what the last scan
  * found) and returns PC_TX_DONE; pc_src_end_round makes it return
