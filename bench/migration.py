@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from _floor import (
     copy_batched_bps,
@@ -50,6 +50,7 @@ from postcopy import wire
 from postcopy.session import (
     Discard,
     MigrationStats,
+    PrepareMemory,
     RegisterMemory,
     SendReturnPath,
     StartGuest,
@@ -243,6 +244,7 @@ class SwitchTrace:
     def __init__(self) -> None:
         self.marks: dict[str, int] = {}
         self.sums: dict[str, int] = {}
+        self._rules: dict[tuple[int, str], list[tuple[Any, str | None, str | None, str | None]]] = {}
 
     def mark(self, key: str, first: bool = True) -> None:
         if not first or key not in self.marks:
@@ -250,43 +252,69 @@ class SwitchTrace:
 
     def wrap(self, obj: object, method: str, before: str | None, after: str | None,
              when: Any = None, total: str | None = None) -> None:
-        inner = getattr(obj, method, None)
-        if inner is None:
-            return
+        """Mark ``before``/``after`` the first call of ``obj.method`` for which ``when`` holds
+        (``total``: sum every such call's time). One wrapper per method, whatever the rules:
+        the marks must not cost the switch they time."""
+        rules = self._rules.get((id(obj), method))
+        if rules is None:
+            inner = getattr(obj, method, None)
+            if inner is None:
+                return
+            rules = self._rules[(id(obj), method)] = []
+            marks, sums, clock, rule_list = self.marks, self.sums, time.monotonic_ns, rules
 
-        def traced(*a: Any, **kw: Any) -> Any:
-            hit = when is None or when(*a, **kw)
-            t0 = time.monotonic_ns()
-            if hit and before:
-                self.marks.setdefault(before, t0)
-            try:
-                return inner(*a, **kw)
-            finally:
-                t1 = time.monotonic_ns()
-                if hit and after:
-                    self.marks.setdefault(after, t1)
-                if hit and total:
-                    self.sums[total] = self.sums.get(total, 0) + t1 - t0
+            def traced(*a: Any, **kw: Any) -> Any:
+                hits = [r for r in rule_list if r[0] is None or r[0](*a, **kw)]
+                if not hits:
+                    return inner(*a, **kw)
+                t0 = clock()
+                for _, b, _, _ in hits:
+                    if b:
+                        marks.setdefault(b, t0)
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    t1 = clock()
+                    for _, _, e, tot in hits:
+                        if e:
+                            marks.setdefault(e, t1)
+                        if tot:
+                            sums[tot] = sums.get(tot, 0) + t1 - t0
 
-        setattr(obj, method, traced)
+            setattr(obj, method, traced)
+        rules.append((when, before, after, total))
 
     def attach_source(self, src: Source, owner: BuiltinGuest) -> None:
-        stopped = lambda *a, **kw: "src_stop_end" in self.marks    # noqa: E731
-        self.wrap(owner, "stop", None, "src_stop_end", total="guest_stop_ns")
+        stopping = lambda *a, **kw: "src_stop_start" in self.marks    # noqa: E731
+        self.wrap(owner, "stop", "src_stop_start", "src_stop_end", total="guest_stop_ns")
         self.wrap(owner, "save_device_state", None, "src_save_end")
-        self.wrap(src.path, "mark_all_dirty", None, "src_mark_dirty_end", when=stopped)
-        self.wrap(src.path, "write", "src_write_start", "src_write_end", when=stopped)
+        self.wrap(src.path, "mark_all_dirty", None, "src_mark_dirty_end", when=stopping)
+        self.wrap(src.path, "canonicalize", None, "src_canonicalize_end", when=stopping)
+        self.wrap(src.path, "write", "src_write_start", "src_write_end", when=stopping)
 
     def attach_destination(self, dest: Destination) -> None:
+        stopping = "src_stop_start"
+
         def item_is(kind: type) -> Any:
-            return lambda ev: isinstance(ev, StreamItem) and isinstance(ev.event, kind)
+            return lambda ev, **kw: isinstance(ev, StreamItem) and isinstance(ev.event, kind)
 
         def action_is(kind: type) -> Any:
-            return lambda act: isinstance(act, kind)
+            return lambda act, **kw: isinstance(act, kind)
 
+        def after_stop(*a: Any, **kw: Any) -> bool:
+            return stopping in self.marks
+
+        # the destination's RAM setup (memory, bitmaps, fault service): a source that stops its
+        # guest before the destination is ready waits for it inside the downtime
+        self.wrap(dest, "_do", None, "dst_prepare_end", when=action_is(PrepareMemory))
+        # the main reader back from C with a control item (the first one after the source's stop)
+        self.wrap(dest, "_control", "dst_rx_control", None, when=after_stop)
         self.wrap(dest, "_feed", "dst_discard_item", None, when=item_is(wire.PostcopyRamDiscard))
         self.wrap(dest, "_feed", "dst_packaged_item", "dst_packaged_done", when=item_is(wire.Packaged))
-        self.wrap(dest, "_do", None, None, when=action_is(Discard), total="dest_discard_ns")
+        self.wrap(dest, "_feed", "dst_ping2_item", "dst_ping2_end",
+                  when=lambda ev, **kw: isinstance(ev, StreamItem) and ev.event == wire.Ping(value=2))
+        self.wrap(dest, "_do", "dst_discard_start", "dst_discard_end", when=action_is(Discard),
+                  total="dest_discard_ns")
         self.wrap(dest, "_do", "dst_listen_start", "dst_listen_end", when=action_is(RegisterMemory),
                   total="dest_listen_ns")
         self.wrap(dest, "_do", "dst_preempt_rx_start", "dst_preempt_rx_end", when=action_is(StartPreemptReceiver))
@@ -294,29 +322,44 @@ class SwitchTrace:
                   when=lambda act: isinstance(act, SendReturnPath) and act.data == self.PONG3)
         self.wrap(dest, "_do", "dst_load_start", "dst_load_end", when=action_is(StartGuest))
 
+    #: (phase, the mark that ends it) in the order they happen; a phase ends at the first mark
+    #: of its kind after the previous phase's end (missing marks merge into the next phase).
+    STEPS: ClassVar[list[tuple[str, str]]] = [
+        ("src_guest_stop_ns", "src_stop_end"),          # vCPUs joined
+        ("src_device_save_ns", "src_save_end"),
+        ("src_mark_dirty_ns", "src_canonicalize_end"),  # every page dirty again (immediate postcopy)
+        # the switch events (PING 2, PACKAGED(LISTEN, devices, PING 3, RUN); after precopy the discards
+        # first: immediate postcopy sends them before the stop) handed to the socket; the write's return
+        # is not on the way to PONG 3 (it may wait for the GIL while the destination works)
+        ("src_to_switch_write_ns", "src_write_start"),
+        ("dest_setup_ns", "dst_prepare_end"),           # the destination still taking in the RAM setup
+        ("wire_to_dest_reader_ns", "dst_rx_control"),   # on the wire; the main reader's C loop back with it
+        ("dest_decode_discard_ns", "dst_discard_item"),  # Python decodes up to the first discard (precopy)
+        ("dest_to_discard_ns", "dst_discard_start"),    # session: the Discard action out
+        ("dest_discard_ns", "dst_discard_end"),         # the Discard action(s) carried out
+        ("dest_ping2_ns", "dst_ping2_end"),             # PING 2 decoded, PONG 2 written
+        ("dest_to_packaged_ns", "dst_packaged_item"),   # PACKAGED decoded
+        ("dest_packaged_to_listen_ns", "dst_listen_start"),
+        ("dest_listen_register_ns", "dst_listen_end"),  # uffd register, fault service released
+        ("dest_preempt_receiver_ns", "dst_preempt_rx_end"),
+        ("dest_to_pong3_ns", "dst_pong3_start"),
+        # then PONG 3 written, on the wire, read by the source's return-path thread (its write may
+        # return after that read: the source's urgent thread takes the CPU at once)
+    ]
+
     def phases(self, stopped_ns: int, downtime_ns: int) -> dict[str, int]:
-        """Consecutive phases from the guest's stop to PONG 3 (ns); missing marks merge into the next phase."""
+        """Consecutive phases from the guest's stop to PONG 3 (ns), adding up to the downtime;
+        missing marks merge into the next phase."""
         m = self.marks
-        steps = [
-            ("src_guest_stop_ns", "src_stop_end"),
-            ("src_device_save_ns", "src_save_end"),
-            ("src_switch_events_written_ns", "src_write_end"),
-            ("wire_to_dest_first_discard_ns", "dst_discard_item"),
-            ("dest_discards_ns", "dst_packaged_item"),
-            ("dest_packaged_to_listen_ns", "dst_listen_start"),
-            ("dest_listen_register_ns", "dst_listen_end"),
-            ("dest_preempt_receiver_ns", "dst_preempt_rx_end"),
-            ("dest_to_pong3_ns", "dst_pong3_start"),
-        ]
         out: dict[str, int] = {}
         prev = stopped_ns
-        for name, key in steps:
+        for name, key in self.STEPS:
             t = m.get(key)
             if t is None or t < prev:
                 continue
             out[name] = t - prev
             prev = t
-        # PONG 3 written, on the wire, read by the source's return-path thread (where the downtime ends)
+        # PONG 3 on the wire, read by the source's return-path thread (where the downtime ends)
         out["pong3_to_source_ns"] = stopped_ns + downtime_ns - prev
         if "dst_load_start" in m and "dst_load_end" in m:
             out["after_pong3_device_load_start_ns"] = m["dst_load_end"] - m["dst_load_start"]
@@ -324,9 +367,10 @@ class SwitchTrace:
 
 
 PHASE_COLUMNS = [
-    ("src_guest_stop_ns", "src stop"), ("src_device_save_ns", "dev save"),
-    ("src_switch_events_written_ns", "switch write"), ("wire_to_dest_first_discard_ns", "wire+decode"),
-    ("dest_discards_ns", "dst discards"), ("dest_packaged_to_listen_ns", "PACKAGED->LISTEN"),
+    ("src_guest_stop_ns", "src stop"), ("src_device_save_ns", "dev save"), ("src_mark_dirty_ns", "dirty"),
+    ("src_to_switch_write_ns", "->write"), ("dest_setup_ns", "dst setup"), ("wire_to_dest_reader_ns", "wire+wake"),
+    ("dest_decode_discard_ns", "decode"), ("dest_to_discard_ns", "->discard"), ("dest_discard_ns", "discard"),
+    ("dest_ping2_ns", "PING 2"), ("dest_to_packaged_ns", "->PACKAGED"), ("dest_packaged_to_listen_ns", "->LISTEN"),
     ("dest_listen_register_ns", "LISTEN"), ("dest_preempt_receiver_ns", "preempt rx"),
     ("dest_to_pong3_ns", "->PONG3"), ("pong3_to_source_ns", "PONG3->src"),
 ]
@@ -569,11 +613,15 @@ def print_downtime(runs: list[Run]) -> None:
               f"{r.postcopy_s:.2f}", f"{r.bulk_bps / 1e9:.2f}"] for r in runs]
     print_table(["guest (preempt on)", "downtime ms", f"<={TARGET_DOWNTIME_NS / 1e6:g}ms",
                  *(label for _, label in PHASE_COLUMNS), "postcopy s", "bulk GB/s"], table)
-    print("  phases (ms, consecutive, adding up to the downtime): the source guest's stop (vCPU join), its device "
-          "state save, the switch events written on main (discards, PACKAGED), the wire and the destination's "
-          "decoding up to the first discard, the discards, PACKAGED decoded up to LISTEN, LISTEN (uffd register, "
-          "fault service started), the preempt receiver started, up to PONG 3's write, PONG 3 written and "
-          "read by the source's return-path thread (where the downtime ends)")
+    print("  phases (ms, consecutive, adding up to the downtime; SwitchTrace.STEPS): the source guest's stop "
+          "(vCPU join), its device state save, every page marked dirty (if inside the downtime), up to the write of "
+          "the switch events on main (discards after precopy, PING 2, PACKAGED), the destination still taking in the RAM setup "
+          "(if it was not ready), the wire and the main reader's wakeup (its C loop back with a control item), "
+          "decoding up to the first discard, the session's Discard, the discard carried out (the last three only "
+          "after precopy: immediate postcopy discards before the stop), PING 2 decoded and answered, PACKAGED "
+          "decoded, "
+          "PACKAGED up to LISTEN, LISTEN (uffd register), the preempt receiver started, up to PONG 3's write, "
+          "PONG 3 written, on the wire and read by the source's return-path thread (where the downtime ends)")
 
 
 def downtime_targets(runs: list[Run], ref: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ before dropping these wrappers.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from array import array
 from collections.abc import Iterator, Sequence
@@ -54,9 +55,16 @@ class SockBuf:
     def available(self) -> int:
         return int(self._sb.tail - self._sb.head)
 
-    def peek(self, start: int = 0) -> bytes:
+    def peek(self, start: int = 0, limit: int | None = None) -> bytes:
+        """The buffered bytes from ``start`` (at most ``limit`` of them)."""
         sb = self._sb
-        return bytes(ffi.buffer(sb.buf + sb.head + start, sb.tail - sb.head - start))
+        n = sb.tail - sb.head - start
+        return bytes(ffi.buffer(sb.buf + sb.head + start, n if limit is None else min(n, limit)))
+
+    def first_byte(self) -> int | None:
+        """The next unread byte, or None when nothing is buffered (no copy, no wait)."""
+        sb = self._sb
+        return int(sb.buf[sb.head]) if sb.tail > sb.head else None
 
     def fill(self, n: int) -> int:
         """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""
@@ -73,10 +81,16 @@ class SockBuf:
         return int(self._sb.bytes)
 
 
+#: The most :func:`decoded_items` hands the decoder at a time: at the switch the C buffer
+#: holds megabytes of pages behind the last control item, which Python must not copy.
+DECODE_CHUNK = 64 * 1024
+
+
 def decoded_items(buf: SockBuf, dec: Any) -> Iterator[Any]:
     """Events of a sans-IO decoder fed from ``buf``, each consuming exactly its
     bytes: whatever follows the last event taken stays in the C buffer, for
-    the C loop to go on from there."""
+    the C loop to go on from there. The decoder gets the buffered bytes in
+    chunks of at most :data:`DECODE_CHUNK`, as it needs them."""
     fed = 0
     last = dec.offset
     while True:
@@ -85,7 +99,7 @@ def decoded_items(buf: SockBuf, dec: Any) -> Iterator[Any]:
             if buf.available() <= fed and buf.fill(fed + 1) == 0:
                 dec.receive_data(b"")
                 continue
-            chunk = buf.peek(fed)
+            chunk = buf.peek(fed, DECODE_CHUNK)
             dec.receive_data(chunk)
             fed += len(chunk)
             continue
@@ -264,6 +278,29 @@ class DestinationPath:
             b = self.blocks[index]
             raise ValueError(f"discard {b.idstr} offset {offset:#x} length {length:#x}: outside the block")
 
+    def discard_ranges(self, index: int, ranges: Sequence[tuple[int, int]]) -> int:
+        """All ranges of one discard command in one C call (no Python per range): each is missing
+        again, and one with a placed page is dropped from memory (MADV_DONTNEED, or a punched
+        hole for a file-backed block). Returns how many ranges held placed pages."""
+        if self.remote:
+            for start, length in ranges:
+                self.discard(index, start, length)
+            return 0
+        if not ranges:
+            return 0
+        flat = ffi.new("uint64_t[]", [x for r in ranges for x in r])
+        bad = ffi.new("uint32_t *")
+        fd = getattr(self.blocks[index], "fd", None)
+        rc = int(lib.pc_dst_discard_ranges(self._d, index, flat, len(ranges), -1 if fd is None else fd, bad))
+        if rc >= 0:
+            return rc
+        b = self.blocks[index]
+        start, length = ranges[bad[0]] if 0 <= bad[0] < len(ranges) else (0, 0)
+        if rc == -errno.ERANGE:
+            raise ValueError(f"discard {b.idstr} offset {start:#x} length {length:#x}: outside the block")
+        raise OSError(-rc, f"dropping the discarded pages of {b.idstr} offset {start:#x} length {length}: "
+                           f"{os.strerror(-rc)}")
+
     def serve_faults(self, stop_fd: int) -> int:
         """The fault loop (blocks until stop_fd is readable)."""
         return int(lib.pc_fault_service_run(self._d, stop_fd))
@@ -342,9 +379,10 @@ class Receiver:
             raise MemoryError("pc_rx_attach")
         self.path = path
 
-    def run(self) -> int:
-        """Place pages until something needs Python; raises DataPathError on errors."""
-        rc = int(lib.pc_rx_run(self._rx))
+    def run(self, nice: int | None = None) -> int:
+        """Place pages until something needs Python; raises DataPathError on errors.
+        ``nice``: the calling thread first takes that nice value, in C (not holding the GIL)."""
+        rc = int(lib.pc_rx_run(self._rx) if nice is None else lib.pc_rx_run_niced(self._rx, nice))
         if rc < 0:
             raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
         return rc
@@ -476,8 +514,10 @@ class SourcePath:
         if rc < 0:
             raise ConnectionError(-rc, f"write on {'main' if channel == CHAN_MAIN else 'preempt'} channel failed")
 
-    def run_bulk(self) -> int:
-        rc = int(lib.pc_src_bulk_run(self._s))
+    def run_bulk(self, nice: int | None = None) -> int:
+        """The background stream; ``nice``: the calling thread first takes that nice value, in C
+        (never holding the GIL at background priority)."""
+        rc = int(lib.pc_src_bulk_run(self._s) if nice is None else lib.pc_src_bulk_run_niced(self._s, nice))
         if rc < 0:
             raise DataPathError("io", ffi.string(self._s.err_msg).decode(errors="replace"))
         return rc
@@ -528,6 +568,12 @@ class SourcePath:
 
     def last_error(self) -> str:
         return ffi.string(self._s.err_msg).decode(errors="replace")
+
+    @property
+    def rp_control_ns(self) -> int:
+        """CLOCK_MONOTONIC ns when the control message :meth:`serve_return_path` last returned
+        for came in (the return path's recv that brought it)."""
+        return int(self._s.rp_control_ns)
 
     def counters(self) -> dict[str, int]:
         s = self._s

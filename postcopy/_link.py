@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
+import sys
+import threading
 
 from uffd._native import lib
 
 __all__ = [
+    "BACKGROUND_NICE",
     "background_priority",
     "bound_bulk_buffers",
+    "quick_gil_handoff",
     "set_recv_timeout",
+    "set_thread_nice",
     "shutdown_quietly",
+    "thread_nice",
     "tune",
     "urgent_priority",
 ]
@@ -38,12 +45,52 @@ def urgent_priority(nice: int = -10) -> None:
     lib.pc_thread_set_nice(nice)
 
 
-def background_priority(nice: int = 10) -> None:
+def thread_nice() -> int:
+    """The calling thread's nice value (Linux: PRIO_PROCESS 0 is the thread)."""
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def set_thread_nice(nice: int) -> None:
+    """Back to ``nice`` (from :func:`thread_nice`), in C with the GIL released."""
+    lib.pc_thread_set_nice(nice)
+
+
+#: The nice value of threads that move bulk pages (below the guest and the fault path).
+BACKGROUND_NICE = 10
+
+
+def background_priority(nice: int = BACKGROUND_NICE) -> None:
     """Lower the calling thread (Linux: PRIO_PROCESS 0 is the thread) below
     the fault path: on 2 cores the bulk stream must not delay an urgent page.
     The call is C with the GIL released: a thread lowered while holding the GIL
     would be preempted at once and stall every Python thread of the process."""
     lib.pc_thread_set_nice(nice)
+
+
+#: The GIL switch interval while a thread of this process is on the guest's critical path.
+QUICK_SWITCH_INTERVAL = 0.0002
+_handoff_lock = threading.Lock()
+_handoff_users = 0
+_handoff_saved = 0.0
+
+
+def quick_gil_handoff(on: bool) -> None:
+    """Between ``quick_gil_handoff(True)`` and its ``(False)``, a thread that wants the GIL
+    back waits at most QUICK_SWITCH_INTERVAL for a thread running Python (default 5 ms): the
+    destination's switch (discards, PACKAGED, PONG 3) hands the GIL back and forth with
+    whatever else runs Python in the process. Process-wide; counted, so that nested users
+    restore the interval only when the last one leaves."""
+    global _handoff_users, _handoff_saved
+    with _handoff_lock:
+        if on:
+            if _handoff_users == 0:
+                _handoff_saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(_handoff_saved, QUICK_SWITCH_INTERVAL))
+            _handoff_users += 1
+        elif _handoff_users > 0:
+            _handoff_users -= 1
+            if _handoff_users == 0:
+                sys.setswitchinterval(_handoff_saved)
 
 
 #: Bytes the bulk stream may have in flight in the kernel on each side. A page

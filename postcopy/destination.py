@@ -34,7 +34,15 @@ from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
-from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
+from ._link import (
+    BACKGROUND_NICE,
+    bound_bulk_buffers,
+    quick_gil_handoff,
+    set_recv_timeout,
+    shutdown_quietly,
+    tune,
+    urgent_priority,
+)
 from .owner import MemoryOwner
 from .session import (
     AcceptPreempt,
@@ -86,6 +94,9 @@ class _Conn:
     sock: socket.socket
     rx: Receiver | None = None
     pages: bool = False         # the C receiver places pages; only control items come back
+    postcopy: bool = False      # ... and the guest runs here: they compete with its faults
+    lowered: bool = False       # its reader runs at background priority (set by the reader only)
+    preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``ready``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
 
@@ -115,6 +126,8 @@ class Destination:
         self._path: DestinationPath | None = None
         self._registered = False       # LISTEN registered the blocks (a precopy-only finish never does)
         self._early_return_path: socket.socket | None = None     # OPEN_RETURN_PATH comes before the RAM setup
+        self._hold_replies = False      # set under the lock, for one input (see _control)
+        self._held_replies = b""
         self._uffd: Userfaultfd | None = None
         self._fault_stop: tuple[int, int] | None = None
         self._fault_go: threading.Event | None = None      # set at LISTEN: the idle fault service starts serving
@@ -232,12 +245,17 @@ class Destination:
 
     # -- feeding the session --------------------------------------------------------------------
 
-    def _feed(self, event: Input | None) -> None:
-        """Hand one input (None: start) to the session and carry out its actions."""
+    def _feed(self, event: Input | None, *, hold_replies: bool = False) -> None:
+        """Hand one input (None: start) to the session and carry out its actions.
+        ``hold_replies``: its return-path writes wait for the next one (see :meth:`_control`)."""
         with self._lock:
             before = self.session.get_timer()
             now = time.monotonic()
-            self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+            self._hold_replies = hold_replies
+            try:
+                self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+            finally:
+                self._hold_replies = False
             after = self.session.get_timer()
         if after is not None and (before is None or after < before):
             os.write(self._wake_w, b"t")       # the connection loop sleeps until the earlier timer
@@ -281,16 +299,23 @@ class Destination:
             case AcceptPreempt(conn=conn):
                 self._unclassified.pop(conn, None)
                 if conn in self._conns:
-                    # its thread starts now and waits: the switch only hands it the receiver
-                    self._start(f"dest-preempt-{conn}", self._read_preempt, conn, self._conns[conn])
+                    # its thread starts now and waits; its receiver is built as soon as the memory
+                    # is known: the switch (LISTEN) only lets it go
+                    c = self._conns[conn]
+                    c.preempt = True
+                    if self._path is not None:
+                        c.rx = Receiver(self._path, c.sock, RX_PREEMPT, 0)
+                    self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c)
             case StartPreemptReceiver(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
-                c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
+                if c.rx is None:
+                    c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
                 c.ready.set()
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
+                c.postcopy = self.session.status is MigrationStatus.POSTCOPY_ACTIVE
                 self._channel_rx["main"] = c.rx
                 if silence_breaks:
                     set_recv_timeout(c.sock, self.link_timeout)     # silence on main = a broken link
@@ -307,6 +332,10 @@ class Destination:
                 elif c2 is not None:
                     _close_with_reply(c2.sock, reply)
             case SendReturnPath(data=data):
+                if self._hold_replies:
+                    self._held_replies += data
+                    return None
+                data, self._held_replies = self._held_replies + data, b""
                 try:
                     if self._path is not None:
                         self._path.send(data)       # shares a lock with the fault service's requests
@@ -352,21 +381,16 @@ class Destination:
                     if c6.rx is not None and c6.rx.path is None:
                         c6.rx.attach(self._path)
                         c6.rx.ram_section_id = layout.section_id or 0
+                    elif c6.preempt and c6.rx is None:
+                        c6.rx = Receiver(self._path, c6.sock, RX_PREEMPT, 0)   # let go at LISTEN
             case PlacePages(conn=conn, pages=pages) if conn in self._conns:
                 rx = self._conns[conn].rx
                 assert rx is not None
                 rx.place(bytes(pages.records), bytes(pages.buffer))
             case Discard(block_index=index, ranges=ranges):
-                block = self.path.blocks[index]
-                received = self.path.received[index]
-                for start, length in ranges:
-                    # nothing placed in the range: it is still missing, nothing to drop (the
-                    # immediate switch discards whole blocks that were never touched here)
-                    first = start // wire.DEFAULT_TARGET_PAGE_SIZE
-                    placed = received.find_next_set(first) < first + length // wire.DEFAULT_TARGET_PAGE_SIZE
-                    self.path.discard(index, start, length)
-                    if placed:
-                        block.discard(start, length)
+                # one C call for the command's ranges (after precopy, up to 12 a command, hundreds
+                # in all, inside the downtime): a range with nothing placed is only marked missing
+                self.path.discard_ranges(index, ranges)
             case RegisterMemory():
                 self._register()
             case StartGuest(device_sections=sections, configuration=configuration, in_package=in_package):
@@ -409,12 +433,20 @@ class Destination:
             self._feed(DataPathFailed("internal", f"{threading.current_thread().name}: {exc!r}"))
 
     def _read_main(self, conn: int, rx: Receiver, recovery: bool) -> None:
-        """A main channel: decode items for the session until it says pages go to C."""
+        """A main channel: decode items for the session until it says pages go to C.
+
+        Up to RUN this thread runs above the guest (urgent priority): nothing here
+        competes with it for anything that matters more, and the switch (discards,
+        PACKAGED, LISTEN, PONG 3, RUN) is the guest's downtime. Once the guest runs
+        here, it places bulk pages below the fault path (background priority). Until
+        then the GIL comes back to it quickly too (:func:`quick_gil_handoff`)."""
+        urgent_priority()
+        quick_gil_handoff(True)
+        c = self._conns.get(conn)
         try:
             dec = wire.MainStreamDecoder(recovery=recovery, layout=self.session.layout,
                                          block_page_sizes=self.session.block_page_sizes,
                                          max_packaged_length=self.max_packaged)
-            c = self._conns.get(conn)
             for event in decoded_items(rx.input, dec):
                 self._feed(StreamItem(conn, event))
                 if c is not None:
@@ -425,35 +457,70 @@ class Destination:
                     break
             else:
                 return
-            background_priority()   # this thread now places bulk pages: below the fault path
-            self._read_pages(conn, rx)
+            self._read_pages(conn, rx, c)
         except DataPathError as exc:
             self._channel_error(conn, exc)
         except wire.RemoteProtocolError as exc:
             self._feed(DataPathFailed(exc.kind, str(exc), conn))
         except OSError as exc:      # a reset, or the receive timeout of a silent peer
             self._feed(ConnectionClosed(conn, str(exc)))
+        finally:
+            if c is None or not c.lowered:
+                quick_gil_handoff(False)
 
-    def _read_pages(self, conn: int, rx: Receiver) -> None:
-        c = self._conns.get(conn)
+    def _read_pages(self, conn: int, rx: Receiver, c: _Conn) -> None:
         while True:
-            code = rx.run()
+            nice = None
+            if c.postcopy and not c.lowered:
+                c.lowered = True
+                quick_gil_handoff(False)
+                nice = BACKGROUND_NICE  # the guest runs here: bulk pages go below the fault path
+            # up to RUN, built while the channel is quiet: not between the switch's bytes and PONG 3
+            # (after it, not at background priority while holding the GIL for nothing)
+            dec = None if c.lowered else self._control_decoder()
+            code = rx.run(nice)     # lowered in C: this thread never holds the GIL at background priority
             if code == Receiver.CONTROL:
-                dec = wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
-                                             block_page_sizes=self.session.block_page_sizes,
-                                             max_packaged_length=self.max_packaged)
-                event = next(decoded_items(rx.input, dec))
-                self._feed(StreamItem(conn, event))
-                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
+                if not self._control(conn, rx, c, dec or self._control_decoder()):
                     return
-                if c is not None:
-                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
             elif code == Receiver.EOF:
                 self._feed(ConnectionClosed(conn, "main channel closed before the end of the stream"))
                 return
             else:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
+
+    def _control_decoder(self) -> wire.MainStreamDecoder:
+        return wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
+                                      block_page_sizes=self.session.block_page_sizes,
+                                      max_packaged_length=self.max_packaged)
+
+    def _control(self, conn: int, rx: Receiver, c: _Conn, dec: wire.MainStreamDecoder) -> bool:
+        """The C receiver stopped at a control item: decode it and every command right
+        behind it with ``dec`` (fresh; the switch's discards, PINGs and PACKAGED come
+        together), feeding each to the session in order; False: the channel is done."""
+        items = decoded_items(rx.input, dec)
+        try:
+            while True:
+                event = next(items)
+                more = rx.input.first_byte() == wire.SectionType.COMMAND
+                # A PING's PONG with more commands right behind it goes out with the next reply of
+                # the run (the switch: PONG 2 with PONG 3): in one process with the source, its
+                # return-path thread would wake for it and take the GIL in the middle of the switch.
+                self._feed(StreamItem(conn, event), hold_replies=more and isinstance(event, wire.Ping))
+                if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
+                    return False
+                if not c.go.is_set():
+                    self._send_held_replies()
+                    c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
+                if not more:
+                    return True     # pages (or nothing yet): the C loop goes on
+        finally:
+            self._send_held_replies()
+
+    def _send_held_replies(self) -> None:
+        with self._lock:
+            if self._held_replies:
+                self._carry_out([SendReturnPath(b"")])
 
     def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()

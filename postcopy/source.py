@@ -20,8 +20,17 @@ from uffd._dirty import DirtyTracker, TrackingMethod, available_method
 
 from . import wire
 from ._datapath import CHAN_MAIN, CHAN_PREEMPT, DataPathError, SourcePath, decoded_items, hash_pages
-from ._link import background_priority, bound_bulk_buffers, set_recv_timeout, shutdown_quietly, tune, urgent_priority
 from .hotset import HotBlock, HotSet
+from ._link import (
+    BACKGROUND_NICE,
+    bound_bulk_buffers,
+    set_recv_timeout,
+    set_thread_nice,
+    shutdown_quietly,
+    thread_nice,
+    tune,
+    urgent_priority,
+)
 from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
 from .session import (
     Action,
@@ -154,6 +163,7 @@ class Source:
         self._bad_requests = 0
         self._started_ns = 0
         self._stopped_ns = 0
+        self._nice_before_switch: int | None = None     # the driver runs urgent from the stop to PONG 3
         self._finished_ns = 0
         self._finish: Finish | None = None
         self._hasher: threading.Thread | None = None
@@ -200,7 +210,10 @@ class Source:
                 if generation is not None and generation != self._generation:
                     continue        # from channels closed since: their end was already dealt with
                 self._run(session.handle(event, time.monotonic()))
+                if self._nice_before_switch is not None and session.downtime is not None:
+                    self._end_switch_priority()
         finally:
+            self._end_switch_priority()
             self._finished_ns = time.monotonic_ns()
             self._close_channels()
             self._stop_tracking()
@@ -214,6 +227,11 @@ class Source:
         if self._finish.error is not None:
             raise self._finish.error
         return self.result
+
+    def _end_switch_priority(self) -> None:
+        if self._nice_before_switch is not None:
+            set_thread_nice(self._nice_before_switch)
+            self._nice_before_switch = None
 
     def _policy(self, held: bool) -> SwitchoverPolicy | None:
         """Held for QMP's migrate-start-postcopy: rounds go on until it comes."""
@@ -271,6 +289,12 @@ class Source:
             case StartReturnPath():
                 self._start(f"source-rp-{self._generation}", self._serve_return_path)
             case StopGuest():
+                # The guest's downtime starts: this thread stops it, saves its devices and writes
+                # the switch, above the rest of the machine until PONG 3. (In one process with the
+                # destination, a thread preempted while it holds the GIL stalls the switch there.)
+                if self._nice_before_switch is None:
+                    self._nice_before_switch = thread_nice()
+                    urgent_priority()
                 stopped_at = time.monotonic()
                 self._stopped_ns = int(stopped_at * 1e9)
                 self.owner.stop()
@@ -422,9 +446,8 @@ class Source:
             self._inputs.put((generation, event))
 
     def _bulk(self, generation: int) -> None:
-        background_priority()
         try:
-            rc = self.path.run_bulk()
+            rc = self.path.run_bulk(nice=BACKGROUND_NICE)     # lowered in C: never holding the GIL
         except DataPathError as exc:
             self._put(generation, ChannelFailed(f"background stream: {exc}"))
             return
@@ -434,9 +457,8 @@ class Source:
             self._put(generation, ChannelFailed("the background stream was stopped"))
 
     def _round(self, generation: int) -> None:
-        background_priority()
         try:
-            rc = self.path.run_bulk()
+            rc = self.path.run_bulk(nice=BACKGROUND_NICE)     # lowered in C: never holding the GIL
         except DataPathError as exc:
             self._put(generation, ChannelFailed(f"precopy round: {exc}"))
             return
@@ -451,7 +473,7 @@ class Source:
         try:
             while True:
                 code = self.path.serve_return_path()
-                read_at = time.monotonic()
+                read_at = self.path.rp_control_ns / 1e9     # taken in C: not when this thread gets the GIL back
                 if code == SourcePath.RP_BAD_REQUEST:
                     self._bad_requests += 1
                     log.warning("destination sent a bad page request: %s", self.path.last_error())

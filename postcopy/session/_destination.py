@@ -105,6 +105,8 @@ class _Attempt:
     discard_ranges: int = 0
     held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
     held_deadline: float = 0.0
+    held_pongs: list[int] = field(default_factory=list)    # PINGs after the RAM setup, answered once the
+    pongs_deadline: float = 0.0                             # preempt channel is known (see _ping)
     setup_deadline: float | None = None    # its RAM setup must arrive by then (a stalled peer is dropped)
     pages_in_c: bool = False    # after the RAM setup section the C receiver places precopy pages
 
@@ -198,6 +200,9 @@ class DestinationSession:
                 kind = kind if kind in _DATA_PATH_KINDS else "placement"
                 if conn is not None and conn in self.candidates:
                     self._drop_candidate(conn, "malformed", f"{kind}: {message}")
+                elif self.status in (S.SETUP, S.ACTIVE) and conn is not None \
+                        and conn not in (self.attempt.main, self.attempt.preempt):
+                    pass    # a stream already dropped (its reader saw the close): not the stream of now
                 elif self.status in (S.SETUP, S.ACTIVE) and kind not in ("internal", "uffd"):
                     self._bad_stream(kind, message, now)
                 elif self.status is S.POSTCOPY_RECOVER and conn is not None and conn == self.link.main \
@@ -235,6 +240,8 @@ class DestinationSession:
             times.append(self.attempt.setup_deadline)
         if self.attempt.held is not None:
             times.append(self.attempt.held_deadline)
+        if self.attempt.held_pongs:
+            times.append(self.attempt.pongs_deadline)
         if self.link.handshake or self.link.resume_held:
             times.append(self.link.handshake_deadline)
         if self.recover_deadline is not None:
@@ -254,6 +261,8 @@ class DestinationSession:
         a = self.attempt
         if a.setup_deadline is not None and a.setup_deadline <= now and self.status in (S.SETUP, S.ACTIVE):
             self._bad_stream("truncated", "the stream stalled before its RAM setup", now, reason="stalled")
+        if self.attempt.held_pongs and self.attempt.pongs_deadline <= now:
+            self._answer_held_pongs()       # no preempt channel yet: PACKAGED will say what is wrong
         if self.attempt.held is not None and self.attempt.held_deadline <= now:
             self._fail("preempt_mismatch", "the source never opened the preempt channel this destination expects: "
                        "start both sides with the same postcopy-preempt setting", now)
@@ -282,7 +291,8 @@ class DestinationSession:
     def _waiting_for_preempt(self) -> bool:
         """The stream is held until the preempt channel is here (PACKAGED or RESUME came first)."""
         if self.status in (S.SETUP, S.ACTIVE):
-            return self.attempt.held is not None and self.attempt.preempt is None
+            a = self.attempt
+            return (a.held is not None or bool(a.held_pongs)) and a.preempt is None
         return self.link.resume_held and self.link.preempt is None
 
     def _claim_preempt(self, now: float) -> bool:
@@ -374,6 +384,7 @@ class DestinationSession:
             if self.status in (S.SETUP, S.ACTIVE):
                 a = self.attempt
                 a.preempt = conn
+                self._answer_held_pongs()
                 if a.listening:
                     self._out.append(StartPreemptReceiver(conn))
                 if a.held is not None and a.main is not None:
@@ -488,7 +499,7 @@ class DestinationSession:
             case wire.OpenReturnPath():
                 self._out.append(AttachReturnPath(conn))
             case wire.Ping(value=v):
-                self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
+                self._ping(v, now)
             case wire.PostcopyAdvise():
                 a.advise = item
             case wire.SectionStart(idstr="ram", section_id=sid):
@@ -534,6 +545,28 @@ class DestinationSession:
                 self._precopy_completed(now)
             case _:
                 pass        # configuration, footers, EOS markers: nothing to do
+
+    def _ping(self, value: int, now: float) -> None:
+        """A PING before the switch. Once the RAM setup is in, the source may stop its guest on
+        the PONG (our source's READY_PING): by then the preempt channel must be known, so that
+        none of its setup falls between the guest's stop and RUN. QEMU's rule makes the source's
+        next connection after main its preempt channel: taken now if it is here; if not, the
+        PONG waits for it (it is accepted at once then, not after a silence), at most a link timeout."""
+        a = self.attempt
+        if a.layout is not None and self._expects_preempt():
+            self._claim_preempt(now)
+            if a.preempt is None:
+                if not a.held_pongs:
+                    a.pongs_deadline = now + self.link_timeout
+                a.held_pongs.append(value)
+                return
+        self._out.append(SendReturnPath(wire.encode(wire.Pong(value=value))))
+
+    def _answer_held_pongs(self) -> None:
+        a = self.attempt
+        pongs, a.held_pongs = a.held_pongs, []
+        for v in pongs:
+            self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
 
     def _precopy_completed(self, now: float) -> None:
         """The source finished in precopy (QEMU does when it converges before

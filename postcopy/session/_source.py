@@ -54,7 +54,7 @@ from ._io import (
 from ._precopy import MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
-__all__ = ["DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "SourceSession"]
+__all__ = ["DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
 
 S = MigrationStatus
 
@@ -67,6 +67,11 @@ SHUT_WAIT_LINK_TIMEOUTS: Final = 10
 #: The PING before the guest stops after precopy: its PONG says the destination took every
 #: page sent before it (not a heartbeat: another tag in the top half; QEMU's are 1-4 and 0x42).
 DRAIN_PING: Final = 0x50440001
+#: The PING written once both channels are up. The destination answers it only after the
+#: RAM setup before it (its memory, bitmaps, fault service): the guest stops once it has,
+#: so that no downtime is spent waiting for a destination still setting up. Outside the
+#: heartbeat's tag; a destination that never answers is given one link timeout.
+READY_PING: Final = 0x52454459      # "REDY"
 
 
 @dataclass(slots=True)
@@ -148,6 +153,8 @@ class SourceSession:
         self.switch_requested = not hold_switchover and precopy is None
         self.guest_stopped = False
         self.channels_up = False
+        self.peer_ready = False                 # the destination answered READY_PING
+        self.ready_deadline: float | None = None
         self.switch_events: list[wire.WireEvent] = []
         self.stopped_at = 0.0
         self.downtime: float | None = None
@@ -226,7 +233,8 @@ class SourceSession:
         return self._flush()
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self.retry_at, self.shut_deadline, self.recover_deadline) if t is not None]
+        times = [t for t in (self.retry_at, self.shut_deadline, self.recover_deadline, self.ready_deadline)
+                 if t is not None]
         if self.status is S.POSTCOPY_ACTIVE and self.streaming:
             times.append(self.last_pong + self.link_timeout)
         if self.recovery.handshake:
@@ -265,6 +273,8 @@ class SourceSession:
             self._pause(f"no PONG for {self.link_timeout:.1f} s", now)
         if self.shut_deadline is not None and self.shut_deadline <= now and self.status is S.POSTCOPY_ACTIVE:
             self._pause("no SHUT from the destination after the end of the stream", now)
+        if self.ready_deadline is not None and self.ready_deadline <= now:
+            self._peer_is_ready(now)    # no answer: switch anyway (only the downtime may be longer)
         if self.recovery.handshake and self.recovery.deadline <= now:
             self._attempt_failed("the destination did not answer the recovery within the link timeout", now)
         if self.recover_deadline is not None and self.recover_deadline <= now:
@@ -319,6 +329,8 @@ class SourceSession:
                     self._out.append(Connect(Channel.PREEMPT))     # 7.2 style: at once
                     return
             self._out.append(StartReturnPath())
+            self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=READY_PING)])))
+            self.ready_deadline = now + self.link_timeout
             self.channels_up = True
             self._move(Trigger.STREAM_STARTED, now)
             if self.precopy is not None:
@@ -519,7 +531,8 @@ class SourceSession:
         p = self.precopy
         if p is not None and p.running:
             return
-        if not (self.status is S.ACTIVE and self.channels_up and self.switch_requested and not self.guest_stopped):
+        if not (self.status is S.ACTIVE and self.channels_up and self.peer_ready and self.switch_requested
+                and not self.guest_stopped):
             return
         if p is not None and p.policy.drain_seconds > 0:
             # after precopy: scan, resend (or discard) and drain with the guest running, then stop it
@@ -532,27 +545,39 @@ class SourceSession:
     def _stop_guest(self) -> None:
         if not self.guest_stopped:
             self.guest_stopped = True
+            if self.precopy is None:
+                # Immediate postcopy: every page goes and every block is discarded, whatever the guest
+                # does until it stops. Both before the stop, not inside the downtime (the destination
+                # has taken in the discards by the time PACKAGED comes).
+                discards = self._whole_block_discards()
+                self.discard_ranges += len(discards)
+                self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(discards))]
             self._out.append(StopGuest())
+
+    def _whole_block_discards(self) -> list[wire.WireEvent]:
+        return [wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),)) for b in self.layout.blocks]
+
+    def _peer_is_ready(self, now: float) -> None:
+        self.ready_deadline = None
+        if not self.peer_ready:
+            self.peer_ready = True
+            self._maybe_switch(now)
 
     def _switch(self, sections: tuple[wire.DeviceSection, ...], stopped_at: float, now: float) -> None:
         """The guest stopped: discards, PACKAGED with its device state, RUN. The downtime runs to PONG 3."""
         if self.status is not S.ACTIVE or self.switch_events:
             return
         self.stopped_at = stopped_at
-        # the whole stream again (a destination that dropped everything): every block discarded
-        discards: list[wire.WireEvent] = [wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
-                                          for b in self.layout.blocks]
         tail: list[wire.WireEvent] = [
             wire.Ping(value=2),
             wire.Packaged(events=(wire.PostcopyListen(), *sections, wire.Ping(value=3), wire.PostcopyRun())),
             wire.Ping(value=4),
         ]
-        self.switch_events = discards + tail
+        # the whole stream again (a destination that dropped everything): every block discarded
+        self.switch_events = self._whole_block_discards() + tail
         p = self.precopy
         if p is None:
-            # immediate postcopy: nothing was sent before, every page goes and every block is discarded
-            self.discard_ranges += len(discards)
-            self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(self.switch_events))]
+            self._out.append(Write(Channel.MAIN, self._encode(tail)))     # the discards went before the stop
         else:
             # what the guest wrote since its last scan, plus what the last round did not send:
             # dropped on the destination (QEMU's ranges, 12 a command) and sent again
@@ -601,6 +626,8 @@ class SourceSession:
                         self._out.append(ScanDirty())
                     else:
                         self._drained("pong", now)
+            case wire.Pong(value=v) if v == READY_PING:
+                self._peer_is_ready(now)
             case wire.Pong(value=v):
                 self.last_pong = now
                 if v == 3 and self.downtime is None and self.guest_stopped:

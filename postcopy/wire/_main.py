@@ -118,7 +118,9 @@ class MainStreamDecoder(BaseDecoder):
         self.layout = layout
         if layout.section_id is not None:
             self._iterables[layout.section_id] = "ram"
-        self._ram = RamRecordReader(layout, RAM_CHANNEL_MAIN, postcopy=self._postcopy, scanner=self.scanner)
+        # built at the first RAM section that needs it: a decoder of commands alone (a PACKAGED
+        # blob, the control items between page runs) never pays for a record scanner
+        self._ram = None
 
     # -- the state machine ---------------------------------------------------
 
@@ -263,8 +265,11 @@ class MainStreamDecoder(BaseDecoder):
             if self._iterables.get(sid) is None:
                 raise self._fail("unknown_section", f"section {'PART' if t == 2 else 'END'} for section id "
                                  f"{sid}, which no START introduced (known: {sorted(self._iterables)})")
-            if self._ram is None:
+            if self.layout is None:
                 raise self._fail("no_ram_setup", f"RAM section {sid} continues without a RAM setup")
+            if self._ram is None:
+                self._ram = RamRecordReader(self.layout, RAM_CHANNEL_MAIN, postcopy=self._postcopy,
+                                            scanner=self.scanner)
             self._buf.consume(5)
             self._footer_id = sid
             self._state = "ram_records"

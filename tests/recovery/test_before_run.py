@@ -27,14 +27,14 @@ def test_cut_between_listen_and_run_starts_over() -> None:
         original = dst._feed
         gate: list[int] = []
 
-        def feed(event: Input | None) -> None:
+        def feed(event: Input | None, **kw: bool) -> None:
             if not gate and isinstance(event, StreamItem) and isinstance(event.event, wire.Packaged):
                 gate.append(1)
                 original(StreamItem(event.conn, wire.PostcopyListen()))
                 src.break_link()
                 original(ConnectionClosed(event.conn, "link broken before RUN (test)"))
                 return
-            original(event)
+            original(event, **kw)
 
         dst._feed = feed  # type: ignore[method-assign]
 

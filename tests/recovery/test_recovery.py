@@ -143,9 +143,9 @@ def test_silent_destination_is_noticed_by_the_heartbeat() -> None:
         assert rx is not None
         original = dst._feed
 
-        def feed(event: Input | None) -> None:
+        def feed(event: Input | None, **kw: bool) -> None:
             if not (isinstance(event, ConnectionClosed) and event.conn == conn):
-                original(event)
+                original(event, **kw)
 
         dst._feed = feed  # type: ignore[method-assign]
         rx.stop()

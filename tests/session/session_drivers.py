@@ -39,10 +39,11 @@ from postcopy.session import (
     StopGuest,
     StreamChecked,
     StreamItem,
+    Write,
 )
-from postcopy.session import Write
 from postcopy.session._precopy import SwitchoverPolicy
 from postcopy.session._source import DRAIN_PING
+from postcopy.session._source import READY_PING
 
 S = MigrationStatus
 DRAIN_PING_BYTES = wire.encode(wire.Ping(value=DRAIN_PING))
@@ -54,6 +55,7 @@ BLOCK_LEN = 1 << 20                     # 256 target pages: a whole number of bi
 ODD_BLOCK = "odd.ram"
 ODD_LEN = 100 * 4096                    # 100 pages: 28 padding bits in the last word
 CONFIG = wire.Configuration(machine_type="pc-q35-8.2")
+READY_PING_BYTES = wire.encode(wire.Ping(value=READY_PING))
 DEVICE = wire.DeviceSection(section_id=3, idstr="cpu", instance_id=0, version_id=1, payload=b"\x01\x02")
 
 
@@ -244,6 +246,8 @@ class Src:
     """What SendDiscards answers."""
     answer_drain: bool = True
     """The destination answers the PING before the stop at once (its PONG is fed back)."""
+    answer_ready: bool = True
+    """Whether the destination answers READY_PING at once (else the test feeds its PONG)."""
 
     def __post_init__(self) -> None:
         self.s = SourceSession(source_blocks(), CONFIG, preempt=self.preempt, hold_switchover=self.hold_switchover,
@@ -253,6 +257,7 @@ class Src:
     def _took(self, before: S, actions: list[Action]) -> list[Action]:
         out = list(actions)
         i = 0
+        ready_due = False
         while i < len(out):
             a = out[i]
             follow = None
@@ -260,6 +265,8 @@ class Src:
                 follow = Connected(a.channel) if self.connect_ok else ConnectFailed(a.channel, "refused")
             elif isinstance(a, StopGuest):
                 follow = GuestStopped((DEVICE,), self.now)
+            elif isinstance(a, Write) and self.answer_ready and a.data == READY_PING_BYTES:
+                ready_due = True
             elif isinstance(a, ScanDirty):
                 follow = DirtyScanned(self.dirty_found)
             elif isinstance(a, SendDiscards):
@@ -269,6 +276,10 @@ class Src:
             if follow is not None:
                 out[i + 1:i + 1] = self.s.handle(follow, self.now)
             i += 1
+            if i == len(out) and ready_due:
+                # a destination that took in the RAM setup: its PONG comes back after this batch
+                ready_due = False
+                out += self.s.handle(ReturnPathMessage(wire.Pong(value=READY_PING)), self.now)
         check_transitions(SOURCE_TRANSITIONS, before, out)
         self.log += out
         return out

@@ -140,6 +140,16 @@ def setup_start_over_newer_stream(preempt: bool):
     return d, S.ACTIVE, acts
 
 
+def test_the_replaced_streams_late_failure_does_not_touch_the_new_one() -> None:
+    """The replaced stream's reader sees its close as a truncated stream: that stream is
+    gone already, and the new one goes on (it once started over again and lost its source)."""
+    d, _, _ = setup_start_over_newer_stream(preempt=True)
+    restarts = d.s.restarts
+    old = next(a.conn for a in d.log if isinstance(a, CloseConnection))
+    assert d.feed(DataPathFailed("truncated", "stream ends 1 bytes into an incomplete stream header", old)) == []
+    assert d.s.restarts == restarts and d.s.status is S.ACTIVE and d.s.attempt.main == d.main
+
+
 def active_start_over_main_closed(preempt: bool):
     """Pause before RUN: the main channel closes -> start over (no guest runs here yet)."""
     d = Dest(preempt=preempt).to_active()
@@ -629,6 +639,68 @@ def test_preamble_ping_answered_on_the_return_path() -> None:
     assert AttachReturnPath(d.main) in acts
     assert SendReturnPath(wire.encode(wire.Pong(value=1))) in acts
     assert acts.index(AttachReturnPath(d.main)) < acts.index(SendReturnPath(wire.encode(wire.Pong(value=1))))
+
+
+def test_ready_ping_is_answered_only_after_the_ram_setup() -> None:
+    """The source stops its guest on this PONG: it must come after the memory is prepared,
+    so that no part of the destination's setup falls inside the downtime."""
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=False).to_setup_with_main()
+    acts = d.items(d.main, [*preamble_items(), wire.Ping(value=READY_PING)])
+    pong = SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))
+    assert pong in acts
+    assert acts.index(of_type(acts, PrepareMemory)[0]) < acts.index(pong)
+    assert acts.index(of_type(acts, ReceivePages)[0]) < acts.index(pong)
+
+
+def test_ready_ping_takes_the_pending_preempt_channel_before_it_is_answered() -> None:
+    """The source stops its guest on READY's PONG: the preempt channel, connected before READY
+    was sent, is classified by then (QEMU's rule: the source's next connection after main),
+    not by a silence timer or a claim at PACKAGED inside the downtime."""
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    pre, acts = d.accept()
+    assert not of_type(acts, AcceptPreempt)               # pending: the silence would tell, later
+    acts = d.items(d.main, [wire.Ping(value=READY_PING)])
+    pong = SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))
+    assert acts == [AcceptPreempt(pre), pong]
+    acts = d.items(d.main, switch_items())
+    assert not of_type(acts, AcceptPreempt) and StartPreemptReceiver(pre) in acts
+    assert d.s.status is S.POSTCOPY_ACTIVE
+
+
+def test_ready_pong_waits_for_a_preempt_channel_not_accepted_yet() -> None:
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    assert d.items(d.main, [wire.Ping(value=READY_PING)]) == []     # held: no preempt channel yet
+    pre, acts = d.accept()
+    # accepted as the preempt channel at once (no silence to wait for), then the PONG
+    assert acts == [AcceptPreempt(pre), SendReturnPath(wire.encode(wire.Pong(value=READY_PING)))]
+
+
+def test_a_held_ready_pong_goes_after_a_link_timeout_without_preempt_channel() -> None:
+    from postcopy.session._source import READY_PING
+
+    d = Dest(preempt=True, link_timeout=2.0).to_setup_with_main()
+    d.items(d.main, preamble_items())
+    assert d.items(d.main, [wire.Ping(value=READY_PING)]) == []
+    acts = d.fire_timer()
+    assert d.now == pytest.approx(2.0)
+    assert SendReturnPath(wire.encode(wire.Pong(value=READY_PING))) in acts
+    assert d.s.status is S.ACTIVE        # PACKAGED then fails as before (preempt_mismatch)
+
+
+def test_pings_before_the_ram_setup_or_without_preempt_are_answered_at_once() -> None:
+    d = Dest(preempt=True).to_setup_with_main()
+    assert SendReturnPath(wire.encode(wire.Pong(value=1))) in d.items(d.main, preamble_items())
+    d2 = Dest(preempt=False).to_setup_with_main()
+    d2.items(d2.main, preamble_items())
+    assert d2.items(d2.main, [wire.Ping(value=7)]) == [SendReturnPath(wire.encode(wire.Pong(value=7)))]
 
 
 def test_start_over_then_the_whole_stream_again() -> None:

@@ -59,7 +59,7 @@ from postcopy.session import (
     Trigger,
     Write,
 )
-from postcopy.session._source import _encode
+from postcopy.session._source import READY_PING, _encode
 
 S = MigrationStatus
 T = Trigger
@@ -503,3 +503,71 @@ def test_never_encodes_a_command_the_peer_may_not_know() -> None:
     assert old._encode(old.preamble())      # everything the source sends, 7.2 knows
     new = SourceSession(source_blocks(), wire.Configuration(machine_type="pc-q35-10.0"), preempt=False)
     assert new._encode([wire.SwitchoverStart()]) == wire.encode(wire.SwitchoverStart())
+
+
+# -- the switch waits for a ready destination, not inside the downtime ------------------------------
+
+
+def test_guest_stops_only_once_the_destination_answered_ready() -> None:
+    """READY_PING goes once both channels are up; the guest stops on its PONG, not before: a
+    destination still taking in the RAM setup would otherwise spend the downtime on it."""
+    s = Src(preempt=True, answer_ready=False)
+    acts = s.start()
+    ready = wire.encode(wire.Ping(value=READY_PING))
+    assert _writes(acts).endswith(ready) and _writes(acts).index(ready) > len(_encode(s.s.preamble())) - 1
+    assert not of_type(acts, StopGuest) and s.s.status is S.ACTIVE
+    assert s.s.get_timer() == pytest.approx(s.now + s.link_timeout)
+    s.now += 0.01
+    acts = s.rp(wire.Pong(value=READY_PING))
+    # immediate postcopy: every page marked dirty and every block discarded before the stop,
+    # not inside the downtime; after it only PING 2, PACKAGED (devices, RUN), PING 4
+    discards = _encode([wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
+                        for b in source_blocks()])
+    assert acts[:3] == [MarkAllDirty(), Write(Channel.MAIN, discards), StopGuest()]
+    after = _writes(acts[3:])
+    assert after.startswith(wire.encode(wire.Ping(value=2))) and wire.encode(wire.PostcopyRun()) in after
+    assert b"pc.ram" not in after
+    assert not of_type(acts[3:], MarkAllDirty)
+    assert s.s.status is S.POSTCOPY_ACTIVE and s.s.stopped_at == pytest.approx(0.01)
+    assert s.s.discard_ranges == len(source_blocks())
+    assert _encode(s.s.switch_events).startswith(discards)      # a start-over sends them again
+
+
+def test_a_destination_that_never_answers_ready_gets_one_link_timeout() -> None:
+    s = Src(preempt=False, answer_ready=False, link_timeout=2.0)
+    s.start()
+    assert not of_type(s.log, StopGuest)
+    acts = s.fire_timer()
+    assert s.now == pytest.approx(2.0)
+    assert StopGuest() in acts and s.s.status is S.POSTCOPY_ACTIVE
+    assert s.rp(wire.Pong(value=READY_PING)) == []     # a late PONG changes nothing
+
+
+def test_ready_before_start_postcopy_switches_at_once_on_request() -> None:
+    s = Src(preempt=True, hold_switchover=True)
+    acts = s.start()
+    assert s.s.peer_ready and not of_type(acts, StopGuest)       # held until StartPostcopy
+    acts = s.feed(StartPostcopy())
+    assert acts[0] == MarkAllDirty() and acts[2] == StopGuest()
+
+
+def test_precopy_switch_waits_for_ready_too_and_marks_nothing() -> None:
+    # without the drain, so that READY is the only thing the stop waits for
+    s = Src(preempt=False, answer_ready=False,
+            precopy=SwitchoverPolicy(mode="time", max_seconds=1.0, drain_seconds=0.0))
+    s.start()
+    s.feed(StartPostcopy())
+    acts = s.feed(RoundFinished(bytes=4096, ended=True))
+    assert not of_type(acts, StopGuest)          # the round ended, the destination has not answered
+    acts = s.rp(wire.Pong(value=READY_PING))
+    assert StopGuest() in acts and not of_type(acts, MarkAllDirty)
+
+
+def test_precopy_drain_starts_only_once_the_destination_is_ready() -> None:
+    s = Src(preempt=False, answer_ready=False, precopy=SwitchoverPolicy(mode="time", max_seconds=1.0))
+    s.start()
+    s.feed(StartPostcopy())
+    acts = s.feed(RoundFinished(bytes=4096, ended=True))
+    assert not of_type(acts, ScanDirty) and not of_type(acts, StopGuest)
+    acts = s.rp(wire.Pong(value=READY_PING))
+    assert of_type(acts, ScanDirty) and not of_type(acts, StopGuest) and not of_type(acts, MarkAllDirty)

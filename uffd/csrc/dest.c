@@ -307,6 +307,40 @@ int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
     return 0;
 }
 
+int pc_dst_discard_ranges(pc_dst *d, uint32_t bi, const uint64_t *ranges, uint32_t n, int punch_fd,
+                          uint32_t *bad)
+{
+    if (bi >= d->nblocks)
+        return -EINVAL;
+    pc_dst_block *b = &d->blocks[bi];
+    for (uint32_t i = 0; i < n; i++) {     /* all or nothing: check every range first */
+        uint64_t off = ranges[2 * i], len = ranges[2 * i + 1];
+        if (len == 0 || off % PC_TARGET_PAGE_SIZE || len % PC_TARGET_PAGE_SIZE || off > b->length ||
+            len > b->length - off) {
+            *bad = i;
+            return -ERANGE;
+        }
+    }
+    int dropped = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = ranges[2 * i], len = ranges[2 * i + 1];
+        uint64_t first = off / PC_TARGET_PAGE_SIZE, npages = len / PC_TARGET_PAGE_SIZE;
+        /* nothing placed in the range: it is still missing, nothing to drop (the immediate
+         * switch discards whole blocks that were never touched here) */
+        int placed = pc_bitmap_find_next_set(b->received, first) < first + npages;
+        pc_bitmap_clear_range_atomic(b->received, first, npages);
+        if (!placed)
+            continue;
+        int rc = punch_fd >= 0 ? pc_mem_punch_hole(punch_fd, off, len) : pc_mem_madvise_dontneed(b->base + off, len);
+        if (rc < 0) {
+            *bad = i;
+            return rc;
+        }
+        dropped++;
+    }
+    return dropped;
+}
+
 /* Under wlock. */
 static void ring_put(pc_dst *d, uint32_t kind, uint64_t ns)
 {
@@ -878,6 +912,12 @@ static int rx_records(pc_rx *rx)
             return 0;
         /* PC_SCAN_FULL: go on scanning */
     }
+}
+
+int pc_rx_run_niced(pc_rx *rx, int nice)
+{
+    pc_thread_set_nice(nice);
+    return pc_rx_run(rx);
 }
 
 int pc_rx_run(pc_rx *rx)

@@ -116,6 +116,13 @@ int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -er
 int64_t pc_dst_resend_requests(pc_dst *d);
 /* Discard ranges clear received bits (before LISTEN the memory is dropped by the caller). */
 int pc_dst_discard(pc_dst *d, uint32_t block, uint64_t offset, uint64_t length);
+/* All ranges of one POSTCOPY_RAM_DISCARD in one call (pairs of offset, length in bytes): each
+ * becomes missing again; a range with a placed page is also dropped from memory (MADV_DONTNEED,
+ * or fallocate PUNCH_HOLE on punch_fd for a file-backed block). Every range is checked before
+ * any is applied. Returns how many ranges held placed pages; -ERANGE (a range outside the block
+ * or misaligned) or the drop's -errno, with *bad the index of that range. */
+int pc_dst_discard_ranges(pc_dst *d, uint32_t block, const uint64_t *ranges, uint32_t n, int punch_fd,
+                          uint32_t *bad);
 /* Latency samples of one kind (PC_LAT_*) since the last drain; returns how many were copied. */
 uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t max);
 void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting);
@@ -165,6 +172,8 @@ void pc_rx_free(pc_rx *rx);
 /* the RAM blocks arrived (or changed): place into d from now on */
 int pc_rx_attach(pc_rx *rx, pc_dst *d);
 int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */
+/* The same, from a thread that first sets its own nice value (in C: never holding the GIL lowered). */
+int pc_rx_run_niced(pc_rx *rx, int nice);
 void pc_rx_stop(pc_rx *rx);
 /* Python decodes control messages from rx->in with the pc_sockbuf_* calls. */
 /* Place a run of records already scanned by someone else (precopy pages that

@@ -388,22 +388,30 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 /* ---- vCPU threads --------------------------------------------------------------- */
 
 
-/* Sleep until access number `done` (since start) is due; false if asked to stop meanwhile. */
+/* Sleep until access number `done` (since start) is due; false if asked to stop meanwhile.
+ * The nap is a wait on done_cond, which pc_guest_request_stop broadcasts: an idle guest stops
+ * at once (the stop starts the downtime), not at the end of its nap. */
 static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
 {
     uint64_t due = start_ns + (uint64_t)((double)done * 1e9 / (double)g->rate_limit);
+    if (atomic_load_explicit(&g->stop, memory_order_relaxed))
+        return false;
+    if (pc_now_ns() >= due)
+        return true;
+    struct timespec deadline = {.tv_sec = (time_t)(due / 1000000000ull), .tv_nsec = (long)(due % 1000000000ull)};
+    bool go = true;
+    pthread_mutex_lock(&g->done_lock);
     for (;;) {
-        if (atomic_load_explicit(&g->stop, memory_order_relaxed))
-            return false;
-        uint64_t now = pc_now_ns();
-        if (now >= due)
-            return true;
-        uint64_t nap = due - now;
-        if (nap > 500000ull) /* stay responsive to stop: it ends the downtime window */
-            nap = 500000ull;
-        struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)nap};
-        nanosleep(&ts, NULL);
+        if (atomic_load_explicit(&g->stop, memory_order_relaxed)) {
+            go = false;
+            break;
+        }
+        if (pc_now_ns() >= due)
+            break;
+        pthread_cond_timedwait(&g->done_cond, &g->done_lock, &deadline);
     }
+    pthread_mutex_unlock(&g->done_lock);
+    return go;
 }
 
 /* Throttling (QEMU's cpu_throttle): a vCPU runs THROTTLE_SLICE_NS, then sleeps
@@ -570,7 +578,10 @@ uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap)
 
 void pc_guest_request_stop(pc_guest *g)
 {
+    pthread_mutex_lock(&g->done_lock);     /* a throttled vCPU checks the flag under it, then naps */
     atomic_store(&g->stop, 1);
+    pthread_cond_broadcast(&g->done_cond);
+    pthread_mutex_unlock(&g->done_lock);
 }
 
 int pc_guest_wait(pc_guest *g, int64_t timeout_ns)

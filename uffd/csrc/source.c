@@ -21,6 +21,7 @@
 #include "core.h"
 #include "pagehash.h"
 #include "ramscan.h"
+#include "uffd.h"
 
 #define BATCH_RECORDS 64            /* 256 KiB of 4 KiB pages: a requested page never waits long behind one */
 #define HDR_MAX (8 + 1 + 255 + 1)
@@ -491,6 +492,12 @@ static int cap_wait(pc_src *s, uint64_t until, batch *bt, int *in_section)
     return 0;
 }
 
+int pc_src_bulk_run_niced(pc_src *s, int nice)
+{
+    pc_thread_set_nice(nice);
+    return pc_src_bulk_run(s);
+}
+
 int pc_src_bulk_run(pc_src *s)
 {
     batch *bt = calloc(1, sizeof(*bt));
@@ -830,7 +837,10 @@ int pc_src_rp_run(pc_src *s)
                 continue;
             }
         }
+        uint64_t had = in->bytes;
         int64_t r = pc_sockbuf_fill(in, 4);
+        if (in->bytes != had)
+            s->rp_recv_ns = pc_now_ns();
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
                                         : PC_RP_EOF;
@@ -841,8 +851,10 @@ int pc_src_rp_run(pc_src *s)
         if (len > PC_RP_MAX_FRAME)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
-        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES)
+        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
+            s->rp_control_ns = s->rp_recv_ns;   /* when it came in, not when Python gets the GIL back */
             return PC_RP_CONTROL;
+        }
         r = pc_sockbuf_fill(in, 4u + len);
         if (r == 0)
             return src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message");

@@ -87,6 +87,9 @@ typedef struct pc_src {
     pc_sockbuf rp;
     int rp_ready;
     int64_t rp_block;               /* block named by the last REQ_PAGES_ID */
+    uint64_t rp_recv_ns;            /* when the return path's last recv brought bytes */
+    uint64_t rp_control_ns;         /* when the control message pc_src_rp_run last returned for came in
+                                     * (PONG 3: the downtime's end) */
     int err_errno;
     char err_msg[256];
     pc_src_counters c;
@@ -161,6 +164,9 @@ enum {
     PC_TX_E_IO = -1,        /* a write failed: err_errno */
 };
 int pc_src_bulk_run(pc_src *s);
+/* The same, from a thread that first sets its own nice value: lowered here, in C, the thread
+ * never holds the GIL at background priority (a preempted holder would stall the switch). */
+int pc_src_bulk_run_niced(pc_src *s, int nice);
 /* Precopy rounds: with round_mode on, the next pc_src_bulk_run starts at the
  * first page, makes one pass over the dirty bitmaps (what the last scan
  * found) and returns PC_TX_DONE; pc_src_end_round makes it return
