@@ -839,6 +839,32 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     return place_pages(rx, bi, host_off, src, 1);
 }
 
+/* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
+static uint8_t *rx_stage(pc_rx *rx)
+{
+    if (!rx->stage) {
+        void *m = mmap(NULL, (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            return NULL;
+        rx->stage = m;
+    }
+    return rx->stage;
+}
+
+/* How many records from recs[0] on are a run: non-zero PAGE records of
+ * block bi at consecutive offsets from off, inside the block (at most max). */
+static uint32_t run_length(const pc_ram_record *recs, uint32_t n, const uint8_t *buf, uint32_t bi, uint64_t off,
+                           uint64_t length, uint32_t max)
+{
+    uint32_t k = 0;
+    while (k < n && k < max && recs[k].block == bi && recs[k].kind == PC_REC_PAGE &&
+           recs[k].offset == off + (uint64_t)k * PC_TARGET_PAGE_SIZE && recs[k].offset < length &&
+           !pc_is_zero(buf + recs[k].data_pos, PC_TARGET_PAGE_SIZE))
+        k++;
+    return k;
+}
+
 int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
 {
     pc_dst *d = rx->dst;
@@ -857,9 +883,26 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
         else
             __atomic_add_fetch(&rx->c.pages_zero, 1, __ATOMIC_RELAXED);
         if (hps == PC_TARGET_PAGE_SIZE) {
-            /* A 4 KiB page is placed straight from the receive buffer. */
             if (data && pc_is_zero(data, PC_TARGET_PAGE_SIZE))
                 data = NULL;
+            /* After LISTEN, a run of consecutive pages is gathered into the
+             * stage and placed with one UFFDIO_COPY; a page on its own is
+             * placed straight from the receive buffer. */
+            uint32_t k = 0;
+            if (data && !d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0)
+                k = 1 + run_length(recs + i + 1, n - i - 1, buf, r->block, r->offset + PC_TARGET_PAGE_SIZE,
+                                   b->length, PC_RX_STAGE_PAGES - 1);
+            uint8_t *stage = k > 1 ? rx_stage(rx) : NULL;
+            if (stage) {
+                for (uint32_t j = 0; j < k; j++)
+                    memcpy(stage + (uint64_t)j * PC_TARGET_PAGE_SIZE, buf + recs[i + j].data_pos, PC_TARGET_PAGE_SIZE);
+                __atomic_add_fetch(&rx->c.pages_normal, k - 1, __ATOMIC_RELAXED);
+                int rc = place_pages(rx, r->block, r->offset, stage, k);
+                if (rc)
+                    return rc;
+                i += k - 1;
+                continue;
+            }
             int rc = place_host_page(rx, r->block, r->offset, data);
             if (rc)
                 return rc;
@@ -983,14 +1026,8 @@ static direct_layout direct_plan(pc_rx *rx)
     if (hps == PC_TARGET_PAGE_SIZE) {
         if (rx->tmp_block >= 0)
             return l;
-        if (!rx->stage) {
-            void *m = mmap(NULL, (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (m == MAP_FAILED)
-                return l;
-            rx->stage = m;
-        }
-        l.bodies = rx->stage;
+        if (!(l.bodies = rx_stage(rx)))
+            return l;
         l.nrec = PC_RX_STAGE_PAGES;
     } else {
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
@@ -1091,7 +1128,11 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
 static int64_t rx_recv(pc_rx *rx, int *err)
 {
     *err = 0;
-    direct_layout l = direct_plan(rx);
+    direct_layout l = { NULL, 0 };
+    if (rx->direct_skip)
+        rx->direct_skip--;
+    else
+        l = direct_plan(rx);
     if (!l.nrec)
         return pc_sockbuf_recv(&rx->in);
     pc_sockbuf *in = &rx->in;
@@ -1115,6 +1156,12 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     if (got > 0)
         __atomic_add_fetch(&in->bytes, (uint64_t)got, __ATOMIC_RELAXED);
     uint32_t k = got > 0 ? direct_check(rx, &l, total) : 0;
+    if (total - (uint64_t)k * DIRECT_REC >= DIRECT_REC)
+        /* Not the predicted record (a ZERO record, an idstr, the section's
+         * end): the rest is copied back. When that happens often (zero pages
+         * all over), receiving into the buffer and staging runs from there
+         * copies less: try again a few receives later. */
+        rx->direct_skip = 4;
     if (direct_unread(rx, &l, (uint64_t)k * DIRECT_REC, total) < 0) {
         *err = rx_fail(rx, PC_RX_E_IO, ENOMEM, "no memory for the receive buffer");
         return ret;
