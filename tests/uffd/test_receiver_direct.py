@@ -331,3 +331,41 @@ def test_2m_page_all_zero_and_out_of_order_record(
     with pytest.raises(dp.DataPathError, match="host page not sent whole and in order") as info:
         rx2.run()
     assert info.value.kind == "protocol"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_zero_pages_all_over_and_a_run_of_zero_records(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], direct: bool
+) -> None:
+    """As the built-in guest's memory: about 1 page in 8 zero (ZERO records, some PAGE
+    records with zero bodies), and 40 ZERO records in a row (one UFFDIO_ZEROPAGE)."""
+    n = 400
+    b = make_block("pc.ram", n * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([b], verify=True)
+    path.attach_uffd(uffd.fileno())
+    rng = random.Random(5)
+    zero = bytes(PAGE)
+    recs: list[Record] = []
+    want = []
+    for i in range(n):
+        body: bytes | None = page(3000 + i)
+        if 200 <= i < 240 or rng.random() < 0.12:
+            body = None
+        elif rng.random() < 0.02:
+            body = zero
+        recs.append(("pc.ram", i * PAGE, body))
+        want.append(zero if body is None else body)
+    first = 8 + 1 + len("pc.ram") + (PAGE if recs[0][2] is not None else 1)
+    feed = feeds(encode(recs), chunks=[first] + [40000] * 30 if direct else [])
+    if not direct:
+        feed.thread.join(10)
+    rx = receive(path, feed)
+    assert read(b, 0, n * PAGE) == b"".join(want)
+    c = path.counters()
+    nzero = sum(1 for w in want if w == zero)
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (n, nzero, 0)
+    assert rx._rx.c.pages_zero == sum(1 for r in recs if r[2] is None)
+    assert rx._rx.c.pages_normal == sum(1 for r in recs if r[2] is not None)
+    assert (rx._rx.c.pages_direct > 0) == direct
+    check_hashes(path, 0, b, range(n))

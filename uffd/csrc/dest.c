@@ -776,9 +776,10 @@ static int place_local(pc_rx *rx, int uffd, const pc_dst_block *b, uint64_t host
 }
 
 /* Place n consecutive complete host pages of block bi from host_off: src is
- * n host pages of bytes, or NULL when they are all zero. Runs of 4 KiB pages
- * go in with one ioctl; the bookkeeping stays per page. */
-static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src, uint64_t n)
+ * n host pages of bytes (nzero of them all zero), or NULL when they are all
+ * zero. Runs of 4 KiB pages go in with one ioctl; the bookkeeping stays per
+ * page. */
+static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src, uint64_t n, uint64_t nzero)
 {
     pc_dst *d = rx->dst;
     pc_dst_block *b = &d->blocks[bi];
@@ -810,8 +811,8 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
     pc_bitmap_set_range_atomic(b->received, first, ntp);
     pc_bitmap_clear_range_atomic(b->requested, first, ntp);
     __atomic_add_fetch(&d->c.host_pages_placed, n, __ATOMIC_RELAXED);
-    if (!src)
-        __atomic_add_fetch(&d->c.zero_host_pages_placed, n, __ATOMIC_RELAXED);
+    if (!src || nzero)
+        __atomic_add_fetch(&d->c.zero_host_pages_placed, src ? nzero : n, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rx->c.host_pages_placed, n, __ATOMIC_RELAXED);
     int replied = 0;
     for (uint64_t j = 0, hp = host_off / hps; j < n; j++, hp++) {
@@ -836,7 +837,7 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
 /* Place one complete host page. src is HPS bytes, or NULL when all zero. */
 static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
 {
-    return place_pages(rx, bi, host_off, src, 1);
+    return place_pages(rx, bi, host_off, src, 1, !src);
 }
 
 /* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
@@ -850,19 +851,6 @@ static uint8_t *rx_stage(pc_rx *rx)
         rx->stage = m;
     }
     return rx->stage;
-}
-
-/* How many records from recs[0] on are a run: non-zero PAGE records of
- * block bi at consecutive offsets from off, inside the block (at most max). */
-static uint32_t run_length(const pc_ram_record *recs, uint32_t n, const uint8_t *buf, uint32_t bi, uint64_t off,
-                           uint64_t length, uint32_t max)
-{
-    uint32_t k = 0;
-    while (k < n && k < max && recs[k].block == bi && recs[k].kind == PC_REC_PAGE &&
-           recs[k].offset == off + (uint64_t)k * PC_TARGET_PAGE_SIZE && recs[k].offset < length &&
-           !pc_is_zero(buf + recs[k].data_pos, PC_TARGET_PAGE_SIZE))
-        k++;
-    return k;
 }
 
 int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
@@ -885,19 +873,34 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
         if (hps == PC_TARGET_PAGE_SIZE) {
             if (data && pc_is_zero(data, PC_TARGET_PAGE_SIZE))
                 data = NULL;
-            /* After LISTEN, a run of consecutive pages is gathered into the
-             * stage and placed with one UFFDIO_COPY; a page on its own is
-             * placed straight from the receive buffer. */
-            uint32_t k = 0;
-            if (data && !d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0)
-                k = 1 + run_length(recs + i + 1, n - i - 1, buf, r->block, r->offset + PC_TARGET_PAGE_SIZE,
-                                   b->length, PC_RX_STAGE_PAGES - 1);
-            uint8_t *stage = k > 1 ? rx_stage(rx) : NULL;
-            if (stage) {
-                for (uint32_t j = 0; j < k; j++)
-                    memcpy(stage + (uint64_t)j * PC_TARGET_PAGE_SIZE, buf + recs[i + j].data_pos, PC_TARGET_PAGE_SIZE);
-                __atomic_add_fetch(&rx->c.pages_normal, k - 1, __ATOMIC_RELAXED);
-                int rc = place_pages(rx, r->block, r->offset, stage, k);
+            /* After LISTEN, a run of records at consecutive offsets is placed
+             * with one ioctl: UFFDIO_ZEROPAGE when all are zero, else their
+             * bodies gathered into the stage (zeros for ZERO records) and one
+             * UFFDIO_COPY. A page on its own goes straight from the buffer. */
+            uint32_t k = 1, nz = data ? 0 : 1;
+            if (!d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
+                for (; i + k < n && k < PC_RX_STAGE_PAGES; k++) {
+                    const pc_ram_record *q = &recs[i + k];
+                    if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
+                        q->offset >= b->length)
+                        break;
+                    if (q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE))
+                        nz++;
+                }
+            }
+            uint8_t *stage = k > 1 && nz < k ? rx_stage(rx) : NULL;
+            if (k > 1 && (stage || nz == k)) {
+                for (uint32_t j = 1; j < k; j++)
+                    __atomic_add_fetch(recs[i + j].kind == PC_REC_PAGE ? &rx->c.pages_normal : &rx->c.pages_zero, 1,
+                                       __ATOMIC_RELAXED);
+                for (uint32_t j = 0; stage && j < k; j++) {
+                    uint8_t *slot = stage + (uint64_t)j * PC_TARGET_PAGE_SIZE;
+                    if (recs[i + j].kind == PC_REC_PAGE)
+                        memcpy(slot, buf + recs[i + j].data_pos, PC_TARGET_PAGE_SIZE);
+                    else
+                        memset(slot, 0, PC_TARGET_PAGE_SIZE);
+                }
+                int rc = place_pages(rx, r->block, r->offset, stage, k, nz);
                 if (rc)
                     return rc;
                 i += k - 1;
@@ -1083,19 +1086,16 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     __atomic_add_fetch(&rx->c.pages_normal, k, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rx->c.pages_direct, k, __ATOMIC_RELAXED);
     if (hps == PC_TARGET_PAGE_SIZE) {
-        /* runs of consecutive offsets, a zero body placed on its own */
+        /* runs of consecutive offsets: one UFFDIO_COPY (UFFDIO_ZEROPAGE when all zero) */
         for (uint32_t i = 0; i < k;) {
             uint64_t off = pc_get_be64(rx->direct_hdr[i]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
-            const uint8_t *body = l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE;
-            uint32_t j = i + 1;
-            int zero = pc_is_zero(body, PC_TARGET_PAGE_SIZE);
-            if (!zero)
-                while (j < k &&
-                       (pc_get_be64(rx->direct_hdr[j]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1)) ==
-                           off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE &&
-                       !pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE))
-                    j++;
-            int rc = place_pages(rx, bi, off, zero ? NULL : body, j - i);
+            uint32_t j = i, nz = 0;
+            for (; j < k && (j == i || (pc_get_be64(rx->direct_hdr[j]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1)) ==
+                                           off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE);
+                 j++)
+                nz += (uint32_t)pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
+            int rc = place_pages(rx, bi, off, nz == j - i ? NULL : l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE,
+                                 j - i, nz);
             if (rc)
                 return rc;
             i = j;
@@ -1156,12 +1156,17 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     if (got > 0)
         __atomic_add_fetch(&in->bytes, (uint64_t)got, __ATOMIC_RELAXED);
     uint32_t k = got > 0 ? direct_check(rx, &l, total) : 0;
-    if (total - (uint64_t)k * DIRECT_REC >= DIRECT_REC)
-        /* Not the predicted record (a ZERO record, an idstr, the section's
-         * end): the rest is copied back. When that happens often (zero pages
-         * all over), receiving into the buffer and staging runs from there
-         * copies less: try again a few receives later. */
-        rx->direct_skip = 4;
+    if (k < l.nrec && total - (uint64_t)k * DIRECT_REC >= 8 &&
+        (pc_get_be64(rx->direct_hdr[k]) & PC_RAM_FLAG_ZERO)) {
+        /* A ZERO record where a page was predicted: the rest is copied back.
+         * When zero pages are all over the stream, receiving into the buffer
+         * and staging runs from there copies less: try again a few receives
+         * later, fewer the more often it fails. */
+        rx->direct_backoff = rx->direct_backoff ? (rx->direct_backoff < 64 ? rx->direct_backoff * 2 : 64) : 2;
+        rx->direct_skip = rx->direct_backoff;
+    } else if (k == l.nrec) {
+        rx->direct_backoff = 0;
+    }
     if (direct_unread(rx, &l, (uint64_t)k * DIRECT_REC, total) < 0) {
         *err = rx_fail(rx, PC_RX_E_IO, ENOMEM, "no memory for the receive buffer");
         return ret;

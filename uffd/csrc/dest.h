@@ -163,6 +163,7 @@ typedef struct pc_rx {
     /* direct receive (see PC_RX_DIRECT_MAX) */
     uint8_t *stage;                     /* PC_RX_STAGE_PAGES pages, mapped on first use */
     uint32_t direct_skip;               /* receives into the buffer before the next direct try */
+    uint32_t direct_backoff;            /* the skip after the next mispredicted ZERO record */
     uint8_t direct_hdr[PC_RX_DIRECT_MAX][8];
     struct iovec direct_iov[2 * PC_RX_DIRECT_MAX];
     /* main channel framing */
