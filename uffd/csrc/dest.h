@@ -138,7 +138,7 @@ enum {
 };
 
 /* pages_direct: PAGE records whose bodies were received straight into place
- * (rx_recv_direct) rather than through the receive buffer */
+ * (the direct receive in dest.c) rather than through the receive buffer */
 typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_placed, pages_direct; } pc_rx_counters;
 
 /* Direct receive: up to this many PAGE|CONTINUE records per recvmsg, headers
