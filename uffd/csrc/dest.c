@@ -32,16 +32,17 @@
  * CPU a requested page needs. Once per thread; refused without CAP_SYS_NICE
  * (then the thread runs at its usual priority). */
 #define URGENT_NICE (-10)
-static void boost_this_thread(void)
+static void boost_this_thread_as(int urgent)
 {
     static __thread int done;
-    if (done)
+    if (done || !urgent)
         return;
     done = 1;
     if (getenv("POSTCOPY_NO_BOOST"))
         return;
     (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), URGENT_NICE);
 }
+static void boost_this_thread(void) { boost_this_thread_as(1); }
 
 /* ------------------------------------------------------------------ pc_dst */
 
@@ -611,14 +612,17 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     rx->max_recs = RX_MAX_RECS;
     rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
     /* no blocks yet (a stream whose RAM setup has not arrived): pc_rx_attach later */
+    pthread_mutex_init(&rx->job_lock, NULL);
+    pthread_cond_init(&rx->job_cv, NULL);
     rx->tmp_size = d ? d->max_host_page_size : PC_TARGET_PAGE_SIZE;
-    rx->tmp = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (sb_rc < 0 || !rx->recs || rx->tmp == MAP_FAILED) {
-        if (rx->tmp == MAP_FAILED)
-            rx->tmp = NULL;
+    rx->tmp_alloc = mmap(NULL, 2 * rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sb_rc < 0 || !rx->recs || rx->tmp_alloc == MAP_FAILED) {
+        if (rx->tmp_alloc == MAP_FAILED)
+            rx->tmp_alloc = NULL;
         pc_rx_free(rx);
         return NULL;
     }
+    rx->tmp = rx->tmp_alloc;
     pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
     rx->tmp_block = -1;
     return rx;
@@ -628,23 +632,32 @@ void pc_rx_free(pc_rx *rx)
 {
     if (!rx)
         return;
+    if (rx->placer_started) {
+        pthread_mutex_lock(&rx->job_lock);
+        rx->placer_quit = 1;
+        pthread_cond_broadcast(&rx->job_cv);
+        pthread_mutex_unlock(&rx->job_lock);
+        pthread_join(rx->placer, NULL);
+    }
+    pthread_mutex_destroy(&rx->job_lock);
+    pthread_cond_destroy(&rx->job_cv);
     pc_sockbuf_release(&rx->in);
     free(rx->recs);
-    if (rx->tmp)
-        munmap(rx->tmp, rx->tmp_size);     /* not via dst: it may be freed first */
-    if (rx->stage)
-        munmap(rx->stage, (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE);
+    if (rx->tmp_alloc)
+        munmap(rx->tmp_alloc, 2 * rx->tmp_size);     /* not via dst: it may be freed first */
+    if (rx->stage_alloc)
+        munmap(rx->stage_alloc, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE);
     free(rx);
 }
 
 int pc_rx_attach(pc_rx *rx, pc_dst *d)
 {
     if (d->max_host_page_size > rx->tmp_size) {
-        void *tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void *tmp = mmap(NULL, 2 * d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (tmp == MAP_FAILED)
             return -ENOMEM;
-        munmap(rx->tmp, rx->tmp_size);
-        rx->tmp = tmp;
+        munmap(rx->tmp_alloc, 2 * rx->tmp_size);
+        rx->tmp = rx->tmp_alloc = tmp;
         rx->tmp_size = d->max_host_page_size;
     }
     rx->dst = d;
@@ -663,11 +676,16 @@ void pc_rx_reset_temp(pc_rx *rx)
 static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...)
 {
+    /* the placer thread's errors wait in job_msg until the receiver collects them */
+    int placer = rx->placer_started && pthread_equal(pthread_self(), rx->placer);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(rx->err_msg, sizeof(rx->err_msg), fmt, ap);
+    vsnprintf(placer ? rx->job_msg : rx->err_msg, sizeof(rx->err_msg), fmt, ap);
     va_end(ap);
-    rx->err_errno = err;
+    if (placer)
+        rx->job_errno = err;
+    else
+        rx->err_errno = err;
     return code;
 }
 
@@ -860,20 +878,122 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     return place_pages(rx, bi, host_off, src, 1, !src);
 }
 
+static uint32_t knob(const char *name, uint32_t dflt) { const char *v = getenv(name); return v ? (uint32_t)atoi(v) : dflt; }
+#define STAGE_RUN knob("PC_STAGE_RUN", PC_RX_STAGE_PAGES)
 /* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
 static uint8_t *rx_stage(pc_rx *rx)
 {
-    if (!rx->stage) {
-        void *m = mmap(NULL, (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
+    if (!rx->stage_alloc) {
+        void *m = mmap(NULL, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED)
             return NULL;
-        rx->stage = m;
+        rx->stage = rx->stage_alloc = m;
     }
     return rx->stage;
 }
 
-int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
+/* ------------------------------------------------------------ the placer
+ *
+ * The receiver hands a staged run or an assembled huge page to the placer
+ * thread and goes on receiving into the other half of the stage / the other
+ * temp page: the kernel's copy out of the socket and UFFDIO_COPY's copy into
+ * the guest run on two CPUs. One job at a time; pc_rx_run and
+ * pc_rx_place_records return only once it is done (what they report as
+ * placed is placed). Its errors are the receiver's at the next hand-over. */
+
+static void *placer_main(void *arg)
+{
+    pc_rx *rx = arg;
+    boost_this_thread_as(rx->kind == PC_RX_PREEMPT);
+    pthread_mutex_lock(&rx->job_lock);
+    for (;;) {
+        while (!rx->job_pending && !rx->placer_quit)
+            pthread_cond_wait(&rx->job_cv, &rx->job_lock);
+        if (!rx->job_pending)
+            break;
+        pthread_mutex_unlock(&rx->job_lock);
+        int rc = place_pages(rx, rx->job_block, rx->job_off, rx->job_src, rx->job_n, rx->job_nzero);
+        pthread_mutex_lock(&rx->job_lock);
+        if (rc && !rx->job_rc)
+            rx->job_rc = rc;
+        rx->job_pending = 0;
+        pthread_cond_broadcast(&rx->job_cv);
+    }
+    pthread_mutex_unlock(&rx->job_lock);
+    return NULL;
+}
+
+/* Wait for the job in flight; its error (a PC_RX_E_* code, message in
+ * err_msg unless the receiver already has one: failed != 0) or 0. */
+static int rx_drain_after(pc_rx *rx, int failed)
+{
+    if (!rx->placer_started)
+        return 0;
+    pthread_mutex_lock(&rx->job_lock);
+    while (rx->job_pending)
+        pthread_cond_wait(&rx->job_cv, &rx->job_lock);
+    int rc = rx->job_rc;
+    if (rc && !failed) {
+        memcpy(rx->err_msg, rx->job_msg, sizeof(rx->err_msg));
+        rx->err_errno = rx->job_errno;
+        rx->job_rc = 0;
+    }
+    pthread_mutex_unlock(&rx->job_lock);
+    return rc;
+}
+static int rx_drain(pc_rx *rx) { return rx_drain_after(rx, 0); }
+
+/* Place n host pages from src (the stage or a temp page, which the receiver
+ * leaves alone until the job is done) on the placer thread; synchronously
+ * when it cannot start. */
+static int place_async(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src, uint64_t n, uint64_t nzero)
+{
+    int rc = rx_drain(rx);
+    if (rc)
+        return rc;
+    if (!rx->placer_started) {
+        if (pthread_create(&rx->placer, NULL, placer_main, rx) != 0)
+            return place_pages(rx, bi, off, src, n, nzero);
+        rx->placer_started = 1;
+    }
+    pthread_mutex_lock(&rx->job_lock);
+    rx->job_block = bi;
+    rx->job_off = off;
+    rx->job_src = src;
+    rx->job_n = n;
+    rx->job_nzero = nzero;
+    rx->job_pending = 1;
+    pthread_cond_broadcast(&rx->job_cv);
+    pthread_mutex_unlock(&rx->job_lock);
+    return 0;
+}
+
+/* The receiver is done filling the current stage half: the next fills go
+ * to the other one (once the job reading it, if any, is done). */
+static int rx_flip_stage(pc_rx *rx)
+{
+    if (!rx->stage_alloc)
+        return 0;
+    uint64_t half = (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE;
+    rx->stage = rx->stage == rx->stage_alloc ? rx->stage_alloc + half : rx->stage_alloc;
+    if (rx->job_pending && rx->job_src >= rx->stage && rx->job_src < rx->stage + half)
+        return rx_drain(rx);
+    return 0;
+}
+
+/* A huge page assembled in tmp: place it on the placer thread and assemble
+ * the next one in the other temp page. */
+static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
+{
+    if (rx->tmp_all_zero)
+        return place_host_page(rx, bi, host_off, NULL);
+    int rc = place_async(rx, bi, host_off, rx->tmp, 1, 0);
+    rx->tmp = rx->tmp == rx->tmp_alloc ? rx->tmp_alloc + rx->tmp_size : rx->tmp_alloc;
+    return rc;
+}
+
+static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
 {
     pc_dst *d = rx->dst;
     for (uint32_t i = 0; i < n; i++) {
@@ -899,7 +1019,8 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
              * UFFDIO_COPY. A page on its own goes straight from the buffer. */
             uint32_t k = 1, nz = data ? 0 : 1;
             if (!d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
-                for (; i + k < n && k < PC_RX_STAGE_PAGES; k++) {
+                uint32_t sr = STAGE_RUN;
+                for (; i + k < n && k < sr; k++) {
                     const pc_ram_record *q = &recs[i + k];
                     if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
                         q->offset >= b->length)
@@ -920,7 +1041,10 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
                     else
                         memset(slot, 0, PC_TARGET_PAGE_SIZE);
                 }
-                int rc = place_pages(rx, r->block, r->offset, stage, k, nz);
+                int rc = stage ? place_async(rx, r->block, r->offset, stage, k, nz)
+                               : place_pages(rx, r->block, r->offset, NULL, k, nz);
+                if (!rc && stage)
+                    rc = rx_flip_stage(rx);
                 if (rc)
                     return rc;
                 i += k - 1;
@@ -957,7 +1081,7 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
         rx->tmp_next_off += PC_TARGET_PAGE_SIZE;
         if (rx->tmp_next_off == host_off + hps) {
             rx->tmp_block = -1;
-            int rc = place_host_page(rx, r->block, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+            int rc = rx_place_tmp(rx, r->block, host_off);
             if (rc)
                 return rc;
         }
@@ -1051,7 +1175,7 @@ static direct_layout direct_plan(pc_rx *rx)
             return l;
         if (!(l.bodies = rx_stage(rx)))
             return l;
-        l.nrec = PC_RX_STAGE_PAGES;
+        l.nrec = STAGE_RUN;
     } else {
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
         if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)
@@ -1114,12 +1238,14 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
                                            off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE);
                  j++)
                 nz += (uint32_t)pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
-            int rc = place_pages(rx, bi, off, nz == j - i ? NULL : l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE,
-                                 j - i, nz);
+            int rc = nz == j - i ? place_pages(rx, bi, off, NULL, j - i, nz)
+                                 : place_async(rx, bi, off, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, j - i, nz);
             if (rc)
                 return rc;
             i = j;
         }
+        if (k)
+            return rx_flip_stage(rx);
         return 0;
     }
     if (!k)
@@ -1136,7 +1262,7 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     rx->tmp_next_off += (uint64_t)k * PC_TARGET_PAGE_SIZE;
     if (rx->tmp_next_off == rx->tmp_host_off + hps) {
         rx->tmp_block = -1;
-        return place_host_page(rx, bi, rx->tmp_host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+        return rx_place_tmp(rx, bi, rx->tmp_host_off);
     }
     return 0;
 }
@@ -1155,8 +1281,25 @@ static int64_t rx_recv(pc_rx *rx, int *err)
         rx->direct_skip--;
     else
         l = direct_plan(rx);
-    if (!l.nrec)
-        return pc_sockbuf_recv(&rx->in);
+    if (knob("PC_NO_DIRECT", 0))
+        l.nrec = 0;
+    if (!l.nrec) {
+        uint32_t mx = knob("PC_RECV_MAX", 0);
+        if (!mx)
+            return pc_sockbuf_recv(&rx->in);
+        uint8_t *p = pc_sockbuf_reserve(&rx->in, mx);
+        if (!p)
+            return -ENOMEM;
+        ssize_t g;
+        do
+            g = recv(rx->in.fd, p, mx, 0);
+        while (g < 0 && errno == EINTR);
+        if (g < 0)
+            return -errno;
+        pc_sockbuf_commit(&rx->in, (uint64_t)g);
+        rx->in.bytes += (uint64_t)g;
+        return g;
+    }
     pc_sockbuf *in = &rx->in;
     uint64_t pre = pc_sockbuf_avail(in), len = (uint64_t)l.nrec * DIRECT_REC;
     direct_copy(rx, &l, 0, pre, (uint8_t *)(uintptr_t)pc_sockbuf_data(in), 0);
@@ -1213,7 +1356,7 @@ static int rx_records(pc_rx *rx)
         if (status < 0)
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL, "bad page record at stream offset +%llu: scan error %d",
                            (unsigned long long)err_pos, status);
-        int rc = pc_rx_place_records(rx, rx->recs, nrec, data);
+        int rc = place_records(rx, rx->recs, nrec, data);
         if (rc)
             return rc;
         pc_sockbuf_consume(&rx->in, (uint64_t)used);
@@ -1225,7 +1368,23 @@ static int rx_records(pc_rx *rx)
     }
 }
 
+int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
+{
+    int rc = place_records(rx, recs, n, buf);
+    int drc = rx_drain_after(rx, rc != 0);
+    return rc ? rc : drc;
+}
+
+static int rx_run(pc_rx *rx);
+
 int pc_rx_run(pc_rx *rx)
+{
+    int rc = rx_run(rx);
+    int drc = rx_drain_after(rx, rc < 0);     /* what was received is placed before Python hears of it */
+    return rc < 0 || !drc ? rc : drc;
+}
+
+static int rx_run(pc_rx *rx)
 {
     pc_sockbuf *in = &rx->in;
     for (;;) {

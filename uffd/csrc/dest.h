@@ -161,7 +161,19 @@ typedef struct pc_rx {
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;
     /* direct receive (see PC_RX_DIRECT_MAX) */
-    uint8_t *stage;                     /* PC_RX_STAGE_PAGES pages, mapped on first use */
+    uint8_t *stage;                     /* the stage's half the receiver fills (PC_RX_STAGE_PAGES pages) */
+    uint8_t *stage_alloc;               /* both halves, mapped on first use */
+    uint8_t *tmp_alloc;                 /* both temp pages; tmp is the one being assembled */
+    /* the placer thread: places a staged run or an assembled host page while
+     * the receiver receives the next ones (one job at a time) */
+    pthread_t placer;
+    int placer_started, placer_quit, job_pending, job_rc, job_errno;
+    pthread_mutex_t job_lock;
+    pthread_cond_t job_cv;
+    uint32_t job_block;
+    uint64_t job_off, job_n, job_nzero;
+    const uint8_t *job_src;
+    char job_msg[256];
     uint32_t direct_skip;               /* receives into the buffer before the next direct try */
     uint32_t direct_backoff;            /* the skip after the next mispredicted ZERO record */
     uint8_t direct_hdr[PC_RX_DIRECT_MAX][8];
