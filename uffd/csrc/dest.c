@@ -38,8 +38,6 @@ static void boost_this_thread_as(int urgent)
     if (done || !urgent)
         return;
     done = 1;
-    if (getenv("POSTCOPY_NO_BOOST"))
-        return;
     (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), URGENT_NICE);
 }
 static void boost_this_thread(void) { boost_this_thread_as(1); }
@@ -878,8 +876,6 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     return place_pages(rx, bi, host_off, src, 1, !src);
 }
 
-static uint32_t knob(const char *name, uint32_t dflt) { const char *v = getenv(name); return v ? (uint32_t)atoi(v) : dflt; }
-#define STAGE_RUN knob("PC_STAGE_RUN", PC_RX_STAGE_PAGES)
 /* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
 static uint8_t *rx_stage(pc_rx *rx)
 {
@@ -1019,8 +1015,7 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
              * UFFDIO_COPY. A page on its own goes straight from the buffer. */
             uint32_t k = 1, nz = data ? 0 : 1;
             if (!d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
-                uint32_t sr = STAGE_RUN;
-                for (; i + k < n && k < sr; k++) {
+                for (; i + k < n && k < PC_RX_STAGE_PAGES; k++) {
                     const pc_ram_record *q = &recs[i + k];
                     if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
                         q->offset >= b->length)
@@ -1175,7 +1170,7 @@ static direct_layout direct_plan(pc_rx *rx)
             return l;
         if (!(l.bodies = rx_stage(rx)))
             return l;
-        l.nrec = STAGE_RUN;
+        l.nrec = PC_RX_STAGE_PAGES;
     } else {
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
         if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)
@@ -1281,29 +1276,17 @@ static int64_t rx_recv(pc_rx *rx, int *err)
         rx->direct_skip--;
     else
         l = direct_plan(rx);
-    if (knob("PC_NO_DIRECT", 0))
-        l.nrec = 0;
-    if (!l.nrec) {
-        uint32_t mx = knob("PC_RECV_MAX", 0);
-        if (!mx)
-            return pc_sockbuf_recv(&rx->in);
-        uint8_t *p = pc_sockbuf_reserve(&rx->in, mx);
-        if (!p)
-            return -ENOMEM;
-        ssize_t g;
-        do
-            g = recv(rx->in.fd, p, mx, 0);
-        while (g < 0 && errno == EINTR);
-        if (g < 0)
-            return -errno;
-        pc_sockbuf_commit(&rx->in, (uint64_t)g);
-        rx->in.bytes += (uint64_t)g;
-        return g;
-    }
+    if (!l.nrec)
+        return pc_sockbuf_recv(&rx->in);
     pc_sockbuf *in = &rx->in;
     uint64_t pre = pc_sockbuf_avail(in), len = (uint64_t)l.nrec * DIRECT_REC;
     direct_copy(rx, &l, 0, pre, (uint8_t *)(uintptr_t)pc_sockbuf_data(in), 0);
     pc_sockbuf_consume(in, pre);
+    /* The kernel reads the whole iovec array on every call: offer about
+     * twice what the last receive got (at least 64 KiB), not the whole layout. */
+    uint64_t want = rx->direct_last * 2 > (64u << 10) ? rx->direct_last * 2 : (64u << 10);
+    if (len > pre + want)
+        len = pre + want;
     int niov = 0;
     for (uint64_t pos = pre; pos < len;) {
         uint64_t n;
@@ -1318,8 +1301,10 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     while (got < 0 && errno == EINTR);
     int64_t ret = got < 0 ? -errno : got;
     uint64_t total = pre + (got > 0 ? (uint64_t)got : 0);
-    if (got > 0)
+    if (got > 0) {
         __atomic_add_fetch(&in->bytes, (uint64_t)got, __ATOMIC_RELAXED);
+        rx->direct_last = (uint64_t)got;
+    }
     uint32_t k = got > 0 ? direct_check(rx, &l, total) : 0;
     if (k < l.nrec && total - (uint64_t)k * DIRECT_REC >= 8 &&
         (pc_get_be64(rx->direct_hdr[k]) & PC_RAM_FLAG_ZERO)) {
@@ -1329,7 +1314,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
          * later, fewer the more often it fails. */
         rx->direct_backoff = rx->direct_backoff ? (rx->direct_backoff < 64 ? rx->direct_backoff * 2 : 64) : 2;
         rx->direct_skip = rx->direct_backoff;
-    } else if (k == l.nrec) {
+    } else if (k) {
         rx->direct_backoff = 0;
     }
     if (direct_unread(rx, &l, (uint64_t)k * DIRECT_REC, total) < 0) {

@@ -176,6 +176,7 @@ typedef struct pc_rx {
     char job_msg[256];
     uint32_t direct_skip;               /* receives into the buffer before the next direct try */
     uint32_t direct_backoff;            /* the skip after the next mispredicted ZERO record */
+    uint64_t direct_last;               /* bytes the last direct receive got */
     uint8_t direct_hdr[PC_RX_DIRECT_MAX][8];
     struct iovec direct_iov[2 * PC_RX_DIRECT_MAX];
     /* main channel framing */
