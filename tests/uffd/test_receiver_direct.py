@@ -122,6 +122,35 @@ def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, sec
     return rx
 
 
+class Channel:
+    """The channel the records arrive on: preempt (records, EOS) or main (a RAM
+    section around them, then EOF): main places runs on its placer thread."""
+
+    SECTION = 7
+
+    def __init__(self, kind: str, feeds: Callable[..., Feed]) -> None:
+        self.kind = kind
+        self._feeds = feeds
+
+    def feed(self, data: bytes, chunks: Sequence[int] = ()) -> Feed:
+        if self.kind == "preempt":
+            return self._feeds(data, chunks)
+        head = bytes([SECTION_PART]) + struct.pack(">I", self.SECTION)
+        tail = bytes([SECTION_FOOTER]) + struct.pack(">I", self.SECTION)
+        chunks = [chunks[0] + len(head), *chunks[1:]] if chunks else []
+        return self._feeds(head + data + tail, chunks, close=True)
+
+    def receive(self, path: dp.DestinationPath, feed: Feed) -> dp.Receiver:
+        if self.kind == "preempt":
+            return receive(path, feed)
+        return receive(path, feed, dp.RX_MAIN, self.SECTION)
+
+
+@pytest.fixture(params=["preempt", "main"])
+def chan(request: pytest.FixtureRequest, feeds: Callable[..., Feed]) -> Channel:
+    return Channel(request.param, feeds)
+
+
 def check_hashes(path: dp.DestinationPath, i: int, block: RamBlock, pages: Iterable[int]) -> None:
     """--verify: the hash recorded at placement is the hash of the page as it is now."""
     placed = path.placed_hashes(i)
@@ -132,8 +161,7 @@ def check_hashes(path: dp.DestinationPath, i: int, block: RamBlock, pages: Itera
 
 
 def test_long_run_placed_in_runs_and_wakes_a_waiting_reader(
-    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher],
-    feeds: Callable[..., Feed],
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], chan: Channel
 ) -> None:
     n = 700  # more than one stage (PC_RX_STAGE_PAGES) of bodies
     b = make_block("pc.ram", n * PAGE)
@@ -145,7 +173,7 @@ def test_long_run_placed_in_runs_and_wakes_a_waiting_reader(
     path.attach_uffd(uffd.fileno())
     bodies = [page(i) for i in range(n)]
     first = 8 + 1 + len("pc.ram") + PAGE  # the record that names the block: received alone
-    rx = receive(path, feeds(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(n)]), chunks=[first]))
+    rx = chan.receive(path, chan.feed(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(n)]), chunks=[first]))
     assert t.wait() == bodies[333][17]
     assert read(b, 0, n * PAGE) == b"".join(bodies)
     assert path.received[0].count() == n
@@ -158,7 +186,7 @@ def test_long_run_placed_in_runs_and_wakes_a_waiting_reader(
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_run_broken_by_a_page_already_present(
-    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], direct: bool
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel, direct: bool
 ) -> None:
     """direct: the run received into the stage; not: all in the receive buffer, gathered into the stage."""
     b = make_block("pc.ram", 64 * PAGE)
@@ -171,10 +199,10 @@ def test_run_broken_by_a_page_already_present(
     path.requested[0].set(20)  # a request outstanding in the middle of the run
     bodies = [page(i) for i in range(64)]
     first = 8 + 1 + len("pc.ram") + PAGE
-    feed = feeds(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(64)]), chunks=[first] if direct else [])
+    feed = chan.feed(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(64)]), chunks=[first] if direct else [])
     if not direct:
         feed.thread.join(10)  # the whole stream waits in the socket: one receive into the buffer
-    rx = receive(path, feed)
+    rx = chan.receive(path, feed)
     assert rx._rx.c.pages_direct == (63 if direct else 0)
     for i in range(64):
         assert read(b, i * PAGE, PAGE) == old.get(i, bodies[i]), f"page {i}"
@@ -186,7 +214,7 @@ def test_run_broken_by_a_page_already_present(
 
 
 def test_runs_across_blocks_gaps_and_zero_pages(
-    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel
 ) -> None:
     a = make_block("pc.ram", 32 * PAGE)
     z = make_block("other", 32 * PAGE)
@@ -212,7 +240,7 @@ def test_runs_across_blocks_gaps_and_zero_pages(
                 body = None
             recs.append((idstr, p * PAGE, body))
             want[(idstr, p)] = body if body is not None else zero
-    rx = receive(path, feeds(encode(recs), chunks=[9000, 5, 4100, 12000, 3]))
+    rx = chan.receive(path, chan.feed(encode(recs), chunks=[9000, 5, 4100, 12000, 3]))
     blocks = {"pc.ram": a, "other": z}
     for (idstr, p), body in want.items():
         assert read(blocks[idstr], p * PAGE, PAGE) == body, f"{idstr} page {p}"
@@ -285,8 +313,7 @@ def test_main_channel_sections_and_plain_writes_before_listen(
 
 @pytest.mark.hugetlb
 def test_2m_pages_received_straight_into_the_temp_page(
-    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher],
-    feeds: Callable[..., Feed],
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], chan: Channel
 ) -> None:
     b = make_block("pc.ram", 3 * PAGE_2M, PAGE_2M, "hugetlbfs")
     uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
@@ -300,7 +327,7 @@ def test_2m_pages_received_straight_into_the_temp_page(
     # host page 2: a ZERO record in its middle (the general path takes over there)
     recs[2 * ntp + 100] = ("pc.ram", (2 * ntp + 100) * PAGE, None)
     bodies[2 * ntp + 100] = bytes(PAGE)
-    rx = receive(path, feeds(encode(recs), chunks=[PAGE_2M + 3, 5000, 8, 700000]))
+    rx = chan.receive(path, chan.feed(encode(recs), chunks=[PAGE_2M + 3, 5000, 8, 700000]))
     assert t.wait() == bodies[ntp + 5][1]
     assert read(b, 0, 3 * PAGE_2M) == b"".join(bodies)
     c = path.counters()
@@ -335,7 +362,7 @@ def test_2m_page_all_zero_and_out_of_order_record(
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_zero_pages_all_over_and_a_run_of_zero_records(
-    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], direct: bool
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel, direct: bool
 ) -> None:
     """As the built-in guest's memory: about 1 page in 8 zero (ZERO records, some PAGE
     records with zero bodies), and 40 ZERO records in a row (one UFFDIO_ZEROPAGE)."""
@@ -357,10 +384,10 @@ def test_zero_pages_all_over_and_a_run_of_zero_records(
         recs.append(("pc.ram", i * PAGE, body))
         want.append(zero if body is None else body)
     first = 8 + 1 + len("pc.ram") + (PAGE if recs[0][2] is not None else 1)
-    feed = feeds(encode(recs), chunks=[first] + [40000] * 30 if direct else [])
+    feed = chan.feed(encode(recs), chunks=[first] + [40000] * 30 if direct else [])
     if not direct:
         feed.thread.join(10)
-    rx = receive(path, feed)
+    rx = chan.receive(path, feed)
     assert read(b, 0, n * PAGE) == b"".join(want)
     c = path.counters()
     nzero = sum(1 for w in want if w == zero)
@@ -369,3 +396,19 @@ def test_zero_pages_all_over_and_a_run_of_zero_records(
     assert rx._rx.c.pages_normal == sum(1 for r in recs if r[2] is not None)
     assert (rx._rx.c.pages_direct > 0) == direct
     check_hashes(path, 0, b, range(n))
+
+
+def test_placement_error_of_a_run_is_reported(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel
+) -> None:
+    """A run that cannot be placed (main: on the placer thread) fails the receiver with the ioctl's reason."""
+    b = make_block("pc.ram", 32 * PAGE)  # not registered with the uffd: UFFDIO_COPY refuses
+    path = dp.DestinationPath([b])
+    path.attach_uffd(uffd.fileno())
+    first = 8 + 1 + len("pc.ram") + PAGE
+    feed = chan.feed(encode([("pc.ram", i * PAGE, page(i)) for i in range(32)]), chunks=[first])
+    rx = dp.Receiver(path, feed.ours, dp.RX_PREEMPT if chan.kind == "preempt" else dp.RX_MAIN, Channel.SECTION)
+    with pytest.raises(dp.DataPathError, match=r"UFFDIO_COPY pc\.ram offset 0x0 len 0x1000") as info:
+        rx.run()
+    assert info.value.kind == "placement"
+    assert path.received[0].count() == 0

@@ -32,15 +32,14 @@
  * CPU a requested page needs. Once per thread; refused without CAP_SYS_NICE
  * (then the thread runs at its usual priority). */
 #define URGENT_NICE (-10)
-static void boost_this_thread_as(int urgent)
+static void boost_this_thread(void)
 {
     static __thread int done;
-    if (done || !urgent)
+    if (done)
         return;
     done = 1;
     (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), URGENT_NICE);
 }
-static void boost_this_thread(void) { boost_this_thread_as(1); }
 
 /* ------------------------------------------------------------------ pc_dst */
 
@@ -901,7 +900,6 @@ static uint8_t *rx_stage(pc_rx *rx)
 static void *placer_main(void *arg)
 {
     pc_rx *rx = arg;
-    boost_this_thread_as(rx->kind == PC_RX_PREEMPT);
     pthread_mutex_lock(&rx->job_lock);
     for (;;) {
         while (!rx->job_pending && !rx->placer_quit)
@@ -948,6 +946,8 @@ static int place_async(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src,
     int rc = rx_drain(rx);
     if (rc)
         return rc;
+    if (rx->kind == PC_RX_PREEMPT)      /* requested pages: no hand-over between threads on their way */
+        return place_pages(rx, bi, off, src, n, nzero);
     if (!rx->placer_started) {
         if (pthread_create(&rx->placer, NULL, placer_main, rx) != 0)
             return place_pages(rx, bi, off, src, n, nzero);
