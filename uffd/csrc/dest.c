@@ -612,7 +612,7 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     pthread_mutex_init(&rx->job_lock, NULL);
     pthread_cond_init(&rx->job_cv, NULL);
     rx->tmp_size = d ? d->max_host_page_size : PC_TARGET_PAGE_SIZE;
-    rx->tmp_alloc = mmap(NULL, 2 * rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    rx->tmp_alloc = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (sb_rc < 0 || !rx->recs || rx->tmp_alloc == MAP_FAILED) {
         if (rx->tmp_alloc == MAP_FAILED)
             rx->tmp_alloc = NULL;
@@ -641,7 +641,7 @@ void pc_rx_free(pc_rx *rx)
     pc_sockbuf_release(&rx->in);
     free(rx->recs);
     if (rx->tmp_alloc)
-        munmap(rx->tmp_alloc, 2 * rx->tmp_size);     /* not via dst: it may be freed first */
+        munmap(rx->tmp_alloc, rx->tmp_size);     /* not via dst: it may be freed first */
     if (rx->stage_alloc)
         munmap(rx->stage_alloc, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE);
     free(rx);
@@ -650,10 +650,10 @@ void pc_rx_free(pc_rx *rx)
 int pc_rx_attach(pc_rx *rx, pc_dst *d)
 {
     if (d->max_host_page_size > rx->tmp_size) {
-        void *tmp = mmap(NULL, 2 * d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void *tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (tmp == MAP_FAILED)
             return -ENOMEM;
-        munmap(rx->tmp_alloc, 2 * rx->tmp_size);
+        munmap(rx->tmp_alloc, rx->tmp_size);
         rx->tmp = rx->tmp_alloc = tmp;
         rx->tmp_size = d->max_host_page_size;
     }
@@ -890,9 +890,8 @@ static uint8_t *rx_stage(pc_rx *rx)
 
 /* ------------------------------------------------------------ the placer
  *
- * The receiver hands a staged run or an assembled huge page to the placer
- * thread and goes on receiving into the other half of the stage / the other
- * temp page: the kernel's copy out of the socket and UFFDIO_COPY's copy into
+ * The receiver hands a staged run of 4 KiB pages to the placer thread and
+ * goes on receiving into the other half of the stage: the kernel's copy out of the socket and UFFDIO_COPY's copy into
  * the guest run on two CPUs. One job at a time; pc_rx_run and
  * pc_rx_place_records return only once it is done (what they report as
  * placed is placed). Its errors are the receiver's at the next hand-over. */
@@ -978,15 +977,13 @@ static int rx_flip_stage(pc_rx *rx)
     return 0;
 }
 
-/* A huge page assembled in tmp: place it on the placer thread and assemble
- * the next one in the other temp page. */
+/* A huge page assembled in tmp: placed here, not on the placer thread (the
+ * page's records went straight into tmp, so placing is the only copy left;
+ * handing 2 MiB pages over to another thread measured slower on a loaded
+ * 2-core machine). */
 static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
-    if (rx->tmp_all_zero)
-        return place_host_page(rx, bi, host_off, NULL);
-    int rc = place_async(rx, bi, host_off, rx->tmp, 1, 0);
-    rx->tmp = rx->tmp == rx->tmp_alloc ? rx->tmp_alloc + rx->tmp_size : rx->tmp_alloc;
-    return rc;
+    return place_host_page(rx, bi, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
 }
 
 static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)

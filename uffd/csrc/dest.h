@@ -163,9 +163,9 @@ typedef struct pc_rx {
     /* direct receive (see PC_RX_DIRECT_MAX) */
     uint8_t *stage;                     /* the stage's half the receiver fills (PC_RX_STAGE_PAGES pages) */
     uint8_t *stage_alloc;               /* both halves, mapped on first use */
-    uint8_t *tmp_alloc;                 /* both temp pages; tmp is the one being assembled */
-    /* the placer thread: places a staged run or an assembled host page while
-     * the receiver receives the next ones (one job at a time) */
+    uint8_t *tmp_alloc;                 /* the temp page's mapping (tmp) */
+    /* the placer thread: places a staged run of 4 KiB pages while the
+     * receiver receives the next ones (one job at a time) */
     pthread_t placer;
     int placer_started, placer_quit, job_pending, job_rc, job_errno;
     pthread_mutex_t job_lock;
