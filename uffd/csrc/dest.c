@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,6 +25,21 @@
 #define RX_MAX_RECS 4096u
 
 
+
+/* The threads a faulting vCPU waits on (the fault service, the preempt
+ * channel's receiver) run at a higher priority than the bulk stream's: on a
+ * machine with few cores the bulk receiver would otherwise take half of the
+ * CPU a requested page needs. Once per thread; refused without CAP_SYS_NICE
+ * (then the thread runs at its usual priority). */
+#define URGENT_NICE (-10)
+static void boost_this_thread(void)
+{
+    static __thread int done;
+    if (done)
+        return;
+    done = 1;
+    (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), URGENT_NICE);
+}
 
 /* ------------------------------------------------------------------ pc_dst */
 
@@ -401,23 +418,6 @@ static void waiter_done_locked(pc_dst *d, uint32_t w, uint64_t now)
     d->waiters[w] = d->waiters[--d->nwaiters];
 }
 
-/* A host page was placed (its received bits are already set). */
-static void page_arrived(pc_dst *d, uint32_t bi, uint64_t host_off)
-{
-    pthread_mutex_lock(&d->wlock);
-    uint64_t now = 0;
-    for (uint32_t w = 0; w < d->nwaiters;) {
-        if (d->waiters[w].block == bi && d->waiters[w].host_off == host_off) {
-            if (!now)
-                now = pc_now_ns();
-            waiter_done_locked(d, w, now);      /* moves the last entry into w */
-        } else {
-            w++;
-        }
-    }
-    pthread_mutex_unlock(&d->wlock);
-}
-
 /* A thread faulted on a page that is not here yet. */
 static void page_waited(pc_dst *d, const pc_fault *f)
 {
@@ -595,6 +595,7 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
 {
     enum { BATCH = 64 };
     pc_fault faults[BATCH];
+    boost_this_thread();
     if (d->remote)
         return remote_fault_service_run(d, stop_fd);
     struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
@@ -642,14 +643,17 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     rx->max_recs = RX_MAX_RECS;
     rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
     /* no blocks yet (a stream whose RAM setup has not arrived): pc_rx_attach later */
+    pthread_mutex_init(&rx->job_lock, NULL);
+    pthread_cond_init(&rx->job_cv, NULL);
     rx->tmp_size = d ? d->max_host_page_size : PC_TARGET_PAGE_SIZE;
-    rx->tmp = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (sb_rc < 0 || !rx->recs || rx->tmp == MAP_FAILED) {
-        if (rx->tmp == MAP_FAILED)
-            rx->tmp = NULL;
+    rx->tmp_alloc = mmap(NULL, rx->tmp_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sb_rc < 0 || !rx->recs || rx->tmp_alloc == MAP_FAILED) {
+        if (rx->tmp_alloc == MAP_FAILED)
+            rx->tmp_alloc = NULL;
         pc_rx_free(rx);
         return NULL;
     }
+    rx->tmp = rx->tmp_alloc;
     pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
     rx->tmp_block = -1;
     return rx;
@@ -659,10 +663,21 @@ void pc_rx_free(pc_rx *rx)
 {
     if (!rx)
         return;
+    if (rx->placer_started) {
+        pthread_mutex_lock(&rx->job_lock);
+        rx->placer_quit = 1;
+        pthread_cond_broadcast(&rx->job_cv);
+        pthread_mutex_unlock(&rx->job_lock);
+        pthread_join(rx->placer, NULL);
+    }
+    pthread_mutex_destroy(&rx->job_lock);
+    pthread_cond_destroy(&rx->job_cv);
     pc_sockbuf_release(&rx->in);
     free(rx->recs);
-    if (rx->tmp)
-        munmap(rx->tmp, rx->tmp_size);     /* not via dst: it may be freed first */
+    if (rx->tmp_alloc)
+        munmap(rx->tmp_alloc, rx->tmp_size);     /* not via dst: it may be freed first */
+    if (rx->stage_alloc)
+        munmap(rx->stage_alloc, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE);
     free(rx);
 }
 
@@ -672,8 +687,8 @@ int pc_rx_attach(pc_rx *rx, pc_dst *d)
         void *tmp = mmap(NULL, d->max_host_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (tmp == MAP_FAILED)
             return -ENOMEM;
-        munmap(rx->tmp, rx->tmp_size);
-        rx->tmp = tmp;
+        munmap(rx->tmp_alloc, rx->tmp_size);
+        rx->tmp = rx->tmp_alloc = tmp;
         rx->tmp_size = d->max_host_page_size;
     }
     rx->dst = d;
@@ -692,11 +707,16 @@ void pc_rx_reset_temp(pc_rx *rx)
 static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int rx_fail(pc_rx *rx, int code, int err, const char *fmt, ...)
 {
+    /* the placer thread's errors wait in job_msg until the receiver collects them */
+    int placer = rx->placer_started && pthread_equal(pthread_self(), rx->placer);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(rx->err_msg, sizeof(rx->err_msg), fmt, ap);
+    vsnprintf(placer ? rx->job_msg : rx->err_msg, sizeof(rx->err_msg), fmt, ap);
     va_end(ap);
-    rx->err_errno = err;
+    if (placer)
+        rx->job_errno = err;
+    else
+        rx->err_errno = err;
     return code;
 }
 
@@ -764,13 +784,76 @@ static int place_remote(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t
     }
 }
 
-/* Place one complete host page. src is HPS bytes, or NULL when all zero. */
-static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
+/* Waiters for any host page in [off, off + len) of block bi: the pages were placed. */
+static void pages_arrived(pc_dst *d, uint32_t bi, uint64_t off, uint64_t len)
+{
+    pthread_mutex_lock(&d->wlock);
+    uint64_t now = 0;
+    for (uint32_t w = 0; w < d->nwaiters;) {
+        if (d->waiters[w].block == bi && d->waiters[w].host_off - off < len) {
+            if (!now)
+                now = pc_now_ns();
+            waiter_done_locked(d, w, now);      /* moves the last entry into w */
+        } else {
+            w++;
+        }
+    }
+    pthread_mutex_unlock(&d->wlock);
+}
+
+/* UFFDIO_COPY (or ZEROPAGE when src is NULL and the block allows it) of len
+ * bytes at dst, a run of whole host pages. A page already present stops the
+ * kernel there: it is counted and stepped over, the rest is still placed. */
+static int place_local(pc_rx *rx, int uffd, const pc_dst_block *b, uint64_t host_off, const uint8_t *src,
+                       uint64_t len)
+{
+    pc_dst *d = rx->dst;
+    uint64_t hps = b->host_page_size, dst = b->base + host_off, pos = 0;
+    int zero = !src && b->zeroable;
+    if (!src && !zero && len > hps) {       /* zero_buf is one host page: one at a time */
+        for (; pos < len; pos += hps) {
+            int rc = place_local(rx, uffd, b, host_off + pos, NULL, hps);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
+    for (int attempt = 0; pos < len;) {
+        int64_t done = 0;
+        int rc = zero ? pc_uffd_zeropage(uffd, dst + pos, len - pos, 0, &done)
+                      : pc_uffd_copy(uffd, dst + pos, (uint64_t)(uintptr_t)(src ? src + pos : d->zero_buf), len - pos,
+                                     0, &done);
+        pos += (uint64_t)done / hps * hps;
+        if (rc == 0)
+            break;
+        if (rc == -EEXIST) {
+            /* Already present: a race between channels, or a resend after a
+             * recovery. The kernel copied nothing there; the page stands. */
+            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+            pos += hps;
+            continue;
+        }
+        if (rc == -EAGAIN && done == 0 && attempt++ < 1000) {
+            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
+            continue;
+        }
+        return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s",
+                       zero ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY", b->idstr, (unsigned long long)(host_off + pos),
+                       (unsigned long long)(len - pos), strerror(-rc));
+    }
+    return 0;
+}
+
+/* Place n consecutive complete host pages of block bi from host_off: src is
+ * n host pages of bytes (nzero of them all zero), or NULL when they are all
+ * zero. Runs of 4 KiB pages go in with one ioctl; the bookkeeping stays per
+ * page. */
+static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src, uint64_t n, uint64_t nzero)
 {
     pc_dst *d = rx->dst;
     pc_dst_block *b = &d->blocks[bi];
-    uint64_t hps = b->host_page_size, dst = b->base + host_off;
-    uint64_t first = host_off / PC_TARGET_PAGE_SIZE, ntp = hps / PC_TARGET_PAGE_SIZE;
+    uint64_t hps = b->host_page_size, len = n * hps;
+    uint64_t first = host_off / PC_TARGET_PAGE_SIZE, ntp = len / PC_TARGET_PAGE_SIZE;
     int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
 
     if (b->hashes) {
@@ -778,57 +861,166 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
             b->hashes[first + i] = src ? pc_page_hash(src + i * PC_TARGET_PAGE_SIZE) : pc_zero_page_hash();
     }
     if (d->remote) {
-        int rc = place_remote(rx, bi, host_off, src);
-        if (rc)
-            return rc;
+        for (uint64_t j = 0; j < n; j++) {
+            int rc = place_remote(rx, bi, host_off + j * hps, src ? src + j * hps : NULL);
+            if (rc)
+                return rc;
+        }
     } else if (uffd < 0) {
         /* Before LISTEN nothing is registered: plain writes (precopy). */
         if (src)
-            memcpy((void *)(uintptr_t)dst, src, hps);
+            memcpy((void *)(uintptr_t)(b->base + host_off), src, len);
         else
-            memset((void *)(uintptr_t)dst, 0, hps);
+            memset((void *)(uintptr_t)(b->base + host_off), 0, len);
     } else {
-        int rc;
-        for (int attempt = 0;; attempt++) {
-            int64_t done = 0;
-            if (!src && b->zeroable)
-                rc = pc_uffd_zeropage(uffd, dst, hps, 0, &done);
-            else
-                rc = pc_uffd_copy(uffd, dst, (uint64_t)(uintptr_t)(src ? src : d->zero_buf), hps, 0, &done);
-            if (rc != -EAGAIN || attempt > 1000)
-                break;
-            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
-        }
-        if (rc == -EEXIST) {
-            /* Already present: a race between channels, or a resend after a
-             * recovery. The kernel copied nothing; the page stands. */
-            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
-        } else if (rc < 0) {
-            return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s",
-                           (!src && b->zeroable) ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY", b->idstr,
-                           (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
-        }
+        int rc = place_local(rx, uffd, b, host_off, src, len);
+        if (rc)
+            return rc;
     }
     pc_bitmap_set_range_atomic(b->received, first, ntp);
     pc_bitmap_clear_range_atomic(b->requested, first, ntp);
-    __atomic_add_fetch(&d->c.host_pages_placed, 1, __ATOMIC_RELAXED);
-    if (!src)
-        __atomic_add_fetch(&d->c.zero_host_pages_placed, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&rx->c.host_pages_placed, 1, __ATOMIC_RELAXED);
-    uint64_t requested = __atomic_exchange_n(&b->request_ns[host_off / hps], 0, __ATOMIC_RELAXED);
-    if (requested) {
-        uint64_t now = pc_now_ns();
-        pthread_mutex_lock(&d->wlock);
-        ring_put(d, PC_LAT_REPLY, now > requested ? now - requested : 0);
-        pthread_mutex_unlock(&d->wlock);
-        page_arrived(d, bi, host_off);
-    } else if (__atomic_load_n(&d->nwaiters, __ATOMIC_RELAXED)) {
-        page_arrived(d, bi, host_off);      /* a fault raced with the background stream */
+    __atomic_add_fetch(&d->c.host_pages_placed, n, __ATOMIC_RELAXED);
+    if (!src || nzero)
+        __atomic_add_fetch(&d->c.zero_host_pages_placed, src ? nzero : n, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&rx->c.host_pages_placed, n, __ATOMIC_RELAXED);
+    int replied = 0;
+    for (uint64_t j = 0, hp = host_off / hps; j < n; j++, hp++) {
+        if (!__atomic_load_n(&b->request_ns[hp], __ATOMIC_RELAXED))
+            continue;
+        uint64_t requested = __atomic_exchange_n(&b->request_ns[hp], 0, __ATOMIC_RELAXED);
+        if (requested) {
+            uint64_t now = pc_now_ns();
+            pthread_mutex_lock(&d->wlock);
+            ring_put(d, PC_LAT_REPLY, now > requested ? now - requested : 0);
+            pthread_mutex_unlock(&d->wlock);
+            replied = 1;
+        }
     }
+    /* the received bits are set before wlock is taken: a fault recorded
+     * after this check sees them (page_waited) */
+    if (replied || __atomic_load_n(&d->nwaiters, __ATOMIC_RELAXED))
+        pages_arrived(d, bi, host_off, len);
     return 0;
 }
 
-int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
+/* Place one complete host page. src is HPS bytes, or NULL when all zero. */
+static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src)
+{
+    return place_pages(rx, bi, host_off, src, 1, !src);
+}
+
+/* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
+static uint8_t *rx_stage(pc_rx *rx)
+{
+    if (!rx->stage_alloc) {
+        void *m = mmap(NULL, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            return NULL;
+        rx->stage = rx->stage_alloc = m;
+    }
+    return rx->stage;
+}
+
+/* ------------------------------------------------------------ the placer
+ *
+ * The receiver hands a staged run of 4 KiB pages to the placer thread and
+ * goes on receiving into the other half of the stage: the kernel's copy out of the socket and UFFDIO_COPY's copy into
+ * the guest run on two CPUs. One job at a time; pc_rx_run and
+ * pc_rx_place_records return only once it is done (what they report as
+ * placed is placed). Its errors are the receiver's at the next hand-over. */
+
+static void *placer_main(void *arg)
+{
+    pc_rx *rx = arg;
+    pthread_mutex_lock(&rx->job_lock);
+    for (;;) {
+        while (!rx->job_pending && !rx->placer_quit)
+            pthread_cond_wait(&rx->job_cv, &rx->job_lock);
+        if (!rx->job_pending)
+            break;
+        pthread_mutex_unlock(&rx->job_lock);
+        int rc = place_pages(rx, rx->job_block, rx->job_off, rx->job_src, rx->job_n, rx->job_nzero);
+        pthread_mutex_lock(&rx->job_lock);
+        if (rc && !rx->job_rc)
+            rx->job_rc = rc;
+        rx->job_pending = 0;
+        pthread_cond_broadcast(&rx->job_cv);
+    }
+    pthread_mutex_unlock(&rx->job_lock);
+    return NULL;
+}
+
+/* Wait for the job in flight; its error (a PC_RX_E_* code, message in
+ * err_msg unless the receiver already has one: failed != 0) or 0. */
+static int rx_drain_after(pc_rx *rx, int failed)
+{
+    if (!rx->placer_started)
+        return 0;
+    pthread_mutex_lock(&rx->job_lock);
+    while (rx->job_pending)
+        pthread_cond_wait(&rx->job_cv, &rx->job_lock);
+    int rc = rx->job_rc;
+    if (rc && !failed) {
+        memcpy(rx->err_msg, rx->job_msg, sizeof(rx->err_msg));
+        rx->err_errno = rx->job_errno;
+        rx->job_rc = 0;
+    }
+    pthread_mutex_unlock(&rx->job_lock);
+    return rc;
+}
+static int rx_drain(pc_rx *rx) { return rx_drain_after(rx, 0); }
+
+/* Place n host pages from src (the stage or a temp page, which the receiver
+ * leaves alone until the job is done) on the placer thread; synchronously
+ * when it cannot start. */
+static int place_async(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src, uint64_t n, uint64_t nzero)
+{
+    int rc = rx_drain(rx);
+    if (rc)
+        return rc;
+    if (rx->kind == PC_RX_PREEMPT)      /* requested pages: no hand-over between threads on their way */
+        return place_pages(rx, bi, off, src, n, nzero);
+    if (!rx->placer_started) {
+        if (pthread_create(&rx->placer, NULL, placer_main, rx) != 0)
+            return place_pages(rx, bi, off, src, n, nzero);
+        rx->placer_started = 1;
+    }
+    pthread_mutex_lock(&rx->job_lock);
+    rx->job_block = bi;
+    rx->job_off = off;
+    rx->job_src = src;
+    rx->job_n = n;
+    rx->job_nzero = nzero;
+    rx->job_pending = 1;
+    pthread_cond_broadcast(&rx->job_cv);
+    pthread_mutex_unlock(&rx->job_lock);
+    return 0;
+}
+
+/* The receiver is done filling the current stage half: the next fills go
+ * to the other one (once the job reading it, if any, is done). */
+static int rx_flip_stage(pc_rx *rx)
+{
+    if (!rx->stage_alloc)
+        return 0;
+    uint64_t half = (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE;
+    rx->stage = rx->stage == rx->stage_alloc ? rx->stage_alloc + half : rx->stage_alloc;
+    if (rx->job_pending && rx->job_src >= rx->stage && rx->job_src < rx->stage + half)
+        return rx_drain(rx);
+    return 0;
+}
+
+/* A huge page assembled in tmp: placed here, not on the placer thread (the
+ * page's records went straight into tmp, so placing is the only copy left;
+ * handing 2 MiB pages over to another thread measured slower on a loaded
+ * 2-core machine). */
+static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
+{
+    return place_host_page(rx, bi, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+}
+
+static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
 {
     pc_dst *d = rx->dst;
     for (uint32_t i = 0; i < n; i++) {
@@ -846,9 +1038,44 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
         else
             __atomic_add_fetch(&rx->c.pages_zero, 1, __ATOMIC_RELAXED);
         if (hps == PC_TARGET_PAGE_SIZE) {
-            /* A 4 KiB page is placed straight from the receive buffer. */
             if (data && pc_is_zero(data, PC_TARGET_PAGE_SIZE))
                 data = NULL;
+            /* After LISTEN, a run of records at consecutive offsets is placed
+             * with one ioctl: UFFDIO_ZEROPAGE when all are zero, else their
+             * bodies gathered into the stage (zeros for ZERO records) and one
+             * UFFDIO_COPY. A page on its own goes straight from the buffer. */
+            uint32_t k = 1, nz = data ? 0 : 1;
+            if (!d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
+                for (; i + k < n && k < PC_RX_STAGE_PAGES; k++) {
+                    const pc_ram_record *q = &recs[i + k];
+                    if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
+                        q->offset >= b->length)
+                        break;
+                    if (q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE))
+                        nz++;
+                }
+            }
+            uint8_t *stage = k > 1 && nz < k ? rx_stage(rx) : NULL;
+            if (k > 1 && (stage || nz == k)) {
+                for (uint32_t j = 1; j < k; j++)
+                    __atomic_add_fetch(recs[i + j].kind == PC_REC_PAGE ? &rx->c.pages_normal : &rx->c.pages_zero, 1,
+                                       __ATOMIC_RELAXED);
+                for (uint32_t j = 0; stage && j < k; j++) {
+                    uint8_t *slot = stage + (uint64_t)j * PC_TARGET_PAGE_SIZE;
+                    if (recs[i + j].kind == PC_REC_PAGE)
+                        memcpy(slot, buf + recs[i + j].data_pos, PC_TARGET_PAGE_SIZE);
+                    else
+                        memset(slot, 0, PC_TARGET_PAGE_SIZE);
+                }
+                int rc = stage ? place_async(rx, r->block, r->offset, stage, k, nz)
+                               : place_pages(rx, r->block, r->offset, NULL, k, nz);
+                if (!rc && stage)
+                    rc = rx_flip_stage(rx);
+                if (rc)
+                    return rc;
+                i += k - 1;
+                continue;
+            }
             int rc = place_host_page(rx, r->block, r->offset, data);
             if (rc)
                 return rc;
@@ -880,12 +1107,255 @@ int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const 
         rx->tmp_next_off += PC_TARGET_PAGE_SIZE;
         if (rx->tmp_next_off == host_off + hps) {
             rx->tmp_block = -1;
-            int rc = place_host_page(rx, r->block, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+            int rc = rx_place_tmp(rx, r->block, host_off);
             if (rc)
                 return rc;
         }
     }
     return 0;
+}
+
+/* ------------------------------------------------------- direct receive
+ *
+ * In a run of PAGE|CONTINUE records (the bulk stream, a requested host page)
+ * every record is 8 header bytes and one 4 KiB body. rx_recv receives
+ * the next records with one recvmsg, each header into direct_hdr[i] and each
+ * body into slot i of a contiguous, page-aligned area: rx->stage for 4 KiB
+ * blocks (runs of consecutive offsets then go in with one UFFDIO_COPY), and
+ * rx->tmp at the body's place in the host page for huge pages (no copy into
+ * the temp page). The headers are checked afterwards: from the first record
+ * that is not the predicted one (a ZERO record, an idstr, EOS, a page of
+ * another host page...) and from an incomplete last record on, the bytes go
+ * back into the receive buffer in stream order, for the general path. */
+
+#define DIRECT_REC (8 + PC_TARGET_PAGE_SIZE)
+
+typedef struct direct_layout {
+    uint8_t *bodies;
+    uint32_t nrec;
+} direct_layout;
+
+/* The byte at layout position pos: its piece and how many bytes of the piece remain. */
+static uint8_t *direct_at(pc_rx *rx, const direct_layout *l, uint64_t pos, uint64_t *n)
+{
+    uint64_t i = pos / DIRECT_REC, r = pos % DIRECT_REC;
+    if (r < 8) {
+        *n = 8 - r;
+        return rx->direct_hdr[i] + r;
+    }
+    *n = DIRECT_REC - r;
+    return l->bodies + i * PC_TARGET_PAGE_SIZE + (r - 8);
+}
+
+/* Copy layout bytes [from, to) out to lin (out != 0) or in from lin. */
+static void direct_copy(pc_rx *rx, const direct_layout *l, uint64_t from, uint64_t to, uint8_t *lin, int out)
+{
+    while (from < to) {
+        uint64_t n;
+        uint8_t *p = direct_at(rx, l, from, &n);
+        if (n > to - from)
+            n = to - from;
+        if (out)
+            memcpy(lin, p, n);
+        else
+            memcpy(p, lin, n);
+        lin += n;
+        from += n;
+    }
+}
+
+/* Layout bytes [from, to) back into the (empty) receive buffer. */
+static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint64_t to)
+{
+    if (from >= to)
+        return 0;
+    uint8_t *p = pc_sockbuf_reserve(&rx->in, to - from);
+    if (!p)
+        return -ENOMEM;
+    direct_copy(rx, l, from, to, p, 1);
+    pc_sockbuf_commit(&rx->in, to - from);
+    return 0;
+}
+
+/* Where the next records' bodies go, or 0 records when the direct receive
+ * does not apply (then the general path receives into the buffer). */
+static direct_layout direct_plan(pc_rx *rx)
+{
+    direct_layout l = { NULL, 0 };
+    pc_dst *d = rx->dst;
+    int32_t bi = rx->scan.last_block;
+    if (!d || bi < 0 || (uint32_t)bi >= d->nblocks || (rx->kind != PC_RX_PREEMPT && !rx->in_section))
+        return l;
+    uint64_t avail = pc_sockbuf_avail(&rx->in);
+    if (avail >= DIRECT_REC)
+        return l;
+    if (avail >= 8) {
+        uint64_t flags = pc_get_be64(pc_sockbuf_data(&rx->in)) & (PC_TARGET_PAGE_SIZE - 1);
+        if (flags != (PC_RAM_FLAG_PAGE | PC_RAM_FLAG_CONTINUE))
+            return l;
+    }
+    const pc_dst_block *b = &d->blocks[bi];
+    uint64_t hps = b->host_page_size;
+    if (hps == PC_TARGET_PAGE_SIZE) {
+        if (rx->tmp_block >= 0)
+            return l;
+        if (!(l.bodies = rx_stage(rx)))
+            return l;
+        l.nrec = PC_RX_STAGE_PAGES;
+    } else {
+        uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
+        if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)
+            return l;
+        if (rx->tmp_block < 0) {
+            l.bodies = rx->tmp;
+            l.nrec = (uint32_t)ntp;
+        } else {
+            if (rx->tmp_block != bi)
+                return l;       /* the general path reports it */
+            l.bodies = rx->tmp + (rx->tmp_next_off - rx->tmp_host_off);
+            l.nrec = (uint32_t)((rx->tmp_host_off + hps - rx->tmp_next_off) / PC_TARGET_PAGE_SIZE);
+        }
+    }
+    if (l.nrec > PC_RX_DIRECT_MAX)
+        l.nrec = PC_RX_DIRECT_MAX;
+    return l;
+}
+
+/* How many of the records at the start of the layout are complete and the
+ * predicted ones: PAGE|CONTINUE of the channel's block, inside it, and for a
+ * huge page the next target pages of the host page being assembled. */
+static uint32_t direct_check(pc_rx *rx, const direct_layout *l, uint64_t total)
+{
+    const pc_dst_block *b = &rx->dst->blocks[rx->scan.last_block];
+    uint64_t hps = b->host_page_size, expect = rx->tmp_block >= 0 ? rx->tmp_next_off : 0;
+    uint32_t k = 0;
+    for (; k < l->nrec && total - (uint64_t)k * DIRECT_REC >= DIRECT_REC; k++) {
+        uint64_t word = pc_get_be64(rx->direct_hdr[k]), off = word & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
+        if ((word & (PC_TARGET_PAGE_SIZE - 1)) != (PC_RAM_FLAG_PAGE | PC_RAM_FLAG_CONTINUE) || off >= b->length)
+            break;
+        if (hps > PC_TARGET_PAGE_SIZE) {
+            if (k == 0 && rx->tmp_block < 0) {
+                if (off % hps)
+                    break;
+                expect = off;
+            }
+            if (off != expect)
+                break;
+            expect += PC_TARGET_PAGE_SIZE;
+        }
+    }
+    return k;
+}
+
+/* Place the k checked records of the layout. */
+static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
+{
+    uint32_t bi = (uint32_t)rx->scan.last_block;
+    const pc_dst_block *b = &rx->dst->blocks[bi];
+    uint64_t hps = b->host_page_size;
+    __atomic_add_fetch(&rx->c.pages_normal, k, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&rx->c.pages_direct, k, __ATOMIC_RELAXED);
+    if (hps == PC_TARGET_PAGE_SIZE) {
+        /* runs of consecutive offsets: one UFFDIO_COPY (UFFDIO_ZEROPAGE when all zero) */
+        for (uint32_t i = 0; i < k;) {
+            uint64_t off = pc_get_be64(rx->direct_hdr[i]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
+            uint32_t j = i, nz = 0;
+            for (; j < k && (j == i || (pc_get_be64(rx->direct_hdr[j]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1)) ==
+                                           off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE);
+                 j++)
+                nz += (uint32_t)pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
+            int rc = nz == j - i ? place_pages(rx, bi, off, NULL, j - i, nz)
+                                 : place_async(rx, bi, off, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, j - i, nz);
+            if (rc)
+                return rc;
+            i = j;
+        }
+        if (k)
+            return rx_flip_stage(rx);
+        return 0;
+    }
+    if (!k)
+        return 0;
+    if (rx->tmp_block < 0) {
+        rx->tmp_block = bi;
+        rx->tmp_host_off = pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
+        rx->tmp_next_off = rx->tmp_host_off;
+        rx->tmp_all_zero = 1;
+    }
+    for (uint32_t i = 0; rx->tmp_all_zero && i < k; i++)
+        if (!pc_is_zero(l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE))
+            rx->tmp_all_zero = 0;
+    rx->tmp_next_off += (uint64_t)k * PC_TARGET_PAGE_SIZE;
+    if (rx->tmp_next_off == rx->tmp_host_off + hps) {
+        rx->tmp_block = -1;
+        return rx_place_tmp(rx, bi, rx->tmp_host_off);
+    }
+    return 0;
+}
+
+/* One receive for pc_rx_run: >0 bytes received, 0 at EOF, -errno (recv);
+ * a placement or protocol error sets *err to its PC_RX_E_* code. The
+ * buffer's unread bytes (at most an incomplete record) go through the
+ * layout too, and whatever is not placed comes back to the buffer. */
+static int64_t rx_recv(pc_rx *rx, int *err)
+{
+    *err = 0;
+    if (rx->kind == PC_RX_PREEMPT)
+        boost_this_thread();
+    direct_layout l = { NULL, 0 };
+    if (rx->direct_skip)
+        rx->direct_skip--;
+    else
+        l = direct_plan(rx);
+    if (!l.nrec)
+        return pc_sockbuf_recv(&rx->in);
+    pc_sockbuf *in = &rx->in;
+    uint64_t pre = pc_sockbuf_avail(in), len = (uint64_t)l.nrec * DIRECT_REC;
+    direct_copy(rx, &l, 0, pre, (uint8_t *)(uintptr_t)pc_sockbuf_data(in), 0);
+    pc_sockbuf_consume(in, pre);
+    /* The kernel reads the whole iovec array on every call: offer about
+     * twice what the last receive got (at least 64 KiB), not the whole layout. */
+    uint64_t want = rx->direct_last * 2 > (64u << 10) ? rx->direct_last * 2 : (64u << 10);
+    if (len > pre + want)
+        len = pre + want;
+    int niov = 0;
+    for (uint64_t pos = pre; pos < len;) {
+        uint64_t n;
+        uint8_t *p = direct_at(rx, &l, pos, &n);
+        rx->direct_iov[niov++] = (struct iovec){ p, n };
+        pos += n;
+    }
+    struct msghdr msg = { .msg_iov = rx->direct_iov, .msg_iovlen = (size_t)niov };
+    ssize_t got;
+    do
+        got = recvmsg(in->fd, &msg, 0);
+    while (got < 0 && errno == EINTR);
+    int64_t ret = got < 0 ? -errno : got;
+    uint64_t total = pre + (got > 0 ? (uint64_t)got : 0);
+    if (got > 0) {
+        __atomic_add_fetch(&in->bytes, (uint64_t)got, __ATOMIC_RELAXED);
+        rx->direct_last = (uint64_t)got;
+    }
+    uint32_t k = got > 0 ? direct_check(rx, &l, total) : 0;
+    if (k < l.nrec && total - (uint64_t)k * DIRECT_REC >= 8 &&
+        (pc_get_be64(rx->direct_hdr[k]) & PC_RAM_FLAG_ZERO)) {
+        /* A ZERO record where a page was predicted: the rest is copied back.
+         * When zero pages are all over the stream, receiving into the buffer
+         * and staging runs from there copies less: try again a few receives
+         * later, fewer the more often it fails. */
+        rx->direct_backoff = rx->direct_backoff ? (rx->direct_backoff < 64 ? rx->direct_backoff * 2 : 64) : 2;
+        rx->direct_skip = rx->direct_backoff;
+    } else if (k) {
+        rx->direct_backoff = 0;
+    }
+    if (direct_unread(rx, &l, (uint64_t)k * DIRECT_REC, total) < 0) {
+        *err = rx_fail(rx, PC_RX_E_IO, ENOMEM, "no memory for the receive buffer");
+        return ret;
+    }
+    int rc = direct_place(rx, &l, k);
+    if (rc)
+        *err = rc;
+    return ret;
 }
 
 /* Scan and place the records at head until EOS / need-data / error.
@@ -902,7 +1372,7 @@ static int rx_records(pc_rx *rx)
         if (status < 0)
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL, "bad page record at stream offset +%llu: scan error %d",
                            (unsigned long long)err_pos, status);
-        int rc = pc_rx_place_records(rx, rx->recs, nrec, data);
+        int rc = place_records(rx, rx->recs, nrec, data);
         if (rc)
             return rc;
         pc_sockbuf_consume(&rx->in, (uint64_t)used);
@@ -914,6 +1384,15 @@ static int rx_records(pc_rx *rx)
     }
 }
 
+int pc_rx_place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
+{
+    int rc = place_records(rx, recs, n, buf);
+    int drc = rx_drain_after(rx, rc != 0);
+    return rc ? rc : drc;
+}
+
+static int rx_run(pc_rx *rx);
+
 int pc_rx_run_niced(pc_rx *rx, int nice)
 {
     pc_thread_set_nice(nice);
@@ -921,6 +1400,13 @@ int pc_rx_run_niced(pc_rx *rx, int nice)
 }
 
 int pc_rx_run(pc_rx *rx)
+{
+    int rc = rx_run(rx);
+    int drc = rx_drain_after(rx, rc < 0);     /* what was received is placed before Python hears of it */
+    return rc < 0 || !drc ? rc : drc;
+}
+
+static int rx_run(pc_rx *rx)
 {
     pc_sockbuf *in = &rx->in;
     for (;;) {
@@ -960,7 +1446,10 @@ int pc_rx_run(pc_rx *rx)
                    pc_sockbuf_data(in)[0] != PC_VM_SECTION_END) {
             return PC_RX_CONTROL;   /* EOF marker or a command: Python decodes it */
         }
-        int64_t n = pc_sockbuf_recv(in);
+        int place_rc;
+        int64_t n = rx_recv(rx, &place_rc);
+        if (place_rc)
+            return place_rc;
         if (n == 0) {
             if (!pc_sockbuf_avail(in) && !rx->in_section && rx->tmp_block < 0)
                 return PC_RX_EOF;

@@ -17,6 +17,7 @@
 
 #include <pthread.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "bitmap.h"
 #include "faults.h"
@@ -143,7 +144,15 @@ enum {
     PC_RX_E_TRUNCATED = -4, /* EOF in the middle of a record or section */
 };
 
-typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_placed; } pc_rx_counters;
+/* pages_direct: PAGE records whose bodies were received straight into place
+ * (the direct receive in dest.c) rather than through the receive buffer */
+typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_placed, pages_direct; } pc_rx_counters;
+
+/* Direct receive: up to this many PAGE|CONTINUE records per recvmsg, headers
+ * apart and bodies contiguous (4 KiB blocks: in rx->stage; huge pages: in
+ * rx->tmp at their place in the host page). */
+#define PC_RX_DIRECT_MAX 512
+#define PC_RX_STAGE_PAGES 256
 
 typedef struct pc_rx {
     pc_dst *dst;
@@ -158,6 +167,25 @@ typedef struct pc_rx {
     int64_t tmp_block;
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;
+    /* direct receive (see PC_RX_DIRECT_MAX) */
+    uint8_t *stage;                     /* the stage's half the receiver fills (PC_RX_STAGE_PAGES pages) */
+    uint8_t *stage_alloc;               /* both halves, mapped on first use */
+    uint8_t *tmp_alloc;                 /* the temp page's mapping (tmp) */
+    /* the placer thread: places a staged run of 4 KiB pages while the
+     * receiver receives the next ones (one job at a time) */
+    pthread_t placer;
+    int placer_started, placer_quit, job_pending, job_rc, job_errno;
+    pthread_mutex_t job_lock;
+    pthread_cond_t job_cv;
+    uint32_t job_block;
+    uint64_t job_off, job_n, job_nzero;
+    const uint8_t *job_src;
+    char job_msg[256];
+    uint32_t direct_skip;               /* receives into the buffer before the next direct try */
+    uint32_t direct_backoff;            /* the skip after the next mispredicted ZERO record */
+    uint64_t direct_last;               /* bytes the last direct receive got */
+    uint8_t direct_hdr[PC_RX_DIRECT_MAX][8];
+    struct iovec direct_iov[2 * PC_RX_DIRECT_MAX];
     /* main channel framing */
     uint32_t ram_section_id;
     int in_section;

@@ -98,3 +98,8 @@ int pc_sockbuf_unread(pc_sockbuf *sb, const uint8_t *data, uint64_t n)
     sb->tail += n;
     return 0;
 }
+
+uint8_t *pc_sockbuf_reserve(pc_sockbuf *sb, uint64_t n)
+{
+    return make_room(sb, n) < 0 ? NULL : sb->buf + sb->tail;
+}

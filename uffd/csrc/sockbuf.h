@@ -24,6 +24,10 @@ int64_t pc_sockbuf_fill(pc_sockbuf *sb, uint64_t n);
 void pc_sockbuf_consume(pc_sockbuf *sb, uint64_t n);
 /* Put bytes back in front of the unread ones. */
 int pc_sockbuf_unread(pc_sockbuf *sb, const uint8_t *data, uint64_t n);
+/* Room for n more bytes at the end: a pointer to it (fill it, then
+ * pc_sockbuf_commit), or NULL (the limit, or no memory). */
+uint8_t *pc_sockbuf_reserve(pc_sockbuf *sb, uint64_t n);
+static inline void pc_sockbuf_commit(pc_sockbuf *sb, uint64_t n) { sb->tail += n; }
 static inline uint64_t pc_sockbuf_avail(const pc_sockbuf *sb) { return sb->tail - sb->head; }
 static inline const uint8_t *pc_sockbuf_data(const pc_sockbuf *sb) { return sb->buf + sb->head; }
 

@@ -1,0 +1,414 @@
+"""The destination's receiver placing page records (uffd/csrc/dest.c): runs of
+4 KiB pages received with their bodies contiguous and placed with one
+UFFDIO_COPY, huge pages received straight into the temp page, and the general
+path taking over wherever the stream is not the predicted run.
+
+Real anonymous / hugetlbfs blocks registered with a real userfaultfd, the
+records written by a thread into a socketpair in chunks of chosen sizes."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import random
+import socket
+import struct
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import pytest
+
+from postcopy import _datapath as dp
+from uffd import PAGE_2M, RamBlock, RegisterMode, Userfaultfd
+from uffd import memtouch as mt
+from uffd._native import ffi, lib
+
+from .conftest import Toucher, wait_events
+
+PAGE = 4096
+FLAG_ZERO, FLAG_PAGE, FLAG_EOS, FLAG_CONTINUE = 0x02, 0x08, 0x10, 0x20
+SECTION_PART, SECTION_FOOTER = 0x02, 0x7E
+
+Record = tuple[str, int, bytes | None]  # (block idstr, offset, body or None for a ZERO record)
+
+
+def encode(records: Sequence[Record], *, eos: bool = True) -> bytes:
+    """QEMU's RAM record format, CONTINUE whenever the block is the previous one's."""
+    out = bytearray()
+    last = None
+    for idstr, off, body in records:
+        flags = FLAG_PAGE if body is not None else FLAG_ZERO
+        if idstr == last:
+            flags |= FLAG_CONTINUE
+        out += struct.pack(">Q", off | flags)
+        if idstr != last:
+            out += bytes([len(idstr)]) + idstr.encode()
+            last = idstr
+        out += body if body is not None else b"\0"
+    if eos:
+        out += struct.pack(">Q", FLAG_EOS)
+    return bytes(out)
+
+
+def page(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE)
+
+
+def read(block: RamBlock, off: int, n: int) -> bytes:
+    return ctypes.string_at(block.addr + off, n)
+
+
+class Feed:
+    """Writes data into a socketpair in the given chunk sizes (then the rest)."""
+
+    def __init__(self, data: bytes, chunks: Sequence[int] = (), pause: float = 0.002, close: bool = False) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        for s in (self.ours, self.theirs):  # room for a whole small stream before the receiver starts
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._data, self._chunks, self._pause, self._close = data, chunks, pause, close
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pos = 0
+        try:
+            for n in self._chunks:
+                self.theirs.sendall(self._data[pos:pos + n])
+                pos += n
+                self._drained()  # the receiver's receive got this chunk and no more
+                time.sleep(self._pause)
+            self.theirs.sendall(self._data[pos:])
+            if self._close:
+                self.theirs.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the receiver stopped at an error and its socket was closed
+
+    def _drained(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            queued = struct.unpack("i", fcntl.ioctl(self.theirs, termios.TIOCOUTQ, b"\0" * 4))[0]
+            if not queued:
+                return
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        self.ours.close()  # a writer still blocked (the receiver stopped early) gets EPIPE
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.theirs.close()
+
+
+@pytest.fixture
+def feeds() -> Iterator[Callable[..., Feed]]:
+    made: list[Feed] = []
+
+    def make(*args: object, **kw: object) -> Feed:
+        f = Feed(*args, **kw)  # type: ignore[arg-type]
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, section: int = 0) -> dp.Receiver:
+    rx = dp.Receiver(path, feed.ours, kind, section)
+    code = rx.run()
+    assert code == (dp.Receiver.EOS if kind == dp.RX_PREEMPT else dp.Receiver.EOF)
+    return rx
+
+
+class Channel:
+    """The channel the records arrive on: preempt (records, EOS) or main (a RAM
+    section around them, then EOF): main places runs on its placer thread."""
+
+    SECTION = 7
+
+    def __init__(self, kind: str, feeds: Callable[..., Feed]) -> None:
+        self.kind = kind
+        self._feeds = feeds
+
+    def feed(self, data: bytes, chunks: Sequence[int] = ()) -> Feed:
+        if self.kind == "preempt":
+            return self._feeds(data, chunks)
+        head = bytes([SECTION_PART]) + struct.pack(">I", self.SECTION)
+        tail = bytes([SECTION_FOOTER]) + struct.pack(">I", self.SECTION)
+        chunks = [chunks[0] + len(head), *chunks[1:]] if chunks else []
+        return self._feeds(head + data + tail, chunks, close=True)
+
+    def receive(self, path: dp.DestinationPath, feed: Feed) -> dp.Receiver:
+        if self.kind == "preempt":
+            return receive(path, feed)
+        return receive(path, feed, dp.RX_MAIN, self.SECTION)
+
+
+@pytest.fixture(params=["preempt", "main"])
+def chan(request: pytest.FixtureRequest, feeds: Callable[..., Feed]) -> Channel:
+    return Channel(request.param, feeds)
+
+
+def check_hashes(path: dp.DestinationPath, i: int, block: RamBlock, pages: Iterable[int]) -> None:
+    """--verify: the hash recorded at placement is the hash of the page as it is now."""
+    placed = path.placed_hashes(i)
+    out = ffi.new("uint64_t[]", 1)
+    for p in pages:
+        lib.pc_hash_pages(block.addr + p * PAGE, 1, out)
+        assert placed[8 * p:8 * p + 8] == bytes(ffi.buffer(out)), f"hash of page {p}"
+
+
+def test_long_run_placed_in_runs_and_wakes_a_waiting_reader(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], chan: Channel
+) -> None:
+    n = 700  # more than one stage (PC_RX_STAGE_PAGES) of bodies
+    b = make_block("pc.ram", n * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    t = touch(mt.read_byte, b, 333 * PAGE + 17)
+    [ev] = wait_events(uffd, 1)
+    assert ev.address == b.addr + 333 * PAGE
+    path = dp.DestinationPath([b], verify=True)
+    path.attach_uffd(uffd.fileno())
+    bodies = [page(i) for i in range(n)]
+    first = 8 + 1 + len("pc.ram") + PAGE  # the record that names the block: received alone
+    rx = chan.receive(path, chan.feed(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(n)]), chunks=[first]))
+    assert t.wait() == bodies[333][17]
+    assert read(b, 0, n * PAGE) == b"".join(bodies)
+    assert path.received[0].count() == n
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (n, 0, 0)
+    assert rx._rx.c.pages_normal == n
+    assert rx._rx.c.pages_direct == n - 1  # all but the first (it names the block)
+    check_hashes(path, 0, b, range(n))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_run_broken_by_a_page_already_present(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel, direct: bool
+) -> None:
+    """direct: the run received into the stage; not: all in the receive buffer, gathered into the stage."""
+    b = make_block("pc.ram", 64 * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    old = {5: page(1005), 6: page(1006), 40: page(1040)}
+    for p, body in old.items():
+        uffd.copy(b.addr + p * PAGE, body, PAGE)
+    path = dp.DestinationPath([b], verify=True)
+    path.attach_uffd(uffd.fileno())
+    path.requested[0].set(20)  # a request outstanding in the middle of the run
+    bodies = [page(i) for i in range(64)]
+    first = 8 + 1 + len("pc.ram") + PAGE
+    feed = chan.feed(encode([("pc.ram", i * PAGE, bodies[i]) for i in range(64)]), chunks=[first] if direct else [])
+    if not direct:
+        feed.thread.join(10)  # the whole stream waits in the socket: one receive into the buffer
+    rx = chan.receive(path, feed)
+    assert rx._rx.c.pages_direct == (63 if direct else 0)
+    for i in range(64):
+        assert read(b, i * PAGE, PAGE) == old.get(i, bodies[i]), f"page {i}"
+    c = path.counters()
+    assert c.eexist == 3  # 5 and 6 (adjacent), 40: each stepped over, the rest placed
+    assert c.host_pages_placed == 64
+    assert path.received[0].count() == 64
+    assert path.requested[0].count() == 0
+
+
+def test_runs_across_blocks_gaps_and_zero_pages(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel
+) -> None:
+    a = make_block("pc.ram", 32 * PAGE)
+    z = make_block("other", 32 * PAGE)
+    for blk in (a, z):
+        uffd.register(blk.addr, blk.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([a, z], verify=True)
+    path.attach_uffd(uffd.fileno())
+    zero = bytes(PAGE)
+    recs: list[Record] = []
+    want: dict[tuple[str, int], bytes] = {}
+    # a: 0..9, a PAGE record with a zero body at 4, a ZERO record at 7; then
+    # block "other" 30, 31 (a run to its end); back to a at 20..25 (a gap), 12
+    plan = [("pc.ram", range(10)), ("other", range(30, 32)), ("pc.ram", range(20, 26)), ("pc.ram", [12]),
+            ("other", range(0, 3))]
+    seed = 0
+    for idstr, offs in plan:
+        for p in offs:
+            seed += 1
+            body: bytes | None = page(seed)
+            if (idstr, p) == ("pc.ram", 4):
+                body = zero
+            elif (idstr, p) == ("pc.ram", 7):
+                body = None
+            recs.append((idstr, p * PAGE, body))
+            want[(idstr, p)] = body if body is not None else zero
+    rx = chan.receive(path, chan.feed(encode(recs), chunks=[9000, 5, 4100, 12000, 3]))
+    blocks = {"pc.ram": a, "other": z}
+    for (idstr, p), body in want.items():
+        assert read(blocks[idstr], p * PAGE, PAGE) == body, f"{idstr} page {p}"
+    assert [path.received[i].count() for i in (0, 1)] == [17, 5]
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (22, 2, 0)
+    assert (rx._rx.c.pages_normal, rx._rx.c.pages_zero) == (21, 1)
+    assert rx._rx.c.pages_direct > 0
+    check_hashes(path, 0, a, [p for (i, p) in want if i == "pc.ram"])
+    check_hashes(path, 1, z, [p for (i, p) in want if i == "other"])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 9, 4103, 4104, 4105, 10000])
+def test_partial_records_at_the_buffer_end(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], chunk: int
+) -> None:
+    b = make_block("pc.ram", 8 * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([b])
+    path.attach_uffd(uffd.fileno())
+    bodies = [page(50 + i) for i in range(8)]
+    data = encode([("pc.ram", i * PAGE, bodies[i]) for i in range(8)])
+    # the first record whole, then the stream cut every `chunk` bytes for a while
+    first = 8 + 1 + len("pc.ram") + PAGE
+    receive(path, feeds(data, chunks=[first] + [chunk] * min(40, (len(data) - first) // chunk)))
+    assert read(b, 0, 8 * PAGE) == b"".join(bodies)
+    assert path.counters().host_pages_placed == 8
+
+
+@pytest.mark.parametrize("cut", [3, 8, 100, 4103])
+def test_eof_inside_a_record_is_truncation(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], cut: int
+) -> None:
+    b = make_block("pc.ram", 8 * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([b])
+    path.attach_uffd(uffd.fileno())
+    data = encode([("pc.ram", i * PAGE, page(i)) for i in range(4)], eos=False)
+    first = 8 + 1 + len("pc.ram") + PAGE
+    feed = feeds(data[:first + 2 * (8 + PAGE) + cut], chunks=[first], close=True)
+    rx = dp.Receiver(path, feed.ours, dp.RX_PREEMPT, 0)
+    with pytest.raises(dp.DataPathError) as info:
+        rx.run()
+    assert info.value.kind == "truncated"
+    assert path.received[0].count() >= 2
+
+
+def test_main_channel_sections_and_plain_writes_before_listen(
+    make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """No uffd yet (precopy): runs are written with memcpy; the section framing is kept."""
+    b = make_block("pc.ram", 600 * PAGE)
+    path = dp.DestinationPath([b], verify=True)
+    section = 3
+    bodies = [page(7 + i) for i in range(600)]
+    data = bytearray()
+    for lo, hi in ((0, 300), (300, 600)):
+        data += bytes([SECTION_PART]) + struct.pack(">I", section)
+        recs: list[Record] = [("pc.ram", i * PAGE, bodies[i]) for i in range(lo, hi)]
+        body = encode(recs)
+        if lo:  # the channel's block carries over sections: CONTINUE from the first record
+            body = struct.pack(">Q", lo * PAGE | FLAG_PAGE | FLAG_CONTINUE) + body[8 + 1 + len("pc.ram"):]
+        data += body + bytes([SECTION_FOOTER]) + struct.pack(">I", section)
+    rx = receive(path, feeds(bytes(data), chunks=[5000, 70000], close=True), dp.RX_MAIN, section)
+    assert read(b, 0, 600 * PAGE) == b"".join(bodies)
+    assert path.received[0].count() == 600
+    assert rx._rx.c.pages_direct >= 250  # not after each section's end for a few receives
+    check_hashes(path, 0, b, range(600))
+
+
+@pytest.mark.hugetlb
+def test_2m_pages_received_straight_into_the_temp_page(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], chan: Channel
+) -> None:
+    b = make_block("pc.ram", 3 * PAGE_2M, PAGE_2M, "hugetlbfs")
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    t = touch(mt.read_byte, b, PAGE_2M + 5 * PAGE + 1)
+    wait_events(uffd, 1)
+    path = dp.DestinationPath([b], verify=True)
+    path.attach_uffd(uffd.fileno())
+    ntp = PAGE_2M // PAGE
+    bodies = [page(900 + i) for i in range(3 * ntp)]
+    recs: list[Record] = [("pc.ram", i * PAGE, bodies[i]) for i in range(3 * ntp)]
+    # host page 2: a ZERO record in its middle (the general path takes over there)
+    recs[2 * ntp + 100] = ("pc.ram", (2 * ntp + 100) * PAGE, None)
+    bodies[2 * ntp + 100] = bytes(PAGE)
+    rx = chan.receive(path, chan.feed(encode(recs), chunks=[PAGE_2M + 3, 5000, 8, 700000]))
+    assert t.wait() == bodies[ntp + 5][1]
+    assert read(b, 0, 3 * PAGE_2M) == b"".join(bodies)
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed) == (3, 0)
+    assert path.received[0].count() == 3 * ntp
+    assert (rx._rx.c.pages_normal, rx._rx.c.pages_zero) == (3 * ntp - 1, 1)
+    assert rx._rx.c.pages_direct >= ntp  # host page 1 at least went in directly (0 begins in the buffer)
+    check_hashes(path, 0, b, range(3 * ntp))
+
+
+@pytest.mark.hugetlb
+def test_2m_page_all_zero_and_out_of_order_record(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    b = make_block("pc.ram", 2 * PAGE_2M, PAGE_2M, "hugetlbfs")
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([b])
+    path.attach_uffd(uffd.fileno())
+    ntp = PAGE_2M // PAGE
+    zero = bytes(PAGE)
+    recs: list[Record] = [("pc.ram", i * PAGE, zero) for i in range(ntp)]
+    rx = receive(path, feeds(encode(recs), chunks=[8 + 1 + len("pc.ram") + PAGE]))
+    assert path.counters().zero_host_pages_placed == 1
+    assert rx._rx.c.pages_direct == ntp - 1
+    # a host page whose records skip one: the general path names the error
+    bad: list[Record] = [("pc.ram", (ntp + i) * PAGE, page(i)) for i in range(ntp) if i != 10]
+    rx2 = dp.Receiver(path, feeds(encode(bad)).ours, dp.RX_PREEMPT, 0)
+    with pytest.raises(dp.DataPathError, match="host page not sent whole and in order") as info:
+        rx2.run()
+    assert info.value.kind == "protocol"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_zero_pages_all_over_and_a_run_of_zero_records(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel, direct: bool
+) -> None:
+    """As the built-in guest's memory: about 1 page in 8 zero (ZERO records, some PAGE
+    records with zero bodies), and 40 ZERO records in a row (one UFFDIO_ZEROPAGE)."""
+    n = 400
+    b = make_block("pc.ram", n * PAGE)
+    uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+    path = dp.DestinationPath([b], verify=True)
+    path.attach_uffd(uffd.fileno())
+    rng = random.Random(5)
+    zero = bytes(PAGE)
+    recs: list[Record] = []
+    want = []
+    for i in range(n):
+        body: bytes | None = page(3000 + i)
+        if 200 <= i < 240 or rng.random() < 0.12:
+            body = None
+        elif rng.random() < 0.02:
+            body = zero
+        recs.append(("pc.ram", i * PAGE, body))
+        want.append(zero if body is None else body)
+    first = 8 + 1 + len("pc.ram") + (PAGE if recs[0][2] is not None else 1)
+    feed = chan.feed(encode(recs), chunks=[first] + [40000] * 30 if direct else [])
+    if not direct:
+        feed.thread.join(10)
+    rx = chan.receive(path, feed)
+    assert read(b, 0, n * PAGE) == b"".join(want)
+    c = path.counters()
+    nzero = sum(1 for w in want if w == zero)
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (n, nzero, 0)
+    assert rx._rx.c.pages_zero == sum(1 for r in recs if r[2] is None)
+    assert rx._rx.c.pages_normal == sum(1 for r in recs if r[2] is not None)
+    assert (rx._rx.c.pages_direct > 0) == direct
+    check_hashes(path, 0, b, range(n))
+
+
+def test_placement_error_of_a_run_is_reported(
+    uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel
+) -> None:
+    """A run that cannot be placed (main: on the placer thread) fails the receiver with the ioctl's reason."""
+    b = make_block("pc.ram", 32 * PAGE)  # not registered with the uffd: UFFDIO_COPY refuses
+    path = dp.DestinationPath([b])
+    path.attach_uffd(uffd.fileno())
+    first = 8 + 1 + len("pc.ram") + PAGE
+    feed = chan.feed(encode([("pc.ram", i * PAGE, page(i)) for i in range(32)]), chunks=[first])
+    rx = dp.Receiver(path, feed.ours, dp.RX_PREEMPT if chan.kind == "preempt" else dp.RX_MAIN, Channel.SECTION)
+    with pytest.raises(dp.DataPathError, match=r"UFFDIO_COPY pc\.ram offset 0x0 len 0x1000") as info:
+        rx.run()
+    assert info.value.kind == "placement"
+    assert path.received[0].count() == 0
