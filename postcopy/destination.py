@@ -43,7 +43,7 @@ from ._link import (
     tune,
     urgent_priority,
 )
-from .owner import MemoryOwner
+from .owner import DestinationMemory
 from .session import (
     AcceptPreempt,
     Action,
@@ -104,7 +104,7 @@ class _Conn:
 class Destination:
     """Serve one incoming migration into the memory of ``owner``."""
 
-    def __init__(self, owner: MemoryOwner, *, preempt: bool = True, verify: bool = False,
+    def __init__(self, owner: DestinationMemory, *, preempt: bool = True, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, link_timeout: float = 3.0,
                  recover_timeout: float = 120.0, fail_fast: bool = False,
                  max_packaged: int | None = None) -> None:

@@ -37,7 +37,16 @@ from .session import MigrationFailed
 from .touch import TouchPattern, TouchReader, TouchStats
 from .spec import DEVICE_IDSTR, DEVICE_VERSION, GuestSpec, SpecError, decode_device_state, encode_device_state
 
-__all__ = ["BuiltinGuest", "HeadlessMemory", "MemoryOwner", "RemoteMemory", "WriterProcess", "memory_from_file"]
+__all__ = [
+    "BuiltinGuest",
+    "DestinationMemory",
+    "HeadlessMemory",
+    "MemoryOwner",
+    "RemoteMemory",
+    "SourceMemory",
+    "WriterProcess",
+    "memory_from_file",
+]
 
 #: The machine type our own configuration section names.
 BUILTIN_MACHINE_TYPE = "postcopy-builtin-1"
@@ -58,62 +67,72 @@ class WriterProcess:
     uffd: int = -1
 
 
-class MemoryOwner(Protocol):
-    """What a role needs from whoever owns guest memory."""
+class _Memory(Protocol):
+    def ram_blocks(self) -> Sequence[RamBlock]:
+        """The blocks as they are now (source: what to send)."""
+
+    def close(self) -> None:
+        """Release the memory and whatever runs on it."""
+
+
+class SourceMemory(_Memory, Protocol):
+    """What a source needs from whoever owns the memory it sends."""
+
+    def configuration(self) -> wire.Configuration:
+        """The configuration section the stream starts with."""
+
+    def stop(self) -> None:
+        """Stop the guest (the downtime starts)."""
+
+    def writer_process(self) -> WriterProcess:
+        """Precopy: the process that writes this memory (dirty tracking watches it)."""
+
+    def freeze_writers(self) -> None:
+        """Precopy: hold every writer for a moment (soft-dirty's read-and-clear)."""
+
+    def thaw_writers(self) -> None:
+        """Let them run again."""
+
+    def throttle(self, percent: int) -> None:
+        """Precopy (auto-converge): let the writers run only ``100 - percent`` % of
+        the time from now on (0: full speed again). An owner with no writer ignores it."""
+
+    def set_writer_nice(self, nice: int | None) -> None:
+        """Precopy: run the writers' threads at ``nice`` (the migration's threads go
+        first); None: each back at the nice it had. An owner with no writer ignores it.
+        Raises OSError (PermissionError: raising a priority needs CAP_SYS_NICE)."""
+
+    def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
+        """Guest stopped: its device state, sent inside PACKAGED."""
+
+
+class DestinationMemory(_Memory, Protocol):
+    """What a destination needs from whoever owns the memory it fills."""
 
     def block_page_sizes(self) -> dict[str, int]:
         """Host page sizes this owner knows for blocks by idstr (the stream may not say)."""
 
     def provide_blocks(self, layout: wire.RamLayout) -> Sequence[RamBlock]:
-        """Destination: the blocks for the stream's RAM setup, in its order; raises
+        """The blocks for the stream's RAM setup, in its order; raises
         :class:`MigrationFailed` ("ram_layout") when this owner cannot hold them."""
-
-    def ram_blocks(self) -> Sequence[RamBlock]:
-        """The blocks as they are now (source: what to send)."""
-
-    def configuration(self) -> wire.Configuration:
-        """Source: the configuration section the stream starts with."""
-
-    def stop(self) -> None:
-        """Source: stop the guest (the downtime starts)."""
-
-    def writer_process(self) -> WriterProcess:
-        """Source, precopy: the process that writes this memory (dirty tracking watches it)."""
-
-    def freeze_writers(self) -> None:
-        """Source, precopy: hold every writer for a moment (soft-dirty's read-and-clear)."""
-
-    def thaw_writers(self) -> None:
-        """Source: let them run again."""
-
-    def throttle(self, percent: int) -> None:
-        """Source, precopy (auto-converge): let the writers run only ``100 - percent`` % of
-        the time from now on (0: full speed again). An owner with no writer ignores it."""
-
-    def set_writer_nice(self, nice: int | None) -> None:
-        """Source, precopy: run the writers' threads at ``nice`` (the migration's threads go
-        first); None: each back at the nice it had. An owner with no writer ignores it.
-        Raises OSError (PermissionError: raising a priority needs CAP_SYS_NICE)."""
-
-    def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
-        """Source, guest stopped: its device state, sent inside PACKAGED."""
 
     def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
                           configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
-        """Destination, at RUN: the device state received (every device section in stream order,
+        """At RUN: the device state received (every device section in stream order,
         the configuration section, whether each section came inside PACKAGED); raises MigrationFailed."""
 
     def start(self) -> None:
-        """Destination, at RUN: run the guest on this memory."""
+        """At RUN: run the guest on this memory."""
 
     def vcpu_thread_ids(self) -> Sequence[int]:
         """Threads whose blocked time is QEMU's postcopy blocktime (may be empty)."""
 
     def reset(self) -> None:
-        """Destination, before RUN: forget everything received (the stream starts over)."""
+        """Before RUN: forget everything received (the stream starts over)."""
 
-    def close(self) -> None:
-        """Release the memory and whatever runs on it."""
+
+class MemoryOwner(SourceMemory, DestinationMemory, Protocol):
+    """An owner that can be either end (the built-in guest, headless memory)."""
 
 
 class BuiltinGuest:
@@ -424,30 +443,6 @@ class RemoteMemory:
 
     def ram_blocks(self) -> Sequence[RamBlock]:
         return list(self._blocks)
-
-    def configuration(self) -> wire.Configuration:
-        return wire.Configuration(machine_type=BUILTIN_MACHINE_TYPE)
-
-    def stop(self) -> None:
-        pass
-
-    def writer_process(self) -> WriterProcess:
-        raise RuntimeError("RemoteMemory is a destination: nothing here tracks its writes")
-
-    def freeze_writers(self) -> None:
-        pass
-
-    def thaw_writers(self) -> None:
-        pass
-
-    def throttle(self, percent: int) -> None:
-        pass
-
-    def set_writer_nice(self, nice: int | None) -> None:
-        pass
-
-    def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
-        return self.device_sections
 
     def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
                           configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:

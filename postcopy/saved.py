@@ -142,12 +142,6 @@ class SnapshotMemory:
     def open(cls, directory: str | os.PathLike[str]) -> SnapshotMemory:
         return cls(Snapshot.open(directory))
 
-    def block_page_sizes(self) -> dict[str, int]:
-        return {b.idstr: b.page_size for b in self.snapshot.blocks if b.page_size != _PAGE}
-
-    def provide_blocks(self, layout: wire.RamLayout) -> Sequence[RamBlock]:
-        raise MigrationFailed("ram_layout", "a snapshot is read as a source; it receives no migration")
-
     def ram_blocks(self) -> Sequence[RamBlock]:
         return list(self.memory)
 
@@ -174,19 +168,6 @@ class SnapshotMemory:
 
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         return self.device_sections
-
-    def load_device_state(self, sections: Sequence[wire.DeviceSection], *,
-                          configuration: wire.Configuration | None = None, in_package: Sequence[bool] = ()) -> None:
-        raise MigrationFailed("unexpected", "a snapshot is read as a source; it loads no device state")
-
-    def start(self) -> None:
-        pass
-
-    def vcpu_thread_ids(self) -> Sequence[int]:
-        return []
-
-    def reset(self) -> None:
-        pass
 
     def close(self) -> None:
         self.memory.close()

@@ -56,7 +56,7 @@ from postcopy.control import (
 from postcopy.destination import Destination
 from postcopy.guest import Guest
 from postcopy.hotset import HotSet
-from postcopy.owner import BuiltinGuest, MemoryOwner
+from postcopy.owner import BuiltinGuest, DestinationMemory, SourceMemory
 from postcopy.session import MigrationStats, SwitchoverPolicy
 from postcopy.source import Source
 from postcopy.spec import GuestSpec
@@ -499,7 +499,7 @@ class DestinationService(_RoleService[R]):
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
                  on_listening: Callable[[tuple[str, int]], None] | None = None,
                  fail_fast: bool = False, max_packaged: int | None = None,
-                 owner: Callable[[], MemoryOwner] | None = None, link_timeout: float = 3.0) -> None:
+                 owner: Callable[[], DestinationMemory] | None = None, link_timeout: float = 3.0) -> None:
         """``owner`` makes the memory owner of each incoming migration (default: the built-in guest of ``spec``)."""
         options = options or ServiceOptions()
         if listen is None and options.qmp is None:
@@ -511,7 +511,7 @@ class DestinationService(_RoleService[R]):
         self.on_listening = on_listening
         self.fail_fast = fail_fast
         self.max_packaged = max_packaged
-        self.make_owner: Callable[[], MemoryOwner] = owner or (lambda: BuiltinGuest(self.spec))
+        self.make_owner: Callable[[], DestinationMemory] = owner or (lambda: BuiltinGuest(self.spec))
         self.link_timeout = link_timeout
         self.destination: Destination | None = None
         self.listen_address: tuple[str, int] | None = None
@@ -674,7 +674,7 @@ class SourceService(_RoleService[R]):
     def __init__(self, spec: GuestSpec, memory: Any, guest: Guest | None, *, preempt: bool = True,
                  bandwidth_cap: int = 0, verify: bool = False, connect: tuple[str, int] | None = None,
                  connect_timeout: float = 30.0, options: ServiceOptions | None = None,
-                 owner: MemoryOwner | None = None, precopy: SwitchoverPolicy | None = None,
+                 owner: SourceMemory | None = None, precopy: SwitchoverPolicy | None = None,
                  tracking: str = "auto", recover_connect: tuple[str, int] | None = None,
                  prefetch: bool = True, hot_set: HotSet | None = None, record_hot_set: bool = False) -> None:
         """``owner``: what to migrate (e.g. a snapshot); default: the built-in ``guest`` on ``memory``.

@@ -31,7 +31,7 @@ from ._link import (
     tune,
     urgent_priority,
 )
-from .owner import BUILTIN_MACHINE_TYPE, MemoryOwner
+from .owner import BUILTIN_MACHINE_TYPE, SourceMemory
 from .session import (
     Action,
     BreakLink,
@@ -97,7 +97,7 @@ class Source:
     it (or after :meth:`pause`), it waits for :meth:`resume`.
     """
 
-    def __init__(self, owner: MemoryOwner, *, preempt: bool = True, bandwidth_cap: int = 0, verify: bool = False,
+    def __init__(self, owner: SourceMemory, *, preempt: bool = True, bandwidth_cap: int = 0, verify: bool = False,
                  on_status: Callable[[str], None] | None = None, auto_recover: bool = True,
                  link_timeout: float = 3.0, recover_timeout: float = 120.0,
                  heartbeat: float = 0.1, reconnect_timeout: float = 0.1,

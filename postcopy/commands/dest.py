@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from postcopy.cli import UserError
 from postcopy.guest import Guest
-from postcopy.owner import HeadlessMemory, MemoryOwner
+from postcopy.owner import DestinationMemory, HeadlessMemory
 from postcopy.saved import SavingMemory
 from postcopy.snapshot import SnapshotError
 from postcopy.touch import TouchPattern
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             touch = TouchPattern.parse(args.touch)
         except ValueError as exc:
             raise UserError(f"--touch {exc}") from None
-    owner: Callable[[], MemoryOwner] | None = None
+    owner: Callable[[], DestinationMemory] | None = None
     if args.save is not None:
         save_dir = args.save
         try:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 
-def _finish_headless(owner: MemoryOwner, result: MigrationStats, service: DestinationService[int],
+def _finish_headless(owner: DestinationMemory, result: MigrationStats, service: DestinationService[int],
                      args: argparse.Namespace, stream: TextIO) -> int:
     """No guest: save the snapshot (--save) and write the report."""
     report: dict[str, Any] = {
