@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # this checkout's postcopy and uffd
+
 from _floor import (
     copy_batched_bps,
     copy_cost_ns,
@@ -143,10 +145,15 @@ def measure_floors(quick: bool, with_2m: bool) -> Floors:
 
 class ThreadProfile:
     """Samples /proc/self/task/*/schedstat (ns on CPU, ns waiting for a CPU) by
-    role while a migration runs; a thread's last sample stands for its total."""
+    role while a migration runs; a thread's last sample stands for its total.
 
-    def __init__(self, interval: float = 0.02) -> None:
+    ``main_role`` names the main thread; ``keep_bench`` counts the bench's own threads
+    (this profiler, bench-memory) as role "bench" instead of leaving them out."""
+
+    def __init__(self, interval: float = 0.02, *, main_role: str = "source main", keep_bench: bool = False) -> None:
         self.interval = interval
+        self.main_role = main_role
+        self.keep_bench = keep_bench
         self._last: dict[int, tuple[str, int, int, int]] = {}
         self._base: dict[int, tuple[int, int, int]] = {}
         self._seen: dict[int, str] = {}     # a finished thread leaves threading.enumerate() before /proc
@@ -155,7 +162,7 @@ class ThreadProfile:
 
     def _roles(self) -> dict[int, str]:
         roles = self._seen
-        roles[threading.main_thread().native_id] = "source main"
+        roles[threading.main_thread().native_id] = self.main_role
         for t in threading.enumerate():
             if t.native_id is None:
                 continue
@@ -163,8 +170,8 @@ class ThreadProfile:
                 roles[t.native_id] = "dest main rx"
             elif t.name.startswith(("dest-", "source-")):
                 roles[t.native_id] = t.name
-            elif t.name == "bench-profiler":
-                roles[t.native_id] = ""
+            elif t.name.startswith("bench-"):
+                roles[t.native_id] = "bench" if self.keep_bench else ""
             elif t.native_id not in roles:
                 roles[t.native_id] = t.name
         return roles
