@@ -53,7 +53,7 @@ PAGE = 4096
 RESULT_TAG = "GROWTH_RESULT "
 TARGET_MEMORY_FRACTION = 0.01      # issue 13: the service's own memory <= 1% of the guest
 #: both guests plus this much for the two processes and whatever else runs here
-FIT_MARGIN = 1 * GiB
+FIT_MARGIN = 512 * MiB
 
 _PM_PRESENT = np.uint64(1 << 63)
 _PM_EXCLUSIVE = np.uint64(1 << 56)
@@ -106,7 +106,7 @@ def mem_available() -> int:
 def fits(size: int) -> tuple[bool, str]:
     """Whether a migration of ``size`` (a guest on each side) fits in free memory now."""
     need, have = 2 * size + FIT_MARGIN, mem_available()
-    return have >= need, (f"needs {need / GiB:.1f} GiB (both guests + {FIT_MARGIN / GiB:.0f} GiB), "
+    return have >= need, (f"needs {need / GiB:.1f} GiB (both guests + {FIT_MARGIN // MiB} MiB), "
                           f"MemAvailable {have / GiB:.1f} GiB")
 
 

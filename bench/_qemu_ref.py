@@ -72,7 +72,8 @@ def _event(vm: Qemu, name: str) -> dict[str, Any]:
     if len(found) != 1:
         raise RuntimeError(f"QEMU {vm.name}: {len(found)} {name} events, expected one: "
                            f"{[e.get('event') for e in vm.qmp.events]}")
-    return found[0]
+    event: dict[str, Any] = found[0]
+    return event
 
 
 def qemu_downtime(size: int, *, preempt: bool = True, timeout: float = 120.0) -> QemuDowntime:
