@@ -199,7 +199,7 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
     guest0 = guest_resident_bytes(ranges)
     baseline = rss_bytes() - guest0
     sampler = MemorySampler(ranges, interval, fixed_guest=guest0 if role == "source" else None)
-    prof = ThreadProfile(main_role=f"{role} main", keep_bench=True)
+    prof = ThreadProfile(0.05, main_role=f"{role} main", keep_bench=True)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     try:

@@ -65,6 +65,7 @@ from postcopy.spec import GuestSpec
 from uffd import PAGE_2M, PAGE_4K, free_hugepages
 
 MiB = 1 << 20
+GiB = 1 << 30
 CAP_100M = 100 * MiB
 #: QEMU 7.2's own figures on this machine, recorded by the QEMU anchor runs (a copy kept in the repository).
 QEMU_REFERENCE = Path(__file__).resolve().parent / "data" / "qemu-7.2-reference.md"
@@ -667,7 +668,7 @@ def run_costs(sizes: list[int]) -> list[CostRun | dict[str, Any]]:
     return out
 
 
-def print_costs(costs: list[CostRun | dict[str, Any]]) -> None:
+def print_costs(costs: list[CostRun | dict[str, Any]], floors: Floors) -> None:
     pct_ok = f"<={TARGET_MEMORY_FRACTION:.0%}"
     table = []
     for c in costs:
@@ -691,6 +692,9 @@ def print_costs(costs: list[CostRun | dict[str, Any]]) -> None:
           "and of VmHWM - guest; % of the guest size")
     print("  CPU: getrusage over the migration minus the guest's vCPU threads and the bench's own threads; "
           "kernel time for the role (copies, UFFDIO_COPY, page allocation) included")
+    if floors.first_touch_bps:
+        print(f"  the destination's guest is fresh memory: its first write runs at {floors.first_touch_bps / 1e9:.2f} "
+              f"GB/s here = {GiB / floors.first_touch_bps:.2f} s/GiB (floors above)")
 
 
 def cost_targets(costs: list[CostRun | dict[str, Any]]) -> list[dict[str, str]]:
@@ -850,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = run_costs(sizes)
     if costs:
         print("Cost as the guest grows:")
-        print_costs(costs)
+        print_costs(costs, floors)
         for t in cost_targets(costs):
             print(f"  target {t['target']}: {t['measured']} -> {t['verdict']}")
         print()
