@@ -673,7 +673,7 @@ def print_costs(costs: list[CostRun | dict[str, Any]], floors: Floors) -> None:
     table = []
     for c in costs:
         if not isinstance(c, CostRun):
-            table.append([f"{c['size'] // MiB} MiB", "not run: " + c["skipped"], *[""] * 8])
+            table.append([f"{c['size'] // MiB} MiB", "not run", *["-"] * 8])
             continue
         v = c.verdicts()
         table.append([
@@ -685,6 +685,9 @@ def print_costs(costs: list[CostRun | dict[str, Any]], floors: Floors) -> None:
         ])
     print_table(["guest", "s/GiB", "postcopy s", "src MB beyond guest", pct_ok, "dst MB beyond guest", pct_ok,
                  "src CPU s/GiB", "dst CPU s/GiB", "samples"], table)
+    for c in costs:
+        if not isinstance(c, CostRun):
+            print(f"  {c['size'] // MiB} MiB not run: {c['skipped']}")
     print("  each role in its own process (bench/_growth.py), idle guest (1 access/s per vCPU), 4 KiB pages, "
           "preempt on; s/GiB: the source's migrate() wall time / GiB")
     print("  MB beyond guest: peak (resident - the guest's resident pages, counted in /proc/self/pagemap) minus "
