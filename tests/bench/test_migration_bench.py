@@ -14,13 +14,13 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "migration.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.hugetlb]
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.hugetlb, pytest.mark.qemu]
 
 
 def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--scale", "0.05", "--json", str(out)],
+        [sys.executable, str(BENCH), "--quick", "--scale", "0.05", "--qemu", "on", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
@@ -29,7 +29,9 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
                    "bulk idle GB/s", "ceiling GB/s", "bulk ratio", "downtime ms", "targets"):
         assert column in text, f"column {column!r} missing from:\n{text}"
     for line in ("loopback TCP RTT", "loopback TCP stream", "UFFDIO_COPY 4K", "UFFDIO_COPY 2M",
-                 "plain C remote fault 4K", "Downtime by guest size", "QEMU 7.2 reference"):
+                 "plain C remote fault 4K", "Downtime by guest size", "QEMU 7.2 reference",
+                 "Downtime against QEMU 7.2 in this run", "Cost as the guest grows", "src CPU s/GiB",
+                 "dst MB beyond guest"):
         assert line in text, f"{line!r} missing from:\n{text}"
 
     report = json.loads(out.read_text())
@@ -63,3 +65,27 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
     assert len(sizes) == len(report["downtime"]) >= 4
     assert report["qemu_7_2_reference"], "the QEMU 7.2 reference table was not read"
     assert all("downtime ms" in row for row in report["qemu_7_2_reference"])
+
+    # the same-run QEMU downtime: one row per 4K downtime size, ours against QEMU's STOP -> RESUME
+    same = report["qemu_same_run"]
+    sizes_4k = sorted({d["size"] for d in report["downtime"] if d["page_size"] == 4096})
+    assert [r["size"] for r in same] == sizes_4k
+    for r in same:
+        assert r["qemu_stop_to_resume_us"]
+        assert all(0 < us < 10_000_000 for us in r["qemu_stop_to_resume_us"])
+        assert set(r["ours_ns"]) == {"idle", "busy"}
+        assert math.isclose(r["ratio"], max(r["ours_ns"].values()) / r["qemu_median_ns"])
+        assert r["verdict"] in ("ok", "miss")
+    assert any("measured in this run" in t["target"] for t in report["downtime_targets"])
+    # the cost rows: --quick stops at 1 GiB (times --scale), both sides measured
+    cost = report["cost"]
+    assert [c["size"] for c in cost] == [12 << 20, 51 << 20]
+    for c in cost:
+        assert c["s_per_gib"] > 0
+        for role in ("source", "destination"):
+            assert c[role]["status"] == "completed"
+            assert c["cpu_s_per_gib"][role] > 0
+            assert c["memory_fraction"][role] >= 0
+            assert c["verdicts"][role] in ("ok", "miss")
+    assert {t["verdict"] for t in report["cost_targets"]} <= {"ok", "miss"}
+    assert len(report["cost_targets"]) == 2

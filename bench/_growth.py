@@ -1,0 +1,344 @@
+"""Cost as the guest grows: one idle migration per guest size, each role in its own process.
+
+Why two processes: the two roles in one process share one heap and one RSS, so
+neither side's memory could be told apart. Here the destination and the source
+are each ``python3 bench/_growth.py dest|source`` (the same code the parent
+imported), connected over loopback TCP, each with a built-in guest of 4 KiB
+pages (anonymous memory) whose vCPUs are nearly idle (one access a second).
+
+What each process measures about itself (printed by bench/migration.py):
+
+* **memory beyond the guest** = resident memory (``/proc/self/statm``) minus the
+  guest's resident pages, minus the same difference just before the role was
+  built (the Python interpreter, the libraries, the guest object: not the
+  migration's). The guest's resident pages are counted exactly from
+  ``/proc/self/pagemap``: present and mapped by this process only, which leaves
+  out the shared zero page (UFFDIO_ZEROPAGE places it for zero pages, and RSS
+  does not count it). Sampled while the migration runs (a sampler thread; every
+  0.6 s per GiB of guest, 0.05 s at least, since one count walks the guest's page
+  tables: ~17 ms of CPU per GiB), and bounded from below by the kernel's peak RSS
+  (``VmHWM``) minus the guest at the end. The figure is the larger of the two:
+  the peak seen, a lower bound of the true peak.
+* **CPU seconds** = ``getrusage(RUSAGE_SELF)`` over the migration (the source's
+  ``migrate()``, the destination's ``serve()``) minus the guest's vCPU threads
+  and the bench's own threads (the sampler, the thread profiler), those read
+  per thread from ``/proc/self/task/*/schedstat`` (bench/migration.py's
+  ThreadProfile). Kernel time spent for the role (UFFDIO_COPY, socket copies,
+  page allocation) is the role's.
+* **seconds per GiB** = the source's ``migrate()`` wall time (connect to
+  completed) / guest GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+GiB = 1 << 30
+MiB = 1 << 20
+PAGE = 4096
+RESULT_TAG = "GROWTH_RESULT "
+TARGET_MEMORY_FRACTION = 0.01      # issue 13: the service's own memory <= 1% of the guest
+#: both guests plus this much for the two processes and whatever else runs here
+FIT_MARGIN = 512 * MiB
+GUEST_RESIDENT_FRACTION = 0.9
+
+_PM_PRESENT = np.uint64(1 << 63)
+_PM_EXCLUSIVE = np.uint64(1 << 56)
+
+
+# ------------------------------------------------------------------- memory probes
+
+
+def guest_resident_bytes(ranges: list[tuple[int, int]], pagemap_fd: int | None = None) -> int:
+    """Bytes of ``ranges`` (address, length; 4 KiB-page anonymous memory of this
+    process) backed by a page of their own: present in /proc/self/pagemap and
+    mapped exclusively (the shared zero page is neither counted in RSS nor exclusive)."""
+    fd = pagemap_fd if pagemap_fd is not None else os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        total = 0
+        chunk = 1 << 18                     # pages per read (2 MiB of entries, 1 GiB of memory)
+        for addr, length in ranges:
+            first, npages = addr // PAGE, length // PAGE
+            for start in range(0, npages, chunk):
+                n = min(chunk, npages - start)
+                buf = os.pread(fd, n * 8, (first + start) * 8)
+                e = np.frombuffer(buf, dtype=np.uint64)
+                total += int(np.count_nonzero((e & (_PM_PRESENT | _PM_EXCLUSIVE)) == (_PM_PRESENT | _PM_EXCLUSIVE)))
+        return total * PAGE
+    finally:
+        if pagemap_fd is None:
+            os.close(fd)
+
+
+def rss_bytes() -> int:
+    """This process's resident set (anonymous + file + shmem), from /proc/self/statm."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
+
+
+def vm_hwm_bytes() -> int:
+    """The kernel's peak resident set of this process (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def fits(size: int) -> tuple[bool, str]:
+    """Whether a migration of ``size`` (a guest on each side) fits in free memory now. The built-in
+    guest leaves about 1 page in 8 zero (Guest.fill_initial) and a zero page takes no memory on
+    either side (measured: 87.6% of the pages resident on both), so each guest needs
+    ``GUEST_RESIDENT_FRACTION`` of its size."""
+    need, have = int(2 * size * GUEST_RESIDENT_FRACTION) + FIT_MARGIN, mem_available()
+    return have >= need, (f"needs {need / GiB:.1f} GiB (both guests, {GUEST_RESIDENT_FRACTION:.0%} of their pages "
+                          f"non-zero, + {FIT_MARGIN // MiB} MiB), MemAvailable {have / GiB:.1f} GiB")
+
+
+class MemorySampler:
+    """Samples (resident - guest resident) in a thread named bench-memory; ``guest``
+    fixed (a source's filled guest, which does not change) or counted each time."""
+
+    def __init__(self, ranges: list[tuple[int, int]], interval: float, fixed_guest: int | None = None) -> None:
+        self.ranges = ranges
+        self.interval = interval
+        self.fixed_guest = fixed_guest
+        self.samples: list[tuple[int, int]] = []     # (rss, guest)
+        self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
+
+    def sample(self) -> None:
+        guest = self.fixed_guest if self.fixed_guest is not None else guest_resident_bytes(self.ranges, self._fd)
+        self.samples.append((rss_bytes(), guest))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.close(self._fd)
+
+    def peak_beyond_guest(self) -> int:
+        return max((rss - guest for rss, guest in self.samples), default=0)
+
+
+def sample_interval(size: int) -> float:
+    """One count costs ~17 ms of CPU per GiB of guest: keep the sampler near 3% of a core."""
+    return min(5.0, max(0.05, 0.6 * size / GiB))
+
+
+# --------------------------------------------------------------------- one role
+
+
+@dataclass
+class Side:
+    """One role's own figures (bytes, seconds)."""
+
+    role: str
+    status: str
+    baseline_bytes: int             # resident beyond the guest before the role was built (not counted)
+    peak_beyond_guest_bytes: int    # the migration's own memory: max(sampled, VmHWM bound) - baseline
+    sampled_peak_bytes: int
+    hwm_bound_bytes: int
+    samples: int
+    guest_resident_bytes: int       # at the end
+    cpu_s: float                    # the role's threads (rusage minus vCPUs and bench threads)
+    cpu_vcpus_s: float
+    cpu_bench_s: float
+    wall_s: float
+    postcopy_s: float
+    downtime_ns: int
+    cpu_by_role_ms: dict[str, float]
+
+
+def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) -> Side:
+    from migration import ThreadProfile
+
+    from postcopy.destination import Destination
+    from postcopy.guest import Guest, Pattern
+    from postcopy.owner import BuiltinGuest
+    from postcopy.source import Source
+    from postcopy.spec import GuestSpec
+    from uffd import PAGE_4K
+
+    spec = GuestSpec.simple(size, PAGE_4K, vcpus=2, pattern="random", rate_limit=1)
+    interval = sample_interval(size)
+    if role == "source":
+        memory = spec.build_memory()
+        guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern[spec.pattern.upper()], seed=spec.seed,
+                      write_percent=spec.write_percent, rate_limit=spec.rate_limit)
+        guest.fill_initial()
+        guest.start()
+        time.sleep(0.02)
+        owner = BuiltinGuest(spec, memory, guest)
+    else:
+        owner = BuiltinGuest(spec)
+    ranges = [(b.addr, b.used_length) for b in owner.memory]
+    guest0 = guest_resident_bytes(ranges)
+    baseline = rss_bytes() - guest0
+    sampler = MemorySampler(ranges, interval, fixed_guest=guest0 if role == "source" else None)
+    prof = ThreadProfile(0.05, main_role=f"{role} main", keep_bench=True)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    try:
+        with prof, sampler:
+            if role == "source":
+                assert address is not None
+                src = Source(owner, preempt=True)
+                stats = src.migrate(address, connect_timeout=30.0)
+            else:
+                dest = Destination(owner, preempt=True)
+                with socket.socket(fileno=fd) as listener:
+                    stats = dest.serve(listener)
+            wall = time.monotonic() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            sampler.sample()
+        guest1 = guest_resident_bytes(ranges)
+        hwm = vm_hwm_bytes()
+    finally:
+        if role == "source":
+            guest.close()
+        elif owner.guest is not None:
+            owner.guest.stop()
+    by_role = prof.by_role()
+    vcpus = by_role.get("C threads (guest vCPUs)", {}).get("cpu_ms", 0.0) / 1e3
+    bench = by_role.get("bench", {}).get("cpu_ms", 0.0) / 1e3
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    sampled = sampler.peak_beyond_guest()
+    hwm_bound = hwm - guest1
+    return Side(role=role, status=stats.status, baseline_bytes=baseline,
+                peak_beyond_guest_bytes=max(sampled, hwm_bound) - baseline, sampled_peak_bytes=sampled - baseline,
+                hwm_bound_bytes=hwm_bound - baseline, samples=len(sampler.samples), guest_resident_bytes=guest1,
+                cpu_s=cpu - vcpus - bench, cpu_vcpus_s=vcpus, cpu_bench_s=bench, wall_s=wall,
+                postcopy_s=(stats.finished_ns - stats.stopped_ns) / 1e9 if stats.stopped_ns else 0.0,
+                downtime_ns=stats.downtime_ns,
+                cpu_by_role_ms={k: round(v["cpu_ms"], 1) for k, v in by_role.items()})
+
+
+def _child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="one role of a cost run (started by measure_cost)")
+    ap.add_argument("role", choices=["source", "dest"])
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--fd", type=int, default=-1, help="dest: the listening socket, inherited")
+    ap.add_argument("--connect", default="", help="source: HOST:PORT")
+    args = ap.parse_args(argv)
+    address = None
+    if args.connect:
+        host, port = args.connect.rsplit(":", 1)
+        address = (host, int(port))
+    side = _run_role("source" if args.role == "source" else "destination", args.size, args.fd, address)
+    print(RESULT_TAG + json.dumps(asdict(side)), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------- the parent
+
+
+@dataclass
+class CostRun:
+    size: int
+    source: Side
+    destination: Side
+
+    @property
+    def gib(self) -> float:
+        return self.size / GiB
+
+    @property
+    def s_per_gib(self) -> float:
+        return self.source.wall_s / self.gib
+
+    def memory_fraction(self, side: Side) -> float:
+        return side.peak_beyond_guest_bytes / self.size
+
+    def verdicts(self) -> dict[str, str]:
+        return {s.role: "ok" if self.memory_fraction(s) <= TARGET_MEMORY_FRACTION else "miss"
+                for s in (self.source, self.destination)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "s_per_gib": self.s_per_gib,
+                "source": asdict(self.source), "destination": asdict(self.destination),
+                "memory_fraction": {s.role: self.memory_fraction(s) for s in (self.source, self.destination)},
+                "cpu_s_per_gib": {s.role: s.cpu_s / self.gib for s in (self.source, self.destination)},
+                "memory_target": f"<= {TARGET_MEMORY_FRACTION:.0%} of the guest", "verdicts": self.verdicts()}
+
+
+def _parse(proc: subprocess.Popen[bytes], out: IO[bytes], name: str, timeout: float) -> Side:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        out.seek(0)
+        raise RuntimeError(f"cost run: the {name} did not finish in {timeout:.0f} s: "
+                           f"{out.read().decode(errors='replace')[-3000:]}") from None
+    out.seek(0)
+    text = out.read().decode(errors="replace")
+    for line in text.splitlines():
+        if line.startswith(RESULT_TAG):
+            return Side(**json.loads(line[len(RESULT_TAG):]))
+    raise RuntimeError(f"cost run: the {name} exited {proc.returncode} without a result: {text[-3000:]}")
+
+
+def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
+    """One idle migration of ``size`` bytes of 4 KiB pages between two child processes."""
+    import postcopy
+
+    root = str(Path(postcopy.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    with (socket.create_server(("127.0.0.1", 0)) as listener, tempfile.TemporaryFile() as dest_out,
+          tempfile.TemporaryFile() as src_out):
+        port = listener.getsockname()[1]
+        dest = subprocess.Popen([*me, "dest", "--size", str(size), "--fd", str(listener.fileno())],
+                                pass_fds=(listener.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                stdout=dest_out, stderr=subprocess.STDOUT)
+        listener.close()        # the destination's now
+        try:
+            src = subprocess.Popen([*me, "source", "--size", str(size), "--connect", f"127.0.0.1:{port}"],
+                                   env=env, stdin=subprocess.DEVNULL, stdout=src_out, stderr=subprocess.STDOUT)
+            try:
+                source = _parse(src, src_out, "source", timeout)
+            finally:
+                if src.poll() is None:
+                    src.kill()
+                    src.wait()
+            destination = _parse(dest, dest_out, "destination", 60.0)
+        finally:
+            if dest.poll() is None:      # ended by its PID: a source that failed leaves it waiting
+                dest.kill()
+                dest.wait()
+    for side in (source, destination):
+        if side.status != "completed":
+            raise RuntimeError(f"cost run {size // MiB} MiB: the {side.role} ended {side.status}")
+    return CostRun(size, source, destination)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
