@@ -116,7 +116,10 @@ def feeds() -> Iterator[Callable[..., Feed]]:
 
 
 def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, section: int = 0) -> dp.Receiver:
+    """A receiver whose buffer is a big guest's (PC_RX_BUF_MAX): a stream that waits whole in the
+    socket is one receive into the buffer, whatever the size of these tests' small blocks."""
     rx = dp.Receiver(path, feed.ours, kind, section)
+    assert lib.pc_sockbuf_grow(ffi.addressof(rx._rx, "in"), lib.PC_RX_BUF_MAX) == 0
     code = rx.run()
     assert code == (dp.Receiver.EOS if kind == dp.RX_PREEMPT else dp.Receiver.EOF)
     return rx

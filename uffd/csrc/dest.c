@@ -20,7 +20,6 @@
 #include "pagehash.h"
 #include "uffd.h"
 
-#define RX_BUF_SIZE (4u << 20)
 #define RX_BUF_LIMIT (512u << 20)   /* the largest control message Python may ask for (PACKAGED) */
 #define RX_MAX_RECS 4096u
 
@@ -631,6 +630,51 @@ int pc_fault_service_run(pc_dst *d, int stop_fd)
 
 /* ------------------------------------------------------------------- pc_rx */
 
+/* Buffer sizes follow the guest (issue 13: the service's own memory at most
+ * 1% of the guest): the main channel's receive buffer is 1/512 of the RAM the
+ * stream declares and the 4 KiB stage (both halves) as much, each between a
+ * floor and today's caps (PC_RX_BUF_MAX, PC_RX_STAGE_PAGES), which a 2 GiB
+ * guest reaches. Before the RAM setup (no blocks) the main buffer starts at
+ * the floor. The preempt channel carries only requested pages, mostly placed
+ * straight from the stage: its buffer stays at the floor. The buffer still
+ * grows on demand for a big control message (up to RX_BUF_LIMIT). */
+#define RX_GUEST_SHARE 512u
+
+uint64_t pc_rx_buf_size_for(int kind, uint64_t ram_bytes)
+{
+    uint64_t n = ram_bytes / RX_GUEST_SHARE;
+    if (kind == PC_RX_PREEMPT || n < PC_RX_BUF_MIN)
+        return PC_RX_BUF_MIN;
+    return n > PC_RX_BUF_MAX ? PC_RX_BUF_MAX : n;
+}
+
+uint32_t pc_rx_stage_pages_for(uint64_t ram_bytes)
+{
+    uint64_t n = ram_bytes / RX_GUEST_SHARE / (2 * PC_TARGET_PAGE_SIZE);
+    if (n < PC_RX_STAGE_MIN_PAGES)
+        return PC_RX_STAGE_MIN_PAGES;
+    return n > PC_RX_STAGE_PAGES ? PC_RX_STAGE_PAGES : (uint32_t)n;
+}
+
+static uint64_t dst_ram_bytes(const pc_dst *d)
+{
+    uint64_t total = 0;
+    for (uint32_t i = 0; d && i < d->nblocks; i++)
+        total += d->blocks[i].length;
+    return total;
+}
+
+/* Size the buffers for the blocks of d: the receive buffer only grows (it may
+ * hold unread bytes), the stage is sized until its first use. */
+static int rx_size_buffers(pc_rx *rx, const pc_dst *d)
+{
+    uint64_t ram = dst_ram_bytes(d);
+    if (!rx->stage_alloc)
+        rx->stage_pages = pc_rx_stage_pages_for(ram);
+    uint64_t cap = pc_rx_buf_size_for(rx->kind, ram);
+    return pc_sockbuf_grow(&rx->in, cap);
+}
+
 pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
 {
     pc_rx *rx = calloc(1, sizeof(*rx));
@@ -639,7 +683,9 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
     rx->dst = d;
     rx->kind = kind;
     rx->ram_section_id = ram_section_id;
-    int sb_rc = pc_sockbuf_init(&rx->in, fd, RX_BUF_SIZE, RX_BUF_LIMIT);
+    int sb_rc = pc_sockbuf_init(&rx->in, fd, PC_RX_BUF_MIN, RX_BUF_LIMIT);
+    if (sb_rc == 0)
+        sb_rc = rx_size_buffers(rx, d);
     rx->max_recs = RX_MAX_RECS;
     rx->recs = calloc(rx->max_recs, sizeof(*rx->recs));
     /* no blocks yet (a stream whose RAM setup has not arrived): pc_rx_attach later */
@@ -677,7 +723,7 @@ void pc_rx_free(pc_rx *rx)
     if (rx->tmp_alloc)
         munmap(rx->tmp_alloc, rx->tmp_size);     /* not via dst: it may be freed first */
     if (rx->stage_alloc)
-        munmap(rx->stage_alloc, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE);
+        munmap(rx->stage_alloc, 2ull * rx->stage_pages * PC_TARGET_PAGE_SIZE);
     free(rx);
 }
 
@@ -691,6 +737,9 @@ int pc_rx_attach(pc_rx *rx, pc_dst *d)
         rx->tmp = rx->tmp_alloc = tmp;
         rx->tmp_size = d->max_host_page_size;
     }
+    int rc = rx_size_buffers(rx, d);
+    if (rc < 0)
+        return rc;
     rx->dst = d;
     rx->tmp_block = -1;
     return 0;
@@ -909,11 +958,11 @@ static int place_host_page(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint
     return place_pages(rx, bi, host_off, src, 1, !src);
 }
 
-/* The 4 KiB staging area (PC_RX_STAGE_PAGES pages), mapped on first use; NULL without memory. */
+/* The 4 KiB staging area (rx->stage_pages pages a half), mapped on first use; NULL without memory. */
 static uint8_t *rx_stage(pc_rx *rx)
 {
     if (!rx->stage_alloc) {
-        void *m = mmap(NULL, 2ull * PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
+        void *m = mmap(NULL, 2ull * rx->stage_pages * PC_TARGET_PAGE_SIZE, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED)
             return NULL;
@@ -1004,7 +1053,7 @@ static int rx_flip_stage(pc_rx *rx)
 {
     if (!rx->stage_alloc)
         return 0;
-    uint64_t half = (uint64_t)PC_RX_STAGE_PAGES * PC_TARGET_PAGE_SIZE;
+    uint64_t half = (uint64_t)rx->stage_pages * PC_TARGET_PAGE_SIZE;
     rx->stage = rx->stage == rx->stage_alloc ? rx->stage_alloc + half : rx->stage_alloc;
     if (rx->job_pending && rx->job_src >= rx->stage && rx->job_src < rx->stage + half)
         return rx_drain(rx);
@@ -1046,7 +1095,7 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
              * UFFDIO_COPY. A page on its own goes straight from the buffer. */
             uint32_t k = 1, nz = data ? 0 : 1;
             if (!d->remote && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
-                for (; i + k < n && k < PC_RX_STAGE_PAGES; k++) {
+                for (; i + k < n && k < rx->stage_pages; k++) {
                     const pc_ram_record *q = &recs[i + k];
                     if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
                         q->offset >= b->length)
@@ -1201,7 +1250,7 @@ static direct_layout direct_plan(pc_rx *rx)
             return l;
         if (!(l.bodies = rx_stage(rx)))
             return l;
-        l.nrec = PC_RX_STAGE_PAGES;
+        l.nrec = rx->stage_pages;
     } else {
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
         if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)

@@ -152,7 +152,10 @@ typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_pl
  * apart and bodies contiguous (4 KiB blocks: in rx->stage; huge pages: in
  * rx->tmp at their place in the host page). */
 #define PC_RX_DIRECT_MAX 512
-#define PC_RX_STAGE_PAGES 256
+#define PC_RX_STAGE_PAGES 256            /* a stage half at most (a 2 GiB guest and more) */
+#define PC_RX_STAGE_MIN_PAGES 16
+#define PC_RX_BUF_MIN (256u << 10)       /* receive buffer: before the RAM setup, and the preempt channel's */
+#define PC_RX_BUF_MAX (4u << 20)         /* the main channel's at most (a 2 GiB guest and more) */
 
 typedef struct pc_rx {
     pc_dst *dst;
@@ -168,7 +171,8 @@ typedef struct pc_rx {
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;
     /* direct receive (see PC_RX_DIRECT_MAX) */
-    uint8_t *stage;                     /* the stage's half the receiver fills (PC_RX_STAGE_PAGES pages) */
+    uint8_t *stage;                     /* the stage's half the receiver fills (stage_pages pages) */
+    uint32_t stage_pages;               /* pages a stage half holds: pc_rx_stage_pages_for the guest */
     uint8_t *stage_alloc;               /* both halves, mapped on first use */
     uint8_t *tmp_alloc;                 /* the temp page's mapping (tmp) */
     /* the placer thread: places a staged run of 4 KiB pages while the
@@ -196,6 +200,9 @@ typedef struct pc_rx {
 } pc_rx;
 
 pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id);
+/* The sizes a receiver takes for a guest of ram_bytes (the blocks' total). */
+uint64_t pc_rx_buf_size_for(int kind, uint64_t ram_bytes);
+uint32_t pc_rx_stage_pages_for(uint64_t ram_bytes);
 void pc_rx_free(pc_rx *rx);
 /* the RAM blocks arrived (or changed): place into d from now on */
 int pc_rx_attach(pc_rx *rx, pc_dst *d);

@@ -99,6 +99,20 @@ int pc_sockbuf_unread(pc_sockbuf *sb, const uint8_t *data, uint64_t n)
     return 0;
 }
 
+int pc_sockbuf_grow(pc_sockbuf *sb, uint64_t cap)
+{
+    if (cap <= sb->cap)
+        return 0;
+    if (cap > sb->limit)
+        return -EMSGSIZE;
+    uint8_t *nb = realloc(sb->buf, cap);
+    if (!nb)
+        return -ENOMEM;
+    sb->buf = nb;
+    sb->cap = cap;
+    return 0;
+}
+
 uint8_t *pc_sockbuf_reserve(pc_sockbuf *sb, uint64_t n)
 {
     return make_room(sb, n) < 0 ? NULL : sb->buf + sb->tail;

@@ -24,6 +24,8 @@ int64_t pc_sockbuf_fill(pc_sockbuf *sb, uint64_t n);
 void pc_sockbuf_consume(pc_sockbuf *sb, uint64_t n);
 /* Put bytes back in front of the unread ones. */
 int pc_sockbuf_unread(pc_sockbuf *sb, const uint8_t *data, uint64_t n);
+/* Make the buffer at least cap bytes (unread bytes kept): 0, -EMSGSIZE past the limit, -ENOMEM. */
+int pc_sockbuf_grow(pc_sockbuf *sb, uint64_t cap);
 /* Room for n more bytes at the end: a pointer to it (fill it, then
  * pc_sockbuf_commit), or NULL (the limit, or no memory). */
 uint8_t *pc_sockbuf_reserve(pc_sockbuf *sb, uint64_t n);
