@@ -63,25 +63,51 @@ _PM_EXCLUSIVE = np.uint64(1 << 56)
 # ------------------------------------------------------------------- memory probes
 
 
-def guest_resident_bytes(ranges: list[tuple[int, int]], pagemap_fd: int | None = None) -> int:
-    """Bytes of ``ranges`` (address, length; 4 KiB-page anonymous memory of this
-    process) backed by a page of their own: present in /proc/self/pagemap and
-    mapped exclusively (the shared zero page is neither counted in RSS nor exclusive)."""
-    fd = pagemap_fd if pagemap_fd is not None else os.open("/proc/self/pagemap", os.O_RDONLY)
-    try:
+class PagemapCounter:
+    """Counts the bytes of ``ranges`` (address, length; 4 KiB-page anonymous memory of this
+    process) backed by a page of their own: present in /proc/self/pagemap and mapped
+    exclusively (the shared zero page is neither counted in RSS nor exclusive).
+
+    Its buffers are allocated and touched once, when it is made: counting allocates
+    nothing (a count in the sampler thread would otherwise leave megabytes of temporaries
+    in that thread's malloc arena, counted as the role's memory)."""
+
+    CHUNK = 1 << 15                     # pages per read (256 KiB of entries, 128 MiB of memory)
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        self._entries = np.ones(self.CHUNK, dtype=np.uint64)
+        self._masked = np.ones(self.CHUNK, dtype=np.uint64)
+        self._hits = np.ones(self.CHUNK, dtype=np.bool_)
+
+    def count(self) -> int:
+        want = _PM_PRESENT | _PM_EXCLUSIVE
         total = 0
-        chunk = 1 << 18                     # pages per read (2 MiB of entries, 1 GiB of memory)
-        for addr, length in ranges:
+        for addr, length in self.ranges:
             first, npages = addr // PAGE, length // PAGE
-            for start in range(0, npages, chunk):
-                n = min(chunk, npages - start)
-                buf = os.pread(fd, n * 8, (first + start) * 8)
-                e = np.frombuffer(buf, dtype=np.uint64)
-                total += int(np.count_nonzero((e & (_PM_PRESENT | _PM_EXCLUSIVE)) == (_PM_PRESENT | _PM_EXCLUSIVE)))
+            for start in range(0, npages, self.CHUNK):
+                n = min(self.CHUNK, npages - start)
+                e, m, h = self._entries[:n], self._masked[:n], self._hits[:n]
+                got = os.preadv(self._fd, [memoryview(e).cast("B")], (first + start) * 8)
+                if got != n * 8:
+                    raise OSError(f"short read of /proc/self/pagemap: {got} of {n * 8} bytes")
+                np.bitwise_and(e, want, out=m)
+                np.equal(m, want, out=h)
+                total += int(np.count_nonzero(h))
         return total * PAGE
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def guest_resident_bytes(ranges: list[tuple[int, int]]) -> int:
+    """One count (see PagemapCounter)."""
+    counter = PagemapCounter(ranges)
+    try:
+        return counter.count()
     finally:
-        if pagemap_fd is None:
-            os.close(fd)
+        counter.close()
 
 
 def rss_bytes() -> int:
@@ -123,12 +149,12 @@ class MemorySampler:
         self.interval = interval
         self.fixed_guest = fixed_guest
         self.samples: list[tuple[int, int]] = []     # (rss, guest)
-        self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        self.counter = PagemapCounter(ranges)        # made before the baseline: its buffers are not the role's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
     def sample(self) -> None:
-        guest = self.fixed_guest if self.fixed_guest is not None else guest_resident_bytes(self.ranges, self._fd)
+        guest = self.fixed_guest if self.fixed_guest is not None else self.counter.count()
         self.samples.append((rss_bytes(), guest))
 
     def _run(self) -> None:
@@ -142,7 +168,7 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        os.close(self._fd)
+        self.counter.close()
 
     def peak_beyond_guest(self) -> int:
         return max((rss - guest for rss, guest in self.samples), default=0)
@@ -200,9 +226,11 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
     else:
         owner = BuiltinGuest(spec)
     ranges = [(b.addr, b.used_length) for b in owner.memory]
-    guest0 = guest_resident_bytes(ranges)
+    sampler = MemorySampler(ranges, interval)
+    guest0 = sampler.counter.count()
     baseline = rss_bytes() - guest0
-    sampler = MemorySampler(ranges, interval, fixed_guest=guest0 if role == "source" else None)
+    if role == "source":
+        sampler.fixed_guest = guest0
     prof = ThreadProfile(0.05, main_role=f"{role} main", keep_bench=True)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
@@ -219,7 +247,7 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
             wall = time.monotonic() - t0
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             sampler.sample()
-        guest1 = guest_resident_bytes(ranges)
+        guest1 = guest_resident_bytes(ranges)       # after the sampler: its buffers are gone
         hwm = vm_hwm_bytes()
     finally:
         if role == "source":
