@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.handler._mappings import MAX_HANDSHAKE_BYTES, HandshakeError, Region, parse_handshake
+from postcopy.handler._socket import listen_unix
 from postcopy.owner import RemoteMemory
 from postcopy.session import MigrationFailed, MigrationStats
 from postcopy.spec import BlockSpec, GuestSpec
@@ -190,11 +191,7 @@ def run_live(options: LiveOptions, write_report: Callable[[dict[str, Any]], None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: stop.set())
     path = Path(options.socket_path)
-    if path.is_socket():
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(8)
+    listener = listen_unix(path, 8)
     say(f"uffd-handler: live mode: waiting for a VMM on {path}, then the stream on "
         f"{options.listen[0]}:{options.listen[1]}")
     try:

@@ -26,6 +26,7 @@ from postcopy.handler._control import recv_message, send_message
 from postcopy.handler._mappings import MAX_HANDSHAKE_BYTES, HandshakeError, Region, parse_handshake
 from postcopy.handler._report import SessionView, session_report
 from postcopy.handler._shared import SharedState, StateSnapshot
+from postcopy.handler._socket import listen_unix
 
 __all__ = ["Supervisor", "SupervisorOptions", "install_signal_handlers"]
 
@@ -310,11 +311,7 @@ class Supervisor:
 
     def run(self, on_ready: Callable[[Supervisor], None] | None = None) -> None:
         path = Path(self.options.socket_path)
-        if path.is_socket():
-            path.unlink()   # a stale socket of an earlier run
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(64)
+        self._listener = listen_unix(path, 64)
         self._listener.setblocking(False)
         self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
         self._sel.register(self._wake_r, selectors.EVENT_READ, lambda _k: self._wake_r.recv(64))
