@@ -1100,8 +1100,10 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                     if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
                         q->offset >= b->length)
                         break;
-                    if (q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE))
-                        nz++;
+                    int qzero = q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE);
+                    if (b->zeroable && qzero != !data)
+                        break;  /* zero pages stay unbacked (ZEROPAGE), never copied as a page of zeros */
+                    nz += (uint32_t)qzero;
                 }
             }
             uint8_t *stage = k > 1 && nz < k ? rx_stage(rx) : NULL;
@@ -1309,10 +1311,16 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
         for (uint32_t i = 0; i < k;) {
             uint64_t off = pc_get_be64(rx->direct_hdr[i]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
             uint32_t j = i, nz = 0;
+            int first_zero = pc_is_zero(l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
             for (; j < k && (j == i || (pc_get_be64(rx->direct_hdr[j]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1)) ==
                                            off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE);
-                 j++)
-                nz += (uint32_t)pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
+                 j++) {
+                int zero = j == i ? first_zero
+                                  : pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
+                if (b->zeroable && zero != first_zero)
+                    break;      /* zero pages stay unbacked (ZEROPAGE), never copied as a page of zeros */
+                nz += (uint32_t)zero;
+            }
             int rc = nz == j - i ? place_pages(rx, bi, off, NULL, j - i, nz)
                                  : place_async(rx, bi, off, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, j - i, nz);
             if (rc)
