@@ -247,6 +247,8 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
     wants the GIL while the roles switch). The guest as bench/migration.py's
     ``migrate()`` builds it: 2 vCPUs over random pages, flat out (busy) or one access
     a second each (idle)."""
+    from migration import SwitchTrace
+
     from postcopy.destination import Destination
     from postcopy.guest import Guest, Pattern
     from postcopy.owner import BuiltinGuest
@@ -254,6 +256,7 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
     from postcopy.spec import GuestSpec
 
     spec = GuestSpec.simple(size, page_size, vcpus=2, pattern="random", rate_limit=0 if busy else 1)
+    trace = SwitchTrace()
     if role == "source":
         assert address is not None
         memory = spec.build_memory()
@@ -263,13 +266,17 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
             guest.fill_initial()
             guest.start()
             time.sleep(0.1 if busy else 0.02)
-            stats = Source(BuiltinGuest(spec, memory, guest), preempt=True).migrate(address, connect_timeout=30.0)
+            owner = BuiltinGuest(spec, memory, guest)
+            src = Source(owner, preempt=True)
+            trace.attach_source(src, owner)
+            stats = src.migrate(address, connect_timeout=30.0)
         finally:
             guest.close()
             memory.close()
     else:
         owner = BuiltinGuest(spec)
         dest = Destination(owner, preempt=True)
+        trace.attach_destination(dest, other_process=True)
         try:
             with socket.socket(fileno=fd) as listener:
                 stats = dest.serve(listener)
@@ -278,7 +285,8 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
                 dest.guest.stop()
             dest.close()
     return {"role": role, "status": stats.status, "error": str(stats.error or ""),
-            "downtime_ns": stats.downtime_ns,
+            "downtime_ns": stats.downtime_ns, "stopped_ns": stats.stopped_ns,
+            "trace": {"marks": trace.marks, "sums": trace.sums, "control_ns": trace.control_ns},
             "postcopy_s": (stats.finished_ns - stats.stopped_ns) / 1e9 if stats.stopped_ns else 0.0}
 
 
@@ -408,6 +416,7 @@ class DowntimeRun:
     busy: bool
     downtime_ns: int
     postcopy_s: float
+    phases_ns: dict[str, int]       # bench/migration.py's SwitchTrace phases, from both processes' marks
 
 
 def measure_downtime(size: int, page_size: int, busy: bool, timeout: float = 120.0) -> DowntimeRun:
@@ -418,7 +427,11 @@ def measure_downtime(size: int, page_size: int, busy: bool, timeout: float = 120
         if r["status"] != "completed":
             raise RuntimeError(f"downtime run {size // MiB} MiB page {page_size}: the {r['role']} ended "
                                f"{r['status']} ({r['error']})")
-    return DowntimeRun(size, page_size, busy, int(s["downtime_ns"]), float(s["postcopy_s"]))
+    from migration import SwitchTrace
+
+    trace = SwitchTrace.merge(s["trace"], d["trace"])
+    phases = {**trace.sums, **trace.phases(int(s["stopped_ns"]), int(s["downtime_ns"]))}
+    return DowntimeRun(size, page_size, busy, int(s["downtime_ns"]), float(s["postcopy_s"]), phases)
 
 
 if __name__ == "__main__":
