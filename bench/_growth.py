@@ -430,7 +430,7 @@ def measure_downtime(size: int, page_size: int, busy: bool, timeout: float = 120
     from migration import SwitchTrace
 
     trace = SwitchTrace.merge(s["trace"], d["trace"])
-    phases = {**trace.sums, **trace.phases(int(s["stopped_ns"]), int(s["downtime_ns"]))}
+    phases = trace.all_ns(int(s["stopped_ns"]), int(s["downtime_ns"]))
     return DowntimeRun(size, page_size, busy, int(s["downtime_ns"]), float(s["postcopy_s"]), phases)
 
 

@@ -384,6 +384,14 @@ class SwitchTrace:
         # return after that read: the source's urgent thread takes the CPU at once)
     ]
 
+    def all_ns(self, stopped_ns: int, downtime_ns: int) -> dict[str, int]:
+        """The phases (:meth:`phases`) and the summed times (``total=``) in one dict; a sum named like a
+        phase (``dest_discard_ns``: immediate postcopy discards before the stop) is kept as
+        ``<name>_total_ns``, so a phase column never shows time outside the downtime."""
+        steps = {name for name, _ in self.STEPS}
+        sums = {(k[:-3] + "_total_ns" if k in steps else k): v for k, v in self.sums.items()}
+        return {**sums, **self.phases(stopped_ns, downtime_ns)}
+
     def phases(self, stopped_ns: int, downtime_ns: int) -> dict[str, int]:
         """Consecutive phases from the guest's stop to PONG 3 (ns), adding up to the downtime;
         missing marks merge into the next phase."""
@@ -465,7 +473,7 @@ def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, p
                    requests_skipped=c["request_pages_skipped"],
                    preempt_pages=c["preempt_pages_normal"] + c["preempt_pages_zero"],
                    latencies_ns=list(dest.latencies_ns), profile=prof.by_role() if prof else None,
-                   phases_ns={**trace.sums, **trace.phases(sres.stopped_ns, sres.downtime_ns)})
+                   phases_ns=trace.all_ns(sres.stopped_ns, sres.downtime_ns))
     finally:
         guest.close()
         dest.close()
