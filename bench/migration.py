@@ -648,14 +648,15 @@ def print_rows(rows: list[Row]) -> None:
           "[min..max] over the runs; latency percentiles pool all runs' faults")
 
 
-def print_downtime(runs: list[Run]) -> None:
-    def ms(r: Run, key: str) -> str:
+def print_downtime(runs: list[Run] | list[DowntimeRun]) -> None:
+    """One row per run with its phases (in-process :class:`Run` or two-process :class:`DowntimeRun`)."""
+    def ms(r: Run | DowntimeRun, key: str) -> str:
         return f"{r.phases_ns[key] / 1e6:.2f}" if key in r.phases_ns else "-"
 
     table = [[f"{page_label(r.page_size)} {r.size // MiB} MiB {'busy' if r.busy else 'idle'}",
               f"{r.downtime_ns / 1e6:.2f}", "ok" if r.downtime_ns <= TARGET_DOWNTIME_NS else "MISS",
               *(ms(r, key) for key, _ in PHASE_COLUMNS),
-              f"{r.postcopy_s:.2f}", f"{r.bulk_bps / 1e9:.2f}"] for r in runs]
+              f"{r.postcopy_s:.2f}", f"{r.bulk_bps / 1e9:.2f}" if isinstance(r, Run) else "-"] for r in runs]
     print_table(["guest (preempt on)", "downtime ms", f"<={TARGET_DOWNTIME_NS / 1e6:g}ms",
                  *(label for _, label in PHASE_COLUMNS), "postcopy s", "bulk GB/s"], table)
     print("  phases (ms, consecutive, adding up to the downtime; SwitchTrace.STEPS): the source guest's stop "
