@@ -269,19 +269,76 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
                 cpu_by_role_ms={k: round(v["cpu_ms"], 1) for k, v in by_role.items()})
 
 
+def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
+                  address: tuple[str, int] | None) -> dict[str, Any]:
+    """One migration for its downtime only: no sampler, no profiler (no bench thread
+    wants the GIL while the roles switch). The guest as bench/migration.py's
+    ``migrate()`` builds it: 2 vCPUs over random pages, flat out (busy) or one access
+    a second each (idle)."""
+    from migration import SwitchTrace
+
+    from postcopy.destination import Destination
+    from postcopy.guest import Guest, Pattern
+    from postcopy.owner import BuiltinGuest
+    from postcopy.source import Source
+    from postcopy.spec import GuestSpec
+
+    spec = GuestSpec.simple(size, page_size, vcpus=2, pattern="random", rate_limit=0 if busy else 1)
+    trace = SwitchTrace()
+    if role == "source":
+        assert address is not None
+        memory = spec.build_memory()
+        guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern[spec.pattern.upper()], seed=spec.seed,
+                      write_percent=spec.write_percent, rate_limit=spec.rate_limit)
+        try:
+            guest.fill_initial()
+            guest.start()
+            time.sleep(0.1 if busy else 0.02)
+            owner = BuiltinGuest(spec, memory, guest)
+            src = Source(owner, preempt=True)
+            trace.attach_source(src, owner)
+            stats = src.migrate(address, connect_timeout=30.0)
+        finally:
+            guest.close()
+            memory.close()
+    else:
+        owner = BuiltinGuest(spec)
+        dest = Destination(owner, preempt=True)
+        trace.attach_destination(dest, other_process=True)
+        try:
+            with socket.socket(fileno=fd) as listener:
+                stats = dest.serve(listener)
+        finally:
+            if dest.guest is not None:
+                dest.guest.stop()
+            dest.close()
+    return {"role": role, "status": stats.status, "error": str(stats.error or ""),
+            "downtime_ns": stats.downtime_ns, "stopped_ns": stats.stopped_ns,
+            "trace": {"marks": trace.marks, "sums": trace.sums, "control_ns": trace.control_ns},
+            "postcopy_s": (stats.finished_ns - stats.stopped_ns) / 1e9 if stats.stopped_ns else 0.0}
+
+
 def _child_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description="one role of a cost run (started by measure_cost)")
+    ap = argparse.ArgumentParser(description="one role of a cost or downtime run (started by measure_cost, "
+                                             "measure_downtime)")
     ap.add_argument("role", choices=["source", "dest"])
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--fd", type=int, default=-1, help="dest: the listening socket, inherited")
     ap.add_argument("--connect", default="", help="source: HOST:PORT")
+    ap.add_argument("--downtime", action="store_true", help="a downtime run (no sampler, no profiler)")
+    ap.add_argument("--page-size", type=int, default=PAGE, help="--downtime: the guest's page size")
+    ap.add_argument("--busy", action="store_true", help="--downtime: vCPUs flat out (else 1 access/s)")
     args = ap.parse_args(argv)
     address = None
     if args.connect:
         host, port = args.connect.rsplit(":", 1)
         address = (host, int(port))
-    side = _run_role("source" if args.role == "source" else "destination", args.size, args.fd, address)
-    print(RESULT_TAG + json.dumps(asdict(side)), flush=True)
+    role = "source" if args.role == "source" else "destination"
+    if args.downtime:
+        result = _run_downtime(role, args.size, args.page_size, args.busy, args.fd, address)
+    else:
+        result = asdict(_run_role(role, args.size, args.fd, address))
+    print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
 
@@ -317,25 +374,27 @@ class CostRun:
                 "memory_target": f"<= {TARGET_MEMORY_FRACTION:.0%} of the guest", "verdicts": self.verdicts()}
 
 
-def _parse(proc: subprocess.Popen[bytes], out: IO[bytes], name: str, timeout: float) -> Side:
+def _parse(proc: subprocess.Popen[bytes], out: IO[bytes], name: str, timeout: float) -> dict[str, Any]:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         out.seek(0)
-        raise RuntimeError(f"cost run: the {name} did not finish in {timeout:.0f} s: "
+        raise RuntimeError(f"two-process run: the {name} did not finish in {timeout:.0f} s: "
                            f"{out.read().decode(errors='replace')[-3000:]}") from None
     out.seek(0)
     text = out.read().decode(errors="replace")
     for line in text.splitlines():
         if line.startswith(RESULT_TAG):
-            return Side(**json.loads(line[len(RESULT_TAG):]))
-    raise RuntimeError(f"cost run: the {name} exited {proc.returncode} without a result: {text[-3000:]}")
+            result: dict[str, Any] = json.loads(line[len(RESULT_TAG):])
+            return result
+    raise RuntimeError(f"two-process run: the {name} exited {proc.returncode} without a result: {text[-3000:]}")
 
 
-def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
-    """One idle migration of ``size`` bytes of 4 KiB pages between two child processes."""
+def run_pair(size: int, extra: list[str], timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One migration between two child processes (``python3 bench/_growth.py dest|source``)
+    over loopback TCP; each child's result (source, destination)."""
     import postcopy
 
     root = str(Path(postcopy.__file__).resolve().parent.parent)
@@ -344,12 +403,12 @@ def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
     with (socket.create_server(("127.0.0.1", 0)) as listener, tempfile.TemporaryFile() as dest_out,
           tempfile.TemporaryFile() as src_out):
         port = listener.getsockname()[1]
-        dest = subprocess.Popen([*me, "dest", "--size", str(size), "--fd", str(listener.fileno())],
+        dest = subprocess.Popen([*me, "dest", "--size", str(size), "--fd", str(listener.fileno()), *extra],
                                 pass_fds=(listener.fileno(),), env=env, stdin=subprocess.DEVNULL,
                                 stdout=dest_out, stderr=subprocess.STDOUT)
         listener.close()        # the destination's now
         try:
-            src = subprocess.Popen([*me, "source", "--size", str(size), "--connect", f"127.0.0.1:{port}"],
+            src = subprocess.Popen([*me, "source", "--size", str(size), "--connect", f"127.0.0.1:{port}", *extra],
                                    env=env, stdin=subprocess.DEVNULL, stdout=src_out, stderr=subprocess.STDOUT)
             try:
                 source = _parse(src, src_out, "source", timeout)
@@ -362,10 +421,45 @@ def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
             if dest.poll() is None:      # ended by its PID: a source that failed leaves it waiting
                 dest.kill()
                 dest.wait()
+    return source, destination
+
+
+def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
+    """One idle migration of ``size`` bytes of 4 KiB pages between two child processes."""
+    s, d = run_pair(size, [], timeout)
+    source, destination = Side(**s), Side(**d)
     for side in (source, destination):
         if side.status != "completed":
             raise RuntimeError(f"cost run {size // MiB} MiB: the {side.role} ended {side.status}")
     return CostRun(size, source, destination)
+
+
+@dataclass
+class DowntimeRun:
+    """One two-process migration's downtime: the source's MigrationStats.downtime_ns
+    (its guest's stop -> PONG 3 read by the source), each role in its own process."""
+
+    size: int
+    page_size: int
+    busy: bool
+    downtime_ns: int
+    postcopy_s: float
+    phases_ns: dict[str, int]       # bench/migration.py's SwitchTrace phases, from both processes' marks
+
+
+def measure_downtime(size: int, page_size: int, busy: bool, timeout: float = 120.0) -> DowntimeRun:
+    """One migration of ``size`` bytes (busy or idle guest) between two child processes, for its downtime."""
+    extra = ["--downtime", "--page-size", str(page_size), *(["--busy"] if busy else [])]
+    s, d = run_pair(size, extra, timeout)
+    for r in (s, d):
+        if r["status"] != "completed":
+            raise RuntimeError(f"downtime run {size // MiB} MiB page {page_size}: the {r['role']} ended "
+                               f"{r['status']} ({r['error']})")
+    from migration import SwitchTrace
+
+    trace = SwitchTrace.merge(s["trace"], d["trace"])
+    phases = trace.all_ns(int(s["stopped_ns"]), int(s["downtime_ns"]))
+    return DowntimeRun(size, page_size, busy, int(s["downtime_ns"]), float(s["postcopy_s"]), phases)
 
 
 if __name__ == "__main__":

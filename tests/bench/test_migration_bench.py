@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "migration.py"
+sys.path.insert(0, str(BENCH.parent))
+
+from migration import SwitchTrace  # noqa: E402
+
+SWITCH_STEPS = SwitchTrace.STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.hugetlb, pytest.mark.qemu]
 
@@ -31,7 +36,8 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
     for line in ("loopback TCP RTT", "loopback TCP stream", "UFFDIO_COPY 4K", "UFFDIO_COPY 2M",
                  "plain C remote fault 4K", "Downtime by guest size", "QEMU 7.2 reference",
                  "Downtime against QEMU 7.2 in this run", "Cost as the guest grows", "src CPU s/GiB",
-                 "dst MB beyond guest"):
+                 "dst MB beyond guest", "each role in its own process (as on two hosts",
+                 "both roles in this process (diagnostic", "2-proc worst / QEMU", "in-proc worst / QEMU"):
         assert line in text, f"{line!r} missing from:\n{text}"
 
     report = json.loads(out.read_text())
@@ -77,6 +83,39 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
         assert math.isclose(r["ratio"], max(r["ours_ns"].values()) / r["qemu_median_ns"])
         assert r["verdict"] in ("ok", "miss")
     assert any("measured in this run" in t["target"] for t in report["downtime_targets"])
+
+    # downtime with each role in its own process: --quick runs the sizes up to 256 MiB (all of them at
+    # --scale 0.05), idle and busy once each; the targets use them, the in-process worst is reported beside
+    two = report["downtime_two_process"]
+    assert {(d["size"], d["page_size"]) for d in two} == {(d["size"], d["page_size"]) for d in report["downtime"]}
+    assert not report["downtime_two_process_skipped"]
+    for d in two:
+        assert 0 < d["downtime_ns"] < 10_000_000_000
+        assert d["postcopy_s"] > 0
+        # the phases come from both processes' traces and add up to the downtime
+        ph = d["phases_ns"]
+        assert {"src_guest_stop_ns", "dest_listen_register_ns", "pong3_to_source_ns"} <= set(ph)
+        steps = [k for k, _ in SWITCH_STEPS] + ["pong3_to_source_ns"]
+        assert sum(v for k, v in ph.items() if k in steps) == d["downtime_ns"]
+    table = report["downtime_two_process_table"]
+    assert len(table) == len(two)       # --quick: one run per (size, page, load)
+    for g in table:
+        assert g["min_ns"] <= g["median_ns"] <= g["max_ns"]
+        assert g["verdict"] == ("ok" if g["max_ns"] <= 2_000_000 else "miss")
+    worst2 = max(d["downtime_ns"] for d in two)
+    worst1 = max(d["downtime_ns"] for d in report["downtime"])
+    targets = {t["target"]: t for t in report["downtime_targets"]}
+    t2 = targets["downtime <= 2 ms at every size, busy or idle (each role in its own process)"]
+    assert t2["verdict"] == ("ok" if worst2 <= 2_000_000 else "miss")
+    assert f"worst {worst2 / 1e6:.2f} ms" in t2["measured"]
+    t1 = targets["downtime <= 2 ms at every size, busy or idle (in-process diagnostic: both roles share one GIL)"]
+    assert f"worst {worst1 / 1e6:.2f} ms" in t1["measured"]
+    assert any("each role in its own process" in t["target"] and "QEMU" in t["target"] for t in targets.values())
+    for r in same:
+        mine = [d["downtime_ns"] for d in two if d["size"] == r["size"] and d["page_size"] == 4096]
+        assert sorted(r["ours_two_process_ns"]["idle"] + r["ours_two_process_ns"]["busy"]) == sorted(mine)
+        assert math.isclose(r["two_process_ratio"], max(mine) / r["qemu_median_ns"])
+        assert r["two_process_verdict"] in ("ok", "miss")
     # the cost rows: --quick stops at 1 GiB (times --scale), both sides measured
     cost = report["cost"]
     assert [c["size"] for c in cost] == [12 << 20, 51 << 20]
