@@ -26,7 +26,10 @@ the pages written since that scan.
 During precopy the guest's writers run at ``writer_nice`` (19) so that the sender and
 the receiver go first; at the switch they get their priority back. The drain resends
 (``drain_mode="resend"``) what the scan at the switch found in a last pass, and again
-while the discard runs left halve, before its PING.
+while the discard runs left halve, before its PING. A pass the rounds' bandwidth would not
+carry within ``DRAIN_RESEND_SHARE`` of ``drain_seconds`` is not started, and one (or its
+PONG) not done by then is cut: both fall back to the discard drain with a fresh PING, so the
+guest stops once the destination has taken what was sent, not with a queue of it.
 
 Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
 ``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
@@ -41,13 +44,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
+__all__ = ["DRAIN_RESEND_SHARE", "MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
 
 TARGET_PAGE: Final = 4096
 #: A round shorter than this waits before its scan (an idle guest does not spin).
 MIN_ROUND_SECONDS: Final = 0.05
 #: "Stopped shrinking": the dirty rate fell by less than this fraction.
 SHRINK_FRACTION: Final = 0.10
+#: The resend drain's share of ``drain_seconds``: a last pass the link would not carry
+#: within it is not started (the drain discards instead), and one still under way then is cut
+#: and falls back to discards and a fresh PING (the rest of ``drain_seconds``, at least this
+#: share, is that fallback's own wait), so that no queue of sent data is left for the downtime.
+DRAIN_RESEND_SHARE: Final = 0.5
 #: During precopy the guest's writers run at this nice (the lowest priority): the sender
 #: (nice 10) and, on one host, the destination's receiver go first.
 WRITER_NICE: Final = 19
@@ -209,6 +217,10 @@ class PrecopyStats:
     drain_passes: int = 0
     """Resend: the passes before the stop (another while the discard ranges left halve)."""
     discard_ranges_before_stop: int = 0
+    drain_fallback: str = ""
+    """Resend: why the drain discarded instead: "sized" (the pass would not fit in its share of
+    ``drain_seconds`` at the rounds' bandwidth: not started), "deadline" (the pass or its PONG
+    was not done within that share: cut, then discards and a fresh PING), or "" (no fallback)."""
     throttle_percent: int = 0
     """The highest throttle reached (auto-converge)."""
     throttle_changes: int = 0
@@ -227,5 +239,6 @@ class PrecopyStats:
                 "dirty_pages_before_stop": self.dirty_pages_before_stop, "drain_bytes": self.drain_bytes,
                 "drain_passes": self.drain_passes,
                 "discard_ranges_before_stop": self.discard_ranges_before_stop,
+                "drain_fallback": self.drain_fallback,
                 "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes,
                 "discard_chunk_pages": self.discard_chunk_pages, "writer_nice": self.writer_nice}
