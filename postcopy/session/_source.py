@@ -438,13 +438,20 @@ class SourceSession:
             p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
             return
         if p.drain == "rescan" and self.status is S.ACTIVE:
-            # after a resend pass's PONG: again while what is left shrinks and would be widened after the stop
+            # after a resend pass's PONG (or the fallback's discards'): again while what is left shrinks
+            # and would be widened after the stop
             bound = p.policy.max_discard_ranges
             if runs < 0 or runs <= bound or (p.drain_runs >= 0 and runs * 2 > p.drain_runs) \
                     or p.drain_deadline is None or now >= p.drain_deadline:
                 self._drained("pong", now)
                 return
             p.drain_runs = runs
+            if p.drain_fallback:
+                # the discards and their PING again, for what the guest wrote during the last wait
+                p.drain = "wait"
+                self._out += [SendDiscards(before_stop=True),
+                              Write(Channel.MAIN, self._encode([wire.Ping(value=p.drain_ping)]))]
+                return
             p.drain_passes += 1
             p.drain = "round"
             p.started_rounds += 1
@@ -481,6 +488,7 @@ class SourceSession:
                     self._out.append(StartRound(p.started_rounds - 1))
                     return
             p.drain = "wait"
+            p.drain_runs = runs
             p.drain_ping = DRAIN_FALLBACK_PING if p.drain_fallback == "deadline" else DRAIN_PING
             self._out += [SendDiscards(before_stop=True),
                           Write(Channel.MAIN, self._encode([wire.Ping(value=p.drain_ping)]))]
@@ -665,7 +673,7 @@ class SourceSession:
                 self.last_pong = now
                 p = self.precopy
                 if p is not None and p.drain == "wait" and v == p.drain_ping and self.status is S.ACTIVE:
-                    if p.policy.drain_mode == "resend" and p.policy.max_discard_ranges and not p.drain_fallback:
+                    if p.policy.drain_mode == "resend" and p.policy.max_discard_ranges:
                         p.drain = "rescan"      # what did the guest write meanwhile?
                         self._out.append(ScanDirty())
                     else:

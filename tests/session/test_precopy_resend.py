@@ -138,8 +138,9 @@ def test_a_late_pass_is_cut_at_its_share_and_falls_back_to_discards_and_a_fresh_
     assert s.rp(wire.Pong(value=DRAIN_PING)) == []
     s.now += 0.05
     acts = s.rp(wire.Pong(value=DRAIN_FALLBACK_PING))
-    # the destination took everything: stop, the exact scan, discards only for what is new
-    assert acts[:3] == [StopGuest(), ScanDirty(), SendDiscards(max_ranges=512)]
+    # the destination took everything: a scan (few runs: no more discards before the stop), the stop,
+    # the exact scan, discards only for what is new
+    assert acts[:4] == [ScanDirty(), StopGuest(), ScanDirty(), SendDiscards(max_ranges=512)]
     st = s.s.precopy_stats(s.now)
     assert st is not None and st.drain == "pong" and st.drain_fallback == "deadline"
     assert st.drain_bytes == MB and st.discard_ranges_before_stop == 7
@@ -167,7 +168,7 @@ def test_a_pass_sent_whose_pong_is_late_falls_back_too() -> None:
     acts = s.fire_timer()
     assert acts == [ScanDirty(), SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_FALLBACK_PING_BYTES)]
     acts = s.rp(wire.Pong(value=DRAIN_FALLBACK_PING))
-    assert acts[0] == StopGuest()           # no rescan, no other pass: the fallback's PONG stops
+    assert acts[:2] == [ScanDirty(), StopGuest()]     # no other pass after a fallback
     st = s.s.precopy_stats(s.now)
     assert st is not None and st.drain == "pong" and st.drain_fallback == "deadline" and st.drain_passes == 1
 
@@ -181,7 +182,7 @@ def test_a_pass_the_link_would_not_carry_in_its_share_is_not_started() -> None:
     assert not [a for a in acts if isinstance(a, StartRound)]
     assert s.s.get_timer() == pytest.approx(s.now + 1.0)      # the whole drain for the discards
     acts = s.rp(wire.Pong(value=DRAIN_PING))
-    assert acts[0] == StopGuest()
+    assert acts[:2] == [ScanDirty(), StopGuest()]
     st = s.s.precopy_stats(s.now)
     assert st is not None and st.drain == "pong" and st.drain_fallback == "sized" and st.drain_passes == 0
     assert st.dirty_pages_before_stop == 100_000
@@ -216,3 +217,29 @@ def test_throttle_presets() -> None:
     assert fast is THROTTLE_PRESETS["fast"] and fast.high_periods == 1 and fast.initial >= 90
     with pytest.raises(ValueError, match="choose"):
         ThrottlePolicy.preset("slow")
+
+
+def test_the_fallback_discards_again_while_the_runs_left_halve() -> None:
+    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
+    s.now += 0.5
+    s.feed(StartPostcopy())
+    assert s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(50_000, 20_000), s.now) == [StartRound(1)]
+    s.now += 0.5
+    assert s.s.handle_timer(s.now) == [EndRound()]
+    # cut: the scan finds 30000 runs -> all of them discarded, a fresh PING
+    assert s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(60_000, 30_000), s.now) == [
+        SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_FALLBACK_PING_BYTES)]
+    # its PONG: the guest wrote 2000 runs meanwhile (fewer than half, more than 512): discard those too
+    s.now += 0.1
+    assert s.s.handle(ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING)), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(2_500, 2_000), s.now) == [
+        SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_FALLBACK_PING_BYTES)]
+    # then 300 runs: within the bound after the stop -> stop
+    s.now += 0.02
+    assert s.s.handle(ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING)), s.now) == [ScanDirty()]
+    acts = s.s.handle(DirtyScanned(320, 300), s.now)
+    assert acts == [StopGuest()]
+    st = s.s.precopy_stats(s.now)
+    assert st is not None and st.drain == "pong" and st.drain_fallback == "deadline" and st.drain_passes == 1
