@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["DRAIN_RESEND_SHARE", "MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
+__all__ = ["DISCARD_RANGE_SECONDS", "DRAIN_DISCARD_WAIT_MAX", "DRAIN_RESEND_SHARE", "MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
 
 TARGET_PAGE: Final = 4096
 #: A round shorter than this waits before its scan (an idle guest does not spin).
@@ -56,6 +56,12 @@ SHRINK_FRACTION: Final = 0.10
 #: and falls back to discards and a fresh PING (the rest of ``drain_seconds``, at least this
 #: share, is that fallback's own wait), so that no queue of sent data is left for the downtime.
 DRAIN_RESEND_SHARE: Final = 0.5
+#: A fallback's wait grows by this much a discard range it sends (the destination's cost of one,
+#: decoded and dropped, on this 2-core machine under load): its discards are no queue at the stop
+#: either...
+DISCARD_RANGE_SECONDS: Final = 25e-6
+#: ... by at most this many ``drain_seconds``.
+DRAIN_DISCARD_WAIT_MAX: Final = 2.0
 #: During precopy the guest's writers run at this nice (the lowest priority): the sender
 #: (nice 10) and, on one host, the destination's receiver go first.
 WRITER_NICE: Final = 19

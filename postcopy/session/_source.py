@@ -51,7 +51,7 @@ from ._io import (
     Write,
     WriterPriority,
 )
-from ._precopy import DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, TARGET_PAGE, PrecopyStats, RoundRecord, SwitchoverPolicy
+from ._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, TARGET_PAGE, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
 __all__ = ["DRAIN_FALLBACK_PING", "DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
@@ -487,6 +487,9 @@ class SourceSession:
                     p.round_started = now
                     self._out.append(StartRound(p.started_rounds - 1))
                     return
+            if p.drain_fallback and runs > 0 and p.drain_deadline is not None:
+                # the destination's work for these discards (a range each) is the fallback's to wait for
+                p.drain_deadline += min(runs * DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX * seconds)
             p.drain = "wait"
             p.drain_runs = runs
             p.drain_ping = DRAIN_FALLBACK_PING if p.drain_fallback == "deadline" else DRAIN_PING

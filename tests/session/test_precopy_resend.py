@@ -31,7 +31,7 @@ from postcopy.session import (
     Write,
     WriterPriority,
 )
-from postcopy.session._precopy import THROTTLE_PRESETS, WRITER_NICE
+from postcopy.session._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, THROTTLE_PRESETS, WRITER_NICE
 from postcopy.session._source import DRAIN_FALLBACK_PING, DRAIN_PING
 
 S = MigrationStatus
@@ -243,3 +243,28 @@ def test_the_fallback_discards_again_while_the_runs_left_halve() -> None:
     assert acts == [StopGuest()]
     st = s.s.precopy_stats(s.now)
     assert st is not None and st.drain == "pong" and st.drain_fallback == "deadline" and st.drain_passes == 1
+
+
+def test_the_fallback_waits_for_the_destinations_work_on_its_discards() -> None:
+    # 20000 runs at 25 us a range: 0.5 s more than the rest of the drain
+    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
+    s.now += 0.5
+    s.feed(StartPostcopy())
+    assert s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(50_000, 20_000), s.now) == [StartRound(1)]
+    s.now += 0.5
+    assert s.s.handle_timer(s.now) == [EndRound()]
+    s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
+    s.s.handle(DirtyScanned(60_000, 20_000), s.now)
+    assert s.s.get_timer() == pytest.approx(s.now + 0.5 + 20_000 * DISCARD_RANGE_SECONDS)
+    # bounded: a million runs wait no longer than DRAIN_DISCARD_WAIT_MAX drains more
+    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
+    s.now += 0.5
+    s.feed(StartPostcopy())
+    s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now)
+    s.s.handle(DirtyScanned(50_000, 20_000), s.now)
+    s.now += 0.5
+    s.s.handle_timer(s.now)
+    s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
+    s.s.handle(DirtyScanned(2_000_000, 1_000_000), s.now)
+    assert s.s.get_timer() == pytest.approx(s.now + 0.5 + DRAIN_DISCARD_WAIT_MAX * 1.0)
