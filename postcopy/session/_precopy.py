@@ -26,10 +26,10 @@ the pages written since that scan.
 During precopy the guest's writers run at ``writer_nice`` (19) so that the sender and
 the receiver go first; at the switch they get their priority back. The drain resends
 (``drain_mode="resend"``) what the scan at the switch found in a last pass, and again
-while the discard runs left halve, before its PING. A pass the rounds' bandwidth would not
-carry within ``DRAIN_RESEND_SHARE`` of ``drain_seconds`` is not started, and one (or its
-PONG) not done by then is cut: both fall back to the discard drain with a fresh PING, so the
-guest stops once the destination has taken what was sent, not with a queue of it.
+while the discard runs left halve, before its PING. A pass (or its PONG) not done within
+``DRAIN_RESEND_SHARE`` of ``drain_seconds`` is cut and falls back to the discard drain with a
+fresh PING, so the guest stops once the destination has taken what was sent, not with a
+queue of it.
 
 Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
 ``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
@@ -51,10 +51,11 @@ TARGET_PAGE: Final = 4096
 MIN_ROUND_SECONDS: Final = 0.05
 #: "Stopped shrinking": the dirty rate fell by less than this fraction.
 SHRINK_FRACTION: Final = 0.10
-#: The resend drain's share of ``drain_seconds``: a last pass the link would not carry
-#: within it is not started (the drain discards instead), and one still under way then is cut
-#: and falls back to discards and a fresh PING (the rest of ``drain_seconds``, at least this
-#: share, is that fallback's own wait), so that no queue of sent data is left for the downtime.
+#: The resend drain's share of ``drain_seconds``: a last pass still under way then (or whose PONG
+#: is not back) is cut and falls back to discards and a fresh PING (the rest of ``drain_seconds``
+#: is that fallback's own wait), so that no queue of sent data is left for the downtime. What the
+#: link carried by then stays on the destination (a pass is not skipped for its size: measured,
+#: skipping a flat-out guest's pass left 1.3x pure postcopy's remote faults).
 DRAIN_RESEND_SHARE: Final = 0.5
 #: A fallback's wait grows by this much a discard range it sends (the destination's cost of one,
 #: decoded and dropped, on this 2-core machine under load): its discards are no queue at the stop
@@ -224,9 +225,8 @@ class PrecopyStats:
     """Resend: the passes before the stop (another while the discard ranges left halve)."""
     discard_ranges_before_stop: int = 0
     drain_fallback: str = ""
-    """Resend: why the drain discarded instead: "sized" (the pass would not fit in its share of
-    ``drain_seconds`` at the rounds' bandwidth: not started), "deadline" (the pass or its PONG
-    was not done within that share: cut, then discards and a fresh PING), or "" (no fallback)."""
+    """Resend: "deadline" when the pass or its PONG was not done within its share of
+    ``drain_seconds`` (cut, then discards and a fresh PING); "" (no fallback)."""
     throttle_percent: int = 0
     """The highest throttle reached (auto-converge)."""
     throttle_changes: int = 0

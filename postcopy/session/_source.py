@@ -51,7 +51,7 @@ from ._io import (
     Write,
     WriterPriority,
 )
-from ._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, TARGET_PAGE, PrecopyStats, RoundRecord, SwitchoverPolicy
+from ._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
 __all__ = ["DRAIN_FALLBACK_PING", "DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
@@ -85,7 +85,6 @@ class _Precopy:
     started: float = 0.0
     round_started: float = 0.0
     round_bytes: int = 0
-    round_seconds: float = 0.0      # how long the last round ran (the one the switch cut too)
     running: bool = False           # a round's pass is under way in C
     scan_at: float | None = None    # a short round's scan waits until then
     rounds: list[RoundRecord] = field(default_factory=list)
@@ -101,7 +100,7 @@ class _Precopy:
     # what the scan found) ->] "wait" (PING sent) -> "pong"/"timeout"; a resend pass late at its share
     # of the deadline: "round" -> "cut" (EndRound) -> "scan" again (fallback: discards, a fresh PING)
     drain: str = ""
-    drain_fallback: str = ""        # "sized" / "deadline": the resend drain discarded instead
+    drain_fallback: str = ""        # "deadline": the resend drain fell back to discards
     drain_ping: int = DRAIN_PING    # the PING whose PONG ends the wait
     drain_bytes: int = 0
     drain_runs: int = -1            # resend: the discard runs the last scan found (each pass must halve them)
@@ -410,7 +409,6 @@ class SourceSession:
             return
         p.running = False
         p.round_bytes = sent
-        p.round_seconds = now - p.round_started
         p.bytes += sent
         if p.drain in ("round", "cut"):
             # the last pass before the stop is over: PING behind it, or its share of the deadline passed
@@ -462,7 +460,7 @@ class SourceSession:
         if p.drain == "scan" and self.status is S.ACTIVE:
             # guest running: drop what it found on the destination now, then wait for the PONG
             seconds = p.policy.drain_seconds
-            if p.drain_fallback == "deadline":
+            if p.drain_fallback:
                 # the resend fell back: what it did not send and what was written since are dropped;
                 # the fallback's own wait is the rest of the drain (its share at least)
                 p.drain_deadline = now + seconds * (1 - DRAIN_RESEND_SHARE)
@@ -471,28 +469,24 @@ class SourceSession:
                 p.drain_started = now
                 p.drain_deadline = now + seconds
             if p.policy.drain_mode == "resend" and not p.drain_fallback:
-                share = seconds * DRAIN_RESEND_SHARE
-                bandwidth = self._rounds_bandwidth()
-                if bandwidth > 0 and pages * TARGET_PAGE > share * bandwidth:
-                    # more than the link carries in the pass's share: a queue at the deadline; discard
-                    p.drain_fallback = "sized"
-                else:
-                    # a last pass of what is dirty (what the cut round left too), then the PING behind it
-                    p.drain_deadline = now + share
-                    p.drain_runs = runs
-                    p.drain_passes = 1
-                    p.drain = "round"
-                    p.started_rounds += 1
-                    p.running = True
-                    p.round_started = now
-                    self._out.append(StartRound(p.started_rounds - 1))
-                    return
+                # a last pass of what is dirty (what the cut round left too), then the PING behind it;
+                # within its share of the drain (what the link carries by then stays on the destination:
+                # a pass too long for it is cut there, not skipped), the rest is the fallback's
+                p.drain_deadline = now + seconds * DRAIN_RESEND_SHARE
+                p.drain_runs = runs
+                p.drain_passes = 1
+                p.drain = "round"
+                p.started_rounds += 1
+                p.running = True
+                p.round_started = now
+                self._out.append(StartRound(p.started_rounds - 1))
+                return
             if p.drain_fallback and runs > 0 and p.drain_deadline is not None:
                 # the destination's work for these discards (a range each) is the fallback's to wait for
                 p.drain_deadline += min(runs * DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX * seconds)
             p.drain = "wait"
             p.drain_runs = runs
-            p.drain_ping = DRAIN_FALLBACK_PING if p.drain_fallback == "deadline" else DRAIN_PING
+            p.drain_ping = DRAIN_FALLBACK_PING if p.drain_fallback else DRAIN_PING
             self._out += [SendDiscards(before_stop=True),
                           Write(Channel.MAIN, self._encode([wire.Ping(value=p.drain_ping)]))]
             return
@@ -521,16 +515,6 @@ class SourceSession:
             p.throttle_max = max(p.throttle_max, percent)
             p.throttle_changes += 1
             self._out.append(ThrottleGuest(percent))
-
-    def _rounds_bandwidth(self) -> float:
-        """Bytes/s the last rounds sent at (the best of the last three and of the round the switch
-        cut); 0: not known."""
-        p = self.precopy
-        assert p is not None
-        rates = [r.bandwidth for r in p.rounds[-3:]]
-        if p.round_seconds >= MIN_ROUND_SECONDS:
-            rates.append(p.round_bytes / p.round_seconds)
-        return max(rates, default=0.0)
 
     def _drain_fallback(self) -> None:
         """The resend pass (or its PONG) is late at its share of the deadline: no queue of it may be
