@@ -436,10 +436,12 @@ class SourceSession:
             p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
             return
         if p.drain == "rescan" and self.status is S.ACTIVE:
-            # after a resend pass's PONG (or the fallback's discards'): again while what is left shrinks
-            # and would be widened after the stop
+            # after a resend pass's PONG: another while what is left halves and would be widened after
+            # the stop; after the fallback's discards: again while it shrinks (each round of discards
+            # is short, and what is left after the stop is the downtime's)
             bound = p.policy.max_discard_ranges
-            if runs < 0 or runs <= bound or (p.drain_runs >= 0 and runs * 2 > p.drain_runs) \
+            shrinks = runs * 2 <= p.drain_runs if not p.drain_fallback else runs < p.drain_runs
+            if runs < 0 or runs <= bound or (p.drain_runs >= 0 and not shrinks) \
                     or p.drain_deadline is None or now >= p.drain_deadline:
                 self._drained("pong", now)
                 return

@@ -206,7 +206,7 @@ def test_throttle_presets() -> None:
         ThrottlePolicy.preset("slow")
 
 
-def test_the_fallback_discards_again_while_the_runs_left_halve() -> None:
+def test_the_fallback_discards_again_while_the_runs_left_shrink() -> None:
     s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
     s.now += 0.5
     s.feed(StartPostcopy())
@@ -222,6 +222,11 @@ def test_the_fallback_discards_again_while_the_runs_left_halve() -> None:
     s.now += 0.1
     assert s.s.handle(ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING)), s.now) == [ScanDirty()]
     assert s.s.handle(DirtyScanned(2_500, 2_000), s.now) == [
+        SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_FALLBACK_PING_BYTES)]
+    # 1500 runs: not halved, but fewer: discards again (a fallback's round of discards is short)
+    s.now += 0.02
+    assert s.s.handle(ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING)), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(1_800, 1_500), s.now) == [
         SendDiscards(before_stop=True), Write(Channel.MAIN, DRAIN_FALLBACK_PING_BYTES)]
     # then 300 runs: within the bound after the stop -> stop
     s.now += 0.02
@@ -255,3 +260,18 @@ def test_the_fallback_waits_for_the_destinations_work_on_its_discards() -> None:
     s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
     s.s.handle(DirtyScanned(2_000_000, 1_000_000), s.now)
     assert s.s.get_timer() == pytest.approx(s.now + 0.5 + DRAIN_DISCARD_WAIT_MAX * 1.0)
+
+
+def test_the_fallback_stops_when_the_runs_left_do_not_shrink() -> None:
+    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
+    s.now += 0.5
+    s.feed(StartPostcopy())
+    s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now)
+    s.s.handle(DirtyScanned(50_000, 20_000), s.now)
+    s.now += 0.5
+    s.s.handle_timer(s.now)
+    s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
+    s.s.handle(DirtyScanned(6_000, 5_000), s.now)
+    s.now += 0.1
+    assert s.s.handle(ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING)), s.now) == [ScanDirty()]
+    assert s.s.handle(DirtyScanned(6_000, 5_000), s.now) == [StopGuest()]
