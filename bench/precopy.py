@@ -74,6 +74,7 @@ def demo(size: str, pattern: str, precopy: float, *, write_percent: int = 50, gu
             "dirty_last_round": pre.get("dirty_pages_last_round", 0),
             "dirty_rate": pre.get("dirty_rate_pages_per_s", 0.0), "discarded": pre.get("dirty_pages_at_switch", 0),
             "drain": pre.get("drain", ""), "drain_s": pre.get("drain_seconds", 0.0),
+            "drain_fallback": pre.get("drain_fallback", ""),
             "discard_ranges": pre.get("discard_ranges", 0),
             "discard_ranges_after_stop": pre.get("discard_ranges", 0) - pre.get("discard_ranges_before_stop", 0),
             "discard_chunk": pre.get("discard_chunk_pages", 1), "throttle": pre.get("throttle_percent", 0),

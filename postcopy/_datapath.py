@@ -550,9 +550,10 @@ class SourcePath:
 
     def send_discards(self, *, before_stop: bool = False) -> int:
         """POSTCOPY_RAM_DISCARD on main for every run of dirty pages; returns the ranges.
-        ``before_stop`` (guest running, no round after it): remember what was discarded;
-        the next call (guest stopped) discards only the pages dirty since."""
-        flags = lib.PC_SRC_DISCARD_REMEMBER if before_stop else lib.PC_SRC_DISCARD_NEW_ONLY
+        ``before_stop`` (guest running, no round after it): remember what was discarded (and
+        discard only what was not before: the drain may discard again); the next call (guest
+        stopped) discards only the pages dirty since."""
+        flags = (lib.PC_SRC_DISCARD_REMEMBER | lib.PC_SRC_DISCARD_NEW_ONLY) if before_stop else lib.PC_SRC_DISCARD_NEW_ONLY
         rc = int(lib.pc_src_send_discards(self._s, flags))
         if rc < 0:
             raise ConnectionError(-rc, "write of the discards on the main channel failed")

@@ -216,7 +216,8 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
               f"({pre['dirty_rate_pages_per_s']:.0f}/s), {pre['dirty_pages_at_switch']} pages discarded in "
               f"{pre['discard_ranges']} ranges at the switch ({pre['switch_reason']})")
         if pre.get("drain"):
-            print(f"demo: drained before the stop in {pre['drain_seconds'] * 1000:.0f} ms ({pre['drain']}), "
+            fallback = ", resend cut late: fell back to discards" if pre.get("drain_fallback") else ""
+            print(f"demo: drained before the stop in {pre['drain_seconds'] * 1000:.0f} ms ({pre['drain']}{fallback}), "
                   f"{pre['discard_ranges'] - pre['discard_ranges_before_stop']} discard ranges after it"
                   + (f", throttled up to {pre['throttle_percent']} %" if pre.get("throttle_percent") else ""))
     pf = report["prefetch"]

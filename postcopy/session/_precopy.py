@@ -26,7 +26,10 @@ the pages written since that scan.
 During precopy the guest's writers run at ``writer_nice`` (19) so that the sender and
 the receiver go first; at the switch they get their priority back. The drain resends
 (``drain_mode="resend"``) what the scan at the switch found in a last pass, and again
-while the discard runs left halve, before its PING.
+while the discard runs left halve, before its PING. A pass (or its PONG) not done within
+``DRAIN_RESEND_SHARE`` of ``drain_seconds`` is cut and falls back to the discard drain with a
+fresh PING, so the guest stops once the destination has taken what was sent, not with a
+queue of it.
 
 Throttling (``ThrottlePolicy``, QEMU's auto-converge): a round longer than
 ``sync_seconds`` is cut and scanned, so the dirty rate is measured during a long
@@ -41,13 +44,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
+__all__ = ["DISCARD_RANGE_SECONDS", "DRAIN_DISCARD_WAIT_MAX", "DRAIN_RESEND_SHARE", "MIN_ROUND_SECONDS", "THROTTLE_PRESETS", "WRITER_NICE", "PrecopyStats", "RoundRecord", "SwitchoverPolicy", "ThrottlePolicy"]
 
 TARGET_PAGE: Final = 4096
 #: A round shorter than this waits before its scan (an idle guest does not spin).
 MIN_ROUND_SECONDS: Final = 0.05
 #: "Stopped shrinking": the dirty rate fell by less than this fraction.
 SHRINK_FRACTION: Final = 0.10
+#: The resend drain's share of ``drain_seconds``: a last pass still under way then (or whose PONG
+#: is not back) is cut and falls back to discards and a fresh PING (the rest of ``drain_seconds``
+#: is that fallback's own wait), so that no queue of sent data is left for the downtime. What the
+#: link carried by then stays on the destination (a pass is not skipped for its size: measured,
+#: skipping a flat-out guest's pass left 1.3x pure postcopy's remote faults).
+DRAIN_RESEND_SHARE: Final = 0.5
+#: A fallback's wait grows by this much a discard range it sends (the destination's cost of one,
+#: decoded and dropped, on this 2-core machine under load): its discards are no queue at the stop
+#: either...
+DISCARD_RANGE_SECONDS: Final = 25e-6
+#: ... by at most this many ``drain_seconds``.
+DRAIN_DISCARD_WAIT_MAX: Final = 2.0
 #: During precopy the guest's writers run at this nice (the lowest priority): the sender
 #: (nice 10) and, on one host, the destination's receiver go first.
 WRITER_NICE: Final = 19
@@ -209,6 +224,9 @@ class PrecopyStats:
     drain_passes: int = 0
     """Resend: the passes before the stop (another while the discard ranges left halve)."""
     discard_ranges_before_stop: int = 0
+    drain_fallback: str = ""
+    """Resend: "deadline" when the pass or its PONG was not done within its share of
+    ``drain_seconds`` (cut, then discards and a fresh PING); "" (no fallback)."""
     throttle_percent: int = 0
     """The highest throttle reached (auto-converge)."""
     throttle_changes: int = 0
@@ -227,5 +245,6 @@ class PrecopyStats:
                 "dirty_pages_before_stop": self.dirty_pages_before_stop, "drain_bytes": self.drain_bytes,
                 "drain_passes": self.drain_passes,
                 "discard_ranges_before_stop": self.discard_ranges_before_stop,
+                "drain_fallback": self.drain_fallback,
                 "throttle_percent": self.throttle_percent, "throttle_changes": self.throttle_changes,
                 "discard_chunk_pages": self.discard_chunk_pages, "writer_nice": self.writer_nice}

@@ -51,10 +51,10 @@ from ._io import (
     Write,
     WriterPriority,
 )
-from ._precopy import MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
+from ._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
-__all__ = ["DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
+__all__ = ["DRAIN_FALLBACK_PING", "DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
 
 S = MigrationStatus
 
@@ -67,6 +67,9 @@ SHUT_WAIT_LINK_TIMEOUTS: Final = 10
 #: The PING before the guest stops after precopy: its PONG says the destination took every
 #: page sent before it (not a heartbeat: another tag in the top half; QEMU's are 1-4 and 0x42).
 DRAIN_PING: Final = 0x50440001
+#: The PING behind the discards of a resend drain that fell back (its pass or PONG was late):
+#: the PONG of a DRAIN_PING still in flight must not be taken for it.
+DRAIN_FALLBACK_PING: Final = 0x50440002
 #: The PING written once both channels are up. The destination answers it only after the
 #: RAM setup before it (its memory, bitmaps, fault service): the guest stops once it has,
 #: so that no downtime is spent waiting for a destination still setting up. Outside the
@@ -94,8 +97,11 @@ class _Precopy:
     resume: bool = False            # the next round goes on with a pass a sync period cut
     sync_cut: bool = False          # EndRound sent for a sync period (not for the switch)
     # the drain before the stop: "" -> "scan" (guest running) -> ["round" (resend: a last pass of
-    # what the scan found) ->] "wait" (PING sent) -> "pong"/"timeout"
+    # what the scan found) ->] "wait" (PING sent) -> "pong"/"timeout"; a resend pass late at its share
+    # of the deadline: "round" -> "cut" (EndRound) -> "scan" again (fallback: discards, a fresh PING)
     drain: str = ""
+    drain_fallback: str = ""        # "deadline": the resend drain fell back to discards
+    drain_ping: int = DRAIN_PING    # the PING whose PONG ends the wait
     drain_bytes: int = 0
     drain_runs: int = -1            # resend: the discard runs the last scan found (each pass must halve them)
     drain_passes: int = 0
@@ -291,8 +297,10 @@ class SourceSession:
             elif sync is not None and sync <= now:
                 p.sync_cut = True
                 self._out.append(EndRound())        # RoundFinished(ended) follows: scan, then the pass goes on
-        if p is not None and p.drain_deadline is not None and p.drain_deadline <= now:
-            if p.drain == "wait":
+        if p is not None and p.drain_deadline is not None and p.drain_deadline <= now and self.status is S.ACTIVE:
+            if p.drain == "wait" and p.policy.drain_mode == "resend" and not p.drain_fallback:
+                self._drain_fallback()              # the pass is out, its PONG is late: a queue
+            elif p.drain == "wait":
                 self._drained("timeout", now)
             elif p.drain == "round" and p.running:
                 p.drain = "cut"
@@ -403,10 +411,10 @@ class SourceSession:
         p.round_bytes = sent
         p.bytes += sent
         if p.drain in ("round", "cut"):
-            # the last pass before the stop is over: PING behind it, or the deadline passed
+            # the last pass before the stop is over: PING behind it, or its share of the deadline passed
             p.drain_bytes += sent
             if p.drain == "cut":
-                self._drained("timeout", now)
+                self._drain_fallback()
             else:
                 p.drain = "wait"
                 self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=DRAIN_PING)])))
@@ -428,13 +436,22 @@ class SourceSession:
             p.dirty_at_switch = pages           # the final scan, guest stopped: what the discards cover
             return
         if p.drain == "rescan" and self.status is S.ACTIVE:
-            # after a resend pass's PONG: again while what is left shrinks and would be widened after the stop
+            # after a resend pass's PONG: another while what is left halves and would be widened after
+            # the stop; after the fallback's discards: again while it shrinks (each round of discards
+            # is short, and what is left after the stop is the downtime's)
             bound = p.policy.max_discard_ranges
-            if runs < 0 or runs <= bound or (p.drain_runs >= 0 and runs * 2 > p.drain_runs) \
+            shrinks = runs * 2 <= p.drain_runs if not p.drain_fallback else runs < p.drain_runs
+            if runs < 0 or runs <= bound or (p.drain_runs >= 0 and not shrinks) \
                     or p.drain_deadline is None or now >= p.drain_deadline:
                 self._drained("pong", now)
                 return
             p.drain_runs = runs
+            if p.drain_fallback:
+                # the discards and their PING again, for what the guest wrote during the last wait
+                p.drain = "wait"
+                self._out += [SendDiscards(before_stop=True),
+                              Write(Channel.MAIN, self._encode([wire.Ping(value=p.drain_ping)]))]
+                return
             p.drain_passes += 1
             p.drain = "round"
             p.started_rounds += 1
@@ -444,11 +461,20 @@ class SourceSession:
             return
         if p.drain == "scan" and self.status is S.ACTIVE:
             # guest running: drop what it found on the destination now, then wait for the PONG
-            p.dirty_before_stop = pages
-            p.drain_started = now
-            p.drain_deadline = now + p.policy.drain_seconds
-            if p.policy.drain_mode == "resend":
-                # a last pass of what is dirty (what the cut round left too), then the PING behind it
+            seconds = p.policy.drain_seconds
+            if p.drain_fallback:
+                # the resend fell back: what it did not send and what was written since are dropped;
+                # the fallback's own wait is the rest of the drain (its share at least)
+                p.drain_deadline = now + seconds * (1 - DRAIN_RESEND_SHARE)
+            else:
+                p.dirty_before_stop = pages
+                p.drain_started = now
+                p.drain_deadline = now + seconds
+            if p.policy.drain_mode == "resend" and not p.drain_fallback:
+                # a last pass of what is dirty (what the cut round left too), then the PING behind it;
+                # within its share of the drain (what the link carries by then stays on the destination:
+                # a pass too long for it is cut there, not skipped), the rest is the fallback's
+                p.drain_deadline = now + seconds * DRAIN_RESEND_SHARE
                 p.drain_runs = runs
                 p.drain_passes = 1
                 p.drain = "round"
@@ -457,9 +483,14 @@ class SourceSession:
                 p.round_started = now
                 self._out.append(StartRound(p.started_rounds - 1))
                 return
+            if p.drain_fallback and runs > 0 and p.drain_deadline is not None:
+                # the destination's work for these discards (a range each) is the fallback's to wait for
+                p.drain_deadline += min(runs * DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX * seconds)
             p.drain = "wait"
+            p.drain_runs = runs
+            p.drain_ping = DRAIN_FALLBACK_PING if p.drain_fallback else DRAIN_PING
             self._out += [SendDiscards(before_stop=True),
-                          Write(Channel.MAIN, self._encode([wire.Ping(value=DRAIN_PING)]))]
+                          Write(Channel.MAIN, self._encode([wire.Ping(value=p.drain_ping)]))]
             return
         if self.status is not S.ACTIVE or self.switch_requested or p.running:
             return
@@ -486,6 +517,16 @@ class SourceSession:
             p.throttle_max = max(p.throttle_max, percent)
             p.throttle_changes += 1
             self._out.append(ThrottleGuest(percent))
+
+    def _drain_fallback(self) -> None:
+        """The resend pass (or its PONG) is late at its share of the deadline: no queue of it may be
+        left for the downtime. Scan, discard what is dirty and PING again (``_scanned``)."""
+        p = self.precopy
+        assert p is not None
+        p.drain_fallback = "deadline"
+        p.drain_deadline = None
+        p.drain = "scan"
+        self._out.append(ScanDirty())
 
     def _drained(self, how: str, now: float) -> None:
         """The drain before the stop is over (PONG or its deadline): stop the guest."""
@@ -523,7 +564,7 @@ class SourceSession:
                             switch_reason=p.reason, tracking=self.tracking, drain=p.drain if p.drain in (
                                 "pong", "timeout") else "", drain_seconds=p.drain_seconds,
                             dirty_pages_before_stop=p.dirty_before_stop,
-                            discard_ranges_before_stop=p.discard_ranges_before_stop,
+                            discard_ranges_before_stop=p.discard_ranges_before_stop, drain_fallback=p.drain_fallback,
                             drain_bytes=p.drain_bytes, drain_passes=p.drain_passes, throttle_percent=p.throttle_max, throttle_changes=p.throttle_changes,
                             discard_chunk_pages=p.discard_chunk, writer_nice=p.policy.writer_nice)
 
@@ -617,10 +658,10 @@ class SourceSession:
         match message:
             case wire.Pong(value=v) if v & HEARTBEAT_MASK == HEARTBEAT_PING:
                 self.last_pong = now
-            case wire.Pong(value=v) if v == DRAIN_PING:
+            case wire.Pong(value=v) if v in (DRAIN_PING, DRAIN_FALLBACK_PING):
                 self.last_pong = now
                 p = self.precopy
-                if p is not None and p.drain == "wait" and self.status is S.ACTIVE:
+                if p is not None and p.drain == "wait" and v == p.drain_ping and self.status is S.ACTIVE:
                     if p.policy.drain_mode == "resend" and p.policy.max_discard_ranges:
                         p.drain = "rescan"      # what did the guest write meanwhile?
                         self._out.append(ScanDirty())

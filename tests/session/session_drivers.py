@@ -42,11 +42,12 @@ from postcopy.session import (
     Write,
 )
 from postcopy.session._precopy import SwitchoverPolicy
-from postcopy.session._source import DRAIN_PING
+from postcopy.session._source import DRAIN_FALLBACK_PING, DRAIN_PING
 from postcopy.session._source import READY_PING
 
 S = MigrationStatus
 DRAIN_PING_BYTES = wire.encode(wire.Ping(value=DRAIN_PING))
+DRAIN_FALLBACK_PING_BYTES = wire.encode(wire.Ping(value=DRAIN_FALLBACK_PING))
 
 SRC_HOST = "10.0.0.1"
 OTHER_HOST = "10.0.0.99"
@@ -273,6 +274,8 @@ class Src:
                 follow = DiscardsSent(self.discard_ranges)
             elif isinstance(a, Write) and self.answer_drain and a.data == DRAIN_PING_BYTES:
                 follow = ReturnPathMessage(wire.Pong(value=DRAIN_PING))
+            elif isinstance(a, Write) and self.answer_drain and a.data == DRAIN_FALLBACK_PING_BYTES:
+                follow = ReturnPathMessage(wire.Pong(value=DRAIN_FALLBACK_PING))
             if follow is not None:
                 out[i + 1:i + 1] = self.s.handle(follow, self.now)
             i += 1
