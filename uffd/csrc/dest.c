@@ -979,6 +979,31 @@ static uint8_t *rx_stage(pc_rx *rx)
  * pc_rx_place_records return only once it is done (what they report as
  * placed is placed). Its errors are the receiver's at the next hand-over. */
 
+/* Place n consecutive 4 KiB pages from src (nzero of them all zero). In a
+ * zeroable block the zero pages go by UFFDIO_ZEROPAGE and stay unbacked: a
+ * mixed run is split here, on the placer's CPU, never copied as pages of
+ * zeros (the destination would hold more memory than the source). */
+static int place_run(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src, uint64_t n, uint64_t nzero)
+{
+    const pc_dst_block *b = &rx->dst->blocks[bi];
+    if (!src || nzero == n)
+        return place_pages(rx, bi, off, NULL, n, n);
+    if (!nzero || !b->zeroable || b->host_page_size != PC_TARGET_PAGE_SIZE)
+        return place_pages(rx, bi, off, src, n, nzero);
+    for (uint64_t i = 0; i < n;) {
+        int zero = pc_is_zero(src + i * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
+        uint64_t j = i + 1;
+        while (j < n && pc_is_zero(src + j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE) == zero)
+            j++;
+        int rc = zero ? place_pages(rx, bi, off + i * PC_TARGET_PAGE_SIZE, NULL, j - i, j - i)
+                      : place_pages(rx, bi, off + i * PC_TARGET_PAGE_SIZE, src + i * PC_TARGET_PAGE_SIZE, j - i, 0);
+        if (rc)
+            return rc;
+        i = j;
+    }
+    return 0;
+}
+
 static void *placer_main(void *arg)
 {
     pc_rx *rx = arg;
@@ -989,7 +1014,7 @@ static void *placer_main(void *arg)
         if (!rx->job_pending)
             break;
         pthread_mutex_unlock(&rx->job_lock);
-        int rc = place_pages(rx, rx->job_block, rx->job_off, rx->job_src, rx->job_n, rx->job_nzero);
+        int rc = place_run(rx, rx->job_block, rx->job_off, rx->job_src, rx->job_n, rx->job_nzero);
         pthread_mutex_lock(&rx->job_lock);
         if (rc && !rx->job_rc)
             rx->job_rc = rc;
@@ -1029,10 +1054,10 @@ static int place_async(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src,
     if (rc)
         return rc;
     if (rx->kind == PC_RX_PREEMPT)      /* requested pages: no hand-over between threads on their way */
-        return place_pages(rx, bi, off, src, n, nzero);
+        return place_run(rx, bi, off, src, n, nzero);
     if (!rx->placer_started) {
         if (pthread_create(&rx->placer, NULL, placer_main, rx) != 0)
-            return place_pages(rx, bi, off, src, n, nzero);
+            return place_run(rx, bi, off, src, n, nzero);
         rx->placer_started = 1;
     }
     pthread_mutex_lock(&rx->job_lock);
@@ -1100,10 +1125,8 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                     if (q->block != r->block || q->offset != r->offset + (uint64_t)k * PC_TARGET_PAGE_SIZE ||
                         q->offset >= b->length)
                         break;
-                    int qzero = q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE);
-                    if (b->zeroable && qzero != !data)
-                        break;  /* zero pages stay unbacked (ZEROPAGE), never copied as a page of zeros */
-                    nz += (uint32_t)qzero;
+                    if (q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE))
+                        nz++;
                 }
             }
             uint8_t *stage = k > 1 && nz < k ? rx_stage(rx) : NULL;
@@ -1311,16 +1334,10 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
         for (uint32_t i = 0; i < k;) {
             uint64_t off = pc_get_be64(rx->direct_hdr[i]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
             uint32_t j = i, nz = 0;
-            int first_zero = pc_is_zero(l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
             for (; j < k && (j == i || (pc_get_be64(rx->direct_hdr[j]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1)) ==
                                            off + (uint64_t)(j - i) * PC_TARGET_PAGE_SIZE);
-                 j++) {
-                int zero = j == i ? first_zero
-                                  : pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
-                if (b->zeroable && zero != first_zero)
-                    break;      /* zero pages stay unbacked (ZEROPAGE), never copied as a page of zeros */
-                nz += (uint32_t)zero;
-            }
+                 j++)
+                nz += (uint32_t)pc_is_zero(l->bodies + (uint64_t)j * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE);
             int rc = nz == j - i ? place_pages(rx, bi, off, NULL, j - i, nz)
                                  : place_async(rx, bi, off, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, j - i, nz);
             if (rc)
