@@ -22,30 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _load import wait_for_load
+
 CASES: dict[str, list[str]] = {
     "default": [],
     "repeat": ["--guest-rate", "20000", "--bandwidth-cap", "200M"],
 }
-
-
-def wait_for_load(max_load: float, max_wait: float) -> float:
-    deadline = time.monotonic() + max_wait
-    while True:
-        load = os.getloadavg()[0]
-        if load < max_load or time.monotonic() >= deadline:
-            return load
-        time.sleep(60)
 
 
 def demo(size: str, extra: list[str], *, hot: Path | None, record: Path | None) -> dict[str, Any]:
@@ -82,12 +73,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             path = Path(tmp) / f"{case}.hot"
-            load = wait_for_load(args.max_load, args.max_wait)
+            load = wait_for_load(args.max_load, args.max_wait, poll=60)
             rec = demo(args.size, CASES[case], hot=None, record=path)
             print(f"{case:8} {'record':8} {load:5.2f} {rec['remote_faults']:7d} {rec['postcopy_s']:10.3f} "
                   f"{rec['total_s']:8.3f} {rec['recorded']:7d} {rec['verified']!s:>8}", flush=True)
             for _ in range(args.runs):
-                load = wait_for_load(args.max_load, args.max_wait)     # once a pair: both see the same machine
+                load = wait_for_load(args.max_load, args.max_wait, poll=60)     # once a pair: both see the same machine
                 for with_hot in (True, False):
                     row = demo(args.size, CASES[case], hot=path if with_hot else None, record=None)
                     row.update(case=case, hot_set=with_hot, load=load, set_pages=rec["recorded"])

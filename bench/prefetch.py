@@ -22,29 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _load import wait_for_load
+
 from postcopy.spec import parse_size
 
 TARGET_PAGE = 4096
-
-
-def wait_for_load(max_load: float, max_wait: float) -> float:
-    deadline = time.monotonic() + max_wait
-    while True:
-        load = os.getloadavg()[0]
-        if load < max_load or time.monotonic() >= deadline:
-            return load
-        time.sleep(2)
 
 
 def demo(size: str, pattern: str, prefetch: bool, *, verify: bool) -> dict[str, Any]:

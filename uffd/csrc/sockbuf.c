@@ -35,14 +35,7 @@ static int make_room(pc_sockbuf *sb, uint64_t need)
     uint64_t cap = sb->cap;
     while (cap - sb->tail < need)
         cap *= 2;
-    if (cap > sb->limit)
-        return -EMSGSIZE;
-    uint8_t *nb = realloc(sb->buf, cap);
-    if (!nb)
-        return -ENOMEM;
-    sb->buf = nb;
-    sb->cap = cap;
-    return 0;
+    return pc_sockbuf_grow(sb, cap);
 }
 
 int64_t pc_sockbuf_recv(pc_sockbuf *sb)
