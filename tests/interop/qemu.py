@@ -630,6 +630,10 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
         args = ["source", "--from-snapshot", str(snapshot), "--connect", f"127.0.0.1:{port}",
                 "--preempt" if preempt else "--no-preempt", "--bandwidth-cap", bandwidth_cap,
                 "--progress", "none", "--json", str(rundir / "source.json")]
+        if pause_s:
+            # the cut must land in postcopy: the bandwidth cap makes the bulk stream last, and
+            # prefetch (uncapped, on the preempt channel) would carry the walking guest's pages ahead
+            args += ["--no-prefetch"]
         if pause_s and cut == "kill":
             args += ["--recover-connect", f"127.0.0.1:{new_port}"]
         if via_qmp:
