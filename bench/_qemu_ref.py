@@ -25,14 +25,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.interop (a package)
 
-from tests.interop.qemu import BOOT_IMG, POSTCOPY_CAPS, QEMU_BIN, Qemu, free_port
+from tests.interop.qemu import BOOT_IMG, QEMU_BIN, Qemu, run_postcopy
 
 MiB = 1 << 20
 MIN_MEM = 64 * MiB      # the boot guest under the pc machine: the interop tests' smallest
@@ -79,26 +78,13 @@ def _event(vm: Qemu, name: str) -> dict[str, Any]:
 def qemu_downtime(size: int, *, preempt: bool = True, timeout: float = 120.0) -> QemuDowntime:
     """One QEMU -> QEMU immediate postcopy migration of a ``qemu_size(size)`` guest."""
     mem = f"{qemu_size(size) // MiB}M"
-    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     with tempfile.TemporaryDirectory(prefix="pc-qemu-dt-") as d:
         rundir = Path(d)
         src = Qemu("src", rundir, mem=mem)
         dst = Qemu("dst", rundir, mem=mem, incoming=True)
         try:
-            src.start()
-            dst.start()
-            src.wait_letters(1, timeout)            # one whole pass: every page written
-            for vm in (src, dst):
-                vm.set_capabilities(caps)
-            src.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 10 << 30})
-            port = free_port()
-            dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-            t0 = time.monotonic()
-            src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            src.cmd("migrate-start-postcopy")
-            info = src.wait_status({"completed"}, timeout)
-            dst.wait_status({"completed"}, timeout)
-            wall = time.monotonic() - t0
+            # one whole pass before: every page written
+            info, _, wall = run_postcopy(src, dst, preempt=preempt, passes_before=1, timeout=timeout)
             status = dst.cmd("query-status").get("status")
             if status != "running":
                 raise RuntimeError(f"QEMU destination is {status!r} after the migration, not running")

@@ -366,30 +366,39 @@ class MigrationResult:
         return self.transferred / MiB / max(self.total_ms / 1000, 1e-9)
 
 
+def run_postcopy(src: Qemu, dst: Qemu, *, preempt: bool, passes_before: int = 1, precopy_s: float = 0.0,
+                 timeout: float = 120.0) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """Start ``src`` and ``dst`` (incoming), let the guest write ``passes_before`` whole passes,
+    migrate with postcopy (after ``precopy_s`` of precopy) and wait until both completed: the two
+    final query-migrate answers and the seconds from ``migrate`` to both completed."""
+    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
+    src.start()
+    dst.start()
+    src.wait_letters(passes_before, timeout)
+    for vm in (src, dst):
+        vm.set_capabilities(caps)
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 10 << 30})
+    port = free_port()
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    t0 = time.monotonic()
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    if precopy_s:
+        time.sleep(precopy_s)
+    src.cmd("migrate-start-postcopy")
+    src_info = src.wait_status({"completed"}, timeout)
+    dst_info = dst.wait_status({"completed"}, timeout)
+    return src_info, dst_info, time.monotonic() - t0
+
+
 def migrate_qemu_to_qemu(rundir: Path, *, mem: str = "64M", preempt: bool = False, precopy_s: float = 0.0,
                          hugetlbfs: Path | None = None, passes_before: int = 2, passes_after: int = 1,
                          timeout: float = 120.0) -> MigrationResult:
     """A real QEMU -> QEMU postcopy migration of the boot guest, checked page by page."""
-    caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     src = Qemu("src", rundir, mem=mem, hugetlbfs=hugetlbfs)
     dst = Qemu("dst", rundir, mem=mem, hugetlbfs=hugetlbfs, incoming=True)
     try:
-        src.start()
-        dst.start()
-        src.wait_letters(passes_before, timeout)
-        for vm in (src, dst):
-            vm.set_capabilities(caps)
-        src.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 10 << 30})
-        port = free_port()
-        dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        t0 = time.monotonic()
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        if precopy_s:
-            time.sleep(precopy_s)
-        src.cmd("migrate-start-postcopy")
-        src_info = src.wait_status({"completed"}, timeout)
-        dst_info = dst.wait_status({"completed"}, timeout)
-        wall = time.monotonic() - t0
+        src_info, dst_info, wall = run_postcopy(src, dst, preempt=preempt, passes_before=passes_before,
+                                                precopy_s=precopy_s, timeout=timeout)
         src_letters = src.letters()
         dst.wait_letters(passes_after, timeout)
         dst.cmd("stop")
