@@ -576,11 +576,20 @@ class SourcePath:
         for came in (the return path's recv that brought it)."""
         return int(self._s.rp_control_ns)
 
+    def urgent_pending(self) -> bool:
+        """Preempt: requested pages are being sent, or not yet taken in by the destination's
+        TCP (the bulk stream stands aside between its batches, at most ``PAUSE_MAX_NS`` at a time)."""
+        return bool(lib.pc_src_urgent_pending(self._s))
+
+    #: the longest one pause of the bulk stream for urgent pages
+    PAUSE_MAX_NS = lib.PC_SRC_PAUSE_MAX_NS
+
     def counters(self) -> dict[str, int]:
         s = self._s
         out = {name: int(getattr(s.c, name)) for name in (
             "requests", "request_pages_sent", "request_pages_skipped", "resent_target_pages", "requests_queued",
-            "host_pages_sent", "hot_pages_sent", "hot_pages_recorded", "hot_pages_preempt")}
+            "host_pages_sent", "hot_pages_sent", "hot_pages_recorded", "hot_pages_preempt",
+            "bulk_pauses", "bulk_pause_ns", "bulk_pauses_capped")}
         pf = s.pf.c
         for name in ("hits", "misses", "windows", "pages_sent", "pages_used"):
             out[f"prefetch_{name}"] = int(getattr(pf, name))

@@ -196,6 +196,8 @@ void pc_src_restart(pc_src *s)
     pc_pf_reset(&s->pf);        /* the return-path thread is not running */
     s->hot_pos = s->hot_off = s->rp_hot_pos = s->rp_hot_off = 0;   /* the hot set first again, after a recovery */
     s->hot_armed = 0;
+    __atomic_store_n(&s->urgent, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->urgent_end, 0, __ATOMIC_RELEASE);
     for (int i = 0; i < PC_PF_STREAMS; i++)
         __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
@@ -298,6 +300,8 @@ static void batch_raw(batch *bt, const void *p, uint64_t n)
 }
 
 /* Under the channel lock. */
+static int bulk_pause(pc_src *s);
+
 static int batch_flush(pc_src *s, int ch, batch *bt)
 {
     pc_src_chan *c = &s->chan[ch];
@@ -327,6 +331,15 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
             int rc = batch_flush(s, ch, bt);
             if (rc < 0)
                 return rc;
+        }
+        if (ch == PC_CHAN_MAIN && off != host_off && (off - host_off) % (BATCH_RECORDS * PC_TARGET_PAGE_SIZE) == 0 &&
+            s->preempt && pc_src_urgent_pending(s)) {
+            /* A huge page on main: its parts so far go now, the rest after the urgent page
+             * (the records of one host page stay consecutive on this channel). */
+            int rc = batch_flush(s, ch, bt);
+            if (rc < 0)
+                return rc;
+            bulk_pause(s);
         }
         const uint8_t *page = (const uint8_t *)(uintptr_t)(b->base + off);
         int zero = pc_is_zero(page, PC_TARGET_PAGE_SIZE);
@@ -384,11 +397,68 @@ static int send_urgent_preempt(pc_src *s, uint32_t bi, uint64_t host_off)
     pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
     pthread_mutex_lock(&c->lock);
     batch_reset(bt);
+    /* A huge page's 512 records (and their bodies: at most 2 * BATCH_SLOTS iovecs) go in one writev. */
     int rc = batch_host_page(s, PC_CHAN_PREEMPT, bt, bi, host_off);
     if (rc == 0)
         rc = batch_flush(s, PC_CHAN_PREEMPT, bt);
+    if (rc == 0) {
+        __atomic_store_n(&s->urgent_ns, pc_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&s->urgent_end, __atomic_load_n(&c->bytes, __ATOMIC_RELAXED), __ATOMIC_RELEASE);
+    }
     pthread_mutex_unlock(&c->lock);
     return rc;
+}
+
+_Static_assert(2 * 512 <= 2 * BATCH_SLOTS && 2 * BATCH_SLOTS <= 2048, "a 2 MiB page fits one batch");
+
+int pc_src_urgent_pending(pc_src *s)
+{
+    if (__atomic_load_n(&s->urgent, __ATOMIC_ACQUIRE))
+        return 1;
+    uint64_t end = __atomic_load_n(&s->urgent_end, __ATOMIC_ACQUIRE);
+    if (!end)
+        return 0;
+    pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
+    int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    if (fd < 0 || end <= c->conn_base || pc_now_ns() - __atomic_load_n(&s->urgent_ns, __ATOMIC_RELAXED) > PC_SRC_PAUSE_MAX_NS ||
+        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8 ||
+        c->conn_base + ti.tcpi_bytes_acked >= end) {
+        /* taken in by the destination (or too old to wait for): done, unless a newer page came meanwhile */
+        __atomic_compare_exchange_n(&s->urgent_end, &end, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        return 0;
+    }
+    return 1;
+}
+
+static void urgent_add(pc_src *s, int delta)
+{
+    if (delta > 0)
+        __atomic_add_fetch(&s->urgent, (uint32_t)delta, __ATOMIC_ACQ_REL);
+    else
+        __atomic_sub_fetch(&s->urgent, (uint32_t)-delta, __ATOMIC_ACQ_REL);
+}
+
+/* Bulk side (preempt): stand aside while urgent pages are in flight, at most
+ * PC_SRC_PAUSE_MAX_NS. 1 when it paused. */
+static int bulk_pause(pc_src *s)
+{
+    if (!s->preempt || !pc_src_urgent_pending(s))
+        return 0;
+    uint64_t t0 = pc_now_ns(), now = t0;
+    __atomic_add_fetch(&s->c.bulk_pauses, 1, __ATOMIC_RELAXED);
+    while (!stopped(s) && pc_src_urgent_pending(s)) {
+        if (now - t0 >= PC_SRC_PAUSE_MAX_NS) {
+            __atomic_add_fetch(&s->c.bulk_pauses_capped, 1, __ATOMIC_RELAXED);
+            break;
+        }
+        struct timespec nap = { 0, (long)PC_SRC_PAUSE_POLL_NS };
+        nanosleep(&nap, NULL);
+        now = pc_now_ns();
+    }
+    __atomic_add_fetch(&s->c.bulk_pause_ns, pc_now_ns() - t0, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* Bulk side: requested pages queued for the main channel, sent first. */
@@ -516,6 +586,7 @@ int pc_src_bulk_run(pc_src *s)
         }
         if (!s->preempt && (rc = drain_queue(s, bt, &in_section)) < 0)
             break;
+        bulk_pause(s);      /* preempt: a requested page does not share the link with this stream */
         uint64_t flushed_before = bt->flushed;     /* requested pages above do not count against the cap */
         /* Gather up to BATCH_RECORDS target pages of whole host pages. */
         uint64_t records = 0, now = pc_now_ns();
@@ -751,12 +822,25 @@ static int prefetch_chunk(pc_src *s, int hot)
     return PF_SENT;
 }
 
+static int serve_request_pages(pc_src *s, uint32_t bi, uint64_t start, uint64_t len);
+
 /* One page request (already validated): serve or queue each host page. */
 static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
 {
+    __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
+    int urgent = s->preempt && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) >= 0;
+    if (urgent)
+        urgent_add(s, 1);    /* the bulk stream stands aside until these pages are taken in */
+    int rc = serve_request_pages(s, bi, start, len);
+    if (urgent)
+        urgent_add(s, -1);
+    return rc;
+}
+
+static int serve_request_pages(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
+{
     pc_src_block *b = &s->blocks[bi];
     uint64_t hps = b->host_page_size;
-    __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
     for (uint64_t off = start & ~(hps - 1); off < start + len; off += hps) {
         record_hot(s, bi, off / hps);
         s->hot_armed = 1;       /* the destination runs the guest: the preempt channel may carry the hot set */

@@ -54,7 +54,18 @@ typedef struct pc_src_counters {
     uint64_t hot_pages_sent;        /* target pages the postcopy bulk stream sent first as the hot set */
     uint64_t hot_pages_recorded;    /* target pages recorded (pc_src_record_hot) */
     uint64_t hot_pages_preempt;     /* of hot_pages_sent: pushed on the preempt channel between requests */
+    uint64_t bulk_pauses;           /* times the bulk stream stood aside for urgent pages (preempt) */
+    uint64_t bulk_pause_ns;         /* time it spent so */
+    uint64_t bulk_pauses_capped;    /* of bulk_pauses: ended by PC_SRC_PAUSE_MAX_NS, not by the urgent work */
 } pc_src_counters;
+
+/* Preempt: while requested pages are being served (urgent > 0) or their bytes
+ * are not yet taken in by the destination's TCP (preempt bytes acked below
+ * urgent_end), the bulk stream stands aside between its batches (and between
+ * the 256 KiB parts of a huge page), at most this long at a time: after a pause
+ * it always sends one batch before it may pause again (never starved). */
+#define PC_SRC_PAUSE_MAX_NS 3000000ull
+#define PC_SRC_PAUSE_POLL_NS 50000ull
 
 /* A run of target pages of one block (hot sets: pushed first, or recorded). */
 typedef struct pc_src_range {
@@ -93,6 +104,9 @@ typedef struct pc_src {
     int err_errno;
     char err_msg[256];
     pc_src_counters c;
+    uint32_t urgent;                /* requests being served on the preempt channel (return-path thread) */
+    uint64_t urgent_end;            /* preempt byte count (incl. conn_base) the last urgent page ends at */
+    uint64_t urgent_ns;             /* when it was written (urgent_end counts no longer than PC_SRC_PAUSE_MAX_NS) */
     pc_prefetch pf;                 /* the return-path thread's; pc_src_restart forgets its streams */
     /* Where the prefetch streams go next (target pages [lo, hi) of a block),
      * published by the return-path thread for the bulk stream, which leaves
@@ -167,6 +181,8 @@ int pc_src_bulk_run(pc_src *s);
 /* The same, from a thread that first sets its own nice value: lowered here, in C, the thread
  * never holds the GIL at background priority (a preempted holder would stall the switch). */
 int pc_src_bulk_run_niced(pc_src *s, int nice);
+/* Preempt: 1 when urgent pages are in flight (the bulk stream would stand aside now). */
+int pc_src_urgent_pending(pc_src *s);
 /* Precopy rounds: with round_mode on, the next pc_src_bulk_run starts at the
  * first page, makes one pass over the dirty bitmaps (what the last scan
  * found) and returns PC_TX_DONE; pc_src_end_round makes it return
