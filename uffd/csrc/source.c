@@ -402,6 +402,9 @@ static int send_urgent_preempt(pc_src *s, uint32_t bi, uint64_t host_off)
     if (rc == 0)
         rc = batch_flush(s, PC_CHAN_PREEMPT, bt);
     if (rc == 0) {
+        /* what the destination needs to place it after it is in (UFFDIO_COPY of a huge page) */
+        __atomic_store_n(&s->urgent_grace_ns, s->blocks[bi].host_page_size * PC_SRC_PLACE_NS_PER_MIB >> 20,
+                         __ATOMIC_RELAXED);
         __atomic_store_n(&s->urgent_ns, pc_now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&s->urgent_end, __atomic_load_n(&c->bytes, __ATOMIC_RELAXED), __ATOMIC_RELEASE);
     }
@@ -420,16 +423,23 @@ int pc_src_urgent_pending(pc_src *s)
         return 0;
     pc_src_chan *c = &s->chan[PC_CHAN_PREEMPT];
     int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
+    uint64_t age = pc_now_ns() - __atomic_load_n(&s->urgent_ns, __ATOMIC_RELAXED);
+    uint64_t grace = __atomic_load_n(&s->urgent_grace_ns, __ATOMIC_RELAXED);
     struct tcp_info ti;
     socklen_t len = sizeof(ti);
-    if (fd < 0 || end <= c->conn_base || pc_now_ns() - __atomic_load_n(&s->urgent_ns, __ATOMIC_RELAXED) > PC_SRC_PAUSE_MAX_NS ||
-        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8 ||
-        c->conn_base + ti.tcpi_bytes_acked >= end) {
-        /* taken in by the destination (or too old to wait for): done, unless a newer page came meanwhile */
-        __atomic_compare_exchange_n(&s->urgent_end, &end, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-        return 0;
-    }
-    return 1;
+    if (fd < 0 || end <= c->conn_base || age > PC_SRC_PAUSE_MAX_NS)
+        goto done;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_retrans) + 8)
+        goto done;
+    /* Still in this host's send queue (not sent: on loopback, not yet in the destination's
+     * socket), or sent so recently that the destination is still placing it. Sent, not
+     * acked: a delayed ACK of the last segment would hold the bulk stream for nothing. */
+    if (c->conn_base + ti.tcpi_bytes_sent - ti.tcpi_bytes_retrans < end || age < grace)
+        return 1;
+done:
+    /* taken in by the destination (or too old to wait for): done, unless a newer page came meanwhile */
+    __atomic_compare_exchange_n(&s->urgent_end, &end, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    return 0;
 }
 
 static void urgent_add(pc_src *s, int delta)

@@ -59,11 +59,14 @@ typedef struct pc_src_counters {
     uint64_t bulk_pauses_capped;    /* of bulk_pauses: ended by PC_SRC_PAUSE_MAX_NS, not by the urgent work */
 } pc_src_counters;
 
-/* Preempt: while requested pages are being served (urgent > 0) or their bytes
- * are not yet taken in by the destination's TCP (preempt bytes acked below
- * urgent_end), the bulk stream stands aside between its batches (and between
- * the 256 KiB parts of a huge page), at most this long at a time: after a pause
- * it always sends one batch before it may pause again (never starved). */
+/* Preempt: while requested pages are being served (urgent > 0), their bytes are
+ * still in this host's send queue (preempt bytes sent below urgent_end), or
+ * were written less than PC_SRC_PLACE_NS_PER_MIB per MiB of the host page ago
+ * (the destination places them), the bulk stream stands aside between its
+ * batches (and between the 256 KiB parts of a huge page), at most
+ * PC_SRC_PAUSE_MAX_NS at a time: after a pause it always sends one batch before
+ * it may pause again (never starved). */
+#define PC_SRC_PLACE_NS_PER_MIB 250000ull
 #define PC_SRC_PAUSE_MAX_NS 3000000ull
 #define PC_SRC_PAUSE_POLL_NS 50000ull
 
@@ -107,6 +110,7 @@ typedef struct pc_src {
     uint32_t urgent;                /* requests being served on the preempt channel (return-path thread) */
     uint64_t urgent_end;            /* preempt byte count (incl. conn_base) the last urgent page ends at */
     uint64_t urgent_ns;             /* when it was written (urgent_end counts no longer than PC_SRC_PAUSE_MAX_NS) */
+    uint64_t urgent_grace_ns;       /* after it was written, the destination is placing it this long */
     pc_prefetch pf;                 /* the return-path thread's; pc_src_restart forgets its streams */
     /* Where the prefetch streams go next (target pages [lo, hi) of a block),
      * published by the return-path thread for the bulk stream, which leaves
