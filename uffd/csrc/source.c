@@ -412,7 +412,8 @@ static int send_urgent_preempt(pc_src *s, uint32_t bi, uint64_t host_off)
     return rc;
 }
 
-_Static_assert(2 * 512 <= 2 * BATCH_SLOTS && 2 * BATCH_SLOTS <= 2048, "a 2 MiB page fits one batch");
+/* A 2 MiB page: its 512 records fit one batch (never flushed in parts), their iovecs one writev call. */
+_Static_assert(512 + 2 <= BATCH_SLOTS && 2 * 512 <= IOV_MAX, "a requested 2 MiB page goes in one writev");
 
 int pc_src_urgent_pending(pc_src *s)
 {
