@@ -1,6 +1,6 @@
 """The source's bulk stream stands aside for requested pages (preempt): while the return-path
 thread is sending requested pages on the preempt channel, the bulk sender pauses between its
-batches, each pause bounded (it is never starved), and once the urgent pages are taken in it
+batches, each pause bounded (it is never starved: it runs at least as long as it pauses), and once the urgent pages are taken in it
 runs on without pausing. Real TCP sockets over loopback; C threads with the GIL released."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_bulk_pauses_for_urgent_pages_bounded_and_resumes() -> None:
             assert path.urgent_pending()
             c = path.counters()
             assert c["bulk_pauses"] >= c["bulk_pauses_capped"] >= 3
-            assert c["bulk_pause_ns"] >= 3 * SourcePath.PAUSE_MAX_NS
+            assert c["bulk_pause_ns"] >= SourcePath.PAUSE_MAX_NS      # the first one: as long as it may
             moved = c["main_bytes"]
             _wait(lambda: path.counters()["main_bytes"] > moved, "bulk progress between bounded pauses")
             assert not bulk_rc, "the bulk stream finished while it should have been pausing"

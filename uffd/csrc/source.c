@@ -63,6 +63,7 @@ pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
     s->ram_section_id = ram_section_id;
     s->section_bytes = 64u << 20;
     s->rp_block = -1;
+    s->pause_credit_ns = PC_SRC_PAUSE_MAX_NS;
     for (int ch = 0; ch < 2; ch++) {
         pthread_mutex_init(&s->chan[ch].lock, NULL);
         s->chan[ch].fd = -1;
@@ -198,6 +199,8 @@ void pc_src_restart(pc_src *s)
     s->hot_armed = 0;
     __atomic_store_n(&s->urgent, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->urgent_end, 0, __ATOMIC_RELEASE);
+    s->pause_credit_ns = PC_SRC_PAUSE_MAX_NS;   /* the bulk thread is not running */
+    s->pause_last_ns = 0;
     for (int i = 0; i < PC_PF_STREAMS; i++)
         __atomic_store_n(&s->zone[i].until_ns, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
@@ -452,15 +455,24 @@ static void urgent_add(pc_src *s, int delta)
 }
 
 /* Bulk side (preempt): stand aside while urgent pages are in flight, at most
- * PC_SRC_PAUSE_MAX_NS. 1 when it paused. */
+ * PC_SRC_PAUSE_MAX_NS and at most the time it ran since its last pause (credit:
+ * with a guest that faults all the time, the bulk stream still runs half the time
+ * or more). 1 when it paused. */
 static int bulk_pause(pc_src *s)
 {
-    if (!s->preempt || !pc_src_urgent_pending(s))
+    uint64_t t0 = pc_now_ns();
+    if (s->pause_last_ns) {
+        s->pause_credit_ns += t0 - s->pause_last_ns;
+        if (s->pause_credit_ns > PC_SRC_PAUSE_MAX_NS)
+            s->pause_credit_ns = PC_SRC_PAUSE_MAX_NS;
+    }
+    s->pause_last_ns = t0;
+    if (!s->preempt || s->pause_credit_ns < PC_SRC_PAUSE_POLL_NS || !pc_src_urgent_pending(s))
         return 0;
-    uint64_t t0 = pc_now_ns(), now = t0;
+    uint64_t now = t0;
     __atomic_add_fetch(&s->c.bulk_pauses, 1, __ATOMIC_RELAXED);
     while (!stopped(s) && pc_src_urgent_pending(s)) {
-        if (now - t0 >= PC_SRC_PAUSE_MAX_NS) {
+        if (now - t0 >= s->pause_credit_ns) {
             __atomic_add_fetch(&s->c.bulk_pauses_capped, 1, __ATOMIC_RELAXED);
             break;
         }
@@ -468,7 +480,10 @@ static int bulk_pause(pc_src *s)
         nanosleep(&nap, NULL);
         now = pc_now_ns();
     }
-    __atomic_add_fetch(&s->c.bulk_pause_ns, pc_now_ns() - t0, __ATOMIC_RELAXED);
+    now = pc_now_ns();
+    s->pause_credit_ns -= now - t0 < s->pause_credit_ns ? now - t0 : s->pause_credit_ns;
+    s->pause_last_ns = now;
+    __atomic_add_fetch(&s->c.bulk_pause_ns, now - t0, __ATOMIC_RELAXED);
     return 1;
 }
 

@@ -56,7 +56,7 @@ typedef struct pc_src_counters {
     uint64_t hot_pages_preempt;     /* of hot_pages_sent: pushed on the preempt channel between requests */
     uint64_t bulk_pauses;           /* times the bulk stream stood aside for urgent pages (preempt) */
     uint64_t bulk_pause_ns;         /* time it spent so */
-    uint64_t bulk_pauses_capped;    /* of bulk_pauses: ended by PC_SRC_PAUSE_MAX_NS, not by the urgent work */
+    uint64_t bulk_pauses_capped;    /* of bulk_pauses: ended by its bound (PC_SRC_PAUSE_MAX_NS or its credit), not by the urgent work */
 } pc_src_counters;
 
 /* Preempt: while requested pages are being served (urgent > 0), their bytes are
@@ -64,8 +64,8 @@ typedef struct pc_src_counters {
  * were written less than PC_SRC_PLACE_NS_PER_MIB per MiB of the host page ago
  * (the destination places them), the bulk stream stands aside between its
  * batches (and between the 256 KiB parts of a huge page), at most
- * PC_SRC_PAUSE_MAX_NS at a time: after a pause it always sends one batch before
- * it may pause again (never starved). */
+ * PC_SRC_PAUSE_MAX_NS at a time and no longer than it ran since its last pause
+ * (never starved: it runs at least half the time). */
 #define PC_SRC_PLACE_NS_PER_MIB 250000ull
 #define PC_SRC_PAUSE_MAX_NS 3000000ull
 #define PC_SRC_PAUSE_POLL_NS 50000ull
@@ -111,6 +111,8 @@ typedef struct pc_src {
     uint64_t urgent_end;            /* preempt byte count (incl. conn_base) the last urgent page ends at */
     uint64_t urgent_ns;             /* when it was written (urgent_end counts no longer than PC_SRC_PAUSE_MAX_NS) */
     uint64_t urgent_grace_ns;       /* after it was written, the destination is placing it this long */
+    uint64_t pause_credit_ns;       /* bulk thread: how long it may pause now (grows as it runs) */
+    uint64_t pause_last_ns;         /* bulk thread: when it last looked (0: not yet) */
     pc_prefetch pf;                 /* the return-path thread's; pc_src_restart forgets its streams */
     /* Where the prefetch streams go next (target pages [lo, hi) of a block),
      * published by the return-path thread for the bulk stream, which leaves
