@@ -75,6 +75,10 @@ DRAIN_FALLBACK_PING: Final = 0x50440002
 #: so that no downtime is spent waiting for a destination still setting up. Outside the
 #: heartbeat's tag; a destination that never answers is given one link timeout.
 READY_PING: Final = 0x52454459      # "REDY"
+#: After the switch, the background stream waits for PONG 3 (the destination at RUN) or this
+#: long: from PACKAGED to PONG 3 the destination's switch has both CPUs of a small host to
+#: itself, not a megabyte of pages and their loopback work beside it (the downtime).
+BULK_HOLD_SECONDS: Final = 0.02
 
 
 @dataclass(slots=True)
@@ -168,6 +172,7 @@ class SourceSession:
         self.ending_sent = False
         self.last_pong = 0.0
         self.shut_deadline: float | None = None
+        self.bulk_held_until: float | None = None   # the background stream waits for PONG 3 until then
         self.connect_deadline = 0.0
         self.retry_at: float | None = None
         self.delay = backoff[0]
@@ -239,8 +244,8 @@ class SourceSession:
         return self._flush()
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self.retry_at, self.shut_deadline, self.recover_deadline, self.ready_deadline)
-                 if t is not None]
+        times = [t for t in (self.retry_at, self.shut_deadline, self.recover_deadline, self.ready_deadline,
+                             self.bulk_held_until) if t is not None]
         if self.status is S.POSTCOPY_ACTIVE and self.streaming:
             times.append(self.last_pong + self.link_timeout)
         if self.recovery.handshake:
@@ -281,6 +286,8 @@ class SourceSession:
             self._pause("no SHUT from the destination after the end of the stream", now)
         if self.ready_deadline is not None and self.ready_deadline <= now:
             self._peer_is_ready(now)    # no answer: switch anyway (only the downtime may be longer)
+        if self.bulk_held_until is not None and self.bulk_held_until <= now:
+            self._release_bulk()        # no PONG 3 yet: the pages cannot wait longer
         if self.recovery.handshake and self.recovery.deadline <= now:
             self._attempt_failed("the destination did not answer the recovery within the link timeout", now)
         if self.recover_deadline is not None and self.recover_deadline <= now:
@@ -630,14 +637,24 @@ class SourceSession:
                 p.writer_nice = 0
                 self._out.append(WriterPriority(0))     # a guest started again here runs as before
         self._move(Trigger.RUN, now)
-        self._stream(now)
+        self._stream(now, hold=BULK_HOLD_SECONDS)
 
-    def _stream(self, now: float) -> None:
+    def _stream(self, now: float, hold: float = 0.0) -> None:
         self.streaming = True
         self.ending_sent = False
         self.shut_deadline = None
         self.last_pong = now
-        self._out.append(StartBulk())
+        if hold > 0:
+            self.bulk_held_until = now + hold
+        else:
+            self.bulk_held_until = None
+            self._out.append(StartBulk())
+
+    def _release_bulk(self) -> None:
+        if self.bulk_held_until is not None:
+            self.bulk_held_until = None
+            if self.status is S.POSTCOPY_ACTIVE and self.streaming:
+                self._out.append(StartBulk())
 
     def _ending(self, now: float) -> None:
         if self.status is not S.POSTCOPY_ACTIVE or not self.streaming:
@@ -674,6 +691,8 @@ class SourceSession:
                 if v == 3 and self.downtime is None and self.guest_stopped:
                     # up to the return path's read, not to this thread's turn to handle it
                     self.downtime = max(0.0, min(now, received_at) - self.stopped_at)
+                if v == 3:
+                    self._release_bulk()        # the destination runs the guest
             case wire.Shut(value=v) if self.recovery.handshake and v == SHUT_NOTHING_TO_RECOVER:
                 # no guest ran there yet: send the whole stream again, the guest still stopped here
                 self._out.append(CloseChannels())
@@ -735,6 +754,7 @@ class SourceSession:
 
     def _pause(self, why: str, now: float) -> None:
         self.streaming = False
+        self.bulk_held_until = None     # the recovery starts the stream again
         self.shut_deadline = None
         self.recovery = _Recovery()
         self.last_pause_reason = why

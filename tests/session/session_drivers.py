@@ -57,6 +57,7 @@ ODD_BLOCK = "odd.ram"
 ODD_LEN = 100 * 4096                    # 100 pages: 28 padding bits in the last word
 CONFIG = wire.Configuration(machine_type="pc-q35-8.2")
 READY_PING_BYTES = wire.encode(wire.Ping(value=READY_PING))
+SWITCH_PING_BYTES = wire.encode(wire.Ping(value=3))      # inside PACKAGED
 DEVICE = wire.DeviceSection(section_id=3, idstr="cpu", instance_id=0, version_id=1, payload=b"\x01\x02")
 
 
@@ -249,6 +250,8 @@ class Src:
     """The destination answers the PING before the stop at once (its PONG is fed back)."""
     answer_ready: bool = True
     """Whether the destination answers READY_PING at once (else the test feeds its PONG)."""
+    answer_switch: bool = True
+    """Whether the destination answers the switch's PING 3 (in PACKAGED) at once."""
 
     def __post_init__(self) -> None:
         self.s = SourceSession(source_blocks(), CONFIG, preempt=self.preempt, hold_switchover=self.hold_switchover,
@@ -258,7 +261,7 @@ class Src:
     def _took(self, before: S, actions: list[Action]) -> list[Action]:
         out = list(actions)
         i = 0
-        ready_due = False
+        ready_due = pong3_due = False
         while i < len(out):
             a = out[i]
             follow = None
@@ -268,6 +271,8 @@ class Src:
                 follow = GuestStopped((DEVICE,), self.now)
             elif isinstance(a, Write) and self.answer_ready and a.data == READY_PING_BYTES:
                 ready_due = True
+            elif isinstance(a, Write) and self.answer_switch and SWITCH_PING_BYTES in a.data:
+                pong3_due = True
             elif isinstance(a, ScanDirty):
                 follow = DirtyScanned(self.dirty_found)
             elif isinstance(a, SendDiscards):
@@ -283,6 +288,10 @@ class Src:
                 # a destination that took in the RAM setup: its PONG comes back after this batch
                 ready_due = False
                 out += self.s.handle(ReturnPathMessage(wire.Pong(value=READY_PING)), self.now)
+            if i == len(out) and pong3_due:
+                # the destination at RUN: PONG 3 comes back after the batch with the switch
+                pong3_due = False
+                out += self.s.handle(ReturnPathMessage(wire.Pong(value=3)), self.now)
         check_transitions(SOURCE_TRANSITIONS, before, out)
         self.log += out
         return out

@@ -59,7 +59,7 @@ from postcopy.session import (
     Trigger,
     Write,
 )
-from postcopy.session._source import READY_PING, _encode
+from postcopy.session._source import BULK_HOLD_SECONDS, READY_PING, _encode
 
 S = MigrationStatus
 T = Trigger
@@ -472,10 +472,43 @@ def test_heartbeat_pong_keeps_the_link() -> None:
 
 
 def test_downtime_runs_to_pong_3() -> None:
-    s = Src(preempt=False).to_postcopy_active()
+    s = Src(preempt=False, answer_switch=False).to_postcopy_active()
     s.now += 0.25
     s.rp(wire.Pong(value=3))
     assert s.s.downtime == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_background_stream_waits_for_pong_3(preempt: bool) -> None:
+    """From PACKAGED to PONG 3 the destination's switch runs alone: the stream starts at PONG 3."""
+    s = Src(preempt=preempt, answer_switch=False).to_active()
+    acts = s.feed(StartPostcopy())
+    assert StopGuest() in acts and wire.encode(wire.PostcopyRun()) in _writes(acts)
+    assert StartBulk() not in acts and s.s.status is S.POSTCOPY_ACTIVE
+    s.now += 0.001
+    assert s.rp(wire.Pong(value=2)) == []       # PING 2's answer is not the destination at RUN
+    assert s.rp(wire.Pong(value=3)) == [StartBulk()]
+    assert s.s.downtime == pytest.approx(0.001)
+    assert s.s.bulk_held_until is None
+    assert s.rp(wire.Pong(value=3)) == []       # once
+
+
+def test_background_stream_starts_without_pong_3_after_the_hold() -> None:
+    s = Src(preempt=True, answer_switch=False).to_active()
+    switched = s.now
+    assert StartBulk() not in s.feed(StartPostcopy())
+    assert s.s.get_timer() == pytest.approx(switched + BULK_HOLD_SECONDS)
+    assert s.fire_timer() == [StartBulk()]
+    assert s.rp(wire.Pong(value=3)) == []       # late: the downtime is measured, nothing starts twice
+    assert s.s.downtime == pytest.approx(BULK_HOLD_SECONDS)
+
+
+def test_a_cut_while_the_stream_is_held_starts_it_with_the_recovery() -> None:
+    s = Src(preempt=True, answer_switch=False).to_active()
+    s.feed(StartPostcopy())
+    acts = s.feed(ChannelFailed("cut in the switch"))
+    assert s.s.status is S.POSTCOPY_PAUSED and StartBulk() not in acts
+    assert s.s.bulk_held_until is None
 
 
 def test_shut_2_outside_the_handshake_fails() -> None:
