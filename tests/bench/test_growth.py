@@ -47,7 +47,9 @@ def test_a_size_that_cannot_fit_is_refused_with_the_reason() -> None:
 
 @pytest.mark.root
 def test_cost_run_measures_both_roles_in_their_own_processes() -> None:
-    size = 32 * MiB
+    # the profiler samples threads every 50 ms: the background stream must outlive a few samples
+    # (32 MiB took ~30 ms and a loaded CI run missed the source-bulk thread)
+    size = 160 * MiB
     run = measure_cost(size, timeout=120)
     src, dst = run.source, run.destination
     assert (src.role, dst.role) == ("source", "destination")
