@@ -344,6 +344,14 @@ class SourceSession:
                     self._out.append(Connect(Channel.PREEMPT))     # 7.2 style: at once
                     return
             self._out.append(StartReturnPath())
+            if self.precopy is None:
+                # Immediate postcopy: every page goes and every block is discarded, whatever the guest
+                # does until it stops; both now, ahead of READY_PING, so that its PONG also says the
+                # destination has carried the discards out (sharing a host, its work on them would
+                # otherwise run beside the guest's stop and delay it)
+                discards = self._whole_block_discards()
+                self.discard_ranges += len(discards)
+                self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(discards))]
             self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=READY_PING)])))
             self.ready_deadline = now + self.link_timeout
             self.channels_up = True
@@ -593,13 +601,6 @@ class SourceSession:
     def _stop_guest(self) -> None:
         if not self.guest_stopped:
             self.guest_stopped = True
-            if self.precopy is None:
-                # Immediate postcopy: every page goes and every block is discarded, whatever the guest
-                # does until it stops. Both before the stop, not inside the downtime (the destination
-                # has taken in the discards by the time PACKAGED comes).
-                discards = self._whole_block_discards()
-                self.discard_ranges += len(discards)
-                self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(discards))]
             self._out.append(StopGuest())
 
     def _whole_block_discards(self) -> list[wire.WireEvent]:

@@ -61,6 +61,8 @@ from postcopy.session import (
 )
 from postcopy.session._source import BULK_HOLD_SECONDS, READY_PING, _encode
 
+READY_PING_BYTES = wire.encode(wire.Ping(value=READY_PING))
+
 S = MigrationStatus
 T = Trigger
 Scenario = Callable[[bool], tuple[Src, S, list]]
@@ -107,11 +109,17 @@ def setup_stream_started(preempt: bool):
 
 def active_run(preempt: bool):
     s = Src(preempt=preempt).to_active()
+    # immediate postcopy: every page dirty and every block discarded ahead of READY_PING (its PONG
+    # says the destination carried the discards out), long before the guest's stop
+    setup = _writes(s.log)
+    discard = wire.encode(wire.PostcopyRamDiscard(idstr=BLOCK, ranges=((0, BLOCK_LEN),)))
+    assert MarkAllDirty() in s.log
+    assert discard in setup and setup.index(discard) < setup.index(READY_PING_BYTES)
     acts = s.feed(StartPostcopy())
-    assert StopGuest() in acts
-    assert MarkAllDirty() in acts and StartBulk() in acts
+    assert StopGuest() in acts and StartBulk() in acts
+    assert MarkAllDirty() not in acts
     data = _writes(acts)
-    assert wire.encode(wire.PostcopyRamDiscard(idstr=BLOCK, ranges=((0, BLOCK_LEN),))) in data
+    assert discard not in data
     assert wire.encode(wire.PostcopyRun()) in data
     return s, S.ACTIVE, acts
 
@@ -547,20 +555,22 @@ def test_guest_stops_only_once_the_destination_answered_ready() -> None:
     s = Src(preempt=True, answer_ready=False)
     acts = s.start()
     ready = wire.encode(wire.Ping(value=READY_PING))
-    assert _writes(acts).endswith(ready) and _writes(acts).index(ready) > len(_encode(s.s.preamble())) - 1
+    # immediate postcopy: every page marked dirty and every block discarded ahead of READY_PING
+    # (its PONG says they are carried out), not inside the downtime nor beside the stop
+    discards = _encode([wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
+                        for b in source_blocks()])
+    assert _writes(acts).endswith(discards + ready) and _writes(acts).index(ready) > len(_encode(s.s.preamble())) - 1
+    assert acts.index(MarkAllDirty()) < acts.index(Write(Channel.MAIN, discards))
     assert not of_type(acts, StopGuest) and s.s.status is S.ACTIVE
     assert s.s.get_timer() == pytest.approx(s.now + s.link_timeout)
     s.now += 0.01
     acts = s.rp(wire.Pong(value=READY_PING))
-    # immediate postcopy: every page marked dirty and every block discarded before the stop,
-    # not inside the downtime; after it only PING 2, PACKAGED (devices, RUN), PING 4
-    discards = _encode([wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
-                        for b in source_blocks()])
-    assert acts[:3] == [MarkAllDirty(), Write(Channel.MAIN, discards), StopGuest()]
-    after = _writes(acts[3:])
+    # after the stop only PING 2, PACKAGED (devices, RUN), PING 4
+    assert acts[0] == StopGuest()
+    after = _writes(acts[1:])
     assert after.startswith(wire.encode(wire.Ping(value=2))) and wire.encode(wire.PostcopyRun()) in after
     assert b"pc.ram" not in after
-    assert not of_type(acts[3:], MarkAllDirty)
+    assert not of_type(acts, MarkAllDirty)
     assert s.s.status is S.POSTCOPY_ACTIVE and s.s.stopped_at == pytest.approx(0.01)
     assert s.s.discard_ranges == len(source_blocks())
     assert _encode(s.s.switch_events).startswith(discards)      # a start-over sends them again
@@ -581,7 +591,7 @@ def test_ready_before_start_postcopy_switches_at_once_on_request() -> None:
     acts = s.start()
     assert s.s.peer_ready and not of_type(acts, StopGuest)       # held until StartPostcopy
     acts = s.feed(StartPostcopy())
-    assert acts[0] == MarkAllDirty() and acts[2] == StopGuest()
+    assert acts[0] == StopGuest()       # the discards went ahead of READY_PING
 
 
 def test_precopy_switch_waits_for_ready_too_and_marks_nothing() -> None:
