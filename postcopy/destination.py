@@ -145,6 +145,7 @@ class Destination:
         self._guest_started_ns = 0
         self._finished_ns = 0
         self._counters_at_end: MigrationStats | None = None
+        wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
 
     # -- the migration ----------------------------------------------------------------------
 

@@ -413,10 +413,14 @@ class Guest:
 
     # -- state ----------------------------------------------------------------------
 
+    def state_size(self) -> int:
+        """How many bytes :meth:`save_state` gives."""
+        return int(lib.pc_guest_state_size(self._handle()))
+
     def save_state(self) -> bytes:
         """The guest's device state: versioned little-endian bytes (vCPUs must be stopped)."""
         g = self._handle()
-        size = lib.pc_guest_state_size(g)
+        size = self.state_size()
         buf = ffi.new("char[]", size)
         rc = lib.pc_guest_save_state(g, buf, size)
         if rc == -errno.EBUSY:

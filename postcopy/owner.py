@@ -147,6 +147,9 @@ class BuiltinGuest:
         self._state: bytes | None = None
         self.stopped_ns = 0
         self.source_stopped_ns = 0
+        if guest is not None:
+            # a rehearsal of the save's Python: its first run costs ~0.1 ms more, in the downtime
+            self._device_sections(bytes(guest.state_size()), 0)
 
     def block_page_sizes(self) -> dict[str, int]:
         return {b.idstr: b.page_size for b in self.memory if b.page_size != PAGE_4K}
@@ -193,7 +196,10 @@ class BuiltinGuest:
     def save_device_state(self) -> tuple[wire.DeviceSection, ...]:
         if self.guest is None:
             raise RuntimeError("no guest to save")
-        payload = encode_device_state(self.spec, self.guest.save_state(), self.stopped_ns)
+        return self._device_sections(self.guest.save_state(), self.stopped_ns)
+
+    def _device_sections(self, state: bytes, stopped_ns: int) -> tuple[wire.DeviceSection, ...]:
+        payload = encode_device_state(self.spec, state, stopped_ns)
         return (wire.DeviceSection(section_id=DEVICE_SECTION_ID, idstr=DEVICE_IDSTR, instance_id=0,
                                    version_id=DEVICE_VERSION, payload=payload),)
 

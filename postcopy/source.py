@@ -170,6 +170,7 @@ class Source:
         self.tracking_stats: dict[str, int] = {}
         self._throttled = 0
         self._writer_nice = 0
+        wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
 
     # -- the migration ------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ def test_free_running_guest_stops_at_access_boundary(
             g.start()
         with pytest.raises(GuestBusyError, match="save guest state"):
             g.save_state()
+        size = g.state_size()       # known while it runs (what a rehearsal of the save needs)
         with pytest.raises(GuestBusyError, match="verify"):
             g.verify()
         first = g.stats()
@@ -136,6 +137,7 @@ def test_free_running_guest_stops_at_access_boundary(
         result = g.verify()
         assert result.ok, result.summary()
         assert result.pages_checked == sum(SIZES) // TARGET_PAGE_SIZE
+        assert len(g.save_state()) == size
 
 
 def test_start_with_step_limit_stops_by_itself(memory: Any) -> None:
