@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class SockBuf:
         """The next unread byte, or None when nothing is buffered (no copy, no wait)."""
         sb = self._sb
         return int(sb.buf[sb.head]) if sb.tail > sb.head else None
+
+    def spin_for(self, seconds: float) -> None:
+        """For ``seconds`` from now, receives wait for data on the CPU, not asleep (0: stop now).
+        For the few ms of a switch: each wake-up from sleep there is downtime."""
+        lib.pc_sockbuf_spin_until(self._sb, time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0)
 
     def fill(self, n: int) -> int:
         """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""

@@ -45,6 +45,8 @@ from ._link import (
 )
 from .owner import DestinationMemory
 from .session import (
+    SWITCH_PRELUDE_PINGS,
+    SWITCH_SPIN_SECONDS,
     AcceptPreempt,
     Action,
     AnswerBitmapRequest,
@@ -450,6 +452,7 @@ class Destination:
                                          max_packaged_length=self.max_packaged)
             for event in decoded_items(rx.input, dec):
                 self._feed(StreamItem(conn, event))
+                self._spin_if_switch_follows(rx, event)
                 if c is not None:
                     c.go.wait()     # the session held this stream (PACKAGED waits for the preempt channel)
                 if isinstance(event, wire.ConnectionClosed) or c is None or conn not in self._conns:
@@ -475,6 +478,7 @@ class Destination:
             if c.postcopy and not c.lowered:
                 c.lowered = True
                 quick_gil_handoff(False)
+                rx.input.spin_for(0)    # the guest runs here: no more waiting on a CPU
                 nice = BACKGROUND_NICE  # the guest runs here: bulk pages go below the fault path
             # up to RUN, built while the channel is quiet: not between the switch's bytes and PONG 3
             # (after it, not at background priority while holding the GIL for nothing)
@@ -489,6 +493,13 @@ class Destination:
             else:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
+
+    @staticmethod
+    def _spin_if_switch_follows(rx: Receiver, event: wire.WireEvent) -> None:
+        """After a PING our source may stop its guest on (its READY or drain PING), the switch's
+        bytes may come within ms: the reader waits for them on its CPU, not asleep."""
+        if isinstance(event, wire.Ping) and event.value in SWITCH_PRELUDE_PINGS:
+            rx.input.spin_for(SWITCH_SPIN_SECONDS)
 
     def _control_decoder(self) -> wire.MainStreamDecoder:
         return wire.MainStreamDecoder(recovery=True, layout=self.session.layout,
@@ -508,6 +519,7 @@ class Destination:
                 # the run (the switch: PONG 2 with PONG 3): in one process with the source, its
                 # return-path thread would wake for it and take the GIL in the middle of the switch.
                 self._feed(StreamItem(conn, event), hold_replies=more and isinstance(event, wire.Ping))
+                self._spin_if_switch_follows(rx, event)
                 if isinstance(event, wire.EndOfStream | wire.ConnectionClosed) or conn not in self._conns:
                     return False
                 if not c.go.is_set():

@@ -33,6 +33,8 @@ from ._link import (
 )
 from .owner import BUILTIN_MACHINE_TYPE, SourceMemory
 from .session import (
+    SWITCH_PRELUDE_PINGS,
+    SWITCH_SPIN_SECONDS,
     Action,
     BreakLink,
     BulkFinished,
@@ -488,6 +490,10 @@ class Source:
                 event = next(decoded_items(self.path.rp, wire.ReturnPathDecoder(layout=layout)))
                 if isinstance(event, wire.ResumeAck) and main is not None:
                     set_recv_timeout(main, 0)
+                if isinstance(event, wire.Pong) and event.value in SWITCH_PRELUDE_PINGS:
+                    self.path.rp.spin_for(SWITCH_SPIN_SECONDS)     # PONG 2 and 3 may follow within ms
+                elif isinstance(event, wire.Pong) and event.value == 3:
+                    self.path.rp.spin_for(0)        # the downtime is over
                 self._put(generation, ReturnPathMessage(event, read_at))
                 if isinstance(event, wire.Shut):
                     return

@@ -5,7 +5,7 @@ from ._errors import FAILURE_KINDS, LinkBroken, MigrationFailed, PostcopyError
 from ._io import *  # noqa: F403
 from ._io import __all__ as _io_all
 from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy, ThrottlePolicy
-from ._source import SourceSession
+from ._source import SWITCH_PRELUDE_PINGS, SWITCH_SPIN_SECONDS, SourceSession
 from ._stats import ChannelStats, HotSetStats, MigrationStats, PrefetchStats
 from ._status import (
     DESTINATION_TRANSITIONS,
@@ -22,6 +22,8 @@ __all__ = [
     "PREEMPT_SILENCE_SECONDS",
     "SHUT_NOTHING_TO_RECOVER",
     "SOURCE_TRANSITIONS",
+    "SWITCH_PRELUDE_PINGS",
+    "SWITCH_SPIN_SECONDS",
     "ChannelStats",
     "DestinationSession",
     "IllegalTransition",

@@ -54,7 +54,8 @@ from ._io import (
 from ._precopy import DISCARD_RANGE_SECONDS, DRAIN_DISCARD_WAIT_MAX, DRAIN_RESEND_SHARE, MIN_ROUND_SECONDS, PrecopyStats, RoundRecord, SwitchoverPolicy
 from ._status import MigrationStatus, Trigger, next_status
 
-__all__ = ["DRAIN_FALLBACK_PING", "DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING", "SourceSession"]
+__all__ = ["DRAIN_FALLBACK_PING", "DRAIN_PING", "HEARTBEAT_MASK", "HEARTBEAT_PING", "MAX_DISCARDS_PER_COMMAND", "READY_PING",
+           "SWITCH_PRELUDE_PINGS", "SWITCH_SPIN_SECONDS", "SourceSession"]
 
 S = MigrationStatus
 
@@ -75,6 +76,13 @@ DRAIN_FALLBACK_PING: Final = 0x50440002
 #: so that no downtime is spent waiting for a destination still setting up. Outside the
 #: heartbeat's tag; a destination that never answers is given one link timeout.
 READY_PING: Final = 0x52454459      # "REDY"
+#: The PINGs whose PONG may be followed at once by the guest's stop and the switch (PING 2,
+#: PACKAGED; then PONG 2 and PONG 3 back): both shells keep the reader of what comes next on
+#: its CPU for a while after them (SWITCH_SPIN_SECONDS), not asleep.
+SWITCH_PRELUDE_PINGS: Final = (READY_PING, DRAIN_PING, DRAIN_FALLBACK_PING)
+#: How long: the switch takes 1-2 ms; a guest that does not stop this soon after the PONG
+#: (a held switchover, a rescan) is not waited for on a CPU.
+SWITCH_SPIN_SECONDS: Final = 0.02
 #: After the switch, the background stream waits for PONG 3 (the destination at RUN) or this
 #: long: from PACKAGED to PONG 3 the destination's switch has both CPUs of a small host to
 #: itself, not a megabyte of pages and their loopback work beside it (the downtime).

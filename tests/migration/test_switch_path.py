@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 
 import pytest
 
@@ -111,3 +112,42 @@ def test_discard_ranges_checks_every_range_before_applying_any() -> None:
         assert path.discard_ranges(0, []) == 0
     finally:
         block.close()
+
+
+def _receive_after(rx: Receiver, b: socket.socket, delay: float) -> tuple[bytes, float]:
+    """rx's thread waits for 4 bytes sent ``delay`` s later: (the bytes, that thread's CPU seconds)."""
+    timer = threading.Timer(delay, b.sendall, args=(b"ping",))
+    timer.start()
+    cpu0 = time.thread_time()
+    assert rx.input.fill(4) == 4
+    cpu = time.thread_time() - cpu0
+    timer.join()
+    data = rx.input.peek()
+    rx.input.consume(4)
+    return data, cpu
+
+
+def test_a_spinning_reader_waits_on_its_cpu_and_only_until_its_deadline() -> None:
+    """spin_for: around the switch the reader polls (on its CPU, not asleep, so no wake-up
+    latency), for a bounded time; disarmed or past the deadline, it sleeps in recv again."""
+    a, b = socket.socketpair()
+    try:
+        rx = Receiver(None, a, RX_MAIN, 0)
+        data, asleep_cpu = _receive_after(rx, b, 0.05)
+        assert data == b"ping"
+        assert asleep_cpu < 0.02
+        rx.input.spin_for(1.0)
+        data, spinning_cpu = _receive_after(rx, b, 0.05)
+        assert data == b"ping"
+        assert spinning_cpu > 0.01     # on a CPU for the wait (asleep: ~0)
+        rx.input.spin_for(0.0)
+        data, cpu = _receive_after(rx, b, 0.05)
+        assert data == b"ping"
+        assert cpu < 0.02
+        rx.input.spin_for(0.01)                             # a deadline that passes mid-wait
+        data, cpu = _receive_after(rx, b, 0.1)
+        assert data == b"ping"
+        assert cpu < 0.05
+    finally:
+        a.close()
+        b.close()

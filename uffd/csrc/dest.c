@@ -1401,6 +1401,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     }
     struct msghdr msg = { .msg_iov = rx->direct_iov, .msg_iovlen = (size_t)niov };
     ssize_t got;
+    pc_sockbuf_spin(in);
     do
         got = recvmsg(in->fd, &msg, 0);
     while (got < 0 && errno == EINTR);

@@ -2,9 +2,13 @@
 #include "sockbuf.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+
+#include "core.h"
 
 int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit)
 {
@@ -38,12 +42,30 @@ static int make_room(pc_sockbuf *sb, uint64_t need)
     return pc_sockbuf_grow(sb, cap);
 }
 
+void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns)
+{
+    __atomic_store_n(&sb->spin_until_ns, deadline_ns, __ATOMIC_RELAXED);
+}
+
+void pc_sockbuf_spin(pc_sockbuf *sb)
+{
+    if (!__atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED))
+        return;
+    struct pollfd pfd = { sb->fd, POLLIN, 0 };
+    while (pc_now_ns() < __atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED)) {
+        if (poll(&pfd, 1, 0) != 0)
+            return;     /* readable, closed, or an error the receive reports */
+        sched_yield();
+    }
+}
+
 int64_t pc_sockbuf_recv(pc_sockbuf *sb)
 {
     uint64_t want = sb->cap / 4 < 65536 ? sb->cap / 4 : 65536;
     int rc = make_room(sb, want);
     if (rc < 0)
         return rc;
+    pc_sockbuf_spin(sb);
     for (;;) {
         ssize_t n = recv(sb->fd, sb->buf + sb->tail, sb->cap - sb->tail, 0);
         if (n < 0 && errno == EINTR)

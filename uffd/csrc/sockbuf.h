@@ -12,10 +12,19 @@ typedef struct pc_sockbuf {
     uint64_t cap, head, tail;   /* unread bytes are buf[head..tail) */
     uint64_t bytes;             /* received in total */
     uint64_t limit;             /* the buffer never grows beyond this */
+    uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
 } pc_sockbuf;
+
+/* Until deadline_ns (pc_now_ns), a receive on sb waits for data on its CPU (polling,
+ * yielding to whatever else is runnable there) instead of asleep: a thread woken here
+ * on an idle (virtual) CPU waits 50-100 us typically and over 1 ms now and then. For
+ * the few ms around a switch, where every wake-up is downtime. Any thread may set it. */
+void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
 
 int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit);   /* 0 or -ENOMEM */
 void pc_sockbuf_release(pc_sockbuf *sb);
+/* Wait (on the CPU) until sb's socket is readable or its spin deadline passes. */
+void pc_sockbuf_spin(pc_sockbuf *sb);
 /* One recv(): >0 bytes received, 0 at EOF, -errno. */
 int64_t pc_sockbuf_recv(pc_sockbuf *sb);
 /* Wait until at least n bytes are unread: returns how many are, 0 at EOF
