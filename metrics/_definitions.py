@@ -131,6 +131,10 @@ class SourceMetrics(Metrics):
     """Sent ahead and not walked through (yet): the waste estimate, an upper bound."""
     hot_set_pages: Gauge
     """Target pages of the hot set pushed first (as far as this migration's blocks hold them)."""
+    bulk_pauses: Counter
+    """Times the background stream stood aside for requested pages (preempt)."""
+    bulk_pause_seconds: Counter
+    """Time it spent so."""
     hot_set_pages_pushed: MappingProxyType[str, Counter]
     """Hot set pages sent before they were asked for, by channel (main: first in the bulk stream)."""
     hot_set_pages_recorded: Counter
@@ -293,6 +297,12 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
                                         "of the prefetch's waste.", registry=registry),
             hot_set_pages=Gauge("postcopy_hot_set_pages", "Target pages of the hot set pushed first.",
                                 registry=registry),
+            bulk_pauses=Counter("postcopy_bulk_pauses",
+                                "Times the background stream stood aside for requested pages (preempt).",
+                                registry=registry),
+            bulk_pause_seconds=Counter("postcopy_bulk_pause_seconds",
+                                       "Time the background stream stood aside for requested pages (preempt).",
+                                       registry=registry),
             hot_set_pages_pushed=MappingProxyType({ch: hot_pushed.labels(ch) for ch in CHANNELS}),
             hot_set_pages_recorded=Counter("postcopy_hot_set_pages_recorded",
                                            "Target pages recorded for a later migration's hot set.",

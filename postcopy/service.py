@@ -794,6 +794,8 @@ class SourceService(_RoleService[R]):
             self._sync(m.precopy_bytes, pre.bytes)
             m.precopy_dirty_pages.set(pre.dirty_pages_last_round)
             m.precopy_dirty_rate.set(pre.dirty_rate_pages_per_s)
+        self._sync(m.bulk_pauses, snap.counters.get("bulk_pauses", 0))
+        self._sync(m.bulk_pause_seconds, snap.counters.get("bulk_pause_ns", 0) / 1e9)
         pf = snap.prefetch
         if pf is not None:
             self._sync(m.prefetch_pages_sent, pf.pages_sent)

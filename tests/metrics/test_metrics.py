@@ -291,7 +291,7 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     value = registry.get_sample_value
     names = ["postcopy_prefetch_pages_sent_total", "postcopy_prefetch_pages_used_total",
              "postcopy_prefetch_windows_total", "postcopy_prefetch_wasted_pages", "postcopy_hot_set_pages",
-             "postcopy_hot_set_pages_recorded_total"]
+             "postcopy_hot_set_pages_recorded_total", "postcopy_bulk_pauses_total", "postcopy_bulk_pause_seconds_total"]
     assert [value(n) for n in names] == [0] * len(names)           # there from the start, at 0
     for result in ("hit", "miss"):
         assert value("postcopy_prefetch_requests_total", {"result": result}) == 0
@@ -307,7 +307,9 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     m.hot_set_pages_pushed["preempt"].inc(1500)
     m.hot_set_pages_pushed["main"].inc(500)
     m.hot_set_pages_recorded.inc(2100)
-    assert [value(n) for n in names] == [96, 90, 5, 6, 2048, 2100]
+    m.bulk_pauses.inc(12)
+    m.bulk_pause_seconds.inc(0.25)
+    assert [value(n) for n in names] == [96, 90, 5, 6, 2048, 2100, 12, 0.25]
     assert value("postcopy_prefetch_requests_total", {"result": "hit"}) == 7
     assert value("postcopy_prefetch_requests_total", {"result": "miss"}) == 2
     assert value("postcopy_hot_set_pages_pushed_total", {"channel": "preempt"}) == 1500
@@ -316,3 +318,4 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     make_metrics(reg := CollectorRegistry(), "destination")
     assert reg.get_sample_value("postcopy_prefetch_pages_sent_total") is None
     assert reg.get_sample_value("postcopy_hot_set_pages") is None
+    assert reg.get_sample_value("postcopy_bulk_pauses_total") is None

@@ -52,6 +52,9 @@ def test_prefetch_and_hot_set_series_match_the_report(tmp_path: Path) -> None:
         assert hs["pushed"] > 1024
         assert value(m, "postcopy_hot_set_pages_pushed_total", channel="preempt") == c["hot_pages_preempt"] > 0
         assert value(m, "postcopy_hot_set_pages_pushed_total", channel="main") == hs["pushed"] - c["hot_pages_preempt"]
+        # the background stream stood aside for the requested pages as many times as it reported
+        assert value(m, "postcopy_bulk_pauses_total") == c["bulk_pauses"]
+        assert value(m, "postcopy_bulk_pause_seconds_total") == pytest.approx(c["bulk_pause_ns"] / 1e9)
         # what it recorded (the pushed pages too) is in the file it wrote
         out = HotSet.load(tmp_path / "out.hot")
         assert out.pages == hs["recorded"] == value(m, "postcopy_hot_set_pages_recorded_total")

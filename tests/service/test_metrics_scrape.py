@@ -78,6 +78,9 @@ def test_scrape_during_and_after_matches_the_reports(tmp_path: Path) -> None:
         assert total(safter, "postcopy_pages_sent_total") == s["pages"]["normal"] + s["pages"]["zero"] == 16480 + resent
         assert value(safter, "postcopy_pages_sent_total", channel="main", kind="normal") == s["counters"]["main_pages_normal"]
         assert total(safter, "postcopy_sent_bytes_total") == s["bytes_transferred"]
+        # the background stream stood aside for requested pages, as often and as long as it reported
+        assert value(safter, "postcopy_bulk_pauses_total") == s["counters"]["bulk_pauses"] > 0
+        assert value(safter, "postcopy_bulk_pause_seconds_total") == pytest.approx(s["counters"]["bulk_pause_ns"] / 1e9)
         assert total(after, "postcopy_received_bytes_total") <= s["bytes_transferred"]
         assert value(safter, "postcopy_page_requests_received_total") == s["requests_received"]
         assert value(safter, "postcopy_downtime_seconds") == pytest.approx(s["downtime_ms"] / 1e3, abs=1e-3)
