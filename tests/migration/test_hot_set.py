@@ -154,8 +154,9 @@ def test_a_file_that_is_not_a_hot_set_stops_the_source_before_it_migrates(tmp_pa
 
 
 def test_a_hot_set_survives_link_cuts() -> None:
-    # a slow guest and a 2 MiB/s stream: postcopy lasts seconds; the whole 4 MiB of pc.ram, last page
-    # first, is the hot set, so pushes are under way (and the list walked again) at every cut
+    # a slow guest and a 2 MiB/s stream; the whole 8 MiB of pc.ram, last page first, is the hot set:
+    # pushed on preempt, not under the cap, it may be over within tens of ms. So the first cut comes
+    # as soon as the pushes are under way (the list is walked again after it), the others 50 ms apart.
     spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="hot", rate_limit=100)
     runs = array("Q")
     for first in range(2048 - 16, -1, -16):
@@ -163,12 +164,20 @@ def test_a_hot_set_survives_link_cuts() -> None:
     hot = HotSet((HotBlock("pc.ram", 8 << 20, 4096),), runs)
     cuts = 0
 
+    def pushing(src: Source, dst: Any) -> bool:
+        hs = src.result.hot_set
+        return (src.result.status == dst.result.status == "postcopy-active" and hs is not None
+                and hs.pushed > 0)
+
     def during(src: Source, dst: Any) -> None:
         nonlocal cuts
-        while src.result.status != "postcopy-active":
-            time.sleep(0.005)
-        for _ in range(3):
-            time.sleep(0.05)
+        while not pushing(src, dst):
+            if src.result.status in ("completed", "failed"):
+                return
+            time.sleep(0.001)
+        for i in range(3):
+            if i:
+                time.sleep(0.05)
             while src.result.status != "postcopy-active":
                 if src.result.status in ("completed", "failed"):
                     return
