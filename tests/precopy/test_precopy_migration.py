@@ -126,20 +126,26 @@ def test_a_flat_out_guest_over_a_slow_link_falls_back_to_discards_before_the_sto
     assert pre.as_dict()["drain_fallback"] == pre.drain_fallback
 
 
-def test_demo_reports_the_drain_fallback(tmp_path) -> None:
+def _verified_precopy_demo(tmp_path, *args: str) -> tuple[dict, str]:
+    """`postcopy demo` of a 32 MiB random guest with 1 s of precopy and --verify (plus ``args``):
+    it completed with every page checked; its report's precopy part, and what it printed."""
     out = tmp_path / "demo.json"
     r = subprocess.run([sys.executable, "-m", "postcopy", "demo", "--size", "32M", "--pattern", "random",
-                        "--write-percent", "10", "--guest-rate", "0", "--precopy-seconds", "1",
-                        "--bandwidth-cap", "8M", "--verify", "--progress", "none", "--json", str(out)],
+                        "--precopy-seconds", "1", "--verify", *args, "--json", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     d = json.loads(out.read_text())
     assert d["verified"]
     assert d["status"] == "completed"
-    pre = d["precopy"]
+    return d["precopy"], r.stdout
+
+
+def test_demo_reports_the_drain_fallback(tmp_path) -> None:
+    pre, stdout = _verified_precopy_demo(tmp_path, "--write-percent", "10", "--guest-rate", "0",
+                                         "--bandwidth-cap", "8M", "--progress", "none")
     assert pre["drain_fallback"] == "deadline", pre
     assert pre["drain"] == "pong", pre
-    assert "fell back to discards" in r.stdout, r.stdout
+    assert "fell back to discards" in stdout, stdout
 
 
 def test_throttled_precopy_of_a_flat_out_guest() -> None:
@@ -193,18 +199,10 @@ def test_recovery_in_the_postcopy_phase_after_precopy() -> None:
 
 
 def test_demo_with_precopy_verifies(tmp_path) -> None:
-    out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "postcopy", "demo", "--size", "32M", "--pattern", "random",
-                        "--write-percent", "20", "--guest-rate", "20000", "--precopy-seconds", "1",
-                        "--verify", "--progress", "lines", "--json", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    d = json.loads(out.read_text())
-    assert d["verified"]
-    assert d["status"] == "completed"
-    pre = d["precopy"]
+    pre, stdout = _verified_precopy_demo(tmp_path, "--write-percent", "20", "--guest-rate", "20000",
+                                         "--progress", "lines")
     assert set(pre) >= {"rounds", "bytes", "seconds", "dirty_pages_last_round", "dirty_rate_pages_per_s"}
     assert pre["rounds"] >= 2
     assert pre["bytes"] > 32 << 20
     assert pre["drain"] == "pong"
-    assert "precopy round" in r.stdout or "precopy" in r.stdout
+    assert "precopy round" in stdout or "precopy" in stdout

@@ -206,7 +206,9 @@ def test_throttle_presets() -> None:
         ThrottlePolicy.preset("slow")
 
 
-def test_the_fallback_discards_again_while_the_runs_left_shrink() -> None:
+def _last_pass_cut() -> Src:
+    """A manual switch with a 1 s drain: 0.5 s into the first round (1000 MB sent), the scan finds
+    20000 runs, the last pass starts, and 0.5 s later (its share of the drain) it is cut."""
     s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
     s.now += 0.5
     s.feed(StartPostcopy())
@@ -214,6 +216,11 @@ def test_the_fallback_discards_again_while_the_runs_left_shrink() -> None:
     assert s.s.handle(DirtyScanned(50_000, 20_000), s.now) == [StartRound(1)]
     s.now += 0.5
     assert s.s.handle_timer(s.now) == [EndRound()]
+    return s
+
+
+def test_the_fallback_discards_again_while_the_runs_left_shrink() -> None:
+    s = _last_pass_cut()
     # cut: the scan finds 30000 runs -> all of them discarded, a fresh PING
     assert s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now) == [ScanDirty()]
     assert s.s.handle(DirtyScanned(60_000, 30_000), s.now) == [
@@ -239,37 +246,19 @@ def test_the_fallback_discards_again_while_the_runs_left_shrink() -> None:
 
 def test_the_fallback_waits_for_the_destinations_work_on_its_discards() -> None:
     # 20000 runs at 25 us a range: 0.5 s more than the rest of the drain
-    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
-    s.now += 0.5
-    s.feed(StartPostcopy())
-    assert s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now) == [ScanDirty()]
-    assert s.s.handle(DirtyScanned(50_000, 20_000), s.now) == [StartRound(1)]
-    s.now += 0.5
-    assert s.s.handle_timer(s.now) == [EndRound()]
+    s = _last_pass_cut()
     s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
     s.s.handle(DirtyScanned(60_000, 20_000), s.now)
     assert s.s.get_timer() == pytest.approx(s.now + 0.5 + 20_000 * DISCARD_RANGE_SECONDS)
     # bounded: a million runs wait no longer than DRAIN_DISCARD_WAIT_MAX drains more
-    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
-    s.now += 0.5
-    s.feed(StartPostcopy())
-    s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now)
-    s.s.handle(DirtyScanned(50_000, 20_000), s.now)
-    s.now += 0.5
-    s.s.handle_timer(s.now)
+    s = _last_pass_cut()
     s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
     s.s.handle(DirtyScanned(2_000_000, 1_000_000), s.now)
     assert s.s.get_timer() == pytest.approx(s.now + 0.5 + DRAIN_DISCARD_WAIT_MAX * 1.0)
 
 
 def test_the_fallback_stops_when_the_runs_left_do_not_shrink() -> None:
-    s = Src(precopy=SwitchoverPolicy(mode="manual", drain_seconds=1.0), answer_drain=False).to_precopy()
-    s.now += 0.5
-    s.feed(StartPostcopy())
-    s.s.handle(RoundFinished(bytes=1000 * MB, ended=True), s.now)
-    s.s.handle(DirtyScanned(50_000, 20_000), s.now)
-    s.now += 0.5
-    s.s.handle_timer(s.now)
+    s = _last_pass_cut()
     s.s.handle(RoundFinished(bytes=500 * MB, ended=True), s.now)
     s.s.handle(DirtyScanned(6_000, 5_000), s.now)
     s.now += 0.1
