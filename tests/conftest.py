@@ -1,6 +1,6 @@
 """Test-wide policy: prerequisites are checked once, by marker.
 
-A test marked ``root``, ``hugetlb`` or ``qemu`` is skipped with a stated reason
+A test marked ``root``, ``hugetlb``, ``hugetlb_1g`` or ``qemu`` is skipped with a stated reason
 when its prerequisite is missing, except when POSTCOPY_REQUIRE_ALL=1 (set by
 tests/run.sh as root, and so in CI): then the missing prerequisite fails the
 test, so nothing is silently skipped where it should run.
@@ -32,6 +32,10 @@ def _missing(marker: str) -> str | None:
         return None if _free_hugepages(2048) >= 16 else (
             "needs free 2 MiB hugepages: echo 1200 > /proc/sys/vm/nr_hugepages"
         )
+    if marker == "hugetlb_1g":
+        return None if _free_hugepages(1 << 20) >= 1 else (
+            "needs a free 1 GiB hugepage: echo 2 > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+        )
     if marker == "qemu":
         return None if shutil.which("qemu-system-x86_64") else (
             "needs qemu-system-x86_64: apt-get install qemu-system-x86"
@@ -40,7 +44,7 @@ def _missing(marker: str) -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("root", "hugetlb", "qemu"):
+    for marker in ("root", "hugetlb", "hugetlb_1g", "qemu"):
         if item.get_closest_marker(marker) is None:
             continue
         reason = _missing(marker)

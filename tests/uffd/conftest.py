@@ -13,14 +13,12 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from uffd import Feature, RamBlock, Userfaultfd
 
-REQUIRE_ALL = os.environ.get("POSTCOPY_REQUIRE_ALL") == "1"
 SETTLE_SECONDS = 0.05
 
 
@@ -132,11 +130,3 @@ def wait_events(u: Userfaultfd, n: int, timeout: float = 5.0) -> list[Any]:
         got.extend(u.read_events())
     return got
 
-
-def free_hugepages(size_kb: int) -> int:
-    try:
-        return int(
-            Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/free_hugepages").read_text()
-        )
-    except OSError:
-        return 0

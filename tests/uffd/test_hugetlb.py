@@ -10,7 +10,7 @@ import pytest
 from uffd import PAGE_1G, PAGE_2M, Feature, RamBlock, RegisterMode, UffdError, Userfaultfd
 from uffd import memtouch as mt
 
-from .conftest import REQUIRE_ALL, Toucher, free_hugepages, wait_events
+from .conftest import Toucher, wait_events
 
 PAGE = 4096
 
@@ -58,17 +58,10 @@ def test_2m_page_placed_atomically(
     _place_huge_page(uffd, make_block, touch, PAGE_2M, 2)
 
 
-@pytest.mark.hugetlb
+@pytest.mark.hugetlb_1g
 def test_1g_page_placed_atomically(
     uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher]
 ) -> None:
-    # conftest's hugetlb check covers 2 MiB pages only; 1 GiB pages are
-    # checked here with the same policy (fail when all prerequisites are required).
-    if free_hugepages(1 << 20) < 1:
-        reason = "needs a free 1 GiB hugepage: echo 2 > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
-        if REQUIRE_ALL:
-            pytest.fail(f"prerequisite missing in a run that requires all: {reason}")
-        pytest.skip(reason)
     _place_huge_page(uffd, make_block, touch, PAGE_1G, 1)
 
 
