@@ -303,7 +303,7 @@ static void batch_raw(batch *bt, const void *p, uint64_t n)
 }
 
 /* Under the channel lock. */
-static int bulk_pause(pc_src *s);
+static void bulk_pause(pc_src *s);
 
 static int batch_flush(pc_src *s, int ch, batch *bt)
 {
@@ -446,19 +446,11 @@ done:
     return 0;
 }
 
-static void urgent_add(pc_src *s, int delta)
-{
-    if (delta > 0)
-        __atomic_add_fetch(&s->urgent, (uint32_t)delta, __ATOMIC_ACQ_REL);
-    else
-        __atomic_sub_fetch(&s->urgent, (uint32_t)-delta, __ATOMIC_ACQ_REL);
-}
-
 /* Bulk side (preempt): stand aside while urgent pages are in flight, at most
  * PC_SRC_PAUSE_MAX_NS and at most the time it ran since its last pause (credit:
  * with a guest that faults all the time, the bulk stream still runs half the time
- * or more). 1 when it paused. */
-static int bulk_pause(pc_src *s)
+ * or more). */
+static void bulk_pause(pc_src *s)
 {
     uint64_t t0 = pc_now_ns();
     if (s->pause_last_ns) {
@@ -468,7 +460,7 @@ static int bulk_pause(pc_src *s)
     }
     s->pause_last_ns = t0;
     if (!s->preempt || s->pause_credit_ns < PC_SRC_PAUSE_POLL_NS || !pc_src_urgent_pending(s))
-        return 0;
+        return;
     uint64_t now = t0;
     __atomic_add_fetch(&s->c.bulk_pauses, 1, __ATOMIC_RELAXED);
     while (!stopped(s) && pc_src_urgent_pending(s)) {
@@ -484,7 +476,6 @@ static int bulk_pause(pc_src *s)
     s->pause_credit_ns -= now - t0 < s->pause_credit_ns ? now - t0 : s->pause_credit_ns;
     s->pause_last_ns = now;
     __atomic_add_fetch(&s->c.bulk_pause_ns, now - t0, __ATOMIC_RELAXED);
-    return 1;
 }
 
 /* Bulk side: requested pages queued for the main channel, sent first. */
@@ -856,10 +847,10 @@ static int serve_request(pc_src *s, uint32_t bi, uint64_t start, uint64_t len)
     __atomic_add_fetch(&s->c.requests, 1, __ATOMIC_RELAXED);
     int urgent = s->preempt && __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED) >= 0;
     if (urgent)
-        urgent_add(s, 1);    /* the bulk stream stands aside until these pages are taken in */
+        __atomic_add_fetch(&s->urgent, 1, __ATOMIC_ACQ_REL);   /* the bulk stands aside until they are taken in */
     int rc = serve_request_pages(s, bi, start, len);
     if (urgent)
-        urgent_add(s, -1);
+        __atomic_sub_fetch(&s->urgent, 1, __ATOMIC_ACQ_REL);
     return rc;
 }
 
