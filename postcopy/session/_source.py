@@ -697,10 +697,10 @@ class SourceSession:
                 self._peer_is_ready(now)
             case wire.Pong(value=v):
                 self.last_pong = now
-                if v == 3 and self.downtime is None and self.guest_stopped:
-                    # up to the return path's read, not to this thread's turn to handle it
-                    self.downtime = max(0.0, min(now, received_at) - self.stopped_at)
                 if v == 3:
+                    if self.downtime is None and self.guest_stopped:
+                        # up to the return path's read, not to this thread's turn to handle it
+                        self.downtime = max(0.0, min(now, received_at) - self.stopped_at)
                     self._release_bulk()        # the destination runs the guest
             case wire.Shut(value=v) if self.recovery.handshake and v == SHUT_NOTHING_TO_RECOVER:
                 # no guest ran there yet: send the whole stream again, the guest still stopped here
