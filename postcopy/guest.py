@@ -208,6 +208,9 @@ class Guest:
     a userfaultfd fault gets there only once its page is placed, so whoever
     serves faults must keep serving until :meth:`stop` (or :meth:`join`) returns,
     or use :meth:`request_stop` plus :meth:`wait` with a timeout between batches.
+
+    The vCPUs run at ``nice`` (None: the nice of the thread that builds the guest),
+    whichever thread starts them.
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class Guest:
         seed: int = DEFAULT_SEED,
         write_percent: int = 50,
         rate_limit: int = 0,
+        nice: int | None = None,
     ) -> None:
         region_list = [_as_region(i, r) for i, r in enumerate(regions)]
         if not region_list:
@@ -250,6 +254,7 @@ class Guest:
             seed,
             write_percent,
             rate_limit,
+            os.getpriority(os.PRIO_PROCESS, 0) if nice is None else nice,
             err,
             _ERR_CAP,
         )

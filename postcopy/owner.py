@@ -144,6 +144,9 @@ class BuiltinGuest:
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else spec.build_memory()
         self.guest = guest
+        # The vCPUs' nice: this (setup) thread's. The destination starts the guest on a
+        # thread of the switch's path, raised above the guest.
+        self._vcpu_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self._state: bytes | None = None
         self.stopped_ns = 0
         self.source_stopped_ns = 0
@@ -219,7 +222,7 @@ class BuiltinGuest:
         self.guest = Guest(
             [(b.addr, b.used_length, b.page_size) for b in self.memory],
             nvcpus=s.vcpus, pattern=Pattern[s.pattern.upper()], seed=s.seed,
-            write_percent=s.write_percent, rate_limit=s.rate_limit,
+            write_percent=s.write_percent, rate_limit=s.rate_limit, nice=self._vcpu_nice,
         )
         self.guest.load_state(self._state)
         self.guest.start()

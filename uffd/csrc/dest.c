@@ -28,8 +28,8 @@
 /* The threads a faulting vCPU waits on (the fault service, the preempt
  * channel's receiver) run at a higher priority than the bulk stream's: on a
  * machine with few cores the bulk receiver would otherwise take half of the
- * CPU a requested page needs. Once per thread; refused without CAP_SYS_NICE
- * (then the thread runs at its usual priority). */
+ * CPU a requested page needs. Once per thread; without CAP_SYS_NICE the thread
+ * keeps its nice and takes only the short slice (pc_thread_set_nice). */
 #define URGENT_NICE (-10)
 static void boost_this_thread(void)
 {
@@ -37,7 +37,7 @@ static void boost_this_thread(void)
     if (done)
         return;
     done = 1;
-    (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), URGENT_NICE);
+    (void)pc_thread_set_nice(URGENT_NICE);
 }
 
 /* ------------------------------------------------------------------ pc_dst */

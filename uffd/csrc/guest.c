@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "guest.h"
 #include "core.h"
+#include "uffd.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -42,7 +43,6 @@ struct vcpu {
     uint32_t index;
     _Atomic bool in_loop;    /* between its start and its exit (pc_guest_stop) */
     _Atomic uint32_t tid;    /* kernel thread id while running: uffd THREAD_ID names it */
-    int base_nice;           /* its nice when it started (what pc_guest_set_vcpu_nice restores) */
     pc_guest *g;
     pthread_t thread;
 };
@@ -57,7 +57,8 @@ struct pc_guest {
     struct vcpu *vcpus;
     _Atomic int stop;
     _Atomic uint32_t throttle_pct; /* auto-converge: % of the time each vCPU sleeps (0: none) */
-    _Atomic int vcpu_nice;         /* precopy: the vCPUs run at this nice (PC_GUEST_NICE_KEEP: as started) */
+    _Atomic int vcpu_nice;         /* precopy: the vCPUs run at this nice (PC_GUEST_NICE_KEEP: base_nice) */
+    int base_nice;                 /* its vCPUs' own nice (pc_guest_new's) */
     _Atomic uint32_t active;
     bool threads_exist;
     pthread_mutex_t ctl; /* start / join / save / load / verify / fill */
@@ -202,7 +203,7 @@ static bool is_pow2(uint64_t x)
 
 pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32_t nvcpus,
                        uint32_t pattern, uint64_t seed, uint32_t write_percent,
-                       uint64_t rate_limit, char *err, size_t errcap)
+                       uint64_t rate_limit, int nice, char *err, size_t errcap)
 {
     if (nregions == 0 || nregions > PC_GUEST_MAX_REGIONS) {
         set_err(err, errcap, "nregions=%u: need 1..%u regions", nregions, PC_GUEST_MAX_REGIONS);
@@ -210,6 +211,10 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     }
     if (nvcpus == 0 || nvcpus > PC_GUEST_MAX_VCPUS) {
         set_err(err, errcap, "nvcpus=%u: need 1..%u vCPUs", nvcpus, PC_GUEST_MAX_VCPUS);
+        return NULL;
+    }
+    if (nice < -20 || nice > 19) {
+        set_err(err, errcap, "nice=%d: must be within -20..19", nice);
         return NULL;
     }
     if (pattern > PC_GUEST_PATTERN_HOT) {
@@ -260,6 +265,7 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     if (!g)
         goto oom;
     atomic_init(&g->vcpu_nice, PC_GUEST_NICE_KEEP);
+    g->base_nice = nice;
     g->regions = calloc(nregions, sizeof(*g->regions));
     g->first_page = calloc(nregions + 1, sizeof(*g->first_page));
     g->vcpus = aligned_alloc(64, sizeof(struct vcpu) * nvcpus);
@@ -468,7 +474,7 @@ int pc_guest_set_vcpu_nice(pc_guest *g, int nice)
         uint32_t tid = atomic_load(&c->tid);
         if (!tid || !atomic_load(&c->in_loop))
             continue;
-        int want = nice == PC_GUEST_NICE_KEEP ? c->base_nice : nice;
+        int want = nice == PC_GUEST_NICE_KEEP ? g->base_nice : nice;
         if (setpriority(PRIO_PROCESS, (id_t)tid, want) == 0)
             changed++;
         else if (!err)
@@ -487,12 +493,13 @@ static void *vcpu_main(void *arg)
     struct vcpu *c = arg;
     pc_guest *g = c->g;
     const uint32_t v = c->index;
-    errno = 0;
-    int nice_now = getpriority(PRIO_PROCESS, 0);     /* this thread's (inherited from its creator) */
-    c->base_nice = errno ? 0 : nice_now;
+    /* Not its creator's priority: the destination makes and starts the guest on a
+     * thread of the switch's path, raised above the guest (and with a short slice). */
     int lowered = atomic_load(&g->vcpu_nice);
-    if (lowered != PC_GUEST_NICE_KEEP)
-        (void)setpriority(PRIO_PROCESS, 0, lowered);
+    (void)pc_thread_set_nice(lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice);
+    char name[16];      /* what ps -L and top -H show */
+    snprintf(name, sizeof(name), "guest-vcpu%u", v);
+    (void)pthread_setname_np(pthread_self(), name);
     atomic_store(&c->tid, (uint32_t)syscall(SYS_gettid));
     atomic_store(&c->in_loop, true);
     uint64_t prng = c->prng, position = c->position, hash = c->read_hash;

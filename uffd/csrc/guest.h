@@ -80,10 +80,11 @@ typedef struct {
     uint32_t reserved;
 } pc_guest_verify_result;
 
-/* Create a guest (no threads yet). On error returns NULL and writes a message to err. */
+/* Create a guest (no threads yet); its vCPUs run at nice (-20..19), whichever thread
+ * starts them. On error returns NULL and writes a message to err. */
 pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32_t nvcpus,
                        uint32_t pattern, uint64_t seed, uint32_t write_percent,
-                       uint64_t rate_limit, char *err, size_t errcap);
+                       uint64_t rate_limit, int nice, char *err, size_t errcap);
 
 /* Stops (request + join) if running, then frees. */
 void pc_guest_free(pc_guest *g);

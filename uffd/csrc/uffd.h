@@ -98,8 +98,10 @@ int pc_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int pc_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied);
 int pc_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode, int64_t *zeroed);
 int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
-/* The calling thread's nice value (setpriority on its tid); 0 or -errno. Called through cffi,
- * which releases the GIL: a thread that lowers itself is never preempted while holding it. */
+/* The calling thread's nice value, and with a nice below 0 a short scheduler slice (it
+ * preempts at wakeup); 0 or -errno. Without CAP_SYS_NICE a raise fails, the slice still
+ * takes. Called through cffi, which releases the GIL: a thread that lowers itself is never
+ * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_thread_set_nice(int nice);
 int pc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int pc_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
