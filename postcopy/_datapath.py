@@ -379,6 +379,17 @@ class Receiver:
     def ram_section_id(self, value: int) -> None:
         self._rx.ram_section_id = value
 
+    @property
+    def placer(self) -> bool:
+        """Staged runs of 4 KiB pages go to a placer thread while this one receives on (the
+        default with PC_RX_PLACER_MIN_CPUS CPUs or more to run on); else this thread places
+        them. Set it before :meth:`run`."""
+        return bool(self._rx.use_placer)
+
+    @placer.setter
+    def placer(self, on: bool) -> None:
+        self._rx.use_placer = int(on)
+
     def attach(self, path: DestinationPath) -> None:
         """Place into ``path``'s blocks from now on (a receiver may start before the RAM setup)."""
         if lib.pc_rx_attach(self._rx, path._d) < 0:

@@ -103,6 +103,7 @@ class _Lib:
     PC_RX_E_PROTO: Final[int]
     PC_RX_E_TRUNCATED: Final[int]
     PC_RX_MAIN: Final[int]
+    PC_RX_PLACER_MIN_CPUS: Final[int]
     PC_RX_PREEMPT: Final[int]
     PC_RX_STAGE_MIN_PAGES: Final[int]
     PC_RX_STAGE_PAGES: Final[int]

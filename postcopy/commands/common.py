@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,12 +175,20 @@ def write_json(report: dict[str, Any], where: str | None) -> None:
     if where == "-":
         print(text)
     else:
-        Path(where).write_text(text + "\n")
+        _write_whole(Path(where), text + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Written beside it and renamed over it: whoever watches for the file (an orchestrator,
+    the other role) never reads half of it."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def write_hashes(path: str, hashes: dict[str, bytes]) -> None:
     """Per-page hashes of every block, for --verify across processes."""
-    Path(path).write_text(json.dumps({k: v.hex() for k, v in hashes.items()}))
+    _write_whole(Path(path), json.dumps({k: v.hex() for k, v in hashes.items()}))
 
 
 def read_hashes(path: str) -> dict[str, bytes]:

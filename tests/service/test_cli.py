@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from postcopy.commands.common import write_json
+
 from .conftest import free_port, samples, scrape, state, total
 
 GUEST = ["--size", "32M", "--vcpus", "2", "--pattern", "random", "--guest-rate", "20000"]
@@ -111,3 +113,14 @@ def test_bad_qmp_address_and_ports_are_refused() -> None:
     proc = run("-m", "postcopy", "demo", "--metrics-port", "65535", timeout=60)
     assert proc.returncode == 2
     assert "--metrics-port 65535 must be in 1..65534" in proc.stderr
+
+
+def test_a_json_report_replaces_the_file_whole(tmp_path: Path) -> None:
+    # a watcher that sees the file reads all of it: written beside it, then renamed over it
+    where = tmp_path / "report.json"
+    where.write_text("old")
+    with where.open() as before:
+        write_json({"ok": True, "n": 3}, str(where))
+        assert before.read() == "old"       # the old file was replaced, not rewritten in place
+    assert json.loads(where.read_text()) == {"n": 3, "ok": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

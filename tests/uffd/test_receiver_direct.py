@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import os
 import random
 import socket
 import struct
@@ -115,10 +116,14 @@ def feeds() -> Iterator[Callable[..., Feed]]:
         f.close()
 
 
-def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, section: int = 0) -> dp.Receiver:
+def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, section: int = 0,
+            placer: bool | None = None) -> dp.Receiver:
     """A receiver whose buffer is a big guest's (PC_RX_BUF_MAX): a stream that waits whole in the
-    socket is one receive into the buffer, whatever the size of these tests' small blocks."""
+    socket is one receive into the buffer, whatever the size of these tests' small blocks.
+    ``placer``: its runs go to a placer thread or not (None: the default for this host)."""
     rx = dp.Receiver(path, feed.ours, kind, section)
+    if placer is not None:
+        rx.placer = placer
     assert lib.pc_sockbuf_grow(ffi.addressof(rx._rx, "in"), lib.PC_RX_BUF_MAX) == 0
     code = rx.run()
     assert code == (dp.Receiver.EOS if kind == dp.RX_PREEMPT else dp.Receiver.EOF)
@@ -127,13 +132,18 @@ def receive(path: dp.DestinationPath, feed: Feed, kind: int = dp.RX_PREEMPT, sec
 
 class Channel:
     """The channel the records arrive on: preempt (records, EOS) or main (a RAM
-    section around them, then EOF): main places runs on its placer thread."""
+    section around them, then EOF); "main" places runs on its receiving thread,
+    "main+placer" on a placer thread (the default with 4 CPUs or more)."""
 
     SECTION = 7
 
     def __init__(self, kind: str, feeds: Callable[..., Feed]) -> None:
         self.kind = kind
         self._feeds = feeds
+
+    @property
+    def placer(self) -> bool:
+        return self.kind == "main+placer"
 
     def feed(self, data: bytes, chunks: Sequence[int] = ()) -> Feed:
         if self.kind == "preempt":
@@ -146,10 +156,10 @@ class Channel:
     def receive(self, path: dp.DestinationPath, feed: Feed) -> dp.Receiver:
         if self.kind == "preempt":
             return receive(path, feed)
-        return receive(path, feed, dp.RX_MAIN, self.SECTION)
+        return receive(path, feed, dp.RX_MAIN, self.SECTION, self.placer)
 
 
-@pytest.fixture(params=["preempt", "main"])
+@pytest.fixture(params=["preempt", "main", "main+placer"])
 def chan(request: pytest.FixtureRequest, feeds: Callable[..., Feed]) -> Channel:
     return Channel(request.param, feeds)
 
@@ -404,14 +414,28 @@ def test_zero_pages_all_over_and_a_run_of_zero_records(
 def test_placement_error_of_a_run_is_reported(
     uffd: Userfaultfd, make_block: Callable[..., RamBlock], chan: Channel
 ) -> None:
-    """A run that cannot be placed (main: on the placer thread) fails the receiver with the ioctl's reason."""
+    """A run that cannot be placed (also on the placer thread) fails the receiver with the ioctl's reason."""
     b = make_block("pc.ram", 32 * PAGE)  # not registered with the uffd: UFFDIO_COPY refuses
     path = dp.DestinationPath([b])
     path.attach_uffd(uffd.fileno())
     first = 8 + 1 + len("pc.ram") + PAGE
     feed = chan.feed(encode([("pc.ram", i * PAGE, page(i)) for i in range(32)]), chunks=[first])
     rx = dp.Receiver(path, feed.ours, dp.RX_PREEMPT if chan.kind == "preempt" else dp.RX_MAIN, Channel.SECTION)
+    rx.placer = chan.placer
     with pytest.raises(dp.DataPathError, match=r"UFFDIO_COPY pc\.ram offset 0x0 len 0x1000") as info:
         rx.run()
     assert info.value.kind == "placement"
     assert path.received[0].count() == 0
+
+
+def test_a_placer_thread_by_default_only_with_cpus_to_spare() -> None:
+    # with 2 CPUs the hand-overs to a third thread cost more than the overlap gains
+    a, b = socket.socketpair()
+    try:
+        rx = dp.Receiver(None, a, dp.RX_MAIN, 0)
+        assert rx.placer == (len(os.sched_getaffinity(0)) >= lib.PC_RX_PLACER_MIN_CPUS)
+        rx.placer = not rx.placer
+        assert rx.placer == (len(os.sched_getaffinity(0)) < lib.PC_RX_PLACER_MIN_CPUS)
+    finally:
+        a.close()
+        b.close()

@@ -154,6 +154,7 @@ typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_pl
 #define PC_RX_DIRECT_MAX 512
 #define PC_RX_STAGE_PAGES 256            /* a stage half at most (a 2 GiB guest and more) */
 #define PC_RX_STAGE_MIN_PAGES 16
+#define PC_RX_PLACER_MIN_CPUS 4          /* a placer thread only with CPUs to spare (see dest.c) */
 #define PC_RX_BUF_MIN (256u << 10)       /* receive buffer: before the RAM setup, and the preempt channel's */
 #define PC_RX_BUF_MAX (4u << 20)         /* the main channel's at most (a 2 GiB guest and more) */
 
@@ -176,7 +177,9 @@ typedef struct pc_rx {
     uint8_t *stage_alloc;               /* both halves, mapped on first use */
     uint8_t *tmp_alloc;                 /* the temp page's mapping (tmp) */
     /* the placer thread: places a staged run of 4 KiB pages while the
-     * receiver receives the next ones (one job at a time) */
+     * receiver receives the next ones (one job at a time); without it
+     * (use_placer 0) the receiver places them */
+    int use_placer;                     /* pc_rx_new: PC_RX_PLACER_MIN_CPUS or more CPUs to run on */
     pthread_t placer;
     int placer_started, placer_quit, job_pending, job_rc, job_errno;
     pthread_mutex_t job_lock;
