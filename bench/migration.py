@@ -4,7 +4,10 @@ measured in the same run, printed as one table of ratios.
 Floors (C, no Python between timestamps; see bench/_floor.py):
   latency floor    = loopback TCP RTT (64-byte ping-pong, TCP_NODELAY) + one UFFDIO_COPY
                      of the row's page size (p50 with p50, p99 with p99);
-  throughput ceiling = min(loopback TCP stream, UFFDIO_COPY throughput of the row's page size);
+  throughput ceiling = min(loopback TCP stream, UFFDIO_COPY throughput of the row's page size),
+                     measured again right before each idle run (this VM's speed drifts and
+                     a stream's two threads may share a CPU or not: 2.2 vs 4.5 GB/s); a row's
+                     bulk ratio is the median of each run's bulk over its own ceiling;
   reference        = a plain C client/server remote fault (fault -> TCP request -> page -> COPY).
 
 Migrations (a Source and a Destination in this process over loopback TCP, real
@@ -134,6 +137,13 @@ class Floors:
 
     def latency_floor_ns(self, page_size: int, q: int) -> float:
         return (self.rtt_p50_ns if q == 50 else self.rtt_p99_ns) + self.copy_ns[page_size]
+
+
+def ceiling_now(page_size: int, quick: bool) -> float:
+    """The throughput ceiling measured now, for the idle run that follows."""
+    stream = tcp_stream_bps((512 if quick else 2048) * MiB)
+    npages = 32 if page_size == PAGE_2M else 16384
+    return min(stream, page_size * 1e9 / copy_cost_ns(page_size, npages, rounds=1 if quick else 3))
 
 
 def measure_floors(quick: bool, with_2m: bool) -> Floors:
@@ -553,9 +563,10 @@ class Row:
     floor_p99_ns: float
     busy_bulk_bps: list[float]
     idle_bulk_bps: list[float]
-    ceiling_bps: float
+    ceiling_bps: float              # idle rows: the median of ceilings_bps; else the start-of-run ceiling
     downtime_ns: list[int]
     plain_p50_ns: float = 0.0       # the plain C remote fault of this page size, this run (0: not measured)
+    ceilings_bps: list[float] = field(default_factory=list)    # measured right before each idle run
 
     @property
     def ratio_p50(self) -> float:
@@ -567,7 +578,7 @@ class Row:
 
     def bulk_ratio(self) -> float:
         if self.idle_bulk_bps:
-            return statistics.median(self.idle_bulk_bps) / self.ceiling_bps
+            return statistics.median(b / c for b, c in zip(self.idle_bulk_bps, self.ceilings_bps, strict=True))
         return statistics.median(self.busy_bulk_bps) / self.cap if self.cap else float("nan")
 
     def verdicts(self) -> list[str]:
@@ -588,7 +599,7 @@ class Row:
         return out
 
 
-def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run]) -> Row:
+def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run], ceilings: list[float]) -> Row:
     lat = [x for r in busy for x in r.latencies_ns]
     return Row(
         config=cfg.label, page=page_label(cfg.page_size), cap=cfg.cap, preempt=cfg.preempt,
@@ -599,9 +610,10 @@ def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run]) -> 
         floor_p50_ns=floors.latency_floor_ns(cfg.page_size, 50),
         floor_p99_ns=floors.latency_floor_ns(cfg.page_size, 99),
         busy_bulk_bps=[r.bulk_bps for r in busy], idle_bulk_bps=[r.bulk_bps for r in idle],
-        ceiling_bps=floors.ceiling_bps(cfg.page_size),
+        ceiling_bps=statistics.median(ceilings) if ceilings else floors.ceiling_bps(cfg.page_size),
         downtime_ns=[r.downtime_ns for r in busy + idle],
         plain_p50_ns=floors.plain_p50_ns.get(cfg.page_size, 0.0),
+        ceilings_bps=ceilings,
     )
 
 
@@ -628,7 +640,8 @@ def print_floors(f: Floors) -> None:
     for ps, ns in f.copy_ns.items():
         print(f"  UFFDIO_COPY {page_label(ps)}: {fmt_us(ns)} us/page = {f.copy_bps(ps) / 1e9:.2f} GB/s"
               f"  -> latency floor p50 {fmt_us(f.latency_floor_ns(ps, 50))} us, "
-              f"p99 {fmt_us(f.latency_floor_ns(ps, 99))} us; throughput ceiling {f.ceiling_bps(ps) / 1e9:.2f} GB/s")
+              f"p99 {fmt_us(f.latency_floor_ns(ps, 99))} us; throughput ceiling {f.ceiling_bps(ps) / 1e9:.2f} GB/s"
+              " (now; the rows measure it again before each idle run)")
     print(f"  UFFDIO_COPY 4K pages, one ioctl per 64 KiB (reference, not the ceiling): "
           f"{f.copy_64k_batched_bps / 1e9:.2f} GB/s")
     print(f"  fresh memory (freed memory goes back to the host here, free page reporting): first write "
@@ -647,7 +660,7 @@ def print_rows(rows: list[Row]) -> None:
             r.config, str(r.faults), str(r.faults_over_1ms), str(r.requests_skipped),
             fmt_us(r.lat_p50_ns), fmt_us(r.lat_p99_ns), fmt_us(r.lat_max_ns),
             fmt_ratio(r.ratio_p50), fmt_ratio(r.ratio_p99), spread(r.busy_bulk_bps, 1e9),
-            spread(r.idle_bulk_bps, 1e9), f"{r.ceiling_bps / 1e9:.2f}" if r.idle_bulk_bps else f"cap {r.cap / 1e9:.3f}",
+            spread(r.idle_bulk_bps, 1e9), spread(r.ceilings_bps, 1e9) if r.idle_bulk_bps else f"cap {r.cap / 1e9:.3f}",
             f"{r.bulk_ratio():.0%}", spread([float(d) for d in r.downtime_ns], 1e6, 1), ", ".join(r.verdicts()),
         ]
         for r in rows
@@ -655,8 +668,8 @@ def print_rows(rows: list[Row]) -> None:
     print_table(headers, table)
     print("  >1ms: faults served in over 1 ms; skipped: requests the source found already taken by the bulk "
           "stream (that page then arrives behind the main channel's backlog)")
-    print("  bulk ratio: idle bulk / ceiling (uncapped rows) or busy bulk / cap (capped rows); "
-          "[min..max] over the runs; latency percentiles pool all runs' faults")
+    print("  bulk ratio: the median of each idle run's bulk / the ceiling measured right before it (uncapped "
+          "rows), or busy bulk / cap (capped rows); [min..max] over the runs; latency percentiles pool all runs' faults")
 
 
 def print_downtime(runs: list[Run] | list[DowntimeRun]) -> None:
@@ -1015,14 +1028,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     runs_json: list[dict[str, Any]] = []
     for cfg in configs(args.quick, args.scale, with_2m):
-        busy, idle = [], []
+        busy, idle, ceilings = [], [], []
         for _ in range(repeat):
             busy.append(migrate(cfg.busy_size, cfg.page_size, busy=True, preempt=cfg.preempt, cap=cfg.cap,
                                 profile=args.profile))
             if cfg.idle_size:
+                ceilings.append(ceiling_now(cfg.page_size, args.quick))
                 idle.append(migrate(cfg.idle_size, cfg.page_size, busy=False, preempt=cfg.preempt, cap=cfg.cap,
                                     profile=args.profile))
-        rows.append(build_row(cfg, floors, busy, idle))
+        rows.append(build_row(cfg, floors, busy, idle, ceilings))
         runs_json += [{"config": cfg.label, **asdict(r), "latencies_ns": None, "bulk_bps": r.bulk_bps}
                       for r in busy + idle]
         if args.profile:
