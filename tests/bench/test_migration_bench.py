@@ -67,6 +67,11 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
             ceiling = min(f["tcp_stream_bps"], page * 1e9 / f["copy_ns"][str(page)])
             assert math.isclose(r["ceiling_bps"], ceiling)
         assert all(d > 0 for d in r["downtime_ns"])
+        if r["page"] == "2M" and r["preempt"] and not r["cap"]:     # the 2 MiB fault target, paired by run
+            assert len(r["plain_p50s_ns"]) == len(r["run_p50s_ns"]) == r["runs"]
+            assert math.isclose(r["ratio_vs_plain"], statistics.median(
+                a / b for a, b in zip(r["run_p50s_ns"], r["plain_p50s_ns"], strict=True)))
+            assert any("p50<=1.2x plain C" in t for t in r["targets"])
         if r["faults"]:
             assert r["lat_p50_ns"] <= r["lat_p99_ns"] <= r["lat_max_ns"]
             assert math.isclose(r["ratio_p50"], r["lat_p50_ns"] / r["floor_p50_ns"])

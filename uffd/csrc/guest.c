@@ -630,11 +630,12 @@ int pc_guest_stop(pc_guest *g)
     /* A vCPU sees the request at its next access, but only once it runs: on a loaded host a
      * preempted vCPU may wait milliseconds for a CPU, and the whole wait is downtime. Raise
      * the ones still running so they reach their stop point first (they end right after; a
-     * process without CAP_SYS_NICE just waits). */
+     * process without CAP_SYS_NICE just waits), with the short slice of the threads waiting
+     * on the CPU for the switch (pc_thread_set_nice): EEVDF would pick those first. */
     for (uint32_t v = 0; v < g->nvcpus; v++) {
         uint32_t tid = atomic_load(&g->vcpus[v].tid);
         if (tid && atomic_load(&g->vcpus[v].in_loop))
-            (void)setpriority(PRIO_PROCESS, (id_t)tid, -10);
+            (void)pc_thread_set_nice_of(tid, -10);
     }
     return pc_guest_join(g);
 }

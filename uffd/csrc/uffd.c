@@ -274,20 +274,26 @@ struct pc_sched_attr {
  * own slice (1.4 ms on 2 CPUs). Other threads get the default slice back. */
 #define PC_URGENT_SLICE_NS 100000u
 
-int pc_thread_set_nice(int nice)
+int pc_thread_set_nice_of(uint32_t tid, int nice)
 {
     struct pc_sched_attr a = { .size = sizeof(a), .sched_flags = PC_SCHED_FLAG_KEEP_POLICY, .sched_nice = nice,
                                .sched_runtime = nice < 0 ? PC_URGENT_SLICE_NS : 0 };
-    if (syscall(SYS_sched_setattr, 0, &a, 0) == 0)
+    if (syscall(SYS_sched_setattr, (pid_t)tid, &a, 0) == 0)
         return 0;
     int err = errno;
     if (err == EPERM && nice < 0) {     /* no CAP_SYS_NICE: the short slice alone needs no privilege */
         errno = 0;
-        a.sched_nice = getpriority(PRIO_PROCESS, 0);
+        a.sched_nice = getpriority(PRIO_PROCESS, (id_t)tid);
         if (errno == 0)
-            (void)syscall(SYS_sched_setattr, 0, &a, 0);
+            (void)syscall(SYS_sched_setattr, (pid_t)tid, &a, 0);
     } else if (err == EINVAL || err == ENOSYS) {    /* a kernel before 5.3 (no KEEP_POLICY) */
-        err = setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) == 0 ? 0 : errno;
+        id_t who = tid ? (id_t)tid : (id_t)syscall(SYS_gettid);
+        err = setpriority(PRIO_PROCESS, who, nice) == 0 ? 0 : errno;
     }
     return -err;
+}
+
+int pc_thread_set_nice(int nice)
+{
+    return pc_thread_set_nice_of(0, nice);
 }

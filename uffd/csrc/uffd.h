@@ -103,6 +103,8 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * takes. Called through cffi, which releases the GIL: a thread that lowers itself is never
  * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_thread_set_nice(int nice);
+/* The same for thread tid of this process (0: the calling thread). */
+int pc_thread_set_nice_of(uint32_t tid, int nice);
 int pc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int pc_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
 int pc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
