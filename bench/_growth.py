@@ -204,7 +204,7 @@ class Side:
 
 
 def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) -> Side:
-    from migration import ThreadProfile
+    from migration import GUEST_VCPUS_ROLE, ThreadProfile
 
     from postcopy.destination import Destination
     from postcopy.guest import Guest, Pattern
@@ -255,7 +255,7 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
         elif owner.guest is not None:
             owner.guest.stop()
     by_role = prof.by_role()
-    vcpus = by_role.get("C threads (guest vCPUs)", {}).get("cpu_ms", 0.0) / 1e3
+    vcpus = by_role.get(GUEST_VCPUS_ROLE, {}).get("cpu_ms", 0.0) / 1e3
     bench = by_role.get("bench", {}).get("cpu_ms", 0.0) / 1e3
     cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     sampled = sampler.peak_beyond_guest()

@@ -168,6 +168,10 @@ def measure_floors(quick: bool, with_2m: bool) -> Floors:
 # ---------------------------------------------------------------- thread CPU profile
 
 
+#: the profile's role of the built-in guest's vCPU threads (named guest-vcpuN by the C guest)
+GUEST_VCPUS_ROLE = "guest vCPUs"
+
+
 class ThreadProfile:
     """Samples /proc/self/task/*/schedstat (ns on CPU, ns waiting for a CPU) by
     role while a migration runs; a thread's last sample stands for its total.
@@ -209,10 +213,19 @@ class ThreadProfile:
                 run, wait, slices = (int(x) for x in Path(f"/proc/self/task/{tid}/schedstat").read_text().split())
             except (OSError, ValueError):
                 continue
-            role = roles.get(tid, "C threads (guest vCPUs)")
+            role = roles.get(tid) if tid in roles else self._c_thread_role(tid)
             if role:
                 self._last[tid] = (role, run, wait, slices)
                 self._base.setdefault(tid, (run, wait, slices))
+
+    @staticmethod
+    def _c_thread_role(tid: int) -> str:
+        """A thread Python did not start: the guest's vCPUs by their name, or the data path's."""
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            name = ""
+        return GUEST_VCPUS_ROLE if name.startswith("guest-vcpu") else "C data-path threads"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

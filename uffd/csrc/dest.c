@@ -1065,6 +1065,7 @@ static int place_async(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *src,
         if (pthread_create(&rx->placer, NULL, placer_main, rx) != 0)
             return place_run(rx, bi, off, src, n, nzero);
         rx->placer_started = 1;
+        (void)pthread_setname_np(rx->placer, "rx-placer");     /* what ps -L and top -H show */
     }
     pthread_mutex_lock(&rx->job_lock);
     rx->job_block = bi;
