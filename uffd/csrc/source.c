@@ -95,7 +95,6 @@ void pc_src_free(pc_src *s)
     pthread_cond_destroy(&s->qcond);
     for (uint32_t i = 0; i < s->nblocks; i++) {
         free(s->blocks[i].main_end);
-        free(s->blocks[i].main_ns);
         pc_bitmap_free(s->blocks[i].discarded);
     }
     free(s->blocks);
@@ -111,10 +110,8 @@ int pc_src_set_block(pc_src *s, uint32_t i, const char *idstr, uint32_t idlen, u
         return -EINVAL;
     pc_src_block *b = &s->blocks[i];
     free(b->main_end);
-    free(b->main_ns);
     b->main_end = calloc(length / host_page_size, sizeof(uint64_t));
-    b->main_ns = calloc(length / host_page_size, sizeof(uint64_t));
-    if (!b->main_end || !b->main_ns || pc_pf_set_block(&s->pf, i, length / host_page_size, host_page_size) < 0)
+    if (!b->main_end || pc_pf_set_block(&s->pf, i, length / host_page_size, host_page_size) < 0)
         return -ENOMEM;
     b->base = base;
     b->length = length;
@@ -371,7 +368,6 @@ static int batch_host_page(pc_src *s, int ch, batch *bt, uint32_t bi, uint64_t h
         }
     }
     if (ch == PC_CHAN_MAIN) {
-        __atomic_store_n(&b->main_ns[host_off / b->host_page_size], pc_now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&b->main_end[host_off / b->host_page_size],
                          __atomic_load_n(&c->bytes, __ATOMIC_RELAXED) + bt->bytes, __ATOMIC_RELEASE);
     }
@@ -730,25 +726,19 @@ uint64_t pc_src_dirty_pages(pc_src *s)
     return n;
 }
 
-/* True (once per page) when a host page queued on the main channel is
- * probably still on its way: not acknowledged by the destination's TCP yet,
- * or acknowledged so recently that it may still wait in the destination's
- * buffers behind other bulk pages. Otherwise it counts as sent: skipped. */
-#define RESEND_WINDOW_NS 20000000ull
-static int still_queued_on_main(pc_src *s, pc_src_block *b, uint64_t host_off)
+/* True (once per page) when a host page went on this connection's main
+ * channel: the destination asks for a page only while it has not placed it,
+ * so that copy is still on its way: in a socket, or in the destination's
+ * receive buffer behind megabytes of other pages, whose receiver runs below
+ * the guest (a busy guest delayed such pages 20-180 ms on 2 CPUs while the
+ * resend was limited to pages sent in the last 20 ms). Otherwise (sent on an
+ * earlier connection: recovery reloads what arrived) it counts as skipped. */
+static int sent_on_main_once(pc_src *s, pc_src_block *b, uint64_t host_off)
 {
     uint64_t *slot = &b->main_end[host_off / b->host_page_size];
     uint64_t end = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
     pc_src_chan *c = &s->chan[PC_CHAN_MAIN];
-    int fd = __atomic_load_n(&c->fd, __ATOMIC_RELAXED);
-    if (!end || fd < 0 || end <= c->conn_base)
-        return 0;
-    struct tcp_info ti;
-    socklen_t len = sizeof(ti);
-    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || len < offsetof(struct tcp_info, tcpi_bytes_acked) + 8)
-        return 0;
-    uint64_t queued_ns = __atomic_load_n(&b->main_ns[host_off / b->host_page_size], __ATOMIC_RELAXED);
-    if (c->conn_base + ti.tcpi_bytes_acked >= end && pc_now_ns() - queued_ns > RESEND_WINDOW_NS)
+    if (!end || __atomic_load_n(&c->fd, __ATOMIC_RELAXED) < 0 || end <= c->conn_base)
         return 0;
     return __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL) != 0;
 }
@@ -863,7 +853,7 @@ static int serve_request_pages(pc_src *s, uint32_t bi, uint64_t start, uint64_t 
         s->hot_armed = 1;       /* the destination runs the guest: the preempt channel may carry the hot set */
         if (s->preempt && s->chan[PC_CHAN_PREEMPT].fd >= 0) {
             if (!claim_host_page(b, off)) {
-                if (__atomic_load_n(&s->send_once, __ATOMIC_RELAXED) || !still_queued_on_main(s, b, off)) {
+                if (__atomic_load_n(&s->send_once, __ATOMIC_RELAXED) || !sent_on_main_once(s, b, off)) {
                     __atomic_add_fetch(&s->c.request_pages_skipped, 1, __ATOMIC_RELAXED);
                     continue;
                 }

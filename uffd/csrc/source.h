@@ -33,7 +33,6 @@ typedef struct pc_src_block {
     pc_bitmap *dirty;               /* one bit per target page: still to send */
     pc_bitmap *discarded;           /* precopy switch: discarded before the guest stopped (NULL: none) */
     uint64_t *main_end;             /* per host page: main-channel byte count once it is queued there, 0 = not */
-    uint64_t *main_ns;              /* per host page: when it was queued on main */
     uint32_t idlen;
     char idstr[256];
 } pc_src_block;
