@@ -730,8 +730,7 @@ uint64_t pc_src_dirty_pages(pc_src *s)
  * channel: the destination asks for a page only while it has not placed it,
  * so that copy is still on its way: in a socket, or in the destination's
  * receive buffer behind megabytes of other pages, whose receiver runs below
- * the guest (a busy guest delayed such pages 20-180 ms on 2 CPUs while the
- * resend was limited to pages sent in the last 20 ms). Otherwise (sent on an
+ * the guest and may not get to it for tens of ms. Otherwise (sent on an
  * earlier connection: recovery reloads what arrived) it counts as skipped. */
 static int sent_on_main_once(pc_src *s, pc_src_block *b, uint64_t host_off)
 {

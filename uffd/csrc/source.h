@@ -49,7 +49,7 @@ enum { PC_CHAN_MAIN = 0, PC_CHAN_PREEMPT = 1 };
 
 typedef struct pc_src_counters {
     uint64_t requests, request_pages_sent, request_pages_skipped, requests_queued, bad_requests, host_pages_sent;
-    uint64_t resent_target_pages;   /* requested while queued on main, not yet acked: sent again on preempt */
+    uint64_t resent_target_pages;   /* requested after the bulk took them on this connection: sent again on preempt */
     uint64_t hot_pages_sent;        /* target pages the postcopy bulk stream sent first as the hot set */
     uint64_t hot_pages_recorded;    /* target pages recorded (pc_src_record_hot) */
     uint64_t hot_pages_preempt;     /* of hot_pages_sent: pushed on the preempt channel between requests */

@@ -268,7 +268,7 @@ struct pc_sched_attr {
 };
 #define PC_SCHED_FLAG_KEEP_POLICY 0x08
 
-/* A thread above nice 0 waits on the network or the kernel most of the time and
+/* A thread raised below nice 0 waits on the network or the kernel most of the time and
  * must run the moment it wakes: with its slice this short, EEVDF (Linux >= 6.12)
  * preempts a running background thread at once instead of letting it finish its
  * own slice (1.4 ms on 2 CPUs). Other threads get the default slice back. */
