@@ -8,6 +8,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -37,19 +38,30 @@ class Recorder(socketserver.BaseRequestHandler):
         except ConnectionResetError:
             end = "reset"
         with self.server.lock:
-            self.server.records.append((bytes(buf), end))
+            self.server.records.append((self.server.order.pop(self.request), bytes(buf), end))
             self.server.changed.notify_all()
 
 
 class RecordingServer(socketserver.ThreadingTCPServer):
+    """Its records come in the order of the connections (each has a thread: they may end in
+    another order)."""
+
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Recorder)
-        self.records: list[tuple[bytes, str]] = []
+        self.records: list[tuple[int, bytes, str]] = []
+        self.order: dict[object, int] = {}
+        self.accepted = 0
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:     # in the accepting thread: accept order
+            self.order[request] = self.accepted
+            self.accepted += 1
+        super().process_request(request, client_address)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -61,7 +73,7 @@ class RecordingServer(socketserver.ThreadingTCPServer):
             assert self.changed.wait_for(lambda: len(self.records) >= n, timeout_seconds), (
                 self.records
             )
-            return list(self.records)
+            return [(data, end) for _, data, end in sorted(self.records, key=lambda r: r[0])]
 
 
 @pytest.fixture
