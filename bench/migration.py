@@ -141,26 +141,39 @@ class Floors:
         return (self.rtt_p50_ns if q == 50 else self.rtt_p99_ns) + self.copy_ns[page_size]
 
 
+# The floors' sample sizes, the same at the start of a run and again beside its rows.
+def stream_floor_bps(quick: bool) -> float:
+    return tcp_stream_bps((512 if quick else 2048) * MiB)
+
+
+def copy_floor_ns(page_size: int, rounds: int) -> float:
+    return copy_cost_ns(page_size, 32 if page_size == PAGE_2M else 16384, rounds=rounds)
+
+
+def plain_fault_ns(page_size: int, quick: bool) -> list[int]:
+    if page_size == PAGE_2M:
+        return plain_remote_fault_ns(32 if quick else 64, PAGE_2M)
+    return plain_remote_fault_ns(2000 if quick else 5000)
+
+
 def ceiling_now(page_size: int, quick: bool) -> float:
     """The throughput ceiling measured now, for the idle run that follows."""
-    stream = tcp_stream_bps((512 if quick else 2048) * MiB)
-    npages = 32 if page_size == PAGE_2M else 16384
-    return min(stream, page_size * 1e9 / copy_cost_ns(page_size, npages, rounds=1 if quick else 3))
+    return min(stream_floor_bps(quick), page_size * 1e9 / copy_floor_ns(page_size, rounds=1 if quick else 3))
 
 
 def measure_floors(quick: bool, with_2m: bool) -> Floors:
     fresh_ns = copy_cost_ns(PAGE_4K, 65536, rounds=1)     # first: the process's memory is still cold
     touch = first_touch_bps(512 * MiB)
     rtt = tcp_rtt_ns(5000 if quick else 20000)
-    stream = max(tcp_stream_bps((512 if quick else 2048) * MiB) for _ in range(1 if quick else 3))
-    copy = {PAGE_4K: copy_cost_ns(PAGE_4K, 16384, rounds=3 if quick else 5)}
+    stream = max(stream_floor_bps(quick) for _ in range(1 if quick else 3))
+    copy = {PAGE_4K: copy_floor_ns(PAGE_4K, rounds=3 if quick else 5)}
     f = Floors(pct(rtt, 50), pct(rtt, 99), stream, copy, first_touch_bps=touch, copy_fresh_4k_ns=fresh_ns)
     f.copy_64k_batched_bps = copy_batched_bps(64 * MiB, 64 << 10)
-    plain = plain_remote_fault_ns(2000 if quick else 5000)
+    plain = plain_fault_ns(PAGE_4K, quick)
     f.plain_p50_ns[PAGE_4K], f.plain_p99_ns[PAGE_4K] = pct(plain, 50), pct(plain, 99)
     if with_2m:
-        copy[PAGE_2M] = copy_cost_ns(PAGE_2M, 32, rounds=3 if quick else 5)
-        plain = plain_remote_fault_ns(32 if quick else 64, PAGE_2M)
+        copy[PAGE_2M] = copy_floor_ns(PAGE_2M, rounds=3 if quick else 5)
+        plain = plain_fault_ns(PAGE_2M, quick)
         f.plain_p50_ns[PAGE_2M], f.plain_p99_ns[PAGE_2M] = pct(plain, 50), pct(plain, 99)
     return f
 
@@ -1059,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
         paired_plain = cfg.page_size == PAGE_2M and cfg.preempt and not cfg.cap     # the 2 MiB fault target
         for _ in range(repeat):
             if paired_plain:
-                plains.append(pct(plain_remote_fault_ns(32 if args.quick else 64, PAGE_2M), 50))
+                plains.append(pct(plain_fault_ns(PAGE_2M, args.quick), 50))
             busy.append(migrate(cfg.busy_size, cfg.page_size, busy=True, preempt=cfg.preempt, cap=cfg.cap,
                                 profile=args.profile))
             if cfg.idle_size:
