@@ -39,7 +39,7 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
     return sock
 
 
-def urgent_priority(nice: int = -10) -> None:
+def urgent_priority(nice: int = lib.PC_URGENT_NICE) -> None:
     """Raise the calling thread above the guest and the bulk stream: it serves
     page faults. Needs CAP_SYS_NICE; without it the thread keeps its priority."""
     lib.pc_thread_set_nice(nice)

@@ -135,6 +135,7 @@ class _Lib:
     PC_TX_DONE: Final[int]
     PC_TX_E_IO: Final[int]
     PC_TX_STOPPED: Final[int]
+    PC_URGENT_NICE: Final[int]
     PC_VM_COMMAND: Final[int]
     PC_VM_SECTION_END: Final[int]
     PC_VM_SECTION_FOOTER: Final[int]

@@ -30,14 +30,13 @@
  * machine with few cores the bulk receiver would otherwise take half of the
  * CPU a requested page needs. Once per thread; without CAP_SYS_NICE the thread
  * keeps its nice and takes only the short slice (pc_thread_set_nice). */
-#define URGENT_NICE (-10)
 static void boost_this_thread(void)
 {
     static __thread int done;
     if (done)
         return;
     done = 1;
-    (void)pc_thread_set_nice(URGENT_NICE);
+    (void)pc_thread_set_nice(PC_URGENT_NICE);
 }
 
 /* ------------------------------------------------------------------ pc_dst */

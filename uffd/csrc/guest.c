@@ -635,7 +635,7 @@ int pc_guest_stop(pc_guest *g)
     for (uint32_t v = 0; v < g->nvcpus; v++) {
         uint32_t tid = atomic_load(&g->vcpus[v].tid);
         if (tid && atomic_load(&g->vcpus[v].in_loop))
-            (void)pc_thread_set_nice_of(tid, -10);
+            (void)pc_thread_set_nice_of(tid, PC_URGENT_NICE);
     }
     return pc_guest_join(g);
 }

@@ -103,6 +103,8 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * takes. Called through cffi, which releases the GIL: a thread that lowers itself is never
  * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_thread_set_nice(int nice);
+/* The nice of the threads a faulting vCPU waits on (and of a stopping guest's vCPUs). */
+#define PC_URGENT_NICE (-10)
 /* The same for thread tid of this process (0: the calling thread). */
 int pc_thread_set_nice_of(uint32_t tid, int nice);
 int pc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
