@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,3 +131,36 @@ def wait_events(u: Userfaultfd, n: int, timeout: float = 5.0) -> list[Any]:
         got.extend(u.read_events())
     return got
 
+
+# Loopback TCP for the source path tests (real sockets, C threads).
+TCP_SMALL_BUF = 64 << 10
+
+
+def tcp_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:
+    """(writer, reader) over loopback; small: buffers that hold far less than the request."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.socket()
+    if small:
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_SMALL_BUF)
+    cli.connect(srv.getsockname())
+    peer, _ = srv.accept()
+    srv.close()
+    if small:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TCP_SMALL_BUF)
+    return cli, peer
+
+
+def drain(sock: socket.socket, total: list[int], gate: threading.Event | None = None) -> None:
+    if gate is not None:
+        gate.wait()
+    while chunk := sock.recv(1 << 20):
+        total[0] += len(chunk)
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)

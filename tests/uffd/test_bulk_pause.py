@@ -8,47 +8,16 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
-from collections.abc import Callable
 
 from postcopy._datapath import CHAN_MAIN, CHAN_PREEMPT, SourcePath
 from postcopy.wire import RpMessage
 from uffd import PAGE_4K, RamBlock
 from uffd.memtouch import write_byte
 
+from .conftest import drain, tcp_pair, wait_until
+
 PAGES = 16384                   # 64 MiB of 4 KiB pages: the bulk stream cannot finish during the test
 REQ_FIRST = PAGES - 2048        # the requested 8 MiB: the last pages, which the bulk stream reaches last
-SMALL_BUF = 64 << 10
-
-
-def _tcp_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:
-    """(writer, reader) over loopback; small: buffers that hold far less than the request."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    cli = socket.socket()
-    if small:
-        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUF)
-    cli.connect(srv.getsockname())
-    peer, _ = srv.accept()
-    srv.close()
-    if small:
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
-    return cli, peer
-
-
-def _drain(sock: socket.socket, total: list[int], gate: threading.Event | None = None) -> None:
-    if gate is not None:
-        gate.wait()
-    while chunk := sock.recv(1 << 20):
-        total[0] += len(chunk)
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 def test_bulk_pauses_for_urgent_pages_bounded_and_resumes() -> None:
@@ -58,16 +27,16 @@ def test_bulk_pauses_for_urgent_pages_bounded_and_resumes() -> None:
         path = SourcePath([block], 2)
         path.dirty[0].set_range(0, PAGES)
         path.configure(preempt=True)
-        main_w, main_r = _tcp_pair()
-        pre_w, pre_r = _tcp_pair(small=True)
+        main_w, main_r = tcp_pair()
+        pre_w, pre_r = tcp_pair(small=True)
         rp_src, rp_dst = socket.socketpair()
         path.set_channel(CHAN_MAIN, main_w)
         path.set_channel(CHAN_PREEMPT, pre_w)
         path.set_return_path(rp_src)
         main_got, pre_got = [0], [0]
         preempt_open = threading.Event()
-        readers = [threading.Thread(target=_drain, args=(main_r, main_got), daemon=True),
-                   threading.Thread(target=_drain, args=(pre_r, pre_got, preempt_open), daemon=True)]
+        readers = [threading.Thread(target=drain, args=(main_r, main_got), daemon=True),
+                   threading.Thread(target=drain, args=(pre_r, pre_got, preempt_open), daemon=True)]
         for t in readers:
             t.start()
         rp_codes: list[int] = []
@@ -77,25 +46,25 @@ def test_bulk_pauses_for_urgent_pages_bounded_and_resumes() -> None:
         idstr = b"pc.ram"
         body = struct.pack(">QIB", REQ_FIRST * 4096, 2048 * 4096, len(idstr)) + idstr
         rp_dst.sendall(struct.pack(">HH", RpMessage.REQ_PAGES_ID, len(body)) + body)
-        _wait(path.urgent_pending, "the request to be served")
+        wait_until(path.urgent_pending, "the request to be served")
         bulk_rc: list[int] = []
         bulk = threading.Thread(target=lambda: bulk_rc.append(path.run_bulk()), daemon=True)
         bulk.start()
         try:
             # The preempt reader does not read: the return-path thread is stuck in the middle
             # of the 8 MiB it was asked for. The bulk stream pauses, but never for good.
-            _wait(lambda: path.counters()["bulk_pauses_capped"] >= 3, "bounded pauses")
+            wait_until(lambda: path.counters()["bulk_pauses_capped"] >= 3, "bounded pauses")
             assert path.urgent_pending()
             c = path.counters()
             assert c["bulk_pauses"] >= c["bulk_pauses_capped"] >= 3
             assert c["bulk_pause_ns"] >= SourcePath.PAUSE_MAX_NS      # the first one: as long as it may
             moved = c["main_bytes"]
-            _wait(lambda: path.counters()["main_bytes"] > moved, "bulk progress between bounded pauses")
+            wait_until(lambda: path.counters()["main_bytes"] > moved, "bulk progress between bounded pauses")
             assert not bulk_rc, "the bulk stream finished while it should have been pausing"
             # The destination reads again: the requested pages go, the urgent work ends, and
             # from then on the bulk stream never pauses.
             preempt_open.set()
-            _wait(lambda: not path.urgent_pending(), "the urgent pages to be taken in")
+            wait_until(lambda: not path.urgent_pending(), "the urgent pages to be taken in")
             pauses = path.counters()["bulk_pauses"]
             bulk.join(30)
             assert bulk_rc == [SourcePath.DONE]
@@ -125,9 +94,9 @@ def test_no_pause_without_preempt_or_requests() -> None:
         path = SourcePath([block], 2)
         path.dirty[0].set_range(0, 1024)
         path.configure(preempt=True)
-        main_w, main_r = _tcp_pair()
+        main_w, main_r = tcp_pair()
         got = [0]
-        t = threading.Thread(target=_drain, args=(main_r, got), daemon=True)
+        t = threading.Thread(target=drain, args=(main_r, got), daemon=True)
         t.start()
         path.set_channel(CHAN_MAIN, main_w)
         assert not path.urgent_pending()

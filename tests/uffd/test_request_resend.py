@@ -17,7 +17,7 @@ from postcopy.wire import RpMessage
 from uffd import PAGE_4K, RamBlock
 from uffd.memtouch import write_byte
 
-from .test_bulk_pause import _drain, _tcp_pair, _wait
+from .conftest import drain, tcp_pair, wait_until
 
 PAGES = 64
 ASKED = 5
@@ -38,27 +38,27 @@ def test_a_page_the_bulk_stream_took_long_ago_is_sent_again_once(send_once: bool
         path.dirty[0].set_range(0, PAGES)
         path.configure(preempt=True)
         path.set_send_once(send_once)
-        main_w, main_r = _tcp_pair()
-        pre_w, pre_r = _tcp_pair()
+        main_w, main_r = tcp_pair()
+        pre_w, pre_r = tcp_pair()
         rp_src, rp_dst = socket.socketpair()
         path.set_channel(CHAN_MAIN, main_w)
         path.set_channel(CHAN_PREEMPT, pre_w)
         path.set_return_path(rp_src)
         main_got, pre_got = [0], [0]
-        readers = [threading.Thread(target=_drain, args=(main_r, main_got), daemon=True),
-                   threading.Thread(target=_drain, args=(pre_r, pre_got), daemon=True)]
+        readers = [threading.Thread(target=drain, args=(main_r, main_got), daemon=True),
+                   threading.Thread(target=drain, args=(pre_r, pre_got), daemon=True)]
         for t in readers:
             t.start()
         rp_codes: list[int] = []
         rp = threading.Thread(target=lambda: rp_codes.append(path.serve_return_path()), daemon=True)
         try:
             assert path.run_bulk() == SourcePath.DONE      # every page went on main, and was read
-            _wait(lambda: main_got[0] >= PAGES * 4096, "the main channel to be read")
+            wait_until(lambda: main_got[0] >= PAGES * 4096, "the main channel to be read")
             time.sleep(0.05)        # acknowledged long ago (a 20 ms window used to skip it now)
             rp.start()
             _request(rp_dst, ASKED)
             _request(rp_dst, ASKED)         # asked again: not sent a third time
-            _wait(lambda: path.counters()["requests"] == 2, "both requests to be served")
+            wait_until(lambda: path.counters()["requests"] == 2, "both requests to be served")
             c = path.counters()
             if send_once:
                 assert c["request_pages_skipped"] == 2
@@ -67,7 +67,7 @@ def test_a_page_the_bulk_stream_took_long_ago_is_sent_again_once(send_once: bool
             else:
                 assert c["resent_target_pages"] == 1
                 assert c["request_pages_skipped"] == 1
-                _wait(lambda: pre_got[0] >= 4096, "the page on the preempt channel")
+                wait_until(lambda: pre_got[0] >= 4096, "the page on the preempt channel")
         finally:
             path.stop()
             rp_dst.close()
