@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import time
+import weakref
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -225,6 +226,23 @@ class DestinationPath:
         self.remote = any(isinstance(b, RemoteBlock) for b in self.blocks)
         if self.remote:
             self._set_remote()
+        #: per block: registered MISSING|MINOR, its pages written through a second mapping and
+        #: mapped with UFFDIO_CONTINUE (a prefilled hugetlbfs block, see RamBlock.prefill)
+        self.minor = tuple(self._set_alias(i, b) for i, b in enumerate(self.blocks))
+
+    def _set_alias(self, index: int, block: RamBlock) -> bool:
+        if self.remote or not block.prefilled or block.fd is None:
+            return False
+        out = ffi.new("uint64_t *")
+        rc = lib.pc_mem_map(block.fd, block.used_length, out)
+        if rc < 0:
+            raise OSError(-rc, f"second mapping of RAM block {block.idstr!r}: {os.strerror(-rc)}")
+        # unmapped with the C state that writes through it (both go when this path is collected)
+        weakref.finalize(self, lib.pc_mem_unmap, int(out[0]), block.used_length)
+        rc = lib.pc_dst_set_alias(self._d, index, out[0], block.fd)
+        if rc < 0:
+            raise OSError(-rc, f"RAM block {block.idstr!r} cannot take its pages through a second mapping")
+        return True
 
     def _set_remote(self) -> None:
         remote = [b for b in self.blocks if isinstance(b, RemoteBlock)]

@@ -586,6 +586,8 @@ class Destination:
             features = Feature.THREAD_ID
             if any(b.backing == "hugetlbfs" for b in blocks):
                 features |= Feature.MISSING_HUGETLBFS
+            if any(self.path.minor):
+                features |= Feature.MINOR_HUGETLBFS
             if any(b.backing == "memfd" for b in blocks):
                 features |= Feature.MISSING_SHMEM
             self._uffd = Userfaultfd(features, user_mode_only=True)
@@ -599,8 +601,10 @@ class Destination:
             self._prepare_faults()
         assert self._fault_go is not None
         if self._uffd is not None:
-            for b in self.path.blocks:
-                self._uffd.register(b.addr, b.used_length, RegisterMode.MISSING)
+            for b, minor in zip(self.path.blocks, self.path.minor, strict=True):
+                # minor: a prefilled page not placed yet is in the file but not mapped here
+                mode = RegisterMode.MISSING | RegisterMode.MINOR if minor else RegisterMode.MISSING
+                self._uffd.register(b.addr, b.used_length, mode)
             self.path.attach_uffd(self._uffd.fileno())
             self._registered = True
         self._fault_go.set()

@@ -143,6 +143,8 @@ class BuiltinGuest:
         self.spec = spec
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else spec.build_memory()
+        if self._owns_memory:
+            self._prefill()
         self.guest = guest
         # The vCPUs' nice: this (setup) thread's. The destination starts the guest on a
         # thread of the switch's path, raised above the guest.
@@ -230,10 +232,19 @@ class BuiltinGuest:
     def vcpu_thread_ids(self) -> Sequence[int]:
         return self.guest.vcpu_tids() if self.guest is not None else []
 
+    def _prefill(self) -> None:
+        """A destination's huge pages, allocated before any stream: placing one is then a copy
+        onto memory that is already there (see RamBlock.prefill)."""
+        for b in self.memory:
+            if b.backing == "hugetlbfs":
+                b.prefill()
+
     def reset(self) -> None:
         self._state = None
         for b in self.memory:
             b.discard(0, b.used_length)
+        if self._owns_memory:
+            self._prefill()
 
     def request_stop(self) -> None:
         """Ask the vCPUs to stop without waiting (they may be blocked on faults)."""

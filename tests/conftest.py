@@ -65,3 +65,14 @@ def captures_dir() -> Path:
     if not CAPTURES.is_dir():
         pytest.fail(f"captures not found at {CAPTURES}: the clone is incomplete")
     return CAPTURES
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_test_threads_nice():
+    """A receiver or fault loop run on the test's own thread raises that thread's
+    priority for good (the data path's urgent threads): put it back, so that the next
+    test's threads (e.g. a guest's vCPUs, which take their creator's nice) start level."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    yield
+    if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)

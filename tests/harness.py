@@ -30,6 +30,8 @@ class Outcome:
     dest_statuses: list[str] = field(default_factory=list)
     latencies_ns: list[int] = field(default_factory=list)
     """The destination's fault -> placed latencies."""
+    dest_minor: tuple[bool, ...] = ()
+    """Per block: the destination wrote its pages beside the guest and mapped them (UFFDIO_CONTINUE)."""
 
 
 def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2,
@@ -79,7 +81,8 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
         assert dest.guest is not None
         dest.guest.stop()
         v = dest.guest.verify()
-        return Outcome(sres, dres, match, v.ok, v.summary(), src_statuses, dst_statuses, list(dest.latencies_ns))
+        return Outcome(sres, dres, match, v.ok, v.summary(), src_statuses, dst_statuses, list(dest.latencies_ns),
+                       dest.path.minor)
     finally:
         guest.close()
         dest.close()

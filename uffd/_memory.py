@@ -51,6 +51,9 @@ class RamBlock:
     blocks have an ``fd`` another process can map (MAP_SHARED).
     """
 
+    #: every page was allocated up front (prefill): a destination writes pages through a second mapping
+    prefilled = False
+
     def __init__(
         self, idstr: str, used_length: int, page_size: int = PAGE_4K, backing: Backing = "anon"
     ) -> None:
@@ -197,6 +200,19 @@ class RamBlock:
                 -rc,
                 f"{what} of RAM block {self.idstr!r} offset=0x{offset:x} length={length}: {os.strerror(-rc)}",
             )
+
+    def prefill(self) -> None:
+        """Allocate every page of a "hugetlbfs" block now (zeroed by the kernel), as QEMU's
+        mem-prealloc does: the huge pages are reserved for the block from its creation
+        anyway, and a destination then places each page with a copy onto memory that
+        needs no allocation or zeroing on the migration's clock (DestinationPath)."""
+        if self.backing != "hugetlbfs" or self.fd is None:
+            raise ValueError(f"RAM block {self.idstr!r}: only a hugetlbfs block is prefilled, this one is {self.backing}")
+        rc = lib.pc_mem_prefill(self.fd, 0, self.used_length)
+        if rc < 0:
+            raise OSError(-rc, f"fallocate of RAM block {self.idstr!r} ({self.used_length} bytes): {os.strerror(-rc)}; "
+                               f"{free_hugepages(self.page_size)} free {self.page_size >> 20} MiB hugepages")
+        self.prefilled = True
 
     def view(self) -> memoryview:
         """A writable memoryview of the whole block.

@@ -47,6 +47,10 @@ def test_2m_hugetlbfs_pages(preempt: bool) -> None:
     spec = GuestSpec.simple(128 << 20, PAGE_2M, vcpus=2, pattern="hot")
     o = migrate(spec, preempt=preempt)
     check(o, spec)
+    # the destination's huge pages were prefilled: each was written beside the guest and mapped
+    assert o.dest_minor == tuple(b.page_size == PAGE_2M for b in spec.blocks)
+    assert any(o.dest_minor)
+    assert o.dest.remote_faults > 0
 
 
 def test_bandwidth_cap_does_not_hold_back_requested_pages() -> None:

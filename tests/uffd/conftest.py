@@ -20,6 +20,8 @@ import pytest
 
 from uffd import Feature, RamBlock, Userfaultfd
 
+from .records import Channel, Feed
+
 SETTLE_SECONDS = 0.05
 
 
@@ -164,3 +166,23 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> No
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)
+
+
+# The receiver tests' record feeds (tests/uffd/records.py).
+@pytest.fixture
+def feeds() -> Iterator[Callable[..., Feed]]:
+    made: list[Feed] = []
+
+    def make(*args: object, **kw: object) -> Feed:
+        f = Feed(*args, **kw)  # type: ignore[arg-type]
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+@pytest.fixture(params=["preempt", "main", "main+placer"])
+def chan(request: pytest.FixtureRequest, feeds: Callable[..., Feed]) -> Channel:
+    return Channel(request.param, feeds)

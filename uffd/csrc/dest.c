@@ -20,6 +20,10 @@
 #include "pagehash.h"
 #include "uffd.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #define RX_BUF_LIMIT (512u << 20)   /* the largest control message Python may ask for (PACKAGED) */
 #define RX_MAX_RECS 4096u
 
@@ -73,8 +77,10 @@ void pc_dst_free(pc_dst *d)
 {
     if (!d)
         return;
-    for (uint32_t i = 0; i < d->nblocks && d->blocks; i++)
+    for (uint32_t i = 0; i < d->nblocks && d->blocks; i++) {
         free(d->blocks[i].request_ns);
+        free(d->blocks[i].claimed);
+    }
     if (d->zero_buf)
         munmap(d->zero_buf, d->max_host_page_size);
     free(d->blocks);
@@ -199,6 +205,22 @@ int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_
     return 0;
 }
 
+int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd)
+{
+    if (i >= d->nblocks || d->remote || !alias || fd < 0)
+        return -EINVAL;
+    pc_dst_block *b = &d->blocks[i];
+    if (!b->length || b->host_page_size <= PC_TARGET_PAGE_SIZE || alias % b->host_page_size)
+        return -EINVAL;
+    uint64_t words = (b->length / b->host_page_size + 63) / 64;
+    free(b->claimed);
+    if (!(b->claimed = calloc(words, sizeof(uint64_t))))
+        return -ENOMEM;
+    b->alias = (uint8_t *)(uintptr_t)alias;
+    b->fd = fd;
+    return 0;
+}
+
 /* The region holding host page host_off of block bi, or NULL. */
 static const pc_dst_region *remote_region(const pc_dst *d, uint32_t bi, uint64_t host_off)
 {
@@ -310,6 +332,16 @@ int64_t pc_dst_resend_requests(pc_dst *d)
     return sent;
 }
 
+/* A discarded page is missing again: whoever brings it next writes it. */
+static void unclaim(pc_dst_block *b, uint64_t offset, uint64_t length)
+{
+    if (!b->claimed || !length)
+        return;
+    uint64_t hps = b->host_page_size;
+    for (uint64_t hp = offset / hps, last = (offset + length - 1) / hps; hp <= last; hp++)
+        __atomic_and_fetch(&b->claimed[hp / 64], ~(1ull << (hp % 64)), __ATOMIC_RELEASE);
+}
+
 int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
 {
     if (bi >= d->nblocks)
@@ -319,6 +351,7 @@ int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
         length > b->length - offset)
         return -ERANGE;
     pc_bitmap_clear_range_atomic(b->received, offset / PC_TARGET_PAGE_SIZE, length / PC_TARGET_PAGE_SIZE);
+    unclaim(b, offset, length);
     return 0;
 }
 
@@ -344,6 +377,7 @@ int pc_dst_discard_ranges(pc_dst *d, uint32_t bi, const uint64_t *ranges, uint32
          * switch discards whole blocks that were never touched here) */
         int placed = pc_bitmap_find_next_set(b->received, first) < first + npages;
         pc_bitmap_clear_range_atomic(b->received, first, npages);
+        unclaim(b, off, len);
         if (!placed)
             continue;
         int rc = punch_fd >= 0 ? pc_mem_punch_hole(punch_fd, off, len) : pc_mem_madvise_dontneed(b->base + off, len);
@@ -894,44 +928,19 @@ static int place_local(pc_rx *rx, int uffd, const pc_dst_block *b, uint64_t host
     return 0;
 }
 
-/* Place n consecutive complete host pages of block bi from host_off: src is
- * n host pages of bytes (nzero of them all zero), or NULL when they are all
- * zero. Runs of 4 KiB pages go in with one ioctl; the bookkeeping stays per
- * page. */
-static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src, uint64_t n, uint64_t nzero)
+/* What follows placing n host pages from host_off (zeros of them all zero):
+ * the received bits, counters, reply latencies, and the waiters woken. */
+static void pages_placed(pc_rx *rx, uint32_t bi, uint64_t host_off, uint64_t n, uint64_t zeros)
 {
     pc_dst *d = rx->dst;
     pc_dst_block *b = &d->blocks[bi];
     uint64_t hps = b->host_page_size, len = n * hps;
     uint64_t first = host_off / PC_TARGET_PAGE_SIZE, ntp = len / PC_TARGET_PAGE_SIZE;
-    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
-
-    if (b->hashes) {
-        for (uint64_t i = 0; i < ntp; i++)
-            b->hashes[first + i] = src ? pc_page_hash(src + i * PC_TARGET_PAGE_SIZE) : pc_zero_page_hash();
-    }
-    if (d->remote) {
-        for (uint64_t j = 0; j < n; j++) {
-            int rc = place_remote(rx, bi, host_off + j * hps, src ? src + j * hps : NULL);
-            if (rc)
-                return rc;
-        }
-    } else if (uffd < 0) {
-        /* Before LISTEN nothing is registered: plain writes (precopy). */
-        if (src)
-            memcpy((void *)(uintptr_t)(b->base + host_off), src, len);
-        else
-            memset((void *)(uintptr_t)(b->base + host_off), 0, len);
-    } else {
-        int rc = place_local(rx, uffd, b, host_off, src, len);
-        if (rc)
-            return rc;
-    }
     pc_bitmap_set_range_atomic(b->received, first, ntp);
     pc_bitmap_clear_range_atomic(b->requested, first, ntp);
     __atomic_add_fetch(&d->c.host_pages_placed, n, __ATOMIC_RELAXED);
-    if (!src || nzero)
-        __atomic_add_fetch(&d->c.zero_host_pages_placed, src ? nzero : n, __ATOMIC_RELAXED);
+    if (zeros)
+        __atomic_add_fetch(&d->c.zero_host_pages_placed, zeros, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rx->c.host_pages_placed, n, __ATOMIC_RELAXED);
     int replied = 0;
     for (uint64_t j = 0, hp = host_off / hps; j < n; j++, hp++) {
@@ -950,6 +959,129 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
      * after this check sees them (page_waited) */
     if (replied || __atomic_load_n(&d->nwaiters, __ATOMIC_RELAXED))
         pages_arrived(d, bi, host_off, len);
+}
+
+static void record_hashes(const pc_dst_block *b, uint64_t host_off, const uint8_t *src, uint64_t len)
+{
+    if (!b->hashes)
+        return;
+    for (uint64_t i = 0, first = host_off / PC_TARGET_PAGE_SIZE; i < len / PC_TARGET_PAGE_SIZE; i++)
+        b->hashes[first + i] = src ? pc_page_hash(src + i * PC_TARGET_PAGE_SIZE) : pc_zero_page_hash();
+}
+
+/* n bytes (a multiple of 64) to memory no cache holds: streaming stores skip
+ * reading each line before it is overwritten, which is most of the cost of a
+ * copy onto cold memory. Fenced: the bytes are visible before the page is mapped. */
+static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+#if defined(__SSE2__)
+    if (!(((uintptr_t)dst | (uintptr_t)src | n) & 63)) {
+        for (uint64_t i = 0; i < n; i += 64) {
+            __m128i a = _mm_load_si128((const __m128i *)(src + i));
+            __m128i b = _mm_load_si128((const __m128i *)(src + i + 16));
+            __m128i c = _mm_load_si128((const __m128i *)(src + i + 32));
+            __m128i e = _mm_load_si128((const __m128i *)(src + i + 48));
+            _mm_stream_si128((__m128i *)(dst + i), a);
+            _mm_stream_si128((__m128i *)(dst + i + 16), b);
+            _mm_stream_si128((__m128i *)(dst + i + 32), c);
+            _mm_stream_si128((__m128i *)(dst + i + 48), e);
+        }
+        _mm_sfence();
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
+}
+
+/* A prefilled block (pc_dst_set_alias): write host page host_off through the
+ * alias (src NULL: a zero page, which a prefilled page already is) and map it
+ * with UFFDIO_CONTINUE. 1 if placed here, 0 if another channel claimed it
+ * first (that one places it and wakes its faults), or an rx error. */
+static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, const uint8_t *src)
+{
+    pc_dst *d = rx->dst;
+    uint64_t hps = b->host_page_size, hp = host_off / hps, bit = 1ull << (hp % 64);
+    if ((__atomic_fetch_or(&b->claimed[hp / 64], bit, __ATOMIC_ACQ_REL) & bit) ||
+        pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE)) {
+        /* placed or being placed: writing it again could undo what a running guest wrote since */
+        __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    /* A hole (discarded since the prefill) is allocated zeroed; a no-op on a prefilled page. */
+    int rc = src ? 0 : pc_mem_prefill(b->fd, host_off, hps);
+    if (src)
+        copy_streaming(b->alias + host_off, src, hps);
+    const char *what = src ? "UFFDIO_CONTINUE" : "fallocate";
+    for (int attempt = 0; rc == 0;) {
+        int64_t done = 0;
+        what = "UFFDIO_CONTINUE";
+        rc = pc_uffd_continue(uffd, b->base + host_off, hps, 0, &done);
+        if (rc == -EEXIST) {
+            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+            rc = 0;
+        }
+        if (rc == -EAGAIN && done == 0 && attempt++ < 1000) {
+            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
+            rc = 0;
+            continue;
+        }
+        break;
+    }
+    if (rc == 0)
+        return 1;
+    __atomic_and_fetch(&b->claimed[hp / 64], ~bit, __ATOMIC_RELEASE);
+    return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
+                   (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
+}
+
+/* Place n consecutive complete host pages of block bi from host_off: src is
+ * n host pages of bytes (nzero of them all zero), or NULL when they are all
+ * zero. Runs of 4 KiB pages go in with one ioctl; the bookkeeping stays per
+ * page. */
+static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t *src, uint64_t n, uint64_t nzero)
+{
+    pc_dst *d = rx->dst;
+    pc_dst_block *b = &d->blocks[bi];
+    uint64_t hps = b->host_page_size, len = n * hps;
+    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
+
+    if (b->alias && uffd >= 0) {
+        /* page by page: each goes to the channel that claims it first */
+        for (uint64_t j = 0; j < n; j++) {
+            const uint8_t *page = src ? src + j * hps : NULL;
+            if (page && nzero && (nzero == n || pc_is_zero(page, hps)))
+                page = NULL;
+            int rc = place_minor_page(rx, uffd, b, host_off + j * hps, page);
+            if (rc < 0)
+                return rc;
+            if (rc) {
+                record_hashes(b, host_off + j * hps, page, hps);
+                pages_placed(rx, bi, host_off + j * hps, 1, !page);
+            }
+        }
+        return 0;
+    }
+    record_hashes(b, host_off, src, len);
+    if (d->remote) {
+        for (uint64_t j = 0; j < n; j++) {
+            int rc = place_remote(rx, bi, host_off + j * hps, src ? src + j * hps : NULL);
+            if (rc)
+                return rc;
+        }
+    } else if (uffd < 0) {
+        /* Before LISTEN nothing is registered: plain writes (precopy). */
+        if (src && b->alias)
+            copy_streaming((uint8_t *)(uintptr_t)(b->base + host_off), src, len);     /* prefilled: cold */
+        else if (src)
+            memcpy((void *)(uintptr_t)(b->base + host_off), src, len);
+        else
+            memset((void *)(uintptr_t)(b->base + host_off), 0, len);
+    } else {
+        int rc = place_local(rx, uffd, b, host_off, src, len);
+        if (rc)
+            return rc;
+    }
+    pages_placed(rx, bi, host_off, n, src ? nzero : n);
     return 0;
 }
 

@@ -35,6 +35,13 @@ typedef struct pc_dst_block {
     uint64_t *hashes;                   /* per target page hash as placed, or NULL */
     uint64_t *request_ns;               /* per host page: when it was requested, 0 if not */
     int zeroable;                       /* UFFDIO_ZEROPAGE allowed (not hugetlbfs) */
+    /* Prefilled shared memory (pc_dst_set_alias): pages are written through a
+     * second, unregistered mapping of the same file and mapped into the guest
+     * with UFFDIO_CONTINUE; claimed (one bit per host page) says which channel
+     * writes a page, so two copies of it never race with a guest that already runs on it. */
+    uint8_t *alias;
+    int fd;
+    uint64_t *claimed;
     uint32_t idlen;
     char idstr[256];
 } pc_dst_block;
@@ -108,6 +115,14 @@ void pc_dst_set_uffd(pc_dst *d, int uffd);
  * (faults, and UFFD_EVENT_REMOVE: the range reads zeros from then on).
  * 0 or -EINVAL (a region outside its block, overlapping, or of another page size). */
 int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_t n);
+/* Block i is a MAP_SHARED mapping of huge-page file fd whose pages were
+ * allocated beforehand (pc_mem_prefill) and registered MISSING|MINOR after
+ * LISTEN; alias maps the same file, unregistered. After LISTEN a page is then
+ * written through alias (streaming stores: the prefilled memory is cold, and
+ * writing it without reading it first halves the cost of UFFDIO_COPY onto
+ * fresh memory) and mapped with UFFDIO_CONTINUE. A hole (a page discarded
+ * since) is allocated again. 0 or -EINVAL (4 KiB pages, or a remote path). */
+int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */
 void pc_dst_set_rp(pc_dst *d, int fd);

@@ -250,6 +250,16 @@ int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len)
     }
 }
 
+int pc_mem_prefill(int fd, uint64_t offset, uint64_t len)
+{
+    for (;;) {
+        if (fallocate(fd, 0, (off_t)offset, (off_t)len) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 uint64_t pc_monotonic_ns(void)
 {
     struct timespec ts;

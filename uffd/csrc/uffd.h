@@ -136,6 +136,8 @@ int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t new_addr, uint64_t *n
 int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len);
 int pc_mem_madvise_remove(uint64_t addr, uint64_t len);
 int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len);
+/* fallocate: allocate (zeroed) the file's pages in [offset, offset+len) now, not at first touch. */
+int pc_mem_prefill(int fd, uint64_t offset, uint64_t len);
 uint64_t pc_monotonic_ns(void);
 
 #endif /* PC_UFFD_H */

@@ -1,0 +1,149 @@
+"""A prefilled hugetlbfs block on the destination (RamBlock.prefill): its pages are
+written through a second mapping of the file and mapped into the guest with
+UFFDIO_CONTINUE, each by the one channel that claims it first.
+
+Real hugetlbfs memfds registered MISSING|MINOR with a real userfaultfd, the
+records written by a thread into a socketpair (the receiver tests' Feed)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from postcopy import _datapath as dp
+from uffd import PAGE_2M, FaultFlag, Feature, RamBlock, RegisterMode, Userfaultfd
+from uffd import memtouch as mt
+
+from .conftest import Toucher, wait_events
+from .records import PAGE, Channel, Feed, Record, check_hashes, encode, page, read, receive
+
+NTP = PAGE_2M // PAGE
+
+pytestmark = pytest.mark.hugetlb
+
+
+def host_page(seed: int) -> list[bytes]:
+    return [page(seed * NTP + i) for i in range(NTP)]
+
+
+def records(host_off: int, bodies: list[bytes | None]) -> list[Record]:
+    return [("pc.ram", host_off + i * PAGE, body) for i, body in enumerate(bodies)]
+
+
+@pytest.fixture
+def minor_uffd(make_uffd: Callable[..., Userfaultfd]) -> Userfaultfd:
+    return make_uffd(Feature.THREAD_ID | Feature.MISSING_HUGETLBFS | Feature.MINOR_HUGETLBFS, user_mode_only=True)
+
+
+def prefilled(make_block: Callable[..., RamBlock], n: int) -> RamBlock:
+    b = make_block("pc.ram", n * PAGE_2M, PAGE_2M, "hugetlbfs")
+    b.prefill()
+    return b
+
+
+def test_pages_of_a_prefilled_block_are_written_beside_the_guest_and_mapped_with_continue(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher], chan: Channel
+) -> None:
+    b = prefilled(make_block, 3)
+    path = dp.DestinationPath([b], verify=True)
+    assert path.minor == (True,)
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    t = touch(mt.read_byte, b, PAGE_2M + 5 * PAGE + 1)
+    [ev] = wait_events(minor_uffd, 1)
+    # the page is in the file already, only not mapped: a minor fault, served like a missing one
+    assert ev.address == b.addr + PAGE_2M
+    assert ev.flags & FaultFlag.MINOR
+    path.attach_uffd(minor_uffd.fileno())
+    pages = [host_page(0), host_page(1), [bytes(PAGE)] * NTP]       # host page 2 all zero
+    rx = chan.receive(path, chan.feed(encode([r for i, p in enumerate(pages)
+                                              for r in records(i * PAGE_2M, list(p))]),
+                                      chunks=[PAGE_2M + 3, 5000, 700000]))
+    assert t.wait() == pages[1][5][1]
+    assert read(b, 0, 3 * PAGE_2M) == b"".join(b"".join(p) for p in pages)
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (3, 1, 0)
+    assert path.received[0].count() == 3 * NTP
+    assert rx._rx.c.host_pages_placed == 3
+    check_hashes(path, 0, b, range(3 * NTP))
+
+
+def test_a_second_copy_of_a_placed_page_never_overwrites_what_the_guest_wrote_since(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """The race UFFDIO_COPY settles with EEXIST: the bulk stream's copy of a page arrives after
+    the preempt channel placed it and the guest wrote to it."""
+    b = prefilled(make_block, 2)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    first = host_page(7)
+    receive(path, feeds(encode(records(0, list(first)))))
+    mt.write_byte(b, 3 * PAGE + 9, first[3][9] ^ 0xFF)        # the guest, once the page is mapped
+    again = receive(path, feeds(encode(records(0, list(first)) + records(PAGE_2M, list(host_page(8))))),
+                    dp.RX_PREEMPT)
+    assert mt.read_byte(b, 3 * PAGE + 9) == first[3][9] ^ 0xFF
+    assert read(b, PAGE_2M, PAGE_2M) == b"".join(host_page(8))
+    c = path.counters()
+    assert (c.host_pages_placed, c.eexist) == (2, 1)
+    assert again._rx.c.host_pages_placed == 1
+
+
+def test_a_page_discarded_after_precopy_is_allocated_again(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], touch: Callable[..., Toucher],
+    feeds: Callable[..., Feed]
+) -> None:
+    """Precopy wrote host pages 0 and 1 (nothing registered yet), the switch discarded them (a
+    punched hole each): after LISTEN a fault there is a missing one, and placing the page
+    allocates it again, a zero page as well as one with data."""
+    b = prefilled(make_block, 2)
+    path = dp.DestinationPath([b])
+    receive(path, feeds(encode(records(0, list(host_page(1))) + records(PAGE_2M, list(host_page(2))))))
+    assert read(b, 0, PAGE) == host_page(1)[0]
+    assert path.discard_ranges(0, [(0, 2 * PAGE_2M)]) == 1
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    t = touch(mt.read_byte, b, 17)
+    [ev] = wait_events(minor_uffd, 1)
+    assert not ev.flags & FaultFlag.MINOR        # a hole: missing
+    path.attach_uffd(minor_uffd.fileno())
+    zero: list[bytes | None] = [None] * NTP
+    receive(path, feeds(encode(records(0, zero) + records(PAGE_2M, list(host_page(3))))))
+    assert t.wait() == 0
+    assert read(b, 0, PAGE_2M) == bytes(PAGE_2M)
+    assert read(b, PAGE_2M, PAGE_2M) == b"".join(host_page(3))
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (4, 1, 0)
+
+
+def test_only_a_prefilled_hugetlbfs_block_takes_the_second_mapping(make_block: Callable[..., RamBlock]) -> None:
+    huge = make_block("huge", PAGE_2M, PAGE_2M, "hugetlbfs")
+    small = make_block("small", 16 * PAGE, PAGE, "memfd")
+    assert dp.DestinationPath([huge, small]).minor == (False, False)
+    with pytest.raises(ValueError, match="only a hugetlbfs block"):
+        small.prefill()
+    huge.prefill()
+    assert dp.DestinationPath([huge, small]).minor == (True, False)
+
+
+def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """The bulk stream and the preempt channel receive the same 16 host pages at the same time
+    (two receiver threads): every page is placed by exactly one of them, whole."""
+    n = 16
+    b = prefilled(make_block, n)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    pages = [host_page(20 + i) for i in range(n)]
+    data = encode([r for i, p in enumerate(pages) for r in records(i * PAGE_2M, list(p))])
+    feed_a, feed_b = feeds(data), feeds(data)
+    other = threading.Thread(target=receive, args=(path, feed_b))
+    other.start()
+    receive(path, feed_a)
+    other.join(30)
+    assert not other.is_alive()
+    c = path.counters()
+    assert (c.host_pages_placed, c.eexist) == (n, n)
+    assert read(b, 0, n * PAGE_2M) == b"".join(b"".join(p) for p in pages)
