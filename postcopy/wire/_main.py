@@ -304,13 +304,23 @@ class MainStreamDecoder(BaseDecoder):
         self._state = "ram_setup"
         return ev.SectionStart(section_id=sid, idstr=idstr, instance_id=instance_id, version_id=version_id)
 
-    def _plausible_next(self, data: bytearray, q: int, at_end: bool) -> bool | None:
-        """Is there a valid item start at ``q``?  None: cannot tell yet."""
+    def _plausible_next(self, data: bytearray, q: int, at_end: bool, more: bool) -> bool | None:
+        """Is there a valid item start at ``q``?  None: cannot tell yet (``more``: bytes past
+        ``data`` are buffered already)."""
         if q >= len(data):
             return True if at_end else None
         t = data[q]
         if t == SectionType.EOF:
-            return True
+            # Device state is full of zero bytes, and EOF is 0x00: "7e <sid> 00" inside it is no
+            # footer unless the stream can end there (nothing may follow EOF but a VMDESCRIPTION,
+            # and nothing at all inside a PACKAGED blob).
+            if q + 1 >= len(data):
+                return True if at_end or not (more or self._nested) else None
+            if self._nested or data[q + 1] != SectionType.VMDESCRIPTION:
+                return False
+            if len(data) < q + 7:
+                return False if at_end else None
+            return BE32.unpack_from(data, q + 2)[0] <= MAX_VMDESC_LENGTH and data[q + 6] == ord("{")
         if t == SectionType.COMMAND:
             if len(data) < q + 5:
                 return False if at_end else None
@@ -351,7 +361,7 @@ class MainStreamDecoder(BaseDecoder):
             at_end = avail == buffered and (self._nested or self._buf.eof)
             p = data.find(pattern, max(hdr, self._dev_search_from))
             while p >= 0:
-                verdict = self._plausible_next(data, p + 5, at_end)
+                verdict = self._plausible_next(data, p + 5, at_end, avail < buffered)
                 if verdict is None:
                     break
                 if verdict:

@@ -71,7 +71,9 @@ _MAP_NORESERVE = 0x4000
 
 class GuardedBlock:
     """An anonymous RAM block aligned to its host page size, between PROT_NONE guards
-    (what DestinationPath / SourcePath read: idstr, addr, used_length, page_size)."""
+    (what DestinationPath / SourcePath read: idstr, addr, used_length, page_size, prefilled)."""
+
+    prefilled = False
 
     def __init__(self, idstr: str, used_length: int, page_size: int) -> None:
         self.idstr = idstr
