@@ -14,7 +14,6 @@ import errno
 import os
 import socket
 import time
-import weakref
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -233,13 +232,8 @@ class DestinationPath:
     def _set_alias(self, index: int, block: RamBlock) -> bool:
         if self.remote or not block.prefilled or block.fd is None:
             return False
-        out = ffi.new("uint64_t *")
-        rc = lib.pc_mem_map(block.fd, block.used_length, out)
-        if rc < 0:
-            raise OSError(-rc, f"second mapping of RAM block {block.idstr!r}: {os.strerror(-rc)}")
-        # unmapped with the C state that writes through it (both go when this path is collected)
-        weakref.finalize(self, lib.pc_mem_unmap, int(out[0]), block.used_length)
-        rc = lib.pc_dst_set_alias(self._d, index, out[0], block.fd)
+        # the block's own second mapping: it goes with the block (close), as the guest's does
+        rc = lib.pc_dst_set_alias(self._d, index, block.alias(), block.fd)
         if rc < 0:
             raise OSError(-rc, f"RAM block {block.idstr!r} cannot take its pages through a second mapping")
         return True

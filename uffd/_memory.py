@@ -53,6 +53,7 @@ class RamBlock:
 
     #: every page was allocated up front (prefill): a destination writes pages through a second mapping
     prefilled = False
+    _alias = 0
 
     def __init__(
         self, idstr: str, used_length: int, page_size: int = PAGE_4K, backing: Backing = "anon"
@@ -214,6 +215,20 @@ class RamBlock:
                                f"{free_hugepages(self.page_size)} free {self.page_size >> 20} MiB hugepages")
         self.prefilled = True
 
+    def alias(self) -> int:
+        """Address of a second shared mapping of the block's file (made once, unmapped by
+        close()): writes there land in the same pages without touching this mapping, which
+        may be registered with a userfaultfd."""
+        if self.fd is None:
+            raise ValueError(f"RAM block {self.idstr!r} ({self.backing}) has no file to map twice")
+        if not self._alias:
+            out = ffi.new("uint64_t *")
+            rc = lib.pc_mem_map(self.fd, self.used_length, out)
+            if rc < 0:
+                raise OSError(-rc, f"second mapping of RAM block {self.idstr!r}: {os.strerror(-rc)}")
+            self._alias = int(out[0])
+        return self._alias
+
     def view(self) -> memoryview:
         """A writable memoryview of the whole block.
 
@@ -230,6 +245,9 @@ class RamBlock:
         addr, self.addr = self.addr, 0
         if addr:
             lib.pc_mem_unmap(addr, self.used_length)
+        alias, self._alias = self._alias, 0
+        if alias:
+            lib.pc_mem_unmap(alias, self.used_length)
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
