@@ -288,7 +288,7 @@ class Destination:
             case ReceiveStream(conn=conn, recovery=recovery):
                 self._unclassified.pop(conn, None)
                 c = self._conns[conn]
-                bound_bulk_buffers(c.sock)
+                bound_bulk_buffers(c.sock, max(self.session.block_page_sizes.values(), default=wire.DEFAULT_TARGET_PAGE_SIZE))
                 if recovery:
                     set_recv_timeout(c.sock, self.link_timeout)
                 layout = self.session.layout

@@ -411,7 +411,7 @@ class Source:
         tune(sock, self.link_timeout)
         if channel is Channel.MAIN:
             self._close_channels()      # a new generation: what the old channels' threads said is stale
-            bound_bulk_buffers(sock)
+            bound_bulk_buffers(sock, max(b.page_size for b in self.blocks))
             self.path.restart()
             self.path.set_return_path(sock)
             if not fresh:
