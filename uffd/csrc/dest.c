@@ -1007,14 +1007,14 @@ static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_
         __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
         return 0;
     }
-    /* A hole (discarded since the prefill) is allocated zeroed; a no-op on a prefilled page. */
-    int rc = src ? 0 : pc_mem_prefill(b->fd, host_off, hps);
+    int rc = 0;
+    const char *what = "UFFDIO_CONTINUE";
     if (src)
         copy_streaming(b->alias + host_off, src, hps);
-    const char *what = src ? "UFFDIO_CONTINUE" : "fallocate";
+    else if ((rc = pc_mem_prefill(b->fd, host_off, hps)) < 0)
+        what = "fallocate";     /* a hole (discarded since the prefill) is allocated zeroed; else a no-op */
     for (int attempt = 0; rc == 0;) {
         int64_t done = 0;
-        what = "UFFDIO_CONTINUE";
         rc = pc_uffd_continue(uffd, b->base + host_off, hps, 0, &done);
         if (rc == -EEXIST) {
             __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
