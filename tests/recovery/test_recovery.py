@@ -76,6 +76,7 @@ def test_cuts_with_huge_pages_in_flight() -> None:
                 source_options=FAST_LINK, dest_options=FAST_LINK)
     check(o, spec)
     assert o.source.recoveries >= 5
+    assert any(o.dest_minor)      # the destination's pages went through its second mapping
 
 
 def test_manual_pause_then_resume() -> None:
