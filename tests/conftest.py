@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def captures_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _keep_the_test_threads_nice():
+def _keep_the_test_threads_nice() -> Iterator[None]:
     """A receiver or fault loop run on the test's own thread raises that thread's
     priority for good (the data path's urgent threads): put it back, so that the next
     test's threads (e.g. a guest's vCPUs, which take their creator's nice) start level."""

@@ -3,14 +3,14 @@ into a socketpair by a thread in chosen chunks, and received on a chosen channel
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import random
 import socket
 import struct
 import termios
 import threading
 import time
-import ctypes
-import random
 from collections.abc import Callable, Iterable, Sequence
 
 from postcopy import _datapath as dp
