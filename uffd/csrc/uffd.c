@@ -240,24 +240,24 @@ static int madvise_retry(uint64_t addr, uint64_t len, int advice)
 int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_DONTNEED); }
 int pc_mem_madvise_remove(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_REMOVE); }
 
-int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len)
+static int fallocate_retry(int fd, int mode, uint64_t offset, uint64_t len)
 {
     for (;;) {
-        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len) == 0)
+        if (fallocate(fd, mode, (off_t)offset, (off_t)len) == 0)
             return 0;
         if (errno != EINTR)
             return -errno;
     }
 }
 
+int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len)
+{
+    return fallocate_retry(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+}
+
 int pc_mem_prefill(int fd, uint64_t offset, uint64_t len)
 {
-    for (;;) {
-        if (fallocate(fd, 0, (off_t)offset, (off_t)len) == 0)
-            return 0;
-        if (errno != EINTR)
-            return -errno;
-    }
+    return fallocate_retry(fd, 0, offset, len);
 }
 
 uint64_t pc_monotonic_ns(void)
