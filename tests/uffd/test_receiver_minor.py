@@ -7,7 +7,9 @@ records written by a thread into a socketpair (the receiver tests' Feed)."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -127,11 +129,13 @@ def test_only_a_prefilled_hugetlbfs_block_takes_the_second_mapping(make_block: C
     assert dp.DestinationPath([huge, small]).minor == (True, False)
 
 
+@pytest.mark.parametrize("other_kind", ["preempt", "main"])
 def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
-    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], other_kind: str
 ) -> None:
     """The bulk stream and the preempt channel receive the same 16 host pages at the same time
-    (two receiver threads): every page is placed by exactly one of them, whole."""
+    (two receiver threads): every page is placed by exactly one of them, whole. The preempt
+    channel claims a page at its first record, the bulk stream once the page is complete."""
     n = 16
     b = prefilled(make_block, n)
     path = dp.DestinationPath([b])
@@ -139,8 +143,9 @@ def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
     path.attach_uffd(minor_uffd.fileno())
     pages = [host_page(20 + i) for i in range(n)]
     data = encode([r for i, p in enumerate(pages) for r in records(i * PAGE_2M, list(p))])
-    feed_a, feed_b = feeds(data), feeds(data)
-    other = threading.Thread(target=receive, args=(path, feed_b))
+    other_chan = Channel(other_kind, feeds)
+    feed_a, feed_b = feeds(data), other_chan.feed(data)
+    other = threading.Thread(target=other_chan.receive, args=(path, feed_b))
     other.start()
     receive(path, feed_a)
     other.join(30)
@@ -162,3 +167,66 @@ def test_closing_the_block_gives_its_huge_pages_back_while_the_path_lives_on() -
     b.close()
     assert free_hugepages(PAGE_2M) == before
     assert path.counters().host_pages_placed == 0
+
+
+def mixed_host_page(seed: int) -> list[bytes | None]:
+    """A huge page as a guest has them: data, with a ZERO record every third target page."""
+    return [None if i % 3 == 2 else page(seed * NTP + i) for i in range(NTP)]
+
+
+def expected(bodies: list[bytes | None]) -> bytes:
+    return b"".join(body if body is not None else bytes(PAGE) for body in bodies)
+
+
+def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """A faulting thread waits for the last record of its huge page, not for a copy of the whole
+    page after it: the records' bytes are in the page (through the second mapping) while the rest
+    is still on its way, and the guest sees the page only once it is whole."""
+    b = prefilled(make_block, 2)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    bodies = mixed_host_page(40)
+    recs = records(PAGE_2M, bodies)
+    head = len(encode(recs[:100], eos=False))
+    feed = feeds(encode(recs), chunks=[head], pause=2.0)
+    t = threading.Thread(target=receive, args=(path, feed))
+    t.start()
+    alias = b.alias()
+    first, beyond = PAGE_2M + 0 * PAGE, PAGE_2M + 200 * PAGE
+    deadline = time.monotonic() + 1.5
+    while ctypes.string_at(alias + first, PAGE) != bodies[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # during the feed's pause: the first records are written, a later one is not, nothing is placed
+    assert ctypes.string_at(alias + first, PAGE) == bodies[0]
+    assert ctypes.string_at(alias + PAGE_2M + 97 * PAGE, PAGE) == bodies[97]
+    assert ctypes.string_at(alias + beyond, PAGE) == bytes(PAGE)
+    assert path.received[0].count() == 0
+    t.join(30)
+    assert not t.is_alive()
+    assert path.counters().host_pages_placed == 1
+    assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
+
+
+def test_a_preempt_channel_that_ends_inside_a_page_gives_it_back_as_zeros(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """The link breaks in the middle of a requested huge page: half of it was written through the
+    second mapping. The page is given back (a hole again, claimable): when the stream brings it
+    again as a zero page, the guest reads zeros, not the half page of the broken link."""
+    b = prefilled(make_block, 1)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    half = records(0, list(host_page(50))[:NTP // 2])
+    rx = dp.Receiver(path, feeds(encode(half, eos=False), close=True).ours, dp.RX_PREEMPT, 0)
+    with pytest.raises(dp.DataPathError, match="middle of a host page"):
+        rx.run()
+    assert path.received[0].count() == 0
+    main = Channel("main", feeds)
+    main.receive(path, main.feed(encode(records(0, [None] * NTP))))
+    c = path.counters()
+    assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (1, 1, 0)    # else: never placed
+    assert read(b, 0, PAGE_2M) == bytes(PAGE_2M)

@@ -777,14 +777,17 @@ int pc_rx_attach(pc_rx *rx, pc_dst *d)
         return rc;
     rx->dst = d;
     rx->tmp_block = -1;
+    rx->tmp_inplace = rx->tmp_skip = 0;
     return 0;
 }
 
 void pc_rx_stop(pc_rx *rx) { __atomic_store_n(&rx->stop, 1, __ATOMIC_RELEASE); }
 
+static void tmp_abandon(pc_rx *rx);
+
 void pc_rx_reset_temp(pc_rx *rx)
 {
-    rx->tmp_block = -1;
+    tmp_abandon(rx);
     pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
 }
 
@@ -971,8 +974,8 @@ static void record_hashes(const pc_dst_block *b, uint64_t host_off, const uint8_
 
 /* n bytes (a multiple of 64) to memory no cache holds: streaming stores skip
  * reading each line before it is overwritten, which is most of the cost of a
- * copy onto cold memory. Fenced: the bytes are visible before the page is mapped. */
-static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
+ * copy onto cold memory. Not fenced: streaming_done() before the page is mapped. */
+static void copy_streaming_unfenced(uint8_t *dst, const uint8_t *src, uint64_t n)
 {
 #if defined(__SSE2__)
     if (!(((uintptr_t)dst | (uintptr_t)src | n) & 63)) {
@@ -986,11 +989,60 @@ static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
             _mm_stream_si128((__m128i *)(dst + i + 32), c);
             _mm_stream_si128((__m128i *)(dst + i + 48), e);
         }
-        _mm_sfence();
         return;
     }
 #endif
     memcpy(dst, src, n);
+}
+
+/* The streamed bytes are visible (to the guest once the page is mapped). */
+static void streaming_done(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+    copy_streaming_unfenced(dst, src, n);
+    streaming_done();
+}
+
+/* Claim host page host_off of a prefilled block for this channel: 1, or 0
+ * when it is placed or being placed (writing it again could undo what a
+ * running guest wrote since). */
+static int claim_page(pc_dst_block *b, uint64_t host_off)
+{
+    uint64_t hp = host_off / b->host_page_size, bit = 1ull << (hp % 64);
+    return !(__atomic_fetch_or(&b->claimed[hp / 64], bit, __ATOMIC_ACQ_REL) & bit) &&
+           !pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE);
+}
+
+/* Give back a claimed page not placed: its bytes may be half written, so
+ * it becomes a hole first (an unclaimed page reads zeros, see pc_dst_block). */
+static void release_claim(pc_dst_block *b, uint64_t host_off)
+{
+    (void)pc_mem_punch_hole(b->fd, host_off, b->host_page_size);
+    unclaim(b, host_off, b->host_page_size);
+}
+
+/* Map claimed host page host_off (written through the alias) into the guest. 0 or -errno. */
+static int continue_page(pc_dst *d, int uffd, const pc_dst_block *b, uint64_t host_off)
+{
+    for (int attempt = 0;;) {
+        int64_t done = 0;
+        int rc = pc_uffd_continue(uffd, b->base + host_off, b->host_page_size, 0, &done);
+        if (rc == -EEXIST) {
+            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        if (rc == -EAGAIN && done == 0 && attempt++ < 1000) {
+            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
+            continue;
+        }
+        return rc;
+    }
 }
 
 /* A prefilled block (pc_dst_set_alias): write host page host_off through the
@@ -1000,10 +1052,8 @@ static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
 static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, const uint8_t *src)
 {
     pc_dst *d = rx->dst;
-    uint64_t hps = b->host_page_size, hp = host_off / hps, bit = 1ull << (hp % 64);
-    if ((__atomic_fetch_or(&b->claimed[hp / 64], bit, __ATOMIC_ACQ_REL) & bit) ||
-        pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE)) {
-        /* placed or being placed: writing it again could undo what a running guest wrote since */
+    uint64_t hps = b->host_page_size;
+    if (!claim_page(b, host_off)) {
         __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
         return 0;
     }
@@ -1013,23 +1063,11 @@ static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_
         copy_streaming(b->alias + host_off, src, hps);
     else if ((rc = pc_mem_prefill(b->fd, host_off, hps)) < 0)
         what = "fallocate";     /* a hole (discarded since the prefill) is allocated zeroed; else a no-op */
-    for (int attempt = 0; rc == 0;) {
-        int64_t done = 0;
-        rc = pc_uffd_continue(uffd, b->base + host_off, hps, 0, &done);
-        if (rc == -EEXIST) {
-            __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
-            rc = 0;
-        }
-        if (rc == -EAGAIN && done == 0 && attempt++ < 1000) {
-            sched_yield();      /* the mapping is changing (e.g. a fork): try again */
-            rc = 0;
-            continue;
-        }
-        break;
-    }
+    if (rc == 0)
+        rc = continue_page(d, uffd, b, host_off);
     if (rc == 0)
         return 1;
-    __atomic_and_fetch(&b->claimed[hp / 64], ~bit, __ATOMIC_RELEASE);
+    release_claim(b, host_off);
     return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
                    (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
 }
@@ -1223,13 +1261,97 @@ static int rx_flip_stage(pc_rx *rx)
     return 0;
 }
 
-/* A huge page assembled in tmp: placed here, not on the placer thread (the
- * page's records went straight into tmp, so placing is the only copy left;
- * handing 2 MiB pages over to another thread measured slower on a loaded
- * 2-core machine). */
+/* A host page begins on this channel: its first record is at host_off. */
+static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off)
+{
+    pc_dst *d = rx->dst;
+    pc_dst_block *b = &d->blocks[bi];
+    rx->tmp_block = bi;
+    rx->tmp_host_off = rx->tmp_next_off = host_off;
+    rx->tmp_all_zero = 1;
+    rx->tmp_inplace = rx->tmp_skip = 0;
+    if (rx->kind == PC_RX_PREEMPT && b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
+        if (claim_page(b, host_off))
+            rx->tmp_inplace = 1;
+        else
+            rx->tmp_skip = 1;
+    }
+}
+
+/* Target page off of the host page being assembled arrived (data NULL or
+ * all zero: a zero page). In place, a zero page is not written: the claimed
+ * page reads zeros until this channel writes it. */
+static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
+{
+    int zero = !data || pc_is_zero(data, PC_TARGET_PAGE_SIZE);
+    if (!zero)
+        rx->tmp_all_zero = 0;
+    if (rx->tmp_skip)
+        return;
+    if (rx->tmp_inplace) {
+        if (!zero)
+            copy_streaming_unfenced(rx->dst->blocks[rx->tmp_block].alias + off, data, PC_TARGET_PAGE_SIZE);
+        return;
+    }
+    uint8_t *slot = rx->tmp + (off - rx->tmp_host_off);
+    if (slot == data)
+        return;     /* received into its slot (direct receive) */
+    if (zero)
+        memset(slot, 0, PC_TARGET_PAGE_SIZE);
+    else
+        memcpy(slot, data, PC_TARGET_PAGE_SIZE);
+}
+
+/* The page assembled in place is complete: map it. */
+static int place_inplace(pc_rx *rx, uint32_t bi, uint64_t host_off)
+{
+    pc_dst *d = rx->dst;
+    pc_dst_block *b = &d->blocks[bi];
+    uint64_t hps = b->host_page_size;
+    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
+    const char *what = "UFFDIO_CONTINUE";
+    int rc = 0;
+    streaming_done();
+    if (rx->tmp_all_zero && (rc = pc_mem_prefill(b->fd, host_off, hps)) < 0)
+        what = "fallocate";     /* nothing written: a hole is allocated zeroed */
+    /* hashed before it is mapped: from then on the guest may write to it */
+    record_hashes(b, host_off, rx->tmp_all_zero ? NULL : b->alias + host_off, hps);
+    if (rc == 0)
+        rc = continue_page(d, uffd, b, host_off);
+    if (rc) {
+        release_claim(b, host_off);
+        return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
+                       (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
+    }
+    pages_placed(rx, bi, host_off, 1, rx->tmp_all_zero);
+    return 0;
+}
+
+/* The host page's last record arrived (tmp_block already -1). A page
+ * assembled in tmp is placed here, not on the placer thread (the page's
+ * records went straight into tmp, so placing is the only copy left; handing
+ * 2 MiB pages over to another thread measured slower on a loaded 2-core machine). */
 static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
+    int inplace = rx->tmp_inplace, skip = rx->tmp_skip;
+    rx->tmp_inplace = rx->tmp_skip = 0;
+    if (skip) {
+        __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (inplace)
+        return place_inplace(rx, bi, host_off);
     return place_host_page(rx, bi, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
+}
+
+/* A page left incomplete (the channel ended, or the stream starts over):
+ * one claimed in place is given back. */
+static void tmp_abandon(pc_rx *rx)
+{
+    if (rx->tmp_block >= 0 && rx->tmp_inplace && rx->dst)
+        release_claim(&rx->dst->blocks[rx->tmp_block], rx->tmp_host_off);
+    rx->tmp_block = -1;
+    rx->tmp_inplace = rx->tmp_skip = 0;
 }
 
 static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const uint8_t *buf)
@@ -1299,23 +1421,14 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                 return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                                "host page of %s at 0x%llx starts with target page 0x%llx, not its first",
                                b->idstr, (unsigned long long)host_off, (unsigned long long)r->offset);
-            rx->tmp_block = r->block;
-            rx->tmp_host_off = host_off;
-            rx->tmp_next_off = host_off;
-            rx->tmp_all_zero = 1;
+            tmp_begin(rx, r->block, host_off);
         } else if ((uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                            "host page not sent whole and in order on channel %d: expected %s+0x%llx, got %s+0x%llx",
                            rx->kind, d->blocks[rx->tmp_block].idstr, (unsigned long long)rx->tmp_next_off,
                            b->idstr, (unsigned long long)r->offset);
         }
-        uint8_t *slot = rx->tmp + (r->offset - host_off);
-        if (data && !pc_is_zero(data, PC_TARGET_PAGE_SIZE)) {
-            memcpy(slot, data, PC_TARGET_PAGE_SIZE);
-            rx->tmp_all_zero = 0;
-        } else {
-            memset(slot, 0, PC_TARGET_PAGE_SIZE);
-        }
+        tmp_put(rx, r->offset, data);
         rx->tmp_next_off += PC_TARGET_PAGE_SIZE;
         if (rx->tmp_next_off == host_off + hps) {
             rx->tmp_block = -1;
@@ -1488,15 +1601,10 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     }
     if (!k)
         return 0;
-    if (rx->tmp_block < 0) {
-        rx->tmp_block = bi;
-        rx->tmp_host_off = pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
-        rx->tmp_next_off = rx->tmp_host_off;
-        rx->tmp_all_zero = 1;
-    }
-    for (uint32_t i = 0; rx->tmp_all_zero && i < k; i++)
-        if (!pc_is_zero(l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE, PC_TARGET_PAGE_SIZE))
-            rx->tmp_all_zero = 0;
+    if (rx->tmp_block < 0)
+        tmp_begin(rx, bi, pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1));
+    for (uint32_t i = 0; i < k; i++)     /* the bodies are in tmp already: written through in place */
+        tmp_put(rx, rx->tmp_next_off + (uint64_t)i * PC_TARGET_PAGE_SIZE, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE);
     rx->tmp_next_off += (uint64_t)k * PC_TARGET_PAGE_SIZE;
     if (rx->tmp_next_off == rx->tmp_host_off + hps) {
         rx->tmp_block = -1;
@@ -1616,6 +1724,8 @@ int pc_rx_run(pc_rx *rx)
 {
     int rc = rx_run(rx);
     int drc = rx_drain_after(rx, rc < 0);     /* what was received is placed before Python hears of it */
+    if (rx->kind == PC_RX_PREEMPT)
+        tmp_abandon(rx);    /* the channel is done: a page it did not finish is not its to finish */
     return rc < 0 || !drc ? rc : drc;
 }
 

@@ -38,7 +38,9 @@ typedef struct pc_dst_block {
     /* Prefilled shared memory (pc_dst_set_alias): pages are written through a
      * second, unregistered mapping of the same file and mapped into the guest
      * with UFFDIO_CONTINUE; claimed (one bit per host page) says which channel
-     * writes a page, so two copies of it never race with a guest that already runs on it. */
+     * writes a page, so two copies of it never race with a guest that already runs on it.
+     * A page nobody claimed and not received reads zeros (prefilled, or a hole):
+     * whoever gives a claim back punches the page first. */
     uint8_t *alias;
     int fd;
     uint64_t *claimed;
@@ -186,6 +188,11 @@ typedef struct pc_rx {
     int64_t tmp_block;
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;
+    /* The preempt channel in a prefilled block claims the page at its first
+     * record and writes each record through the alias as it arrives (no copy
+     * of the whole page after its last byte: what a waiting fault sees); a page
+     * another channel claimed first is received and dropped (tmp_skip). */
+    uint32_t tmp_inplace, tmp_skip;
     /* direct receive (see PC_RX_DIRECT_MAX) */
     uint8_t *stage;                     /* the stage's half the receiver fills (stage_pages pages) */
     uint32_t stage_pages;               /* pages a stage half holds: pc_rx_stage_pages_for the guest */
