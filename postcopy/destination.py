@@ -37,6 +37,7 @@ from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Rece
 from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
+    hold_gc,
     quick_gil_handoff,
     set_recv_timeout,
     shutdown_quietly,
@@ -101,6 +102,7 @@ class _Conn:
     preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``ready``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
+    gc_held: bool = False       # its reader holds the garbage collector off (the switch, up to RUN)
 
 
 class Destination:
@@ -451,6 +453,7 @@ class Destination:
                                          block_page_sizes=self.session.block_page_sizes,
                                          max_packaged_length=self.max_packaged)
             for event in decoded_items(rx.input, dec):
+                self._hold_gc_for_switch(c, event)
                 self._feed(StreamItem(conn, event))
                 self._spin_if_switch_follows(rx, event)
                 if c is not None:
@@ -471,6 +474,7 @@ class Destination:
         finally:
             if c is None or not c.lowered:
                 quick_gil_handoff(False)
+            self._release_gc(c)
 
     def _read_pages(self, conn: int, rx: Receiver, c: _Conn) -> None:
         while True:
@@ -478,6 +482,7 @@ class Destination:
             if c.postcopy and not c.lowered:
                 c.lowered = True
                 quick_gil_handoff(False)
+                self._release_gc(c)
                 rx.input.spin_for(0)    # the guest runs here: no more waiting on a CPU
                 nice = BACKGROUND_NICE  # the guest runs here: bulk pages go below the fault path
             # up to RUN, built while the channel is quiet: not between the switch's bytes and PONG 3
@@ -493,6 +498,20 @@ class Destination:
             else:
                 self._feed(ConnectionClosed(conn, "main channel stopped"))
                 return
+
+    @staticmethod
+    def _hold_gc_for_switch(c: _Conn | None, event: wire.WireEvent) -> None:
+        """The switch's first command (a discard, or PACKAGED when nothing is discarded): no
+        garbage collection from here to RUN (see :func:`hold_gc`)."""
+        if c is not None and not c.gc_held and isinstance(event, wire.PostcopyRamDiscard | wire.Packaged):
+            c.gc_held = True
+            hold_gc(True)
+
+    @staticmethod
+    def _release_gc(c: _Conn | None) -> None:
+        if c is not None and c.gc_held:
+            c.gc_held = False
+            hold_gc(False)
 
     @staticmethod
     def _spin_if_switch_follows(rx: Receiver, event: wire.WireEvent) -> None:
@@ -514,6 +533,7 @@ class Destination:
         try:
             while True:
                 event = next(items)
+                self._hold_gc_for_switch(c, event)
                 more = rx.input.first_byte() == wire.SectionType.COMMAND
                 # A PING's PONG with more commands right behind it goes out with the next reply of
                 # the run (the switch: PONG 2 with PONG 3): in one process with the source, its

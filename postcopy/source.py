@@ -24,6 +24,7 @@ from .hotset import HotBlock, HotSet
 from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
+    hold_gc,
     set_recv_timeout,
     set_thread_nice,
     shutdown_quietly,
@@ -235,6 +236,7 @@ class Source:
         if self._nice_before_switch is not None:
             set_thread_nice(self._nice_before_switch)
             self._nice_before_switch = None
+            hold_gc(False)
 
     def _policy(self, held: bool) -> SwitchoverPolicy | None:
         """Held for QMP's migrate-start-postcopy: rounds go on until it comes."""
@@ -298,6 +300,7 @@ class Source:
                 if self._nice_before_switch is None:
                     self._nice_before_switch = thread_nice()
                     urgent_priority()
+                    hold_gc(True)
                 stopped_at = time.monotonic()
                 self._stopped_ns = int(stopped_at * 1e9)
                 self.owner.stop()

@@ -1,19 +1,26 @@
-"""The destination's switch path pieces (issue 13, downtime): the commands that come
-together are decoded in one pass with exact consumption and bounded copies, and the
-GIL switch interval is lowered only while some thread is on the critical path."""
+"""The switch path pieces (issue 13, downtime): the commands that come together are
+decoded in one pass with exact consumption and bounded copies, and the GIL switch
+interval is lowered and the garbage collector held off only while some thread is on
+the critical path."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 import threading
 import time
 
+import harness
 import pytest
 
 from postcopy import wire
 from postcopy._datapath import DECODE_CHUNK, RX_MAIN, DestinationPath, Receiver, decoded_items
-from postcopy._link import QUICK_SWITCH_INTERVAL, quick_gil_handoff
+from postcopy import destination as destination_module
+from postcopy import source as source_module
+from postcopy._link import QUICK_SWITCH_INTERVAL, hold_gc, quick_gil_handoff
+from postcopy.owner import BuiltinGuest
+from postcopy.spec import GuestSpec
 from uffd import RamBlock
 
 PAGE = 4096
@@ -151,3 +158,45 @@ def test_a_spinning_reader_waits_on_its_cpu_and_only_until_its_deadline() -> Non
     finally:
         a.close()
         b.close()
+
+
+def test_hold_gc_is_counted_and_puts_the_collector_back_as_it_was() -> None:
+    assert gc.isenabled()
+    hold_gc(True)
+    hold_gc(True)       # the other role in the same process
+    assert not gc.isenabled()
+    hold_gc(False)
+    assert not gc.isenabled()
+    hold_gc(False)
+    assert gc.isenabled()
+    gc.disable()        # an application that runs without the collector keeps it off
+    try:
+        hold_gc(True)
+        hold_gc(False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("role", ["source", "destination"])
+def test_no_garbage_collection_inside_the_switch(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection the switch's allocations start inside the downtime cost 0.4-0.7 ms of it: the
+    source holds the collector off from its guest's stop to PONG 3, the destination from the
+    switch's first command to RUN. Each role is checked with the other's hold taken out (both
+    run in this process); the collector is back on once the migration is over."""
+    other = destination_module if role == "source" else source_module
+    monkeypatch.setattr(other, "hold_gc", lambda on: None)
+    seen: list[bool] = []
+    method = "save_device_state" if role == "source" else "load_device_state"
+    original = getattr(BuiltinGuest, method)
+
+    def record(self: BuiltinGuest, *args: object, **kw: object) -> object:
+        seen.append(gc.isenabled())
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(BuiltinGuest, method, record)
+    spec = GuestSpec.simple(16 << 20, vcpus=1)
+    o = harness.migrate(spec, preempt=True, warmup=0.05)
+    harness.check(o, spec)
+    assert seen == [False]
+    assert gc.isenabled()
