@@ -7,6 +7,9 @@ change in the machine's load hits every variant alike. A run starts only once th
 1-minute load average is below --max-load (waiting up to --max-wait seconds; the load
 at the start is recorded with the row).
 
+Before each demo the bench writes and frees twice the guest's size, so that both roles'
+guests get memory the host backs (bench/_floor.py, warm_free_memory).
+
 Figures per row: GB/s end to end (bytes moved / postcopy time, as the demo reports),
 remote faults as a share of the guest's pages, pages sent ahead and the share of them
 never passed by their stream (prefetch's waste estimate, see docs/design.md).
@@ -31,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _floor import warm_free_memory
 from _load import wait_for_load
 
 from postcopy.spec import parse_size
@@ -39,6 +43,9 @@ TARGET_PAGE = 4096
 
 
 def demo(size: str, pattern: str, prefetch: bool, *, verify: bool) -> dict[str, Any]:
+    # both roles' guests on memory the host backs (see _floor.warm_free_memory): in this VM
+    # memory freed a while ago costs up to 3x at its first write, at random between runs
+    warm_free_memory(2 * parse_size(size))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo.json"
         cmd = [sys.executable, "-m", "postcopy", "demo", "--size", size, "--pattern", pattern,
