@@ -126,8 +126,8 @@ hold_gc = _CountedSetting(_gc_off, _gc_back, doc="""\
 Between ``hold_gc(True)`` and its ``(False)`` the interpreter collects no garbage on its own:
 the switch allocates enough objects to start a collection there, and one inside the downtime
 cost 0.4-0.7 ms of it (bench runs on 2 busy CPUs). Held from the guest's stop to PONG 3 on the
-source and from the switch's first command to RUN on the destination: milliseconds, so
-nothing piles up.""")
+source and from the switch's first command to RUN on the destination: milliseconds (seconds at
+most, when a precopy's drain sends its discards while the guest still runs), so little piles up.""")
 
 
 #: Bytes the bulk stream may have in flight in the kernel on each side. A page
