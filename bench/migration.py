@@ -13,9 +13,9 @@ Floors (C, no Python between timestamps; see bench/_floor.py):
                      and takes the median of each run's p50 over its own.
 
 Migrations (a Source and a Destination in this process over loopback TCP, real
-userfaultfd, the built-in guest's vCPUs as C threads on both sides; each run first writes
-and frees twice the guest's size, so that its pages are backed by the host as the floors'
-are: in this VM memory freed a while ago costs up to 3x at its first write):
+userfaultfd, the built-in guest's vCPUs as C threads on both sides; each 4 KiB-page run first
+writes and frees twice the guest's size, so that its pages are backed by the host as the
+floors' are: in this VM memory freed a while ago costs up to 3x at its first write):
   busy guest (vCPUs touch random pages flat out): remote faults while the bulk stream
   runs; latency = Destination.latencies_ns (fault read -> page placed);
   idle guest (rate_limit=1 access/s per vCPU): nearly every page goes by the bulk
@@ -468,8 +468,10 @@ PHASE_COLUMNS = [
 
 def migrate(size: int, page_size: int, *, busy: bool, preempt: bool, cap: int, profile: bool) -> Run:
     """One whole migration in this process; raises if it does not complete."""
-    # the source's guest and the destination's: memory the host backs, as the floors' (see warm_free_memory)
-    warm_free_memory(2 * size)
+    if page_size == PAGE_4K:
+        # the source's guest and the destination's: memory the host backs, as the floors' (see
+        # warm_free_memory); huge pages come from the hugetlbfs pool, which the host keeps backed
+        warm_free_memory(2 * size)
     # busy: the vCPUs run flat out over random pages; idle: one access a second each.
     spec = GuestSpec.simple(size, page_size, vcpus=2, pattern="random", rate_limit=0 if busy else 1)
     memory = spec.build_memory()
