@@ -1045,31 +1045,38 @@ static int continue_page(pc_dst *d, int uffd, const pc_dst_block *b, uint64_t ho
     }
 }
 
+/* Map claimed host page host_off into the guest: its bytes went through the
+ * alias already or, when zero, none did and a hole (a page discarded since the
+ * prefill) is allocated zeroed first. 0, or an rx error once the claim is given back. */
+static int map_claimed_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, int zero)
+{
+    const char *what = "UFFDIO_CONTINUE";
+    int rc = 0;
+    if (zero && (rc = pc_mem_prefill(b->fd, host_off, b->host_page_size)) < 0)
+        what = "fallocate";     /* a no-op on an allocated page */
+    if (rc == 0)
+        rc = continue_page(rx->dst, uffd, b, host_off);
+    if (rc == 0)
+        return 0;
+    release_claim(b, host_off);
+    return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
+                   (unsigned long long)host_off, (unsigned long long)b->host_page_size, strerror(-rc));
+}
+
 /* A prefilled block (pc_dst_set_alias): write host page host_off through the
  * alias (src NULL: a zero page, which a prefilled page already is) and map it
  * with UFFDIO_CONTINUE. 1 if placed here, 0 if another channel claimed it
  * first (that one places it and wakes its faults), or an rx error. */
 static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, const uint8_t *src)
 {
-    pc_dst *d = rx->dst;
-    uint64_t hps = b->host_page_size;
     if (!claim_page(b, host_off)) {
-        __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
         return 0;
     }
-    int rc = 0;
-    const char *what = "UFFDIO_CONTINUE";
     if (src)
-        copy_streaming(b->alias + host_off, src, hps);
-    else if ((rc = pc_mem_prefill(b->fd, host_off, hps)) < 0)
-        what = "fallocate";     /* a hole (discarded since the prefill) is allocated zeroed; else a no-op */
-    if (rc == 0)
-        rc = continue_page(d, uffd, b, host_off);
-    if (rc == 0)
-        return 1;
-    release_claim(b, host_off);
-    return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
-                   (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
+        copy_streaming(b->alias + host_off, src, b->host_page_size);
+    int rc = map_claimed_page(rx, uffd, b, host_off, !src);
+    return rc ? rc : 1;
 }
 
 /* Place n consecutive complete host pages of block bi from host_off: src is
@@ -1305,24 +1312,13 @@ static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
 /* The page assembled in place is complete: map it. */
 static int place_inplace(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
-    pc_dst *d = rx->dst;
-    pc_dst_block *b = &d->blocks[bi];
-    uint64_t hps = b->host_page_size;
-    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
-    const char *what = "UFFDIO_CONTINUE";
-    int rc = 0;
+    pc_dst_block *b = &rx->dst->blocks[bi];
     streaming_done();
-    if (rx->tmp_all_zero && (rc = pc_mem_prefill(b->fd, host_off, hps)) < 0)
-        what = "fallocate";     /* nothing written: a hole is allocated zeroed */
     /* hashed before it is mapped: from then on the guest may write to it */
-    record_hashes(b, host_off, rx->tmp_all_zero ? NULL : b->alias + host_off, hps);
-    if (rc == 0)
-        rc = continue_page(d, uffd, b, host_off);
-    if (rc) {
-        release_claim(b, host_off);
-        return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
-                       (unsigned long long)host_off, (unsigned long long)hps, strerror(-rc));
-    }
+    record_hashes(b, host_off, rx->tmp_all_zero ? NULL : b->alias + host_off, b->host_page_size);
+    int rc = map_claimed_page(rx, __atomic_load_n(&rx->dst->uffd, __ATOMIC_ACQUIRE), b, host_off, rx->tmp_all_zero);
+    if (rc)
+        return rc;
     pages_placed(rx, bi, host_off, 1, rx->tmp_all_zero);
     return 0;
 }
