@@ -4,7 +4,8 @@ Why two processes: the two roles in one process share one heap and one RSS, so
 neither side's memory could be told apart. Here the destination and the source
 are each ``python3 bench/_growth.py dest|source`` (the same code the parent
 imported), connected over loopback TCP, each with a built-in guest of 4 KiB
-pages (anonymous memory) whose vCPUs are nearly idle (one access a second).
+pages whose vCPUs are nearly idle (one access a second): anonymous memory on
+the source, memfds the destination allocates before the stream (its default).
 
 What each process measures about itself (printed by bench/migration.py):
 
@@ -14,7 +15,8 @@ What each process measures about itself (printed by bench/migration.py):
   migration's). The guest's resident pages are counted exactly from
   ``/proc/self/pagemap``: present and mapped by this process only, which leaves
   out the shared zero page (UFFDIO_ZEROPAGE places it for zero pages, and RSS
-  does not count it). Sampled while the migration runs (a sampler thread; every
+  does not count it); a destination's preallocated guest is all of its shared
+  memory (``RssShmem``, once per mapping). Sampled while the migration runs (a sampler thread; every
   0.6 s per GiB of guest, 0.05 s at least, since one count walks the guest's page
   tables: ~17 ms of CPU per GiB; the resident set is read before the count, so a
   page placed during the count is never charged to the service), and bounded from
@@ -49,6 +51,7 @@ from typing import IO, Any
 import numpy as np
 
 GiB = 1 << 30
+KiB = 1 << 10
 MiB = 1 << 20
 PAGE = 4096
 RESULT_TAG = "GROWTH_RESULT "
@@ -102,6 +105,26 @@ class PagemapCounter:
         os.close(self._fd)
 
 
+class ShmemCounter:
+    """The guest's share of the resident set when its memory is memfds (a preallocating
+    destination, RamBlock.prefill): all of this process's shared memory (RssShmem), which counts
+    each page once per mapping (the guest's and the second one pages are written through)."""
+
+    def count(self) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no RssShmem in /proc/self/status")
+
+    def close(self) -> None:
+        pass
+
+
+def memfd_allocated_bytes(fds: list[int]) -> int:
+    """The bytes allocated to these files (a prefilled guest holds every page, zeros too)."""
+    return sum(os.fstat(fd).st_blocks * 512 for fd in fds)
+
+
 def guest_resident_bytes(ranges: list[tuple[int, int]]) -> int:
     """One count (see PagemapCounter)."""
     counter = PagemapCounter(ranges)
@@ -145,12 +168,14 @@ class MemorySampler:
     """Samples (resident - guest resident) in a thread named bench-memory; ``guest``
     fixed (a source's filled guest, which does not change) or counted each time."""
 
-    def __init__(self, ranges: list[tuple[int, int]], interval: float, fixed_guest: int | None = None) -> None:
+    def __init__(self, ranges: list[tuple[int, int]], interval: float, fixed_guest: int | None = None,
+                 shmem: bool = False) -> None:
         self.ranges = ranges
         self.interval = interval
         self.fixed_guest = fixed_guest
         self.samples: list[tuple[int, int]] = []     # (rss, guest)
-        self.counter = PagemapCounter(ranges)        # made before the baseline: its buffers are not the role's
+        # made before the baseline: its buffers are not the role's
+        self.counter: PagemapCounter | ShmemCounter = ShmemCounter() if shmem else PagemapCounter(ranges)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
@@ -232,7 +257,9 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
     else:
         owner = BuiltinGuest(spec)
     ranges = [(b.addr, b.used_length) for b in owner.memory]
-    sampler = MemorySampler(ranges, interval)
+    # a destination preallocates its guest in memfds (BuiltinGuest): counted as shared memory
+    memfds = [b.fd for b in owner.memory if b.backing == "memfd" and b.fd is not None]
+    sampler = MemorySampler(ranges, interval, shmem=bool(memfds))
     guest0 = sampler.counter.count()
     baseline = rss_bytes() - guest0
     if role == "source":
@@ -253,7 +280,8 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
             wall = time.monotonic() - t0
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             sampler.sample()
-        guest1 = guest_resident_bytes(ranges)       # after the sampler: its buffers are gone
+        # after the sampler: its buffers are gone
+        guest1 = memfd_allocated_bytes(memfds) if memfds else guest_resident_bytes(ranges)
         hwm = vm_hwm_bytes()
     finally:
         if role == "source":
@@ -265,7 +293,8 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
     bench = by_role.get("bench", {}).get("cpu_ms", 0.0) / 1e3
     cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     sampled = sampler.peak_beyond_guest()
-    hwm_bound = hwm - guest1
+    # (a memfd guest's pages are in VmHWM once per mapping: the peak bound takes the sampled guest's)
+    hwm_bound = hwm - (max(g for _, g in sampler.samples) if memfds and sampler.samples else guest1)
     return Side(role=role, status=stats.status, baseline_bytes=baseline,
                 peak_beyond_guest_bytes=max(sampled, hwm_bound) - baseline, sampled_peak_bytes=sampled - baseline,
                 hwm_bound_bytes=hwm_bound - baseline, samples=len(sampler.samples), guest_resident_bytes=guest1,

@@ -499,8 +499,10 @@ class DestinationService(_RoleService[R]):
                  listen: tuple[str, int] | None = None, options: ServiceOptions | None = None,
                  on_listening: Callable[[tuple[str, int]], None] | None = None,
                  fail_fast: bool = False, max_packaged: int | None = None,
-                 owner: Callable[[], DestinationMemory] | None = None, link_timeout: float = 3.0) -> None:
-        """``owner`` makes the memory owner of each incoming migration (default: the built-in guest of ``spec``)."""
+                 owner: Callable[[], DestinationMemory] | None = None, link_timeout: float = 3.0,
+                 prealloc: bool = True) -> None:
+        """``owner`` makes the memory owner of each incoming migration (default: the built-in guest of
+        ``spec``, its memory all allocated before the stream unless not ``prealloc``)."""
         options = options or ServiceOptions()
         if listen is None and options.qmp is None:
             raise ServiceError("the destination needs a listen address or a QMP socket to receive migrate-incoming")
@@ -511,7 +513,7 @@ class DestinationService(_RoleService[R]):
         self.on_listening = on_listening
         self.fail_fast = fail_fast
         self.max_packaged = max_packaged
-        self.make_owner: Callable[[], DestinationMemory] = owner or (lambda: BuiltinGuest(self.spec))
+        self.make_owner: Callable[[], DestinationMemory] = owner or (lambda: BuiltinGuest(self.spec, prealloc=prealloc))
         self.link_timeout = link_timeout
         self.destination: Destination | None = None
         self.listen_address: tuple[str, int] | None = None

@@ -58,8 +58,11 @@ class BlockSpec:
     size: int
     page_size: int = PAGE_4K
 
-    def backing(self) -> str:
-        return "anon" if self.page_size == PAGE_4K else "hugetlbfs"
+    def backing(self, prealloc: bool = False) -> str:
+        """hugetlbfs for huge pages; 4 KiB pages anonymous, or a memfd a destination preallocates."""
+        if self.page_size != PAGE_4K:
+            return "hugetlbfs"
+        return "memfd" if prealloc else "anon"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +87,12 @@ class GuestSpec:
         )
         return cls(blocks=blocks, **kw)  # type: ignore[arg-type]
 
-    def build_memory(self) -> GuestMemory:
+    def build_memory(self, prealloc: bool = False) -> GuestMemory:
+        """The guest's blocks; ``prealloc``: 4 KiB blocks are memfds (see BuiltinGuest)."""
         blocks: list[RamBlock] = []
         try:
-            blocks.extend(RamBlock(b.idstr, b.size, b.page_size, b.backing()) for b in self.blocks)  # type: ignore[arg-type]
+            blocks.extend(RamBlock(b.idstr, b.size, b.page_size, b.backing(prealloc))  # type: ignore[arg-type]
+                          for b in self.blocks)
         except Exception:
             for blk in blocks:
                 blk.close()

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth-cap", default="0", metavar="BYTES_PER_S",
                    help="cap the background stream (e.g. 100M); requested pages are never capped")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds the source guest runs before the switch")
+    p.add_argument("--prealloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="the destination allocates its guest's memory before the stream (default on)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="the source sends ahead of sequential and strided page-request streams (with preempt; "
                         "default on)")
@@ -135,7 +137,8 @@ def _cut_plan(args: argparse.Namespace) -> Sequence[Rule]:
 def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, proxy: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="postcopy-demo-") as tmp:
         t = Path(tmp)
-        dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json")]
+        dest_cmd = [*exe, "dest", "--listen", addr, *_guest_args(args), "--json", str(t / "dest.json"),
+                    "--prealloc" if args.prealloc else "--no-prealloc"]
         src_cmd = [*exe, "source", "--connect", source_addr, *_guest_args(args), "--json", str(t / "source.json"),
                    "--bandwidth-cap", args.bandwidth_cap, "--warmup", str(args.warmup), *precopy_args(args),
                    "--prefetch" if args.prefetch else "--no-prefetch"]

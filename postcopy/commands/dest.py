@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. --touch pc.ram)")
     p.add_argument("--link-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="a channel silent this long is broken; a preempt channel must come within it (default 3)")
+    p.add_argument("--prealloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="allocate the built-in guest's memory before the stream (4 KiB pages then live in a memfd "
+                        "and are placed with UFFDIO_CONTINUE; zero pages take memory too); default on")
     p.add_argument("--verify", action="store_true",
                    help="hash every page as placed and check the guest's own invariant at the end")
     p.add_argument("--run-after", type=float, default=0.5, help="seconds the guest runs after the migration")
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             max_packaged=args.max_packaged,
             options=service_options(args, progress),
             on_listening=lambda a: print(f"listening on {a[0]}:{a[1]}", file=stream, flush=True),
-            owner=owner, link_timeout=args.link_timeout,
+            owner=owner, link_timeout=args.link_timeout, prealloc=args.prealloc,
         )
     except ServiceError as exc:
         raise UserError(str(exc)) from None

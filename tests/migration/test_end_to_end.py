@@ -27,11 +27,14 @@ def check(o: Outcome, spec: GuestSpec) -> None:
     assert sent - c["resent_target_pages"] == total
 
 
+@pytest.mark.parametrize("prealloc", [True, False], ids=["prealloc", "anonymous"])
 @pytest.mark.parametrize("preempt", [True, False], ids=["preempt", "no-preempt"])
-def test_4k_pages(preempt: bool) -> None:
+def test_4k_pages(preempt: bool, prealloc: bool) -> None:
     spec = GuestSpec.simple(64 << 20, PAGE_4K, vcpus=2, pattern="random")
-    o = migrate(spec, preempt=preempt)
+    o = migrate(spec, preempt=preempt, prealloc=prealloc)
     check(o, spec)
+    # preallocated: memfds, each page written beside the guest and mapped (UFFDIO_CONTINUE)
+    assert o.dest_minor == (prealloc,) * len(spec.blocks)
     assert o.dest.remote_faults > 0           # the guest really ran ahead of the stream
     # QEMU's blocktime: per vCPU, and the total counts only time when every vCPU was blocked
     assert len(o.dest.vcpu_blocktime_ns) == spec.vcpus
@@ -47,9 +50,9 @@ def test_2m_hugetlbfs_pages(preempt: bool) -> None:
     spec = GuestSpec.simple(128 << 20, PAGE_2M, vcpus=2, pattern="hot")
     o = migrate(spec, preempt=preempt)
     check(o, spec)
-    # the destination's huge pages were prefilled: each was written beside the guest and mapped
-    assert o.dest_minor == tuple(b.page_size == PAGE_2M for b in spec.blocks)
-    assert any(o.dest_minor)
+    # the destination's pages were prefilled (the 4 KiB blocks too): each was written beside the
+    # guest and mapped
+    assert all(o.dest_minor)
     assert o.dest.remote_faults > 0
 
 

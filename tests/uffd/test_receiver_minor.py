@@ -119,14 +119,17 @@ def test_a_page_discarded_after_precopy_is_allocated_again(
     assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (4, 1, 0)
 
 
-def test_only_a_prefilled_hugetlbfs_block_takes_the_second_mapping(make_block: Callable[..., RamBlock]) -> None:
+def test_only_a_prefilled_block_takes_the_second_mapping(make_block: Callable[..., RamBlock]) -> None:
     huge = make_block("huge", PAGE_2M, PAGE_2M, "hugetlbfs")
     small = make_block("small", 16 * PAGE, PAGE, "memfd")
-    assert dp.DestinationPath([huge, small]).minor == (False, False)
-    with pytest.raises(ValueError, match="only a hugetlbfs block"):
-        small.prefill()
+    anon = make_block("anon", 16 * PAGE, PAGE, "anon")
+    assert dp.DestinationPath([huge, small, anon]).minor == (False, False, False)
+    with pytest.raises(ValueError, match="anon memory cannot be prefilled"):
+        anon.prefill()
     huge.prefill()
-    assert dp.DestinationPath([huge, small]).minor == (True, False)
+    assert dp.DestinationPath([huge, small, anon]).minor == (True, False, False)
+    small.prefill()
+    assert dp.DestinationPath([huge, small, anon]).minor == (True, True, False)
 
 
 @pytest.mark.parametrize("other_kind", ["preempt", "main"])

@@ -210,7 +210,7 @@ int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd)
     if (i >= d->nblocks || d->remote || !alias || fd < 0)
         return -EINVAL;
     pc_dst_block *b = &d->blocks[i];
-    if (!b->length || b->host_page_size <= PC_TARGET_PAGE_SIZE || alias % b->host_page_size)
+    if (!b->length || alias % b->host_page_size)
         return -EINVAL;
     uint64_t words = (b->length / b->host_page_size + 63) / 64;
     free(b->claimed);

@@ -239,6 +239,7 @@ static int madvise_retry(uint64_t addr, uint64_t len, int advice)
 
 int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_DONTNEED); }
 int pc_mem_madvise_remove(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_REMOVE); }
+int pc_mem_populate_write(uint64_t addr, uint64_t len) { return madvise_retry(addr, len, MADV_POPULATE_WRITE); }
 
 static int fallocate_retry(int fd, int mode, uint64_t offset, uint64_t len)
 {

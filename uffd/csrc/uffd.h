@@ -135,6 +135,8 @@ int pc_mem_unmap(uint64_t addr, uint64_t len);
 int pc_mem_remap(uint64_t old_addr, uint64_t len, uint64_t new_addr, uint64_t *new_addr_out);
 int pc_mem_madvise_dontneed(uint64_t addr, uint64_t len);
 int pc_mem_madvise_remove(uint64_t addr, uint64_t len);
+/* Map every page of [addr, addr+len) writable now (allocating the missing ones), not at first write. */
+int pc_mem_populate_write(uint64_t addr, uint64_t len);
 int pc_mem_punch_hole(int fd, uint64_t offset, uint64_t len);
 /* fallocate: allocate (zeroed) the file's pages in [offset, offset+len) now, not at first touch. */
 int pc_mem_prefill(int fd, uint64_t offset, uint64_t len);
