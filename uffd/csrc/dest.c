@@ -1019,64 +1019,102 @@ static int claim_page(pc_dst_block *b, uint64_t host_off)
            !pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE);
 }
 
-/* Give back a claimed page not placed: its bytes may be half written, so
- * it becomes a hole first (an unclaimed page reads zeros, see pc_dst_block). */
+/* Give back claimed pages not placed: their bytes may be half written, so
+ * they become a hole first (an unclaimed page reads zeros, see pc_dst_block). */
+static void release_claims(pc_dst_block *b, uint64_t host_off, uint64_t len)
+{
+    (void)pc_mem_punch_hole(b->fd, host_off, len);
+    unclaim(b, host_off, len);
+}
+
 static void release_claim(pc_dst_block *b, uint64_t host_off)
 {
-    (void)pc_mem_punch_hole(b->fd, host_off, b->host_page_size);
-    unclaim(b, host_off, b->host_page_size);
+    release_claims(b, host_off, b->host_page_size);
 }
 
-/* Map claimed host page host_off (written through the alias) into the guest. 0 or -errno. */
-static int continue_page(pc_dst *d, int uffd, const pc_dst_block *b, uint64_t host_off)
+/* Map claimed host pages [host_off, host_off+len) (written through the alias)
+ * into the guest with as few UFFDIO_CONTINUEs as it takes: one, unless a page
+ * is mapped already (counted, skipped). 0 or -errno. */
+static int continue_pages(pc_dst *d, int uffd, const pc_dst_block *b, uint64_t host_off, uint64_t len)
 {
-    for (int attempt = 0;;) {
+    for (uint64_t end = host_off + len, attempt = 0; host_off < end;) {
         int64_t done = 0;
-        int rc = pc_uffd_continue(uffd, b->base + host_off, b->host_page_size, 0, &done);
+        int rc = pc_uffd_continue(uffd, b->base + host_off, end - host_off, 0, &done);
+        if (rc == 0)
+            return 0;
+        host_off += (uint64_t)done;
         if (rc == -EEXIST) {
             __atomic_add_fetch(&d->c.eexist, 1, __ATOMIC_RELAXED);
-            return 0;
-        }
-        if (rc == -EAGAIN && done == 0 && attempt++ < 1000) {
+            host_off += b->host_page_size;
+        } else if (rc == -EAGAIN && attempt++ < 1000) {
             sched_yield();      /* the mapping is changing (e.g. a fork): try again */
-            continue;
+        } else {
+            return rc;
         }
-        return rc;
     }
+    return 0;
 }
 
-/* Map claimed host page host_off into the guest: its bytes went through the
- * alias already or, when zero, none did and a hole (a page discarded since the
- * prefill) is allocated zeroed first. 0, or an rx error once the claim is given back. */
-static int map_claimed_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, int zero)
+/* Map claimed host pages [host_off, host_off+len) into the guest: their bytes
+ * went through the alias already or, for zero pages (any_zero), none did and a
+ * hole (a page discarded since the prefill) is allocated zeroed first. 0, or an
+ * rx error once the claims are given back. */
+static int map_claimed_pages(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, uint64_t len, int any_zero)
 {
     const char *what = "UFFDIO_CONTINUE";
     int rc = 0;
-    if (zero && (rc = pc_mem_prefill(b->fd, host_off, b->host_page_size)) < 0)
-        what = "fallocate";     /* a no-op on an allocated page */
+    if (any_zero && (rc = pc_mem_prefill(b->fd, host_off, len)) < 0)
+        what = "fallocate";     /* a no-op on allocated pages */
     if (rc == 0)
-        rc = continue_page(rx->dst, uffd, b, host_off);
+        rc = continue_pages(rx->dst, uffd, b, host_off, len);
     if (rc == 0)
         return 0;
-    release_claim(b, host_off);
+    release_claims(b, host_off, len);
     return rx_fail(rx, PC_RX_E_PLACE, -rc, "%s %s offset 0x%llx len 0x%llx: %s", what, b->idstr,
-                   (unsigned long long)host_off, (unsigned long long)b->host_page_size, strerror(-rc));
+                   (unsigned long long)host_off, (unsigned long long)len, strerror(-rc));
 }
 
-/* A prefilled block (pc_dst_set_alias): write host page host_off through the
- * alias (src NULL: a zero page, which a prefilled page already is) and map it
- * with UFFDIO_CONTINUE. 1 if placed here, 0 if another channel claimed it
- * first (that one places it and wakes its faults), or an rx error. */
-static int place_minor_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, const uint8_t *src)
+static int map_claimed_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_off, int zero)
 {
-    if (!claim_page(b, host_off)) {
-        __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
-        return 0;
+    return map_claimed_pages(rx, uffd, b, host_off, b->host_page_size, zero);
+}
+
+/* A prefilled block (pc_dst_set_alias): the n host pages from host_off (src as
+ * place_pages's), each written through the alias by the channel that claims it
+ * first (a page claimed by another is left to it: that one places it and wakes
+ * its faults); a run of pages claimed here is mapped with one UFFDIO_CONTINUE.
+ * Zero pages are not written: a claimed page reads zeros. 0 or an rx error. */
+static int place_minor_pages(pc_rx *rx, int uffd, uint32_t bi, uint64_t host_off, const uint8_t *src,
+                             uint64_t n, uint64_t nzero)
+{
+    pc_dst_block *b = &rx->dst->blocks[bi];
+    uint64_t hps = b->host_page_size;
+    for (uint64_t j = 0; j < n;) {
+        uint64_t first = j, zeros = 0;
+        for (; j < n && claim_page(b, host_off + j * hps); j++) {
+            const uint8_t *page = src ? src + j * hps : NULL;
+            if (page && nzero && (nzero == n || pc_is_zero(page, hps)))
+                page = NULL;
+            if (page)
+                copy_streaming_unfenced(b->alias + host_off + j * hps, page, hps);
+            else
+                zeros++;
+            record_hashes(b, host_off + j * hps, page, hps);    /* before the guest can write it */
+        }
+        if (j > first) {
+            streaming_done();
+            uint64_t off = host_off + first * hps;
+            int rc = map_claimed_pages(rx, uffd, b, off, (j - first) * hps, zeros > 0);
+            if (rc)
+                return rc;
+            pages_placed(rx, bi, off, j - first, zeros);
+        }
+        if (j < n) {
+            __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
+            j++;
+        }
     }
-    if (src)
-        copy_streaming(b->alias + host_off, src, b->host_page_size);
-    int rc = map_claimed_page(rx, uffd, b, host_off, !src);
-    return rc ? rc : 1;
+    return 0;
 }
 
 /* Place n consecutive complete host pages of block bi from host_off: src is
@@ -1090,22 +1128,8 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
     uint64_t hps = b->host_page_size, len = n * hps;
     int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
 
-    if (b->alias && uffd >= 0) {
-        /* page by page: each goes to the channel that claims it first */
-        for (uint64_t j = 0; j < n; j++) {
-            const uint8_t *page = src ? src + j * hps : NULL;
-            if (page && nzero && (nzero == n || pc_is_zero(page, hps)))
-                page = NULL;
-            int rc = place_minor_page(rx, uffd, b, host_off + j * hps, page);
-            if (rc < 0)
-                return rc;
-            if (rc) {
-                record_hashes(b, host_off + j * hps, page, hps);
-                pages_placed(rx, bi, host_off + j * hps, 1, !page);
-            }
-        }
-        return 0;
-    }
+    if (b->alias && uffd >= 0)
+        return place_minor_pages(rx, uffd, bi, host_off, src, n, nzero);
     record_hashes(b, host_off, src, len);
     if (d->remote) {
         for (uint64_t j = 0; j < n; j++) {
