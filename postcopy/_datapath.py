@@ -226,7 +226,7 @@ class DestinationPath:
         if self.remote:
             self._set_remote()
         #: per block: registered MISSING|MINOR, its pages written through a second mapping and
-        #: mapped with UFFDIO_CONTINUE (a prefilled hugetlbfs block, see RamBlock.prefill)
+        #: mapped with UFFDIO_CONTINUE (a prefilled hugetlbfs or memfd block, see RamBlock.prefill)
         self.minor = tuple(self._set_alias(i, b) for i, b in enumerate(self.blocks))
 
     def _set_alias(self, index: int, block: RamBlock) -> bool:

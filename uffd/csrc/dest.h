@@ -117,13 +117,13 @@ void pc_dst_set_uffd(pc_dst *d, int uffd);
  * (faults, and UFFD_EVENT_REMOVE: the range reads zeros from then on).
  * 0 or -EINVAL (a region outside its block, overlapping, or of another page size). */
 int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_t n);
-/* Block i is a MAP_SHARED mapping of huge-page file fd whose pages were
+/* Block i is a MAP_SHARED mapping of file fd (hugetlbfs or shmem) whose pages were
  * allocated beforehand (pc_mem_prefill) and registered MISSING|MINOR after
  * LISTEN; alias maps the same file, unregistered. After LISTEN a page is then
  * written through alias (streaming stores: the prefilled memory is cold, and
  * writing it without reading it first halves the cost of UFFDIO_COPY onto
  * fresh memory) and mapped with UFFDIO_CONTINUE. A hole (a page discarded
- * since) is allocated again. 0 or -EINVAL (4 KiB pages, or a remote path). */
+ * since) is allocated again. 0 or -EINVAL (a remote path, a misaligned alias). */
 int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */
