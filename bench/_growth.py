@@ -158,10 +158,11 @@ def fits(size: int) -> tuple[bool, str]:
     """Whether a migration of ``size`` (a guest on each side) fits in free memory now. The built-in
     guest leaves about 1 page in 8 zero (Guest.fill_initial) and a zero page takes no memory on
     either side (measured: 87.6% of the pages resident on both), so each guest needs
-    ``GUEST_RESIDENT_FRACTION`` of its size."""
-    need, have = int(2 * size * GUEST_RESIDENT_FRACTION) + FIT_MARGIN, mem_available()
-    return have >= need, (f"needs {need / GiB:.1f} GiB (both guests, {GUEST_RESIDENT_FRACTION:.0%} of their pages "
-                          f"non-zero, + {FIT_MARGIN // MiB} MiB), MemAvailable {have / GiB:.1f} GiB")
+    ``GUEST_RESIDENT_FRACTION`` of its size; the destination preallocates all of its guest's."""
+    need, have = int(size * (1 + GUEST_RESIDENT_FRACTION)) + FIT_MARGIN, mem_available()
+    return have >= need, (f"needs {need / GiB:.1f} GiB (the source's guest, {GUEST_RESIDENT_FRACTION:.0%} of its "
+                          f"pages non-zero, the destination's preallocated, + {FIT_MARGIN // MiB} MiB), "
+                          f"MemAvailable {have / GiB:.1f} GiB")
 
 
 class MemorySampler:
