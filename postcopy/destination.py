@@ -606,9 +606,10 @@ class Destination:
             features = Feature.THREAD_ID
             if any(b.backing == "hugetlbfs" for b in blocks):
                 features |= Feature.MISSING_HUGETLBFS
-            if any(m and b.backing == "hugetlbfs" for b, m in zip(blocks, self.path.minor, strict=True)):
+            minor = {b.backing for b, m in zip(blocks, self.path.minor, strict=True) if m}
+            if "hugetlbfs" in minor:
                 features |= Feature.MINOR_HUGETLBFS
-            if any(m and b.backing == "memfd" for b, m in zip(blocks, self.path.minor, strict=True)):
+            if "memfd" in minor:
                 features |= Feature.MINOR_SHMEM
             if any(b.backing == "memfd" for b in blocks):
                 features |= Feature.MISSING_SHMEM

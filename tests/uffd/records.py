@@ -134,6 +134,19 @@ class Channel:
         return receive(path, feed, dp.RX_MAIN, self.SECTION, self.placer)
 
 
+def receive_on_two_channels(path: dp.DestinationPath, data: bytes, other_kind: str,
+                            feeds: Callable[..., Feed]) -> None:
+    """The same stream received at once by a preempt channel and a channel of ``other_kind``
+    (two receiver threads), as when the bulk stream and a request bring the same pages."""
+    other_chan = Channel(other_kind, feeds)
+    feed_a, feed_b = feeds(data), other_chan.feed(data)
+    other = threading.Thread(target=other_chan.receive, args=(path, feed_b))
+    other.start()
+    receive(path, feed_a)
+    other.join(30)
+    assert not other.is_alive()
+
+
 def check_hashes(path: dp.DestinationPath, i: int, block: RamBlock, pages: Iterable[int]) -> None:
     """--verify: the hash recorded at placement is the hash of the page as it is now."""
     placed = path.placed_hashes(i)

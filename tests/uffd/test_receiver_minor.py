@@ -20,7 +20,7 @@ from uffd._memory import free_hugepages
 from uffd import memtouch as mt
 
 from .conftest import Toucher, wait_events
-from .records import PAGE, Channel, Feed, Record, check_hashes, encode, page, read, receive
+from .records import PAGE, Channel, Feed, Record, receive_on_two_channels, check_hashes, encode, page, read, receive
 
 NTP = PAGE_2M // PAGE
 
@@ -146,13 +146,7 @@ def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
     path.attach_uffd(minor_uffd.fileno())
     pages = [host_page(20 + i) for i in range(n)]
     data = encode([r for i, p in enumerate(pages) for r in records(i * PAGE_2M, list(p))])
-    other_chan = Channel(other_kind, feeds)
-    feed_a, feed_b = feeds(data), other_chan.feed(data)
-    other = threading.Thread(target=other_chan.receive, args=(path, feed_b))
-    other.start()
-    receive(path, feed_a)
-    other.join(30)
-    assert not other.is_alive()
+    receive_on_two_channels(path, data, other_kind, feeds)
     c = path.counters()
     assert (c.host_pages_placed, c.eexist) == (n, n)
     assert read(b, 0, n * PAGE_2M) == b"".join(b"".join(p) for p in pages)

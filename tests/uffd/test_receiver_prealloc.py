@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +18,7 @@ from uffd import FaultFlag, Feature, RamBlock, RegisterMode, Userfaultfd
 from uffd import memtouch as mt
 
 from .conftest import Toucher, wait_events
-from .records import PAGE, Channel, Feed, Record, check_hashes, encode, page, read, receive
+from .records import PAGE, Channel, Feed, Record, receive_on_two_channels, check_hashes, encode, page, read, receive
 
 
 @pytest.fixture
@@ -127,13 +126,7 @@ def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
     path.attach_uffd(minor_uffd.fileno())
     pages = [page(500 + i) for i in range(n)]
     data = encode(records(0, list(pages)))
-    other_chan = Channel(other_kind, feeds)
-    feed_a, feed_b = feeds(data), other_chan.feed(data)
-    other = threading.Thread(target=other_chan.receive, args=(path, feed_b))
-    other.start()
-    receive(path, feed_a)
-    other.join(30)
-    assert not other.is_alive()
+    receive_on_two_channels(path, data, other_kind, feeds)
     c = path.counters()
     assert (c.host_pages_placed, c.eexist) == (n, n)
     assert read(b, 0, n * PAGE) == b"".join(pages)
