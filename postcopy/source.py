@@ -156,6 +156,9 @@ class Source:
         self.path.set_send_once(owner.configuration().machine_type != BUILTIN_MACHINE_TYPE)
         self.hashes: dict[str, bytes] = {}
         self.session: SourceSession | None = None
+        # the status as carried out: a status the session moved to is announced after the
+        # actions that came with it (writers lowered, tracking on)
+        self._status = MigrationStatus.NONE
         # (generation of the channels that produced it, or None for an operator's command, input)
         self._inputs: queue.SimpleQueue[tuple[int | None, Input]] = queue.SimpleQueue()
         self._address: tuple[str, int] | None = None
@@ -351,6 +354,7 @@ class Source:
             case CloseChannels():
                 self._close_channels()
             case StatusChanged(status=status):
+                self._status = status
                 if status is MigrationStatus.POSTCOPY_PAUSED and self.session is not None:
                     log.warning("source: postcopy paused: %s", self.session.last_pause_reason)
                 else:
@@ -516,7 +520,7 @@ class Source:
 
     @property
     def status(self) -> str:
-        return self.session.status.value if self.session is not None else "none"
+        return self._status.value
 
     @property
     def result(self) -> MigrationStats:
@@ -535,7 +539,7 @@ class Source:
         error = s.error if s is not None else None
         return MigrationStats(
             role="source",
-            status=s.status if s is not None else MigrationStatus.NONE,
+            status=self._status,
             error=str(error) if error is not None else None,
             error_kind=error.kind if error is not None else None,
             pages_total=sum(b.used_length for b in self.blocks) // wire.DEFAULT_TARGET_PAGE_SIZE,

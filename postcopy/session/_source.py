@@ -363,9 +363,10 @@ class SourceSession:
             self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=READY_PING)])))
             self.ready_deadline = now + self.link_timeout
             self.channels_up = True
-            self._move(Trigger.STREAM_STARTED, now)
             if self.precopy is not None:
+                # before the status says active: whoever watches it sees the writers lowered, tracking on
                 self._start_precopy(now)
+            self._move(Trigger.STREAM_STARTED, now)
             self._maybe_switch(now)
             return
         r = self.recovery

@@ -24,6 +24,7 @@ from postcopy.session import (
     StartPostcopy,
     StartRound,
     StartTracking,
+    StatusChanged,
     StopGuest,
     StopTracking,
     SwitchoverPolicy,
@@ -44,6 +45,8 @@ def test_the_writers_yield_during_precopy_and_get_their_priority_back_at_the_swi
     # lowered before tracking starts and the first pass goes
     i = acts.index(WriterPriority(WRITER_NICE))
     assert acts[i + 1] == StartTracking()
+    # ... and the status says active only after all that (a watcher never sees it active unlowered)
+    assert acts.index(StatusChanged(S.ACTIVE)) > acts.index(StartRound(0))
     s.now += 0.5
     s.feed(StartPostcopy())
     acts = s.feed(RoundFinished(bytes=MB, ended=True))
