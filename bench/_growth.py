@@ -235,7 +235,27 @@ class Side:
     cpu_by_role_ms: dict[str, float]
 
 
-def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) -> Side:
+class _Ready:
+    """The two children start their migration together: the destination's memory (preallocated:
+    seconds at 8 GiB) and the source's guest built first, so that neither's setup is on the
+    migration's clock and the source never waits for a PONG behind it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def built(self) -> None:
+        """The destination's memory is ready."""
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def wait(self) -> None:
+        """The source: until the destination's memory is ready (or it has died)."""
+        if self.fd >= 0:
+            os.read(self.fd, 1)
+            os.close(self.fd)
+
+
+def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None, ready: _Ready) -> Side:
     from migration import GUEST_VCPUS_ROLE, ThreadProfile
 
     from postcopy.destination import Destination
@@ -255,8 +275,10 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
         guest.start()
         time.sleep(0.02)
         owner = BuiltinGuest(spec, memory, guest)
+        ready.wait()
     else:
         owner = BuiltinGuest(spec)
+        ready.built()
     ranges = [(b.addr, b.used_length) for b in owner.memory]
     # a destination preallocates its guest in memfds (BuiltinGuest): counted as shared memory
     memfds = [b.fd for b in owner.memory if b.backing == "memfd" and b.fd is not None]
@@ -306,7 +328,7 @@ def _run_role(role: str, size: int, fd: int, address: tuple[str, int] | None) ->
 
 
 def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
-                  address: tuple[str, int] | None) -> dict[str, Any]:
+                  address: tuple[str, int] | None, ready: _Ready) -> dict[str, Any]:
     """One migration for its downtime only: no sampler, no profiler (no bench thread
     wants the GIL while the roles switch). The guest as bench/migration.py's
     ``migrate()`` builds it: 2 vCPUs over random pages, flat out (busy) or one access
@@ -333,6 +355,7 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
             owner = BuiltinGuest(spec, memory, guest)
             src = Source(owner, preempt=True)
             trace.attach_source(src, owner)
+            ready.wait()
             stats = src.migrate(address, connect_timeout=30.0)
         finally:
             guest.close()
@@ -341,6 +364,7 @@ def _run_downtime(role: str, size: int, page_size: int, busy: bool, fd: int,
         owner = BuiltinGuest(spec)
         dest = Destination(owner, preempt=True)
         trace.attach_destination(dest, other_process=True)
+        ready.built()
         try:
             with socket.socket(fileno=fd) as listener:
                 stats = dest.serve(listener)
@@ -361,6 +385,8 @@ def _child_main(argv: list[str]) -> int:
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--fd", type=int, default=-1, help="dest: the listening socket, inherited")
     ap.add_argument("--connect", default="", help="source: HOST:PORT")
+    ap.add_argument("--ready-fd", type=int, default=-1,
+                    help="dest: a pipe to close once its memory is built; source: its other end, to wait on")
     ap.add_argument("--downtime", action="store_true", help="a downtime run (no sampler, no profiler)")
     ap.add_argument("--page-size", type=int, default=PAGE, help="--downtime: the guest's page size")
     ap.add_argument("--busy", action="store_true", help="--downtime: vCPUs flat out (else 1 access/s)")
@@ -370,10 +396,11 @@ def _child_main(argv: list[str]) -> int:
         host, port = args.connect.rsplit(":", 1)
         address = (host, int(port))
     role = "source" if args.role == "source" else "destination"
+    ready = _Ready(args.ready_fd)
     if args.downtime:
-        result = _run_downtime(role, args.size, args.page_size, args.busy, args.fd, address)
+        result = _run_downtime(role, args.size, args.page_size, args.busy, args.fd, address, ready)
     else:
-        result = asdict(_run_role(role, args.size, args.fd, address))
+        result = asdict(_run_role(role, args.size, args.fd, address, ready))
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
@@ -439,13 +466,18 @@ def run_pair(size: int, extra: list[str], timeout: float) -> tuple[dict[str, Any
     with (socket.create_server(("127.0.0.1", 0)) as listener, tempfile.TemporaryFile() as dest_out,
           tempfile.TemporaryFile() as src_out):
         port = listener.getsockname()[1]
-        dest = subprocess.Popen([*me, "dest", "--size", str(size), "--fd", str(listener.fileno()), *extra],
-                                pass_fds=(listener.fileno(),), env=env, stdin=subprocess.DEVNULL,
+        wait_end, ready_end = os.pipe()     # the destination closes its end when its memory is built
+        dest = subprocess.Popen([*me, "dest", "--size", str(size), "--fd", str(listener.fileno()),
+                                 "--ready-fd", str(ready_end), *extra],
+                                pass_fds=(listener.fileno(), ready_end), env=env, stdin=subprocess.DEVNULL,
                                 stdout=dest_out, stderr=subprocess.STDOUT)
         listener.close()        # the destination's now
+        os.close(ready_end)
         try:
-            src = subprocess.Popen([*me, "source", "--size", str(size), "--connect", f"127.0.0.1:{port}", *extra],
+            src = subprocess.Popen([*me, "source", "--size", str(size), "--connect", f"127.0.0.1:{port}",
+                                    "--ready-fd", str(wait_end), *extra], pass_fds=(wait_end,),
                                    env=env, stdin=subprocess.DEVNULL, stdout=src_out, stderr=subprocess.STDOUT)
+            os.close(wait_end)
             try:
                 source = _parse(src, src_out, "source", timeout)
             finally:

@@ -529,20 +529,33 @@ class DestinationService(_RoleService[R]):
 
     async def _begin(self) -> None:
         if self.listen is not None:
-            self._accept_on(self.listen, self.preempt)
+            await self._accept_on(self.listen, self.preempt)
         if self.control is not None:
             self.control.set_run_state("inmigrate")
 
-    def _accept_on(self, address: tuple[str, int], preempt: bool) -> None:
+    async def _accept_on(self, address: tuple[str, int], preempt: bool) -> None:
+        # Bound first (a port in use fails before any memory is allocated), listening only once the
+        # memory is built: a source that comes sooner is refused and retries, where a connection
+        # accepted but not served would leave it waiting for a PONG (a preallocated 8 GiB guest
+        # takes seconds to build; built off the event loop, which goes on answering QMP and /metrics)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            listener = socket.create_server(address, backlog=2)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
         except OSError as exc:
+            listener.close()
             raise ServiceError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
+        try:
+            owner = await asyncio.to_thread(self.make_owner)
+            self.destination = Destination(owner, preempt=preempt, verify=self.verify,
+                                           on_status=self._status_from_thread, link_timeout=self.link_timeout,
+                                           fail_fast=self.fail_fast, max_packaged=self.max_packaged)
+            listener.listen(2)
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
-        self.destination = Destination(self.make_owner(), preempt=preempt, verify=self.verify,
-                                       on_status=self._status_from_thread, link_timeout=self.link_timeout,
-                                       fail_fast=self.fail_fast, max_packaged=self.max_packaged)
         self._set_status(MigrationStatus.SETUP)
         if self.on_listening is not None:
             self.on_listening(self.listen_address)
@@ -559,7 +572,7 @@ class DestinationService(_RoleService[R]):
     async def migrate_incoming(self, uri: str) -> None:
         address = _tcp_address("migrate-incoming", uri)
         try:
-            self._accept_on(address, self._capability("postcopy-preempt", self.preempt))
+            await self._accept_on(address, self._capability("postcopy-preempt", self.preempt))
         except ServiceError as exc:
             raise QMPError(f"Failed to bind socket: {exc}") from None
 
