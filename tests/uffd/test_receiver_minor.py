@@ -207,6 +207,28 @@ def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
     assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
 
 
+def test_the_rest_of_a_claimed_page_is_received_straight_into_it_and_a_zero_record_stays_zero(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """Once the first records of a requested huge page have claimed it, the rest is received into
+    the page's own bytes (no temp page, no copy). A ZERO record among them is not predicted: the
+    stream's bytes that one receive put where it and the records after it go are taken back, and
+    its part of the page reads zeros (a zero page is never written)."""
+    b = prefilled(make_block, 2)
+    path = dp.DestinationPath([b], verify=True)
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    zeros = {40, 41, 300, NTP - 1}
+    bodies: list[bytes | None] = [None if i in zeros else page(9000 + i) for i in range(NTP)]
+    recs = records(PAGE_2M, bodies)
+    head = len(encode(recs[:3], eos=False)) + 100       # three records and part of the fourth's header
+    rx = receive(path, feeds(encode(recs), chunks=[head]))
+    assert rx._rx.c.pages_direct > 0
+    assert path.counters().host_pages_placed == 1
+    assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
+    check_hashes(path, 0, b, range(NTP, 2 * NTP))
+
+
 def test_a_preempt_channel_that_ends_inside_a_page_gives_it_back_as_zeros(
     minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
 ) -> None:

@@ -1320,8 +1320,9 @@ static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
     if (rx->tmp_skip)
         return;
     if (rx->tmp_inplace) {
-        if (!zero)
-            copy_streaming_unfenced(rx->dst->blocks[rx->tmp_block].alias + off, data, PC_TARGET_PAGE_SIZE);
+        uint8_t *slot = rx->dst->blocks[rx->tmp_block].alias + off;
+        if (!zero && slot != data)      /* (not received there: direct receive in place) */
+            copy_streaming_unfenced(slot, data, PC_TARGET_PAGE_SIZE);
         return;
     }
     uint8_t *slot = rx->tmp + (off - rx->tmp_host_off);
@@ -1478,6 +1479,7 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
 typedef struct direct_layout {
     uint8_t *bodies;
     uint32_t nrec;
+    int inplace;    /* the bodies are the claimed page's own bytes (its alias), see direct_plan */
 } direct_layout;
 
 /* The byte at layout position pos: its piece and how many bytes of the piece remain. */
@@ -1526,7 +1528,7 @@ static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint6
  * does not apply (then the general path receives into the buffer). */
 static direct_layout direct_plan(pc_rx *rx)
 {
-    direct_layout l = { NULL, 0 };
+    direct_layout l = { NULL, 0, 0 };
     pc_dst *d = rx->dst;
     int32_t bi = rx->scan.last_block;
     if (!d || bi < 0 || (uint32_t)bi >= d->nblocks || (rx->kind != PC_RX_PREEMPT && !rx->in_section))
@@ -1557,7 +1559,11 @@ static direct_layout direct_plan(pc_rx *rx)
         } else {
             if (rx->tmp_block != bi)
                 return l;       /* the general path reports it */
-            l.bodies = rx->tmp + (rx->tmp_next_off - rx->tmp_host_off);
+            /* A requested page claimed in place (its first records told which it is): the
+             * rest is received straight into its bytes, no copy out of the temp page. */
+            l.inplace = rx->tmp_inplace;
+            l.bodies = l.inplace ? d->blocks[bi].alias + rx->tmp_next_off
+                                 : rx->tmp + (rx->tmp_next_off - rx->tmp_host_off);
             l.nrec = (uint32_t)((rx->tmp_host_off + hps - rx->tmp_next_off) / PC_TARGET_PAGE_SIZE);
         }
     }
@@ -1642,7 +1648,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     *err = 0;
     if (rx->kind == PC_RX_PREEMPT)
         boost_this_thread();
-    direct_layout l = { NULL, 0 };
+    direct_layout l = { NULL, 0, 0 };
     if (rx->direct_skip)
         rx->direct_skip--;
     else
@@ -1692,6 +1698,13 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     if (direct_unread(rx, &l, (uint64_t)k * DIRECT_REC, total) < 0) {
         *err = rx_fail(rx, PC_RX_E_IO, ENOMEM, "no memory for the receive buffer");
         return ret;
+    }
+    if (l.inplace && total > (uint64_t)k * DIRECT_REC + 8) {
+        /* the bodies after the k placed records held other bytes of the stream: zeros again
+         * (a claimed page's parts read zeros until this channel writes them; a ZERO record
+         * that comes there is never written) */
+        uint64_t touched = (total - 8 + DIRECT_REC - 1) / DIRECT_REC;
+        memset(l.bodies + (uint64_t)k * PC_TARGET_PAGE_SIZE, 0, (touched - k) * PC_TARGET_PAGE_SIZE);
     }
     int rc = direct_place(rx, &l, k);
     if (rc)
