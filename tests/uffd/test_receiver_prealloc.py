@@ -154,3 +154,26 @@ def test_a_page_discarded_after_precopy_is_allocated_again(
     assert read(b, 0, 4 * PAGE) == page(5) + bytes(PAGE) + page(6) + bytes(PAGE)
     c = path.counters()
     assert (c.host_pages_placed, c.zero_host_pages_placed, c.eexist) == (8, 2, 0)
+
+
+def test_a_discarded_range_is_claimable_again_exactly(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """A discard gives back the claims of its pages, whole words of them at once, and no more:
+    pages 3-199 (parts of the first and last 64-page words, two whole words) come again and are
+    placed again; the pages around them stay as they were placed first."""
+    n = 300
+    b = prefilled(make_block, n)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    first = [page(i) for i in range(n)]
+    receive(path, feeds(encode(records(0, list(first)))))
+    assert path.discard_ranges(0, [(3 * PAGE, 197 * PAGE)]) == 1
+    assert path.received[0].count() == n - 197
+    again = [page(1000 + i) for i in range(n)]
+    receive(path, feeds(encode(records(0, list(again)))))
+    assert path.received[0].count() == n           # (else reading the guest's mapping would wait)
+    assert read(b, 0, n * PAGE) == b"".join(first[:3] + again[3:200] + first[200:])
+    c = path.counters()
+    assert (c.host_pages_placed, c.eexist) == (n + 197, n - 197)

@@ -337,9 +337,14 @@ static void unclaim(pc_dst_block *b, uint64_t offset, uint64_t length)
 {
     if (!b->claimed || !length)
         return;
-    uint64_t hps = b->host_page_size;
-    for (uint64_t hp = offset / hps, last = (offset + length - 1) / hps; hp <= last; hp++)
-        __atomic_and_fetch(&b->claimed[hp / 64], ~(1ull << (hp % 64)), __ATOMIC_RELEASE);
+    uint64_t hps = b->host_page_size, first = offset / hps, last = (offset + length - 1) / hps;
+    /* a word at a time: a whole 2 GiB block of 4 KiB pages is 8192 words, not 524288 bits */
+    for (uint64_t w = first / 64; w <= last / 64; w++) {
+        uint64_t lo = w == first / 64 ? first % 64 : 0, hi = w == last / 64 ? last % 64 : 63;
+        uint64_t mask = (hi == 63 ? ~0ull : (1ull << (hi + 1)) - 1) & (~0ull << lo);
+        if (__atomic_load_n(&b->claimed[w], __ATOMIC_RELAXED) & mask)
+            __atomic_and_fetch(&b->claimed[w], ~mask, __ATOMIC_RELEASE);
+    }
 }
 
 int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
