@@ -403,6 +403,8 @@ class SwitchTrace:
         self.wrap(dest, "_do", "dst_pong3_start", "dst_pong3_end",
                   when=lambda act: isinstance(act, SendReturnPath) and act.data == self.PONG3)
         self.wrap(dest, "_do", "dst_load_start", "dst_load_end", when=action_is(StartGuest))
+        # the destination's vCPUs running: the guest runs again (QEMU's RESUME)
+        self.wrap(dest.owner, "start", None, "dst_guest_running")
 
     #: (phase, the mark that ends it) in the order they happen; a phase ends at the first mark
     #: of its kind after the previous phase's end (missing marks merge into the next phase).
@@ -424,6 +426,7 @@ class SwitchTrace:
         ("dest_packaged_to_listen_ns", "dst_listen_start"),
         ("dest_listen_register_ns", "dst_listen_end"),  # uffd register, fault service released
         ("dest_preempt_receiver_ns", "dst_preempt_rx_end"),
+        ("dest_guest_start_ns", "dst_guest_running"),    # device state loaded, the vCPUs started here
         ("dest_to_pong3_ns", "dst_pong3_start"),
         # then PONG 3 written, on the wire, read by the source's return-path thread (its write may
         # return after that read: the source's urgent thread takes the CPU at once)
@@ -452,7 +455,11 @@ class SwitchTrace:
         # PONG 3 on the wire, read by the source's return-path thread (where the downtime ends)
         out["pong3_to_source_ns"] = stopped_ns + downtime_ns - prev
         if "dst_load_start" in m and "dst_load_end" in m:
-            out["after_pong3_device_load_start_ns"] = m["dst_load_end"] - m["dst_load_start"]
+            # the whole StartGuest action (device state, vCPUs started, their thread ids recorded)
+            out["dest_start_guest_action_ns"] = m["dst_load_end"] - m["dst_load_start"]
+        if "dst_guest_running" in m:
+            # the guest's stop to its vCPUs running on the destination (the end QEMU's RESUME marks)
+            out["stop_to_dest_running_ns"] = m["dst_guest_running"] - stopped_ns
         return out
 
 
@@ -462,7 +469,7 @@ PHASE_COLUMNS = [
     ("dest_decode_discard_ns", "decode"), ("dest_to_discard_ns", "->discard"), ("dest_discard_ns", "discard"),
     ("dest_ping2_ns", "PING 2"), ("dest_to_packaged_ns", "->PACKAGED"), ("dest_packaged_to_listen_ns", "->LISTEN"),
     ("dest_listen_register_ns", "LISTEN"), ("dest_preempt_receiver_ns", "preempt rx"),
-    ("dest_to_pong3_ns", "->PONG3"), ("pong3_to_source_ns", "PONG3->src"),
+    ("dest_guest_start_ns", "guest start"), ("dest_to_pong3_ns", "->PONG3"), ("pong3_to_source_ns", "PONG3->src"),
 ]
 
 
@@ -737,7 +744,8 @@ def print_downtime(runs: list[Run] | list[DowntimeRun]) -> None:
           "decoding up to the first discard, the session's Discard, the discard carried out (the last three only "
           "after precopy: immediate postcopy discards before the stop), PING 2 decoded and answered, PACKAGED "
           "decoded, "
-          "PACKAGED up to LISTEN, LISTEN (uffd register), the preempt receiver started, up to PONG 3's write, "
+          "PACKAGED up to LISTEN, LISTEN (uffd register), the preempt receiver started, the device state loaded and "
+          "the vCPUs started (the guest runs here again), up to PONG 3's write, "
           "PONG 3 written, on the wire and read by the source's return-path thread (where the downtime ends)")
 
 

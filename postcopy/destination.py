@@ -147,6 +147,7 @@ class Destination:
         self._latency_lock = threading.Lock()
         self._started_ns = time.monotonic_ns()
         self._guest_started_ns = 0
+        self._vcpus_unregistered = False     # the guest started, its vCPU ids not yet given to the fault path
         self._finished_ns = 0
         self._counters_at_end: MigrationStats | None = None
         wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
@@ -271,6 +272,16 @@ class Destination:
 
     def _carry_out(self, actions: list[Action]) -> None:
         pending = list(actions)
+        try:
+            self._carry_out_all(pending)
+        finally:
+            if self._vcpus_unregistered:
+                # after the batch (PONG 3 is in it): the fault path learns the fresh vCPU
+                # threads' ids (per-vCPU blocktime) once they have run, not inside the downtime
+                self._vcpus_unregistered = False
+                self.path.set_vcpu_threads(list(self.owner.vcpu_thread_ids()))
+
+    def _carry_out_all(self, pending: list[Action]) -> None:
         while pending:
             action = pending.pop(0)
             conn = getattr(action, "conn", None)
@@ -402,7 +413,7 @@ class Destination:
                 self.owner.load_device_state(sections, configuration=configuration, in_package=in_package)
                 self.owner.start()
                 self._guest_started_ns = time.monotonic_ns()
-                self.path.set_vcpu_threads(list(self.owner.vcpu_thread_ids()))
+                self._vcpus_unregistered = True
             case BreakLink():
                 for c7 in self._conns.values():
                     if c7.rx is not None:

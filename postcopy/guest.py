@@ -21,7 +21,6 @@ import enum
 import errno
 import math
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -402,9 +401,7 @@ class Guest:
         """Kernel thread ids of the running vCPUs (what userfaultfd's THREAD_ID reports);
         waits up to ``wait`` seconds for freshly started vCPUs to record theirs."""
         out = ffi.new("uint32_t[]", max(1, self.nvcpus))
-        deadline = time.monotonic() + wait
-        while lib.pc_guest_vcpu_tids(self._handle(), out, self.nvcpus) < self.nvcpus and time.monotonic() < deadline:
-            time.sleep(0.0005)
+        lib.pc_guest_wait_vcpu_tids(self._handle(), out, self.nvcpus, int(wait * 1e9))
         return [int(out[v]) for v in range(self.nvcpus)]
 
     def stats(self) -> GuestStats:

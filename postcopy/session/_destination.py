@@ -580,12 +580,24 @@ class DestinationSession:
         self._out += [StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)), CheckComplete()]
 
     def _packaged(self, conn: int, inner: tuple[wire.WireEvent, ...], now: float) -> None:
+        # The package's PINGs are answered after all of it, RUN's guest start included: the
+        # source's PONG 3 then says the guest runs here again, so the downtime it measures
+        # (its guest's stop -> PONG 3) is the whole time the guest ran nowhere, as QEMU's
+        # STOP -> RESUME (the order of PONGs on the return path is no part of the protocol).
+        pongs: list[int] = []
         for event in inner:
+            if isinstance(event, wire.Ping):
+                pongs.append(event.value)
+                continue
             self._packaged_item(conn, event, now)
             if self.status.finished:
                 return
         if self.status is not S.POSTCOPY_ACTIVE:
             self._bad_stream("unexpected", "PACKAGED ended without RUN", now)
+            return
+        starts = [i for i, a in enumerate(self._out) if isinstance(a, StartGuest)]
+        at = starts[-1] + 1 if starts else len(self._out)
+        self._out[at:at] = [SendReturnPath(wire.encode(wire.Pong(value=v))) for v in pongs]
 
     def _packaged_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
         match item:
@@ -594,8 +606,6 @@ class DestinationSession:
             case wire.DeviceSection():
                 self.attempt.device_sections.append(item)
                 self.attempt.in_package.append(True)
-            case wire.Ping(value=v):
-                self._out.append(SendReturnPath(wire.encode(wire.Pong(value=v))))
             case wire.PostcopyRun():
                 self._run(conn, now)
             case _:

@@ -6,6 +6,8 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -45,7 +47,13 @@ struct vcpu {
     _Atomic uint32_t tid;    /* kernel thread id while running: uffd THREAD_ID names it */
     pc_guest *g;
     pthread_t thread;
+    void *stack;             /* its thread's stack, mapped with the guest (see pc_guest_start) */
 };
+
+/* A vCPU thread's stack: the loop needs little; mapped and populated when the guest is made,
+ * so that starting it maps nothing (a destination starts its guest inside the downtime, where
+ * mmap's wait for the address space lock, behind the fault path's placements, cost ms). */
+#define VCPU_STACK_SIZE (256u << 10)
 
 struct pc_guest {
     uint32_t nregions, nvcpus, pattern, write_percent;
@@ -269,9 +277,10 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     g->regions = calloc(nregions, sizeof(*g->regions));
     g->first_page = calloc(nregions + 1, sizeof(*g->first_page));
     g->vcpus = aligned_alloc(64, sizeof(struct vcpu) * nvcpus);
+    if (g->vcpus)
+        memset(g->vcpus, 0, sizeof(struct vcpu) * nvcpus);     /* (no stacks yet, for oom:) */
     if (!g->regions || !g->first_page || !g->vcpus)
         goto oom;
-    memset(g->vcpus, 0, sizeof(struct vcpu) * nvcpus);
     memcpy(g->regions, regions, sizeof(*regions) * nregions);
     g->nregions = nregions;
     g->nvcpus = nvcpus;
@@ -298,6 +307,12 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
         c->read_hash = hash_initial(v);
         c->share_start = total * v / nvcpus;
         c->share_len = total * (v + 1) / nvcpus - c->share_start;
+        c->stack = mmap(NULL, VCPU_STACK_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_POPULATE, -1, 0);
+        if (c->stack == MAP_FAILED) {
+            c->stack = NULL;
+            goto oom;
+        }
     }
     pthread_mutex_init(&g->ctl, NULL);
     pthread_mutex_init(&g->done_lock, NULL);
@@ -309,6 +324,9 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     return g;
 oom:
     if (g) {
+        for (uint32_t v = 0; g->vcpus && v < nvcpus; v++)
+            if (g->vcpus[v].stack)
+                munmap(g->vcpus[v].stack, VCPU_STACK_SIZE);
         free(g->regions);
         free(g->first_page);
         free(g->vcpus);
@@ -326,6 +344,8 @@ void pc_guest_free(pc_guest *g)
     pthread_mutex_destroy(&g->ctl);
     pthread_mutex_destroy(&g->done_lock);
     pthread_cond_destroy(&g->done_cond);
+    for (uint32_t v = 0; v < g->nvcpus; v++)
+        munmap(g->vcpus[v].stack, VCPU_STACK_SIZE);
     free(g->regions);
     free(g->first_page);
     free(g->vcpus);
@@ -560,7 +580,11 @@ int pc_guest_start(pc_guest *g, uint64_t nsteps)
     }
     atomic_store(&g->active, g->nvcpus);
     for (uint32_t v = 0; v < g->nvcpus; v++) {
-        int rc = pthread_create(&g->vcpus[v].thread, NULL, vcpu_main, &g->vcpus[v]);
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstack(&attr, g->vcpus[v].stack, VCPU_STACK_SIZE);
+        int rc = pthread_create(&g->vcpus[v].thread, &attr, vcpu_main, &g->vcpus[v]);
+        pthread_attr_destroy(&attr);
         if (rc) {
             atomic_store(&g->stop, 1);
             atomic_fetch_sub(&g->active, g->nvcpus - v);
@@ -580,6 +604,24 @@ uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap)
     for (uint32_t v = 0; v < g->nvcpus && v < cap; v++)
         if ((out[v] = atomic_load(&g->vcpus[v].tid)) != 0)
             n++;
+    return n;
+}
+
+uint32_t pc_guest_wait_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap, uint64_t timeout_ns)
+{
+    /* Fresh vCPU threads record their ids as their first step: yielding (not sleeping) finds
+     * them as soon as they have run, which a destination starting its guest waits for. */
+    uint64_t start = pc_now_ns(), now = start;
+    uint32_t want = g->nvcpus < cap ? g->nvcpus : cap, n;
+    while ((n = pc_guest_vcpu_tids(g, out, cap)) < want && now - start < timeout_ns) {
+        if (now - start < 2000000) {
+            sched_yield();
+        } else {
+            struct timespec nap = { 0, 200000 };    /* not started in 2 ms: a starved machine */
+            nanosleep(&nap, NULL);
+        }
+        now = pc_now_ns();
+    }
     return n;
 }
 

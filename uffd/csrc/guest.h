@@ -130,6 +130,7 @@ int pc_guest_stop(pc_guest *g);
 uint32_t pc_guest_running(pc_guest *g);
 /* Kernel thread ids of the vCPUs that have started (0 for the others); returns how many are known. */
 uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap);
+uint32_t pc_guest_wait_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap, uint64_t timeout_ns);
 
 
 /* Copy per-vCPU counters (readable while running); returns nvcpus (entries written, up to cap). */
