@@ -52,7 +52,7 @@ struct vcpu {
 
 /* A vCPU thread's stack: the loop needs little; mapped and populated when the guest is made,
  * so that starting it maps nothing (a destination starts its guest inside the downtime, where
- * mmap's wait for the address space lock, behind the fault path's placements, cost ms). */
+ * an mmap may wait for the address space lock behind the fault path's placements). */
 #define VCPU_STACK_SIZE (256u << 10)
 
 struct pc_guest {
