@@ -19,6 +19,7 @@ __all__ = [
     "background_priority",
     "bound_bulk_buffers",
     "hold_gc",
+    "one_malloc_arena",
     "quick_gil_handoff",
     "set_recv_timeout",
     "set_thread_nice",
@@ -41,6 +42,12 @@ def tune(sock: socket.socket, link_timeout: float) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(link_timeout * 1000))
     return sock
+
+
+def one_malloc_arena() -> None:
+    """One malloc arena for the whole process (glibc), made before the roles' threads: a thread's
+    own arena is fresh memory first touched inside the switch (see pc_malloc_one_arena)."""
+    lib.pc_malloc_one_arena()
 
 
 def urgent_priority(nice: int = lib.PC_URGENT_NICE) -> None:

@@ -38,6 +38,7 @@ from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
     hold_gc,
+    one_malloc_arena,
     quick_gil_handoff,
     set_recv_timeout,
     shutdown_quietly,
@@ -151,6 +152,7 @@ class Destination:
         self._finished_ns = 0
         self._counters_at_end: MigrationStats | None = None
         wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
+        one_malloc_arena()  # no thread makes (and first touches) its own malloc arena inside the switch
 
     # -- the migration ----------------------------------------------------------------------
 

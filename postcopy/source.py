@@ -25,6 +25,7 @@ from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
     hold_gc,
+    one_malloc_arena,
     set_recv_timeout,
     set_thread_nice,
     shutdown_quietly,
@@ -177,6 +178,7 @@ class Source:
         self._throttled = 0
         self._writer_nice = 0
         wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
+        one_malloc_arena()  # no thread makes (and first touches) its own malloc arena inside the switch
 
     # -- the migration ------------------------------------------------------------------
 

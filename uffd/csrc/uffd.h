@@ -102,6 +102,7 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * preempts at wakeup); 0 or -errno. Without CAP_SYS_NICE a raise fails, the slice still
  * takes. Called through cffi, which releases the GIL: a thread that lowers itself is never
  * preempted while holding it. Threads the caller creates later inherit both. */
+int pc_malloc_one_arena(void);
 int pc_thread_set_nice(int nice);
 /* The nice of the threads a faulting vCPU waits on (and of a stopping guest's vCPUs). */
 #define PC_URGENT_NICE (-10)
