@@ -79,7 +79,7 @@ void pc_dst_free(pc_dst *d)
         return;
     for (uint32_t i = 0; i < d->nblocks && d->blocks; i++) {
         free(d->blocks[i].request_ns);
-        free(d->blocks[i].claimed);
+        pc_bitmap_free(d->blocks[i].claimed);
     }
     if (d->zero_buf)
         munmap(d->zero_buf, d->max_host_page_size);
@@ -212,9 +212,8 @@ int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd)
     pc_dst_block *b = &d->blocks[i];
     if (!b->length || alias % b->host_page_size)
         return -EINVAL;
-    uint64_t words = (b->length / b->host_page_size + 63) / 64;
-    free(b->claimed);
-    if (!(b->claimed = calloc(words, sizeof(uint64_t))))
+    pc_bitmap_free(b->claimed);
+    if (!(b->claimed = pc_bitmap_new(b->length / b->host_page_size)))
         return -ENOMEM;
     b->alias = (uint8_t *)(uintptr_t)alias;
     b->fd = fd;
@@ -337,14 +336,9 @@ static void unclaim(pc_dst_block *b, uint64_t offset, uint64_t length)
 {
     if (!b->claimed || !length)
         return;
-    uint64_t hps = b->host_page_size, first = offset / hps, last = (offset + length - 1) / hps;
     /* a word at a time: a whole 2 GiB block of 4 KiB pages is 8192 words, not 524288 bits */
-    for (uint64_t w = first / 64; w <= last / 64; w++) {
-        uint64_t lo = w == first / 64 ? first % 64 : 0, hi = w == last / 64 ? last % 64 : 63;
-        uint64_t mask = (hi == 63 ? ~0ull : (1ull << (hi + 1)) - 1) & (~0ull << lo);
-        if (__atomic_load_n(&b->claimed[w], __ATOMIC_RELAXED) & mask)
-            __atomic_and_fetch(&b->claimed[w], ~mask, __ATOMIC_RELEASE);
-    }
+    uint64_t hps = b->host_page_size, first = offset / hps;
+    pc_bitmap_clear_range_atomic(b->claimed, first, (offset + length - 1) / hps + 1 - first);
 }
 
 int pc_dst_discard(pc_dst *d, uint32_t bi, uint64_t offset, uint64_t length)
@@ -1019,8 +1013,7 @@ static void copy_streaming(uint8_t *dst, const uint8_t *src, uint64_t n)
  * running guest wrote since). */
 static int claim_page(pc_dst_block *b, uint64_t host_off)
 {
-    uint64_t hp = host_off / b->host_page_size, bit = 1ull << (hp % 64);
-    return !(__atomic_fetch_or(&b->claimed[hp / 64], bit, __ATOMIC_ACQ_REL) & bit) &&
+    return !pc_bitmap_test_and_set_atomic(b->claimed, host_off / b->host_page_size) &&
            !pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE);
 }
 

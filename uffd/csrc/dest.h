@@ -43,7 +43,7 @@ typedef struct pc_dst_block {
      * whoever gives a claim back punches the page first. */
     uint8_t *alias;
     int fd;
-    uint64_t *claimed;
+    pc_bitmap *claimed;
     uint32_t idlen;
     char idstr[256];
 } pc_dst_block;
