@@ -580,36 +580,24 @@ class DestinationSession:
         self._out += [StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)), CheckComplete()]
 
     def _packaged(self, conn: int, inner: tuple[wire.WireEvent, ...], now: float) -> None:
-        # The package's PINGs are answered after all of it, RUN's guest start included: the
-        # source's PONG 3 then says the guest runs here again, so the downtime it measures
-        # (its guest's stop -> PONG 3) is the whole time the guest ran nowhere, as QEMU's
-        # STOP -> RESUME (the order of PONGs on the return path is no part of the protocol).
-        pongs: list[int] = []
+        # The package's PINGs are answered right after RUN's guest start: the source's PONG 3
+        # then says the guest runs here again, so the downtime it measures (its guest's stop ->
+        # PONG 3) is the whole time the guest ran nowhere, as QEMU's STOP -> RESUME (the order
+        # of PONGs on the return path is no part of the protocol).
+        pongs = tuple(e.value for e in inner if isinstance(e, wire.Ping))
         for event in inner:
-            if isinstance(event, wire.Ping):
-                pongs.append(event.value)
-                continue
-            self._packaged_item(conn, event, now)
+            match event:
+                case wire.PostcopyListen():
+                    self._listen(now)
+                case wire.DeviceSection():
+                    self.attempt.device_sections.append(event)
+                    self.attempt.in_package.append(True)
+                case wire.PostcopyRun():
+                    self._run(conn, now, pongs)
             if self.status.finished:
                 return
         if self.status is not S.POSTCOPY_ACTIVE:
             self._bad_stream("unexpected", "PACKAGED ended without RUN", now)
-            return
-        starts = [i for i, a in enumerate(self._out) if isinstance(a, StartGuest)]
-        at = starts[-1] + 1 if starts else len(self._out)
-        self._out[at:at] = [SendReturnPath(wire.encode(wire.Pong(value=v))) for v in pongs]
-
-    def _packaged_item(self, conn: int, item: wire.WireEvent, now: float) -> None:
-        match item:
-            case wire.PostcopyListen():
-                self._listen(now)
-            case wire.DeviceSection():
-                self.attempt.device_sections.append(item)
-                self.attempt.in_package.append(True)
-            case wire.PostcopyRun():
-                self._run(conn, now)
-            case _:
-                pass
 
     def _ram_setup(self, entries: tuple[wire.RamBlockEntry, ...], now: float) -> None:
         a = self.attempt
@@ -659,12 +647,14 @@ class DestinationSession:
         if a.preempt is not None:
             self._out.append(StartPreemptReceiver(a.preempt))
 
-    def _run(self, conn: int, now: float) -> None:
+    def _run(self, conn: int, now: float, pongs: tuple[int, ...] = ()) -> None:
+        """RUN; ``pongs``: the package's PINGs, answered once the guest is started."""
         a = self.attempt
         if not a.listening:
             self._bad_stream("unexpected", "RUN before LISTEN", now)
             return
         self._out.append(StartGuest(tuple(a.device_sections), a.configuration, tuple(a.in_package)))
+        self._out += [SendReturnPath(wire.encode(wire.Pong(value=v))) for v in pongs]
         self.link = _Link(main=conn, preempt=a.preempt)
         self._move(Trigger.RUN, now)
         self._out.append(ReceivePages(conn, silence_breaks=False))
