@@ -602,7 +602,8 @@ class SourcePath:
     @property
     def rp_control_ns(self) -> int:
         """CLOCK_MONOTONIC ns when the control message :meth:`serve_return_path` last returned
-        for came in (the return path's recv that brought it)."""
+        for came in: the kernel's receive time of the recv that brought it (SO_TIMESTAMPNS), so a
+        PONG that came while this thread sent a requested page counts from its arrival."""
         return int(self._s.rp_control_ns)
 
     def urgent_pending(self) -> bool:

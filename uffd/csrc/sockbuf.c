@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "core.h"
 
@@ -59,6 +60,32 @@ void pc_sockbuf_spin(pc_sockbuf *sb)
     }
 }
 
+int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb)
+{
+    int on = 1;
+    if (setsockopt(sb->fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) < 0)
+        return -errno;
+    sb->arrival_stamps = 1;
+    return 0;
+}
+
+/* The kernel's receive time (CLOCK_REALTIME) of the last bytes msg brought, on pc_now_ns's clock;
+ * received_ns (when the receive returned) if it carries none or one from the future. */
+static uint64_t arrival_ns(struct msghdr *msg, uint64_t received_ns)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_TIMESTAMPNS)
+            continue;
+        struct timespec at, now;
+        memcpy(&at, CMSG_DATA(c), sizeof(at));
+        clock_gettime(CLOCK_REALTIME, &now);
+        int64_t ago = (int64_t)(now.tv_sec - at.tv_sec) * 1000000000 + (now.tv_nsec - at.tv_nsec);
+        if (ago >= 0 && (uint64_t)ago < received_ns)
+            return received_ns - (uint64_t)ago;
+    }
+    return received_ns;
+}
+
 int64_t pc_sockbuf_recv(pc_sockbuf *sb)
 {
     uint64_t want = sb->cap / 4 < 65536 ? sb->cap / 4 : 65536;
@@ -67,11 +94,20 @@ int64_t pc_sockbuf_recv(pc_sockbuf *sb)
         return rc;
     pc_sockbuf_spin(sb);
     for (;;) {
-        ssize_t n = recv(sb->fd, sb->buf + sb->tail, sb->cap - sb->tail, 0);
+        struct iovec iov = { sb->buf + sb->tail, sb->cap - sb->tail };
+        union { char buf[CMSG_SPACE(sizeof(struct timespec))]; struct cmsghdr align; } control;
+        struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+        if (sb->arrival_stamps) {
+            msg.msg_control = control.buf;
+            msg.msg_controllen = sizeof(control.buf);
+        }
+        ssize_t n = recvmsg(sb->fd, &msg, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return -errno;
+        uint64_t now = pc_now_ns();
+        sb->arrived_ns = sb->arrival_stamps && n > 0 ? arrival_ns(&msg, now) : now;
         sb->tail += (uint64_t)n;
         __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
         return n;

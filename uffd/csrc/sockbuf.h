@@ -13,6 +13,8 @@ typedef struct pc_sockbuf {
     uint64_t bytes;             /* received in total */
     uint64_t limit;             /* the buffer never grows beyond this */
     uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
+    int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
+    uint64_t arrived_ns;        /* when the last bytes received came in (pc_now_ns's clock) */
 } pc_sockbuf;
 
 /* Until deadline_ns (pc_now_ns), a receive on sb waits for data on its CPU (polling,
@@ -23,6 +25,10 @@ void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
 
 int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit);   /* 0 or -ENOMEM */
 void pc_sockbuf_release(pc_sockbuf *sb);
+/* From now on, arrived_ns is when the kernel took in the last bytes a receive returned
+ * (SO_TIMESTAMPNS), not when the receive ran: a reader busy elsewhere while a message came
+ * in still knows when it came. 0, or -errno (arrived_ns is then the receive's time). */
+int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb);
 /* Wait (on the CPU) until sb's socket is readable or its spin deadline passes. */
 void pc_sockbuf_spin(pc_sockbuf *sb);
 /* One recv(): >0 bytes received, 0 at EOF, -errno. */

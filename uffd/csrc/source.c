@@ -153,6 +153,8 @@ void pc_src_set_rp(pc_src *s, int fd)
     if (s->rp_ready)
         pc_sockbuf_release(&s->rp);
     s->rp_ready = pc_sockbuf_init(&s->rp, fd, 64 * 1024, 64u << 20) == 0;
+    if (s->rp_ready)
+        pc_sockbuf_stamp_arrivals(&s->rp);    /* best effort: else a control message's time is its read */
     s->rp_block = -1;
 }
 
@@ -930,7 +932,7 @@ int pc_src_rp_run(pc_src *s)
         uint64_t had = in->bytes;
         int64_t r = pc_sockbuf_fill(in, 4);
         if (in->bytes != had)
-            s->rp_recv_ns = pc_now_ns();
+            s->rp_recv_ns = in->arrived_ns;     /* a PONG that came in while a page was sent counts then */
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
                                         : PC_RP_EOF;
