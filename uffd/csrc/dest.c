@@ -109,9 +109,14 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
         return -EINVAL;
     pc_dst_block *b = &d->blocks[i];
     free(b->request_ns);
-    b->request_ns = calloc(length / host_page_size, sizeof(uint64_t));
+    /* touched now (malloc + memset, not calloc): the fault service writes here on each request,
+     * and fresh pages first written by the started guest's first faults cost 60-90 us each where
+     * the host backs memory lazily (8 bytes a host page: 0.2 % of a 4 KiB-page guest) */
+    uint64_t request_ns_bytes = length / host_page_size * sizeof(uint64_t);
+    b->request_ns = malloc(request_ns_bytes);
     if (!b->request_ns)
         return -ENOMEM;
+    memset(b->request_ns, 0, request_ns_bytes);
     b->base = base;
     b->length = length;
     b->host_page_size = host_page_size;

@@ -166,6 +166,12 @@ pc_dirty *pc_dirty_new(int method, int pid, int uffd, char *err, size_t errcap)
             seterr(err, errcap, "/proc/%d/clear_refs: %s", pid, strerror(errno));
             goto fail;
         }
+        t->vec_len = PAGEMAP_CHUNK;
+        t->vec = calloc(PAGEMAP_CHUNK, sizeof(uint64_t));
+        if (!t->vec) {
+            seterr(err, errcap, "out of memory");
+            goto fail;
+        }
     } else {
         if (uffd >= 0) {
             t->uffd = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
@@ -301,7 +307,7 @@ static int64_t collect_wp(pc_dirty *t, pc_dirty_range *r)
 
 static int64_t collect_soft(pc_dirty *t, pc_dirty_range *r)
 {
-    static __thread uint64_t buf[PAGEMAP_CHUNK];
+    uint64_t *buf = t->vec;     /* not a thread-local array: see the note on thread-local storage in core.h */
     uint64_t found = 0, npages = r->length / TP, first = r->base / TP;
     for (uint64_t p = 0; p < npages;) {
         uint64_t n = npages - p < PAGEMAP_CHUNK ? npages - p : PAGEMAP_CHUNK;

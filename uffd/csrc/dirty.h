@@ -42,7 +42,7 @@ typedef struct pc_dirty {
     int clear_refs_fd;              /* SOFT */
     uint32_t nranges;
     pc_dirty_range ranges[64];
-    void *vec;                      /* PAGEMAP_SCAN output regions */
+    void *vec;                      /* WP_ASYNC: PAGEMAP_SCAN's output regions; SOFT: pagemap entries read */
     uint64_t vec_len;
     uint64_t scans, scan_ns, pages_found;
     char err[256];

@@ -103,6 +103,8 @@ typedef struct pc_src {
     uint64_t rp_recv_ns;            /* when the return path's last recv brought bytes */
     uint64_t rp_control_ns;         /* when the control message pc_src_rp_run last returned for came in
                                      * (PONG 3: the downtime's end) */
+    struct batch *preempt_batch;    /* requested and sent-ahead pages' writev (under chan[PREEMPT].lock),
+                                     * made and touched with the source: not at the started guest's first fault */
     int err_errno;
     char err_msg[256];
     pc_src_counters c;
