@@ -505,7 +505,7 @@ def measure_cost(size: int, timeout: float = 300.0) -> CostRun:
 @dataclass
 class DowntimeRun:
     """One two-process migration's downtime: the source's MigrationStats.downtime_ns
-    (its guest's stop -> PONG 3 read by the source), each role in its own process."""
+    (its guest's stop -> PONG 3's arrival at the source), each role in its own process."""
 
     size: int
     page_size: int

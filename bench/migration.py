@@ -428,8 +428,8 @@ class SwitchTrace:
         ("dest_preempt_receiver_ns", "dst_preempt_rx_end"),
         ("dest_guest_start_ns", "dst_guest_running"),    # device state loaded, the vCPUs started here
         ("dest_to_pong3_ns", "dst_pong3_start"),
-        # then PONG 3 written, on the wire, read by the source's return-path thread (its write may
-        # return after that read: the source's urgent thread takes the CPU at once)
+        # then PONG 3 written and on the wire, up to its arrival at the source (the kernel's receive
+        # time: its write may return after it, the source's urgent thread takes the CPU at once)
     ]
 
     def all_ns(self, stopped_ns: int, downtime_ns: int) -> dict[str, int]:
@@ -452,7 +452,7 @@ class SwitchTrace:
                 continue
             out[name] = t - prev
             prev = t
-        # PONG 3 on the wire, read by the source's return-path thread (where the downtime ends)
+        # PONG 3 on the wire, up to its arrival at the source (where the downtime ends)
         out["pong3_to_source_ns"] = stopped_ns + downtime_ns - prev
         if "dst_load_start" in m and "dst_load_end" in m:
             # the whole StartGuest action (device state, vCPUs started, their thread ids recorded)
@@ -746,7 +746,7 @@ def print_downtime(runs: list[Run] | list[DowntimeRun]) -> None:
           "decoded, "
           "PACKAGED up to LISTEN, LISTEN (uffd register), the preempt receiver started, the device state loaded and "
           "the vCPUs started (the guest runs here again), up to PONG 3's write, "
-          "PONG 3 written, on the wire and read by the source's return-path thread (where the downtime ends)")
+          "PONG 3 written, on the wire, up to its arrival at the source (kernel receive time: where the downtime ends)")
 
 
 def downtime_targets(runs: list[Run], ref: list[dict[str, str]],
@@ -1035,8 +1035,8 @@ def print_two_process(groups: list[dict[str, Any]], skipped: list[str]) -> None:
         print(f"  worst {page_label(g['page_size'])} {g['size'] // MiB} MiB {'busy' if g['busy'] else 'idle'} "
               f"{g['max_ns'] / 1e6:.2f} ms, largest phases: " + ", ".join(f"{lab} {v / 1e6:.2f}" for v, lab in top))
     print("  each role in its own process (bench/_growth.py), as two hosts run them: the issue's downtime targets "
-          "use these figures; MigrationStats.downtime_ns of the source (its guest's stop -> PONG 3 read by the "
-          "source); median [min..max] of the runs; busy: 2 vCPUs flat out over random pages, idle: 1 access/s each")
+          "use these figures; MigrationStats.downtime_ns of the source (its guest's stop -> PONG 3's arrival "
+          "at the source); median [min..max] of the runs; busy: 2 vCPUs flat out over random pages, idle: 1 access/s each")
 
 
 # ----------------------------------------------------------------------------- main

@@ -116,7 +116,8 @@ class MigrationStats:
     stopped_ns: int = 0
     """Source: the guest stopped (the downtime started)."""
     downtime_ns: int = 0
-    """Source: guest stopped -> PONG 3 (the device state loaded on the destination)."""
+    """Source: guest stopped -> PONG 3's arrival (the destination sends it once its guest runs;
+    timed at the kernel's receive, not at the return-path thread's read)."""
     source_stopped_ns: int = 0
     """Destination: when the source says its guest stopped."""
     guest_started_ns: int = 0
