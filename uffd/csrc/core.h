@@ -4,7 +4,9 @@
 #ifndef PC_CORE_H
 #define PC_CORE_H
 
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <time.h>
 
 /* Thread-local storage: keep it to a few words (tests/uffd/test_tls_size.py). The module is
@@ -17,6 +19,21 @@ static inline uint64_t pc_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Zeroed memory with every page allocated now (MAP_POPULATE), for a buffer a hot path first
+ * writes inside the switch. Not malloc + memset: the compiler turns that into calloc, which
+ * leaves memory fresh from the system untouched. NULL on failure; free with pc_unmap_populated. */
+static inline void *pc_map_populated(size_t n)
+{
+    void *p = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static inline void pc_unmap_populated(void *p, size_t n)
+{
+    if (p)
+        munmap(p, n ? n : 1);
 }
 
 static inline void pc_put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }

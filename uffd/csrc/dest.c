@@ -73,12 +73,24 @@ pc_dst *pc_dst_new(uint32_t nblocks)
     return d;
 }
 
+static size_t request_ns_bytes(uint64_t length, uint64_t host_page_size)
+{
+    return length / host_page_size * sizeof(uint64_t);
+}
+
+static void free_request_ns(pc_dst_block *b)
+{
+    if (b->request_ns)
+        pc_unmap_populated(b->request_ns, request_ns_bytes(b->length, b->host_page_size));
+    b->request_ns = NULL;
+}
+
 void pc_dst_free(pc_dst *d)
 {
     if (!d)
         return;
     for (uint32_t i = 0; i < d->nblocks && d->blocks; i++) {
-        free(d->blocks[i].request_ns);
+        free_request_ns(&d->blocks[i]);
         pc_bitmap_free(d->blocks[i].claimed);
     }
     if (d->zero_buf)
@@ -108,15 +120,13 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
     if (!received || !requested || received->nbits < npages || requested->nbits < npages)
         return -EINVAL;
     pc_dst_block *b = &d->blocks[i];
-    free(b->request_ns);
-    /* touched now (malloc + memset, not calloc): the fault service writes here on each request,
-     * and fresh pages first written by the started guest's first faults cost 60-90 us each where
-     * the host backs memory lazily (8 bytes a host page: 0.2 % of a 4 KiB-page guest) */
-    uint64_t request_ns_bytes = length / host_page_size * sizeof(uint64_t);
-    b->request_ns = malloc(request_ns_bytes);
+    free_request_ns(b);
+    /* allocated now: the fault service writes here on each request, and fresh pages first
+     * written by the started guest's first faults cost up to 60-90 us each where the host backs
+     * memory lazily (8 bytes a host page: 0.2 % of a 4 KiB-page guest) */
+    b->request_ns = pc_map_populated(request_ns_bytes(length, host_page_size));
     if (!b->request_ns)
         return -ENOMEM;
-    memset(b->request_ns, 0, request_ns_bytes);
     b->base = base;
     b->length = length;
     b->host_page_size = host_page_size;
