@@ -86,6 +86,19 @@ static uint64_t arrival_ns(struct msghdr *msg, uint64_t received_ns)
     return received_ns;
 }
 
+uint64_t pc_sockbuf_arrival_of(const pc_sockbuf *sb, uint64_t offset)
+{
+    uint64_t kept = sb->nreceives < PC_SOCKBUF_ARRIVALS ? sb->nreceives : PC_SOCKBUF_ARRIVALS;
+    uint64_t ns = sb->arrived_ns;
+    for (uint64_t k = 1; k <= kept; k++) {     /* newest first: each brought (the older's end, its end] */
+        const pc_sockbuf_arrival *a = &sb->arrivals[(sb->nreceives - k) % PC_SOCKBUF_ARRIVALS];
+        if (a->end <= offset)
+            break;
+        ns = a->ns;
+    }
+    return ns;
+}
+
 int64_t pc_sockbuf_recv(pc_sockbuf *sb)
 {
     uint64_t want = sb->cap / 4 < 65536 ? sb->cap / 4 : 65536;
@@ -109,7 +122,9 @@ int64_t pc_sockbuf_recv(pc_sockbuf *sb)
         uint64_t now = pc_now_ns();
         sb->arrived_ns = sb->arrival_stamps && n > 0 ? arrival_ns(&msg, now) : now;
         sb->tail += (uint64_t)n;
-        __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+        uint64_t end = __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+        if (n > 0)
+            sb->arrivals[sb->nreceives++ % PC_SOCKBUF_ARRIVALS] = (pc_sockbuf_arrival){ end, sb->arrived_ns };
         return n;
     }
 }

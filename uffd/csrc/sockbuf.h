@@ -6,6 +6,13 @@
 
 #include <stdint.h>
 
+#define PC_SOCKBUF_ARRIVALS 16
+
+typedef struct pc_sockbuf_arrival {
+    uint64_t end;               /* sb->bytes after a receive */
+    uint64_t ns;                /* when what it brought came in */
+} pc_sockbuf_arrival;
+
 typedef struct pc_sockbuf {
     int fd;
     uint8_t *buf;
@@ -15,6 +22,8 @@ typedef struct pc_sockbuf {
     uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
     int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
     uint64_t arrived_ns;        /* when the last bytes received came in (pc_now_ns's clock) */
+    pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring) */
+    uint64_t nreceives;
 } pc_sockbuf;
 
 /* Until deadline_ns (pc_now_ns), a receive on sb waits for data on its CPU (polling,
@@ -29,6 +38,12 @@ void pc_sockbuf_release(pc_sockbuf *sb);
  * (SO_TIMESTAMPNS), not when the receive ran: a reader busy elsewhere while a message came
  * in still knows when it came. 0, or -errno (arrived_ns is then the receive's time). */
 int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb);
+/* When the byte at `offset` (counted as sb->bytes counts: pc_sockbuf_offset gives the unread
+ * bytes' first) came in: the arrival of the receive that brought it, or of the oldest of the last
+ * PC_SOCKBUF_ARRIVALS receives if it came before them (later than it came, never earlier). */
+uint64_t pc_sockbuf_arrival_of(const pc_sockbuf *sb, uint64_t offset);
+/* The offset of the first unread byte (not for a buffer given bytes back with pc_sockbuf_unread). */
+static inline uint64_t pc_sockbuf_offset(const pc_sockbuf *sb) { return sb->bytes - (sb->tail - sb->head); }
 /* Wait (on the CPU) until sb's socket is readable or its spin deadline passes. */
 void pc_sockbuf_spin(pc_sockbuf *sb);
 /* One recv(): >0 bytes received, 0 at EOF, -errno. */

@@ -237,6 +237,21 @@ int pc_src_reload_dirty(pc_src *s, uint32_t i, const uint8_t *received_le, uint6
 
 static int stopped(pc_src *s) { return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE); }
 
+/* Past the w bytes a partial write took: the first iovec not written in full, its start moved. */
+static struct iovec *iov_advance(struct iovec *iov, int *n, size_t w)
+{
+    while (*n > 0 && w >= iov->iov_len) {
+        w -= iov->iov_len;
+        iov++;
+        (*n)--;
+    }
+    if (*n > 0 && w > 0) {
+        iov->iov_base = (uint8_t *)iov->iov_base + w;
+        iov->iov_len -= w;
+    }
+    return iov;
+}
+
 /* Write all iovecs, resuming after partial writes. */
 static int writev_all(int fd, struct iovec *iov, int n)
 {
@@ -247,15 +262,7 @@ static int writev_all(int fd, struct iovec *iov, int n)
                 continue;
             return -errno;
         }
-        while (n > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0 && w > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
+        iov = iov_advance(iov, &n, (size_t)w);
     }
     return 0;
 }
@@ -326,12 +333,40 @@ static void batch_raw(batch *bt, const void *p, uint64_t n)
 /* Under the channel lock. */
 static void bulk_pause(pc_src *s);
 
+/* writev_all for the preempt channel, whose batches only the return-path thread writes: while
+ * a write waits for room (a 2 MiB page is more than the socket takes at once), what comes in on
+ * the return path is received meanwhile, so that each message's arrival is known to the receive
+ * (PONG 3, the downtime's end, often comes while the started guest's first huge page goes). */
+static int writev_reading_rp(pc_src *s, int fd, struct iovec *iov, int n)
+{
+    int reading = s->rp_ready;
+    while (n > 0) {
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n) };
+        ssize_t w = sendmsg(fd, &m, reading ? MSG_DONTWAIT : 0);
+        if (w < 0 && errno == EAGAIN && reading) {
+            struct pollfd p[2] = { { fd, POLLOUT, 0 }, { s->rp.fd, POLLIN, 0 } };
+            if (poll(p, 2, -1) > 0 && p[1].revents && pc_sockbuf_recv(&s->rp) <= 0)
+                reading = 0;    /* the return path's end, an error or a full buffer: its reader meets it */
+            continue;
+        }
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        iov = iov_advance(iov, &n, (size_t)w);
+    }
+    return 0;
+}
+
 static int batch_flush(pc_src *s, int ch, batch *bt)
 {
     pc_src_chan *c = &s->chan[ch];
     if (!bt->niov)
         return 0;
-    int rc = c->fd < 0 ? -EPIPE : writev_all(c->fd, bt->iov, bt->niov);
+    int rc = c->fd < 0 ? -EPIPE
+           : ch == PC_CHAN_PREEMPT ? writev_reading_rp(s, c->fd, bt->iov, bt->niov)
+                                   : writev_all(c->fd, bt->iov, bt->niov);
     if (rc == 0) {
         bt->flushed += bt->bytes;
         __atomic_add_fetch(&c->bytes, bt->bytes, __ATOMIC_RELAXED);
@@ -947,10 +982,7 @@ int pc_src_rp_run(pc_src *s)
                 continue;
             }
         }
-        uint64_t had = in->bytes;
         int64_t r = pc_sockbuf_fill(in, 4);
-        if (in->bytes != had)
-            s->rp_recv_ns = in->arrived_ns;     /* a PONG that came in while a page was sent counts then */
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
                                         : PC_RP_EOF;
@@ -962,7 +994,9 @@ int pc_src_rp_run(pc_src *s)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
         if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
-            s->rp_control_ns = s->rp_recv_ns;   /* when it came in, not when Python gets the GIL back */
+            /* when its header came in (a PONG read after a page was sent counts from its arrival),
+             * not when Python gets the GIL back */
+            s->rp_control_ns = pc_sockbuf_arrival_of(in, pc_sockbuf_offset(in) + 3);
             return PC_RP_CONTROL;
         }
         r = pc_sockbuf_fill(in, 4u + len);

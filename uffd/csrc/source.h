@@ -100,7 +100,6 @@ typedef struct pc_src {
     pc_sockbuf rp;
     int rp_ready;
     int64_t rp_block;               /* block named by the last REQ_PAGES_ID */
-    uint64_t rp_recv_ns;            /* when the return path's last recv brought bytes */
     uint64_t rp_control_ns;         /* when the control message pc_src_rp_run last returned for came in
                                      * (PONG 3: the downtime's end) */
     struct batch *preempt_batch;    /* requested and sent-ahead pages' writev (under chan[PREEMPT].lock),
