@@ -772,6 +772,17 @@ def downtime_targets(runs: list[Run], ref: list[dict[str, str]],
                     "measured": f"worst {w2.downtime_ns / 1e6:.2f} ms ({where(w2)}), median {med / 1e6:.2f} ms "
                                 f"over {len(two)} runs",
                     "verdict": "ok" if w2.downtime_ns <= TARGET_DOWNTIME_NS else "miss"})
+        # the same runs, exactly: both roles' CLOCK_MONOTONIC is one clock here, so the time the guest
+        # ran nowhere is known without PONG 3 (which, sent once the guest runs, can reach the source
+        # late when the guest's first requests keep the 2 CPUs busy): what QEMU's STOP -> RESUME measures
+        exact = [(r.phases_ns["stop_to_dest_running_ns"], r) for r in two if r.phases_ns.get("stop_to_dest_running_ns")]
+        if len(exact) == len(two):
+            worst_ns, wr = max(exact, key=lambda x: x[0])
+            out.append({"target": "downtime <= 2 ms at every size, busy or idle (each role in its own process; "
+                                  "the guest's stop -> its vCPUs started on the destination, one host clock)",
+                        "measured": f"worst {worst_ns / 1e6:.2f} ms ({where(wr)}), median "
+                                    f"{statistics.median(x for x, _ in exact) / 1e6:.2f} ms over {len(exact)} runs",
+                        "verdict": "ok" if worst_ns <= TARGET_DOWNTIME_NS else "miss"})
     if in_proc is not None:
         out.append({"target": "downtime <= 2 ms at every size, busy or idle"
                               + (" (in-process diagnostic: both roles share one GIL)" if two else ""),
