@@ -42,6 +42,7 @@ from ._link import (
     quick_gil_handoff,
     set_recv_timeout,
     shutdown_quietly,
+    touch_stack,
     tune,
     urgent_priority,
 )
@@ -459,6 +460,7 @@ class Destination:
         here, it places bulk pages below the fault path (background priority). Until
         then the GIL comes back to it quickly too (:func:`quick_gil_handoff`)."""
         urgent_priority()
+        touch_stack()
         quick_gil_handoff(True)
         c = self._conns.get(conn)
         try:
@@ -570,6 +572,7 @@ class Destination:
 
     def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()
+        touch_stack()
         c.ready.wait()      # set at LISTEN with the receiver, or when the connection goes
         rx = c.rx
         if rx is None or conn not in self._conns:
@@ -647,6 +650,7 @@ class Destination:
 
     def _serve_faults(self, path: DestinationPath, stop_fd: int, go: threading.Event) -> None:
         urgent_priority()
+        touch_stack()
         go.wait()       # LISTEN (or the service stops before it: then stop_fd is readable at once)
         rc = path.serve_faults(stop_fd)
         if rc < 0:

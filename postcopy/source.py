@@ -30,6 +30,7 @@ from ._link import (
     set_thread_nice,
     shutdown_quietly,
     thread_nice,
+    touch_stack,
     tune,
     urgent_priority,
 )
@@ -479,6 +480,7 @@ class Source:
 
     def _serve_return_path(self, generation: int) -> None:
         urgent_priority()
+        touch_stack()
         layout = wire.RamLayout(blocks=tuple(
             wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length, host_page_size=b.page_size) for b in self.blocks))
         main = self._socks.get(Channel.MAIN)

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "uffd.h"
 
+#include <alloca.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
@@ -318,4 +319,11 @@ int pc_malloc_one_arena(void)
 int pc_thread_set_nice(int nice)
 {
     return pc_thread_set_nice_of(0, nice);
+}
+
+void pc_thread_touch_stack(uint64_t bytes)
+{
+    volatile uint8_t *below = alloca(bytes);
+    for (uint64_t i = 0; i < bytes; i += 4096)
+        below[i] = 0;
 }
