@@ -94,6 +94,11 @@ __all__ = ["Destination"]
 
 log = logging.getLogger("postcopy.dest")
 
+#: How long the accepting thread waits for a new preempt channel's thread to be ready (its stack
+#: written); a machine too loaded for that goes on without it.
+PREEMPT_THREAD_START_WAIT_S = 1.0
+
+
 @dataclass(slots=True)
 class _Conn:
     sock: socket.socket
@@ -104,6 +109,7 @@ class _Conn:
     preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``ready``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
+    started: threading.Event = field(default_factory=threading.Event)   # its preempt thread's stack is written
     gc_held: bool = False       # its reader holds the garbage collector off (the switch, up to RUN)
 
 
@@ -325,6 +331,9 @@ class Destination:
                     if self._path is not None:
                         c.rx = Receiver(self._path, c.sock, RX_PREEMPT, 0)
                     self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c)
+                    # its first stack pages (1-2 ms on a lazily backed host) before what follows
+                    # here, READY's PONG: not beside the source guest's stop
+                    c.started.wait(PREEMPT_THREAD_START_WAIT_S)
             case StartPreemptReceiver(conn=conn) if conn in self._conns:
                 c = self._conns[conn]
                 if c.rx is None:
@@ -573,6 +582,7 @@ class Destination:
     def _read_preempt(self, conn: int, c: _Conn) -> None:
         urgent_priority()
         touch_stack()
+        c.started.set()
         c.ready.wait()      # set at LISTEN with the receiver, or when the connection goes
         rx = c.rx
         if rx is None or conn not in self._conns:
