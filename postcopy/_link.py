@@ -56,8 +56,9 @@ def urgent_priority(nice: int = lib.PC_URGENT_NICE) -> None:
     lib.pc_thread_set_nice(nice)
 
 
-#: How much of its stack a thread on the fault path writes when it starts (below its depth then).
-FAULT_PATH_STACK_BYTES: int = 128 << 10
+#: How much of its stack a thread on the fault path writes when it starts (below its depth then):
+#: the traced loops reached 3 pages below their wait; each byte is memory beyond the guest.
+FAULT_PATH_STACK_BYTES: int = 32 << 10
 
 
 def touch_stack(nbytes: int = FAULT_PATH_STACK_BYTES) -> None:
