@@ -333,30 +333,18 @@ static void batch_raw(batch *bt, const void *p, uint64_t n)
 /* Under the channel lock. */
 static void bulk_pause(pc_src *s);
 
-/* A 2 MiB page's records go in writes of this many iovecs (~256 KiB), the return path looked at
- * between them. */
-#define RP_WRITE_IOVS 128
-
-/* The return path's bytes that came in, received now if any (never waits): 0, or -1 when it can
- * no longer be read here (its end, an error, a full buffer: its reader meets that itself). */
-static int receive_rp_now(pc_src *s)
-{
-    struct pollfd p = { s->rp.fd, POLLIN, 0 };
-    if (poll(&p, 1, 0) <= 0)
-        return 0;
-    return pc_sockbuf_recv(&s->rp) > 0 ? 0 : -1;
-}
-
-/* writev_all for the preempt channel, whose batches only the return-path thread writes. A huge
- * page goes in several writes, and while they run (or wait for room) what comes in on the return
- * path is received: the kernel merges a small message into the next one when neither was read,
- * and keeps one arrival time for both, so each is read as it comes (PONG 3, the downtime's end,
- * often comes while the started guest's first huge page goes, its next request right behind). */
+/* writev_all for the preempt channel, whose batches only the return-path thread writes: while a
+ * write waits for room (a 2 MiB page is more than the socket takes at once), what comes in on the
+ * return path is received, so that each message's arrival is known: the kernel merges a small
+ * message into the next one when neither was read and keeps one arrival time for both (PONG 3,
+ * the downtime's end, often comes while the started guest's first huge page goes, its next
+ * request right behind). Not in parts with a look between them: 8 writes of 256 KiB made a
+ * requested 2 MiB page's fault p50 1.43 ms against 1.06 ms in one writev (4+4 busy runs). */
 static int writev_reading_rp(pc_src *s, int fd, struct iovec *iov, int n)
 {
-    int reading = s->rp_ready, in_parts = n > RP_WRITE_IOVS;
+    int reading = s->rp_ready;
     while (n > 0) {
-        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)(n > RP_WRITE_IOVS ? RP_WRITE_IOVS : n) };
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n) };
         ssize_t w = sendmsg(fd, &m, reading ? MSG_DONTWAIT : 0);
         if (w < 0 && errno == EAGAIN && reading) {
             struct pollfd p[2] = { { fd, POLLOUT, 0 }, { s->rp.fd, POLLIN, 0 } };
@@ -370,8 +358,6 @@ static int writev_reading_rp(pc_src *s, int fd, struct iovec *iov, int n)
             return -errno;
         }
         iov = iov_advance(iov, &n, (size_t)w);
-        if (reading && in_parts && n > 0 && receive_rp_now(s) < 0)
-            reading = 0;
     }
     return 0;
 }
