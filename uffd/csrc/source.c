@@ -252,11 +252,26 @@ static struct iovec *iov_advance(struct iovec *iov, int *n, size_t w)
     return iov;
 }
 
-/* Write all iovecs, resuming after partial writes. */
-static int writev_all(int fd, struct iovec *iov, int n)
+/* Write all iovecs (a socket), resuming after partial writes. With `reader`: the preempt channel,
+ * whose batches only the return-path thread writes; while a write waits for room (a 2 MiB page is
+ * more than the socket takes at once), what comes in on the return path is received, so that each
+ * message's arrival is known: the kernel merges a small message into the next one when neither was
+ * read and keeps one arrival time for both (PONG 3, the downtime's end, often comes while the
+ * started guest's first huge page goes, its next request right behind). Not in parts with a look
+ * between them: 8 writes of 256 KiB made a requested 2 MiB page's fault p50 1.43 ms against
+ * 1.06 ms in one write (4+4 busy runs). */
+static int writev_all_reading(int fd, struct iovec *iov, int n, pc_src *reader)
 {
+    int reading = reader && reader->rp_ready;
     while (n > 0) {
-        ssize_t w = writev(fd, iov, n > IOV_MAX ? IOV_MAX : n);
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n) };
+        ssize_t w = sendmsg(fd, &m, reading ? MSG_DONTWAIT : 0);
+        if (w < 0 && errno == EAGAIN && reading) {
+            struct pollfd p[2] = { { fd, POLLOUT, 0 }, { reader->rp.fd, POLLIN, 0 } };
+            if (poll(p, 2, -1) > 0 && p[1].revents && pc_sockbuf_recv(&reader->rp) <= 0)
+                reading = 0;    /* the return path's end, an error or a full buffer: its reader meets it */
+            continue;
+        }
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -265,6 +280,11 @@ static int writev_all(int fd, struct iovec *iov, int n)
         iov = iov_advance(iov, &n, (size_t)w);
     }
     return 0;
+}
+
+static int writev_all(int fd, struct iovec *iov, int n)
+{
+    return writev_all_reading(fd, iov, n, NULL);
 }
 
 static int write_all(int fd, const uint8_t *data, uint64_t len)
@@ -333,43 +353,12 @@ static void batch_raw(batch *bt, const void *p, uint64_t n)
 /* Under the channel lock. */
 static void bulk_pause(pc_src *s);
 
-/* writev_all for the preempt channel, whose batches only the return-path thread writes: while a
- * write waits for room (a 2 MiB page is more than the socket takes at once), what comes in on the
- * return path is received, so that each message's arrival is known: the kernel merges a small
- * message into the next one when neither was read and keeps one arrival time for both (PONG 3,
- * the downtime's end, often comes while the started guest's first huge page goes, its next
- * request right behind). Not in parts with a look between them: 8 writes of 256 KiB made a
- * requested 2 MiB page's fault p50 1.43 ms against 1.06 ms in one writev (4+4 busy runs). */
-static int writev_reading_rp(pc_src *s, int fd, struct iovec *iov, int n)
-{
-    int reading = s->rp_ready;
-    while (n > 0) {
-        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)(n > IOV_MAX ? IOV_MAX : n) };
-        ssize_t w = sendmsg(fd, &m, reading ? MSG_DONTWAIT : 0);
-        if (w < 0 && errno == EAGAIN && reading) {
-            struct pollfd p[2] = { { fd, POLLOUT, 0 }, { s->rp.fd, POLLIN, 0 } };
-            if (poll(p, 2, -1) > 0 && p[1].revents && pc_sockbuf_recv(&s->rp) <= 0)
-                reading = 0;
-            continue;
-        }
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        iov = iov_advance(iov, &n, (size_t)w);
-    }
-    return 0;
-}
-
 static int batch_flush(pc_src *s, int ch, batch *bt)
 {
     pc_src_chan *c = &s->chan[ch];
     if (!bt->niov)
         return 0;
-    int rc = c->fd < 0 ? -EPIPE
-           : ch == PC_CHAN_PREEMPT ? writev_reading_rp(s, c->fd, bt->iov, bt->niov)
-                                   : writev_all(c->fd, bt->iov, bt->niov);
+    int rc = c->fd < 0 ? -EPIPE : writev_all_reading(c->fd, bt->iov, bt->niov, ch == PC_CHAN_PREEMPT ? s : NULL);
     if (rc == 0) {
         bt->flushed += bt->bytes;
         __atomic_add_fetch(&c->bytes, bt->bytes, __ATOMIC_RELAXED);
