@@ -89,7 +89,9 @@ static uint64_t arrival_ns(struct msghdr *msg, uint64_t received_ns)
 uint64_t pc_sockbuf_arrival_of(const pc_sockbuf *sb, uint64_t offset)
 {
     uint64_t kept = sb->nreceives < PC_SOCKBUF_ARRIVALS ? sb->nreceives : PC_SOCKBUF_ARRIVALS;
-    uint64_t ns = sb->arrived_ns;
+    if (!kept)
+        return pc_now_ns();     /* nothing received yet */
+    uint64_t ns = sb->arrivals[(sb->nreceives - 1) % PC_SOCKBUF_ARRIVALS].ns;
     for (uint64_t k = 1; k <= kept; k++) {     /* newest first: each brought (the older's end, its end] */
         const pc_sockbuf_arrival *a = &sb->arrivals[(sb->nreceives - k) % PC_SOCKBUF_ARRIVALS];
         if (a->end <= offset)
@@ -119,12 +121,13 @@ int64_t pc_sockbuf_recv(pc_sockbuf *sb)
             continue;
         if (n < 0)
             return -errno;
-        uint64_t now = pc_now_ns();
-        sb->arrived_ns = sb->arrival_stamps && n > 0 ? arrival_ns(&msg, now) : now;
         sb->tail += (uint64_t)n;
         uint64_t end = __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
-        if (n > 0)
-            sb->arrivals[sb->nreceives++ % PC_SOCKBUF_ARRIVALS] = (pc_sockbuf_arrival){ end, sb->arrived_ns };
+        if (n > 0) {
+            uint64_t now = pc_now_ns();
+            sb->arrivals[sb->nreceives++ % PC_SOCKBUF_ARRIVALS] =
+                (pc_sockbuf_arrival){ end, sb->arrival_stamps ? arrival_ns(&msg, now) : now };
+        }
         return n;
     }
 }

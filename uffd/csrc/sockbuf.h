@@ -21,8 +21,7 @@ typedef struct pc_sockbuf {
     uint64_t limit;             /* the buffer never grows beyond this */
     uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
     int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
-    uint64_t arrived_ns;        /* when the last bytes received came in (pc_now_ns's clock) */
-    pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring) */
+    pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring), pc_now_ns's clock */
     uint64_t nreceives;
 } pc_sockbuf;
 
@@ -34,9 +33,9 @@ void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
 
 int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit);   /* 0 or -ENOMEM */
 void pc_sockbuf_release(pc_sockbuf *sb);
-/* From now on, arrived_ns is when the kernel took in the last bytes a receive returned
+/* From now on, a receive's arrival is when the kernel took in the last bytes it returned
  * (SO_TIMESTAMPNS), not when the receive ran: a reader busy elsewhere while a message came
- * in still knows when it came. 0, or -errno (arrived_ns is then the receive's time). */
+ * in still knows when it came. 0, or -errno (arrivals are then the receives' times). */
 int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb);
 /* When the byte at `offset` (counted as sb->bytes counts: pc_sockbuf_offset gives the unread
  * bytes' first) came in: the arrival of the receive that brought it, or of the oldest of the last
