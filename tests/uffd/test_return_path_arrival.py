@@ -55,7 +55,7 @@ def test_a_pong_that_came_while_pages_were_sent_counts_from_its_arrival() -> Non
             read_preempt.set()
             rp.join(10)
             assert codes == [SourcePath.RP_CONTROL]
-            assert got[0] >= PAGES * 4096 or path.counters()["host_pages_sent"] == PAGES
+            assert path.counters()["host_pages_sent"] == PAGES     # the request was served whole first
             assert sent_at <= path.rp_control_ns < later_at, (
                 f"PONG stamped {(path.rp_control_ns - sent_at) / 1e6:.1f} ms after it was sent; the request "
                 f"behind it came {(later_at - sent_at) / 1e6:.1f} ms, the pages were let through "

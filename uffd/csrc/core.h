@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 #include <time.h>
 
-/* Thread-local storage: keep it to a few words (tests/uffd/test_tls_size.py). The module is
+/* Thread-local storage: keep it to a few words (tests/uffd/test_fault_path_memory.py). The module is
  * loaded with dlopen, so each thread's copy of all of its __thread variables is allocated and
  * zeroed at that thread's first use of any of them: a 64 KiB array there cost the fault service
  * and the preempt receiver 16 fresh pages each when the switch released them (on a host that
