@@ -95,6 +95,24 @@ def _compare(src: dict[str, bytes], dst: dict[str, bytes]) -> tuple[int, list[st
     return mismatched, where
 
 
+#: How long the demo waits for its destination to end after its source did (completed, or failed).
+DEST_AFTER_SOURCE_S = 120.0
+DEST_AFTER_FAILED_SOURCE_S = 10.0
+
+
+def _stop(child: subprocess.Popen[Any]) -> None:
+    """End a child the demo started, if it still runs: it must not outlive the demo (and hold its
+    output open)."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def _follow(stream: Any, progress: Progress) -> None:
     """Turn the destination's JSON-lines samples into our own progress display."""
     for line in stream:
@@ -162,15 +180,22 @@ def _run(args: argparse.Namespace, exe: list[str], addr: str, source_addr: str, 
         follower = threading.Thread(target=_follow, args=(dest.stdout, progress), daemon=True)
         follower.start()
         src = subprocess.Popen(src_cmd)
+        rc_dest: int | None = None
         try:
             rc_src = src.wait()
-            rc_dest = dest.wait(timeout=120)
+            # a destination whose source failed waits for the next one (as a service does): not here
+            rc_dest = dest.wait(timeout=DEST_AFTER_FAILED_SOURCE_S if rc_src else DEST_AFTER_SOURCE_S)
             follower.join(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         finally:
+            for child in (src, dest):
+                _stop(child)
             progress.close()
         elapsed = time.monotonic() - started
         if rc_src or rc_dest or not (t / "source.json").exists() or not (t / "dest.json").exists():
-            raise UserError(f"the migration failed (source exit {rc_src}, destination exit {rc_dest})")
+            dest_end = f"exit {rc_dest}" if rc_dest is not None else "stopped by the demo, still waiting"
+            raise UserError(f"the migration failed (source exit {rc_src}, destination {dest_end})")
         s: dict[str, Any] = json.loads((t / "source.json").read_text())
         d: dict[str, Any] = json.loads((t / "dest.json").read_text())
         mismatched, where = 0, list[str]()

@@ -104,6 +104,16 @@ def test_busy_metrics_port_is_one_clear_sentence() -> None:
     assert lines == [f"postcopy dest: cannot serve metrics on 127.0.0.1:{port}: Address already in use"]
 
 
+def test_a_demo_whose_source_fails_ends_soon_and_leaves_no_destination() -> None:
+    # the source fails at its start (a hot set that is not there); its destination would wait for
+    # the next source: the demo stops it, and run() returns only once no child holds its output
+    proc = run("-m", "postcopy", "demo", *GUEST, "--hot-set", "/nonexistent/hot.set", "--progress", "none",
+               timeout=90)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "postcopy demo: the migration failed (source exit 2, destination stopped by the demo, still waiting)")
+
+
 def test_bad_qmp_address_and_ports_are_refused() -> None:
     proc = run("-m", "postcopy", "source", "--qmp", "127.0.0.1:99999", "--size", "16M", "--warmup", "0",
                timeout=60)
