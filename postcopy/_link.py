@@ -19,6 +19,7 @@ __all__ = [
     "background_priority",
     "bound_bulk_buffers",
     "hold_gc",
+    "name_os_thread",
     "one_malloc_arena",
     "quick_gil_handoff",
     "set_recv_timeout",
@@ -67,6 +68,12 @@ def touch_stack(nbytes: int = FAULT_PATH_STACK_BYTES) -> None:
     loops on stack pages it already has; a first touch there cost up to 270 us inside the
     downtime on a VM whose host backs memory lazily."""
     lib.pc_thread_touch_stack(nbytes)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` where the OS shows threads (ps -L, top -H, ftrace):
+    Python's thread names stay inside Python. The kernel keeps the first 15 bytes."""
+    lib.pc_thread_set_name(name.encode("utf-8", "replace")[:15])
 
 
 def thread_nice() -> int:

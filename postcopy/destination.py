@@ -38,6 +38,7 @@ from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
     hold_gc,
+    name_os_thread,
     one_malloc_arena,
     quick_gil_handoff,
     set_recv_timeout,
@@ -454,6 +455,7 @@ class Destination:
 
     def _guarded(self, target: Callable[..., None], *args: object) -> None:
         """Any failure of a thread ends the migration as failed, never a silent hang."""
+        name_os_thread(threading.current_thread().name)
         try:
             target(*args)
         except Exception as exc:

@@ -25,6 +25,7 @@ from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
     hold_gc,
+    name_os_thread,
     one_malloc_arena,
     set_recv_timeout,
     set_thread_nice,
@@ -87,6 +88,11 @@ __all__ = ["Source"]
 log = logging.getLogger("postcopy.source")
 
 _CHANNEL_IDS = {Channel.MAIN: CHAN_MAIN, Channel.PREEMPT: CHAN_PREEMPT}
+
+def _named(name: str, target: Callable[[int], None], generation: int) -> None:
+    name_os_thread(name)
+    target(generation)
+
 
 #: Prefetch windows (bytes): the first window of a stream, and the most sent ahead of one stream.
 PREFETCH_MIN_WINDOW = 64 << 10
@@ -450,7 +456,7 @@ class Source:
 
     def _start(self, name: str, target: Callable[[int], None]) -> None:
         self._threads = [t for t in self._threads if t.is_alive()]
-        t = threading.Thread(target=target, args=(self._generation,), name=name, daemon=True)
+        t = threading.Thread(target=_named, args=(name, target, self._generation), name=name, daemon=True)
         self._threads.append(t)
         t.start()
 

@@ -6,6 +6,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/mman.h>
@@ -319,6 +321,13 @@ int pc_malloc_one_arena(void)
 int pc_thread_set_nice(int nice)
 {
     return pc_thread_set_nice_of(0, nice);
+}
+
+void pc_thread_set_name(const char *name)
+{
+    char cut[16];   /* the kernel keeps 15 bytes and a NUL */
+    snprintf(cut, sizeof(cut), "%s", name);
+    (void)pthread_setname_np(pthread_self(), cut);
 }
 
 void pc_thread_touch_stack(uint64_t bytes)

@@ -104,6 +104,8 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_malloc_one_arena(void);
 int pc_thread_set_nice(int nice);
+/* Name the calling thread as ps -L, top -H and the scheduler's trace show it (first 15 bytes). */
+void pc_thread_set_name(const char *name);
 /* Write the next `bytes` of the calling thread's stack below its current depth now: a thread
  * that waits for the switch then runs its C loops on stack pages it already has (a first touch
  * there cost up to 270 us inside the downtime on a lazily backed VM). */
