@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from postcopy._link import BACKGROUND_NICE, background_priority, set_thread_nice, urgent_priority
+from postcopy._link import BACKGROUND_NICE, background_priority, name_os_thread, set_thread_nice, urgent_priority
 from postcopy.guest import Guest, GuestConfigError, Pattern
 from postcopy.owner import BuiltinGuest
 from postcopy.spec import GuestSpec
@@ -142,3 +142,14 @@ def test_the_builtin_guest_started_on_an_urgent_thread_runs_at_its_setup_threads
 def test_a_guests_nice_out_of_range_is_refused() -> None:
     with pytest.raises(GuestConfigError, match="nice=20"):
         Guest([(0x10000, 4096, 4096)], nvcpus=1, nice=20)
+
+
+def test_a_thread_named_for_the_os_shows_in_proc_cut_to_15_bytes() -> None:
+    def name_and_read() -> str:
+        name_os_thread("dest-preempt-123456789")
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    assert _on_thread(name_and_read) == "dest-preempt-12"
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        assert f.read().strip() != "dest-preempt-12"     # the caller's own name is untouched
