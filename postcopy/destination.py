@@ -89,6 +89,7 @@ from .session import (
     StatusChanged,
     StreamChecked,
     StreamItem,
+    rehearse_switch_once,
 )
 
 __all__ = ["Destination"]
@@ -159,7 +160,7 @@ class Destination:
         self._vcpus_unregistered = False     # the guest started, its vCPU ids not yet given to the fault path
         self._finished_ns = 0
         self._counters_at_end: MigrationStats | None = None
-        wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
+        rehearse_switch_once(self.preempt)   # the switch's Python runs specialized, not for the first time, inside the downtime
         one_malloc_arena()  # no thread makes (and first touches) its own malloc arena inside the switch
 
     # -- the migration ----------------------------------------------------------------------

@@ -80,6 +80,7 @@ from .session import (
     ThrottleGuest,
     Write,
     WriterPriority,
+    rehearse_switch_once,
 )
 from .session._source import RAM_SECTION_ID
 
@@ -184,7 +185,7 @@ class Source:
         self.tracking_stats: dict[str, int] = {}
         self._throttled = 0
         self._writer_nice = 0
-        wire.warm_up()      # the switch's codec paths run here first, not inside the downtime
+        rehearse_switch_once(self.preempt)   # the switch's Python runs specialized, not for the first time, inside the downtime
         one_malloc_arena()  # no thread makes (and first touches) its own malloc arena inside the switch
 
     # -- the migration ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from ._destination import PREEMPT_SILENCE_SECONDS, SHUT_NOTHING_TO_RECOVER, Dest
 from ._errors import FAILURE_KINDS, LinkBroken, MigrationFailed, PostcopyError
 from ._io import *  # noqa: F403
 from ._io import __all__ as _io_all
+from ._rehearsal import REHEARSAL_ROUNDS, rehearse_switch, rehearse_switch_once
 from ._precopy import PrecopyStats, RoundRecord, SwitchoverPolicy, ThrottlePolicy
 from ._source import SWITCH_PRELUDE_PINGS, SWITCH_SPIN_SECONDS, SourceSession
 from ._stats import ChannelStats, HotSetStats, MigrationStats, PrefetchStats
@@ -32,6 +33,7 @@ __all__ = [
     "MigrationStats",
     "MigrationStatus",
     "PostcopyError",
+    "REHEARSAL_ROUNDS",
     "PrecopyStats",
     "HotSetStats",
     "PrefetchStats",
@@ -41,5 +43,7 @@ __all__ = [
     "ThrottlePolicy",
     "Trigger",
     "next_status",
+    "rehearse_switch",
+    "rehearse_switch_once",
     *_io_all,
 ]

@@ -71,7 +71,6 @@ from ._ramscan_ref import PYTHON_SCANNER
 from ._scanner import ChannelScanner, RecordScanner, c_scanner, default_scanner
 from ._channels import ChannelKind, classify_channel
 from ._peer import BASELINE_VERSION, PeerProfile, machine_type_version
-from ._warm import warm_up
 
 __all__ = [
     "BASELINE_VERSION",
@@ -143,7 +142,6 @@ __all__ = [
     "machine_type_version",
     "recv_bitmap_size",
     "tally_pages",
-    "warm_up",
 ]
 
 

@@ -1,0 +1,38 @@
+"""A destination's built-in guest plays its device state load before the stream (owner.py
+LOAD_REHEARSALS): the Python of RUN's load then runs specialized. The rehearsal must leave
+nothing behind: no state loaded, the unstarted guest as it was built."""
+
+from __future__ import annotations
+
+import pytest
+
+from postcopy import owner as owner_module
+from postcopy.owner import LOAD_REHEARSALS, BuiltinGuest
+from postcopy.spec import GuestSpec
+
+
+def test_the_load_rehearsal_runs_and_leaves_no_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[int] = []
+    real = owner_module.decode_device_state
+
+    def counting(payload: bytes, spec: GuestSpec) -> tuple[bytes, int]:
+        decoded.append(len(payload))
+        return real(payload, spec)
+
+    monkeypatch.setattr(owner_module, "decode_device_state", counting)
+    spec = GuestSpec.simple(4 << 20, vcpus=2)
+    dest = BuiltinGuest(spec)
+    other = BuiltinGuest(spec)
+    try:
+        assert len(decoded) == LOAD_REHEARSALS
+        assert dest.source_stopped_ns == 0
+        with pytest.raises(AssertionError, match="load_device_state first"):
+            dest.start()        # no state was left loaded: RUN must bring its own
+        unstarted = dest._unstarted
+        assert unstarted is not None
+        fresh = other._unstarted
+        assert fresh is not None
+        assert unstarted.save_state() == fresh.save_state()     # the guest is as built
+    finally:
+        dest.memory.close()
+        other.memory.close()
