@@ -22,9 +22,9 @@ def test_the_load_rehearsal_runs_and_leaves_no_state(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(owner_module, "decode_device_state", counting)
     spec = GuestSpec.simple(4 << 20, vcpus=2)
     dest = BuiltinGuest(spec)
+    assert len(decoded) == LOAD_REHEARSALS
     other = BuiltinGuest(spec)
     try:
-        assert len(decoded) == LOAD_REHEARSALS
         assert dest.source_stopped_ns == 0
         with pytest.raises(AssertionError, match="load_device_state first"):
             dest.start()        # no state was left loaded: RUN must bring its own
