@@ -319,9 +319,10 @@ class DestinationPath:
         raise OSError(-rc, f"dropping the discarded pages of {b.idstr} offset {start:#x} length {length}: "
                            f"{os.strerror(-rc)}")
 
-    def serve_faults(self, stop_fd: int) -> int:
-        """The fault loop (blocks until stop_fd is readable)."""
-        return int(lib.pc_fault_service_run(self._d, stop_fd))
+    def serve_faults(self, stop_fd: int, go_fd: int = -1) -> int:
+        """The fault loop (blocks until stop_fd is readable). ``go_fd``: it first waits, in C,
+        until that fd is readable (or stop_fd is: then it returns 0 without serving)."""
+        return int(lib.pc_fault_service_run(self._d, stop_fd, go_fd))
 
     def drain_latencies_ns(self, kind: str = "fault") -> list[int]:
         """Samples since the last drain: "fault" (fault -> placed), "request"

@@ -144,7 +144,7 @@ class Destination:
         self._held_replies = b""
         self._uffd: Userfaultfd | None = None
         self._fault_stop: tuple[int, int] | None = None
-        self._fault_go: threading.Event | None = None      # set at LISTEN: the idle fault service starts serving
+        self._fault_go: tuple[int, int] | None = None      # written at LISTEN: the idle fault service starts serving
         self._retired: list[object] = []        # C objects and fds kept until close(): threads may still be in them
         self._threads: list[threading.Thread] = []
         self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
@@ -644,8 +644,8 @@ class Destination:
                 features |= Feature.MISSING_SHMEM
             self._uffd = Userfaultfd(features, user_mode_only=True)
         self._fault_stop = os.pipe()
-        self._fault_go = threading.Event()
-        self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0], self._fault_go)
+        self._fault_go = os.pipe()
+        self._start("dest-faults", self._serve_faults, self.path, self._fault_stop[0], self._fault_go[0])
 
     def _register(self) -> None:
         """LISTEN: register guest memory with userfaultfd; the fault service starts serving."""
@@ -659,13 +659,13 @@ class Destination:
                 self._uffd.register(b.addr, b.used_length, mode)
             self.path.attach_uffd(self._uffd.fileno())
             self._registered = True
-        self._fault_go.set()
+        os.write(self._fault_go[1], b"g")
 
-    def _serve_faults(self, path: DestinationPath, stop_fd: int, go: threading.Event) -> None:
+    def _serve_faults(self, path: DestinationPath, stop_fd: int, go_fd: int) -> None:
         urgent_priority()
         touch_stack()
-        go.wait()       # LISTEN (or the service stops before it: then stop_fd is readable at once)
-        rc = path.serve_faults(stop_fd)
+        # waits for LISTEN in C (or for the service to stop before it): not for the GIL then
+        rc = path.serve_faults(stop_fd, go_fd)
         if rc < 0:
             self._feed(DataPathFailed("uffd", f"fault service stopped: {os.strerror(-rc)}"))
 
@@ -675,7 +675,7 @@ class Destination:
             self._retired.append(self._fault_stop)
             self._fault_stop = None
         if self._fault_go is not None:
-            self._fault_go.set()
+            self._retired.append(self._fault_go)
             self._fault_go = None
 
     def _reset_before_run(self) -> None:

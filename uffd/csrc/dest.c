@@ -637,14 +637,41 @@ static int remote_fault_service_run(pc_dst *d, int stop_fd)
     }
 }
 
-int pc_fault_service_run(pc_dst *d, int stop_fd)
+/* 1: go_fd became readable; 0: stop_fd did; -errno. */
+static int wait_for_go(int go_fd, int stop_fd)
+{
+    struct pollfd pfd[2] = { { go_fd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (pfd[1].revents)
+            return 0;
+        if (pfd[0].revents & (POLLERR | POLLNVAL))
+            return -EBADF;
+        if (pfd[0].revents)
+            return 1;
+    }
+}
+
+int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd)
 {
     enum { BATCH = 64 };
     pc_fault faults[BATCH];
     boost_this_thread();
+    if (go_fd >= 0) {
+        /* Released by a write, not by a Python event: a thread returning from a Python wait
+         * needs the GIL, which the switch's thread holds up to RUN; the guest's first faults
+         * would then wait for it too. */
+        int go = wait_for_go(go_fd, stop_fd);
+        if (go <= 0)
+            return go;
+    }
     if (d->remote)
         return remote_fault_service_run(d, stop_fd);
-    struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    struct pollfd pfd[2] = { { __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE), POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
     for (;;) {
         int pr = poll(pfd, 2, -1);
         if (pr < 0) {

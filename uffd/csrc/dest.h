@@ -146,8 +146,9 @@ uint32_t pc_dst_drain_latency(pc_dst *d, uint32_t kind, uint64_t *out, uint32_t 
 void pc_dst_snapshot(pc_dst *d, pc_dst_counters *c, uint64_t *blocktime_ns, uint64_t *vcpu_blocktime_ns, uint32_t *nwaiting);
 
 /* The fault service loop; returns when stop_fd becomes readable (0) or on a
- * uffd error (-errno). */
-int pc_fault_service_run(pc_dst *d, int stop_fd);
+ * uffd error (-errno). go_fd >= 0: it first waits here, without the GIL, until
+ * go_fd is readable (LISTEN: the uffd is set and registered by then) or stop_fd is. */
+int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd);
 
 enum { PC_RX_MAIN = 0, PC_RX_PREEMPT = 1 };
 enum {

@@ -1,0 +1,109 @@
+"""The destination's fault service waits for LISTEN in C (DestinationPath.serve_faults with a
+go fd): a thread released by a Python event would first need the GIL, which the switch's thread
+holds up to RUN, and the guest's first faults would wait for it. Real userfaultfd, real pipes,
+a real thread faulting; the return path is a socketpair whose far end reads the request."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from postcopy import _datapath as dp
+from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
+from uffd import memtouch as mt
+
+from .conftest import Toucher
+
+PAGE = 4096
+
+
+class Service:
+    """serve_faults(stop, go) on its own thread; its return value once it ends."""
+
+    def __init__(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(path, stop_fd, go_fd), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
+        self.rc = path.serve_faults(stop_fd, go_fd)
+
+    def ended(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+@pytest.fixture
+def pipes() -> Callable[[], tuple[int, int]]:
+    made: list[tuple[int, int]] = []
+
+    def make() -> tuple[int, int]:
+        made.append(os.pipe())
+        return made[-1]
+
+    yield make
+    for r, w in made:
+        os.close(r)
+        os.close(w)
+
+
+def faults_seen(path: dp.DestinationPath) -> int:
+    return int(path.counters().faults)
+
+
+def test_stopped_before_listen_it_returns_without_serving(
+        make_block: Callable[..., RamBlock], pipes: Callable[[], tuple[int, int]]) -> None:
+    path = dp.DestinationPath([make_block("pc.ram", 16 * PAGE)])
+    stop, go = pipes(), pipes()
+    s = Service(path, stop[0], go[0])
+    assert not s.ended(0.1)         # waiting for LISTEN
+    os.write(stop[1], b"x")
+    assert s.ended(5.0) and s.rc == 0
+
+
+def test_a_go_fd_that_is_closed_is_an_error(make_block: Callable[..., RamBlock],
+                                            pipes: Callable[[], tuple[int, int]]) -> None:
+    path = dp.DestinationPath([make_block("pc.ram", 16 * PAGE)])
+    stop = pipes()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    s = Service(path, stop[0], r)
+    assert s.ended(5.0) and s.rc is not None and s.rc < 0
+
+
+def test_a_fault_waits_for_listen_then_is_requested(
+        make_block: Callable[..., RamBlock], make_uffd: Callable[..., Userfaultfd],
+        pipes: Callable[[], tuple[int, int]]) -> None:
+    block = make_block("pc.ram", 16 * PAGE)
+    path = dp.DestinationPath([block])
+    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
+    rp_near, rp_far = socket.socketpair()
+    try:
+        path.set_return_path(rp_near)
+        stop, go = pipes(), pipes()
+        s = Service(path, stop[0], go[0])
+        uffd.register(block.addr, block.used_length, RegisterMode.MISSING)
+        path.attach_uffd(uffd.fileno())
+        toucher = Toucher(mt.read_byte, block, 3 * PAGE)
+        assert toucher.is_blocked()
+        assert faults_seen(path) == 0       # the fault is pending; the service has not read it
+        os.write(go[1], b"g")               # LISTEN
+        deadline = time.monotonic() + 5.0
+        while faults_seen(path) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert faults_seen(path) == 1
+        rp_far.settimeout(5.0)
+        assert rp_far.recv(64)              # a REQ_PAGES went up the return path
+        uffd.zeropage(block.addr + 3 * PAGE, PAGE)    # answer it: the thread runs on
+        assert toucher.wait() == 0
+        os.write(stop[1], b"x")
+        assert s.ended(5.0) and s.rc == 0
+    finally:
+        rp_near.close()
+        rp_far.close()
