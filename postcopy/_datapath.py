@@ -417,6 +417,13 @@ class Receiver:
             raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
         return rc
 
+    def run_after(self, go_fd: int) -> int:
+        """:meth:`run` once ``go_fd`` is readable (or the channel hangs up), waiting in C."""
+        rc = int(lib.pc_rx_run_after(self._rx, go_fd))
+        if rc < 0:
+            raise DataPathError(self._ERRORS.get(rc, "other"), ffi.string(self._rx.err_msg).decode(errors="replace"))
+        return rc
+
     def stop(self) -> None:
         lib.pc_rx_stop(self._rx)
 

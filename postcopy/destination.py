@@ -108,9 +108,10 @@ class _Conn:
     pages: bool = False         # the C receiver places pages; only control items come back
     postcopy: bool = False      # ... and the guest runs here: they compete with its faults
     lowered: bool = False       # its reader runs at background priority (set by the reader only)
-    preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``ready``)
+    preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``listen``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
     ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
+    listen: tuple[int, int] | None = None   # a preempt channel's pipe, written at LISTEN: its receiver waits in C
     started: threading.Event = field(default_factory=threading.Event)   # its preempt thread's stack is written
     gc_held: bool = False       # its reader holds the garbage collector off (the switch, up to RUN)
 
@@ -330,6 +331,8 @@ class Destination:
                     # is known: the switch (LISTEN) only lets it go
                     c = self._conns[conn]
                     c.preempt = True
+                    c.listen = os.pipe()
+                    self._retired.append(c.listen)      # closed with the destination, after its thread
                     if self._path is not None:
                         c.rx = Receiver(self._path, c.sock, RX_PREEMPT, 0)
                     self._start(f"dest-preempt-{conn}", self._read_preempt, conn, c)
@@ -342,6 +345,8 @@ class Destination:
                     c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
                 c.ready.set()
+                if c.listen is not None:
+                    os.write(c.listen[1], b"g")
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
                 c = self._conns[conn]
                 c.pages = True
@@ -355,6 +360,8 @@ class Destination:
                 if c2 is not None:
                     c2.go.set()
                     c2.ready.set()      # a preempt thread still waiting for its receiver ends
+                    if c2.listen is not None:
+                        os.write(c2.listen[1], b"x")    # ... and one waiting for LISTEN in C
                 if c2 is not None and c2.rx is not None:
                     self._retire_channel(c2)        # its reader thread may still be in recv(): no close yet
                     shutdown_quietly(c2.sock)
@@ -586,15 +593,21 @@ class Destination:
         urgent_priority()
         touch_stack()
         c.started.set()
-        c.ready.wait()      # set at LISTEN with the receiver, or when the connection goes
+        if c.rx is None:
+            c.ready.wait()      # accepted before the RAM setup: the receiver is built at LISTEN
         rx = c.rx
-        if rx is None or conn not in self._conns:
+        if rx is None or c.listen is None or conn not in self._conns:
             return
         try:
-            code = rx.run()
+            # LISTEN releases it in C: a thread released by a Python event needs the GIL first,
+            # which the switch's thread holds up to RUN (traced: 150-170 us after LISTEN)
+            code = rx.run_after(c.listen[0])
         except DataPathError as exc:
-            self._channel_error(conn, exc)
+            if conn in self._conns:
+                self._channel_error(conn, exc)
             return
+        if conn not in self._conns:
+            return      # closed by the session (CloseConnection), which knows
         if code == Receiver.EOS:
             self._feed(ChannelEnded(conn))
         else:

@@ -1793,6 +1793,23 @@ int pc_rx_run_niced(pc_rx *rx, int nice)
     return pc_rx_run(rx);
 }
 
+int pc_rx_run_after(pc_rx *rx, int go_fd)
+{
+    /* POLLRDHUP alone on the socket: its data must not end the wait, its hang-up must */
+    struct pollfd pfd[2] = { { go_fd, POLLIN, 0 }, { rx->in.fd, POLLRDHUP, 0 } };
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return rx_fail(rx, PC_RX_E_IO, errno, "waiting for LISTEN: %s", strerror(errno));
+        }
+        if (pfd[0].revents & (POLLERR | POLLNVAL))
+            return rx_fail(rx, PC_RX_E_IO, EBADF, "waiting for LISTEN: the go fd is not open");
+        if (pfd[0].revents || pfd[1].revents)
+            return pc_rx_run(rx);
+    }
+}
+
 int pc_rx_run(pc_rx *rx)
 {
     int rc = rx_run(rx);

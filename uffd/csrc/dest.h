@@ -235,6 +235,10 @@ int pc_rx_attach(pc_rx *rx, pc_dst *d);
 int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */
 /* The same, from a thread that first sets its own nice value (in C: never holding the GIL lowered). */
 int pc_rx_run_niced(pc_rx *rx, int nice);
+/* pc_rx_run once go_fd is readable (LISTEN), waiting here without the GIL; a hang-up or an
+ * error on the channel's socket ends the wait too (pc_rx_run then reports it). Bytes that
+ * arrive before LISTEN wait in the socket: nothing is placed before the memory is registered. */
+int pc_rx_run_after(pc_rx *rx, int go_fd);
 void pc_rx_stop(pc_rx *rx);
 /* Python decodes control messages from rx->in with the pc_sockbuf_* calls. */
 /* Place a run of records already scanned by someone else (precopy pages that

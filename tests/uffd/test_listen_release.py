@@ -1,7 +1,8 @@
-"""The destination's fault service waits for LISTEN in C (DestinationPath.serve_faults with a
-go fd): a thread released by a Python event would first need the GIL, which the switch's thread
-holds up to RUN, and the guest's first faults would wait for it. Real userfaultfd, real pipes,
-a real thread faulting; the return path is a socketpair whose far end reads the request."""
+"""The destination's fault service and preempt receiver wait for LISTEN in C (a go fd:
+DestinationPath.serve_faults, Receiver.run_after): a thread released by a Python event would
+first need the GIL, which the switch's thread holds up to RUN, and the guest's first faults would
+wait for it. Real userfaultfd, real pipes, a real thread faulting; the return path and the
+preempt channel are socketpairs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 from uffd import memtouch as mt
 
 from .conftest import Toucher
+from .records import Feed, encode, page, read
 
 PAGE = 4096
 
@@ -63,7 +65,8 @@ def test_stopped_before_listen_it_returns_without_serving(
     s = Service(path, stop[0], go[0])
     assert not s.ended(0.1)         # waiting for LISTEN
     os.write(stop[1], b"x")
-    assert s.ended(5.0) and s.rc == 0
+    assert s.ended(5.0)
+    assert s.rc == 0
 
 
 def test_a_go_fd_that_is_closed_is_an_error(make_block: Callable[..., RamBlock],
@@ -74,7 +77,9 @@ def test_a_go_fd_that_is_closed_is_an_error(make_block: Callable[..., RamBlock],
     os.close(r)
     os.close(w)
     s = Service(path, stop[0], r)
-    assert s.ended(5.0) and s.rc is not None and s.rc < 0
+    assert s.ended(5.0)
+    assert s.rc is not None
+    assert s.rc < 0
 
 
 def test_a_fault_waits_for_listen_then_is_requested(
@@ -103,7 +108,57 @@ def test_a_fault_waits_for_listen_then_is_requested(
         uffd.zeropage(block.addr + 3 * PAGE, PAGE)    # answer it: the thread runs on
         assert toucher.wait() == 0
         os.write(stop[1], b"x")
-        assert s.ended(5.0) and s.rc == 0
+        assert s.ended(5.0)
+        assert s.rc == 0
     finally:
         rp_near.close()
         rp_far.close()
+
+
+class PreemptReceiver:
+    """Receiver.run_after(go) of a preempt channel on its own thread."""
+
+    def __init__(self, path: dp.DestinationPath, feed: Feed, go_fd: int) -> None:
+        self.rx = dp.Receiver(path, feed.ours, dp.RX_PREEMPT, 0)
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(go_fd,), daemon=True)
+        self.thread.start()
+
+    def _run(self, go_fd: int) -> None:
+        self.code = self.rx.run_after(go_fd)
+
+    def ended(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+def test_the_preempt_receiver_places_nothing_before_listen(
+        make_block: Callable[..., RamBlock], pipes: Callable[[], tuple[int, int]]) -> None:
+    block = make_block("pc.ram", 16 * PAGE)
+    path = dp.DestinationPath([block])
+    feed = Feed(encode([("pc.ram", 5 * PAGE, page(5))]))    # a page that came early, then EOS
+    go = pipes()
+    try:
+        r = PreemptReceiver(path, feed, go[0])
+        assert not r.ended(0.1)
+        assert r.rx.counters()[0] == 0              # it waits in the socket
+        assert read(block, 5 * PAGE, PAGE) == bytes(PAGE)
+        os.write(go[1], b"g")                       # LISTEN
+        assert r.ended(5.0)
+        assert r.code == dp.Receiver.EOS
+        assert read(block, 5 * PAGE, PAGE) == page(5)
+    finally:
+        feed.close()
+
+
+def test_a_preempt_channel_that_hangs_up_before_listen_ends_the_wait(
+        make_block: Callable[..., RamBlock], pipes: Callable[[], tuple[int, int]]) -> None:
+    path = dp.DestinationPath([make_block("pc.ram", 16 * PAGE)])
+    feed = Feed(b"", close=True)
+    go = pipes()
+    try:
+        r = PreemptReceiver(path, feed, go[0])
+        assert r.ended(5.0)         # no LISTEN needed to notice the peer is gone
+        assert r.code == dp.Receiver.EOF
+    finally:
+        feed.close()
