@@ -569,15 +569,12 @@ static void remote_zero_fault(pc_dst *d, const pc_dst_region *r, const pc_fault 
     pthread_mutex_unlock(&d->wlock);
 }
 
-static int remote_fault_service_run(pc_dst *d, int stop_fd)
+/* Wait until fd is readable (1) or stop_fd is (0: stop first); -errno, -EBADF for a bad fd. */
+static int wait_readable(int fd, int stop_fd)
 {
-    enum { BATCH = 64 };
-    pc_fault faults[BATCH];
-    pc_uffd_event events[BATCH];
-    struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    struct pollfd pfd[2] = { { fd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
     for (;;) {
-        int pr = poll(pfd, 2, -1);
-        if (pr < 0) {
+        if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
@@ -586,6 +583,20 @@ static int remote_fault_service_run(pc_dst *d, int stop_fd)
             return 0;
         if (pfd[0].revents & (POLLERR | POLLNVAL))
             return -EBADF;
+        if (pfd[0].revents)
+            return 1;
+    }
+}
+
+static int remote_fault_service_run(pc_dst *d, int stop_fd)
+{
+    enum { BATCH = 64 };
+    pc_fault faults[BATCH];
+    pc_uffd_event events[BATCH];
+    for (;;) {
+        int w = wait_readable(d->uffd, stop_fd);
+        if (w <= 0)
+            return w;
         for (;;) {
             uint32_t nother = 0;
             pthread_rwlock_wrlock(&d->place_lock);
@@ -637,25 +648,6 @@ static int remote_fault_service_run(pc_dst *d, int stop_fd)
     }
 }
 
-/* 1: go_fd became readable; 0: stop_fd did; -errno. */
-static int wait_for_go(int go_fd, int stop_fd)
-{
-    struct pollfd pfd[2] = { { go_fd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
-    for (;;) {
-        if (poll(pfd, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (pfd[1].revents)
-            return 0;
-        if (pfd[0].revents & (POLLERR | POLLNVAL))
-            return -EBADF;
-        if (pfd[0].revents)
-            return 1;
-    }
-}
-
 int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd)
 {
     enum { BATCH = 64 };
@@ -665,27 +657,20 @@ int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd)
         /* Released by a write, not by a Python event: a thread returning from a Python wait
          * needs the GIL, which the switch's thread holds up to RUN; the guest's first faults
          * would then wait for it too. */
-        int go = wait_for_go(go_fd, stop_fd);
+        int go = wait_readable(go_fd, stop_fd);
         if (go <= 0)
             return go;
     }
     if (d->remote)
         return remote_fault_service_run(d, stop_fd);
-    struct pollfd pfd[2] = { { __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE), POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
     for (;;) {
-        int pr = poll(pfd, 2, -1);
-        if (pr < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (pfd[1].revents)
-            return 0;
-        if (pfd[0].revents & (POLLERR | POLLNVAL))
-            return -EBADF;
+        int w = wait_readable(uffd, stop_fd);
+        if (w <= 0)
+            return w;
         for (;;) {
             uint32_t dropped = 0;
-            int n = pc_read_faults(d->uffd, d->descs, d->nblocks, faults, BATCH, &dropped);
+            int n = pc_read_faults(uffd, d->descs, d->nblocks, faults, BATCH, &dropped);
             if (n == -EAGAIN)
                 break;
             if (n < 0)
