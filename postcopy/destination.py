@@ -742,6 +742,8 @@ class Destination:
                 shutdown_quietly(c.sock)
                 c.go.set()
                 c.ready.set()
+                if c.listen is not None:
+                    os.write(c.listen[1], b"x")     # a preempt receiver still waiting for LISTEN
         for t in self._threads:
             t.join(timeout=10)
         for c in self._conns.values():

@@ -90,7 +90,9 @@ log = logging.getLogger("postcopy.source")
 
 _CHANNEL_IDS = {Channel.MAIN: CHAN_MAIN, Channel.PREEMPT: CHAN_PREEMPT}
 
+
 def _named(name: str, target: Callable[[int], None], generation: int) -> None:
+    """A role thread's body: its name where the OS shows threads first (top -H, ps -L)."""
     name_os_thread(name)
     target(generation)
 
