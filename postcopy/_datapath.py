@@ -261,6 +261,17 @@ class DestinationPath:
     def attach_uffd(self, fd: int) -> None:
         lib.pc_dst_set_uffd(self._d, fd)
 
+    def listen(self, uffd_fd: int, go_fd: int = -1) -> None:
+        """LISTEN in one C call: every block registered with the userfaultfd (MISSING, and MINOR
+        where :attr:`minor`), the fd attached, then a byte written to ``go_fd`` (the fault
+        service's release). In Python, with the flag enums, it took 150 us of the downtime."""
+        bad = ffi.new("uint32_t *")
+        rc = lib.pc_dst_listen(self._d, uffd_fd, go_fd, bad)
+        if rc < 0:
+            what = (f"registering RAM block {self.blocks[bad[0]].idstr!r}" if bad[0] < len(self.blocks)
+                    else "releasing the fault service")
+            raise OSError(-rc, f"LISTEN: {what}: {os.strerror(-rc)}")
+
     def set_vcpu_threads(self, tids: Sequence[int]) -> None:
         arr = ffi.new("uint32_t[]", list(tids) or [0])
         lib.pc_dst_set_vcpus(self._d, arr, len(tids))

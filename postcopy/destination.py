@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
+from uffd import Feature, RamBlock, Userfaultfd
 
 from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
@@ -666,13 +666,11 @@ class Destination:
             self._prepare_faults()
         assert self._fault_go is not None
         if self._uffd is not None:
-            for b, minor in zip(self.path.blocks, self.path.minor, strict=True):
-                # minor: a prefilled page not placed yet is in the file but not mapped here
-                mode = RegisterMode.MISSING | RegisterMode.MINOR if minor else RegisterMode.MISSING
-                self._uffd.register(b.addr, b.used_length, mode)
-            self.path.attach_uffd(self._uffd.fileno())
-            self._registered = True
-        os.write(self._fault_go[1], b"g")
+            # MINOR too where a prefilled page not placed yet is in the file but not mapped here
+            self._registered = True     # (set first: a block that fails leaves those before it registered)
+            self.path.listen(self._uffd.fileno(), self._fault_go[1])
+        else:
+            os.write(self._fault_go[1], b"g")
 
     def _serve_faults(self, path: DestinationPath, stop_fd: int, go_fd: int) -> None:
         urgent_priority()

@@ -162,3 +162,53 @@ def test_a_preempt_channel_that_hangs_up_before_listen_ends_the_wait(
         assert r.code == dp.Receiver.EOF
     finally:
         feed.close()
+
+
+def test_listen_registers_every_block_attaches_and_releases_the_service(
+        make_block: Callable[..., RamBlock], make_uffd: Callable[..., Userfaultfd],
+        pipes: Callable[[], tuple[int, int]]) -> None:
+    plain = make_block("pc.ram", 16 * PAGE)
+    prefilled = make_block("pc.rom", 16 * PAGE, PAGE, "memfd")
+    prefilled.prefill()
+    path = dp.DestinationPath([plain, prefilled])
+    assert path.minor == (False, True)
+    uffd = make_uffd(Feature.THREAD_ID | Feature.MISSING_SHMEM | Feature.MINOR_SHMEM, user_mode_only=True)
+    rp_near, rp_far = socket.socketpair()
+    try:
+        path.set_return_path(rp_near)
+        stop, go = pipes(), pipes()
+        s = Service(path, stop[0], go[0])
+        path.listen(uffd.fileno(), go[1])       # LISTEN: both registered, the service released
+        # a prefilled page not placed yet is in the file but not mapped: a MINOR fault, requested
+        toucher = Toucher(mt.read_byte, prefilled, 2 * PAGE)
+        rp_far.settimeout(5.0)
+        assert rp_far.recv(64)
+        assert toucher.is_blocked()
+        uffd.continue_(prefilled.addr + 2 * PAGE, PAGE)
+        assert toucher.wait() == 0
+        toucher = Toucher(mt.read_byte, plain, 5 * PAGE)     # and a missing one in the other block
+        assert rp_far.recv(64)
+        uffd.zeropage(plain.addr + 5 * PAGE, PAGE)
+        assert toucher.wait() == 0
+        assert faults_seen(path) == 2
+        os.write(stop[1], b"x")
+        assert s.ended(5.0)
+        assert s.rc == 0
+    finally:
+        rp_near.close()
+        rp_far.close()
+
+
+def test_listen_names_the_block_the_kernel_refused(
+        make_block: Callable[..., RamBlock], make_uffd: Callable[..., Userfaultfd],
+        pipes: Callable[[], tuple[int, int]]) -> None:
+    gone = make_block("pc.rom", 16 * PAGE)
+    path = dp.DestinationPath([make_block("pc.ram", 16 * PAGE), gone])
+    gone.close()        # its memory is unmapped: the kernel refuses to register it
+    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
+    go = pipes()
+    with pytest.raises(OSError, match=r"registering RAM block 'pc\.rom'"):
+        path.listen(uffd.fileno(), go[1])
+    os.set_blocking(go[0], False)
+    with pytest.raises(BlockingIOError):
+        os.read(go[0], 1)       # the fault service was not released

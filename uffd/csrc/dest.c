@@ -175,6 +175,29 @@ int pc_dst_finish_setup(pc_dst *d)
 
 void pc_dst_set_uffd(pc_dst *d, int uffd) { __atomic_store_n(&d->uffd, uffd, __ATOMIC_RELEASE); }
 
+int pc_dst_listen(pc_dst *d, int uffd, int go_fd, uint32_t *bad)
+{
+    for (uint32_t i = 0; i < d->nblocks; i++) {
+        const pc_dst_block *b = &d->blocks[i];
+        uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (b->alias ? UFFDIO_REGISTER_MODE_MINOR : 0);
+        int rc = pc_uffd_register(uffd, b->base, b->length, mode, NULL);
+        if (rc < 0) {
+            *bad = i;
+            return rc;
+        }
+    }
+    pc_dst_set_uffd(d, uffd);
+    if (go_fd >= 0) {
+        const char go = 'g';
+        while (write(go_fd, &go, 1) < 0)
+            if (errno != EINTR) {
+                *bad = d->nblocks;
+                return -errno;
+            }
+    }
+    return 0;
+}
+
 int pc_dst_set_remote(pc_dst *d, int uffd, const pc_dst_region *regions, uint32_t n)
 {
     if (d->remote || !d->zero_buf || n == 0)

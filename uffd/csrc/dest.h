@@ -109,6 +109,12 @@ int pc_dst_set_block(pc_dst *d, uint32_t i, const char *idstr, uint32_t idlen, u
                      uint64_t host_page_size, int zeroable, pc_bitmap *received, pc_bitmap *requested, uint64_t *hashes);
 int pc_dst_finish_setup(pc_dst *d);     /* after the last set_block: checks overlaps, allocates buffers */
 void pc_dst_set_uffd(pc_dst *d, int uffd);
+/* LISTEN in one call, holding no GIL: register every block with uffd (MISSING, and MINOR where
+ * the block takes its pages through a second mapping), attach uffd, then write a byte to go_fd
+ * (the fault service's release; -1: none). 0, or -errno with the failing block's index in *bad
+ * (nothing attached or released then; blocks registered before it stay registered), nblocks
+ * when the write failed. */
+int pc_dst_listen(pc_dst *d, int uffd, int go_fd, uint32_t *bad);
 /* After pc_dst_finish_setup: the blocks are another process's memory, mapped
  * by `regions` (any order) and registered by that process with `uffd`. Every
  * placement is a UFFDIO_COPY/ZEROPAGE through uffd at the region's address
