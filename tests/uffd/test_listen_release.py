@@ -6,11 +6,12 @@ preempt channel are socketpairs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -58,6 +59,25 @@ def faults_seen(path: dp.DestinationPath) -> int:
     return int(path.counters().faults)
 
 
+@contextlib.contextmanager
+def serving(path: dp.DestinationPath, pipes: Callable[[], tuple[int, int]]) -> Iterator[tuple[int, socket.socket]]:
+    """The fault service of ``path`` on its thread, waiting for LISTEN on a go pipe; yields the
+    go pipe's write end and the far end of the return path. Stopped (and checked) on exit."""
+    rp_near, rp_far = socket.socketpair()
+    rp_far.settimeout(5.0)
+    try:
+        path.set_return_path(rp_near)
+        stop, go = pipes(), pipes()
+        s = Service(path, stop[0], go[0])
+        yield go[1], rp_far
+        os.write(stop[1], b"x")
+        assert s.ended(5.0)
+        assert s.rc == 0
+    finally:
+        rp_near.close()
+        rp_far.close()
+
+
 def test_stopped_before_listen_it_returns_without_serving(
         make_block: Callable[..., RamBlock], pipes: Callable[[], tuple[int, int]]) -> None:
     path = dp.DestinationPath([make_block("pc.ram", 16 * PAGE)])
@@ -88,31 +108,20 @@ def test_a_fault_waits_for_listen_then_is_requested(
     block = make_block("pc.ram", 16 * PAGE)
     path = dp.DestinationPath([block])
     uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
-    rp_near, rp_far = socket.socketpair()
-    try:
-        path.set_return_path(rp_near)
-        stop, go = pipes(), pipes()
-        s = Service(path, stop[0], go[0])
+    with serving(path, pipes) as (go, rp_far):
         uffd.register(block.addr, block.used_length, RegisterMode.MISSING)
         path.attach_uffd(uffd.fileno())
         toucher = Toucher(mt.read_byte, block, 3 * PAGE)
         assert toucher.is_blocked()
         assert faults_seen(path) == 0       # the fault is pending; the service has not read it
-        os.write(go[1], b"g")               # LISTEN
+        os.write(go, b"g")                  # LISTEN
         deadline = time.monotonic() + 5.0
         while faults_seen(path) == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert faults_seen(path) == 1
-        rp_far.settimeout(5.0)
         assert rp_far.recv(64)              # a REQ_PAGES went up the return path
         uffd.zeropage(block.addr + 3 * PAGE, PAGE)    # answer it: the thread runs on
         assert toucher.wait() == 0
-        os.write(stop[1], b"x")
-        assert s.ended(5.0)
-        assert s.rc == 0
-    finally:
-        rp_near.close()
-        rp_far.close()
 
 
 class PreemptReceiver:
@@ -173,15 +182,10 @@ def test_listen_registers_every_block_attaches_and_releases_the_service(
     path = dp.DestinationPath([plain, prefilled])
     assert path.minor == (False, True)
     uffd = make_uffd(Feature.THREAD_ID | Feature.MISSING_SHMEM | Feature.MINOR_SHMEM, user_mode_only=True)
-    rp_near, rp_far = socket.socketpair()
-    try:
-        path.set_return_path(rp_near)
-        stop, go = pipes(), pipes()
-        s = Service(path, stop[0], go[0])
-        path.listen(uffd.fileno(), go[1])       # LISTEN: both registered, the service released
+    with serving(path, pipes) as (go, rp_far):
+        path.listen(uffd.fileno(), go)      # LISTEN: both registered, the service released
         # a prefilled page not placed yet is in the file but not mapped: a MINOR fault, requested
         toucher = Toucher(mt.read_byte, prefilled, 2 * PAGE)
-        rp_far.settimeout(5.0)
         assert rp_far.recv(64)
         assert toucher.is_blocked()
         uffd.continue_(prefilled.addr + 2 * PAGE, PAGE)
@@ -191,12 +195,6 @@ def test_listen_registers_every_block_attaches_and_releases_the_service(
         uffd.zeropage(plain.addr + 5 * PAGE, PAGE)
         assert toucher.wait() == 0
         assert faults_seen(path) == 2
-        os.write(stop[1], b"x")
-        assert s.ended(5.0)
-        assert s.rc == 0
-    finally:
-        rp_near.close()
-        rp_far.close()
 
 
 def test_listen_names_the_block_the_kernel_refused(
