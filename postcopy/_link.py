@@ -73,7 +73,7 @@ def touch_stack(nbytes: int = FAULT_PATH_STACK_BYTES) -> None:
 def name_os_thread(name: str) -> None:
     """Give the calling thread ``name`` where the OS shows threads (ps -L, top -H, ftrace):
     Python's thread names stay inside Python. The kernel keeps the first 15 bytes."""
-    lib.pc_thread_set_name(name.encode("utf-8", "replace")[:15])
+    lib.pc_thread_set_name(name.encode("utf-8", "replace"))     # cut to 15 bytes in C
 
 
 def thread_nice() -> int:
