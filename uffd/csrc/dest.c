@@ -592,10 +592,11 @@ static void remote_zero_fault(pc_dst *d, const pc_dst_region *r, const pc_fault 
     pthread_mutex_unlock(&d->wlock);
 }
 
-/* Wait until fd is readable (1) or stop_fd is (0: stop first); -errno, -EBADF for a bad fd. */
-static int wait_readable(int fd, int stop_fd)
+/* Wait until fd is readable (1) or `other` shows any of other_events, an error or a hang-up
+ * (0: that first); -errno, -EBADF when fd is not open. */
+static int wait_readable_or(int fd, int other, short other_events)
 {
-    struct pollfd pfd[2] = { { fd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+    struct pollfd pfd[2] = { { fd, POLLIN, 0 }, { other, other_events, 0 } };
     for (;;) {
         if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
@@ -617,7 +618,7 @@ static int remote_fault_service_run(pc_dst *d, int stop_fd)
     pc_fault faults[BATCH];
     pc_uffd_event events[BATCH];
     for (;;) {
-        int w = wait_readable(d->uffd, stop_fd);
+        int w = wait_readable_or(d->uffd, stop_fd, POLLIN);
         if (w <= 0)
             return w;
         for (;;) {
@@ -680,7 +681,7 @@ int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd)
         /* Released by a write, not by a Python event: a thread returning from a Python wait
          * needs the GIL, which the switch's thread holds up to RUN; the guest's first faults
          * would then wait for it too. */
-        int go = wait_readable(go_fd, stop_fd);
+        int go = wait_readable_or(go_fd, stop_fd, POLLIN);
         if (go <= 0)
             return go;
     }
@@ -688,7 +689,7 @@ int pc_fault_service_run(pc_dst *d, int stop_fd, int go_fd)
         return remote_fault_service_run(d, stop_fd);
     int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
     for (;;) {
-        int w = wait_readable(uffd, stop_fd);
+        int w = wait_readable_or(uffd, stop_fd, POLLIN);
         if (w <= 0)
             return w;
         for (;;) {
@@ -1803,19 +1804,14 @@ int pc_rx_run_niced(pc_rx *rx, int nice)
 
 int pc_rx_run_after(pc_rx *rx, int go_fd)
 {
-    /* POLLRDHUP alone on the socket: its data must not end the wait, its hang-up must */
-    struct pollfd pfd[2] = { { go_fd, POLLIN, 0 }, { rx->in.fd, POLLRDHUP, 0 } };
-    for (;;) {
-        if (poll(pfd, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return rx_fail(rx, PC_RX_E_IO, errno, "waiting for LISTEN: %s", strerror(errno));
-        }
-        if (pfd[0].revents & (POLLERR | POLLNVAL))
-            return rx_fail(rx, PC_RX_E_IO, EBADF, "waiting for LISTEN: the go fd is not open");
-        if (pfd[0].revents || pfd[1].revents)
-            return pc_rx_run(rx);
-    }
+    /* POLLRDHUP alone on the socket: its data must not end the wait, its hang-up must (and the
+     * receive then reports it) */
+    int w = wait_readable_or(go_fd, rx->in.fd, POLLRDHUP);
+    if (w == -EBADF)
+        return rx_fail(rx, PC_RX_E_IO, EBADF, "waiting for LISTEN: the go fd is not open");
+    if (w < 0)
+        return rx_fail(rx, PC_RX_E_IO, -w, "waiting for LISTEN: %s", strerror(-w));
+    return pc_rx_run(rx);
 }
 
 int pc_rx_run(pc_rx *rx)
