@@ -110,8 +110,7 @@ class _Conn:
     lowered: bool = False       # its reader runs at background priority (set by the reader only)
     preempt: bool = False       # the preempt channel: its receiver waits for LISTEN (``listen``)
     go: threading.Event = field(default_factory=threading.Event)    # cleared: the reader holds
-    ready: threading.Event = field(default_factory=threading.Event)     # a preempt channel's receiver is set
-    listen: tuple[int, int] | None = None   # a preempt channel's pipe, written at LISTEN: its receiver waits in C
+    listen: tuple[int, int] | None = None   # a preempt channel's pipe, written at LISTEN (or its end)
     started: threading.Event = field(default_factory=threading.Event)   # its preempt thread's stack is written
     gc_held: bool = False       # its reader holds the garbage collector off (the switch, up to RUN)
 
@@ -344,7 +343,6 @@ class Destination:
                 if c.rx is None:
                     c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
-                c.ready.set()
                 if c.listen is not None:
                     os.write(c.listen[1], b"g")
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
@@ -359,9 +357,8 @@ class Destination:
                 c2 = self._conns.pop(conn, None)
                 if c2 is not None:
                     c2.go.set()
-                    c2.ready.set()      # a preempt thread still waiting for its receiver ends
                     if c2.listen is not None:
-                        os.write(c2.listen[1], b"x")    # ... and one waiting for LISTEN in C
+                        os.write(c2.listen[1], b"x")    # a preempt thread still waiting for LISTEN ends
                 if c2 is not None and c2.rx is not None:
                     self._retire_channel(c2)        # its reader thread may still be in recv(): no close yet
                     shutdown_quietly(c2.sock)
@@ -593,8 +590,9 @@ class Destination:
         urgent_priority()
         touch_stack()
         c.started.set()
-        if c.rx is None:
-            c.ready.wait()      # accepted before the RAM setup: the receiver is built at LISTEN
+        if c.rx is None and c.listen is not None:
+            # accepted before the RAM setup: its receiver is built at LISTEN (the byte stays for C)
+            select.select([c.listen[0]], [], [])
         rx = c.rx
         if rx is None or c.listen is None or conn not in self._conns:
             return
@@ -739,7 +737,6 @@ class Destination:
                     c.rx.stop()
                 shutdown_quietly(c.sock)
                 c.go.set()
-                c.ready.set()
                 if c.listen is not None:
                     os.write(c.listen[1], b"x")     # a preempt receiver still waiting for LISTEN
         for t in self._threads:

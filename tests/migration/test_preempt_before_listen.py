@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -21,7 +22,10 @@ from uffd import PAGE_4K
 pytestmark = pytest.mark.root
 
 
-def test_a_source_gone_before_listen_releases_the_waiting_preempt_receiver() -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["after-setup", "before-setup"])
+def test_a_source_gone_before_listen_releases_the_waiting_preempt_receiver(early: bool) -> None:
+    """``early``: the preempt channel is taken (after its silence) before the RAM setup has come,
+    so its thread has no receiver yet and waits for one in Python, on the same pipe."""
     spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=1)
     owner = BuiltinGuest(spec)
     layout = [wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length) for b in owner.memory]
@@ -41,6 +45,13 @@ def test_a_source_gone_before_listen_releases_the_waiting_preempt_receiver() -> 
     main = socket.create_connection(listener.getsockname(), timeout=5)
     preempt = socket.create_connection(listener.getsockname(), timeout=5)
     try:
+        if early:
+            main.sendall(wire.encode(preamble[0]))      # the stream's header alone
+            deadline = time.monotonic() + 5.0
+            while not any(c.preempt for c in dest._conns.values()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [c.rx for c in dest._conns.values() if c.preempt] == [None]
+            preamble = preamble[1:]
         main.sendall(b"".join(wire.encode(e) for e in [*preamble, wire.Ping(value=READY_PING)]))
         rp = wire.ReturnPathDecoder()
         pongs: list[int] = []
