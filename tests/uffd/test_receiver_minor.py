@@ -8,6 +8,7 @@ records written by a thread into a socketpair (the receiver tests' Feed)."""
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from uffd._memory import free_hugepages
 from uffd import memtouch as mt
 
 from .conftest import Toucher, wait_events
-from .records import PAGE, Channel, Feed, Record, receive_on_two_channels, check_hashes, encode, page, read, receive
+from .records import (PAGE, SECTION_PART, Channel, Feed, Record, check_hashes, encode, page, read, receive,
+                      receive_on_two_channels)
 
 NTP = PAGE_2M // PAGE
 
@@ -175,12 +177,14 @@ def expected(bodies: list[bytes | None]) -> bytes:
     return b"".join(body if body is not None else bytes(PAGE) for body in bodies)
 
 
-def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
-    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+@pytest.mark.parametrize("kind", ["preempt", "main"])
+def test_a_channel_writes_a_huge_page_as_its_records_arrive(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], kind: str
 ) -> None:
     """A faulting thread waits for the last record of its huge page, not for a copy of the whole
     page after it: the records' bytes are in the page (through the second mapping) while the rest
-    is still on its way, and the guest sees the page only once it is whole."""
+    is still on its way, and the guest sees the page only once it is whole. The bulk stream's
+    pages go the same way: the kernel's copy out of the socket is the only one."""
     b = prefilled(make_block, 2)
     path = dp.DestinationPath([b])
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
@@ -188,8 +192,9 @@ def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
     bodies = mixed_host_page(40)
     recs = records(PAGE_2M, bodies)
     head = len(encode(recs[:100], eos=False))
-    feed = feeds(encode(recs), chunks=[head], pause=2.0)
-    t = threading.Thread(target=receive, args=(path, feed))
+    channel = Channel(kind, lambda data, chunks, **kw: feeds(data, chunks, pause=2.0, **kw))
+    feed = channel.feed(encode(recs), chunks=[head])
+    t = threading.Thread(target=channel.receive, args=(path, feed))
     t.start()
     alias = b.alias()
     first, beyond = PAGE_2M + 0 * PAGE, PAGE_2M + 200 * PAGE
@@ -205,6 +210,29 @@ def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
     assert not t.is_alive()
     assert path.counters().host_pages_placed == 1
     assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
+
+
+@pytest.mark.parametrize("kind", ["preempt", "main"])
+def test_huge_pages_that_follow_each_other_are_each_received_into_place(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], kind: str
+) -> None:
+    """Host pages back to back, in small pieces (the bulk stream's way): each is begun from its
+    first header, peeked in the socket when the last receive ended with the page before, and the
+    guest reads every one whole."""
+    b = prefilled(make_block, 3)
+    path = dp.DestinationPath([b], verify=True)
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    pages = [mixed_host_page(60 + n) for n in range(3)]
+    recs = [r for n, bodies in enumerate(pages) for r in records(n * PAGE_2M, bodies)]
+    data = encode(recs)
+    channel = Channel(kind, feeds)
+    piece = 100 * (8 + PAGE)       # a receive that ends inside a page, another at a page's end
+    rx = channel.receive(path, channel.feed(data, chunks=[piece] * (len(data) // piece)))
+    assert rx._rx.c.pages_direct > 0
+    assert path.counters().host_pages_placed == 3
+    assert read(b, 0, 3 * PAGE_2M) == b"".join(expected(bodies) for bodies in pages)
+    check_hashes(path, 0, b, range(3 * NTP))
 
 
 def test_the_rest_of_a_claimed_page_is_received_straight_into_it_and_a_zero_record_stays_zero(
@@ -229,18 +257,22 @@ def test_the_rest_of_a_claimed_page_is_received_straight_into_it_and_a_zero_reco
     check_hashes(path, 0, b, range(NTP, 2 * NTP))
 
 
-def test_a_preempt_channel_that_ends_inside_a_page_gives_it_back_as_zeros(
-    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+@pytest.mark.parametrize("kind", ["preempt", "main"])
+def test_a_channel_that_ends_inside_a_page_gives_it_back_as_zeros(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], kind: str
 ) -> None:
-    """The link breaks in the middle of a requested huge page: half of it was written through the
-    second mapping. The page is given back (a hole again, claimable): when the stream brings it
-    again as a zero page, the guest reads zeros, not the half page of the broken link."""
+    """The link breaks in the middle of a huge page: half of it was written through the second
+    mapping. The page is given back (a hole again, claimable): when the stream brings it again as
+    a zero page, the guest reads zeros, not the half page of the broken link."""
     b = prefilled(make_block, 1)
     path = dp.DestinationPath([b])
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
     path.attach_uffd(minor_uffd.fileno())
-    half = records(0, list(host_page(50))[:NTP // 2])
-    rx = dp.Receiver(path, feeds(encode(half, eos=False), close=True).ours, dp.RX_PREEMPT, 0)
+    half = encode(records(0, list(host_page(50))[:NTP // 2]), eos=False)
+    if kind == "main":
+        half = bytes([SECTION_PART]) + struct.pack(">I", Channel.SECTION) + half
+    rx = dp.Receiver(path, feeds(half, close=True).ours, dp.RX_PREEMPT if kind == "preempt" else dp.RX_MAIN,
+                     Channel.SECTION)
     with pytest.raises(dp.DataPathError, match="middle of a host page"):
         rx.run()
     assert path.received[0].count() == 0

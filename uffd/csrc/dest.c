@@ -1129,19 +1129,21 @@ static int map_claimed_page(pc_rx *rx, int uffd, pc_dst_block *b, uint64_t host_
 }
 
 /* A prefilled block (pc_dst_set_alias): the n host pages from host_off (src as
- * place_pages's), each written through the alias by the channel that claims it
- * first (a page claimed by another is left to it: that one places it and wakes
- * its faults); a run of pages claimed here is mapped with one UFFDIO_CONTINUE.
- * Zero pages are not written: a claimed page reads zeros. 0 or an rx error. */
+ * place_pages's, or each page's bytes apart in pages[], NULL for a zero page:
+ * records in the receive buffer), each written through the alias by the
+ * channel that claims it first (a page claimed by another is left to it: that
+ * one places it and wakes its faults); a run of pages claimed here is mapped
+ * with one UFFDIO_CONTINUE. Zero pages are not written: a claimed page reads
+ * zeros. 0 or an rx error. */
 static int place_minor_pages(pc_rx *rx, int uffd, uint32_t bi, uint64_t host_off, const uint8_t *src,
-                             uint64_t n, uint64_t nzero)
+                             const uint8_t *const *pages, uint64_t n, uint64_t nzero)
 {
     pc_dst_block *b = &rx->dst->blocks[bi];
     uint64_t hps = b->host_page_size;
     for (uint64_t j = 0; j < n;) {
         uint64_t first = j, zeros = 0;
         for (; j < n && claim_page(b, host_off + j * hps); j++) {
-            const uint8_t *page = src ? src + j * hps : NULL;
+            const uint8_t *page = pages ? pages[j] : src ? src + j * hps : NULL;
             if (page && nzero && (nzero == n || pc_is_zero(page, hps)))
                 page = NULL;
             if (page)
@@ -1178,7 +1180,7 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
     int uffd = __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE);
 
     if (b->alias && uffd >= 0)
-        return place_minor_pages(rx, uffd, bi, host_off, src, n, nzero);
+        return place_minor_pages(rx, uffd, bi, host_off, src, NULL, n, nzero);
     record_hashes(b, host_off, src, len);
     if (d->remote) {
         for (uint64_t j = 0; j < n; j++) {
@@ -1350,7 +1352,7 @@ static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off)
     rx->tmp_host_off = rx->tmp_next_off = host_off;
     rx->tmp_all_zero = 1;
     rx->tmp_inplace = rx->tmp_skip = 0;
-    if (rx->kind == PC_RX_PREEMPT && b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
+    if (b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
         if (claim_page(b, host_off))
             rx->tmp_inplace = 1;
         else
@@ -1458,6 +1460,23 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                     if (q->kind != PC_REC_PAGE || pc_is_zero(buf + q->data_pos, PC_TARGET_PAGE_SIZE))
                         nz++;
                 }
+            }
+            if (k > 1 && b->alias && !rx->use_placer) {
+                /* A prefilled block: each body goes from the buffer to its page, no stage between */
+                const uint8_t *pages[PC_RX_STAGE_PAGES];
+                for (uint32_t j = 0; j < k; j++) {
+                    const pc_ram_record *q = &recs[i + j];
+                    pages[j] = q->kind == PC_REC_PAGE ? buf + q->data_pos : NULL;
+                    if (j)
+                        __atomic_add_fetch(q->kind == PC_REC_PAGE ? &rx->c.pages_normal : &rx->c.pages_zero, 1,
+                                           __ATOMIC_RELAXED);
+                }
+                int rc = place_minor_pages(rx, __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE), r->block, r->offset,
+                                           NULL, pages, k, nz);
+                if (rc)
+                    return rc;
+                i += k - 1;
+                continue;
             }
             uint8_t *stage = k > 1 && nz < k ? rx_stage(rx) : NULL;
             if (k > 1 && (stage || nz == k)) {
@@ -1573,6 +1592,43 @@ static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint6
     return 0;
 }
 
+/* A huge page of a prefilled block starts on this channel: when its first
+ * header says which (in the buffer, or peeked in the socket), claim it now
+ * (tmp_begin), so that all its bodies are received straight into its bytes
+ * through the alias and it is mapped with UFFDIO_CONTINUE: no copy besides the
+ * kernel's out of the socket. The source sends a host page's records together
+ * and never a page twice on one connection, so a page claimed here is in
+ * flight on this channel. 1 when the page is begun (claimed or not), 0 when
+ * the temp page takes the first records (the general case). */
+static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
+{
+    const pc_dst_block *b = &rx->dst->blocks[bi];
+    if (!b->alias || __atomic_load_n(&rx->dst->uffd, __ATOMIC_ACQUIRE) < 0 || avail >= DIRECT_REC)
+        return 0;
+    uint8_t hdr[8];
+    if (avail >= 8) {
+        memcpy(hdr, pc_sockbuf_data(&rx->in), 8);
+    } else {
+        if (avail)
+            return 0;
+        /* Wait for the header's 8 bytes without taking them (less only at the stream's end or
+         * a stop, which the receive that follows reports) */
+        ssize_t got;
+        pc_sockbuf_spin(&rx->in);
+        do
+            got = recv(rx->in.fd, hdr, 8, MSG_PEEK | MSG_WAITALL);
+        while (got < 0 && errno == EINTR);
+        if (got != 8)
+            return 0;
+    }
+    uint64_t word = pc_get_be64(hdr), off = word & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1);
+    if ((word & (PC_TARGET_PAGE_SIZE - 1)) != (PC_RAM_FLAG_PAGE | PC_RAM_FLAG_CONTINUE) || off >= b->length ||
+        off % b->host_page_size)
+        return 0;       /* the general path takes (or reports) it */
+    tmp_begin(rx, bi, off);
+    return 1;
+}
+
 /* Where the next records' bodies go, or 0 records when the direct receive
  * does not apply (then the general path receives into the buffer). */
 static direct_layout direct_plan(pc_rx *rx)
@@ -1602,7 +1658,7 @@ static direct_layout direct_plan(pc_rx *rx)
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
         if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)
             return l;
-        if (rx->tmp_block < 0) {
+        if (rx->tmp_block < 0 && !begin_next_host_page(rx, (uint32_t)bi, avail)) {
             l.bodies = rx->tmp;
             l.nrec = (uint32_t)ntp;
         } else {
@@ -1818,7 +1874,7 @@ int pc_rx_run(pc_rx *rx)
 {
     int rc = rx_run(rx);
     int drc = rx_drain_after(rx, rc < 0);     /* what was received is placed before Python hears of it */
-    if (rx->kind == PC_RX_PREEMPT)
+    if (rx->kind == PC_RX_PREEMPT || rc != PC_RX_CONTROL)
         tmp_abandon(rx);    /* the channel is done: a page it did not finish is not its to finish */
     return rc < 0 || !drc ? rc : drc;
 }

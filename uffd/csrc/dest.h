@@ -195,10 +195,11 @@ typedef struct pc_rx {
     int64_t tmp_block;
     uint64_t tmp_host_off, tmp_next_off;
     uint32_t tmp_all_zero;
-    /* The preempt channel in a prefilled block claims the page at its first
+    /* In a prefilled block after LISTEN a channel claims the page at its first
      * record and writes each record through the alias as it arrives (no copy
-     * of the whole page after its last byte: what a waiting fault sees); a page
-     * another channel claimed first is received and dropped (tmp_skip). */
+     * of the whole page after its last byte: what a waiting fault sees, and
+     * the bulk stream's second copy); a page another channel claimed first is
+     * received and dropped (tmp_skip). */
     uint32_t tmp_inplace, tmp_skip;
     /* direct receive (see PC_RX_DIRECT_MAX) */
     uint8_t *stage;                     /* the stage's half the receiver fills (stage_pages pages) */
