@@ -177,14 +177,12 @@ def expected(bodies: list[bytes | None]) -> bytes:
     return b"".join(body if body is not None else bytes(PAGE) for body in bodies)
 
 
-@pytest.mark.parametrize("kind", ["preempt", "main"])
-def test_a_channel_writes_a_huge_page_as_its_records_arrive(
-    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], kind: str
+def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
 ) -> None:
     """A faulting thread waits for the last record of its huge page, not for a copy of the whole
     page after it: the records' bytes are in the page (through the second mapping) while the rest
-    is still on its way, and the guest sees the page only once it is whole. The bulk stream's
-    pages go the same way: the kernel's copy out of the socket is the only one."""
+    is still on its way, and the guest sees the page only once it is whole."""
     b = prefilled(make_block, 2)
     path = dp.DestinationPath([b])
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
@@ -192,9 +190,8 @@ def test_a_channel_writes_a_huge_page_as_its_records_arrive(
     bodies = mixed_host_page(40)
     recs = records(PAGE_2M, bodies)
     head = len(encode(recs[:100], eos=False))
-    channel = Channel(kind, lambda data, chunks, **kw: feeds(data, chunks, pause=2.0, **kw))
-    feed = channel.feed(encode(recs), chunks=[head])
-    t = threading.Thread(target=channel.receive, args=(path, feed))
+    feed = feeds(encode(recs), chunks=[head], pause=2.0)
+    t = threading.Thread(target=receive, args=(path, feed))
     t.start()
     alias = b.alias()
     first, beyond = PAGE_2M + 0 * PAGE, PAGE_2M + 200 * PAGE
@@ -210,6 +207,56 @@ def test_a_channel_writes_a_huge_page_as_its_records_arrive(
     assert not t.is_alive()
     assert path.counters().host_pages_placed == 1
     assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
+
+
+def test_the_bulk_stream_receives_a_huge_page_that_is_all_here_straight_into_place(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """A huge page whose records are all here (buffer and socket) when its first header is read is
+    claimed then, and its records go from the socket into its own bytes (no temp page, no copy),
+    then it is mapped. The first page's first records came into the receive buffer with the
+    section's header: those are copied from there into place, the rest are received there."""
+    b = prefilled(make_block, 2)
+    path = dp.DestinationPath([b], verify=True)
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    pages = [host_page(70), host_page(71)]
+    main = Channel("main", feeds)
+    feed = main.feed(encode(records(0, pages[0]) + records(PAGE_2M, pages[1])))
+    feed.thread.join(10)
+    assert not feed.thread.is_alive()       # all of it waits in the socket
+    rx = dp.Receiver(path, feed.ours, dp.RX_MAIN, Channel.SECTION)
+    assert rx.run() == dp.Receiver.EOF
+    assert NTP < rx._rx.c.pages_in_place < 2 * NTP
+    assert path.counters().host_pages_placed == 2
+    assert read(b, 0, 2 * PAGE_2M) == b"".join(expected(p) for p in pages)
+    check_hashes(path, 0, b, range(2 * NTP))
+
+
+def test_the_bulk_stream_does_not_hold_a_page_it_has_only_part_of(
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
+) -> None:
+    """The bulk receiver runs below the guest: a page it has only part of stays unclaimed, so the
+    copy a fault asked for on the preempt channel is placed at once, and the bulk stream's copy
+    is dropped when it is whole."""
+    b = prefilled(make_block, 1)
+    path = dp.DestinationPath([b])
+    minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
+    path.attach_uffd(minor_uffd.fileno())
+    bodies = host_page(80)
+    recs = records(0, bodies)
+    main = Channel("main", lambda data, chunks, **kw: feeds(data, chunks, pause=2.0, **kw))
+    feed = main.feed(encode(recs), chunks=[len(encode(recs[:100], eos=False))])
+    t = threading.Thread(target=main.receive, args=(path, feed))
+    t.start()
+    time.sleep(0.3)         # the bulk receiver has the first 100 records (the feed pauses 2 s)
+    receive(path, feeds(encode(recs)))
+    assert path.counters().host_pages_placed == 1
+    assert read(b, 0, PAGE_2M) == expected(bodies)
+    t.join(30)
+    assert not t.is_alive()
+    c = path.counters()
+    assert (c.host_pages_placed, c.eexist) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", ["preempt", "main"])

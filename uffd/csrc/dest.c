@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -1343,8 +1344,21 @@ static int rx_flip_stage(pc_rx *rx)
     return 0;
 }
 
-/* A host page begins on this channel: its first record is at host_off. */
-static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off)
+/* All the records of a host page that begins with the next buffered bytes
+ * are here, in the buffer and in the socket: the main channel claims a page
+ * only then (a requested copy the preempt
+ * channel brings meanwhile is dropped for its claim, see begin_next_host_page). */
+static int host_page_here(pc_rx *rx, uint64_t hps, uint64_t buffered)
+{
+    uint64_t need = hps / PC_TARGET_PAGE_SIZE * (8 + PC_TARGET_PAGE_SIZE);    /* at most: ZERO records are shorter */
+    int inq = 0;
+    return buffered >= need || (ioctl(rx->in.fd, FIONREAD, &inq) == 0 && buffered + (uint64_t)inq >= need);
+}
+
+/* A host page begins on this channel: its first record is at host_off. With
+ * claim, a prefilled block's page is claimed now and written in place (the
+ * preempt channel always; the main channel when all of the page is here). */
+static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off, int claim)
 {
     pc_dst *d = rx->dst;
     pc_dst_block *b = &d->blocks[bi];
@@ -1352,7 +1366,7 @@ static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off)
     rx->tmp_host_off = rx->tmp_next_off = host_off;
     rx->tmp_all_zero = 1;
     rx->tmp_inplace = rx->tmp_skip = 0;
-    if (b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
+    if (claim && b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
         if (claim_page(b, host_off))
             rx->tmp_inplace = 1;
         else
@@ -1510,7 +1524,9 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                 return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                                "host page of %s at 0x%llx starts with target page 0x%llx, not its first",
                                b->idstr, (unsigned long long)host_off, (unsigned long long)r->offset);
-            tmp_begin(rx, r->block, host_off);
+            tmp_begin(rx, r->block, host_off, rx->kind == PC_RX_PREEMPT ||
+                      (buf == pc_sockbuf_data(&rx->in) &&
+                       host_page_here(rx, hps, pc_sockbuf_avail(&rx->in) - (r->data_pos - 8))));
         } else if ((uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                            "host page not sent whole and in order on channel %d: expected %s+0x%llx, got %s+0x%llx",
@@ -1596,10 +1612,13 @@ static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint6
  * header says which (in the buffer, or peeked in the socket), claim it now
  * (tmp_begin), so that all its bodies are received straight into its bytes
  * through the alias and it is mapped with UFFDIO_CONTINUE: no copy besides the
- * kernel's out of the socket. The source sends a host page's records together
- * and never a page twice on one connection, so a page claimed here is in
- * flight on this channel. 1 when the page is begun (claimed or not), 0 when
- * the temp page takes the first records (the general case). */
+ * kernel's out of the socket. The source sends a host page's records together,
+ * so a page claimed here is in flight on this channel. The main channel claims
+ * a page only when all of it is here (buffer and socket): a requested copy
+ * that the preempt channel brings meanwhile is dropped for the claim, and the
+ * bulk receiver, below the guest's priority, must not make it wait for more
+ * than one receive. 1 when the page is begun (claimed or not), 0 when the temp
+ * page takes the first records (the general case). */
 static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
 {
     const pc_dst_block *b = &rx->dst->blocks[bi];
@@ -1625,7 +1644,9 @@ static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
     if ((word & (PC_TARGET_PAGE_SIZE - 1)) != (PC_RAM_FLAG_PAGE | PC_RAM_FLAG_CONTINUE) || off >= b->length ||
         off % b->host_page_size)
         return 0;       /* the general path takes (or reports) it */
-    tmp_begin(rx, bi, off);
+    if (rx->kind != PC_RX_PREEMPT && !host_page_here(rx, b->host_page_size, avail))
+        return 0;
+    tmp_begin(rx, bi, off, 1);
     return 1;
 }
 
@@ -1711,6 +1732,8 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     uint64_t hps = b->host_page_size;
     __atomic_add_fetch(&rx->c.pages_normal, k, __ATOMIC_RELAXED);
     __atomic_add_fetch(&rx->c.pages_direct, k, __ATOMIC_RELAXED);
+    if (l->inplace)
+        __atomic_add_fetch(&rx->c.pages_in_place, k, __ATOMIC_RELAXED);
     if (hps == PC_TARGET_PAGE_SIZE) {
         /* runs of consecutive offsets: one UFFDIO_COPY (UFFDIO_ZEROPAGE when all zero) */
         for (uint32_t i = 0; i < k;) {
@@ -1733,7 +1756,8 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     if (!k)
         return 0;
     if (rx->tmp_block < 0)
-        tmp_begin(rx, bi, pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1));
+        tmp_begin(rx, bi, pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1),
+                  rx->kind == PC_RX_PREEMPT);
     for (uint32_t i = 0; i < k; i++)     /* the bodies are in tmp already: written through in place */
         tmp_put(rx, rx->tmp_next_off + (uint64_t)i * PC_TARGET_PAGE_SIZE, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE);
     rx->tmp_next_off += (uint64_t)k * PC_TARGET_PAGE_SIZE;
@@ -1767,6 +1791,8 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     /* The kernel reads the whole iovec array on every call: offer about
      * twice what the last receive got (at least 64 KiB), not the whole layout. */
     uint64_t want = rx->direct_last * 2 > (64u << 10) ? rx->direct_last * 2 : (64u << 10);
+    if (l.inplace)
+        want = 256u << 10;
     if (len > pre + want)
         len = pre + want;
     int niov = 0;

@@ -169,8 +169,12 @@ enum {
 };
 
 /* pages_direct: PAGE records whose bodies were received straight into place
- * (the direct receive in dest.c) rather than through the receive buffer */
-typedef struct pc_rx_counters { uint64_t pages_normal, pages_zero, host_pages_placed, pages_direct; } pc_rx_counters;
+ * (the direct receive in dest.c) rather than through the receive buffer;
+ * pages_in_place: those of them received into their page's own bytes (a
+ * prefilled block's huge page claimed at its first header: no copy at all) */
+typedef struct pc_rx_counters {
+    uint64_t pages_normal, pages_zero, host_pages_placed, pages_direct, pages_in_place;
+} pc_rx_counters;
 
 /* Direct receive: up to this many PAGE|CONTINUE records per recvmsg, headers
  * apart and bodies contiguous (4 KiB blocks: in rx->stage; huge pages: in
