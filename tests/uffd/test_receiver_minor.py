@@ -212,10 +212,10 @@ def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
 def test_the_bulk_stream_receives_a_huge_page_that_is_all_here_straight_into_place(
     minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
 ) -> None:
-    """A huge page whose records are all here (buffer and socket) when its first header is read is
-    claimed then, and its records go from the socket into its own bytes (no temp page, no copy),
-    then it is mapped. The first page's first records came into the receive buffer with the
-    section's header: those are copied from there into place, the rest are received there."""
+    """The bulk stream claims a huge page at its first record and its records go from the socket
+    into the page's own bytes (no temp page, no copy), then it is mapped. The first page's first
+    records came into the receive buffer with the section's header: those are copied from there
+    into place, the rest are received there."""
     b = prefilled(make_block, 2)
     path = dp.DestinationPath([b], verify=True)
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
@@ -233,14 +233,15 @@ def test_the_bulk_stream_receives_a_huge_page_that_is_all_here_straight_into_pla
     check_hashes(path, 0, b, range(2 * NTP))
 
 
-def test_the_bulk_stream_does_not_hold_a_page_it_has_only_part_of(
+def test_a_requested_copy_takes_over_the_page_the_bulk_stream_is_writing(
     minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed]
 ) -> None:
-    """The bulk receiver runs below the guest: a page it has only part of stays unclaimed, so the
-    copy a fault asked for on the preempt channel is placed at once, and the bulk stream's copy
-    is dropped when it is whole."""
+    """The bulk stream claimed a huge page at its first record and wrote part of it in place, then
+    its sender paused (the source does, inside a huge page, while urgent pages go). The copy a
+    fault asked for on the preempt channel takes the page over and places it at once; the bulk
+    stream's rest is dropped and never lands in the page, which the guest writes meanwhile."""
     b = prefilled(make_block, 1)
-    path = dp.DestinationPath([b])
+    path = dp.DestinationPath([b], verify=True)
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
     path.attach_uffd(minor_uffd.fileno())
     bodies = host_page(80)
@@ -249,12 +250,20 @@ def test_the_bulk_stream_does_not_hold_a_page_it_has_only_part_of(
     feed = main.feed(encode(recs), chunks=[len(encode(recs[:100], eos=False))])
     t = threading.Thread(target=main.receive, args=(path, feed))
     t.start()
-    time.sleep(0.3)         # the bulk receiver has the first 100 records (the feed pauses 2 s)
+    alias = b.alias()
+    deadline = time.monotonic() + 1.5
+    while ctypes.string_at(alias + 99 * PAGE, PAGE) != bodies[99] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ctypes.string_at(alias + 99 * PAGE, PAGE) == bodies[99]      # written in place, not placed
+    assert path.received[0].count() == 0
     receive(path, feeds(encode(recs)))
     assert path.counters().host_pages_placed == 1
     assert read(b, 0, PAGE_2M) == expected(bodies)
+    check_hashes(path, 0, b, range(NTP))
+    mt.write_byte(b, 300 * PAGE + 5, bodies[300][5] ^ 0xFF)            # the guest runs on it
     t.join(30)
     assert not t.is_alive()
+    assert mt.read_byte(b, 300 * PAGE + 5) == bodies[300][5] ^ 0xFF
     c = path.counters()
     assert (c.host_pages_placed, c.eexist) == (1, 1)
 

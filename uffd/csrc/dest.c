@@ -1344,20 +1344,76 @@ static int rx_flip_stage(pc_rx *rx)
     return 0;
 }
 
-/* All the records of a host page that begins with the next buffered bytes
- * are here, in the buffer and in the socket: the main channel claims a page
- * only then (a requested copy the preempt
- * channel brings meanwhile is dropped for its claim, see begin_next_host_page). */
-static int host_page_here(pc_rx *rx, uint64_t hps, uint64_t buffered)
+/* ------------------------------------------------ the bulk stream's page
+ *
+ * The main channel claims a prefilled block's huge page at its first record
+ * and writes its records in place as they come (no temp page). A requested
+ * page must not wait for the bulk stream (the source pauses its bulk inside a
+ * huge page while urgent pages go, and the bulk receiver runs below the
+ * guest): when the preempt channel brings a copy of the page the bulk stream
+ * is writing, it takes the page over. Each write of the bulk receiver into the
+ * page is a window (bulk_writing) that it opens only while the page is still
+ * its own; the preempt channel marks the page taken, waits for an open window
+ * to close, and writes its own copy (the same bytes: the source's guest is
+ * stopped) and maps the page. From then on the guest may write to it, and
+ * nothing of the bulk stream's lands there. */
+
+#define PC_BULK_TAKEN (1ull << 63)
+
+static uint64_t bulk_page_id(uint32_t bi, uint64_t host_off, uint64_t hps)
 {
-    uint64_t need = hps / PC_TARGET_PAGE_SIZE * (8 + PC_TARGET_PAGE_SIZE);    /* at most: ZERO records are shorter */
-    int inq = 0;
-    return buffered >= need || (ioctl(rx->in.fd, FIONREAD, &inq) == 0 && buffered + (uint64_t)inq >= need);
+    return ((uint64_t)bi << 40 | host_off / hps) + 1;
+}
+
+/* The bulk receiver opens a write window into its page: 1, or 0 when the
+ * preempt channel took the page over (the rest of this copy is dropped). */
+static int bulk_write_begin(pc_rx *rx)
+{
+    if (rx->kind == PC_RX_PREEMPT)
+        return 1;
+    pc_dst *d = rx->dst;
+    __atomic_store_n(&d->bulk_writing, 1, __ATOMIC_SEQ_CST);
+    if (!(__atomic_load_n(&d->bulk_page, __ATOMIC_SEQ_CST) & PC_BULK_TAKEN))
+        return 1;
+    __atomic_store_n(&d->bulk_writing, 0, __ATOMIC_SEQ_CST);
+    rx->tmp_inplace = 0;
+    rx->tmp_skip = 1;
+    return 0;
+}
+
+static void bulk_write_end(pc_rx *rx)
+{
+    if (rx->kind == PC_RX_PREEMPT)
+        return;
+    streaming_done();       /* streaming stores are visible before the window closes */
+    __atomic_store_n(&rx->dst->bulk_writing, 0, __ATOMIC_SEQ_CST);
+}
+
+/* The bulk stream is done with its page (placed, dropped or given back). */
+static void bulk_page_done(pc_rx *rx)
+{
+    if (rx->kind != PC_RX_PREEMPT)
+        __atomic_store_n(&rx->dst->bulk_page, 0, __ATOMIC_SEQ_CST);
+}
+
+/* The preempt channel brings host page host_off of block bi, which another
+ * channel claimed: 1 when it was the bulk stream's page in place and is this
+ * channel's now (to write whole and map), 0 when the other channel places it. */
+static int take_over_bulk_page(pc_dst *d, uint32_t bi, uint64_t host_off)
+{
+    pc_dst_block *b = &d->blocks[bi];
+    uint64_t id = bulk_page_id(bi, host_off, b->host_page_size);
+    if (!__atomic_compare_exchange_n(&d->bulk_page, &id, id | PC_BULK_TAKEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return 0;
+    while (__atomic_load_n(&d->bulk_writing, __ATOMIC_SEQ_CST))
+        sched_yield();      /* one receive or one record's copy */
+    /* the bulk receiver's last window may have mapped it just before */
+    return !pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE);
 }
 
 /* A host page begins on this channel: its first record is at host_off. With
  * claim, a prefilled block's page is claimed now and written in place (the
- * preempt channel always; the main channel when all of the page is here). */
+ * preempt channel takes over the bulk stream's, see above). */
 static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off, int claim)
 {
     pc_dst *d = rx->dst;
@@ -1367,10 +1423,16 @@ static void tmp_begin(pc_rx *rx, uint32_t bi, uint64_t host_off, int claim)
     rx->tmp_all_zero = 1;
     rx->tmp_inplace = rx->tmp_skip = 0;
     if (claim && b->alias && __atomic_load_n(&d->uffd, __ATOMIC_ACQUIRE) >= 0) {
-        if (claim_page(b, host_off))
+        if (claim_page(b, host_off)) {
             rx->tmp_inplace = 1;
-        else
+            if (rx->kind != PC_RX_PREEMPT)
+                __atomic_store_n(&d->bulk_page, bulk_page_id(bi, host_off, b->host_page_size), __ATOMIC_SEQ_CST);
+        } else if (rx->kind == PC_RX_PREEMPT &&
+                   (take_over_bulk_page(d, bi, host_off) || claim_page(b, host_off))) {
+            rx->tmp_inplace = 1;    /* (claimed again: the bulk stream gave it back meanwhile) */
+        } else {
             rx->tmp_skip = 1;
+        }
     }
 }
 
@@ -1386,8 +1448,10 @@ static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
         return;
     if (rx->tmp_inplace) {
         uint8_t *slot = rx->dst->blocks[rx->tmp_block].alias + off;
-        if (!zero && slot != data)      /* (not received there: direct receive in place) */
+        if (!zero && slot != data && bulk_write_begin(rx)) {   /* (else received there: direct receive) */
             copy_streaming_unfenced(slot, data, PC_TARGET_PAGE_SIZE);
+            bulk_write_end(rx);
+        }
         return;
     }
     uint8_t *slot = rx->tmp + (off - rx->tmp_host_off);
@@ -1403,14 +1467,21 @@ static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
 static int place_inplace(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
     pc_dst_block *b = &rx->dst->blocks[bi];
+    if (!bulk_write_begin(rx)) {
+        rx->tmp_skip = 0;
+        __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);     /* the preempt channel maps it */
+        bulk_page_done(rx);
+        return 0;
+    }
     streaming_done();
     /* hashed before it is mapped: from then on the guest may write to it */
     record_hashes(b, host_off, rx->tmp_all_zero ? NULL : b->alias + host_off, b->host_page_size);
     int rc = map_claimed_page(rx, __atomic_load_n(&rx->dst->uffd, __ATOMIC_ACQUIRE), b, host_off, rx->tmp_all_zero);
-    if (rc)
-        return rc;
-    pages_placed(rx, bi, host_off, 1, rx->tmp_all_zero);
-    return 0;
+    if (rc == 0)
+        pages_placed(rx, bi, host_off, 1, rx->tmp_all_zero);
+    bulk_page_done(rx);
+    bulk_write_end(rx);
+    return rc;
 }
 
 /* The host page's last record arrived (tmp_block already -1). A page
@@ -1423,6 +1494,7 @@ static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
     rx->tmp_inplace = rx->tmp_skip = 0;
     if (skip) {
         __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
+        bulk_page_done(rx);
         return 0;
     }
     if (inplace)
@@ -1434,8 +1506,13 @@ static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
  * one claimed in place is given back. */
 static void tmp_abandon(pc_rx *rx)
 {
-    if (rx->tmp_block >= 0 && rx->tmp_inplace && rx->dst)
+    if (rx->tmp_block >= 0 && rx->tmp_inplace && rx->dst && bulk_write_begin(rx)) {
         release_claim(&rx->dst->blocks[rx->tmp_block], rx->tmp_host_off);
+        bulk_page_done(rx);
+        bulk_write_end(rx);
+    } else if (rx->tmp_block >= 0 && rx->dst) {
+        bulk_page_done(rx);
+    }
     rx->tmp_block = -1;
     rx->tmp_inplace = rx->tmp_skip = 0;
 }
@@ -1524,9 +1601,7 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
                 return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                                "host page of %s at 0x%llx starts with target page 0x%llx, not its first",
                                b->idstr, (unsigned long long)host_off, (unsigned long long)r->offset);
-            tmp_begin(rx, r->block, host_off, rx->kind == PC_RX_PREEMPT ||
-                      (buf == pc_sockbuf_data(&rx->in) &&
-                       host_page_here(rx, hps, pc_sockbuf_avail(&rx->in) - (r->data_pos - 8))));
+            tmp_begin(rx, r->block, host_off, 1);
         } else if ((uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                            "host page not sent whole and in order on channel %d: expected %s+0x%llx, got %s+0x%llx",
@@ -1644,8 +1719,6 @@ static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
     if ((word & (PC_TARGET_PAGE_SIZE - 1)) != (PC_RAM_FLAG_PAGE | PC_RAM_FLAG_CONTINUE) || off >= b->length ||
         off % b->host_page_size)
         return 0;       /* the general path takes (or reports) it */
-    if (rx->kind != PC_RX_PREEMPT && !host_page_here(rx, b->host_page_size, avail))
-        return 0;
     tmp_begin(rx, bi, off, 1);
     return 1;
 }
@@ -1785,6 +1858,20 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     if (!l.nrec)
         return pc_sockbuf_recv(&rx->in);
     pc_sockbuf *in = &rx->in;
+    /* The bulk stream's page in place: bytes are waited for outside a write window, and a
+     * window takes only what is here (see take_over_bulk_page) */
+    int window = l.inplace && rx->kind != PC_RX_PREEMPT;
+    if (window) {
+        struct pollfd pfd = { in->fd, POLLIN, 0 };
+        while (poll(&pfd, 1, -1) < 0 && errno == EINTR)
+            ;
+        if (!bulk_write_begin(rx)) {
+            window = 0;
+            l = direct_plan(rx);    /* taken over: the rest of this copy goes to the temp page, dropped */
+            if (!l.nrec)
+                return pc_sockbuf_recv(in);
+        }
+    }
     uint64_t pre = pc_sockbuf_avail(in), len = (uint64_t)l.nrec * DIRECT_REC;
     direct_copy(rx, &l, 0, pre, (uint8_t *)(uintptr_t)pc_sockbuf_data(in), 0);
     pc_sockbuf_consume(in, pre);
@@ -1806,7 +1893,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     ssize_t got;
     pc_sockbuf_spin(in);
     do
-        got = recvmsg(in->fd, &msg, 0);
+        got = recvmsg(in->fd, &msg, window ? MSG_DONTWAIT : 0);
     while (got < 0 && errno == EINTR);
     int64_t ret = got < 0 ? -errno : got;
     uint64_t total = pre + (got > 0 ? (uint64_t)got : 0);
@@ -1837,6 +1924,8 @@ static int64_t rx_recv(pc_rx *rx, int *err)
         uint64_t touched = (total - 8 + DIRECT_REC - 1) / DIRECT_REC;
         memset(l.bodies + (uint64_t)k * PC_TARGET_PAGE_SIZE, 0, (touched - k) * PC_TARGET_PAGE_SIZE);
     }
+    if (window)
+        bulk_write_end(rx);
     int rc = direct_place(rx, &l, k);
     if (rc)
         *err = rc;
@@ -1957,6 +2046,8 @@ static int rx_run(pc_rx *rx)
             return rx_fail(rx, PC_RX_E_TRUNCATED, EPIPE, "connection closed in the middle of %s",
                            rx->tmp_block >= 0 ? "a host page" : "a page record");
         }
+        if (n == -EAGAIN)
+            continue;       /* a write window's receive found nothing after all: wait again */
         if (n < 0)
             return rx_fail(rx, PC_RX_E_IO, (int)-n, "recv: %s", strerror((int)-n));
     }

@@ -99,6 +99,12 @@ typedef struct pc_dst {
      * side): once a REMOVE is read and marked, no placement that checked
      * before it can still copy stale bytes after the owner zaps the range. */
     pthread_rwlock_t place_lock;
+    /* The huge page the bulk stream writes in place (dest.c, "the bulk stream's
+     * page"): its id (block << 40 | host page, + 1; 0 none), PC_BULK_TAKEN once
+     * the preempt channel took it over; bulk_writing while the bulk receiver
+     * writes into it. */
+    uint64_t bulk_page;
+    int bulk_writing;
 } pc_dst;
 
 pc_dst *pc_dst_new(uint32_t nblocks);
