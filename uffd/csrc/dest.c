@@ -1879,7 +1879,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
      * twice what the last receive got (at least 64 KiB), not the whole layout. */
     uint64_t want = rx->direct_last * 2 > (64u << 10) ? rx->direct_last * 2 : (64u << 10);
     if (l.inplace)
-        want = 256u << 10;
+        want = 256u << 10;      /* a copy inside recvmsg is not preempted (PREEMPT_NONE): short ones */
     if (len > pre + want)
         len = pre + want;
     int niov = 0;
