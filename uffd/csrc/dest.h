@@ -209,7 +209,8 @@ typedef struct pc_rx {
      * record and writes each record through the alias as it arrives (no copy
      * of the whole page after its last byte: what a waiting fault sees, and
      * the bulk stream's second copy); a page another channel claimed first is
-     * received and dropped (tmp_skip). */
+     * received and dropped (tmp_skip), unless the preempt channel takes it
+     * over from the bulk stream (dest.c, "the bulk stream's page"). */
     uint32_t tmp_inplace, tmp_skip;
     /* direct receive (see PC_RX_DIRECT_MAX) */
     uint8_t *stage;                     /* the stage's half the receiver fills (stage_pages pages) */
