@@ -134,19 +134,22 @@ def test_only_a_prefilled_block_takes_the_second_mapping(make_block: Callable[..
     assert dp.DestinationPath([huge, small, anon]).minor == (True, True, False)
 
 
+@pytest.mark.parametrize("attempt", range(4))
 @pytest.mark.parametrize("other_kind", ["preempt", "main"])
 def test_two_channels_bringing_the_same_pages_at_once_place_each_once(
-    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], other_kind: str
+    minor_uffd: Userfaultfd, make_block: Callable[..., RamBlock], feeds: Callable[..., Feed], other_kind: str,
+    attempt: int,
 ) -> None:
     """The bulk stream and the preempt channel receive the same 16 host pages at the same time
-    (two receiver threads): every page is placed by exactly one of them, whole. The preempt
-    channel claims a page at its first record, the bulk stream once the page is complete."""
+    (two receiver threads): every page is placed by exactly one of them, whole. Both claim a
+    page at its first record, and the preempt channel takes over a page the bulk stream is
+    writing: the interleavings differ from run to run (``attempt``)."""
     n = 16
     b = prefilled(make_block, n)
     path = dp.DestinationPath([b])
     minor_uffd.register(b.addr, b.used_length, RegisterMode.MISSING | RegisterMode.MINOR)
     path.attach_uffd(minor_uffd.fileno())
-    pages = [host_page(20 + i) for i in range(n)]
+    pages = [host_page(20 + attempt * n + i) for i in range(n)]
     data = encode([r for i, p in enumerate(pages) for r in records(i * PAGE_2M, list(p))])
     receive_on_two_channels(path, data, other_kind, feeds)
     c = path.counters()
