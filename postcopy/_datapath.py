@@ -196,6 +196,8 @@ class DestinationCounters:
     removed_pages: int = 0
     zero_faults: int = 0
     unmapped_host_pages: int = 0
+    taken_over: int = 0
+    """Huge pages the preempt channel took over from the bulk stream (it was writing them in place)."""
 
 
 class DestinationPath:
@@ -355,7 +357,7 @@ class DestinationPath:
         return DestinationCounters(
             c.faults, c.faults_dropped, c.faults_outside, c.requests_sent, c.requests_failed,
             c.host_pages_placed, c.zero_host_pages_placed, c.eexist, bt[0], tuple(vb[0:nv]), nw[0],
-            c.removes, c.removed_pages, c.zero_faults, c.unmapped_host_pages,
+            c.removes, c.removed_pages, c.zero_faults, c.unmapped_host_pages, c.taken_over,
         )
 
     def received_pages(self) -> int:

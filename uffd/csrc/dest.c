@@ -1408,7 +1408,10 @@ static int take_over_bulk_page(pc_dst *d, uint32_t bi, uint64_t host_off)
     while (__atomic_load_n(&d->bulk_writing, __ATOMIC_SEQ_CST))
         sched_yield();      /* one receive or one record's copy */
     /* the bulk receiver's last window may have mapped it just before */
-    return !pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE);
+    if (pc_bitmap_test(b->received, host_off / PC_TARGET_PAGE_SIZE))
+        return 0;
+    __atomic_add_fetch(&d->c.taken_over, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* A host page begins on this channel: its first record is at host_off. With

@@ -53,6 +53,7 @@ typedef struct pc_dst_waiter { uint64_t host_off, t_ns; uint32_t block, tid; int
 typedef struct pc_dst_counters {
     uint64_t faults, faults_dropped, faults_outside, requests_sent, requests_failed;
     uint64_t host_pages_placed, zero_host_pages_placed, eexist, latency_samples;
+    uint64_t taken_over;                /* huge pages the preempt channel took over from the bulk stream */
     /* remote memory only (pc_dst_set_remote) */
     uint64_t removes, removed_pages, zero_faults, unmapped_host_pages;
 } pc_dst_counters;
