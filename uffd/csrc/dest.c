@@ -1466,16 +1466,11 @@ static void tmp_put(pc_rx *rx, uint64_t off, const uint8_t *data)
         memcpy(slot, data, PC_TARGET_PAGE_SIZE);
 }
 
-/* The page assembled in place is complete: map it. */
+/* The page assembled in place is complete: map it (inside the bulk stream's
+ * write window, which rx_place_tmp opened, and which this closes). */
 static int place_inplace(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
     pc_dst_block *b = &rx->dst->blocks[bi];
-    if (!bulk_write_begin(rx)) {
-        rx->tmp_skip = 0;
-        __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);     /* the preempt channel maps it */
-        bulk_page_done(rx);
-        return 0;
-    }
     streaming_done();
     /* hashed before it is mapped: from then on the guest may write to it */
     record_hashes(b, host_off, rx->tmp_all_zero ? NULL : b->alias + host_off, b->host_page_size);
@@ -1493,7 +1488,10 @@ static int place_inplace(pc_rx *rx, uint32_t bi, uint64_t host_off)
  * 2 MiB pages over to another thread measured slower on a loaded 2-core machine). */
 static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
 {
-    int inplace = rx->tmp_inplace, skip = rx->tmp_skip;
+    /* a page in place is mapped inside a write window; one the preempt channel took over is
+     * dropped (bulk_write_begin says so and sets tmp_skip) */
+    int inplace = rx->tmp_inplace && bulk_write_begin(rx);
+    int skip = rx->tmp_skip;
     rx->tmp_inplace = rx->tmp_skip = 0;
     if (skip) {
         __atomic_add_fetch(&rx->dst->c.eexist, 1, __ATOMIC_RELAXED);
@@ -1691,12 +1689,10 @@ static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint6
  * (tmp_begin), so that all its bodies are received straight into its bytes
  * through the alias and it is mapped with UFFDIO_CONTINUE: no copy besides the
  * kernel's out of the socket. The source sends a host page's records together,
- * so a page claimed here is in flight on this channel. The main channel claims
- * a page only when all of it is here (buffer and socket): a requested copy
- * that the preempt channel brings meanwhile is dropped for the claim, and the
- * bulk receiver, below the guest's priority, must not make it wait for more
- * than one receive. 1 when the page is begun (claimed or not), 0 when the temp
- * page takes the first records (the general case). */
+ * so a page claimed here is in flight on this channel (and the preempt channel
+ * takes over the bulk stream's, see "the bulk stream's page"). 1 when the page
+ * is begun (claimed or not), 0 when the temp page takes the first records (the
+ * general case). */
 static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
 {
     const pc_dst_block *b = &rx->dst->blocks[bi];
@@ -1865,9 +1861,7 @@ static int64_t rx_recv(pc_rx *rx, int *err)
      * window takes only what is here (see take_over_bulk_page) */
     int window = l.inplace && rx->kind != PC_RX_PREEMPT;
     if (window) {
-        struct pollfd pfd = { in->fd, POLLIN, 0 };
-        while (poll(&pfd, 1, -1) < 0 && errno == EINTR)
-            ;
+        (void)wait_readable_or(in->fd, -1, 0);     /* an error on the socket: the receive reports it */
         if (!bulk_write_begin(rx)) {
             window = 0;
             l = direct_plan(rx);    /* taken over: the rest of this copy goes to the temp page, dropped */
