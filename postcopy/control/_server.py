@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ from typing import Final
 from postcopy.control._args import Enum, Field, ListOf, Struct, validate
 from postcopy.control._errors import CommandNotFound, QMPError
 from postcopy.control._state import CAPABILITIES, MigrationControl, QmpEvent
+
+_UNIX_BACKLOG: Final = 16   # orchestrators and operators: a few clients at once
 
 __all__ = ["MAX_MESSAGE_BYTES", "QEMU_VERSION", "QMPServer"]
 
@@ -308,25 +311,47 @@ class QMPServer:
     # --- lifecycle ----------------------------------------------------------------
 
     async def start_unix(self, path: str | os.PathLike[str]) -> None:
-        """Listen on a unix socket; a stale socket file left by a dead server is replaced."""
+        """Listen on a unix socket; a stale socket file left by a dead server is replaced.
+
+        The path appears only once the socket listens (bound and listening under a
+        temporary name, then renamed): a client that waits for the file never meets a
+        refused connection."""
         path = Path(path)
         self._check_free(path)
-        # Only the owner may drive the migration: the socket file is 0600 whatever the
-        # process umask (bound under a strict umask, so it is never open even briefly).
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(os.fspath(path))
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
+        sock = self._listening_unix_socket(path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         st = path.stat()
         self._unix_path, self._unix_inode = path, (st.st_dev, st.st_ino)
         self._target.add_event_listener(self.broadcast)
+
+    @staticmethod
+    def _listening_unix_socket(path: Path) -> socket.socket:
+        # Only the owner may drive the migration: the socket file is 0600 whatever the
+        # process umask (bound under a strict umask, so it is never open even briefly).
+        staging = path.with_name(f".{path.name[:16]}.{secrets.token_hex(4)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        bound: Path | None = None
+        try:
+            try:
+                sock.bind(os.fspath(staging))
+            except OSError:     # the staging name is too long for sun_path: bind in place
+                staging = path
+                sock.bind(os.fspath(path))
+            bound = staging
+            sock.listen(_UNIX_BACKLOG)
+            os.chmod(staging, 0o600)
+            if staging != path:
+                os.rename(staging, path)
+        except OSError:
+            sock.close()
+            if bound is not None:
+                with contextlib.suppress(OSError):
+                    bound.unlink()
+            raise
+        finally:
+            os.umask(old_umask)
+        return sock
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on TCP (loopback unless told otherwise); port 0 picks a free one."""

@@ -172,3 +172,29 @@ async def test_the_unix_socket_is_0600_whatever_the_umask(socket_path: Path) -> 
         assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
     finally:
         await server.close()
+
+
+async def test_the_socket_path_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """Orchestrators wait for the socket file, then connect: a file that exists before
+    listen() would refuse them (bound, not yet listening)."""
+    path = tmp_path / "qmp.sock"
+    sock = QMPServer._listening_unix_socket(path)
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["qmp.sock"]     # no staging name left
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(path))     # queued by the backlog: nobody accepts yet
+    finally:
+        sock.close()
+        path.unlink()
+    # a path whose staging name would not fit sun_path (108 bytes) is bound in place
+    deep = tmp_path / ("d" * (100 - len(os.fspath(tmp_path)) - 1))
+    deep.mkdir()
+    short = deep / "q.sock"         # 107 bytes at most; its staging name would be 10 more
+    sock = QMPServer._listening_unix_socket(short)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(short))
+        assert [p.name for p in deep.iterdir()] == ["q.sock"]
+    finally:
+        sock.close()
