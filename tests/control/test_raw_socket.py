@@ -174,7 +174,7 @@ async def test_the_unix_socket_is_0600_whatever_the_umask(socket_path: Path) -> 
         await server.close()
 
 
-async def test_the_socket_path_appears_only_once_it_listens(tmp_path: Path) -> None:
+def test_the_socket_path_appears_only_once_it_listens(tmp_path: Path) -> None:
     """Orchestrators wait for the socket file, then connect: a file that exists before
     listen() would refuse them (bound, not yet listening)."""
     path = tmp_path / "qmp.sock"
