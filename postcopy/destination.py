@@ -60,7 +60,9 @@ from .session import (
     ChannelStats,
     CheckComplete,
     CloseConnection,
+    CollectConnections,
     ConnectionAccepted,
+    ConnectionsCollected,
     ConnectionClosed,
     ConnectionSpoke,
     DataPathFailed,
@@ -187,6 +189,7 @@ class Destination:
         recovery is awaited on ``listener`` (or on the address given to
         :meth:`recover`). Raises :class:`MigrationFailed` if the migration fails.
         """
+        listener.setblocking(False)     # accepted by the connection loop and by CollectConnections
         self._listeners = [listener]
         self._feed(None)
         try:
@@ -227,20 +230,38 @@ class Destination:
             self._feed_timer()
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, peer = listener.accept()
-        except OSError:
-            return
+        # accepted and reported under one hold of the lock: a connection CollectConnections
+        # does not find waiting on the listener is one the session knows of already
+        with self._lock:
+            try:
+                sock, peer = listener.accept()
+            except OSError:     # taken by CollectConnections meanwhile, or the listener closed
+                return
+            self._feed_locked(ConnectionAccepted(self._adopt(sock), str(peer[0])))
+
+    def _accept_waiting(self) -> tuple[tuple[int, str], ...]:
+        """Every connection waiting on a listener, accepted now (the lock is held)."""
+        accepted = []
+        for listener in self._listeners:
+            while True:
+                try:
+                    sock, peer = listener.accept()
+                except OSError:
+                    break
+                accepted.append((self._adopt(sock), str(peer[0])))
+        return tuple(accepted)
+
+    def _adopt(self, sock: socket.socket) -> int:
+        """An accepted socket's connection number (the lock is held)."""
         sock.setblocking(True)
         tune(sock, self.link_timeout)
         c = _Conn(sock)
         c.go.set()
-        with self._lock:
-            conn = self._next_conn
-            self._next_conn += 1
-            self._conns[conn] = c
-            self._unclassified[conn] = sock
-        self._feed(ConnectionAccepted(conn, str(peer[0])))
+        conn = self._next_conn
+        self._next_conn += 1
+        self._conns[conn] = c
+        self._unclassified[conn] = sock
+        return conn
 
     def _peek(self, sock: socket.socket) -> None:
         with self._lock:
@@ -266,14 +287,17 @@ class Destination:
         """Hand one input (None: start) to the session and carry out its actions.
         ``hold_replies``: its return-path writes wait for the next one (see :meth:`_control`)."""
         with self._lock:
-            before = self.session.get_timer()
-            now = time.monotonic()
-            self._hold_replies = hold_replies
-            try:
-                self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
-            finally:
-                self._hold_replies = False
-            after = self.session.get_timer()
+            self._feed_locked(event, hold_replies=hold_replies)
+
+    def _feed_locked(self, event: Input | None, *, hold_replies: bool = False) -> None:
+        before = self.session.get_timer()
+        now = time.monotonic()
+        self._hold_replies = hold_replies
+        try:
+            self._carry_out(self.session.start(now) if event is None else self.session.handle(event, now))
+        finally:
+            self._hold_replies = False
+        after = self.session.get_timer()
         if after is not None and (before is None or after < before):
             os.write(self._wake_w, b"t")       # the connection loop sleeps until the earlier timer
 
@@ -319,6 +343,8 @@ class Destination:
                 section = layout.section_id if recovery and layout is not None and layout.section_id else 0
                 c.rx = Receiver(self._path if recovery else None, c.sock, RX_MAIN, section)
                 self._start(f"dest-main-{conn}", self._read_main, conn, c.rx, recovery)
+            case CollectConnections():
+                return ConnectionsCollected(self._accept_waiting())
             case HoldStream(conn=conn) if conn in self._conns:
                 self._conns[conn].go.clear()
             case ResumeStream(conn=conn) if conn in self._conns:
@@ -755,6 +781,7 @@ class Destination:
     def recover(self, address: tuple[str, int]) -> None:
         """Await the recovery on a new address as well (QMP migrate-recover)."""
         listener = socket.create_server(address, backlog=4)
+        listener.setblocking(False)
         self._listeners.append(listener)
         self._retired.append(listener)
         self._feed(RecoverRequested())

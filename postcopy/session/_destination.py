@@ -27,8 +27,10 @@ from ._io import (
     ChannelEnded,
     CheckComplete,
     CloseConnection,
+    CollectConnections,
     ConnectionAccepted,
     ConnectionClosed,
+    ConnectionsCollected,
     ConnectionSpoke,
     DataPathFailed,
     Discard,
@@ -105,6 +107,7 @@ class _Attempt:
     discard_ranges: int = 0
     held: tuple[wire.WireEvent, ...] | None = None     # PACKAGED waiting for the preempt channel
     held_deadline: float = 0.0
+    collecting: tuple[wire.WireEvent, ...] | None = None    # PACKAGED waiting for ConnectionsCollected
     held_pongs: list[int] = field(default_factory=list)    # PINGs after the RAM setup, answered once the
     pongs_deadline: float = 0.0                             # preempt channel is known (see _ping)
     setup_deadline: float | None = None    # its RAM setup must arrive by then (a stalled peer is dropped)
@@ -178,14 +181,16 @@ class DestinationSession:
         if self.status.finished:
             if isinstance(event, ConnectionSpoke | ConnectionAccepted):
                 self._out.append(CloseConnection(event.conn))
+            elif isinstance(event, ConnectionsCollected):
+                self._out += [CloseConnection(conn) for conn, _ in event.accepted]
             return self._flush()
         match event:
             case ConnectionAccepted(conn=conn, peer_host=host):
-                if self._waiting_for_preempt() and host == self.source_host:
-                    self._silent(conn, _Pending(host, now), now)   # PACKAGED waits for exactly this
-                else:
-                    wait = PREEMPT_SILENCE_SECONDS if self._expects_preempt() else self.link_timeout
-                    self.pending[conn] = _Pending(host, now + wait)
+                self._accepted(conn, host, now)
+            case ConnectionsCollected(accepted=accepted):
+                for conn, host in accepted:
+                    self._accepted(conn, host, now)
+                self._collected(now)
             case ConnectionSpoke(conn=conn, first=first):
                 self._spoke(conn, first, now)
             case ConnectionClosed(conn=conn, reason=reason):
@@ -303,6 +308,29 @@ class DestinationSession:
                 self._silent(conn, p, now)
                 return True
         return False
+
+    def _accepted(self, conn: int, host: str, now: float) -> None:
+        if self._waiting_for_preempt() and host == self.source_host:
+            self._silent(conn, _Pending(host, now), now)   # PACKAGED waits for exactly this
+        else:
+            wait = PREEMPT_SILENCE_SECONDS if self._expects_preempt() else self.link_timeout
+            self.pending[conn] = _Pending(host, now + wait)
+
+    def _collected(self, now: float) -> None:
+        """Every connection made before PACKAGED is known: preempt off here, one from the
+        source is its preempt channel (QEMU opens it before PACKAGED, and a shell's
+        accept may lag behind its stream reader: the end of a small guest's stream can
+        come right after PACKAGED, long before a silence would say it)."""
+        a = self.attempt
+        inner, a.collecting = a.collecting, None
+        if inner is None or a.main is None or self.status not in (S.SETUP, S.ACTIVE):
+            return
+        if self._unexpected_preempt_pending():
+            self._fail("preempt_mismatch", _UNEXPECTED_PREEMPT, now)
+            return
+        self._packaged(a.main, inner, now)
+        if not self.status.finished:
+            self._out.append(ResumeStream(a.main))
 
     def _expects_preempt(self) -> bool:
         if not self.preempt:
@@ -525,8 +553,9 @@ class DestinationSession:
                 a.device_sections.append(item)
                 a.in_package.append(False)
             case wire.Packaged(events=inner):
-                if not self.preempt and self._unexpected_preempt_pending():
-                    self._fail("preempt_mismatch", _UNEXPECTED_PREEMPT, now)
+                if not self.preempt:
+                    a.collecting = inner
+                    self._out += [HoldStream(conn), CollectConnections()]
                     return
                 if self.preempt and a.preempt is None:
                     self._claim_preempt(now)

@@ -28,12 +28,14 @@ __all__ = [
     "CheckComplete",
     "CloseChannels",
     "CloseConnection",
+    "CollectConnections",
     "Connect",
     "ConnectFailed",
     "Connected",
     "ConnectionAccepted",
     "ConnectionClosed",
     "ConnectionSpoke",
+    "ConnectionsCollected",
     "DataPathFailed",
     "DirtyScanned",
     "Discard",
@@ -103,6 +105,14 @@ class ConnectionSpoke:
 
     conn: int
     first: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsCollected:
+    """The answer to :class:`CollectConnections`: every connection that was waiting on a
+    listener, accepted now, as ``(conn, peer_host)`` in accept order."""
+
+    accepted: tuple[tuple[int, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +252,7 @@ class StartPostcopy:
 OperatorCommand = PauseRequested | RecoverRequested | ResumeRequested | StartPostcopy
 
 Input = (
-    ConnectionAccepted | ConnectionSpoke | ConnectionClosed | StreamItem | ChannelEnded | DataPathFailed
+    ConnectionAccepted | ConnectionsCollected | ConnectionSpoke | ConnectionClosed | StreamItem | ChannelEnded | DataPathFailed
     | StreamChecked | Connected | ConnectFailed | ChannelFailed | ReturnPathMessage | GuestStopped
     | BulkFinished | RoundFinished | DirtyScanned | DiscardsSent | OperatorCommand
 )
@@ -290,6 +300,13 @@ class HoldStream:
 @dataclass(frozen=True, slots=True)
 class ResumeStream:
     conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class CollectConnections:
+    """Accept every connection already waiting on the listeners, now, and answer with
+    :class:`ConnectionsCollected` before any other input (a connection the peer made
+    before the stream's next bytes is then known before them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,7 +528,8 @@ class StopTracking:
 
 
 Action = (
-    StatusChanged | Finish | CloseConnection | ReceiveStream | HoldStream | ResumeStream | AcceptPreempt | ReceivePages
+    StatusChanged | Finish | CloseConnection | ReceiveStream | HoldStream | ResumeStream | CollectConnections
+    | AcceptPreempt | ReceivePages
     | StartPreemptReceiver | Send | SendReturnPath | AttachReturnPath | AnswerBitmapRequest | ResendRequests
     | PrepareMemory | PlacePages | Discard | RegisterMemory | StartGuest | BreakLink | ResetBeforeRun
     | CheckComplete | Connect | Write | CloseChannels | StartReturnPath | StopGuest | MarkAllDirty | ReloadDirty

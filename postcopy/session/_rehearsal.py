@@ -21,7 +21,9 @@ from ._io import (
     CheckComplete,
     Connect,
     Connected,
+    CollectConnections,
     ConnectionAccepted,
+    ConnectionsCollected,
     ConnectionSpoke,
     GuestStopped,
     Input,
@@ -127,6 +129,8 @@ class _Rehearsal:
             match action:
                 case CheckComplete():
                     self._dst_input(StreamChecked(0))
+                case CollectConnections():
+                    self._dst_input(ConnectionsCollected(()))
                 case SendReturnPath(data=data) if data:
                     self.rp.receive_data(data)
                     for message in self.rp.events():

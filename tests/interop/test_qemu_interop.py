@@ -120,7 +120,7 @@ def test_preempt_mismatch_is_one_sentence_within_the_link_timeout(tmp_path: Path
             d.stop()
         a.stop()
     err = d.stderr().strip().splitlines()
-    assert rc == 2
+    assert rc == 2, err[-8:]
     assert err[-1].startswith("postcopy dest: migration failed (preempt_mismatch): "), err
     assert "same postcopy-preempt setting" in err[-1]
     assert err[-1].count(". ") == 0

@@ -21,7 +21,9 @@ from postcopy.session import (
     CheckComplete,
     Connect,
     Connected,
+    CollectConnections,
     ConnectionAccepted,
+    ConnectionsCollected,
     ConnectionClosed,
     ConnectionSpoke,
     DestinationSession,
@@ -119,6 +121,7 @@ class Dest:
     missing: int = 0                    # the shell's answer to CheckComplete
     fail_fast: bool = False
     log: list[Action] = field(default_factory=list)
+    queued: list[tuple[int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.s = DestinationSession(preempt=self.preempt, link_timeout=self.link_timeout,
@@ -131,6 +134,9 @@ class Dest:
         while i < len(out):
             if isinstance(out[i], CheckComplete):       # the shell answers at once (synchronous)
                 out[i + 1:i + 1] = self.s.handle(StreamChecked(self.missing), self.now)
+            elif isinstance(out[i], CollectConnections):    # so does it here: the accept queue
+                queued, self.queued = tuple(self.queued), []
+                out[i + 1:i + 1] = self.s.handle(ConnectionsCollected(queued), self.now)
             i += 1
         check_transitions(DESTINATION_TRANSITIONS, before, out)
         self.log += out
@@ -160,6 +166,13 @@ class Dest:
         conn = self.next_conn
         self.next_conn += 1
         return conn, self.feed(ConnectionAccepted(conn, host))
+
+    def queue(self, host: str = SRC_HOST) -> int:
+        """A connection the kernel accepted that the shell has not reported yet."""
+        conn = self.next_conn
+        self.next_conn += 1
+        self.queued.append((conn, host))
+        return conn
 
     def connect(self, first: bytes, host: str = SRC_HOST) -> tuple[int, list[Action]]:
         conn, a1 = self.accept(host)
