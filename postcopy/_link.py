@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ __all__ = [
     "BACKGROUND_NICE",
     "background_priority",
     "bound_bulk_buffers",
+    "close_after_peer",
     "hold_gc",
     "name_os_thread",
     "one_malloc_arena",
@@ -191,6 +194,37 @@ def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
     """SO_RCVTIMEO on the fd, so the C readers' recv() gives up too (0 = never)."""
     sec = int(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def close_after_peer(socks: list[socket.socket], timeout: float) -> None:
+    """End our side of each connection (FIN) and read, discarding, until the peer has
+    closed its side too, at most ``timeout`` seconds in all. A close with bytes still
+    unread, or with the peer still writing, resets the connection: QEMU writes its
+    VMDESCRIPTION after a precopy EOF while it reads our SHUT, and fails a migration
+    whose last write fails."""
+    deadline = time.monotonic() + timeout
+    open_ = []
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            open_.append(sock)
+    while open_:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            ready, _, _ = select.select(open_, [], [], left)
+        except (OSError, ValueError):   # closed meanwhile
+            return
+        for sock in ready:
+            try:
+                data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue        # its reader thread took the bytes
+            except OSError:
+                data = b""
+            if not data:
+                open_.remove(sock)
 
 
 def shutdown_quietly(sock: socket.socket | None) -> None:

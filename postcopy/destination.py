@@ -37,6 +37,7 @@ from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Rece
 from ._link import (
     BACKGROUND_NICE,
     bound_bulk_buffers,
+    close_after_peer,
     hold_gc,
     name_os_thread,
     one_malloc_arena,
@@ -101,6 +102,10 @@ log = logging.getLogger("postcopy.dest")
 #: How long the accepting thread waits for a new preempt channel's thread to be ready (its stack
 #: written); a machine too loaded for that goes on without it.
 PREEMPT_THREAD_START_WAIT_S = 1.0
+
+#: How long a completed migration waits for the source to close its connections first (QEMU
+#: closes them once it has read SHUT and its last write is done: a few ms).
+PEER_CLOSE_WAIT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -756,6 +761,10 @@ class Destination:
         os.write(self._wake_w, b"x")
 
     def _teardown(self) -> None:
+        if self._finish is not None and self._finish.error is None:
+            with self._lock:
+                socks = [c.sock for c in self._conns.values()]
+            close_after_peer(socks, PEER_CLOSE_WAIT_S)
         with self._lock:
             self._stop_fault_service()
             for c in self._conns.values():

@@ -154,13 +154,16 @@ def test_a_file_that_is_not_a_hot_set_stops_the_source_before_it_migrates(tmp_pa
 
 
 def test_a_hot_set_survives_link_cuts() -> None:
-    # a slow guest and a 2 MiB/s stream; the whole 8 MiB of pc.ram, last page first, is the hot set:
-    # pushed on preempt, not under the cap, it may be over within tens of ms. So the first cut comes
+    # a slow guest and a 2 MiB/s stream; 7 MiB of pc.ram's 8, last page first, is the hot set:
+    # pushed on preempt, not under the cap, it may be over within a few ms. So the first cut comes
     # as soon as the pushes are under way (the list is walked again after it), the others 50 ms apart.
+    # The 1 MiB left out (data pages the guest rarely reads) goes under the cap: at least 0.5 s, so
+    # the migration cannot be over before the first cut, however late this thread sees the pushes.
     spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="hot", rate_limit=100)
     runs = array("Q")
     for first in range(2048 - 16, -1, -16):
-        runs.extend((0, first, 16))
+        if not 512 <= first < 768:
+            runs.extend((0, first, 16))
     hot = HotSet((HotBlock("pc.ram", 8 << 20, 4096),), runs)
     cuts = 0
 
