@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import random
 import socket
 import subprocess
 import sys
@@ -22,6 +23,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """N with N and N+1 both free (demo's two metrics ports), below the ephemeral range: a
+    port from it may be taken meanwhile by any outgoing connection, the scrapers' included."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(10000, min(low, 32768) - 1), 200):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no two free consecutive ports below the ephemeral range")
 
 
 def postcopy(*argv: str, log: Path) -> subprocess.Popen[bytes]:

@@ -12,7 +12,7 @@ import pytest
 
 from postcopy.commands.common import write_json
 
-from .conftest import free_port, samples, scrape, state, total
+from .conftest import free_port, free_port_pair, samples, scrape, state, total
 
 GUEST = ["--size", "32M", "--vcpus", "2", "--pattern", "random", "--guest-rate", "20000"]
 
@@ -23,9 +23,7 @@ def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.root
 def test_demo_serves_both_roles_metrics_and_the_report_plots(tmp_path: Path) -> None:
-    port = free_port()
-    while port + 1 > 65535:
-        port = free_port()
+    port = free_port_pair()
     out = tmp_path / "demo.json"
     seen: dict[str, dict] = {}
     stop = threading.Event()
