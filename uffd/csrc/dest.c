@@ -1503,6 +1503,39 @@ static int rx_place_tmp(pc_rx *rx, uint32_t bi, uint64_t host_off)
     return place_host_page(rx, bi, host_off, rx->tmp_all_zero ? NULL : rx->tmp);
 }
 
+/* Before LISTEN nothing is registered (precopy), and QEMU's later precopy passes send
+ * only the dirty target pages of a huge page (ram_save_host_page): such a page is
+ * written in place, one target page at a time, as QEMU's own precopy load does. */
+static int precopy_writes(const pc_rx *rx)
+{
+    return !rx->dst->remote && __atomic_load_n(&rx->dst->uffd, __ATOMIC_ACQUIRE) < 0;
+}
+
+static void precopy_put(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *data)
+{
+    pc_dst_block *b = &rx->dst->blocks[bi];
+    uint8_t *page = (uint8_t *)(uintptr_t)(b->base + off);
+    if (data)
+        memcpy(page, data, PC_TARGET_PAGE_SIZE);
+    else
+        memset(page, 0, PC_TARGET_PAGE_SIZE);
+    record_hashes(b, off, data, PC_TARGET_PAGE_SIZE);
+    pc_bitmap_set_range_atomic(b->received, off / PC_TARGET_PAGE_SIZE, 1);
+}
+
+/* Precopy: the target pages of a host page assembled so far, written in place (the
+ * rest of the page is not coming: it was not dirty). */
+static void tmp_flush_precopy(pc_rx *rx)
+{
+    if (rx->tmp_block < 0)
+        return;
+    uint32_t bi = (uint32_t)rx->tmp_block;
+    for (uint64_t off = rx->tmp_host_off; off < rx->tmp_next_off; off += PC_TARGET_PAGE_SIZE)
+        precopy_put(rx, bi, off, rx->tmp + (off - rx->tmp_host_off));
+    rx->tmp_block = -1;
+    rx->tmp_inplace = rx->tmp_skip = 0;
+}
+
 /* A page left incomplete (the channel ended, or the stream starts over):
  * one claimed in place is given back. */
 static void tmp_abandon(pc_rx *rx)
@@ -1597,6 +1630,12 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
             continue;
         }
         uint64_t host_off = r->offset & ~(hps - 1);
+        if (precopy_writes(rx) && (rx->tmp_block < 0 ? r->offset != host_off
+                                   : (uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off)) {
+            tmp_flush_precopy(rx);      /* a page of only its dirty target pages */
+            precopy_put(rx, r->block, r->offset, data);
+            continue;
+        }
         if (rx->tmp_block < 0) {
             if (r->offset != host_off)
                 return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
@@ -1947,8 +1986,11 @@ static int rx_records(pc_rx *rx)
         if (rc)
             return rc;
         pc_sockbuf_consume(&rx->in, (uint64_t)used);
-        if (status == PC_SCAN_EOS)
+        if (status == PC_SCAN_EOS) {
+            if (precopy_writes(rx))
+                tmp_flush_precopy(rx);  /* a page's dirty target pages end before EOS */
             return 1;
+        }
         if (status == PC_SCAN_NEED_DATA)
             return 0;
         /* PC_SCAN_FULL: go on scanning */
