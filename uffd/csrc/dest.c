@@ -1532,8 +1532,7 @@ static void tmp_flush_precopy(pc_rx *rx)
     uint32_t bi = (uint32_t)rx->tmp_block;
     for (uint64_t off = rx->tmp_host_off; off < rx->tmp_next_off; off += PC_TARGET_PAGE_SIZE)
         precopy_put(rx, bi, off, rx->tmp + (off - rx->tmp_host_off));
-    rx->tmp_block = -1;
-    rx->tmp_inplace = rx->tmp_skip = 0;
+    tmp_abandon(rx);
 }
 
 /* A page left incomplete (the channel ended, or the stream starts over):
@@ -1630,24 +1629,24 @@ static int place_records(pc_rx *rx, const pc_ram_record *recs, uint32_t n, const
             continue;
         }
         uint64_t host_off = r->offset & ~(hps - 1);
-        if (precopy_writes(rx) && (rx->tmp_block < 0 ? r->offset != host_off
-                                   : (uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off)) {
-            tmp_flush_precopy(rx);      /* a page of only its dirty target pages */
-            precopy_put(rx, r->block, r->offset, data);
-            continue;
-        }
-        if (rx->tmp_block < 0) {
-            if (r->offset != host_off)
+        if (rx->tmp_block < 0 ? r->offset != host_off
+                              : (uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
+            if (precopy_writes(rx)) {
+                tmp_flush_precopy(rx);      /* a page of only its dirty target pages */
+                precopy_put(rx, r->block, r->offset, data);
+                continue;
+            }
+            if (rx->tmp_block < 0)
                 return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                                "host page of %s at 0x%llx starts with target page 0x%llx, not its first",
                                b->idstr, (unsigned long long)host_off, (unsigned long long)r->offset);
-            tmp_begin(rx, r->block, host_off, 1);
-        } else if ((uint32_t)rx->tmp_block != r->block || r->offset != rx->tmp_next_off) {
             return rx_fail(rx, PC_RX_E_PROTO, EINVAL,
                            "host page not sent whole and in order on channel %d: expected %s+0x%llx, got %s+0x%llx",
                            rx->kind, d->blocks[rx->tmp_block].idstr, (unsigned long long)rx->tmp_next_off,
                            b->idstr, (unsigned long long)r->offset);
         }
+        if (rx->tmp_block < 0)
+            tmp_begin(rx, r->block, host_off, 1);
         tmp_put(rx, r->offset, data);
         rx->tmp_next_off += PC_TARGET_PAGE_SIZE;
         if (rx->tmp_next_off == host_off + hps) {
