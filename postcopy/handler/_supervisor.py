@@ -305,6 +305,11 @@ class Supervisor:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
+    @property
+    def wakeup_fd(self) -> int:
+        """A non-blocking descriptor that wakes :meth:`run`'s loop when written (signal.set_wakeup_fd)."""
+        return self._wake_w.fileno()
+
     def _stopped(self) -> bool:
         """Read anew: a handler just called may have set it (mypy would assume it unchanged)."""
         return self._stop
@@ -354,8 +359,17 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._sel.close()
+        self._release_wakeup_fd()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _release_wakeup_fd(self) -> None:
+        """Unset the signal wakeup fd if it is ours: its number may be reused once closed."""
+        if threading.current_thread() is not threading.main_thread():
+            return      # only the main thread can set it, so it is not ours
+        previous = signal.set_wakeup_fd(-1)
+        if previous != self._wake_w.fileno():
+            signal.set_wakeup_fd(previous)
 
 
 def _fd_kind(fd: int) -> str:
@@ -372,5 +386,13 @@ def _json_str(text: str) -> str:
 
 
 def install_signal_handlers(supervisor: Supervisor) -> None:
+    """SIGTERM and SIGINT stop the supervisor, whichever of its threads the kernel hands them to.
+
+    Python runs a handler in the main thread, and only when that thread runs bytecode; a
+    signal delivered to another thread (the metrics server's) would leave the main thread
+    asleep in select() with the stop unseen. The wakeup fd is written from the C-level
+    handler in whatever thread took the signal, so the select returns and the handler runs.
+    """
+    signal.set_wakeup_fd(supervisor.wakeup_fd, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: supervisor.request_stop())

@@ -4,6 +4,7 @@ compared with the memory file."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -225,3 +226,39 @@ def test_bad_input_is_rejected_and_other_vmms_keep_being_served(vmm_binary: Path
     assert report["handshakes"]["ok"] == 2
     assert report["session_ends"]["extra_message"] == 1
     assert report["vmms"][0]["bytes"]["fault"] == 12 * MiB
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread of another process (what the kernel may do with a kill())."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, sig) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _wchan(pid: int) -> str:
+    """Where a process's main thread sleeps in the kernel."""
+    return Path(f"/proc/{pid}/task/{pid}/wchan").read_text()
+
+
+def test_sigterm_taken_by_the_metrics_thread_still_stops_the_handler(start_handler: Any, mem12: Path) -> None:
+    # The kernel hands a process's signal to any thread that does not block it; Python runs
+    # the handler in the main thread only, which sleeps in select() until something wakes it.
+    h = start_handler(mem12, "--no-fill", metrics=True)
+    pid = h.proc.pid
+    # Only once nothing else will wake the main thread: the serving process sent "ready" and
+    # waits for orders, and the supervisor sleeps in its select.
+    deadline = time.monotonic() + 30
+    while not (_wchan(h.server_pid()) == "__skb_wait_for_more_packets" and _wchan(pid) == "do_epoll_wait"):
+        assert time.monotonic() < deadline, (_wchan(h.server_pid()), _wchan(pid))
+        time.sleep(0.01)
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the metrics server runs in a thread of its own"
+    _tgkill(pid, others[0], signal.SIGTERM)
+    try:
+        h.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the handler did not stop on a SIGTERM that reached its metrics thread") from None
+    assert h.proc.returncode == 0, h.log()
+    assert not h.socket.exists()
+    assert h.report()["role"] == "uffd-handler"
