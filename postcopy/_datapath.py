@@ -72,6 +72,12 @@ class SockBuf:
         For the few ms of a switch: each wake-up from sleep there is downtime."""
         lib.pc_sockbuf_spin_until(self._sb, time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0)
 
+    def small_reads_for(self, seconds: float) -> None:
+        """For ``seconds`` from now, receives read only the bytes asked for (0: stop now). TCP gives
+        a receive the arrival time of the last segment it read: for a message whose arrival counts
+        (PONG 3, the downtime's end), not the time of one that came in behind it."""
+        lib.pc_sockbuf_small_reads_until(self._sb, time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0)
+
     def fill(self, n: int) -> int:
         """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""
         rc = int(lib.pc_sockbuf_fill(self._sb, n))

@@ -512,8 +512,10 @@ class Source:
                     set_recv_timeout(main, 0)
                 if isinstance(event, wire.Pong) and event.value in SWITCH_PRELUDE_PINGS:
                     self.path.rp.spin_for(SWITCH_SPIN_SECONDS)     # PONG 2 and 3 may follow within ms
+                    self.path.rp.small_reads_for(SWITCH_SPIN_SECONDS)   # PONG 3's arrival, not a request's behind it
                 elif isinstance(event, wire.Pong) and event.value == 3:
                     self.path.rp.spin_for(0)        # the downtime is over
+                    self.path.rp.small_reads_for(0)
                 self._put(generation, ReturnPathMessage(event, read_at))
                 if isinstance(event, wire.Shut):
                     return

@@ -140,7 +140,10 @@ def test_demo_records_then_replays_a_hot_set(tmp_path: Path) -> None:
     assert r2["hot_set"]["pages"] == recorded.pages
     assert r2["hot_set"]["pushed"] > 0
     assert "hot set:" in second.stdout
-    assert r2["remote_faults"] * 2 < r1["remote_faults"], (r1["remote_faults"], r2["remote_faults"])
+    # The guest sends 10 % of its accesses to the 90 % of pages outside its hot region: those fault
+    # in both runs, as many as the guest gets to before the capped stream. 11 pairs here: the
+    # second run had 0.03-0.52 of the first's faults (0.52 beside a CPU hog); without the push, 1.
+    assert r2["remote_faults"] * 4 < r1["remote_faults"] * 3, (r1["remote_faults"], r2["remote_faults"])
 
 
 def test_a_file_that_is_not_a_hot_set_stops_the_source_before_it_migrates(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ pages, with the guest's next requests right behind it. Real TCP over loopback; C
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -69,3 +71,34 @@ def test_a_pong_that_came_while_pages_were_sent_counts_from_its_arrival() -> Non
             reader.join(10)
             for s in (pre_w, pre_r, rp_src):
                 s.close()
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes in the socket's receive queue, not yet read."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_while_pong_3_is_awaited_a_receive_reads_only_what_is_asked_for() -> None:
+    # TCP stamps a receive with the last segment it read: a PONG read together with the request
+    # behind it would take the request's time. So while PONG 3 is awaited, the return path reads
+    # message by message; the segments it reads in parts keep one arrival each.
+    with RamBlock("pc.ram", 16 * 4096, PAGE_4K, "anon") as block:
+        path = SourcePath([block], 2)
+        rp_dst, rp_src = tcp_pair()
+        path.set_return_path(rp_src)
+        try:
+            rp_dst.sendall(struct.pack(">HHI", RpMessage.PONG, 4, 3) + struct.pack(">HHQI", RpMessage.REQ_PAGES, 12, 0, 4096))
+            wait_until(lambda: _queued(rp_src) == 24, "the two messages to come in")
+            path.rp.small_reads_for(10)
+            assert path.rp.fill(4) == 4       # the PONG's header only
+            assert path.rp.fill(8) == 8       # and its body
+            assert _queued(rp_src) == 16      # the request is still in the socket
+            receives = int(path._s.rp.nreceives)
+            assert receives == 1, "one segment read in two parts is one arrival"
+            path.rp.small_reads_for(0)
+            assert path.rp.fill(9) == 24      # the window over: a receive takes what is there
+            assert _queued(rp_src) == 0
+        finally:
+            path.stop()
+            rp_dst.close()
+            rp_src.close()

@@ -70,15 +70,18 @@ int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb)
 }
 
 /* The kernel's receive time (CLOCK_REALTIME) of the last bytes msg brought, on pc_now_ns's clock;
- * received_ns (when the receive returned) if it carries none or one from the future. */
-static uint64_t arrival_ns(struct msghdr *msg, uint64_t received_ns)
+ * received_ns (when the receive returned) if it carries none or one from the future. *stamp: the
+ * kernel's time as it gave it (ns), 0 without one. */
+static uint64_t arrival_ns(struct msghdr *msg, uint64_t received_ns, uint64_t *stamp)
 {
+    *stamp = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_TIMESTAMPNS)
             continue;
         struct timespec at, now;
         memcpy(&at, CMSG_DATA(c), sizeof(at));
         clock_gettime(CLOCK_REALTIME, &now);
+        *stamp = (uint64_t)at.tv_sec * 1000000000u + (uint64_t)at.tv_nsec;
         int64_t ago = (int64_t)(now.tv_sec - at.tv_sec) * 1000000000 + (now.tv_nsec - at.tv_nsec);
         if (ago >= 0 && (uint64_t)ago < received_ns)
             return received_ns - (uint64_t)ago;
@@ -101,15 +104,30 @@ uint64_t pc_sockbuf_arrival_of(const pc_sockbuf *sb, uint64_t offset)
     return ns;
 }
 
-int64_t pc_sockbuf_recv(pc_sockbuf *sb)
+void pc_sockbuf_small_reads_until(pc_sockbuf *sb, uint64_t deadline_ns)
+{
+    __atomic_store_n(&sb->small_until_ns, deadline_ns, __ATOMIC_RELAXED);
+}
+
+static int small_reads(const pc_sockbuf *sb)
+{
+    uint64_t until = __atomic_load_n(&sb->small_until_ns, __ATOMIC_RELAXED);
+    return until && pc_now_ns() < until;
+}
+
+/* One recvmsg of at most `most` bytes (0: as much as fits). */
+static int64_t recv_upto(pc_sockbuf *sb, uint64_t most)
 {
     uint64_t want = sb->cap / 4 < 65536 ? sb->cap / 4 : 65536;
+    if (most && want > most)
+        want = most;
     int rc = make_room(sb, want);
     if (rc < 0)
         return rc;
     pc_sockbuf_spin(sb);
     for (;;) {
-        struct iovec iov = { sb->buf + sb->tail, sb->cap - sb->tail };
+        uint64_t room = sb->cap - sb->tail;
+        struct iovec iov = { sb->buf + sb->tail, most && room > most ? most : room };
         union { char buf[CMSG_SPACE(sizeof(struct timespec))]; struct cmsghdr align; } control;
         struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
         if (sb->arrival_stamps) {
@@ -124,12 +142,20 @@ int64_t pc_sockbuf_recv(pc_sockbuf *sb)
         sb->tail += (uint64_t)n;
         uint64_t end = __atomic_add_fetch(&sb->bytes, (uint64_t)n, __ATOMIC_RELAXED);
         if (n > 0) {
-            uint64_t now = pc_now_ns();
-            sb->arrivals[sb->nreceives++ % PC_SOCKBUF_ARRIVALS] =
-                (pc_sockbuf_arrival){ end, sb->arrival_stamps ? arrival_ns(&msg, now) : now };
+            uint64_t stamp = 0, ns = sb->arrival_stamps ? arrival_ns(&msg, pc_now_ns(), &stamp) : pc_now_ns();
+            pc_sockbuf_arrival *last = sb->nreceives ? &sb->arrivals[(sb->nreceives - 1) % PC_SOCKBUF_ARRIVALS] : NULL;
+            if (last && stamp && last->stamp == stamp)
+                last->end = end;    /* the same segment read in parts: one arrival, the ring keeps older ones */
+            else
+                sb->arrivals[sb->nreceives++ % PC_SOCKBUF_ARRIVALS] = (pc_sockbuf_arrival){ end, ns, stamp };
         }
         return n;
     }
+}
+
+int64_t pc_sockbuf_recv(pc_sockbuf *sb)
+{
+    return recv_upto(sb, small_reads(sb) ? PC_SOCKBUF_SMALL_READ : 0);
 }
 
 int64_t pc_sockbuf_fill(pc_sockbuf *sb, uint64_t n)
@@ -140,7 +166,7 @@ int64_t pc_sockbuf_fill(pc_sockbuf *sb, uint64_t n)
             return rc;
     }
     while (pc_sockbuf_avail(sb) < n) {
-        int64_t r = pc_sockbuf_recv(sb);
+        int64_t r = recv_upto(sb, small_reads(sb) ? n - pc_sockbuf_avail(sb) : 0);
         if (r <= 0)
             return r;
     }

@@ -11,6 +11,7 @@
 typedef struct pc_sockbuf_arrival {
     uint64_t end;               /* sb->bytes after a receive */
     uint64_t ns;                /* when what it brought came in */
+    uint64_t stamp;             /* the kernel's receive stamp as given (0: none): equal ones are one segment */
 } pc_sockbuf_arrival;
 
 typedef struct pc_sockbuf {
@@ -20,6 +21,7 @@ typedef struct pc_sockbuf {
     uint64_t bytes;             /* received in total */
     uint64_t limit;             /* the buffer never grows beyond this */
     uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
+    uint64_t small_until_ns;    /* before this (pc_now_ns), a receive reads only what is asked for */
     int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
     pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring), pc_now_ns's clock */
     uint64_t nreceives;
@@ -30,6 +32,14 @@ typedef struct pc_sockbuf {
  * on an idle (virtual) CPU waits 50-100 us typically and over 1 ms now and then. For
  * the few ms around a switch, where every wake-up is downtime. Any thread may set it. */
 void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
+
+/* Until deadline_ns (pc_now_ns; 0 ends it now), a receive reads only the bytes a fill asks
+ * for (PC_SOCKBUF_SMALL_READ at most when it asks for none): TCP gives a receive the arrival
+ * time of the last segment it read, so a message read together with one that came after it
+ * would take that one's time. For the return path while a switch's last PONG is awaited,
+ * whose arrival ends the downtime. Any thread may set it. */
+#define PC_SOCKBUF_SMALL_READ 4
+void pc_sockbuf_small_reads_until(pc_sockbuf *sb, uint64_t deadline_ns);
 
 int pc_sockbuf_init(pc_sockbuf *sb, int fd, uint64_t cap, uint64_t limit);   /* 0 or -ENOMEM */
 void pc_sockbuf_release(pc_sockbuf *sb);
