@@ -24,7 +24,7 @@ typedef struct pc_sockbuf {
     uint64_t small_until_ns;    /* before this (pc_now_ns), a receive reads only what is asked for */
     int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
     pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring), pc_now_ns's clock */
-    uint64_t nreceives;
+    uint64_t nreceives;         /* receives recorded: those of one segment (one kernel stamp) count once */
 } pc_sockbuf;
 
 /* Until deadline_ns (pc_now_ns), a receive on sb waits for data on its CPU (polling,
