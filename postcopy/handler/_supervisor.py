@@ -171,7 +171,9 @@ class Supervisor:
         message, fds = got
         for fd in fds:
             os.close(fd)
-        if message.get("op") == "stopped":
+        if message.get("op") == "ready":
+            self._say(f"serving process {message.get('pid')} ready")
+        elif message.get("op") == "stopped":
             closing = self._closing.get(int(message["id"]))
             if closing is not None:
                 self._finalize(closing)
