@@ -140,11 +140,10 @@ def test_demo_records_then_replays_a_hot_set(tmp_path: Path) -> None:
     assert r2["hot_set"]["pages"] == recorded.pages
     assert r2["hot_set"]["pushed"] > 0
     assert "hot set:" in second.stdout
-    # The guest sends 10 % of its accesses to the 90 % of pages outside its hot region: those fault
-    # in both runs, as many as the guest gets to before the capped stream. 37 pairs here: the first
-    # run (no hot set) had 1367-1443 faults, the second 0.01-0.56 of them, in two groups
-    # (0.01-0.17 and 0.25-0.56; the upper one with and without a CPU hog beside).
-    assert r2["remote_faults"] * 4 < r1["remote_faults"] * 3, (r1["remote_faults"], r2["remote_faults"])
+    # 37 pairs before the bulk stream stopped skipping strided prefetch zones: the replay had
+    # 0.01-0.17 of the recording's faults, or 0.25-0.56 when a spurious strided stream in the
+    # random hot region made the stream skip most of that region; 8 pairs after: 0.00-0.06.
+    assert r2["remote_faults"] * 2 < r1["remote_faults"], (r1["remote_faults"], r2["remote_faults"])
 
 
 def test_a_file_that_is_not_a_hot_set_stops_the_source_before_it_migrates(tmp_path: Path) -> None:

@@ -222,6 +222,15 @@ def test_zone_covers_the_walk_ahead(det: Detector) -> None:
     assert zones == [(0, 2, 2 + 16 + 16 + 1)]        # from the last request to a window past what is due
 
 
+def test_a_strided_walk_has_no_zone(det: Detector) -> None:
+    # The prefetch sends only the pages on a strided line; a zone would make the bulk stream
+    # skip the pages between them too, and nobody would send those before its next pass.
+    for q in (0, 8, 16):
+        det.request(q)
+    assert det.pages()[:2] == [24, 32]          # the walker is followed
+    assert all(det.zone(i) is None for i in range(lib.PC_PF_STREAMS))
+
+
 def test_reset_forgets_streams_but_not_counters(det: Detector) -> None:
     for q in (0, 1, 2):
         det.request(q)

@@ -252,7 +252,9 @@ int pc_pf_zone(const pc_prefetch *p, int i, uint32_t *block, uint64_t *lo, uint6
     if (i < 0 || i >= PC_PF_STREAMS)
         return 0;
     const pc_pf_stream *s = &p->st[i];
-    if (!s->active || !s->confirmed)
+    /* A strided walker touches one host page in |stride|: the prefetch sends only those, so the
+     * pages between must stay the bulk stream's (left to it, they waited for its next pass). */
+    if (!s->active || !s->confirmed || (s->stride != 1 && s->stride != -1))
         return 0;
     int64_t npages = (int64_t)p->npages[s->block];
     int64_t beyond = s->target + (int64_t)s->window * s->stride;    /* one more window past what is due */
