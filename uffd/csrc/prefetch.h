@@ -82,7 +82,7 @@ void pc_pf_mark_sent(pc_prefetch *p, uint32_t block, uint64_t page);
 /* Stream i's zone: the host pages [*lo, *hi) its guest walks next (from its
  * last request to twice the window past it), which the bulk stream leaves to
  * the prefetch. 1, or 0 when stream i follows nothing or walks with a stride
- * other than 1 (the prefetch sends only the pages on its line). */
+ * other than +-1 (the prefetch sends only the pages on its line). */
 int pc_pf_zone(const pc_prefetch *p, int i, uint32_t *block, uint64_t *lo, uint64_t *hi);
 /* The page could not be sent after all: it no longer counts as sent ahead. */
 void pc_pf_unmark_sent(pc_prefetch *p, uint32_t block, uint64_t page);
