@@ -44,6 +44,11 @@ CHAN_MAIN = lib.PC_CHAN_MAIN
 CHAN_PREEMPT = lib.PC_CHAN_PREEMPT
 
 
+def _deadline_ns(seconds: float) -> int:
+    """``seconds`` from now on time.monotonic_ns's clock (pc_now_ns's), 0 for none."""
+    return time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0
+
+
 class SockBuf:
     """A C receive buffer (``pc_sockbuf``) seen from Python: the exact bytes of
     control messages, while the C loops parse everything else in place."""
@@ -70,13 +75,13 @@ class SockBuf:
     def spin_for(self, seconds: float) -> None:
         """For ``seconds`` from now, receives wait for data on the CPU, not asleep (0: stop now).
         For the few ms of a switch: each wake-up from sleep there is downtime."""
-        lib.pc_sockbuf_spin_until(self._sb, time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0)
+        lib.pc_sockbuf_spin_until(self._sb, _deadline_ns(seconds))
 
     def small_reads_for(self, seconds: float) -> None:
         """For ``seconds`` from now, receives read only the bytes asked for (0: stop now). TCP gives
         a receive the arrival time of the last segment it read: for a message whose arrival counts
         (PONG 3, the downtime's end), not the time of one that came in behind it."""
-        lib.pc_sockbuf_small_reads_until(self._sb, time.monotonic_ns() + int(seconds * 1e9) if seconds > 0 else 0)
+        lib.pc_sockbuf_small_reads_until(self._sb, _deadline_ns(seconds))
 
     def fill(self, n: int) -> int:
         """Wait until n bytes are buffered: how many are, or 0 at EOF before that."""

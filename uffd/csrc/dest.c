@@ -1169,6 +1169,19 @@ static int place_minor_pages(pc_rx *rx, int uffd, uint32_t bi, uint64_t host_off
     return 0;
 }
 
+/* Before LISTEN nothing is registered: a plain write of len bytes at off (precopy);
+ * src NULL writes zeros. */
+static void precopy_write(const pc_dst_block *b, uint64_t off, const uint8_t *src, uint64_t len)
+{
+    uint8_t *at = (uint8_t *)(uintptr_t)(b->base + off);
+    if (src && b->alias)
+        copy_streaming(at, src, len);     /* prefilled: cold */
+    else if (src)
+        memcpy(at, src, len);
+    else
+        memset(at, 0, len);
+}
+
 /* Place n consecutive complete host pages of block bi from host_off: src is
  * n host pages of bytes (nzero of them all zero), or NULL when they are all
  * zero. Runs of 4 KiB pages go in with one ioctl; the bookkeeping stays per
@@ -1190,13 +1203,7 @@ static int place_pages(pc_rx *rx, uint32_t bi, uint64_t host_off, const uint8_t 
                 return rc;
         }
     } else if (uffd < 0) {
-        /* Before LISTEN nothing is registered: plain writes (precopy). */
-        if (src && b->alias)
-            copy_streaming((uint8_t *)(uintptr_t)(b->base + host_off), src, len);     /* prefilled: cold */
-        else if (src)
-            memcpy((void *)(uintptr_t)(b->base + host_off), src, len);
-        else
-            memset((void *)(uintptr_t)(b->base + host_off), 0, len);
+        precopy_write(b, host_off, src, len);
     } else {
         int rc = place_local(rx, uffd, b, host_off, src, len);
         if (rc)
@@ -1514,11 +1521,7 @@ static int precopy_writes(const pc_rx *rx)
 static void precopy_put(pc_rx *rx, uint32_t bi, uint64_t off, const uint8_t *data)
 {
     pc_dst_block *b = &rx->dst->blocks[bi];
-    uint8_t *page = (uint8_t *)(uintptr_t)(b->base + off);
-    if (data)
-        memcpy(page, data, PC_TARGET_PAGE_SIZE);
-    else
-        memset(page, 0, PC_TARGET_PAGE_SIZE);
+    precopy_write(b, off, data, PC_TARGET_PAGE_SIZE);
     record_hashes(b, off, data, PC_TARGET_PAGE_SIZE);
     pc_bitmap_set_range_atomic(b->received, off / PC_TARGET_PAGE_SIZE, 1);
 }
