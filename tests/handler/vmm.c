@@ -8,7 +8,9 @@
  *
  * usage: vmm SOCKET MEMFILE [--page-size N] [--regions A,B] [--json new|old|kib]
  *            [--threads T] [--seed S] [--pause-at N] [--dontneed OFF,LEN] [--measure] [--think-ns N]
- *            [--wait-eof]
+ *            [--wait-eof] [--untouched-dontneed]
+ * --untouched-dontneed: the readers leave the --dontneed range alone, so it is given back
+ * before any of it was faulted in (live mode: while the stream has yet to send it).
  * Region 1 maps file [0, A), region 2 file [A, A+B); region 2 lies below region 1.
  * --wait-eof: before exiting, wait until the handler closes the connection (live mode:
  * the migration ends after the last page was read).
@@ -35,7 +37,7 @@ static uint64_t page_size = PG, size1 = 8 << 20, size2 = 4 << 20;
 static const char *json_style = "new";
 static int threads = 1;
 static uint64_t seed = 1, pause_at = 0, dn_off = 0, dn_len = 0;
-static int measure = 0, wait_eof = 0;
+static int measure = 0, wait_eof = 0, untouched_dontneed = 0;
 static uint64_t think_ns = 0;
 static uint8_t *r1, *r2;
 static const uint8_t *file;
@@ -93,6 +95,8 @@ static void *reader(void *arg)
             pthread_mutex_unlock(&pause_lock);
         }
         uint64_t p = (i * mult + add) % npages;
+        if (untouched_dontneed && removed(p))
+            continue;
         volatile uint8_t *a = page_addr(p);
         if (measure) {
             int resident = mincore((void *)((uintptr_t)a & ~(PG - 1)), PG, &vec) == 0 && (vec & 1);
@@ -144,6 +148,7 @@ int main(int argc, char **argv)
         else if (!strcmp(o, "--dontneed")) sscanf(v, "%lu,%lu", &dn_off, &dn_len), i++;
         else if (!strcmp(o, "--measure")) measure = 1;
         else if (!strcmp(o, "--wait-eof")) wait_eof = 1;
+        else if (!strcmp(o, "--untouched-dontneed")) untouched_dontneed = 1;
         else if (!strcmp(o, "--think-ns")) think_ns = strtoull(v, NULL, 0), i++;
         else { fprintf(stderr, "vmm: unknown option %s\n", o); return 2; }
     }
