@@ -193,7 +193,10 @@ def test_link_cut_mid_stream_recovers_and_metrics_scrape(start_live: Any, mem12:
         scraped = ""
         while "postcopy_recoveries_total 1.0" not in scraped:
             scraped = urllib.request.urlopen(f"http://127.0.0.1:{live.metrics_port}/metrics", timeout=5).read().decode()
-            assert time.monotonic() < deadline + 30, (scraped, live.log())
+            if time.monotonic() >= deadline + 30:     # the source's side of it too
+                source.kill()
+                _out, err = source.communicate()
+                raise AssertionError((scraped, live.log(), err.decode()))
             time.sleep(0.1)
         _out, err = source.communicate(timeout=90)
         assert source.returncode == 0, (err.decode(), live.log())
