@@ -21,6 +21,24 @@ from .conftest import drain, tcp_pair, wait_until
 
 PAGES = 1024        # 4 MiB asked at once: far more than the preempt channel's small buffers hold
 
+SO_TIMESTAMPNS = 35     # <asm-generic/socket.h>; Python's socket module does not name it
+
+
+def _wait_for_kernel_stamps() -> tuple[socket.socket, socket.socket]:
+    """Linux stamps received packets only once some socket asked for it, and it turns that on in
+    deferred work: a segment that comes in first carries no stamp (a fresh machine, where nothing
+    else asked yet). Wait until a probe segment is stamped; the probe keeps it on until closed."""
+    writer, reader = tcp_pair()
+    reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        writer.sendall(b"x")
+        _, ancillary, _, _ = reader.recvmsg(1, socket.CMSG_SPACE(16))
+        if ancillary:
+            return writer, reader
+        time.sleep(0.01)
+    raise AssertionError("the kernel did not stamp received segments within 10 s")
+
 
 def test_a_pong_that_came_while_pages_were_sent_counts_from_its_arrival() -> None:
     with RamBlock("pc.ram", PAGES * 4096, PAGE_4K, "anon") as block:
@@ -33,6 +51,7 @@ def test_a_pong_that_came_while_pages_were_sent_counts_from_its_arrival() -> Non
         rp_dst, rp_src = tcp_pair()
         path.set_channel(CHAN_PREEMPT, pre_w)
         path.set_return_path(rp_src)
+        probe = _wait_for_kernel_stamps()
         codes: list[int] = []
         rp = threading.Thread(target=lambda: codes.append(path.serve_return_path()), daemon=True)
         read_preempt = threading.Event()
@@ -69,7 +88,7 @@ def test_a_pong_that_came_while_pages_were_sent_counts_from_its_arrival() -> Non
             pre_w.shutdown(socket.SHUT_WR)
             read_preempt.set()
             reader.join(10)
-            for s in (pre_w, pre_r, rp_src):
+            for s in (pre_w, pre_r, rp_src, *probe):
                 s.close()
 
 
@@ -86,6 +105,7 @@ def test_while_pong_3_is_awaited_a_receive_reads_only_what_is_asked_for() -> Non
         path = SourcePath([block], 2)
         rp_dst, rp_src = tcp_pair()
         path.set_return_path(rp_src)
+        probe = _wait_for_kernel_stamps()
         try:
             rp_dst.sendall(struct.pack(">HHI", RpMessage.PONG, 4, 3) + struct.pack(">HHQI", RpMessage.REQ_PAGES, 12, 0, 4096))
             wait_until(lambda: _queued(rp_src) == 24, "the two messages to come in")
@@ -100,5 +120,5 @@ def test_while_pong_3_is_awaited_a_receive_reads_only_what_is_asked_for() -> Non
             assert _queued(rp_src) == 0
         finally:
             path.stop()
-            rp_dst.close()
-            rp_src.close()
+            for s in (rp_dst, rp_src, *probe):
+                s.close()
