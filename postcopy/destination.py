@@ -98,6 +98,9 @@ from .session import (
 __all__ = ["Destination"]
 
 log = logging.getLogger("postcopy.dest")
+#: a command's first byte (a module constant: 3.11's enum class lookups are slow, and the
+#: switch's commands are read inside the downtime)
+_COMMAND_BYTE = int(wire.SectionType.COMMAND)
 
 #: How long the accepting thread waits for a new preempt channel's thread to be ready (its stack
 #: written); a machine too loaded for that goes on without it.
@@ -596,7 +599,7 @@ class Destination:
             while True:
                 event = next(items)
                 self._hold_gc_for_switch(c, event)
-                more = rx.input.first_byte() == wire.SectionType.COMMAND
+                more = rx.input.first_byte() == _COMMAND_BYTE
                 # A PING's PONG with more commands right behind it goes out with the next reply of
                 # the run (the switch: PONG 2 with PONG 3): in one process with the source, its
                 # return-path thread would wake for it and take the GIL in the middle of the switch.

@@ -164,13 +164,17 @@ class PeerProfile:
         return self.version >= (10, 0) and (self.machine_version is None or self.machine_version >= (10, 0))
 
 
+#: the command that carries each event type (built once: the source checks every event it sends,
+#: the switch's inside the downtime)
+_COMMAND_OF: dict[type, Command] = {
+    ev.OpenReturnPath: Command.OPEN_RETURN_PATH, ev.Ping: Command.PING,
+    ev.PostcopyAdvise: Command.POSTCOPY_ADVISE, ev.PostcopyListen: Command.POSTCOPY_LISTEN,
+    ev.PostcopyRun: Command.POSTCOPY_RUN, ev.PostcopyRamDiscard: Command.POSTCOPY_RAM_DISCARD,
+    ev.Packaged: Command.PACKAGED, ev.EnableColo: Command.ENABLE_COLO,
+    ev.PostcopyResume: Command.POSTCOPY_RESUME, ev.RecvBitmapRequest: Command.RECV_BITMAP,
+    ev.SwitchoverStart: Command.SWITCHOVER_START,
+}
+
+
 def _command_of(event: ev.WireEvent) -> Command | None:
-    table: dict[type, Command] = {
-        ev.OpenReturnPath: Command.OPEN_RETURN_PATH, ev.Ping: Command.PING,
-        ev.PostcopyAdvise: Command.POSTCOPY_ADVISE, ev.PostcopyListen: Command.POSTCOPY_LISTEN,
-        ev.PostcopyRun: Command.POSTCOPY_RUN, ev.PostcopyRamDiscard: Command.POSTCOPY_RAM_DISCARD,
-        ev.Packaged: Command.PACKAGED, ev.EnableColo: Command.ENABLE_COLO,
-        ev.PostcopyResume: Command.POSTCOPY_RESUME, ev.RecvBitmapRequest: Command.RECV_BITMAP,
-        ev.SwitchoverStart: Command.SWITCHOVER_START,
-    }
-    return table.get(type(event))
+    return _COMMAND_OF.get(type(event))
