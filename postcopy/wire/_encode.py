@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 from . import _events as ev
 from ._constants import (
@@ -27,8 +30,15 @@ def _counted(s: str) -> bytes:
     return bytes((len(b),)) + b
 
 
+# The enums' members as module constants: on 3.11 each ``SectionType.X`` is a slow lookup
+# (EnumType.__getattr__), and the switch's events are encoded inside the downtime.
+_Sec = SimpleNamespace(**SectionType.__members__)
+_Cmd = SimpleNamespace(**Command.__members__)
+_Rp = SimpleNamespace(**RpMessage.__members__)
+
+
 def _command(cmd: Command, payload: bytes = b"") -> bytes:
-    return struct.pack(">BHH", SectionType.COMMAND, cmd, len(payload)) + payload
+    return struct.pack(">BHH", _Sec.COMMAND, cmd, len(payload)) + payload
 
 
 def _rp(msg: RpMessage, payload: bytes = b"") -> bytes:
@@ -37,10 +47,10 @@ def _rp(msg: RpMessage, payload: bytes = b"") -> bytes:
 
 def _config(e: ev.Configuration) -> bytes:
     name = e.machine_type.encode("utf-8", "surrogateescape")
-    out = [bytes((SectionType.CONFIGURATION,)), BE32.pack(len(name)), name]
+    out = [bytes((_Sec.CONFIGURATION,)), BE32.pack(len(name)), name]
 
     def sub(n: str, body: bytes) -> None:
-        out.extend((bytes((SectionType.SUBSECTION,)), _counted(n), BE32.pack(1), body))
+        out.extend((bytes((_Sec.SUBSECTION,)), _counted(n), BE32.pack(1), body))
 
     if e.target_page_bits is not None:
         sub("configuration/target-page-bits", BE32.pack(e.target_page_bits))
@@ -61,82 +71,81 @@ def encode(event: ev.WireEvent, *, scanner: RecordScanner | None = None) -> byte
 
     ``scanner`` builds the page records of ``RamPages`` (default: ``default_scanner()``).
     """
-    match event:
-        case ev.StreamHeader(version=v):
-            return struct.pack(">II", QEMU_VM_FILE_MAGIC, v)
-        case ev.Configuration():
-            return _config(event)
-        case ev.OpenReturnPath():
-            return _command(Command.OPEN_RETURN_PATH)
-        case ev.Ping(value=v):
-            return _command(Command.PING, BE32.pack(v))
-        case ev.PostcopyAdvise(pagesize_summary=s, target_page_size=t):
-            return _command(Command.POSTCOPY_ADVISE, b"" if s is None else struct.pack(">QQ", s, t))
-        case ev.PostcopyListen():
-            return _command(Command.POSTCOPY_LISTEN)
-        case ev.PostcopyRun():
-            return _command(Command.POSTCOPY_RUN)
-        case ev.PostcopyResume():
-            return _command(Command.POSTCOPY_RESUME)
-        case ev.EnableColo():
-            return _command(Command.ENABLE_COLO)
-        case ev.SwitchoverStart():
-            return _command(Command.SWITCHOVER_START)
-        case ev.PostcopyRamDiscard(idstr=i, ranges=r, version=v):
-            payload = bytes((v,)) + _counted(i) + b"\0" + b"".join(struct.pack(">QQ", s, n) for s, n in r)
-            if len(payload) > 0xFFFF:
-                raise LocalProtocolError(f"discard for {i!r} with {len(r)} ranges exceeds a command's "
-                                         "65535-byte payload", kind="frame_too_large")
-            return _command(Command.POSTCOPY_RAM_DISCARD, payload)
-        case ev.RecvBitmapRequest(idstr=i):
-            return _command(Command.RECV_BITMAP, _counted(i))
-        case ev.Packaged(events=inner):
-            blob = b"".join(encode(e, scanner=scanner) for e in inner)
-            if len(blob) >= 1 << 32:
-                raise LocalProtocolError(f"PACKAGED blob of {len(blob)} bytes exceeds be32",
-                                         kind="packaged_too_large")
-            return _command(Command.PACKAGED, BE32.pack(len(blob))) + blob
-        case ev.SectionStart(section_id=s, idstr=i, instance_id=n, version_id=v):
-            return _full_header(SectionType.START, s, i, n, v)
-        case ev.SectionPart(section_id=s):
-            return bytes((SectionType.PART,)) + BE32.pack(s)
-        case ev.SectionEnd(section_id=s):
-            return bytes((SectionType.END,)) + BE32.pack(s)
-        case ev.SectionFooter(section_id=s):
-            return bytes((SectionType.FOOTER,)) + BE32.pack(s)
-        case ev.RamSetup(total_bytes=t, blocks=blocks):
-            out = [BE64.pack(t | RAM_FLAG_MEM_SIZE)]
-            for b in blocks:
-                out.append(_counted(b.idstr) + BE64.pack(b.used_length))
-                if b.page_size is not None:
-                    out.append(BE64.pack(b.page_size))
-            return b"".join(out)
-        case ev.RamEos():
-            return BE64.pack(RAM_FLAG_EOS)
-        case ev.RamPages(blocks=blocks, records=recs, buffer=buf, target_page_size=tps):
-            return (scanner or default_scanner()).encode(blocks, tps, recs, buf)
-        case ev.DeviceSection(section_id=s, idstr=i, instance_id=n, version_id=v, payload=p):
-            return (_full_header(SectionType.FULL, s, i, n, v) + p
-                    + bytes((SectionType.FOOTER,)) + BE32.pack(s))
-        case ev.EndOfStream():
-            return bytes((SectionType.EOF,))
-        case ev.VmDescription(json=j):
-            return bytes((SectionType.VMDESCRIPTION,)) + BE32.pack(len(j)) + j
-        case ev.ConnectionClosed():
-            return b""
-        case ev.Shut(value=v):
-            return _rp(RpMessage.SHUT, BE32.pack(v))
-        case ev.Pong(value=v):
-            return _rp(RpMessage.PONG, BE32.pack(v))
-        case ev.PageRequest(start=s, length=n, idstr=None):
-            return _rp(RpMessage.REQ_PAGES, struct.pack(">QI", s, n))
-        case ev.PageRequest(start=s, length=n, idstr=i):
-            return _rp(RpMessage.REQ_PAGES_ID, struct.pack(">QI", s, n) + _counted(i))  # type: ignore[arg-type]
-        case ev.RecvBitmap(idstr=i, bitmap=bm):
-            return (_rp(RpMessage.RECV_BITMAP, _counted(i)) + BE64.pack(len(bm)) + bm
-                    + BE64.pack(RECV_BITMAP_END_MARK))
-        case ev.ResumeAck(value=v):
-            return _rp(RpMessage.RESUME_ACK, BE32.pack(v))
-        case ev.SwitchoverAck():
-            return _rp(RpMessage.SWITCHOVER_ACK)
-    raise LocalProtocolError(f"cannot encode {type(event).__name__}: not a wire event", kind="bad_value")
+    encoder = _ENCODERS.get(type(event))
+    if encoder is None:
+        raise LocalProtocolError(f"cannot encode {type(event).__name__}: not a wire event", kind="bad_value")
+    return encoder(event, scanner)
+
+
+def _discard(e: ev.PostcopyRamDiscard) -> bytes:
+    payload = bytes((e.version,)) + _counted(e.idstr) + b"\0" + b"".join(struct.pack(">QQ", s, n) for s, n in e.ranges)
+    if len(payload) > 0xFFFF:
+        raise LocalProtocolError(f"discard for {e.idstr!r} with {len(e.ranges)} ranges exceeds a command's "
+                                 "65535-byte payload", kind="frame_too_large")
+    return _command(_Cmd.POSTCOPY_RAM_DISCARD, payload)
+
+
+def _packaged(e: ev.Packaged, scanner: RecordScanner | None) -> bytes:
+    blob = b"".join(encode(inner, scanner=scanner) for inner in e.events)
+    if len(blob) >= 1 << 32:
+        raise LocalProtocolError(f"PACKAGED blob of {len(blob)} bytes exceeds be32", kind="packaged_too_large")
+    return _command(_Cmd.PACKAGED, BE32.pack(len(blob))) + blob
+
+
+def _ram_setup(e: ev.RamSetup) -> bytes:
+    out = [BE64.pack(e.total_bytes | RAM_FLAG_MEM_SIZE)]
+    for b in e.blocks:
+        out.append(_counted(b.idstr) + BE64.pack(b.used_length))
+        if b.page_size is not None:
+            out.append(BE64.pack(b.page_size))
+    return b"".join(out)
+
+
+def _page_request(e: ev.PageRequest) -> bytes:
+    if e.idstr is None:
+        return _rp(_Rp.REQ_PAGES, struct.pack(">QI", e.start, e.length))
+    return _rp(_Rp.REQ_PAGES_ID, struct.pack(">QI", e.start, e.length) + _counted(e.idstr))
+
+
+_Encoder = Callable[[Any, "RecordScanner | None"], bytes]
+
+#: event type -> its encoder (a table, not a chain of type tests: the switch's events are
+#: encoded inside the downtime)
+_ENCODERS: dict[type, _Encoder] = {
+    ev.StreamHeader: lambda e, _: struct.pack(">II", QEMU_VM_FILE_MAGIC, e.version),
+    ev.Configuration: lambda e, _: _config(e),
+    ev.OpenReturnPath: lambda e, _: _command(_Cmd.OPEN_RETURN_PATH),
+    ev.Ping: lambda e, _: _command(_Cmd.PING, BE32.pack(e.value)),
+    ev.PostcopyAdvise: lambda e, _: _command(
+        _Cmd.POSTCOPY_ADVISE,
+        b"" if e.pagesize_summary is None else struct.pack(">QQ", e.pagesize_summary, e.target_page_size)),
+    ev.PostcopyListen: lambda e, _: _command(_Cmd.POSTCOPY_LISTEN),
+    ev.PostcopyRun: lambda e, _: _command(_Cmd.POSTCOPY_RUN),
+    ev.PostcopyResume: lambda e, _: _command(_Cmd.POSTCOPY_RESUME),
+    ev.EnableColo: lambda e, _: _command(_Cmd.ENABLE_COLO),
+    ev.SwitchoverStart: lambda e, _: _command(_Cmd.SWITCHOVER_START),
+    ev.PostcopyRamDiscard: lambda e, _: _discard(e),
+    ev.RecvBitmapRequest: lambda e, _: _command(_Cmd.RECV_BITMAP, _counted(e.idstr)),
+    ev.Packaged: _packaged,
+    ev.SectionStart: lambda e, _: _full_header(_Sec.START, e.section_id, e.idstr, e.instance_id, e.version_id),
+    ev.SectionPart: lambda e, _: bytes((_Sec.PART,)) + BE32.pack(e.section_id),
+    ev.SectionEnd: lambda e, _: bytes((_Sec.END,)) + BE32.pack(e.section_id),
+    ev.SectionFooter: lambda e, _: bytes((_Sec.FOOTER,)) + BE32.pack(e.section_id),
+    ev.RamSetup: lambda e, _: _ram_setup(e),
+    ev.RamEos: lambda e, _: BE64.pack(RAM_FLAG_EOS),
+    ev.RamPages: lambda e, scanner: (scanner or default_scanner()).encode(
+        e.blocks, e.target_page_size, e.records, e.buffer),
+    ev.DeviceSection: lambda e, _: (
+        _full_header(_Sec.FULL, e.section_id, e.idstr, e.instance_id, e.version_id) + e.payload
+        + bytes((_Sec.FOOTER,)) + BE32.pack(e.section_id)),
+    ev.EndOfStream: lambda e, _: bytes((_Sec.EOF,)),
+    ev.VmDescription: lambda e, _: bytes((_Sec.VMDESCRIPTION,)) + BE32.pack(len(e.json)) + e.json,
+    ev.ConnectionClosed: lambda e, _: b"",
+    ev.Shut: lambda e, _: _rp(_Rp.SHUT, BE32.pack(e.value)),
+    ev.Pong: lambda e, _: _rp(_Rp.PONG, BE32.pack(e.value)),
+    ev.PageRequest: lambda e, _: _page_request(e),
+    ev.RecvBitmap: lambda e, _: (_rp(_Rp.RECV_BITMAP, _counted(e.idstr)) + BE64.pack(len(e.bitmap)) + e.bitmap
+                                 + BE64.pack(RECV_BITMAP_END_MARK)),
+    ev.ResumeAck: lambda e, _: _rp(_Rp.RESUME_ACK, BE32.pack(e.value)),
+    ev.SwitchoverAck: lambda e, _: _rp(_Rp.SWITCHOVER_ACK),
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 from . import _events as ev
 from ._constants import (
@@ -22,6 +23,13 @@ def recv_bitmap_size(used_length: int, target_page_size: int = 4096) -> int:
     """Bytes of a RECV_BITMAP body for a block: round_up(ceil(nbits / 8), 8)."""
     nbits = used_length // target_page_size
     return ((nbits + 7) // 8 + 7) // 8 * 8
+
+
+# The messages' members from a namespace and a table: on 3.11 each ``RpMessage.X`` is a slow
+# lookup (EnumType.__getattr__), and the switch's PONGs are decoded here.
+_Rp = SimpleNamespace(**RpMessage.__members__)
+#: message type -> (the message, its fixed length or None, what is being decoded)
+_MESSAGES = {int(m): (m, RP_FIXED_LENGTH.get(m), f"return-path {m.name}") for m in RpMessage}
 
 
 class ReturnPathDecoder(BaseDecoder):
@@ -53,29 +61,28 @@ class ReturnPathDecoder(BaseDecoder):
             return NEED_DATA
         self._expecting = "return-path frame header"
         typ, ln = struct.unpack(">HH", self._need(4))
-        try:
-            msg = RpMessage(typ)
-        except ValueError:
+        known = _MESSAGES.get(typ)
+        if known is None:
             raise self._fail("unknown_message", f"unknown return-path message type {typ} (len {ln}); known: "
-                             + ", ".join(f"{m.value} {m.name}" for m in RpMessage)) from None
+                             + ", ".join(f"{m.value} {m.name}" for m in RpMessage))
+        msg, fixed, expecting = known
         if ln > RP_MAX_FRAME_LENGTH:
             raise self._fail("frame_too_large", f"return-path {msg.name} frame len {ln} exceeds "
                              f"{RP_MAX_FRAME_LENGTH}")
-        fixed = RP_FIXED_LENGTH.get(msg)
         if fixed is not None and ln != fixed:
             raise self._fail("bad_length", f"return-path {msg.name} has len {ln}, expected {fixed}")
-        self._expecting = f"return-path {msg.name}"
+        self._expecting = expecting
         p = bytes(self._need(4 + ln)[4:])
-        if msg == RpMessage.RECV_BITMAP:
+        if msg == _Rp.RECV_BITMAP:
             return self._recv_bitmap(p)
         event: ev.WireEvent
-        if msg == RpMessage.SHUT:
+        if msg == _Rp.SHUT:
             event = ev.Shut(value=BE32.unpack(p)[0])
-        elif msg == RpMessage.PONG:
+        elif msg == _Rp.PONG:
             event = ev.Pong(value=BE32.unpack(p)[0])
-        elif msg == RpMessage.RESUME_ACK:
+        elif msg == _Rp.RESUME_ACK:
             event = ev.ResumeAck(value=BE32.unpack(p)[0])
-        elif msg == RpMessage.SWITCHOVER_ACK:
+        elif msg == _Rp.SWITCHOVER_ACK:
             event = ev.SwitchoverAck()
         else:
             event = self._page_request(msg, p)
@@ -84,7 +91,7 @@ class ReturnPathDecoder(BaseDecoder):
 
     def _page_request(self, msg: RpMessage, p: bytes) -> ev.WireEvent:
         idstr: str | None = None
-        if msg == RpMessage.REQ_PAGES_ID:
+        if msg == _Rp.REQ_PAGES_ID:
             if len(p) < 13 or len(p) != 13 + p[12]:
                 raise self._fail("bad_length", f"REQ_PAGES_ID has len {len(p)}, expected 13 + idstr length")
             if p[12] == 0:
