@@ -30,7 +30,7 @@ def _counted(s: str) -> bytes:
     return bytes((len(b),)) + b
 
 
-# The enums' members as module constants: on 3.11 each ``SectionType.X`` is a slow lookup
+# The enums' members from namespaces: on 3.11 each ``SectionType.X`` is a slow lookup
 # (EnumType.__getattr__), and the switch's events are encoded inside the downtime.
 _Sec = SimpleNamespace(**SectionType.__members__)
 _Cmd = SimpleNamespace(**Command.__members__)
