@@ -54,6 +54,8 @@ READER_LIMIT_BYTES = 1024 * 1024
 # holds over short windows too.
 THROTTLE_QUANTUM_SECONDS = 0.02
 SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
+# An upstream that refuses (not listening yet) is tried again this often, within the connect timeout.
+UPSTREAM_RETRY_SECONDS = 0.02
 
 
 class ConnectionNotFound(LookupError):
@@ -458,6 +460,19 @@ class FaultProxy:
                 c.finished.set()
                 self._record(c, None, ProxyEvent.CLOSED, state=c.state)
 
+    async def _connect_upstream(
+        self, refusals: list[ConnectionRefusedError]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the upstream, tried again while it refuses: a destination still starting
+        is not listening yet, and the client, already connected to us, would otherwise see a reset
+        where connecting to the destination itself would have been refused and tried again."""
+        while True:
+            try:
+                return await asyncio.open_connection(*self.upstream, limit=READER_LIMIT_BYTES)
+            except ConnectionRefusedError as exc:
+                refusals.append(exc)
+                await asyncio.sleep(UPSTREAM_RETRY_SECONDS)
+
     async def _serve(self, c: _Conn, previous: _Conn | None) -> None:
         self._record(
             c, None, ProxyEvent.ACCEPTED, peer=str(c.client_writer.get_extra_info("peername"))
@@ -466,13 +481,17 @@ class FaultProxy:
         if previous is not None:
             # Keep upstream accept order equal to ours (main before preempt).
             await previous.established.wait()
+        refusals: list[ConnectionRefusedError] = []
         try:
             async with asyncio.timeout(self.connect_timeout_seconds):
-                ur, uw = await asyncio.open_connection(*self.upstream, limit=READER_LIMIT_BYTES)
+                ur, uw = await self._connect_upstream(refusals)
         except (OSError, TimeoutError) as exc:
             c.state = "failed"
             c.established.set()
-            self._record(c, None, ProxyEvent.CONNECT_FAILED, error=f"{type(exc).__name__}: {exc}")
+            # refused until the timeout: that is what the upstream said, not the timeout
+            why = refusals[-1] if isinstance(exc, TimeoutError) and refusals else exc
+            self._record(c, None, ProxyEvent.CONNECT_FAILED, error=f"{type(why).__name__}: {why}"
+                         + (f" ({len(refusals)} tries)" if refusals else ""))
             c.client_writer.transport.abort()
             return
         c.established.set()

@@ -121,13 +121,38 @@ async def test_refused_upstream_is_logged_and_client_closed() -> None:
     up = Upstream()
     address = await up.start()
     await up.close()  # nothing listens there now
-    async with asyncio.timeout(10), FaultProxy(address) as proxy:
+    async with asyncio.timeout(10), FaultProxy(address, connect_timeout_seconds=0.3) as proxy:
         reader, writer = await asyncio.open_connection(*proxy.address)
         assert await read_to_end(reader, bytearray()) in ("eof", "reset")
         entry = await proxy.wait_for(ProxyEvent.CONNECT_FAILED, 0)
         assert "ConnectionRefusedError" in entry["error"]
+        assert "tries" in entry["error"]
         writer.close()
         assert proxy.stats().connections[0].state == "failed"
+
+
+async def test_an_upstream_that_starts_listening_late_still_gets_the_connection() -> None:
+    # a destination still starting refuses; connecting to it directly, a source would try again
+    # (it connected to us, so it cannot): the proxy tries again for it, within its connect timeout
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    address = probe.getsockname()      # bound, not listening: connections are refused
+    async with asyncio.timeout(10), FaultProxy(address, connect_timeout_seconds=5) as proxy:
+        _, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"early bytes")
+        await writer.drain()
+        await asyncio.sleep(0.2)       # several refusals
+        probe.listen(1)
+        probe.setblocking(False)
+        peer, _ = await asyncio.get_running_loop().sock_accept(probe)
+        got = b""
+        while len(got) < 11:
+            got += await asyncio.get_running_loop().sock_recv(peer, 64)
+        assert got == b"early bytes"
+        writer.close()
+        peer.close()
+        assert proxy.stats().connections[0].state != "failed"
+    probe.close()
 
 
 async def test_close_with_live_connections_aborts_them_quietly(
