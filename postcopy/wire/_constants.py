@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 import enum
+from types import SimpleNamespace
 
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -106,6 +107,13 @@ RP_FIXED_LENGTH: dict[RpMessage, int] = {
     RpMessage.RESUME_ACK: 4,
     RpMessage.SWITCHOVER_ACK: 0,
 }
+
+# The members again, as plain attributes, for the codec's per-item paths: on 3.11 a lookup like
+# ``SectionType.COMMAND`` goes through EnumType.__getattr__'s slow hook (~0.2 us, six times a
+# plain class attribute), and the switch's items are coded inside the downtime. Same members.
+SECTION = SimpleNamespace(**SectionType.__members__)
+CMD = SimpleNamespace(**Command.__members__)
+RP = SimpleNamespace(**RpMessage.__members__)
 
 # RAM_SAVE_FLAG_*: the low bits of a page record's be64 offset word.
 RAM_FLAG_FULL = 0x001  # obsolete; never sent

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 from . import _events as ev
 from ._constants import (
+    CMD,
     QEMU_VM_FILE_MAGIC,
     RAM_FLAG_EOS,
     RAM_FLAG_MEM_SIZE,
     RECV_BITMAP_END_MARK,
+    RP,
+    SECTION,
     Command,
     RpMessage,
     SectionType,
@@ -30,15 +32,8 @@ def _counted(s: str) -> bytes:
     return bytes((len(b),)) + b
 
 
-# The enums' members from namespaces: on 3.11 each ``SectionType.X`` is a slow lookup
-# (EnumType.__getattr__), and the switch's events are encoded inside the downtime.
-_Sec = SimpleNamespace(**SectionType.__members__)
-_Cmd = SimpleNamespace(**Command.__members__)
-_Rp = SimpleNamespace(**RpMessage.__members__)
-
-
 def _command(cmd: Command, payload: bytes = b"") -> bytes:
-    return struct.pack(">BHH", _Sec.COMMAND, cmd, len(payload)) + payload
+    return struct.pack(">BHH", SECTION.COMMAND, cmd, len(payload)) + payload
 
 
 def _rp(msg: RpMessage, payload: bytes = b"") -> bytes:
@@ -47,10 +42,10 @@ def _rp(msg: RpMessage, payload: bytes = b"") -> bytes:
 
 def _config(e: ev.Configuration) -> bytes:
     name = e.machine_type.encode("utf-8", "surrogateescape")
-    out = [bytes((_Sec.CONFIGURATION,)), BE32.pack(len(name)), name]
+    out = [bytes((SECTION.CONFIGURATION,)), BE32.pack(len(name)), name]
 
     def sub(n: str, body: bytes) -> None:
-        out.extend((bytes((_Sec.SUBSECTION,)), _counted(n), BE32.pack(1), body))
+        out.extend((bytes((SECTION.SUBSECTION,)), _counted(n), BE32.pack(1), body))
 
     if e.target_page_bits is not None:
         sub("configuration/target-page-bits", BE32.pack(e.target_page_bits))
@@ -82,14 +77,14 @@ def _discard(e: ev.PostcopyRamDiscard) -> bytes:
     if len(payload) > 0xFFFF:
         raise LocalProtocolError(f"discard for {e.idstr!r} with {len(e.ranges)} ranges exceeds a command's "
                                  "65535-byte payload", kind="frame_too_large")
-    return _command(_Cmd.POSTCOPY_RAM_DISCARD, payload)
+    return _command(CMD.POSTCOPY_RAM_DISCARD, payload)
 
 
 def _packaged(e: ev.Packaged, scanner: RecordScanner | None) -> bytes:
     blob = b"".join(encode(inner, scanner=scanner) for inner in e.events)
     if len(blob) >= 1 << 32:
         raise LocalProtocolError(f"PACKAGED blob of {len(blob)} bytes exceeds be32", kind="packaged_too_large")
-    return _command(_Cmd.PACKAGED, BE32.pack(len(blob))) + blob
+    return _command(CMD.PACKAGED, BE32.pack(len(blob))) + blob
 
 
 def _ram_setup(e: ev.RamSetup) -> bytes:
@@ -103,8 +98,8 @@ def _ram_setup(e: ev.RamSetup) -> bytes:
 
 def _page_request(e: ev.PageRequest) -> bytes:
     if e.idstr is None:
-        return _rp(_Rp.REQ_PAGES, struct.pack(">QI", e.start, e.length))
-    return _rp(_Rp.REQ_PAGES_ID, struct.pack(">QI", e.start, e.length) + _counted(e.idstr))
+        return _rp(RP.REQ_PAGES, struct.pack(">QI", e.start, e.length))
+    return _rp(RP.REQ_PAGES_ID, struct.pack(">QI", e.start, e.length) + _counted(e.idstr))
 
 
 _Encoder = Callable[[Any, "RecordScanner | None"], bytes]
@@ -114,38 +109,38 @@ _Encoder = Callable[[Any, "RecordScanner | None"], bytes]
 _ENCODERS: dict[type, _Encoder] = {
     ev.StreamHeader: lambda e, _: struct.pack(">II", QEMU_VM_FILE_MAGIC, e.version),
     ev.Configuration: lambda e, _: _config(e),
-    ev.OpenReturnPath: lambda e, _: _command(_Cmd.OPEN_RETURN_PATH),
-    ev.Ping: lambda e, _: _command(_Cmd.PING, BE32.pack(e.value)),
+    ev.OpenReturnPath: lambda e, _: _command(CMD.OPEN_RETURN_PATH),
+    ev.Ping: lambda e, _: _command(CMD.PING, BE32.pack(e.value)),
     ev.PostcopyAdvise: lambda e, _: _command(
-        _Cmd.POSTCOPY_ADVISE,
+        CMD.POSTCOPY_ADVISE,
         b"" if e.pagesize_summary is None else struct.pack(">QQ", e.pagesize_summary, e.target_page_size)),
-    ev.PostcopyListen: lambda e, _: _command(_Cmd.POSTCOPY_LISTEN),
-    ev.PostcopyRun: lambda e, _: _command(_Cmd.POSTCOPY_RUN),
-    ev.PostcopyResume: lambda e, _: _command(_Cmd.POSTCOPY_RESUME),
-    ev.EnableColo: lambda e, _: _command(_Cmd.ENABLE_COLO),
-    ev.SwitchoverStart: lambda e, _: _command(_Cmd.SWITCHOVER_START),
+    ev.PostcopyListen: lambda e, _: _command(CMD.POSTCOPY_LISTEN),
+    ev.PostcopyRun: lambda e, _: _command(CMD.POSTCOPY_RUN),
+    ev.PostcopyResume: lambda e, _: _command(CMD.POSTCOPY_RESUME),
+    ev.EnableColo: lambda e, _: _command(CMD.ENABLE_COLO),
+    ev.SwitchoverStart: lambda e, _: _command(CMD.SWITCHOVER_START),
     ev.PostcopyRamDiscard: lambda e, _: _discard(e),
-    ev.RecvBitmapRequest: lambda e, _: _command(_Cmd.RECV_BITMAP, _counted(e.idstr)),
+    ev.RecvBitmapRequest: lambda e, _: _command(CMD.RECV_BITMAP, _counted(e.idstr)),
     ev.Packaged: _packaged,
-    ev.SectionStart: lambda e, _: _full_header(_Sec.START, e.section_id, e.idstr, e.instance_id, e.version_id),
-    ev.SectionPart: lambda e, _: bytes((_Sec.PART,)) + BE32.pack(e.section_id),
-    ev.SectionEnd: lambda e, _: bytes((_Sec.END,)) + BE32.pack(e.section_id),
-    ev.SectionFooter: lambda e, _: bytes((_Sec.FOOTER,)) + BE32.pack(e.section_id),
+    ev.SectionStart: lambda e, _: _full_header(SECTION.START, e.section_id, e.idstr, e.instance_id, e.version_id),
+    ev.SectionPart: lambda e, _: bytes((SECTION.PART,)) + BE32.pack(e.section_id),
+    ev.SectionEnd: lambda e, _: bytes((SECTION.END,)) + BE32.pack(e.section_id),
+    ev.SectionFooter: lambda e, _: bytes((SECTION.FOOTER,)) + BE32.pack(e.section_id),
     ev.RamSetup: lambda e, _: _ram_setup(e),
     ev.RamEos: lambda e, _: BE64.pack(RAM_FLAG_EOS),
     ev.RamPages: lambda e, scanner: (scanner or default_scanner()).encode(
         e.blocks, e.target_page_size, e.records, e.buffer),
     ev.DeviceSection: lambda e, _: (
-        _full_header(_Sec.FULL, e.section_id, e.idstr, e.instance_id, e.version_id) + e.payload
-        + bytes((_Sec.FOOTER,)) + BE32.pack(e.section_id)),
-    ev.EndOfStream: lambda e, _: bytes((_Sec.EOF,)),
-    ev.VmDescription: lambda e, _: bytes((_Sec.VMDESCRIPTION,)) + BE32.pack(len(e.json)) + e.json,
+        _full_header(SECTION.FULL, e.section_id, e.idstr, e.instance_id, e.version_id) + e.payload
+        + bytes((SECTION.FOOTER,)) + BE32.pack(e.section_id)),
+    ev.EndOfStream: lambda e, _: bytes((SECTION.EOF,)),
+    ev.VmDescription: lambda e, _: bytes((SECTION.VMDESCRIPTION,)) + BE32.pack(len(e.json)) + e.json,
     ev.ConnectionClosed: lambda e, _: b"",
-    ev.Shut: lambda e, _: _rp(_Rp.SHUT, BE32.pack(e.value)),
-    ev.Pong: lambda e, _: _rp(_Rp.PONG, BE32.pack(e.value)),
+    ev.Shut: lambda e, _: _rp(RP.SHUT, BE32.pack(e.value)),
+    ev.Pong: lambda e, _: _rp(RP.PONG, BE32.pack(e.value)),
     ev.PageRequest: lambda e, _: _page_request(e),
-    ev.RecvBitmap: lambda e, _: (_rp(_Rp.RECV_BITMAP, _counted(e.idstr)) + BE64.pack(len(e.bitmap)) + e.bitmap
+    ev.RecvBitmap: lambda e, _: (_rp(RP.RECV_BITMAP, _counted(e.idstr)) + BE64.pack(len(e.bitmap)) + e.bitmap
                                  + BE64.pack(RECV_BITMAP_END_MARK)),
-    ev.ResumeAck: lambda e, _: _rp(_Rp.RESUME_ACK, BE32.pack(e.value)),
-    ev.SwitchoverAck: lambda e, _: _rp(_Rp.SWITCHOVER_ACK),
+    ev.ResumeAck: lambda e, _: _rp(RP.RESUME_ACK, BE32.pack(e.value)),
+    ev.SwitchoverAck: lambda e, _: _rp(RP.SWITCHOVER_ACK),
 }

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from types import SimpleNamespace
 
 from . import _events as ev
 from ._constants import (
+    CMD,
     COMMAND_FIXED_LENGTH,
     DEFAULT_HOST_PAGE_SIZE,
     DEFAULT_MAX_PACKAGED_LENGTH,
@@ -21,6 +21,7 @@ from ._constants import (
     RAM_CHANNEL_MAIN,
     RAM_FLAG_EOS,
     RAM_FLAG_MEM_SIZE,
+    SECTION,
     Command,
     SectionType,
 )
@@ -31,11 +32,6 @@ from ._scanner import RecordScanner, default_scanner
 
 __all__ = ["MainStreamDecoder"]
 
-# The enums' members for the decoding paths: on 3.11 a lookup like ``SectionType.COMMAND`` goes
-# through EnumType.__getattr__'s slow hook (~0.2 us each, six times a plain class attribute),
-# and the switch's commands are decoded inside the downtime. Same members, same comparisons.
-_Sec = SimpleNamespace(**SectionType.__members__)
-_Cmd = SimpleNamespace(**Command.__members__)
 #: command number -> (the command, its fixed length or None, what is being decoded)
 _COMMANDS = {int(c): (c, COMMAND_FIXED_LENGTH.get(c), f"{c.name} command") for c in Command}
 
@@ -163,7 +159,7 @@ class MainStreamDecoder(BaseDecoder):
         if st == "footer":
             self._expecting = "section footer"
             view = self._need(5)
-            if view[0] != _Sec.FOOTER or BE32.unpack_from(view, 1)[0] != self._footer_id:
+            if view[0] != SECTION.FOOTER or BE32.unpack_from(view, 1)[0] != self._footer_id:
                 raise self._fail("bad_footer", f"expected footer 7e {self._footer_id:08x} for section "
                                  f"{self._footer_id}, got {describe_bytes(view)}")
             self._buf.consume(5)
@@ -191,7 +187,7 @@ class MainStreamDecoder(BaseDecoder):
     def _configuration(self) -> ev.WireEvent | NeedData:
         self._expecting = "configuration section"
         view = self._need(1)
-        if view[0] != _Sec.CONFIGURATION:
+        if view[0] != SECTION.CONFIGURATION:
             if self.require_configuration:
                 raise self._fail("unknown_section_type", f"expected the configuration section (0x07) after "
                                  f"the header, got byte {view[0]:#04x}")
@@ -214,7 +210,7 @@ class MainStreamDecoder(BaseDecoder):
             if len(self._buf) == pos and self._buf.eof:
                 break
             data = need(pos + 1)
-            if data[pos] != _Sec.SUBSECTION:
+            if data[pos] != SECTION.SUBSECTION:
                 break
             sub_len = need(pos + 2)[pos + 1]
             head = need(pos + 2 + sub_len + 4)
@@ -261,14 +257,14 @@ class MainStreamDecoder(BaseDecoder):
     def _item(self) -> ev.WireEvent | NeedData:
         self._expecting = "section or command header"
         t = self._need(1)[0]
-        if t == _Sec.EOF:
+        if t == SECTION.EOF:
             self._buf.consume(1)
             self._saw_eof = True
             self._state = "after_eof"
             return ev.EndOfStream()
-        if t in (_Sec.START, _Sec.FULL):
+        if t in (SECTION.START, SECTION.FULL):
             return self._full_header(t)
-        if t in (_Sec.PART, _Sec.END):
+        if t in (SECTION.PART, SECTION.END):
             view = self._need(5)
             sid = BE32.unpack_from(view, 1)[0]
             if self._iterables.get(sid) is None:
@@ -282,15 +278,15 @@ class MainStreamDecoder(BaseDecoder):
             self._buf.consume(5)
             self._footer_id = sid
             self._state = "ram_records"
-            return ev.SectionPart(section_id=sid) if t == _Sec.PART else ev.SectionEnd(section_id=sid)
-        if t == _Sec.COMMAND:
+            return ev.SectionPart(section_id=sid) if t == SECTION.PART else ev.SectionEnd(section_id=sid)
+        if t == SECTION.COMMAND:
             return self._command()
         names = {int(s): s.name for s in SectionType}
         raise self._fail("unknown_section_type", f"unknown section type byte {t:#04x}"
                          + (f" ({names[t]} is not valid here)" if t in names else ""))
 
     def _full_header(self, t: int) -> ev.WireEvent:
-        kind = "START" if t == _Sec.START else "FULL"
+        kind = "START" if t == SECTION.START else "FULL"
         self._expecting = f"section {kind} header"
         view = self._need(6)
         sid = BE32.unpack_from(view, 1)[0]
@@ -301,7 +297,7 @@ class MainStreamDecoder(BaseDecoder):
         view = self._need(hdr)
         idstr = _text(view[6 : 6 + idlen])
         instance_id, version_id = struct.unpack_from(">II", view, 6 + idlen)
-        if t == _Sec.FULL:
+        if t == SECTION.FULL:
             return self._device_section(sid, idstr, instance_id, version_id, hdr)
         if idstr != "ram" or self._nested:
             raise self._fail("unsupported_section", f"iterable section {idstr!r} (id {sid}) "
@@ -319,29 +315,29 @@ class MainStreamDecoder(BaseDecoder):
         if q >= len(data):
             return True if at_end else None
         t = data[q]
-        if t == _Sec.EOF:
+        if t == SECTION.EOF:
             # Device state is full of zero bytes, and EOF is 0x00: "7e <sid> 00" inside it is no
             # footer unless the stream can end there (nothing may follow EOF but a VMDESCRIPTION,
             # and nothing at all inside a PACKAGED blob).
             if q + 1 >= len(data):
                 return True if at_end or not (more or self._nested) else None
-            if self._nested or data[q + 1] != _Sec.VMDESCRIPTION:
+            if self._nested or data[q + 1] != SECTION.VMDESCRIPTION:
                 return False
             if len(data) < q + 7:
                 return False if at_end else None
             return BE32.unpack_from(data, q + 2)[0] <= MAX_VMDESC_LENGTH and data[q + 6] == ord("{")
-        if t == _Sec.COMMAND:
+        if t == SECTION.COMMAND:
             if len(data) < q + 5:
                 return False if at_end else None
             cmd, ln = struct.unpack_from(">HH", data, q + 1)
             known = _COMMANDS.get(cmd)
             return known is not None and (known[1] is None or known[1] == ln)
-        if t in (_Sec.START, _Sec.FULL):
+        if t in (SECTION.START, SECTION.FULL):
             if len(data) < q + 6 or len(data) < q + 6 + data[q + 5]:
                 return False if at_end else None
             name = data[q + 6 : q + 6 + data[q + 5]]
             return bool(name) and all(0x20 <= c < 0x7F for c in name)
-        if t in (_Sec.PART, _Sec.END):
+        if t in (SECTION.PART, SECTION.END):
             if len(data) < q + 5:
                 return False if at_end else None
             return BE32.unpack_from(data, q + 1)[0] in self._iterables
@@ -358,7 +354,7 @@ class MainStreamDecoder(BaseDecoder):
         self._expecting = f"device section {idstr!r}"
         limit = hdr + MAX_DEVICE_SECTION_LENGTH + 5 + 512
         buffered = len(self._buf)
-        pattern = bytes((_Sec.FOOTER,)) + BE32.pack(sid)
+        pattern = bytes((SECTION.FOOTER,)) + BE32.pack(sid)
         have = len(self._acc) if self._acc_at == self._buf.consumed else 0
         want = max(hdr, min(have + 1, buffered))
         verdict: bool | None = False
@@ -486,7 +482,7 @@ class MainStreamDecoder(BaseDecoder):
 
     def _after_eof(self) -> ev.WireEvent:
         view = self._need(1)
-        if view[0] == _Sec.VMDESCRIPTION and not self._nested:
+        if view[0] == SECTION.VMDESCRIPTION and not self._nested:
             self._expecting = "VMDESCRIPTION"
             n = BE32.unpack_from(self._need(5), 1)[0]
             if n > MAX_VMDESC_LENGTH:
@@ -511,7 +507,7 @@ class MainStreamDecoder(BaseDecoder):
         cmd, fixed, self._expecting = known
         if fixed is not None and ln != fixed:
             raise self._fail("bad_length", f"command {cmd.name} has len {ln}, expected {fixed}")
-        if cmd == _Cmd.PACKAGED:
+        if cmd == CMD.PACKAGED:
             return self._packaged()
         p = bytes(self._need(5 + ln)[5:])
         event = self._command_event(cmd, p)
@@ -519,22 +515,22 @@ class MainStreamDecoder(BaseDecoder):
         return event
 
     def _command_event(self, cmd: Command, p: bytes) -> ev.WireEvent:
-        if cmd == _Cmd.OPEN_RETURN_PATH:
+        if cmd == CMD.OPEN_RETURN_PATH:
             return ev.OpenReturnPath()
-        if cmd == _Cmd.PING:
+        if cmd == CMD.PING:
             return ev.Ping(value=BE32.unpack(p)[0])
-        if cmd == _Cmd.POSTCOPY_LISTEN:
+        if cmd == CMD.POSTCOPY_LISTEN:
             self._enter_postcopy()
             return ev.PostcopyListen()
-        if cmd == _Cmd.POSTCOPY_RUN:
+        if cmd == CMD.POSTCOPY_RUN:
             return ev.PostcopyRun()
-        if cmd == _Cmd.POSTCOPY_RESUME:
+        if cmd == CMD.POSTCOPY_RESUME:
             return ev.PostcopyResume()
-        if cmd == _Cmd.ENABLE_COLO:
+        if cmd == CMD.ENABLE_COLO:
             return ev.EnableColo()
-        if cmd == _Cmd.SWITCHOVER_START:
+        if cmd == CMD.SWITCHOVER_START:
             return ev.SwitchoverStart()
-        if cmd == _Cmd.POSTCOPY_ADVISE:
+        if cmd == CMD.POSTCOPY_ADVISE:
             if len(p) == 0:
                 return ev.PostcopyAdvise(pagesize_summary=None, target_page_size=None)
             if len(p) != 16:
@@ -545,7 +541,7 @@ class MainStreamDecoder(BaseDecoder):
                                  f"from the local {self.target_page_size:#x}")
             self._advised = True
             return ev.PostcopyAdvise(pagesize_summary=summary, target_page_size=tps)
-        if cmd == _Cmd.RECV_BITMAP:
+        if cmd == CMD.RECV_BITMAP:
             if len(p) < 2 or p[0] != len(p) - 1:
                 raise self._fail("bad_length" if p[:1] != b"\0" else "empty_idstr",
                                  f"RECV_BITMAP has len {len(p)} for an idstr of "
@@ -553,7 +549,7 @@ class MainStreamDecoder(BaseDecoder):
             idstr = _text(p[1:])
             self._check_block(idstr, "RECV_BITMAP")
             return ev.RecvBitmapRequest(idstr=idstr)
-        assert cmd == _Cmd.POSTCOPY_RAM_DISCARD
+        assert cmd == CMD.POSTCOPY_RAM_DISCARD
         return self._discard(p)
 
     def _enter_postcopy(self) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import struct
-from types import SimpleNamespace
 
 from . import _events as ev
 from ._constants import (
     DEFAULT_HOST_PAGE_SIZE,
     MAX_RECV_BITMAP_BYTES,
     RECV_BITMAP_END_MARK,
+    RP,
     RP_FIXED_LENGTH,
     RP_MAX_FRAME_LENGTH,
     RpMessage,
@@ -25,9 +25,6 @@ def recv_bitmap_size(used_length: int, target_page_size: int = 4096) -> int:
     return ((nbits + 7) // 8 + 7) // 8 * 8
 
 
-# The messages' members from a namespace and a table: on 3.11 each ``RpMessage.X`` is a slow
-# lookup (EnumType.__getattr__), and the switch's PONGs are decoded here.
-_Rp = SimpleNamespace(**RpMessage.__members__)
 #: message type -> (the message, its fixed length or None, what is being decoded)
 _MESSAGES = {int(m): (m, RP_FIXED_LENGTH.get(m), f"return-path {m.name}") for m in RpMessage}
 
@@ -73,16 +70,16 @@ class ReturnPathDecoder(BaseDecoder):
             raise self._fail("bad_length", f"return-path {msg.name} has len {ln}, expected {fixed}")
         self._expecting = expecting
         p = bytes(self._need(4 + ln)[4:])
-        if msg == _Rp.RECV_BITMAP:
+        if msg == RP.RECV_BITMAP:
             return self._recv_bitmap(p)
         event: ev.WireEvent
-        if msg == _Rp.SHUT:
+        if msg == RP.SHUT:
             event = ev.Shut(value=BE32.unpack(p)[0])
-        elif msg == _Rp.PONG:
+        elif msg == RP.PONG:
             event = ev.Pong(value=BE32.unpack(p)[0])
-        elif msg == _Rp.RESUME_ACK:
+        elif msg == RP.RESUME_ACK:
             event = ev.ResumeAck(value=BE32.unpack(p)[0])
-        elif msg == _Rp.SWITCHOVER_ACK:
+        elif msg == RP.SWITCHOVER_ACK:
             event = ev.SwitchoverAck()
         else:
             event = self._page_request(msg, p)
@@ -91,7 +88,7 @@ class ReturnPathDecoder(BaseDecoder):
 
     def _page_request(self, msg: RpMessage, p: bytes) -> ev.WireEvent:
         idstr: str | None = None
-        if msg == _Rp.REQ_PAGES_ID:
+        if msg == RP.REQ_PAGES_ID:
             if len(p) < 13 or len(p) != 13 + p[12]:
                 raise self._fail("bad_length", f"REQ_PAGES_ID has len {len(p)}, expected 13 + idstr length")
             if p[12] == 0:
