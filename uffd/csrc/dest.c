@@ -308,7 +308,7 @@ static int write_all(int fd, const uint8_t *p, uint64_t len)
 
 int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len)
 {
-    pthread_mutex_lock(&d->rp_lock);
+    pc_mutex_lock_spinning(&d->rp_lock, PC_LOCK_SPIN_NS);     /* the switch's PONG 3 comes this way */
     int rc = d->rp_fd < 0 ? -EPIPE : write_all(d->rp_fd, data, len);
     pthread_mutex_unlock(&d->rp_lock);
     return rc;
@@ -517,7 +517,7 @@ static void page_waited(pc_dst *d, const pc_fault *f)
  * each new one on the return path, and every one recorded as a waiter. */
 static void request_pages(pc_dst *d, pc_fault *faults, int n)
 {
-    pthread_mutex_lock(&d->rp_lock);
+    pc_mutex_lock_spinning(&d->rp_lock, PC_LOCK_SPIN_NS);
     for (int i = 0; i < n; i++) {
         pc_fault *f = &faults[i];
         if (f->status == PC_FAULT_OUTSIDE) {

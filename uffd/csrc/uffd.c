@@ -1,12 +1,14 @@
 /* userfaultfd ioctls and guest-memory shims: thin, EINTR-safe, -errno. */
 #define _GNU_SOURCE
 #include "uffd.h"
+#include "core.h"
 
 #include <alloca.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -321,6 +323,43 @@ int pc_malloc_one_arena(void)
 int pc_thread_set_nice(int nice)
 {
     return pc_thread_set_nice_of(0, nice);
+}
+
+/* pc_lock_wait_probe: a thread holds the lock busy (as one inside a send) for hold_ns. */
+struct lock_probe {
+    pthread_mutex_t m;
+    uint64_t hold_ns;
+    int held;
+};
+
+static void *lock_probe_holder(void *arg)
+{
+    struct lock_probe *p = arg;
+    pthread_mutex_lock(&p->m);
+    __atomic_store_n(&p->held, 1, __ATOMIC_RELEASE);
+    uint64_t until = pc_now_ns() + p->hold_ns;
+    while (pc_now_ns() < until)
+        pc_cpu_relax();
+    pthread_mutex_unlock(&p->m);
+    return NULL;
+}
+
+int64_t pc_lock_wait_probe(uint64_t hold_ns, uint64_t spin_ns)
+{
+    struct lock_probe p = { .m = PTHREAD_MUTEX_INITIALIZER, .hold_ns = hold_ns };
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, lock_probe_holder, &p);
+    if (rc)
+        return -rc;
+    while (!__atomic_load_n(&p.held, __ATOMIC_ACQUIRE))
+        sched_yield();
+    struct rusage before, after;
+    getrusage(RUSAGE_THREAD, &before);
+    pc_mutex_lock_spinning(&p.m, spin_ns);
+    getrusage(RUSAGE_THREAD, &after);
+    pthread_mutex_unlock(&p.m);
+    pthread_join(t, NULL);
+    return after.ru_nvcsw - before.ru_nvcsw;
 }
 
 void pc_thread_set_name(const char *name)

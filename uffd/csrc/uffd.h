@@ -104,6 +104,10 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_malloc_one_arena(void);
 int pc_thread_set_nice(int nice);
+/* Tests of pc_mutex_lock_spinning (core.h): another thread holds a lock for hold_ns, busy on its
+ * CPU; the calling thread takes it spinning up to spin_ns. Returns how many times the caller
+ * slept on the way (voluntary context switches), or -errno. */
+int64_t pc_lock_wait_probe(uint64_t hold_ns, uint64_t spin_ns);
 /* Name the calling thread as ps -L, top -H and the scheduler's trace show it (first 15 bytes). */
 void pc_thread_set_name(const char *name);
 /* Write the next `bytes` of the calling thread's stack below its current depth now: a thread
