@@ -166,6 +166,7 @@ class BuiltinGuest:
                 self._device_sections(bytes(guest.state_size()), 0)
         if self._unstarted is not None:
             self._rehearse_load(self._unstarted)
+            self._unstarted.prepare()   # its vCPU threads made now, parked: RUN releases them
 
     def block_page_sizes(self) -> dict[str, int]:
         return {b.idstr: b.page_size for b in self.memory if b.page_size != PAGE_4K}

@@ -69,10 +69,15 @@ struct pc_guest {
     int base_nice;                 /* its vCPUs' own nice (pc_guest_new's) */
     _Atomic uint32_t active;
     bool threads_exist;
+    bool parked;         /* threads made by pc_guest_prepare, waiting for pc_guest_start */
+    int release;         /* RELEASE_*: what the parked threads do (under done_lock) */
     pthread_mutex_t ctl; /* start / join / save / load / verify / fill */
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;
+    pthread_cond_t release_cond;
 };
+
+enum { RELEASE_WAIT, RELEASE_RUN, RELEASE_EXIT };
 
 /* ---- deterministic mixing ------------------------------------------------ */
 
@@ -320,6 +325,7 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g->done_cond, &ca);
+    pthread_cond_init(&g->release_cond, &ca);
     pthread_condattr_destroy(&ca);
     return g;
 oom:
@@ -344,6 +350,7 @@ void pc_guest_free(pc_guest *g)
     pthread_mutex_destroy(&g->ctl);
     pthread_mutex_destroy(&g->done_lock);
     pthread_cond_destroy(&g->done_cond);
+    pthread_cond_destroy(&g->release_cond);
     for (uint32_t v = 0; v < g->nvcpus; v++)
         munmap(g->vcpus[v].stack, VCPU_STACK_SIZE);
     free(g->regions);
@@ -508,19 +515,56 @@ int pc_guest_vcpu_nice(const pc_guest *g)
     return atomic_load(&g->vcpu_nice);
 }
 
-static void *vcpu_main(void *arg)
+/* A vCPU thread's own priority and name, and its kernel id recorded; returns the nice it took. */
+static int vcpu_thread_setup(struct vcpu *c)
 {
-    struct vcpu *c = arg;
     pc_guest *g = c->g;
-    const uint32_t v = c->index;
     /* Not its creator's priority: the destination makes and starts the guest on a
      * thread of the switch's path, raised above the guest (and with a short slice). */
     int lowered = atomic_load(&g->vcpu_nice);
-    (void)pc_thread_set_nice(lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice);
+    int nice = lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice;
+    (void)pc_thread_set_nice(nice);
     char name[16];      /* what ps -L and top -H show */
-    snprintf(name, sizeof(name), "guest-vcpu%u", v);
+    snprintf(name, sizeof(name), "guest-vcpu%u", c->index);
     (void)pthread_setname_np(pthread_self(), name);
     atomic_store(&c->tid, (uint32_t)syscall(SYS_gettid));
+    return nice;
+}
+
+static void vcpu_run(struct vcpu *c);
+
+static void *vcpu_main(void *arg)
+{
+    struct vcpu *c = arg;
+    vcpu_thread_setup(c);
+    vcpu_run(c);
+    return NULL;
+}
+
+/* A thread of pc_guest_prepare: set up, then parked until pc_guest_start (or an end). */
+static void *vcpu_parked_main(void *arg)
+{
+    struct vcpu *c = arg;
+    pc_guest *g = c->g;
+    int nice = vcpu_thread_setup(c);
+    pthread_mutex_lock(&g->done_lock);
+    while (g->release == RELEASE_WAIT)
+        pthread_cond_wait(&g->release_cond, &g->done_lock);
+    int run = g->release == RELEASE_RUN;
+    pthread_mutex_unlock(&g->done_lock);
+    if (!run)
+        return NULL;
+    int lowered = atomic_load(&g->vcpu_nice);
+    if ((lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice) != nice)
+        vcpu_thread_setup(c);   /* precopy's writer priority changed meanwhile */
+    vcpu_run(c);
+    return NULL;
+}
+
+static void vcpu_run(struct vcpu *c)
+{
+    pc_guest *g = c->g;
+    const uint32_t v = c->index;
     atomic_store(&c->in_loop, true);
     uint64_t prng = c->prng, position = c->position, hash = c->read_hash;
     uint64_t steps = atomic_load_explicit(&c->steps, memory_order_relaxed);
@@ -556,13 +600,62 @@ static void *vcpu_main(void *arg)
     atomic_fetch_sub(&g->active, 1);
     pthread_cond_broadcast(&g->done_cond);
     pthread_mutex_unlock(&g->done_lock);
-    return NULL;
 }
 
 static void join_threads(pc_guest *g, uint32_t n)
 {
     for (uint32_t v = 0; v < n; v++)
         pthread_join(g->vcpus[v].thread, NULL);
+}
+
+/* Under ctl: the parked threads told what to do (RELEASE_RUN or RELEASE_EXIT). */
+static void release_parked(pc_guest *g, int what)
+{
+    pthread_mutex_lock(&g->done_lock);
+    g->release = what;
+    pthread_cond_broadcast(&g->release_cond);
+    pthread_mutex_unlock(&g->done_lock);
+    g->parked = false;
+}
+
+/* Under ctl: one thread per vCPU running `main`; on failure the ones made are ended. */
+static int make_threads(pc_guest *g, void *(*main)(void *))
+{
+    for (uint32_t v = 0; v < g->nvcpus; v++) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstack(&attr, g->vcpus[v].stack, VCPU_STACK_SIZE);
+        int rc = pthread_create(&g->vcpus[v].thread, &attr, main, &g->vcpus[v]);
+        pthread_attr_destroy(&attr);
+        if (rc) {
+            if (main == vcpu_parked_main) {
+                release_parked(g, RELEASE_EXIT);
+            } else {
+                atomic_store(&g->stop, 1);
+                atomic_fetch_sub(&g->active, g->nvcpus - v);
+            }
+            join_threads(g, v);
+            return -rc;
+        }
+    }
+    return 0;
+}
+
+int pc_guest_prepare(pc_guest *g)
+{
+    pthread_mutex_lock(&g->ctl);
+    int rc = 0;
+    if (g->threads_exist) {
+        rc = -EBUSY;
+    } else if (!g->parked) {
+        g->release = RELEASE_WAIT;
+        g->parked = true;
+        rc = make_threads(g, vcpu_parked_main);
+        if (rc)
+            g->parked = false;
+    }
+    pthread_mutex_unlock(&g->ctl);
+    return rc;
 }
 
 int pc_guest_start(pc_guest *g, uint64_t nsteps)
@@ -579,23 +672,15 @@ int pc_guest_start(pc_guest *g, uint64_t nsteps)
         c->limit = (nsteps == 0 || steps + nsteps < steps) ? UINT64_MAX : steps + nsteps;
     }
     atomic_store(&g->active, g->nvcpus);
-    for (uint32_t v = 0; v < g->nvcpus; v++) {
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setstack(&attr, g->vcpus[v].stack, VCPU_STACK_SIZE);
-        int rc = pthread_create(&g->vcpus[v].thread, &attr, vcpu_main, &g->vcpus[v]);
-        pthread_attr_destroy(&attr);
-        if (rc) {
-            atomic_store(&g->stop, 1);
-            atomic_fetch_sub(&g->active, g->nvcpus - v);
-            join_threads(g, v);
-            pthread_mutex_unlock(&g->ctl);
-            return -rc;
-        }
-    }
-    g->threads_exist = true;
+    int rc = 0;
+    if (g->parked)
+        release_parked(g, RELEASE_RUN);     /* made beforehand: no thread is made now */
+    else
+        rc = make_threads(g, vcpu_main);
+    if (rc == 0)
+        g->threads_exist = true;
     pthread_mutex_unlock(&g->ctl);
-    return 0;
+    return rc;
 }
 
 uint32_t pc_guest_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap)
@@ -661,6 +746,9 @@ int pc_guest_join(pc_guest *g)
     if (g->threads_exist) {
         join_threads(g, g->nvcpus);
         g->threads_exist = false;
+    } else if (g->parked) {
+        release_parked(g, RELEASE_EXIT);    /* never started: they end without running */
+        join_threads(g, g->nvcpus);
     }
     pthread_mutex_unlock(&g->ctl);
     return 0;
