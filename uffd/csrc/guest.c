@@ -71,6 +71,7 @@ struct pc_guest {
     bool threads_exist;
     bool parked;         /* threads made by pc_guest_prepare, waiting for pc_guest_start */
     int release;         /* RELEASE_*: what the parked threads do (under done_lock) */
+    uint32_t nparked;    /* threads that reached their wait (under done_lock) */
     pthread_mutex_t ctl; /* start / join / save / load / verify / fill */
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;
@@ -548,6 +549,8 @@ static void *vcpu_parked_main(void *arg)
     pc_guest *g = c->g;
     int nice = vcpu_thread_setup(c);
     pthread_mutex_lock(&g->done_lock);
+    g->nparked++;
+    pthread_cond_broadcast(&g->done_cond);
     while (g->release == RELEASE_WAIT)
         pthread_cond_wait(&g->release_cond, &g->done_lock);
     int run = g->release == RELEASE_RUN;
@@ -613,8 +616,10 @@ static void release_parked(pc_guest *g, int what)
 {
     pthread_mutex_lock(&g->done_lock);
     g->release = what;
-    pthread_cond_broadcast(&g->release_cond);
     pthread_mutex_unlock(&g->done_lock);
+    /* after the unlock: woken under it, each thread ran at once only to wait for the lock
+     * (traced: the switch's thread preempted twice more) */
+    pthread_cond_broadcast(&g->release_cond);
     g->parked = false;
 }
 
@@ -649,10 +654,18 @@ int pc_guest_prepare(pc_guest *g)
         rc = -EBUSY;
     } else if (!g->parked) {
         g->release = RELEASE_WAIT;
+        g->nparked = 0;
         g->parked = true;
         rc = make_threads(g, vcpu_parked_main);
-        if (rc)
+        if (rc) {
             g->parked = false;
+        } else {
+            /* set up (ids, names, priority) and waiting before this returns: none of it at the start */
+            pthread_mutex_lock(&g->done_lock);
+            while (g->nparked < g->nvcpus)
+                pthread_cond_wait(&g->done_cond, &g->done_lock);
+            pthread_mutex_unlock(&g->done_lock);
+        }
     }
     pthread_mutex_unlock(&g->ctl);
     return rc;

@@ -103,8 +103,9 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 
 /* Make the vCPU threads now, parked: the next pc_guest_start releases them instead of
  * making threads (a destination starts its guest inside the downtime, and QEMU's vCPU
- * threads exist before RUN too). Until then they wait, touching no guest memory or state;
- * pc_guest_join (stop, free) ends them unstarted. -EBUSY while the vCPUs run; 0 if already. */
+ * threads exist before RUN too). Returns once each has its name, priority and id and waits,
+ * touching no guest memory or state; pc_guest_join (stop, free) ends them unstarted. -EBUSY
+ * while the vCPUs run; 0 if already prepared. */
 int pc_guest_prepare(pc_guest *g);
 
 /* Start the vCPU threads. Each runs until stopped or until it has done nsteps more
