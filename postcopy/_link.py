@@ -28,7 +28,6 @@ __all__ = [
     "set_recv_timeout",
     "set_thread_nice",
     "shutdown_quietly",
-    "switch_priority",
     "thread_nice",
     "tune",
     "urgent_priority",
@@ -53,19 +52,6 @@ def one_malloc_arena() -> None:
     """One malloc arena for the whole process (glibc), made before the roles' threads: a thread's
     own arena is fresh memory first touched inside the switch (see pc_malloc_one_arena)."""
     lib.pc_malloc_one_arena()
-
-
-def switch_priority(on: bool) -> bool:
-    """The destination's switch, its first command to PONG 3, runs above every ordinary
-    thread (``on``: SCHED_FIFO at the lowest real-time priority), then back at urgent
-    priority. Traced on 2 CPUs: the vCPUs it released took its CPU (EEVDF runs a woken task
-    before one that ran long, whatever their nice), and it then waited there up to 1.8 ms,
-    the other CPU idle, while the scheduler kept a task that had just run on its own CPU.
-    Never on one CPU: its waits spin, and nothing else would run. True if it took (needs
-    CAP_SYS_NICE or an RLIMIT_RTPRIO)."""
-    if on and len(os.sched_getaffinity(0)) < 2:
-        return False
-    return lib.pc_thread_set_realtime(int(on), lib.PC_URGENT_NICE) == 0
 
 
 def urgent_priority(nice: int = lib.PC_URGENT_NICE) -> None:

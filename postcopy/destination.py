@@ -46,7 +46,6 @@ from ._link import (
     shutdown_quietly,
     touch_stack,
     tune,
-    switch_priority,
     urgent_priority,
 )
 from .owner import DestinationMemory
@@ -124,7 +123,6 @@ class _Conn:
     listen: tuple[int, int] | None = None   # a preempt channel's pipe, written at LISTEN (or its end)
     started: threading.Event = field(default_factory=threading.Event)   # its preempt thread's stack is written
     gc_held: bool = False       # its reader holds the garbage collector off (the switch, up to RUN)
-    realtime: bool = False      # its reader runs real-time (the switch, up to RUN: switch_priority)
 
 
 class Destination:
@@ -569,26 +567,16 @@ class Destination:
     @staticmethod
     def _hold_gc_for_switch(c: _Conn | None, event: wire.WireEvent) -> None:
         """The switch's first command (a discard, or PACKAGED when nothing is discarded): no
-        garbage collection from here to RUN (see :func:`hold_gc`). From PACKAGED, this thread
-        above every ordinary one (see :func:`switch_priority`): not from a discard, which
-        immediate postcopy sends before the source stops its guest: the reader then spins for
-        the rest, and real-time it kept a CPU from the source for the whole spin (20 ms)."""
-        if c is None:
-            return
-        if not c.gc_held and isinstance(event, wire.PostcopyRamDiscard | wire.Packaged):
+        garbage collection from here to RUN (see :func:`hold_gc`)."""
+        if c is not None and not c.gc_held and isinstance(event, wire.PostcopyRamDiscard | wire.Packaged):
             c.gc_held = True
             hold_gc(True)
-        if not c.realtime and isinstance(event, wire.Packaged):
-            c.realtime = switch_priority(True)
 
     @staticmethod
     def _release_gc(c: _Conn | None) -> None:
         if c is not None and c.gc_held:
             c.gc_held = False
             hold_gc(False)
-        if c is not None and c.realtime:
-            c.realtime = False
-            switch_priority(False)
 
     @staticmethod
     def _spin_if_switch_follows(rx: Receiver, event: wire.WireEvent) -> None:

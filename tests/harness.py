@@ -39,16 +39,16 @@ def migrate(spec: GuestSpec, *, preempt: bool, cap: int = 0, warmup: float = 0.2
             source_options: dict[str, object] | None = None,
             dest_options: dict[str, object] | None = None,
             address: Callable[[tuple[str, int]], tuple[str, int]] | None = None,
-            prealloc: bool = True, dest_owner: BuiltinGuest | None = None) -> Outcome:
+            prealloc: bool = True) -> Outcome:
     """Migrate ``spec``'s guest; ``during(source, dest)`` runs in a thread meanwhile;
     ``address`` may put something (a proxy) between the source and the listener;
-    ``prealloc``: the destination's (BuiltinGuest); ``dest_owner``: that BuiltinGuest, made by the caller."""
+    ``prealloc``: the destination's (BuiltinGuest)."""
     memory = spec.build_memory()
     guest = Guest(memory, nvcpus=spec.vcpus, pattern=Pattern[spec.pattern.upper()], seed=spec.seed,
                   write_percent=spec.write_percent, rate_limit=spec.rate_limit)
     src_statuses: list[str] = []
     dst_statuses: list[str] = []
-    dest = Destination(dest_owner or BuiltinGuest(spec, prealloc=prealloc), preempt=preempt, verify=True, on_status=dst_statuses.append, **(dest_options or {}))
+    dest = Destination(BuiltinGuest(spec, prealloc=prealloc), preempt=preempt, verify=True, on_status=dst_statuses.append, **(dest_options or {}))
     try:
         guest.fill_initial()
         guest.start()

@@ -9,21 +9,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
-from harness import check, migrate
-
-from postcopy._link import (
-    BACKGROUND_NICE,
-    background_priority,
-    name_os_thread,
-    set_thread_nice,
-    switch_priority,
-    urgent_priority,
-)
+from postcopy._link import BACKGROUND_NICE, background_priority, name_os_thread, set_thread_nice, urgent_priority
 from postcopy.guest import Guest, GuestConfigError, Pattern
 from postcopy.owner import BuiltinGuest
 from postcopy.spec import GuestSpec
@@ -41,12 +31,6 @@ def _sched(tid: int) -> tuple[int, int]:
     with open(f"/proc/self/task/{tid}/sched") as f:
         fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
     return nice, int(fields["se.slice"])
-
-
-def _policy(tid: int) -> int:
-    """The scheduling policy of a thread of this process (0 SCHED_OTHER, 1 SCHED_FIFO)."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[38])
 
 
 def _on_thread(fn: Callable[[], object]) -> object:
@@ -169,64 +153,3 @@ def test_a_thread_named_for_the_os_shows_in_proc_cut_to_15_bytes() -> None:
     assert _on_thread(name_and_read) == "dest-preempt-12"
     with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
         assert f.read().strip() != "dest-preempt-12"     # the caller's own name is untouched
-
-
-def test_the_switch_runs_real_time_and_comes_back_urgent() -> None:
-    def raise_then_lower() -> list[tuple[int, int, int]]:
-        me = threading.get_native_id()
-        took = switch_priority(True)
-        raised = (_policy(me), int(took), 0)
-        switch_priority(False)
-        return [raised, (_policy(me), *_sched(me))]
-
-    assert _on_thread(raise_then_lower) == [(1, 1, 0), (0, -10, URGENT_SLICE_NS)]
-
-
-def test_without_cap_sys_nice_the_switch_stays_an_ordinary_thread() -> None:
-    code = (
-        "import os, threading\n"
-        "from postcopy._link import switch_priority\n"
-        "os.setgid(65534); os.setuid(65534)\n"
-        "took = switch_priority(True)\n"
-        "tid = threading.get_native_id()\n"
-        "stat = open(f'/proc/self/task/{tid}/stat').read().rsplit(')', 1)[1].split()\n"
-        "print(took, stat[38])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert out.stdout.split() == ["False", "0"]
-
-
-def test_the_destinations_reader_starts_the_guest_real_time_and_runs_postcopy_in_the_background() -> None:
-    # the bandwidth cap keeps postcopy going for about a second, long enough to look at the reader
-    spec = GuestSpec.simple(16 << 20, PAGE_4K, vcpus=2, pattern="random")
-    owner = BuiltinGuest(spec)
-    at_start: list[int] = []
-    start = owner.start
-
-    def start_and_look() -> None:
-        at_start.append(_policy(threading.get_native_id()))
-        start()
-
-    owner.start = start_and_look        # type: ignore[method-assign]
-    after: list[tuple[str, int, int]] = []
-
-    def look_at_readers(source: object, dest: object) -> None:
-        deadline = time.monotonic() + 30
-        while not at_start and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(0.1)     # RUN is past: the guest runs here, postcopy goes on
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    name = f.read().strip()
-                if name.startswith("dest-main"):
-                    after.append((name, _policy(int(tid)), _sched(int(tid))[0]))
-            except FileNotFoundError:
-                continue
-
-    o = migrate(spec, preempt=True, cap=16 << 20, during=look_at_readers, dest_owner=owner)
-    check(o, spec)
-    assert at_start == [1]          # SCHED_FIFO from PACKAGED through the guest's start
-    assert after, "no destination reader found while postcopy ran"
-    assert all(policy == 0 and nice == BACKGROUND_NICE for _, policy, nice in after), after

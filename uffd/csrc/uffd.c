@@ -325,20 +325,6 @@ int pc_thread_set_nice(int nice)
     return pc_thread_set_nice_of(0, nice);
 }
 
-int pc_thread_set_realtime(int on, int nice)
-{
-    struct pc_sched_attr a = { .size = sizeof(a) };
-    if (on) {
-        a.sched_policy = SCHED_FIFO;
-        a.sched_priority = 1;   /* the lowest: above every ordinary thread, below the kernel's own */
-    } else {
-        a.sched_policy = SCHED_OTHER;
-        a.sched_nice = nice;
-        a.sched_runtime = nice < 0 ? PC_URGENT_SLICE_NS : 0;
-    }
-    return syscall(SYS_sched_setattr, 0, &a, 0) == 0 ? 0 : -errno;
-}
-
 /* pc_lock_wait_probe: a thread holds the lock busy (as one inside a send) for hold_ns. */
 struct lock_probe {
     pthread_mutex_t m;

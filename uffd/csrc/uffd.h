@@ -104,11 +104,6 @@ int pc_uffd_wake(int fd, uint64_t start, uint64_t len);
  * preempted while holding it. Threads the caller creates later inherit both. */
 int pc_malloc_one_arena(void);
 int pc_thread_set_nice(int nice);
-/* The calling thread under SCHED_FIFO at the lowest real-time priority (on), or back under
- * SCHED_OTHER at `nice` (off; below 0 with the short slice, as pc_thread_set_nice): no
- * ordinary thread preempts it, and woken it goes to a CPU that runs none of its kind, warm
- * cache or not. For a bounded critical path only. 0 or -errno (EPERM: no CAP_SYS_NICE). */
-int pc_thread_set_realtime(int on, int nice);
 /* Tests of pc_mutex_lock_spinning (core.h): another thread holds a lock for hold_ns, busy on its
  * CPU; the calling thread takes it spinning up to spin_ns. Returns how many times the caller
  * slept on the way (voluntary context switches), or -errno. */
