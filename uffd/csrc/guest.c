@@ -493,6 +493,12 @@ uint32_t pc_guest_throttle(const pc_guest *g)
  * PC_GUEST_NICE_KEEP puts the running ones back to the nice they started with (lowering
  * needs no privilege, putting back does: CAP_SYS_NICE or RLIMIT_NICE). Returns the
  * number of threads changed, or -errno of the first failure. */
+/* The nice a vCPU runs at under the vcpu_nice setting `setting`. */
+static int vcpu_nice_for(const pc_guest *g, int setting)
+{
+    return setting == PC_GUEST_NICE_KEEP ? g->base_nice : setting;
+}
+
 int pc_guest_set_vcpu_nice(pc_guest *g, int nice)
 {
     atomic_store(&g->vcpu_nice, nice);
@@ -502,7 +508,7 @@ int pc_guest_set_vcpu_nice(pc_guest *g, int nice)
         uint32_t tid = atomic_load(&c->tid);
         if (!tid || !atomic_load(&c->in_loop))
             continue;
-        int want = nice == PC_GUEST_NICE_KEEP ? g->base_nice : nice;
+        int want = vcpu_nice_for(g, nice);
         if (setpriority(PRIO_PROCESS, (id_t)tid, want) == 0)
             changed++;
         else if (!err)
@@ -522,8 +528,7 @@ static int vcpu_thread_setup(struct vcpu *c)
     pc_guest *g = c->g;
     /* Not its creator's priority: the destination makes and starts the guest on a
      * thread of the switch's path, raised above the guest (and with a short slice). */
-    int lowered = atomic_load(&g->vcpu_nice);
-    int nice = lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice;
+    int nice = vcpu_nice_for(g, atomic_load(&g->vcpu_nice));
     (void)pc_thread_set_nice(nice);
     char name[16];      /* what ps -L and top -H show */
     snprintf(name, sizeof(name), "guest-vcpu%u", c->index);
@@ -557,9 +562,9 @@ static void *vcpu_parked_main(void *arg)
     pthread_mutex_unlock(&g->done_lock);
     if (!run)
         return NULL;
-    int lowered = atomic_load(&g->vcpu_nice);
-    if ((lowered != PC_GUEST_NICE_KEEP ? lowered : g->base_nice) != nice)
-        vcpu_thread_setup(c);   /* precopy's writer priority changed meanwhile */
+    int want = vcpu_nice_for(g, atomic_load(&g->vcpu_nice));
+    if (want != nice)
+        (void)pc_thread_set_nice(want);     /* precopy's writer priority changed meanwhile */
     vcpu_run(c);
     return NULL;
 }
@@ -656,10 +661,8 @@ int pc_guest_prepare(pc_guest *g)
         g->release = RELEASE_WAIT;
         g->nparked = 0;
         g->parked = true;
-        rc = make_threads(g, vcpu_parked_main);
-        if (rc) {
-            g->parked = false;
-        } else {
+        rc = make_threads(g, vcpu_parked_main);    /* a failure ends those made (release_parked) */
+        if (rc == 0) {
             /* set up (ids, names, priority) and waiting before this returns: none of it at the start */
             pthread_mutex_lock(&g->done_lock);
             while (g->nparked < g->nvcpus)
