@@ -27,6 +27,10 @@ two hosts would run them: the issue's downtime targets use these figures), and w
 both roles in this process, traced phase by phase (the diagnostic: there the roles
 share one GIL, so a phase may include waiting for the other role's Python thread).
 
+Prefetch that follows the guest: the default demo (`postcopy demo`: 1 GiB times --scale,
+4 KiB pages, 2 busy vCPUs, preempt on, each role in its own process), a sequential and a
+random guest, prefetch on and off, interleaved (bench/prefetch.py runs more of them).
+
 Usage: python3 bench/migration.py [--quick] [--repeat N] [--json PATH] [--profile]
 The bench only prints (and writes JSON); it asserts nothing about speed.
 """
@@ -50,6 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # this checko
 
 from _growth import TARGET_MEMORY_FRACTION, CostRun, DowntimeRun, fits, measure_cost, measure_downtime
 from _qemu_ref import QemuDowntime, qemu_available, qemu_downtime
+from prefetch import print_summary as print_prefetch_summary
+from prefetch import run_demos as run_prefetch_demos
+from prefetch import summarize as summarize_prefetch
 from _floor import (
     copy_batched_bps,
     copy_cost_ns,
@@ -1064,6 +1071,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-sizes", default="", metavar="MIB,...",
                     help="guest sizes of the cost rows in MiB (default 256,1024,4096,8192; --quick 256,1024; "
                          "times --scale); 0 skips them")
+    ap.add_argument("--prefetch-runs", type=int, default=-1, metavar="N",
+                    help="rounds of the prefetch demos (seq and random, prefetch on and off; default 3, --quick 1; "
+                         "0 skips them)")
     ap.add_argument("--qemu", choices=["auto", "on", "off"], default="auto",
                     help="measure QEMU 7.2's QEMU -> QEMU downtime in this run at our 4K downtime sizes "
                          "(auto: in full runs when qemu-system-x86_64 is installed)")
@@ -1072,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--scale {args.scale}: must be in (0, 4]")
     if args.repeat < 0:
         ap.error(f"--repeat {args.repeat}: must be >= 0")
+    prefetch_runs = args.prefetch_runs if args.prefetch_runs >= 0 else (1 if args.quick else 3)
     repeat = args.repeat or (1 if args.quick else 3)
     why_no_qemu = qemu_available()
     if args.qemu == "on" and why_no_qemu:
@@ -1153,6 +1164,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  target {t['target']}: {t['measured']} -> {t['verdict']}")
         print()
 
+    prefetch_report: dict[str, Any] = {}
+    if prefetch_runs:
+        # the default demo's size; the targets are issue 13's for it (at other --scale, indicative)
+        demo_mib = max(16, int(1024 * args.scale))
+        print(f"Prefetch that follows the guest (the default demo, {demo_mib} MiB, 4 KiB pages, 2 busy vCPUs, "
+              f"preempt on, each role in its own process; {prefetch_runs} round(s), on and off interleaved):")
+        prows = run_prefetch_demos(prefetch_runs, f"{demo_mib}M", ["seq", "random"], max_load=float("inf"),
+                                   max_wait=0.0, verify=False)
+        psummary, ptargets = summarize_prefetch(prows)
+        print_prefetch_summary(psummary, ptargets)
+        print("  GB/s: guest bytes / postcopy time as the demo reports it; faults: remote faults (% of the guest's "
+              "pages); sent ahead: pages prefetch put on the preempt channel; wasted: of those, never passed by "
+              "the guest before the bulk stream would have sent them")
+        prefetch_report = {"size": demo_mib * MiB, "rows": prows, "medians": psummary, "targets": ptargets}
+        print()
+
     ref = qemu_reference()
     print_qemu(ref)
     for t in downtime_targets(downtime_runs, ref, same_run, two_runs):
@@ -1172,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
             "qemu_same_run": same_run,
             "cost": [c.to_json() if isinstance(c, CostRun) else c for c in costs],
             "cost_targets": cost_targets(costs),
+            "prefetch": prefetch_report,
             "downtime": [{"size": r.size, "page_size": r.page_size, "busy": r.busy, "downtime_ns": r.downtime_ns,
                           "phases_ns": r.phases_ns, "postcopy_s": r.postcopy_s, "bulk_bps": r.bulk_bps,
                           "faults": r.faults} for r in downtime_runs],

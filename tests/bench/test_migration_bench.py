@@ -38,7 +38,8 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
                  "plain C remote fault 4K", "Downtime by guest size", "QEMU 7.2 reference",
                  "Downtime against QEMU 7.2 in this run", "Cost as the guest grows", "src CPU s/GiB",
                  "dst MB beyond guest", "each role in its own process (as on two hosts",
-                 "both roles in this process (diagnostic", "2-proc worst / QEMU", "in-proc worst / QEMU"):
+                 "both roles in this process (diagnostic", "2-proc worst / QEMU", "in-proc worst / QEMU",
+                 "Prefetch that follows the guest"):
         assert line in text, f"{line!r} missing from:\n{text}"
 
     report = json.loads(out.read_text())
@@ -146,3 +147,24 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
             assert c["verdicts"][role] in ("ok", "miss")
     assert {t["verdict"] for t in report["cost_targets"]} <= {"ok", "miss"}
     assert len(report["cost_targets"]) == 2
+
+    # prefetch that follows the guest: the default demo (scaled), seq and random, prefetch on and off once each
+    pf = report["prefetch"]
+    assert pf["size"] == 51 << 20
+    assert sorted((r["pattern"], r["prefetch"]) for r in pf["rows"]) == [
+        ("random", False), ("random", True), ("seq", False), ("seq", True)]
+    for r in pf["rows"]:
+        assert r["gbps"] > 0
+        assert 0 <= r["fault_pct"] <= 100
+        if not r["prefetch"]:
+            assert r["prefetch_pages"] == 0, r       # prefetch off sends nothing ahead
+    seq_on = next(r for r in pf["rows"] if r["pattern"] == "seq" and r["prefetch"])
+    assert seq_on["prefetch_pages"] > 0, seq_on     # a sequential guest is followed
+    assert pf["medians"]["seq/on"]["fault_pct"] == seq_on["fault_pct"]
+    names = [t["target"] for t in pf["targets"]]
+    assert len(names) == 4
+    assert any("remote faults <= 5%" in n for n in names)
+    assert any("no slower with prefetch" in n for n in names)
+    assert {t["verdict"] for t in pf["targets"]} <= {"ok", "miss"}
+    for t in pf["targets"]:
+        assert f"target {t['target']}: {t['measured']} -> {t['verdict']}" in text
