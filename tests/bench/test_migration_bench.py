@@ -43,6 +43,8 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
         assert line in text, f"{line!r} missing from:\n{text}"
 
     report = json.loads(out.read_text())
+    assert report["host"]["python_sum_range_1000_us"] > 0
+    assert f"sum(range(1000)) in {report['host']['python_sum_range_1000_us']:.1f} us" in text
     f = report["floors"]
     assert 0 < f["rtt_p50_ns"] <= f["rtt_p99_ns"]
     assert f["tcp_stream_bps"] > 0
