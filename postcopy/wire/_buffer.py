@@ -32,7 +32,8 @@ class ReceiveBuffer:
         self._chunks: deque[memoryview] = deque()
         self._tail = bytearray()
         self._sealed = 0  # bytes in _chunks
-        self._len = 0
+        #: bytes buffered (what ``len()`` says; an attribute, read on every decoder step)
+        self.size = 0
         #: bytes consumed since the start of the stream (for error offsets)
         self.consumed = 0
         #: bytes copied by the buffer since it was created (a work counter for tests)
@@ -40,13 +41,13 @@ class ReceiveBuffer:
         self.eof = False
 
     def __len__(self) -> int:
-        return self._len
+        return self.size
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         if not n:
             return
-        self._len += n
+        self.size += n
         if not self._tail:
             if isinstance(data, bytes) and (n >= _SMALL or not self._chunks):
                 # bytes are immutable: keep them (anything else may be reused by the caller)
@@ -87,7 +88,7 @@ class ReceiveBuffer:
 
     def peek(self, n: int) -> memoryview | None:
         """``n`` contiguous bytes from the front, or None when fewer are buffered."""
-        if self._len < n:
+        if self.size < n:
             return None
         if self._chunks and len(self._chunks[0]) >= n:
             return self._chunks[0][:n]
@@ -119,7 +120,7 @@ class ReceiveBuffer:
         last (at the back); a large read decoded item by item asks for bytes
         near the front.
         """
-        end = min(end, self._len)
+        end = min(end, self.size)
         if start >= end:
             return
         self.copied += end - start
@@ -127,7 +128,7 @@ class ReceiveBuffer:
         if start >= sealed:  # all in the tail
             out += self._tail[start - sealed : end - sealed]
             return
-        if start < self._len - start:  # from the front
+        if start < self.size - start:  # from the front
             lo = 0
             for c in self._chunks:
                 hi = lo + len(c)
@@ -154,9 +155,9 @@ class ReceiveBuffer:
             out += p
 
     def consume(self, n: int) -> None:
-        if n > self._len:
-            raise ValueError(f"consume({n}) with only {self._len} bytes buffered")
-        self._len -= n
+        if n > self.size:
+            raise ValueError(f"consume({n}) with only {self.size} bytes buffered")
+        self.size -= n
         self.consumed += n
         while n and self._chunks:
             c = self._chunks[0]

@@ -102,7 +102,7 @@ class BaseDecoder:
                 return self._pending.popleft()
             if self._closed is not None:
                 return self._closed
-            if len(self._buf) < self._want and not self._buf.eof:
+            if self._buf.size < self._want and not self._buf.eof:
                 return NEED_DATA
             try:
                 event = self._step()

@@ -32,6 +32,7 @@ from ._scanner import RecordScanner, default_scanner
 
 __all__ = ["MainStreamDecoder"]
 
+_BE16_PAIR = struct.Struct(">HH")       # a command's number and length
 #: command number -> (the command, its fixed length or None, what is being decoded)
 _COMMANDS = {int(c): (c, COMMAND_FIXED_LENGTH.get(c), f"{c.name} command") for c in Command}
 
@@ -138,14 +139,14 @@ class MainStreamDecoder(BaseDecoder):
             if isinstance(event, ev.RamEos) or self._pending:
                 self._state = "footer"
             return event
-        if len(self._buf) == 0:
+        if self._buf.size == 0:
             return NEED_DATA
+        if st == "items":
+            return self._item()
         if st == "header":
             return self._header()
         if st == "config":
             return self._configuration()
-        if st == "items":
-            return self._item()
         if st == "ram_setup":
             return self._ram_setup()
         if st == "ram_setup_eos":
@@ -256,7 +257,9 @@ class MainStreamDecoder(BaseDecoder):
 
     def _item(self) -> ev.WireEvent | NeedData:
         self._expecting = "section or command header"
-        t = self._need(1)[0]
+        t = self._buf.front()[0]       # _step saw a byte buffered
+        if t == SECTION.COMMAND:
+            return self._command()
         if t == SECTION.EOF:
             self._buf.consume(1)
             self._saw_eof = True
@@ -279,8 +282,6 @@ class MainStreamDecoder(BaseDecoder):
             self._footer_id = sid
             self._state = "ram_records"
             return ev.SectionPart(section_id=sid) if t == SECTION.PART else ev.SectionEnd(section_id=sid)
-        if t == SECTION.COMMAND:
-            return self._command()
         names = {int(s): s.name for s in SectionType}
         raise self._fail("unknown_section_type", f"unknown section type byte {t:#04x}"
                          + (f" ({names[t]} is not valid here)" if t in names else ""))
@@ -499,7 +500,7 @@ class MainStreamDecoder(BaseDecoder):
     def _command(self) -> ev.WireEvent:
         self._expecting = "command"
         view = self._need(5)
-        cmd_no, ln = struct.unpack_from(">HH", view, 1)
+        cmd_no, ln = _BE16_PAIR.unpack_from(view, 1)
         known = _COMMANDS.get(cmd_no)
         if known is None:
             raise self._fail("unknown_command", f"unknown command {cmd_no} (len {ln}); known: "
@@ -515,8 +516,7 @@ class MainStreamDecoder(BaseDecoder):
         return event
 
     def _command_event(self, cmd: Command, p: bytes) -> ev.WireEvent:
-        if cmd == CMD.OPEN_RETURN_PATH:
-            return ev.OpenReturnPath()
+        # the switch's commands first (PING, LISTEN, RUN): they are decoded inside the downtime
         if cmd == CMD.PING:
             return ev.Ping(value=BE32.unpack(p)[0])
         if cmd == CMD.POSTCOPY_LISTEN:
@@ -524,6 +524,8 @@ class MainStreamDecoder(BaseDecoder):
             return ev.PostcopyListen()
         if cmd == CMD.POSTCOPY_RUN:
             return ev.PostcopyRun()
+        if cmd == CMD.OPEN_RETURN_PATH:
+            return ev.OpenReturnPath()
         if cmd == CMD.POSTCOPY_RESUME:
             return ev.PostcopyResume()
         if cmd == CMD.ENABLE_COLO:
