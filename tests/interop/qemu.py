@@ -49,6 +49,10 @@ __all__ = [
 DATA = Path(__file__).resolve().parent.parent / "data" / "qemu-7.2"
 BOOT_IMG = DATA / "boot.img"
 QEMU_BIN = os.environ.get("POSTCOPY_QEMU", "qemu-system-x86_64")
+#: QEMU trace events (to its log) at a migration's end: a migration that fails with no error-desc
+#: (a failed last write, a return path that ended badly) then says which step it was
+_END_TRACES = ("migration_completion_file_err", "migration_return_path_end_after", "migrate_fd_error",
+               "source_return_path_thread_bad_end", "source_return_path_thread_shut")
 MiB = 1 << 20
 POSTCOPY_CAPS = ("events", "postcopy-ram", "return-path")
 _BANNER_END = b"Booting from Hard Disk"
@@ -177,6 +181,8 @@ class Qemu:
                 "-drive", f"file={self.disk},format=raw,if=ide",
                 "-serial", f"file:{self.serial_path}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        for event in _END_TRACES:
+            argv += ["-trace", event]
         if self.hugetlbfs is not None:
             argv += ["-object", f"memory-backend-file,id=mem0,size={self.mem},mem-path={self.hugetlbfs},share=on",
                      "-machine", "pc,memory-backend=mem0"]
@@ -245,7 +251,10 @@ class Qemu:
     def status(self) -> str:
         return str(self.cmd("query-migrate").get("status", "none"))
 
-    def wait_status(self, want: set[str], timeout: float = 60.0, fail: set[str] | None = None) -> dict[str, Any]:
+    def wait_status(self, want: set[str], timeout: float = 60.0, fail: set[str] | None = None,
+                    peer: PostcopyProcess | None = None) -> dict[str, Any]:
+        """``peer``: our role on the other end, whose stderr a failure shows too (QEMU often
+        fails a migration with no error-desc: its log's trace lines say which step failed)."""
         fail = fail if fail is not None else {"failed", "cancelled"}
         deadline = time.monotonic() + timeout
         while True:
@@ -253,10 +262,12 @@ class Qemu:
             st = info.get("status")
             if st in want:
                 return info
+            theirs = f"\n--- {peer.name} stderr:\n{peer.stderr()}" if peer is not None else ""
             if st in fail:
-                raise RuntimeError(f"{self.name}: migration {st}: {info.get('error-desc', '')} {self.log()}")
+                raise RuntimeError(f"{self.name}: migration {st}: {info.get('error-desc', '')}\n--- {self.name} log:\n"
+                                   f"{self.log()}{theirs}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: migration status {st!r} after {timeout} s, wanted {want}")
+                raise TimeoutError(f"{self.name}: migration status {st!r} after {timeout} s, wanted {want}{theirs}")
             time.sleep(0.02)
 
     def registers(self) -> dict[str, int]:
@@ -544,10 +555,10 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
         paused_seen = False
         if pause_s:
             assert dqmp is not None
-            a.wait_status({"postcopy-active"}, timeout)
+            a.wait_status({"postcopy-active"}, timeout, peer=d)
             time.sleep(0.2)
             a.cmd("migrate-pause")
-            a.wait_status({"postcopy-paused"}, timeout)
+            a.wait_status({"postcopy-paused"}, timeout, peer=d)
             dq = QmpClient(str(dqmp))
             try:
                 deadline = time.monotonic() + 5
@@ -561,7 +572,7 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
             finally:
                 dq.close()
             a.cmd("migrate", uri=uri, resume=True)
-        info = a.wait_status({"completed"}, timeout)
+        info = a.wait_status({"completed"}, timeout, peer=d)
         wall = time.monotonic() - t0
         if dqmp is not None:
             dq = QmpClient(str(dqmp))       # the destination lingers for QMP quit once done
@@ -668,20 +679,20 @@ def restore_into_qemu(snapshot: Path, rundir: Path, *, mem: str = "64M", preempt
             time.sleep(0.002)
         run_s = time.monotonic() - t0
         if pause_s:
-            b.wait_status({"postcopy-active"}, timeout)
+            b.wait_status({"postcopy-active"}, timeout, peer=s)
             time.sleep(0.2)
             if cut == "qmp":
                 assert sq is not None, "a pause by QMP needs via_qmp"
                 sq.cmd("migrate-pause")
             else:
                 kill_tcp(port)
-            b.wait_status({"postcopy-paused"}, timeout)
+            b.wait_status({"postcopy-paused"}, timeout, peer=s)
             paused_seen = True
             time.sleep(pause_s)
             b.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{new_port}")
             if sq is not None:
                 sq.cmd("migrate", uri=f"tcp:127.0.0.1:{new_port}", resume=True)
-        info = b.wait_status({"completed"}, timeout)
+        info = b.wait_status({"completed"}, timeout, peer=s)
         wall = time.monotonic() - t0
         if sq is not None:
             while sq.cmd("query-migrate").get("status") != "completed" and time.monotonic() < deadline:
