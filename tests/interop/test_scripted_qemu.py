@@ -109,3 +109,38 @@ def test_a_precopy_finish_waits_for_the_sources_last_bytes_before_it_closes(tmp_
         d.stop()
     assert rc == 0, d.stderr()
     assert (tmp_path / "snapshot" / "manifest.json").exists()
+
+
+def test_a_precopy_finish_reads_the_vmdescription_before_it_answers_shut(tmp_path: Path) -> None:
+    """QEMU 7.2's return-path thread closes the connection it shares with the stream when SHUT
+    comes; a SHUT sent while QEMU still writes its VMDESCRIPTION fails the migration there
+    (CI: ``migration_completion_file_err``, one run in about fifty). Like QEMU's destination, ours
+    reads the description first: here its second half comes 0.5 s late, and SHUT must wait for it."""
+    data, trailer = _precopy_stream(2 << 20)
+    half = len(trailer) // 2
+    d, port = _postcopy_dest(tmp_path, tmp_path / "snapshot", preempt=False)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as main:
+            main.sendall(data + trailer[:half])
+            rp = wire.ReturnPathDecoder()
+            seen: list[wire.WireEvent] = []
+            main.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while chunk := main.recv(4096):
+                    rp.receive_data(chunk)
+                    seen += rp.events()
+            assert wire.Pong(value=1) in seen      # the destination answered while the stream ran ...
+            assert wire.Shut(value=0) not in seen  # ... but not SHUT before the whole description
+            main.settimeout(20)
+            main.sendall(trailer[half:])
+            while chunk := main.recv(4096):         # until the destination ends its side (FIN)
+                rp.receive_data(chunk)
+                seen += rp.events()
+            assert wire.Shut(value=0) in seen
+            main.shutdown(socket.SHUT_WR)
+            rc = d.wait(30)
+            assert main.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        d.stop()
+    assert rc == 0, d.stderr()
+    assert (tmp_path / "snapshot" / "manifest.json").exists()
