@@ -14,7 +14,7 @@ import pytest
 
 from postcopy import wire
 
-from .qemu import _postcopy_dest
+from .qemu import PostcopyProcess, _postcopy_dest
 
 pytestmark = pytest.mark.root
 
@@ -85,6 +85,24 @@ def _precopy_stream(size: int) -> tuple[bytes, bytes]:
     return data, trailer
 
 
+def _return_path_until_fin(main: socket.socket, rp: wire.ReturnPathDecoder) -> list[wire.WireEvent]:
+    """What the destination says on the return path until it ends its side (FIN)."""
+    seen: list[wire.WireEvent] = []
+    while chunk := main.recv(4096):
+        rp.receive_data(chunk)
+        seen += rp.events()
+    return seen
+
+
+def _end_and_wait(main: socket.socket, d: PostcopyProcess) -> int:
+    """End our side too; the destination's exit code. A close on unread bytes sends a reset,
+    which only the socket's error shows after a FIN: there must be none."""
+    main.shutdown(socket.SHUT_WR)
+    rc = d.wait(30)
+    assert main.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    return rc
+
+
 def test_a_precopy_finish_waits_for_the_sources_last_bytes_before_it_closes(tmp_path: Path) -> None:
     """QEMU ends a converged precopy with EOF and then its VMDESCRIPTION, and reads SHUT
     meanwhile; its migration fails when a write fails. A destination that answered SHUT and
@@ -96,15 +114,9 @@ def test_a_precopy_finish_waits_for_the_sources_last_bytes_before_it_closes(tmp_
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=20) as main:
             main.sendall(data)
-            rp = wire.ReturnPathDecoder()
-            while chunk := main.recv(4096):     # until the destination ends its side (FIN)
-                rp.receive_data(chunk)
-            assert wire.Shut(value=0) in rp.events()
+            assert wire.Shut(value=0) in _return_path_until_fin(main, wire.ReturnPathDecoder())
             main.sendall(trailer)
-            main.shutdown(socket.SHUT_WR)
-            rc = d.wait(30)
-            # a close on unread bytes sends a reset, which only the socket's error shows after a FIN
-            assert main.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            rc = _end_and_wait(main, d)
     finally:
         d.stop()
     assert rc == 0, d.stderr()
@@ -133,13 +145,8 @@ def test_a_precopy_finish_reads_the_vmdescription_before_it_answers_shut(tmp_pat
             assert wire.Shut(value=0) not in seen  # ... but not SHUT before the whole description
             main.settimeout(20)
             main.sendall(trailer[half:])
-            while chunk := main.recv(4096):         # until the destination ends its side (FIN)
-                rp.receive_data(chunk)
-                seen += rp.events()
-            assert wire.Shut(value=0) in seen
-            main.shutdown(socket.SHUT_WR)
-            rc = d.wait(30)
-            assert main.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            assert wire.Shut(value=0) in _return_path_until_fin(main, rp)
+            rc = _end_and_wait(main, d)
     finally:
         d.stop()
     assert rc == 0, d.stderr()
