@@ -626,8 +626,9 @@ class Destination:
         answers SHUT, as QEMU's own destination does. QEMU 7.2's return-path thread closes the
         connection it shares with the stream when SHUT comes, so a SHUT sent while the
         description (tens of KiB of JSON) is still being written fails the migration there
-        (``migration_completion_file_err``; CI saw one run in about fifty). Nothing after EOF
-        within ``VMDESC_WAIT_S``: the source sends none (``suppress-vmdesc``, our source)."""
+        (``migration_completion_file_err``: one CI run, 2 of ~180 runs under load here).
+        Nothing after EOF within ``VMDESC_WAIT_S``: the source sends none (``suppress-vmdesc``,
+        our source)."""
         if rx.input.available() == 0:
             try:
                 ready, _, _ = select.select([c.sock], [], [], VMDESC_WAIT_S)

@@ -126,8 +126,9 @@ def test_a_precopy_finish_waits_for_the_sources_last_bytes_before_it_closes(tmp_
 def test_a_precopy_finish_reads_the_vmdescription_before_it_answers_shut(tmp_path: Path) -> None:
     """QEMU 7.2's return-path thread closes the connection it shares with the stream when SHUT
     comes; a SHUT sent while QEMU still writes its VMDESCRIPTION fails the migration there
-    (CI: ``migration_completion_file_err``, one run in about fifty). Like QEMU's destination, ours
-    reads the description first: here its second half comes 0.5 s late, and SHUT must wait for it."""
+    (``migration_completion_file_err``: one CI run, 2 of ~180 runs under load here). Like QEMU's
+    destination, ours reads the description first: here its second half comes 0.5 s late, and
+    SHUT must wait for it."""
     data, trailer = _precopy_stream(2 << 20)
     half = len(trailer) // 2
     d, port = _postcopy_dest(tmp_path, tmp_path / "snapshot", preempt=False)
