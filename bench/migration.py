@@ -1068,8 +1068,6 @@ def interpreter_speed_us() -> float:
     return min(timeit.repeat("sum(range(1000))", number=200, repeat=5)) / 200 * 1e6
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller guests, one run per configuration (< 40 s)")
