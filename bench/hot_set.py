@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _load import wait_for_load
+from _load import add_load_options, wait_for_load
 
 CASES: dict[str, list[str]] = {
     "default": [],
@@ -63,8 +63,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--cases", default="default,repeat")
-    ap.add_argument("--max-load", type=float, default=1.5)
-    ap.add_argument("--max-wait", type=float, default=60.0)
+    add_load_options(ap, max_wait=60.0)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _floor import warm_free_memory
-from _load import wait_for_load
+from _load import add_load_options, wait_for_load
 
 from postcopy.spec import parse_size
 
@@ -142,8 +142,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--patterns", default="seq,random")
-    ap.add_argument("--max-load", type=float, default=1.5)
-    ap.add_argument("--max-wait", type=float, default=120.0)
+    add_load_options(ap, max_wait=120.0)
     ap.add_argument("--verify", action="store_true", help="--verify every run (slower)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()

@@ -262,13 +262,17 @@ class Qemu:
             st = info.get("status")
             if st in want:
                 return info
-            theirs = f"\n--- {peer.name} stderr:\n{peer.stderr()}" if peer is not None else ""
             if st in fail:
                 raise RuntimeError(f"{self.name}: migration {st}: {info.get('error-desc', '')}\n--- {self.name} log:\n"
-                                   f"{self.log()}{theirs}")
+                                   f"{self.log()}{self._peer_log(peer)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: migration status {st!r} after {timeout} s, wanted {want}{theirs}")
+                raise TimeoutError(f"{self.name}: migration status {st!r} after {timeout} s, wanted {want}"
+                                   f"{self._peer_log(peer)}")
             time.sleep(0.02)
+
+    @staticmethod
+    def _peer_log(peer: PostcopyProcess | None) -> str:
+        return f"\n--- {peer.name} stderr:\n{peer.stderr()}" if peer is not None else ""
 
     def registers(self) -> dict[str, int]:
         return {k: int(v, 16) for k, v in _REG.findall(self.hmp("info registers"))}

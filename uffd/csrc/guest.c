@@ -488,17 +488,17 @@ uint32_t pc_guest_throttle(const pc_guest *g)
     return atomic_load(&g->throttle_pct);
 }
 
-/* Precopy: the vCPUs yield to the migration's threads (the sender, and on one host the
- * receiver): every vCPU running now and every one started later runs at `nice`;
- * PC_GUEST_NICE_KEEP puts the running ones back to the nice they started with (lowering
- * needs no privilege, putting back does: CAP_SYS_NICE or RLIMIT_NICE). Returns the
- * number of threads changed, or -errno of the first failure. */
 /* The nice a vCPU runs at under the vcpu_nice setting `setting`. */
 static int vcpu_nice_for(const pc_guest *g, int setting)
 {
     return setting == PC_GUEST_NICE_KEEP ? g->base_nice : setting;
 }
 
+/* Precopy: the vCPUs yield to the migration's threads (the sender, and on one host the
+ * receiver): every vCPU running now and every one started later runs at `nice`;
+ * PC_GUEST_NICE_KEEP puts the running ones back to the nice they started with (lowering
+ * needs no privilege, putting back does: CAP_SYS_NICE or RLIMIT_NICE). Returns the
+ * number of threads changed, or -errno of the first failure. */
 int pc_guest_set_vcpu_nice(pc_guest *g, int nice)
 {
     atomic_store(&g->vcpu_nice, nice);
