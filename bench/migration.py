@@ -71,7 +71,7 @@ from _floor import (
 from postcopy.destination import Destination
 from postcopy.guest import Guest, Pattern
 from postcopy.owner import BuiltinGuest
-from postcopy import wire
+from postcopy import CORE_BUILD, wire
 from postcopy.session import (
     Discard,
     MigrationStats,
@@ -1102,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     py_speed = interpreter_speed_us()
     print(f"Python {platform.python_version()} ({sys.executable}): sum(range(1000)) in {py_speed:.1f} us "
           "(the pace of every Python step in the downtime)")
+    print(f"sans-IO core (codec, sessions): {CORE_BUILD.describe()}")
 
     cfgs_all = configs(args.quick, args.scale, with_2m=True)
     need_2m = max(hugepages_for(c.busy_size) for c in cfgs_all if c.page_size == PAGE_2M)
@@ -1202,7 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "host": {"node": platform.node(), "kernel": os.uname().release, "cpus": os.cpu_count(),
                      "python": platform.python_version(), "python_executable": sys.executable,
-                     "python_sum_range_1000_us": py_speed},
+                     "python_sum_range_1000_us": py_speed, "sans_io_core": CORE_BUILD.describe()},
             "mode": "quick" if args.quick else "full", "repeat": repeat, "scale": args.scale,
             "floors": asdict(floors) | {"ceiling_bps": {str(p): floors.ceiling_bps(p) for p in floors.copy_ns}},
             "rows": [asdict(r) | {"ratio_p50": r.ratio_p50, "ratio_p99": r.ratio_p99, "bulk_ratio": r.bulk_ratio(),

@@ -4,16 +4,24 @@ A test marked ``root``, ``hugetlb``, ``hugetlb_1g`` or ``qemu`` is skipped with 
 when its prerequisite is missing, except when POSTCOPY_REQUIRE_ALL=1 (set by
 tests/run.sh as root, and so in CI): then the missing prerequisite fails the
 test, so nothing is silently skipped where it should run.
+
+A test marked ``python_source`` watches the sans-IO core's Python from inside (it counts calls
+through a patched module attribute, which compiled code does not look up): where this process
+runs the mypyc-compiled core, it runs in a child pytest on the source (POSTCOPY_PURE_PYTHON=1).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import postcopy
 
 REQUIRE_ALL = os.environ.get("POSTCOPY_REQUIRE_ALL") == "1"
 
@@ -54,6 +62,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if REQUIRE_ALL:
             pytest.fail(f"prerequisite missing in a run that requires all: {reason}")
         pytest.skip(reason)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if pyfuncitem.get_closest_marker("python_source") is None or not postcopy.CORE_BUILD.compiled:
+        return None     # pytest calls the test here
+    env = dict(os.environ, POSTCOPY_PURE_PYTHON="1")
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                           cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True, timeout=600)
+    if child.returncode != 0:
+        pytest.fail(f"on the core's Python source (POSTCOPY_PURE_PYTHON=1):\n{child.stdout[-4000:]}", pytrace=False)
+    return True
 
 
 #: The recorded real QEMU 7.2 streams, kept in the repository (tests/data/qemu-7.2/README.md).

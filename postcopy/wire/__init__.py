@@ -3,7 +3,7 @@
 Decoders (``MainStreamDecoder``, ``PreemptDecoder``, ``ReturnPathDecoder``)
 take bytes with ``receive_data`` (b"" = EOF) and give events with
 ``next_event`` (or ``NEED_DATA``); ``encode(event)`` gives the exact bytes back.
-No sockets, clocks or event loops here, and no compiled code at import: the
+No sockets, clocks or event loops here, and nothing of the C core at import: the
 bulk work on page records goes through a ``RecordScanner`` (``scanner=``),
 by default the C one of ``uffd._native`` when it is built, else ``PYTHON_SCANNER``.
 """

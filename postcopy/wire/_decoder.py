@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Final
+from typing import ClassVar, Final
 
 from ._buffer import ReceiveBuffer
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -16,7 +16,7 @@ __all__ = ["NEED_DATA", "NeedData"]
 class NeedData:
     """Sentinel type: ``next_event()`` needs more bytes (or EOF) first."""
 
-    _instance: NeedData | None = None
+    _instance: ClassVar[NeedData | None] = None
 
     def __new__(cls) -> NeedData:
         if cls._instance is None:

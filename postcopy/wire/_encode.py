@@ -68,7 +68,8 @@ def encode(event: ev.WireEvent, *, scanner: RecordScanner | None = None) -> byte
     """
     encoder = _ENCODERS.get(type(event))
     if encoder is None:
-        raise LocalProtocolError(f"cannot encode {type(event).__name__}: not a wire event", kind="bad_value")
+        # TypeError: what the compiled core's own check of the argument raises for it too
+        raise TypeError(f"cannot encode {type(event).__name__}: not a wire event")
     return encoder(event, scanner)
 
 

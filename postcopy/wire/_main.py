@@ -336,7 +336,7 @@ class MainStreamDecoder(BaseDecoder):
         if t in (SECTION.START, SECTION.FULL):
             if len(data) < q + 6 or len(data) < q + 6 + data[q + 5]:
                 return False if at_end else None
-            name = data[q + 6 : q + 6 + data[q + 5]]
+            name = bytes(data[q + 6 : q + 6 + data[q + 5]])  # (a bytes slice: mypyc iterates bytes, not bytearray)
             return bool(name) and all(0x20 <= c < 0x7F for c in name)
         if t in (SECTION.PART, SECTION.END):
             if len(data) < q + 5:

@@ -87,6 +87,7 @@ def _setup(blocks: int, *, page_sizes: bool) -> tuple[ev.WireEvent, ...]:
     )
 
 
+@pytest.mark.python_source     # counts RamBlockEntry's calls through the module attribute
 @pytest.mark.parametrize("page_sizes", [False, True])
 def test_ram_setup_byte_at_a_time_decodes_as_whole_and_parses_each_block_once(
     monkeypatch: pytest.MonkeyPatch, page_sizes: bool
