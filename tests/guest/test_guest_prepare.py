@@ -6,6 +6,7 @@ as threads made at the start; never started, they end with the guest."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -53,6 +54,28 @@ def test_the_threads_exist_before_the_start_and_the_start_makes_none(memory: Any
         g.join()
         assert g.stats().steps == (5_000, 5_000)
     assert threads() - before == set()
+
+
+def test_parked_vcpus_wait_as_batch_threads_and_run_as_ordinary_ones(memory: Any) -> None:
+    """Parked SCHED_BATCH, whose wakeup does not preempt the thread that releases them (the
+    switch's, on its way to PONG 3); running, SCHED_OTHER again, so that a vCPU woken by its
+    placed page preempts as before."""
+    mems = regions(memory)
+    with Guest([m.region() for m in mems], nvcpus=2, seed=3) as g:
+        g.fill_initial()
+        g.prepare()
+        tids = g.vcpu_tids(wait=0)
+        assert [os.sched_getscheduler(t) for t in tids] == [os.SCHED_BATCH] * 2
+        nice = [os.getpriority(os.PRIO_PROCESS, t) for t in tids]
+        g.start()
+        deadline = time.monotonic() + 10
+        # a vCPU back to SCHED_OTHER before its first access: one that has stepped has switched
+        while min(g.stats().steps) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert min(g.stats().steps) > 0
+        assert [os.sched_getscheduler(t) for t in tids] == [os.SCHED_OTHER] * 2
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == nice     # the nice kept
+        g.stop()
 
 
 def test_a_guest_never_started_ends_its_parked_threads(memory: Any) -> None:
