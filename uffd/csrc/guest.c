@@ -555,8 +555,8 @@ static void *vcpu_parked_main(void *arg)
     int nice = vcpu_thread_setup(c);
     /* Parked as SCHED_BATCH (same nice), whose wakeup never preempts the running thread: the
      * switch's thread releases the vCPUs at RUN and goes on to PONG 3; under SCHED_OTHER, EEVDF
-     * ran a woken vCPU on its CPU at once, to the vCPU's first fault (traced: 25-280 us of
-     * release). A free CPU still takes a released vCPU at once; back to SCHED_OTHER below. */
+     * ran a woken vCPU on its CPU at once, to the vCPU's first fault (measured: 25-280 us
+     * of release). A free CPU still takes a released vCPU at once; back to SCHED_OTHER below. */
     struct sched_param param = { .sched_priority = 0 };
     bool batch = sched_setscheduler(0, SCHED_BATCH, &param) == 0;
     pthread_mutex_lock(&g->done_lock);
