@@ -16,6 +16,7 @@ from typing import Any, Final, Literal, overload
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from metrics._collectors import MigrationCollector
+from postcopy import CORE_BUILD
 from metrics._vocabulary import (
     CHANNELS,
     PAGE_KINDS,
@@ -244,7 +245,9 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
     )
     protocol_errors = MappingProxyType({kind: errors.labels(kind) for kind in PROTOCOL_ERROR_KINDS})
     build = Info("postcopy_build", "Build of the running service.", registry=registry)
-    build.info({"version": _version(), "python": platform.python_version(), "role": role})
+    # the protocol core's build: "interpreted" on a node is a slower switch (docs/operations.md)
+    build.info({"version": _version(), "python": platform.python_version(), "role": role,
+                "sans_io_core": "compiled" if CORE_BUILD.compiled else "interpreted"})
     collector = MigrationCollector(role)
     registry.register(collector)
 

@@ -13,6 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import postcopy
+
 import metrics
 from metrics import (
     CHANNELS,
@@ -63,7 +65,8 @@ def test_destination_series_exist_at_zero(registry: CollectorRegistry) -> None:
     assert value("postcopy_pages_sent_total", {"channel": "main", "kind": "normal"}) is None
     info = value(
         "postcopy_build_info",
-        {"role": "destination", "version": "0.1.0", "python": platform.python_version()},
+        {"role": "destination", "version": "0.1.0", "python": platform.python_version(),
+         "sans_io_core": "compiled" if postcopy.CORE_BUILD.compiled else "interpreted"},
     )
     assert info == 1
 
