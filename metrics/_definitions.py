@@ -16,7 +16,6 @@ from typing import Any, Final, Literal, overload
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from metrics._collectors import MigrationCollector
-from postcopy import CORE_BUILD
 from metrics._vocabulary import (
     CHANNELS,
     PAGE_KINDS,
@@ -26,6 +25,7 @@ from metrics._vocabulary import (
     ROLES,
     Role,
 )
+from postcopy import CORE_BUILD
 
 __all__ = [
     "LATENCY_BUCKETS_SECONDS",
