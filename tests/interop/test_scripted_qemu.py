@@ -85,9 +85,11 @@ def _precopy_stream(size: int) -> tuple[bytes, bytes]:
     return data, trailer
 
 
-def _return_path_until_fin(main: socket.socket, rp: wire.ReturnPathDecoder) -> list[wire.WireEvent]:
-    """What the destination says on the return path until it ends its side (FIN)."""
-    seen: list[wire.WireEvent] = []
+def _return_path_until_fin(main: socket.socket, rp: wire.ReturnPathDecoder,
+                           seen: list[wire.WireEvent] | None = None) -> list[wire.WireEvent]:
+    """What the destination says on the return path until it ends its side (FIN), added to
+    ``seen``: what came before the socket's timeout stays there when recv() raises it."""
+    seen = [] if seen is None else seen
     while chunk := main.recv(4096):
         rp.receive_data(chunk)
         seen += rp.events()
@@ -139,9 +141,7 @@ def test_a_precopy_finish_reads_the_vmdescription_before_it_answers_shut(tmp_pat
             seen: list[wire.WireEvent] = []
             main.settimeout(0.5)
             with contextlib.suppress(TimeoutError):
-                while chunk := main.recv(4096):
-                    rp.receive_data(chunk)
-                    seen += rp.events()
+                _return_path_until_fin(main, rp, seen)      # no FIN yet: what came in 0.5 s
             assert wire.Pong(value=1) in seen      # the destination answered while the stream ran ...
             assert wire.Shut(value=0) not in seen  # ... but not SHUT before the whole description
             main.settimeout(20)
