@@ -1795,12 +1795,13 @@ static direct_layout direct_plan(pc_rx *rx)
         uint64_t ntp = hps / PC_TARGET_PAGE_SIZE;
         if (ntp > PC_RX_DIRECT_MAX || rx->tmp_size < hps)
             return l;
-        /* A requested huge page of a prefilled block goes through the receive buffer: the
-         * kernel's copy into the page in place reads each of its lines from memory first, the
-         * streaming copy out of the buffer does not. 2 MiB busy fault p50 over the plain C
-         * fault: 1.20 -> 1.15, 1.20 -> 1.15, 1.23 -> 1.16 (three interleaved A/Bs of 6, 8 and
-         * 10 pairs). The bulk stream keeps it: its idle ratio was 0.96 with it, 0.92 without
-         * (6 pairs). A temp page (no alias) is reused, so its lines are in the cache. */
+        /* A requested huge page of a prefilled block goes through the receive buffer (256 KiB,
+         * warm), then a streaming copy into place; the kernel's copy straight into the page was
+         * slower (likely: it reads each line of the cold page before writing it, the streaming
+         * stores do not). 2 MiB busy fault p50 over the plain C fault: 1.20 -> 1.15,
+         * 1.20 -> 1.15, 1.23 -> 1.16 (three interleaved A/Bs of 6, 8 and 10 pairs). The bulk
+         * stream keeps it: its idle ratio was 0.96 with it, 0.92 without (6 pairs). A temp
+         * page (no alias) is reused, so its lines are in the cache. */
         if (rx->kind == PC_RX_PREEMPT && b->alias)
             return l;
         if (rx->tmp_block < 0 && !begin_next_host_page(rx, (uint32_t)bi, avail)) {
