@@ -393,7 +393,10 @@ class Guest:
         lib.pc_guest_join(self._handle())
 
     def stop(self) -> None:
-        """request_stop() + join(). Keep serving faults meanwhile (see the class note)."""
+        """request_stop() + wait(): returns once no vCPU runs guest code and their state is
+        written back (one asleep in its rate limit is stopped there, not woken). The threads
+        end after that: join() waits for them, start() and prepare() join them first. Keep
+        serving faults meanwhile (see the class note)."""
         lib.pc_guest_stop(self._handle())
 
     def run(self, nsteps: int) -> None:

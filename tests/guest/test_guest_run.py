@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +190,63 @@ def test_close_stops_a_running_guest(memory: Any) -> None:
     with pytest.raises(ValueError, match="closed guest"):
         g.stats()
     g.close()  # idempotent
+
+
+def vcpu_threads_sleeping() -> list[str]:
+    """States (R, S, ...) of this process's vCPU threads that still exist."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if Path(f"/proc/self/task/{tid}/comm").read_text().startswith("guest-vcpu"):
+                out.append(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue        # ended meanwhile
+    return out
+
+
+def wait_for_steps(g: Guest, steps: tuple[int, ...]) -> None:
+    deadline = time.monotonic() + 5
+    while g.stats().steps != steps and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert g.stats().steps == steps
+
+
+def test_a_vcpu_stopped_asleep_saves_the_state_of_one_that_left_its_loop(memory: Any) -> None:
+    """An idle guest's stop (the source's downtime starts there) does not wait for its vCPUs to
+    wake: asleep with their state written back, they are stopped where they sleep. The state
+    saved then is the state of vCPUs that left their loops after the same accesses."""
+    states = []
+    for asleep in (True, False):
+        mem = memory(256 * KiB)
+        with Guest([mem.region()], nvcpus=2, pattern=Pattern.RANDOM, seed=9, rate_limit=1) as g:
+            g.fill_initial()
+            g.start(0 if asleep else 1)     # one access each, then asleep (or out: its limit)
+            wait_for_steps(g, (1, 1))
+            if asleep:
+                time.sleep(0.05)
+                g.stop()
+            else:
+                g.join()
+            states.append((g.save_state(), bytes(mem.map)))
+            assert g.verify().ok
+    assert states[0] == states[1]
+
+
+def test_stop_returns_with_the_asleep_vcpus_still_asleep(memory: Any) -> None:
+    mem = memory(256 * KiB)
+    with Guest([mem.region()], nvcpus=2, pattern=Pattern.RANDOM, seed=9, rate_limit=1) as g:
+        g.fill_initial()
+        g.start()
+        wait_for_steps(g, (1, 1))
+        time.sleep(0.05)        # both asleep until their next access, a second after the first
+        g.stop()
+        assert g.running == 0
+        assert vcpu_threads_sleeping() == ["S", "S"]    # stopped, not woken, not ended
+        state = g.save_state()                          # allowed: no vCPU runs
+        assert g.stats().steps == (1, 1)
+        g.start()                                       # joins the stopped threads first
+        g.stop()
+        g.join()
+        assert vcpu_threads_sleeping() == []
+        assert len(g.save_state()) == len(state)
+        assert g.verify().ok

@@ -44,6 +44,7 @@ struct vcpu {
     uint64_t share_len;
     uint32_t index;
     _Atomic bool in_loop;    /* between its start and its exit (pc_guest_stop) */
+    int nap;                 /* NAP_*, under done_lock: asleep in its rate limit, stopped there */
     _Atomic uint32_t tid;    /* kernel thread id while running: uffd THREAD_ID names it */
     pc_guest *g;
     pthread_t thread;
@@ -76,6 +77,7 @@ struct pc_guest {
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;
     pthread_cond_t release_cond;
+    pthread_cond_t nap_cond; /* a vCPU asleep in its rate limit (throttle); woken by a join */
 };
 
 enum { RELEASE_WAIT, RELEASE_RUN, RELEASE_EXIT };
@@ -327,6 +329,7 @@ pc_guest *pc_guest_new(const pc_guest_region *regions, uint32_t nregions, uint32
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g->done_cond, &ca);
     pthread_cond_init(&g->release_cond, &ca);
+    pthread_cond_init(&g->nap_cond, &ca);
     pthread_condattr_destroy(&ca);
     return g;
 oom:
@@ -348,10 +351,12 @@ void pc_guest_free(pc_guest *g)
     if (!g)
         return;
     pc_guest_stop(g);
+    pc_guest_join(g);
     pthread_mutex_destroy(&g->ctl);
     pthread_mutex_destroy(&g->done_lock);
     pthread_cond_destroy(&g->done_cond);
     pthread_cond_destroy(&g->release_cond);
+    pthread_cond_destroy(&g->nap_cond);
     for (uint32_t v = 0; v < g->nvcpus; v++)
         munmap(g->vcpus[v].stack, VCPU_STACK_SIZE);
     free(g->regions);
@@ -380,11 +385,13 @@ static bool words_all_zero(const volatile uint64_t *p)
     return true;
 }
 
+static bool vcpus_running(const pc_guest *g);
+
 int pc_guest_fill_initial(pc_guest *g)
 {
     uint64_t buf[WORDS_PER_PAGE];
     pthread_mutex_lock(&g->ctl);
-    if (g->threads_exist) {
+    if (vcpus_running(g)) {
         pthread_mutex_unlock(&g->ctl);
         return -EBUSY;
     }
@@ -422,30 +429,48 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 /* ---- vCPU threads --------------------------------------------------------------- */
 
 
-/* Sleep until access number `done` (since start) is due; false if asked to stop meanwhile.
- * The nap is a wait on done_cond, which pc_guest_request_stop broadcasts: an idle guest stops
- * at once (the stop starts the downtime), not at the end of its nap. */
-static bool throttle(pc_guest *g, uint64_t start_ns, uint64_t done)
+/* A vCPU's nap in its rate limit: asleep with its state written back, and stopped there by
+ * pc_guest_request_stop (which then counts it out of its loop: it need not run to stop). */
+enum { NAP_NONE, NAP_ASLEEP, NAP_STOPPED };
+enum { THROTTLE_GO, THROTTLE_STOP, THROTTLE_STOPPED_ASLEEP };
+
+/* Sleep until access number `done` (since start) is due: THROTTLE_GO, or THROTTLE_STOP when
+ * asked to stop first. Before it sleeps the vCPU writes its state back (prng, position, hash)
+ * and says so under done_lock: a stop finds it asleep and ends it there, without waking it
+ * (THROTTLE_STOPPED_ASLEEP when it wakes: it leaves touching nothing). Waking an idle vCPU
+ * cost 130-150 us here (a halted CPU), all of it inside the source's downtime. */
+static int throttle(struct vcpu *c, uint64_t start_ns, uint64_t done, uint64_t prng, uint64_t position,
+                    uint64_t hash)
 {
+    pc_guest *g = c->g;
     uint64_t due = start_ns + (uint64_t)((double)done * 1e9 / (double)g->rate_limit);
     if (atomic_load_explicit(&g->stop, memory_order_relaxed))
-        return false;
+        return THROTTLE_STOP;
     if (pc_now_ns() >= due)
-        return true;
+        return THROTTLE_GO;
     struct timespec deadline = {.tv_sec = (time_t)(due / 1000000000ull), .tv_nsec = (long)(due % 1000000000ull)};
-    bool go = true;
+    int what = THROTTLE_GO;
+    c->prng = prng;
+    c->position = position;
+    c->read_hash = hash;
     pthread_mutex_lock(&g->done_lock);
+    c->nap = NAP_ASLEEP;
     for (;;) {
+        if (c->nap == NAP_STOPPED) {
+            what = THROTTLE_STOPPED_ASLEEP;
+            break;
+        }
         if (atomic_load_explicit(&g->stop, memory_order_relaxed)) {
-            go = false;
+            what = THROTTLE_STOP;
             break;
         }
         if (pc_now_ns() >= due)
             break;
-        pthread_cond_timedwait(&g->done_cond, &g->done_lock, &deadline);
+        pthread_cond_timedwait(&g->nap_cond, &g->done_lock, &deadline);
     }
+    c->nap = NAP_NONE;
     pthread_mutex_unlock(&g->done_lock);
-    return go;
+    return what;
 }
 
 /* Throttling (QEMU's cpu_throttle): a vCPU runs THROTTLE_SLICE_NS, then sleeps
@@ -590,8 +615,13 @@ static void vcpu_run(struct vcpu *c)
     uint64_t slice_start = pc_now_ns();
 
     while (steps < c->limit && !atomic_load_explicit(&g->stop, memory_order_relaxed)) {
-        if (g->rate_limit && !throttle(g, start_ns, steps - first_step))
-            break;
+        if (g->rate_limit) {
+            int nap = throttle(c, start_ns, steps - first_step, prng, position, hash);
+            if (nap == THROTTLE_STOPPED_ASLEEP)
+                return;     /* counted out by the stop, its state already written back */
+            if (nap == THROTTLE_STOP)
+                break;
+        }
         if ((steps & (THROTTLE_CHECK - 1)) == 0 && !throttle_pause(g, &slice_start))
             break;
         bool is_write;
@@ -620,8 +650,27 @@ static void vcpu_run(struct vcpu *c)
 
 static void join_threads(pc_guest *g, uint32_t n)
 {
+    pthread_mutex_lock(&g->done_lock);
+    pthread_cond_broadcast(&g->nap_cond);  /* vCPUs stopped asleep: they end now */
+    pthread_mutex_unlock(&g->done_lock);
     for (uint32_t v = 0; v < n; v++)
         pthread_join(g->vcpus[v].thread, NULL);
+}
+
+/* Under ctl: vCPU threads inside their loops. Stopped ones may not have ended yet (a vCPU
+ * stopped asleep ends when it next runs): their state is written back all the same. */
+static bool vcpus_running(const pc_guest *g)
+{
+    return g->threads_exist && atomic_load(&((pc_guest *)g)->active) != 0;
+}
+
+/* Under ctl: the threads of stopped vCPUs ended (joined), before new ones use their stacks. */
+static void reap_stopped(pc_guest *g)
+{
+    if (g->threads_exist && atomic_load(&g->active) == 0) {
+        join_threads(g, g->nvcpus);
+        g->threads_exist = false;
+    }
 }
 
 /* Under ctl: the parked threads told what to do (RELEASE_RUN or RELEASE_EXIT). */
@@ -662,6 +711,7 @@ static int make_threads(pc_guest *g, void *(*main)(void *))
 int pc_guest_prepare(pc_guest *g)
 {
     pthread_mutex_lock(&g->ctl);
+    reap_stopped(g);
     int rc = 0;
     if (g->threads_exist) {
         rc = -EBUSY;
@@ -685,6 +735,7 @@ int pc_guest_prepare(pc_guest *g)
 int pc_guest_start(pc_guest *g, uint64_t nsteps)
 {
     pthread_mutex_lock(&g->ctl);
+    reap_stopped(g);
     if (g->threads_exist) {
         pthread_mutex_unlock(&g->ctl);
         return -EBUSY;
@@ -736,8 +787,18 @@ uint32_t pc_guest_wait_vcpu_tids(pc_guest *g, uint32_t *out, uint32_t cap, uint6
 
 void pc_guest_request_stop(pc_guest *g)
 {
-    pthread_mutex_lock(&g->done_lock);     /* a throttled vCPU checks the flag under it, then naps */
+    /* A throttled vCPU checks the flag under done_lock, then naps; one asleep is stopped where
+     * it sleeps and not woken here (only pc_guest_wait's waiters are): waking it took 40-110 us */
+    pthread_mutex_lock(&g->done_lock);
     atomic_store(&g->stop, 1);
+    for (uint32_t v = 0; v < g->nvcpus; v++) {
+        struct vcpu *c = &g->vcpus[v];
+        if (c->nap == NAP_ASLEEP) {        /* its state is written back: stopped where it sleeps */
+            c->nap = NAP_STOPPED;
+            atomic_store(&c->in_loop, false);
+            atomic_fetch_sub(&g->active, 1);
+        }
+    }
     pthread_cond_broadcast(&g->done_cond);
     pthread_mutex_unlock(&g->done_lock);
 }
@@ -791,7 +852,9 @@ int pc_guest_stop(pc_guest *g)
         if (tid && atomic_load(&g->vcpus[v].in_loop))
             (void)pc_thread_set_nice_of(tid, PC_URGENT_NICE);
     }
-    return pc_guest_join(g);
+    /* Out of their loops is stopped: the threads end after it (joined by pc_guest_join, or by
+     * the next start), not inside the downtime (their exit and join took 8-33 us here). */
+    return pc_guest_wait(g, -1);
 }
 
 uint32_t pc_guest_running(pc_guest *g)
@@ -874,7 +937,7 @@ int64_t pc_guest_save_state(const pc_guest *g, void *buf, size_t cap)
         return -ENOSPC;
     pc_guest *mg = (pc_guest *)g; /* the lock is not part of the logical state */
     pthread_mutex_lock(&mg->ctl);
-    if (g->threads_exist) {
+    if (vcpus_running(g)) {
         pthread_mutex_unlock(&mg->ctl);
         return -EBUSY;
     }
@@ -1007,7 +1070,7 @@ int pc_guest_load_state(pc_guest *g, const void *buf, size_t len, char *err, siz
 {
     const uint8_t *p = buf;
     pthread_mutex_lock(&g->ctl);
-    if (g->threads_exist) {
+    if (vcpus_running(g)) {
         pthread_mutex_unlock(&g->ctl);
         set_err(err, errcap, "the guest is running: stop it before loading state");
         return -EBUSY;
@@ -1099,7 +1162,7 @@ int pc_guest_verify(pc_guest *g, pc_guest_verify_result *res, pc_guest_mismatch 
 {
     memset(res, 0, sizeof(*res));
     pthread_mutex_lock(&g->ctl);
-    if (g->threads_exist) {
+    if (vcpus_running(g)) {
         pthread_mutex_unlock(&g->ctl);
         return -EBUSY;
     }

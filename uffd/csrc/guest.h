@@ -104,15 +104,17 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 /* Make the vCPU threads now, parked: the next pc_guest_start releases them instead of
  * making threads (a destination starts its guest inside the downtime, and QEMU's vCPU
  * threads exist before RUN too). Returns once each has its name, priority and id and waits,
- * touching no guest memory or state; pc_guest_join (stop, free) ends them unstarted. -EBUSY
+ * touching no guest memory or state; pc_guest_join (and free) ends them unstarted. -EBUSY
  * while the vCPUs run; 0 if already prepared. */
 int pc_guest_prepare(pc_guest *g);
 
 /* Start the vCPU threads. Each runs until stopped or until it has done nsteps more
- * accesses (0 = no limit). -EBUSY if threads exist (join them first). */
+ * accesses (0 = no limit). -EBUSY while vCPUs run (the threads of stopped ones are joined
+ * first). */
 int pc_guest_start(pc_guest *g, uint64_t nsteps);
 
-/* Ask every vCPU to stop at its next access boundary; never blocks. */
+/* Ask every vCPU to stop at its next access boundary (one asleep in its rate limit stops
+ * at once); never blocks. */
 void pc_guest_request_stop(pc_guest *g);
 /* Auto-converge: every vCPU sleeps `percent` % of the time (10 ms run slices; 0-99). */
 void pc_guest_set_throttle(pc_guest *g, uint32_t percent);
@@ -130,7 +132,10 @@ int pc_guest_wait(pc_guest *g, int64_t timeout_ns);
 /* Join the vCPU threads (blocks like pc_guest_wait with no timeout). 0 if none ran. */
 int pc_guest_join(pc_guest *g);
 
-/* request_stop + join. Same caveat as pc_guest_wait: keep serving faults meanwhile. */
+/* request_stop + wait: every vCPU out of its loop (one asleep in its rate limit is stopped
+ * there, unwoken), its state written back. The threads end after it: pc_guest_join waits for
+ * that, and pc_guest_start / pc_guest_prepare join stopped ones first. Same caveat as
+ * pc_guest_wait: keep serving faults meanwhile. */
 int pc_guest_stop(pc_guest *g);
 
 /* Number of vCPU threads still inside their loop. */
