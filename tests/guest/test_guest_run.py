@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -192,15 +191,14 @@ def test_close_stops_a_running_guest(memory: Any) -> None:
     g.close()  # idempotent
 
 
-def vcpu_threads_sleeping() -> list[str]:
-    """States (R, S, ...) of this process's vCPU threads that still exist."""
+def thread_states(tids: list[int]) -> list[str]:
+    """States (R, S, ...) of those of these threads of this process that still exist."""
     out = []
-    for tid in os.listdir("/proc/self/task"):
+    for tid in tids:
         try:
-            if Path(f"/proc/self/task/{tid}/comm").read_text().startswith("guest-vcpu"):
-                out.append(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            out.append(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
         except OSError:
-            continue        # ended meanwhile
+            continue        # ended
     return out
 
 
@@ -239,14 +237,17 @@ def test_stop_returns_with_the_asleep_vcpus_still_asleep(memory: Any) -> None:
         g.start()
         wait_for_steps(g, (1, 1))
         time.sleep(0.05)        # both asleep until their next access, a second after the first
+        tids = g.vcpu_tids()
+        assert len(tids) == 2
         g.stop()
         assert g.running == 0
-        assert vcpu_threads_sleeping() == ["S", "S"]    # stopped, not woken, not ended
+        assert thread_states(tids) == ["S", "S"]        # stopped, not woken, not ended
         state = g.save_state()                          # allowed: no vCPU runs
         assert g.stats().steps == (1, 1)
         g.start()                                       # joins the stopped threads first
         g.stop()
+        tids += g.vcpu_tids()
         g.join()
-        assert vcpu_threads_sleeping() == []
+        assert thread_states(tids) == []
         assert len(g.save_state()) == len(state)
         assert g.verify().ok

@@ -438,7 +438,7 @@ enum { THROTTLE_GO, THROTTLE_STOP, THROTTLE_STOPPED_ASLEEP };
  * asked to stop first. Before it sleeps the vCPU writes its state back (prng, position, hash)
  * and says so under done_lock: a stop finds it asleep and ends it there, without waking it
  * (THROTTLE_STOPPED_ASLEEP when it wakes: it leaves touching nothing). Waking an idle vCPU
- * cost 130-150 us here (a halted CPU), all of it inside the source's downtime. */
+ * cost 130-150 us here (likely an idle CPU's wakeup on this VM), all inside the downtime. */
 static int throttle(struct vcpu *c, uint64_t start_ns, uint64_t done, uint64_t prng, uint64_t position,
                     uint64_t hash)
 {
