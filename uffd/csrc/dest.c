@@ -1728,15 +1728,16 @@ static int direct_unread(pc_rx *rx, const direct_layout *l, uint64_t from, uint6
     return 0;
 }
 
-/* A huge page of a prefilled block starts on this channel: when its first
+/* A huge page of a prefilled block starts on the bulk stream (the preempt
+ * channel takes such pages through its buffer, see direct_plan): when its first
  * header says which (in the buffer, or peeked in the socket), claim it now
  * (tmp_begin), so that all its bodies are received straight into its bytes
  * through the alias and it is mapped with UFFDIO_CONTINUE: no copy besides the
  * kernel's out of the socket. The source sends a host page's records together,
  * so a page claimed here is in flight on this channel (and the preempt channel
- * takes over the bulk stream's, see "the bulk stream's page"). 1 when the page
- * is begun (claimed or not), 0 when the temp page takes the first records (the
- * general case). */
+ * takes it over when it brings a copy, see "the bulk stream's page"). 1 when
+ * the page is begun (claimed or not), 0 when the temp page takes the first
+ * records (the general case). */
 static int begin_next_host_page(pc_rx *rx, uint32_t bi, uint64_t avail)
 {
     const pc_dst_block *b = &rx->dst->blocks[bi];
@@ -1810,8 +1811,8 @@ static direct_layout direct_plan(pc_rx *rx)
         } else {
             if (rx->tmp_block != bi)
                 return l;       /* the general path reports it */
-            /* A requested page claimed in place (its first records told which it is): the
-             * rest is received straight into its bytes, no copy out of the temp page. */
+            /* The bulk stream's page claimed in place (its first records told which it is):
+             * the rest is received straight into its bytes, no copy out of the temp page. */
             l.inplace = rx->tmp_inplace;
             l.bodies = l.inplace ? d->blocks[bi].alias + rx->tmp_next_off
                                  : rx->tmp + (rx->tmp_next_off - rx->tmp_host_off);
@@ -1880,9 +1881,8 @@ static int direct_place(pc_rx *rx, const direct_layout *l, uint32_t k)
     }
     if (!k)
         return 0;
-    if (rx->tmp_block < 0)
-        tmp_begin(rx, bi, pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1),
-                  rx->kind == PC_RX_PREEMPT);
+    if (rx->tmp_block < 0)      /* into the temp page: a page to claim was begun by begin_next_host_page */
+        tmp_begin(rx, bi, pc_get_be64(rx->direct_hdr[0]) & ~(uint64_t)(PC_TARGET_PAGE_SIZE - 1), 0);
     for (uint32_t i = 0; i < k; i++)     /* the bodies are in tmp already: written through in place */
         tmp_put(rx, rx->tmp_next_off + (uint64_t)i * PC_TARGET_PAGE_SIZE, l->bodies + (uint64_t)i * PC_TARGET_PAGE_SIZE);
     rx->tmp_next_off += (uint64_t)k * PC_TARGET_PAGE_SIZE;
@@ -1910,9 +1910,10 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     if (!l.nrec)
         return pc_sockbuf_recv(&rx->in);
     pc_sockbuf *in = &rx->in;
-    /* The bulk stream's page in place: bytes are waited for outside a write window, and a
-     * window takes only what is here (see take_over_bulk_page) */
-    int window = l.inplace && rx->kind != PC_RX_PREEMPT;
+    /* The bulk stream's page in place (only it receives in place: direct_plan): bytes are
+     * waited for outside a write window, and a window takes only what is here (see
+     * take_over_bulk_page) */
+    int window = l.inplace;
     if (window) {
         (void)wait_readable_or(in->fd, -1, 0);     /* an error on the socket: the receive reports it */
         if (!bulk_write_begin(rx)) {

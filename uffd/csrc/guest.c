@@ -385,7 +385,12 @@ static bool words_all_zero(const volatile uint64_t *p)
     return true;
 }
 
-static bool vcpus_running(const pc_guest *g);
+/* Under ctl: vCPU threads inside their loops. Stopped ones may not have ended yet (a vCPU
+ * stopped asleep ends when it next runs): their state is written back all the same. */
+static bool vcpus_running(const pc_guest *g)
+{
+    return g->threads_exist && atomic_load(&((pc_guest *)g)->active) != 0;
+}
 
 int pc_guest_fill_initial(pc_guest *g)
 {
@@ -657,17 +662,10 @@ static void join_threads(pc_guest *g, uint32_t n)
         pthread_join(g->vcpus[v].thread, NULL);
 }
 
-/* Under ctl: vCPU threads inside their loops. Stopped ones may not have ended yet (a vCPU
- * stopped asleep ends when it next runs): their state is written back all the same. */
-static bool vcpus_running(const pc_guest *g)
-{
-    return g->threads_exist && atomic_load(&((pc_guest *)g)->active) != 0;
-}
-
 /* Under ctl: the threads of stopped vCPUs ended (joined), before new ones use their stacks. */
 static void reap_stopped(pc_guest *g)
 {
-    if (g->threads_exist && atomic_load(&g->active) == 0) {
+    if (g->threads_exist && !vcpus_running(g)) {
         join_threads(g, g->nvcpus);
         g->threads_exist = false;
     }
