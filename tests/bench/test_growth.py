@@ -48,8 +48,9 @@ def test_a_size_that_cannot_fit_is_refused_with_the_reason() -> None:
 @pytest.mark.root
 def test_cost_run_measures_both_roles_in_their_own_processes() -> None:
     # the profiler samples threads every 50 ms: the background stream must outlive a few samples
-    # (32 MiB took ~30 ms and a loaded CI run missed the source-bulk thread)
-    size = 160 * MiB
+    # (32 MiB took ~30 ms and a loaded CI run missed the source-bulk thread; on a faster host
+    # 160 MiB went in ~40 ms and missed it too: 512 MiB is ~130 ms at 4 GB/s)
+    size = 512 * MiB
     run = measure_cost(size, timeout=120)
     src, dst = run.source, run.destination
     assert (src.role, dst.role) == ("source", "destination")
