@@ -437,6 +437,14 @@ int pc_guest_initial_content(const pc_guest *g, uint32_t region, uint64_t offset
 /* A vCPU's nap in its rate limit: asleep with its state written back, and stopped there by
  * pc_guest_request_stop (which then counts it out of its loop: it need not run to stop). */
 enum { NAP_NONE, NAP_ASLEEP, NAP_STOPPED };
+
+/* A vCPU's registers back in its struct: what pc_guest_save_state saves and the next start resumes. */
+static void vcpu_write_back(struct vcpu *c, uint64_t prng, uint64_t position, uint64_t hash)
+{
+    c->prng = prng;
+    c->position = position;
+    c->read_hash = hash;
+}
 enum { THROTTLE_GO, THROTTLE_STOP, THROTTLE_STOPPED_ASLEEP };
 
 /* Sleep until access number `done` (since start) is due: THROTTLE_GO, or THROTTLE_STOP when
@@ -455,9 +463,7 @@ static int throttle(struct vcpu *c, uint64_t start_ns, uint64_t done, uint64_t p
         return THROTTLE_GO;
     struct timespec deadline = {.tv_sec = (time_t)(due / 1000000000ull), .tv_nsec = (long)(due % 1000000000ull)};
     int what = THROTTLE_GO;
-    c->prng = prng;
-    c->position = position;
-    c->read_hash = hash;
+    vcpu_write_back(c, prng, position, hash);
     pthread_mutex_lock(&g->done_lock);
     c->nap = NAP_ASLEEP;
     for (;;) {
@@ -642,9 +648,7 @@ static void vcpu_run(struct vcpu *c)
         }
         atomic_store_explicit(&c->steps, ++steps, memory_order_release);
     }
-    c->prng = prng;
-    c->position = position;
-    c->read_hash = hash;
+    vcpu_write_back(c, prng, position, hash);
     atomic_store(&c->in_loop, false);   /* pc_guest_stop renices only threads still here */
 
     pthread_mutex_lock(&g->done_lock);
