@@ -634,17 +634,19 @@ class Row:
     def ratio_p99(self) -> float:
         return self.lat_p99_ns / self.floor_p99_ns
 
+    def _over_paired_plain(self, p50s_ns: list[float]) -> float:
+        """The median of each run's p50 over the plain C fault measured with it."""
+        return statistics.median(r / p for r, p in zip(p50s_ns, self.plain_p50s_ns, strict=True))
+
     def ratio_vs_plain(self) -> float:
         """p50 over the plain C fault: the median of each busy run's over the one measured before it."""
         if self.plain_p50s_ns:
-            return statistics.median(r / p for r, p in zip(self.run_p50s_ns, self.plain_p50s_ns, strict=True))
+            return self._over_paired_plain(self.run_p50s_ns)
         return self.lat_p50_ns / self.plain_p50_ns if self.plain_p50_ns else float("nan")
 
     def ratio_one_vcpu(self) -> float:
         """The same ratio with one busy vCPU (nan: not measured)."""
-        if not self.one_vcpu_p50s_ns:
-            return float("nan")
-        return statistics.median(r / p for r, p in zip(self.one_vcpu_p50s_ns, self.plain_p50s_ns, strict=True))
+        return self._over_paired_plain(self.one_vcpu_p50s_ns) if self.one_vcpu_p50s_ns else float("nan")
 
     def bulk_ratio(self) -> float:
         if self.idle_bulk_bps:
