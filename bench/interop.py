@@ -15,7 +15,8 @@ Rows (one run each unless ``--runs``; median shown):
   (``migrate`` to ``exec:cat > FILE``, then ``-incoming exec:cat FILE``).
 
 Columns: total time and downtime as QEMU's source reports them (query-migrate
-``total-time``/``downtime``), wall time from ``migrate`` to completed, bytes
+``total-time``/``downtime``; a postcopy downtime under 1 ms shows as 0, which QEMU 7.2
+itself reports as milliseconds since boot), wall time from ``migrate`` to completed, bytes
 transferred and throughput (transferred / total time).
 
 Targets, printed with ok/miss: receiving from QEMU at least as fast as QEMU -> QEMU

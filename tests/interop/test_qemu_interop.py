@@ -72,6 +72,7 @@ def test_qemu_to_us(tmp_path: Path, preempt: bool) -> None:
     r = migrate_qemu_to_us(tmp_path, preempt=preempt)
     _check_saved(r)
     assert r.report["bytes_received"] >= r.transferred > MEM // 2
+    assert 0 <= r.downtime_ms <= r.total_ms, (r.downtime_ms, r.total_ms)
 
 
 def test_qemu_to_us_after_precopy(tmp_path: Path) -> None:
