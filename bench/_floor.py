@@ -5,7 +5,9 @@ memtouch.c) so that no Python runs between the timestamps.
 * ``tcp_stream_bps``: loopback TCP throughput, one sender and one receiver thread;
 * ``copy_cost_ns``: one UFFDIO_COPY of a fresh page (4 KiB or 2 MiB);
 * ``plain_remote_fault_ns``: a minimal C remote fault (fault -> TCP request ->
-  page reply -> UFFDIO_COPY), what a bare C client/server does here.
+  page reply -> UFFDIO_COPY), what a bare C client/server does here;
+* ``record_stream``: the bulk stream's records over loopback TCP out of a RAM
+  block, copied into the kernel's buffers (sendmsg) or referenced (vmsplice + splice).
 
 This module is the only place in bench/ that reaches ``uffd._native``.
 """
@@ -14,17 +16,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 from uffd import PAGE_4K, RamBlock, RegisterMode, Userfaultfd
 from uffd import memtouch as mt
 from uffd._lowlevel import ffi, lib
 
 __all__ = [
+    "RECORD_STREAM_WAYS",
     "FloorError",
+    "RecordStream",
     "copy_batched_bps",
     "copy_cost_ns",
     "first_touch_bps",
     "plain_remote_fault_ns",
+    "record_stream",
     "tcp_rtt_ns",
     "tcp_stream_bps",
     "warm_free_memory",
@@ -142,3 +148,35 @@ def warm_free_memory(nbytes: int) -> None:
         raise ValueError(f"warm_free_memory: nbytes={nbytes} must be a positive multiple of 4 KiB")
     with RamBlock("floor.warm", nbytes) as a:
         mt.fill_pattern(a, 0, nbytes)
+
+
+@dataclass(frozen=True)
+class RecordStream:
+    """One ``record_stream``: wall time to the last byte read, and each thread's CPU time."""
+    nbytes: int
+    elapsed_ns: int
+    sender_cpu_ns: int
+    receiver_cpu_ns: int
+
+    @property
+    def bps(self) -> float:
+        return self.nbytes * 1e9 / max(self.elapsed_ns, 1)
+
+
+#: how record_stream sends: copied by sendmsg, referenced by vmsplice + splice, or the pages alone
+#: referenced (no headers: not a stream a destination reads, the best case of sending by reference)
+RECORD_STREAM_WAYS = {"copy": 0, "splice": 1, "splice-pages": 2}
+
+
+def record_stream(block: RamBlock, way: str, *, verify: bool = False) -> RecordStream:
+    """The block's pages as the bulk stream sends them (a header per 4 KiB page, a 2 MiB page's
+    records per sendmsg) from one thread to another over loopback TCP, ``way`` one of
+    ``RECORD_STREAM_WAYS``. ``verify``: the receiver checks every record (slow; tests)."""
+    if way not in RECORD_STREAM_WAYS:
+        raise ValueError(f"record_stream: way {way!r} is not one of {', '.join(RECORD_STREAM_WAYS)}")
+    length = block.used_length
+    out = ffi.new("uint64_t[3]")
+    _check(lib.pc_nb_record_stream(block.addr, length, RECORD_STREAM_WAYS[way], int(verify), out, out + 1, out + 2),
+           f"record_stream({block.idstr!r}, {length} bytes, {way})")
+    header = 0 if way == "splice-pages" else 8
+    return RecordStream(length // PAGE_4K * (PAGE_4K + header), int(out[0]), int(out[1]), int(out[2]))

@@ -12,7 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -341,4 +343,209 @@ int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len
         return -errno;
     }
     return (int64_t)(pc_now_ns() - t0);
+}
+
+/* ---- the bulk stream's records, sent by copy or by reference (pc_nb_record_stream) ---- */
+
+#define REC_BODY 4096u
+#define REC_HDR 8u
+#define REC_SIZE (REC_HDR + REC_BODY)
+#define REC_PER_SEND 512u               /* a 2 MiB page's records: one sendmsg, as source.c sends them */
+#define REC_FLAGS 0x28u                 /* PAGE | CONTINUE */
+
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+struct rec_stream {
+    int fd, use_splice, verify, rc;     /* use_splice 2: the pages alone, no headers (the best case) */
+    const uint8_t *src;
+    uint64_t nrec, cpu_ns;
+};
+
+/* Build the iovecs of records first..first+n (headers into hdr). */
+static void rec_iov(const struct rec_stream *s, uint64_t first, uint64_t n, uint8_t *hdr, struct iovec *iov)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        pc_put_be64(hdr + REC_HDR * i, (first + i) * REC_BODY | REC_FLAGS);
+        iov[2 * i] = (struct iovec){ hdr + REC_HDR * i, REC_HDR };
+        iov[2 * i + 1] = (struct iovec){ (void *)(s->src + (first + i) * REC_BODY), REC_BODY };
+    }
+}
+
+/* Consume n bytes of the iovecs (advances iov, lowers cnt). */
+static void rec_iov_advance(struct iovec **iov, int *cnt, size_t n)
+{
+    while (n) {
+        if (n >= (*iov)->iov_len) {
+            n -= (*iov)->iov_len;
+            (*iov)++;
+            (*cnt)--;
+        } else {
+            (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+            (*iov)->iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+static int rec_send_copy(struct rec_stream *s, uint8_t *hdr, struct iovec *iov)
+{
+    for (uint64_t r = 0; r < s->nrec; r += REC_PER_SEND) {
+        uint64_t n = s->nrec - r < REC_PER_SEND ? s->nrec - r : REC_PER_SEND;
+        rec_iov(s, r, n, hdr, iov);
+        struct iovec *v = iov;
+        int cnt = (int)(2 * n);
+        while (cnt) {
+            struct msghdr m = { .msg_iov = v, .msg_iovlen = (size_t)cnt };
+            ssize_t w = sendmsg(s->fd, &m, 0);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0)
+                return -errno;
+            rec_iov_advance(&v, &cnt, (size_t)w);
+        }
+    }
+    return 0;
+}
+
+/* vmsplice references the pages, it does not copy them: the headers' page must never be
+ * written again while a pipe buffer or an skb holds it, so after each splice it is dropped
+ * (MADV_DONTNEED) and the next round's headers land on a fresh page. */
+static int rec_send_splice(struct rec_stream *s, uint8_t *hdr, struct iovec *iov)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC))
+        return -errno;
+    int rc = 0;
+    long psz = fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
+    if (psz < 0)
+        psz = fcntl(p[1], F_GETPIPE_SZ);
+    int bare = s->use_splice == 2;
+    uint64_t rec = bare ? REC_BODY : REC_SIZE;
+    uint64_t per = psz > 0 ? (uint64_t)psz / 4096 / (bare ? 1 : 2) : 0;    /* a buffer per page, one per header */
+    if (per == 0)
+        rc = -EINVAL;
+    for (uint64_t r = 0; rc == 0 && r < s->nrec; r += per) {
+        uint64_t n = s->nrec - r < per ? s->nrec - r : per;
+        if (bare)
+            iov[0] = (struct iovec){ (void *)(s->src + r * REC_BODY), n * REC_BODY };
+        else
+            rec_iov(s, r, n, hdr, iov);
+        struct iovec *v = iov;
+        int cnt = bare ? 1 : (int)(2 * n);
+        while (rc == 0 && cnt) {
+            ssize_t w = vmsplice(p[1], v, (unsigned long)cnt, 0);
+            if (w < 0 && errno != EINTR)
+                rc = -errno;
+            else if (w > 0)
+                rec_iov_advance(&v, &cnt, (size_t)w);
+        }
+        for (uint64_t left = n * rec; rc == 0 && left;) {
+            ssize_t w = splice(p[0], NULL, s->fd, NULL, left, SPLICE_F_MORE);
+            if (w < 0 && errno != EINTR)
+                rc = -errno;
+            else if (w == 0)
+                rc = -EPIPE;
+            else if (w > 0)
+                left -= (uint64_t)w;
+        }
+        if (rc == 0 && !bare && madvise(hdr, REC_PER_SEND * REC_HDR, MADV_DONTNEED))
+            rc = -errno;
+    }
+    close(p[0]);
+    close(p[1]);
+    return rc;
+}
+
+static void *rec_sender_main(void *arg)
+{
+    struct rec_stream *s = arg;
+    uint64_t c0 = thread_cpu_ns();
+    size_t hdr_len = REC_PER_SEND * REC_HDR;
+    uint8_t *hdr = mmap(NULL, hdr_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    struct iovec *iov = calloc(2 * REC_PER_SEND, sizeof(*iov));
+    if (hdr == MAP_FAILED || !iov)
+        s->rc = -ENOMEM;
+    else
+        s->rc = s->use_splice ? rec_send_splice(s, hdr, iov) : rec_send_copy(s, hdr, iov);
+    shutdown(s->fd, SHUT_WR);
+    if (hdr != MAP_FAILED)
+        munmap(hdr, hdr_len);
+    free(iov);
+    s->cpu_ns = thread_cpu_ns() - c0;
+    return NULL;
+}
+
+/* The receiving end: everything into one buffer; with verify, record by record against src. */
+static int rec_receive(int fd, const struct rec_stream *s, uint64_t *got)
+{
+    size_t hdr = s->use_splice == 2 ? 0 : REC_HDR, rec = hdr + REC_BODY;
+    size_t cap = s->verify ? rec : 4u << 20;
+    uint8_t *buf = malloc(cap);
+    int rc = 0;
+    if (!buf)
+        return -ENOMEM;
+    memset(buf, 0, cap);                /* touched, so no page faults are timed */
+    for (uint64_t i = 0; rc == 0; i++) {
+        if (s->verify) {
+            int r = read_all(fd, buf, rec);
+            if (r <= 0) {
+                rc = r;
+                break;
+            }
+            uint8_t want[REC_HDR];
+            pc_put_be64(want, i * REC_BODY | REC_FLAGS);
+            if (i >= s->nrec || memcmp(buf, want, hdr) || memcmp(buf + hdr, s->src + i * REC_BODY, REC_BODY))
+                rc = -EBADMSG;
+            *got += rec;
+            continue;
+        }
+        ssize_t n = read(fd, buf, cap);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            rc = n < 0 ? -errno : 0;
+            break;
+        }
+        *got += (uint64_t)n;
+    }
+    free(buf);
+    return rc;
+}
+
+int pc_nb_record_stream(uint64_t src, uint64_t len, int use_splice, int verify, uint64_t *elapsed_ns,
+                        uint64_t *sender_cpu_ns, uint64_t *receiver_cpu_ns)
+{
+    if (!src || len == 0 || len % REC_BODY || use_splice < 0 || use_splice > 2 || !elapsed_ns || !sender_cpu_ns || !receiver_cpu_ns)
+        return -EINVAL;
+    int fds[2], rc = tcp_pair(fds, 0);
+    if (rc < 0)
+        return rc;
+    int bufsz = STREAM_SOCKBUF;
+    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
+    setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
+    struct rec_stream s = { .fd = fds[0], .use_splice = use_splice, .verify = verify,
+                            .src = (const uint8_t *)(uintptr_t)src, .nrec = len / REC_BODY };
+    pthread_t tx;
+    uint64_t got = 0, t0 = pc_now_ns(), c0 = thread_cpu_ns();
+    if ((rc = -pthread_create(&tx, NULL, rec_sender_main, &s)) == 0) {
+        rc = rec_receive(fds[1], &s, &got);
+        *receiver_cpu_ns = thread_cpu_ns() - c0;
+        *elapsed_ns = pc_now_ns() - t0;
+        if (rc < 0)
+            shutdown(fds[1], SHUT_RDWR);    /* a sender blocked on a full socket ends */
+        pthread_join(tx, NULL);
+        *sender_cpu_ns = s.cpu_ns;
+        if (rc == 0 && s.rc < 0)
+            rc = s.rc;
+        if (rc == 0 && got != s.nrec * (use_splice == 2 ? REC_BODY : REC_SIZE))
+            rc = -EPIPE;
+    }
+    close(fds[0]);
+    close(fds[1]);
+    return rc;
 }

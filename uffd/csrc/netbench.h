@@ -32,4 +32,16 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
  * contiguous pages would gain. Elapsed ns, or -errno on the first failure. */
 int64_t pc_nb_copy_batched(int uffd_fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t chunk);
 
+/* len bytes at src (a multiple of 4 KiB) from a sender thread to a receiver
+ * thread over loopback TCP as the bulk stream carries them: per 4 KiB page an
+ * 8-byte record header and the page, 512 records per sendmsg (the kernel copies
+ * the pages into its buffers); with use_splice the same records by vmsplice into
+ * a pipe and splice into the socket (the kernel references the pages instead);
+ * use_splice 2: the pages alone by reference, no headers (not a stream the
+ * destination reads: the best case of sending by reference).
+ * verify: the receiver checks every record against src (slow; for tests).
+ * *elapsed_ns from the start to the last byte read; each thread's CPU time. */
+int pc_nb_record_stream(uint64_t src, uint64_t len, int use_splice, int verify, uint64_t *elapsed_ns,
+                        uint64_t *sender_cpu_ns, uint64_t *receiver_cpu_ns);
+
 #endif /* PC_NETBENCH_H */
