@@ -546,8 +546,8 @@ def migrate_qemu_to_us(rundir: Path, *, mem: str = "64M", preempt: bool = False,
     ``migrate-recover`` to a new port first and A resumes to that one. ``touch``: the destination's
     ``--touch`` reader (page requests from RUN on). A stays stopped at the switch; its RAM is dumped.
     ``precopy_s``: precopy runs that long first, capped at ``PRECOPY_CAP`` (as always before the
-    switch) so that it cannot converge (the switch to postcopy is what is tested); ``precopy_only``: no migrate-start-postcopy,
-    QEMU converges and completes in precopy.
+    switch) so that it cannot converge (the switch to postcopy is what is tested);
+    ``precopy_only``: no migrate-start-postcopy, QEMU converges and completes in precopy.
     """
     caps = (*POSTCOPY_CAPS, "postcopy-preempt") if preempt else POSTCOPY_CAPS
     save = rundir / "snapshot"
