@@ -12,7 +12,10 @@ thread and one receiver thread over loopback TCP, rounds interleaved:
 * splice / copy: the paired ratio of GB/s, median of the rounds, for 4 KiB (anonymous) and
   2 MiB (hugetlbfs) pages; above 1 the product should send by reference;
 * ``splice-pages``: the pages alone by reference, no headers (not a stream a destination
-  reads): the best case of sending by reference, whatever the records cost in it.
+  reads): the best case of sending by reference, whatever the records cost in it;
+* copy / ceiling: the records by copy against the migration bench's throughput ceiling (a
+  loopback stream of 1 MiB writes out of one warm buffer, measured in each round): what a
+  sender of nothing but the records reaches out of memory no cache holds.
 
 Each way is first checked record by record (header and page against the block). The loopback
 receiver copies either way; on a NIC with TSO a zero-copy send would skip the copy altogether,
@@ -32,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _floor import RECORD_STREAM_WAYS, record_stream
+from _floor import RECORD_STREAM_WAYS, record_stream, tcp_stream_bps
 
 from uffd import PAGE_2M, PAGE_4K, RamBlock, free_hugepages
 from uffd import memtouch as mt
@@ -54,6 +57,7 @@ def measure(size: int, page_size: int, rounds: int) -> dict[str, Any]:
     """Both ways out of one block of ``size`` bytes, ``rounds`` pairs taking turns going first."""
     backing: Backing = "anon" if page_size == PAGE_4K else "hugetlbfs"
     runs: dict[str, list[dict[str, float]]] = {way: [] for way in RECORD_STREAM_WAYS}
+    ceilings: list[float] = []
     with RamBlock("zero-copy.src", size, page_size, backing) as block:
         mt.fill_pattern(block, 0, size, seed=11)
         with RamBlock("zero-copy.check", CHECK_BYTES, page_size, backing) as small:
@@ -62,13 +66,17 @@ def measure(size: int, page_size: int, rounds: int) -> dict[str, Any]:
                 record_stream(small, way, verify=True)     # raises on a wrong record
         ways = list(RECORD_STREAM_WAYS)
         for i in range(rounds):
+            ceilings.append(tcp_stream_bps(size) / 1e9)
             for way in ways if i % 2 == 0 else ways[::-1]:
                 r = record_stream(block, way)
                 runs[way].append({"gbps": r.bps / 1e9, "sender_cpu_ms": r.sender_cpu_ns / 1e6,
                                   "receiver_cpu_ms": r.receiver_cpu_ns / 1e6})
     paired = {way: [s["gbps"] / c["gbps"] for s, c in zip(runs[way], runs["copy"], strict=True)]
               for way in ("splice", "splice-pages")}
-    return {"page_size": page_size, "size": size, "rounds": rounds, "runs": runs,
+    of_ceiling = [c["gbps"] / g for c, g in zip(runs["copy"], ceilings, strict=True)]
+    return {"page_size": page_size, "size": size, "rounds": rounds, "runs": runs, "ceiling_gbps": ceilings,
+            "copy_over_ceiling": {"median": statistics.median(of_ceiling), "min": min(of_ceiling),
+                                  "max": max(of_ceiling)},
             "medians": {way: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for way, rs in runs.items()},
             "over_copy": {way: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                           for way, r in paired.items()}}
@@ -106,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: splice / copy {s['median']:.2f} [{s['min']:.2f}..{s['max']:.2f}] paired GB/s "
               f"(the pages alone: {best['median']:.2f}): "
               f"{'send by reference' if s['median'] > 1 else 'keep the copy'} on this host")
+        c = m["copy_over_ceiling"]
+        print(f"{label}: copy / ceiling {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}] paired "
+              f"(ceiling {statistics.median(m['ceiling_gbps']):.2f} GB/s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "rounds": args.rounds, "results": results},
                                               indent=1))

@@ -5,6 +5,7 @@ every figure. Shape and sanity only, never speed."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,17 @@ def test_small_run_prints_both_page_sizes_and_writes_json(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, str(BENCH), "--size", "32M", "--rounds", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
-    for line in ("| 4 KiB | copy ", "| 2 MiB | splice-pages ", "4 KiB: splice / copy ", "2 MiB: splice / copy "):
+    for line in ("| 4 KiB | copy ", "| 2 MiB | splice-pages ", "4 KiB: splice / copy ", "2 MiB: splice / copy ",
+                 "2 MiB: copy / ceiling "):
         assert line in proc.stdout, f"{line!r} missing from:\n{proc.stdout}"
     report = json.loads(out.read_text())
     assert [r["page_size"] for r in report["results"]] == [PAGE_4K, PAGE_2M]
     for r in report["results"]:
         assert set(r["runs"]) == set(RECORD_STREAM_WAYS)
         assert all(len(runs) == 2 and all(x["gbps"] > 0 for x in runs) for runs in r["runs"].values())
+        assert len(r["ceiling_gbps"]) == 2
+        assert r["copy_over_ceiling"]["median"] == statistics.median(
+            c["gbps"] / g for c, g in zip(r["runs"]["copy"], r["ceiling_gbps"], strict=True))
         for way, paired in r["over_copy"].items():
             ratios = [s["gbps"] / c["gbps"] for s, c in zip(r["runs"][way], r["runs"]["copy"], strict=True)]
             assert (paired["min"], paired["max"]) == (min(ratios), max(ratios))

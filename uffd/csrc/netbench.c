@@ -53,6 +53,17 @@ fail:
     return err ? err : -EIO;
 }
 
+/* A loopback TCP pair for a one-way stream, fds[0] -> fds[1], with STREAM_SOCKBUF buffers. */
+static int stream_pair(int fds[2])
+{
+    int rc = tcp_pair(fds, 0), bufsz = STREAM_SOCKBUF;
+    if (rc == 0) {
+        setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
+        setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
+    }
+    return rc;
+}
+
 /* 0 once len bytes are written, -errno otherwise. */
 static int write_all(int fd, const void *buf, size_t len)
 {
@@ -166,12 +177,9 @@ int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
 {
     if (chunk == 0 || chunk > (64u << 20) || !elapsed_ns)
         return -EINVAL;
-    int fds[2], rc = tcp_pair(fds, 0);
+    int fds[2], rc = stream_pair(fds);
     if (rc < 0)
         return rc;
-    int bufsz = STREAM_SOCKBUF;
-    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
-    setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
     uint8_t *buf = malloc(chunk);
     struct sender s = { fds[0], chunk, total_bytes, 0 };
     pthread_t tx;
@@ -520,14 +528,12 @@ static int rec_receive(int fd, const struct rec_stream *s, uint64_t *got)
 int pc_nb_record_stream(uint64_t src, uint64_t len, int use_splice, int verify, uint64_t *elapsed_ns,
                         uint64_t *sender_cpu_ns, uint64_t *receiver_cpu_ns)
 {
-    if (!src || len == 0 || len % REC_BODY || use_splice < 0 || use_splice > 2 || !elapsed_ns || !sender_cpu_ns || !receiver_cpu_ns)
+    if (!src || len == 0 || len % REC_BODY || use_splice < 0 || use_splice > 2 || !elapsed_ns || !sender_cpu_ns ||
+        !receiver_cpu_ns)
         return -EINVAL;
-    int fds[2], rc = tcp_pair(fds, 0);
+    int fds[2], rc = stream_pair(fds);
     if (rc < 0)
         return rc;
-    int bufsz = STREAM_SOCKBUF;
-    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz));
-    setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz));
     struct rec_stream s = { .fd = fds[0], .use_splice = use_splice, .verify = verify,
                             .src = (const uint8_t *)(uintptr_t)src, .nrec = len / REC_BODY };
     pthread_t tx;
