@@ -1,9 +1,9 @@
 """Would the kernel's zero-copy send beat the bulk stream's copy on this host?
 
 The source's bulk sender is the bound of an idle 2 MiB migration here (docs/performance.md,
-Round 21): a third of its CPU is the kernel copying the guest's cold pages into socket buffers
-(``_copy_from_iter``). ``vmsplice`` + ``splice`` would hand the socket references to the pages
-instead. This bench sends the same records both ways out of the same RAM block, in C
+Rounds 21-22), and a third of its CPU is the kernel copying the guest's pages into socket
+buffers (``_copy_from_iter``). ``vmsplice`` + ``splice`` would hand the socket references to
+the pages instead. This bench sends the same records both ways out of the same RAM block, in C
 (netbench.c ``pc_nb_record_stream``: per 4 KiB page an 8-byte header and the page, 512 records
 per sendmsg as source.c sends them, or the same iovecs through a 1 MiB pipe), one sender
 thread and one receiver thread over loopback TCP, rounds interleaved:
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _floor import RECORD_STREAM_WAYS, record_stream, tcp_stream_bps
 
+from postcopy.spec import SpecError, parse_size
 from uffd import PAGE_2M, PAGE_4K, RamBlock, free_hugepages
 from uffd import memtouch as mt
 from uffd._memory import Backing
@@ -45,9 +46,11 @@ MiB = 1 << 20
 CHECK_BYTES = 16 * MiB
 
 
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    n = int(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units else int(text)
+def block_size(text: str) -> int:
+    try:
+        n = parse_size(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if n <= 0 or n % PAGE_2M:
         raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of 2 MiB")
     return n
@@ -84,7 +87,7 @@ def measure(size: int, page_size: int, rounds: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--size", type=parse_size, default=512 * MiB, help="bytes of the RAM block (default 512M)")
+    ap.add_argument("--size", type=block_size, default=512 * MiB, help="bytes of the RAM block (default 512M)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved pairs per page size (default 5)")
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     args = ap.parse_args(argv)
