@@ -36,6 +36,7 @@ from . import wire
 from ._datapath import RX_MAIN, RX_PREEMPT, DataPathError, DestinationPath, Receiver, decoded_items
 from ._link import (
     BACKGROUND_NICE,
+    SWITCH_NICE,
     bound_bulk_buffers,
     close_after_peer,
     hold_gc,
@@ -43,7 +44,9 @@ from ._link import (
     one_malloc_arena,
     quick_gil_handoff,
     set_recv_timeout,
+    set_thread_nice,
     shutdown_quietly,
+    thread_nice,
     touch_stack,
     tune,
     urgent_priority,
@@ -172,6 +175,7 @@ class Destination:
         self._started_ns = time.monotonic_ns()
         self._guest_started_ns = 0
         self._vcpus_unregistered = False     # the guest started, its vCPU ids not yet given to the fault path
+        self._nice_after_switch: int | None = None     # RUN's thread raised to SWITCH_NICE: its nice after
         self._finished_ns = 0
         self._counters_at_end: MigrationStats | None = None
         rehearse_switch_once(self.preempt)   # the switch's Python runs specialized, not for the first time, inside the downtime
@@ -322,6 +326,9 @@ class Destination:
         try:
             self._carry_out_all(pending)
         finally:
+            if self._nice_after_switch is not None:
+                set_thread_nice(self._nice_after_switch)     # PONG 3 is written
+                self._nice_after_switch = None
             if self._vcpus_unregistered:
                 # after the batch (PONG 3 is in it): the fault path learns the fresh vCPU
                 # threads' ids (per-vCPU blocktime) once they have run, not inside the downtime
@@ -467,6 +474,10 @@ class Destination:
                 self._register()
             case StartGuest(device_sections=sections, configuration=configuration, in_package=in_package):
                 self.owner.load_device_state(sections, configuration=configuration, in_package=in_package)
+                # from the vCPUs' release to PONG 3's write (this batch) above the fault path,
+                # which their first faults wake at once (SWITCH_NICE)
+                self._nice_after_switch = thread_nice()
+                set_thread_nice(SWITCH_NICE)
                 self.owner.start()
                 self._guest_started_ns = time.monotonic_ns()
                 self._vcpus_unregistered = True

@@ -13,7 +13,18 @@ from collections.abc import Callable
 
 import pytest
 
-from postcopy._link import BACKGROUND_NICE, background_priority, name_os_thread, set_thread_nice, urgent_priority
+from harness import check, migrate
+
+from postcopy import wire
+from postcopy._datapath import DestinationPath
+from postcopy._link import (
+    BACKGROUND_NICE,
+    SWITCH_NICE,
+    background_priority,
+    name_os_thread,
+    set_thread_nice,
+    urgent_priority,
+)
 from postcopy.guest import Guest, GuestConfigError, Pattern
 from postcopy.owner import BuiltinGuest
 from postcopy.spec import GuestSpec
@@ -137,6 +148,36 @@ def test_the_builtin_guest_started_on_an_urgent_thread_runs_at_its_setup_threads
     finally:
         source.close()
         memory.close()
+
+
+def test_the_destination_starts_the_guest_above_the_fault_path_until_pong_3_is_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RUN's thread releases the vCPUs at SWITCH_NICE (their first faults wake the fault path at
+    nice -10 at once) and writes PONG 3 so; after that batch it is back at -10."""
+    seen: dict[str, tuple[int, int]] = {}
+    start, send, set_vcpu_threads = BuiltinGuest.start, DestinationPath.send, DestinationPath.set_vcpu_threads
+    pong3 = wire.encode(wire.Pong(value=3))
+
+    def recording_start(self: BuiltinGuest) -> None:
+        seen["release"] = _sched(threading.get_native_id())
+        start(self)
+
+    def recording_send(self: DestinationPath, message: bytes) -> None:
+        if message.endswith(pong3):
+            seen["pong 3"] = _sched(threading.get_native_id())
+        send(self, message)
+
+    def recording_set_vcpu_threads(self: DestinationPath, tids: list[int]) -> None:
+        seen.setdefault("after", _sched(threading.get_native_id()))
+        set_vcpu_threads(self, tids)
+
+    monkeypatch.setattr(BuiltinGuest, "start", recording_start)
+    monkeypatch.setattr(DestinationPath, "send", recording_send)
+    monkeypatch.setattr(DestinationPath, "set_vcpu_threads", recording_set_vcpu_threads)
+    spec = GuestSpec.simple(8 << 20, PAGE_4K, vcpus=2, pattern="random")
+    check(migrate(spec, preempt=True), spec)
+    assert seen == {"release": (SWITCH_NICE, URGENT_SLICE_NS), "pong 3": (SWITCH_NICE, URGENT_SLICE_NS),
+                    "after": (-10, URGENT_SLICE_NS)}
 
 
 def test_a_guests_nice_out_of_range_is_refused() -> None:
