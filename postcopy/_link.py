@@ -61,12 +61,13 @@ def urgent_priority(nice: int = lib.PC_URGENT_NICE) -> None:
     lib.pc_thread_set_nice(nice)
 
 
-#: The nice of the destination's thread that starts the guest at RUN, from the vCPUs' release until
-#: PONG 3 is written: above the fault path (PC_URGENT_NICE). The vCPUs' first accesses fault at once,
-#: and the threads that serve them (the fault service, the preempt receiver, the source's return path)
-#: would share a small host's CPUs with it at the same nice: 2 MiB pages served meanwhile stretched
-#: the release to 0.8-3.7 ms in 6 of 200 idle 2M migrations (downtime up to 4.5 ms), 3 of 200 at -15
-#: (at most 1.4 ms). Without CAP_SYS_NICE the thread keeps its nice.
+#: The nice of the destination's thread that starts the guest at RUN, from the vCPUs' release
+#: until PONG 3 is written: above the fault path (PC_URGENT_NICE). The vCPUs' first accesses fault
+#: at once, and the threads that serve them (the fault service, the preempt receiver, the source's
+#: return path) would share a small host's CPUs with it at the same nice: 2 MiB pages served
+#: meanwhile stretched the release past 0.4 ms in 6 of 200 idle 2M migrations (to 3.7 ms, downtime
+#: to 4.5 ms), in 3 of 200 at -15 (to 1.0 ms, downtime at most 1.4 ms). Without CAP_SYS_NICE the
+#: thread keeps its nice.
 SWITCH_NICE: int = lib.PC_URGENT_NICE - 5
 
 
