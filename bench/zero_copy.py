@@ -18,8 +18,8 @@ thread and one receiver thread over loopback TCP, rounds interleaved:
   sender of nothing but the records reaches out of memory no cache holds.
 
 Each way is first checked record by record (header and page against the block). The loopback
-receiver copies either way; on a NIC with TSO a zero-copy send would skip the copy altogether,
-which this host cannot measure.
+receiver copies either way; over a NIC, sending by reference would drop the sender's copy for
+good (the NIC reads the pages), which this host cannot measure.
 
     python3 bench/zero_copy.py [--size 512M] [--rounds 5] [--json PATH]
 """
