@@ -1,4 +1,4 @@
-/* Small inline helpers shared by the C core: the monotonic clock, big-endian
+/* Small inline helpers shared by the C core: the monotonic clock, partial writes of iovecs, big-endian
  * fields of QEMU's stream, its framing constants, and the geometry a RAM
  * block must have. Header only: every component may include it. */
 #ifndef PC_CORE_H
@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 
 /* Thread-local storage: keep it to a few words (tests/uffd/test_fault_path_memory.py). The module is
@@ -20,6 +21,21 @@ static inline uint64_t pc_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Past the w bytes a partial write took: the first iovec not written in full, its start moved. */
+static inline struct iovec *pc_iov_advance(struct iovec *iov, int *n, size_t w)
+{
+    while (*n > 0 && w >= iov->iov_len) {
+        w -= iov->iov_len;
+        iov++;
+        (*n)--;
+    }
+    if (*n > 0 && w > 0) {
+        iov->iov_base = (uint8_t *)iov->iov_base + w;
+        iov->iov_len -= w;
+    }
+    return iov;
 }
 
 /* Zeroed memory with every page allocated now (MAP_POPULATE), for a buffer a hot path first

@@ -445,6 +445,7 @@ static void vcpu_write_back(struct vcpu *c, uint64_t prng, uint64_t position, ui
     c->position = position;
     c->read_hash = hash;
 }
+
 enum { THROTTLE_GO, THROTTLE_STOP, THROTTLE_STOPPED_ASLEEP };
 
 /* Sleep until access number `done` (since start) is due: THROTTLE_GO, or THROTTLE_STOP when

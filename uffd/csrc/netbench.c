@@ -384,22 +384,6 @@ static void rec_iov(const struct rec_stream *s, uint64_t first, uint64_t n, uint
     }
 }
 
-/* Consume n bytes of the iovecs (advances iov, lowers cnt). */
-static void rec_iov_advance(struct iovec **iov, int *cnt, size_t n)
-{
-    while (n) {
-        if (n >= (*iov)->iov_len) {
-            n -= (*iov)->iov_len;
-            (*iov)++;
-            (*cnt)--;
-        } else {
-            (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
-            (*iov)->iov_len -= n;
-            n = 0;
-        }
-    }
-}
-
 static int rec_send_copy(struct rec_stream *s, uint8_t *hdr, struct iovec *iov)
 {
     for (uint64_t r = 0; r < s->nrec; r += REC_PER_SEND) {
@@ -414,7 +398,7 @@ static int rec_send_copy(struct rec_stream *s, uint8_t *hdr, struct iovec *iov)
                 continue;
             if (w < 0)
                 return -errno;
-            rec_iov_advance(&v, &cnt, (size_t)w);
+            v = pc_iov_advance(v, &cnt, (size_t)w);
         }
     }
     return 0;
@@ -450,7 +434,7 @@ static int rec_send_splice(struct rec_stream *s, uint8_t *hdr, struct iovec *iov
             if (w < 0 && errno != EINTR)
                 rc = -errno;
             else if (w > 0)
-                rec_iov_advance(&v, &cnt, (size_t)w);
+                v = pc_iov_advance(v, &cnt, (size_t)w);
         }
         for (uint64_t left = n * rec; rc == 0 && left;) {
             ssize_t w = splice(p[0], NULL, s->fd, NULL, left, SPLICE_F_MORE);

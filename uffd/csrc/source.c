@@ -238,21 +238,6 @@ int pc_src_reload_dirty(pc_src *s, uint32_t i, const uint8_t *received_le, uint6
 
 static int stopped(pc_src *s) { return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE); }
 
-/* Past the w bytes a partial write took: the first iovec not written in full, its start moved. */
-static struct iovec *iov_advance(struct iovec *iov, int *n, size_t w)
-{
-    while (*n > 0 && w >= iov->iov_len) {
-        w -= iov->iov_len;
-        iov++;
-        (*n)--;
-    }
-    if (*n > 0 && w > 0) {
-        iov->iov_base = (uint8_t *)iov->iov_base + w;
-        iov->iov_len -= w;
-    }
-    return iov;
-}
-
 /* Write all iovecs (a socket), resuming after partial writes. With `reader`: the preempt channel,
  * whose batches only the return-path thread writes; while a write waits for room (a 2 MiB page is
  * more than the socket takes at once), what comes in on the return path is received, so that each
@@ -278,7 +263,7 @@ static int writev_all_reading(int fd, struct iovec *iov, int n, pc_src *reader)
                 continue;
             return -errno;
         }
-        iov = iov_advance(iov, &n, (size_t)w);
+        iov = pc_iov_advance(iov, &n, (size_t)w);
     }
     return 0;
 }
