@@ -427,6 +427,19 @@ class Receiver:
     def placer(self, on: bool) -> None:
         self._rx.use_placer = int(on)
 
+    @property
+    def linger(self) -> tuple[float, float]:
+        """Seconds a receive that finds nothing waits for it on the CPU before it sleeps:
+        always, and while a thread waits for a page. The main channel's bulk stream lingers
+        always, the preempt channel while a page is waited for (PC_RX_BULK_LINGER_NS,
+        PC_RX_WAITED_LINGER_NS: an idle virtual CPU wakes a sleeping receiver late). Set it
+        before :meth:`run`."""
+        return self._rx.linger_ns / 1e9, self._rx.waited_linger_ns / 1e9
+
+    @linger.setter
+    def linger(self, seconds: tuple[float, float]) -> None:
+        lib.pc_rx_set_linger(self._rx, round(seconds[0] * 1e9), round(seconds[1] * 1e9))
+
     def attach(self, path: DestinationPath) -> None:
         """Place into ``path``'s blocks from now on (a receiver may start before the RAM setup)."""
         if lib.pc_rx_attach(self._rx, path._d) < 0:

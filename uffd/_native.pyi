@@ -95,6 +95,7 @@ class _Lib:
     PC_RP_STOPPED: Final[int]
     PC_RX_BUF_MAX: Final[int]
     PC_RX_BUF_MIN: Final[int]
+    PC_RX_BULK_LINGER_NS: Final[int]
     PC_RX_CONTROL: Final[int]
     PC_RX_EOF: Final[int]
     PC_RX_EOS: Final[int]
@@ -108,6 +109,7 @@ class _Lib:
     PC_RX_STAGE_MIN_PAGES: Final[int]
     PC_RX_STAGE_PAGES: Final[int]
     PC_RX_STOPPED: Final[int]
+    PC_RX_WAITED_LINGER_NS: Final[int]
     PC_SCAN_EOS: Final[int]
     PC_SCAN_E_ARGS: Final[int]
     PC_SCAN_E_COMPRESS: Final[int]
@@ -319,6 +321,7 @@ class _Lib:
     def pc_rx_run(self, a0: CData, /) -> int: ...
     def pc_rx_run_after(self, a0: CData, a1: int, /) -> int: ...
     def pc_rx_run_niced(self, a0: CData, a1: int, /) -> int: ...
+    def pc_rx_set_linger(self, a0: CData, a1: int, a2: int, /) -> None: ...
     def pc_rx_stage_pages_for(self, a0: int, /) -> int: ...
     def pc_rx_stop(self, a0: CData, /) -> None: ...
     def pc_sockbuf_consume(self, a0: CData, a1: int, /) -> None: ...

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from postcopy import _datapath as dp
 from uffd import Feature, RamBlock, Userfaultfd
 
 from .records import Channel, Feed
@@ -186,3 +187,52 @@ def feeds() -> Iterator[Callable[..., Feed]]:
 @pytest.fixture(params=["preempt", "main", "main+placer"])
 def chan(request: pytest.FixtureRequest, feeds: Callable[..., Feed]) -> Channel:
     return Channel(request.param, feeds)
+
+
+class Service:
+    """serve_faults(stop, go) on its own thread; its return value once it ends."""
+
+    def __init__(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(path, stop_fd, go_fd), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
+        self.rc = path.serve_faults(stop_fd, go_fd)
+
+    def ended(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+@pytest.fixture
+def pipes() -> Callable[[], tuple[int, int]]:
+    made: list[tuple[int, int]] = []
+
+    def make() -> tuple[int, int]:
+        made.append(os.pipe())
+        return made[-1]
+
+    yield make
+    for r, w in made:
+        os.close(r)
+        os.close(w)
+
+
+@contextlib.contextmanager
+def serving(path: dp.DestinationPath, pipes: Callable[[], tuple[int, int]]) -> Iterator[tuple[int, socket.socket]]:
+    """The fault service of ``path`` on its thread, waiting for LISTEN on a go pipe; yields the
+    go pipe's write end and the far end of the return path. Stopped (and checked) on exit."""
+    rp_near, rp_far = socket.socketpair()
+    rp_far.settimeout(5.0)
+    try:
+        path.set_return_path(rp_near)
+        stop, go = pipes(), pipes()
+        s = Service(path, stop[0], go[0])
+        yield go[1], rp_far
+        os.write(stop[1], b"x")
+        assert s.ended(5.0)
+        assert s.rc == 0
+    finally:
+        rp_near.close()
+        rp_far.close()

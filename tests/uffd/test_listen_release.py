@@ -6,12 +6,10 @@ preempt channel are socketpairs."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -19,63 +17,14 @@ from postcopy import _datapath as dp
 from uffd import Feature, RamBlock, RegisterMode, Userfaultfd
 from uffd import memtouch as mt
 
-from .conftest import Toucher
+from .conftest import Service, Toucher, serving
 from .records import Feed, encode, page, read
 
 PAGE = 4096
 
 
-class Service:
-    """serve_faults(stop, go) on its own thread; its return value once it ends."""
-
-    def __init__(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
-        self.rc: int | None = None
-        self.thread = threading.Thread(target=self._run, args=(path, stop_fd, go_fd), daemon=True)
-        self.thread.start()
-
-    def _run(self, path: dp.DestinationPath, stop_fd: int, go_fd: int) -> None:
-        self.rc = path.serve_faults(stop_fd, go_fd)
-
-    def ended(self, timeout: float) -> bool:
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-
-@pytest.fixture
-def pipes() -> Callable[[], tuple[int, int]]:
-    made: list[tuple[int, int]] = []
-
-    def make() -> tuple[int, int]:
-        made.append(os.pipe())
-        return made[-1]
-
-    yield make
-    for r, w in made:
-        os.close(r)
-        os.close(w)
-
-
 def faults_seen(path: dp.DestinationPath) -> int:
     return int(path.counters().faults)
-
-
-@contextlib.contextmanager
-def serving(path: dp.DestinationPath, pipes: Callable[[], tuple[int, int]]) -> Iterator[tuple[int, socket.socket]]:
-    """The fault service of ``path`` on its thread, waiting for LISTEN on a go pipe; yields the
-    go pipe's write end and the far end of the return path. Stopped (and checked) on exit."""
-    rp_near, rp_far = socket.socketpair()
-    rp_far.settimeout(5.0)
-    try:
-        path.set_return_path(rp_near)
-        stop, go = pipes(), pipes()
-        s = Service(path, stop[0], go[0])
-        yield go[1], rp_far
-        os.write(stop[1], b"x")
-        assert s.ended(5.0)
-        assert s.rc == 0
-    finally:
-        rp_near.close()
-        rp_far.close()
 
 
 def test_stopped_before_listen_it_returns_without_serving(

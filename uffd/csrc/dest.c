@@ -786,9 +786,20 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id)
         return NULL;
     }
     rx->tmp = rx->tmp_alloc;
+    if (kind == PC_RX_MAIN)
+        pc_rx_set_linger(rx, PC_RX_BULK_LINGER_NS, 0);
+    else
+        pc_rx_set_linger(rx, 0, PC_RX_WAITED_LINGER_NS);
     pc_ram_scan_init(&rx->scan, PC_TARGET_PAGE_SIZE, 0);
     rx->tmp_block = -1;
     return rx;
+}
+
+void pc_rx_set_linger(pc_rx *rx, uint64_t ns, uint64_t waited_ns)
+{
+    rx->linger_ns = ns;
+    rx->waited_linger_ns = waited_ns;
+    pc_sockbuf_linger(&rx->in, ns);     /* Python's receives too (control items on the main channel) */
 }
 
 void pc_rx_free(pc_rx *rx)
@@ -1902,6 +1913,10 @@ static int64_t rx_recv(pc_rx *rx, int *err)
     *err = 0;
     if (rx->kind == PC_RX_PREEMPT)
         boost_this_thread();
+    /* while a thread waits for a page, the next bytes are likely its page, or the rest of it */
+    int waited = rx->waited_linger_ns > rx->linger_ns && rx->dst &&
+                 __atomic_load_n(&rx->dst->nwaiters, __ATOMIC_RELAXED);
+    pc_sockbuf_linger(&rx->in, waited ? rx->waited_linger_ns : rx->linger_ns);
     direct_layout l = { NULL, 0, 0 };
     if (rx->direct_skip)
         rx->direct_skip--;

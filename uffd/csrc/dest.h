@@ -192,6 +192,14 @@ typedef struct pc_rx_counters {
 #define PC_RX_PLACER_MIN_CPUS 4          /* a placer thread only with CPUs to spare (see dest.c) */
 #define PC_RX_BUF_MIN (256u << 10)       /* receive buffer: before the RAM setup, and the preempt channel's */
 #define PC_RX_BUF_MAX (4u << 20)         /* the main channel's at most (a 2 GiB guest and more) */
+/* A receive that finds nothing waits on its CPU this long before it sleeps (pc_rx_set_linger):
+ * on an idle virtual CPU a sleeping receiver is woken 50-100 us (at times over 1 ms) after its
+ * bytes came, and the sender pays for the wake-up too. The bulk stream's receiver lingers
+ * between segments (idle 2 MiB bulk 2.68 -> 3.25 GB/s, medians of 6 interleaved pairs); the
+ * preempt channel's while a thread waits for a page (busy 2 MiB fault p50 over the plain C
+ * fault 1.39 -> 0.85, 5 pairs), not when nothing was asked for (docs/performance.md, Round 23). */
+#define PC_RX_BULK_LINGER_NS (300u * 1000)
+#define PC_RX_WAITED_LINGER_NS (1000u * 1000)
 
 typedef struct pc_rx {
     pc_dst *dst;
@@ -235,6 +243,8 @@ typedef struct pc_rx {
     uint64_t direct_last;               /* bytes the last direct receive got */
     uint8_t direct_hdr[PC_RX_DIRECT_MAX][8];
     struct iovec direct_iov[2 * PC_RX_DIRECT_MAX];
+    /* before each receive (pc_sockbuf_linger): always, and while a thread waits for a page */
+    uint64_t linger_ns, waited_linger_ns;
     /* main channel framing */
     uint32_t ram_section_id;
     int in_section;
@@ -249,6 +259,10 @@ pc_rx *pc_rx_new(pc_dst *d, int fd, int kind, uint32_t ram_section_id);
 uint64_t pc_rx_buf_size_for(int kind, uint64_t ram_bytes);
 uint32_t pc_rx_stage_pages_for(uint64_t ram_bytes);
 void pc_rx_free(pc_rx *rx);
+/* How long a receive that finds nothing waits on the CPU before it sleeps: always, and while a
+ * thread waits for a page (pc_rx_new sets PC_RX_BULK_LINGER_NS on the main channel and
+ * PC_RX_WAITED_LINGER_NS on the preempt channel). Before the receiver runs. */
+void pc_rx_set_linger(pc_rx *rx, uint64_t ns, uint64_t waited_ns);
 /* the RAM blocks arrived (or changed): place into d from now on */
 int pc_rx_attach(pc_rx *rx, pc_dst *d);
 int pc_rx_run(pc_rx *rx);               /* see the PC_RX_* codes */

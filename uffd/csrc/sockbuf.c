@@ -48,15 +48,22 @@ void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns)
     __atomic_store_n(&sb->spin_until_ns, deadline_ns, __ATOMIC_RELAXED);
 }
 
+void pc_sockbuf_linger(pc_sockbuf *sb, uint64_t ns)
+{
+    sb->linger_ns = ns;
+}
+
 void pc_sockbuf_spin(pc_sockbuf *sb)
 {
-    if (!__atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED))
+    if (!__atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED) && !sb->linger_ns)
         return;
     struct pollfd pfd = { sb->fd, POLLIN, 0 };
-    while (pc_now_ns() < __atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED)) {
+    uint64_t now = pc_now_ns(), lingered = sb->linger_ns ? now + sb->linger_ns : 0;
+    while (now < lingered || now < __atomic_load_n(&sb->spin_until_ns, __ATOMIC_RELAXED)) {
         if (poll(&pfd, 1, 0) != 0)
             return;     /* readable, closed, or an error the receive reports */
         sched_yield();
+        now = pc_now_ns();
     }
 }
 

@@ -21,6 +21,7 @@ typedef struct pc_sockbuf {
     uint64_t bytes;             /* received in total */
     uint64_t limit;             /* the buffer never grows beyond this */
     uint64_t spin_until_ns;     /* before this (pc_now_ns), wait for data on a CPU, not asleep */
+    uint64_t linger_ns;         /* and each receive that finds no data waits this long on the CPU */
     uint64_t small_until_ns;    /* before this (pc_now_ns), a receive reads only what is asked for */
     int arrival_stamps;         /* set by pc_sockbuf_stamp_arrivals */
     pc_sockbuf_arrival arrivals[PC_SOCKBUF_ARRIVALS];  /* the last receives (a ring), pc_now_ns's clock */
@@ -32,6 +33,12 @@ typedef struct pc_sockbuf {
  * on an idle (virtual) CPU waits 50-100 us typically and over 1 ms now and then. For
  * the few ms around a switch, where every wake-up is downtime. Any thread may set it. */
 void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
+
+/* From now on, a receive that finds no data waits for it on its CPU up to ns (as the spin
+ * above) before it sleeps (0: sleeps at once). For a stream's receiver, set by its own thread:
+ * between a stream's segments the thread would otherwise sleep and be woken for the next one,
+ * and on this VM the wake-up of an idle CPU costs more than the segment (docs/design.md). */
+void pc_sockbuf_linger(pc_sockbuf *sb, uint64_t ns);
 
 /* Until deadline_ns (pc_now_ns; 0 ends it now), a receive reads only the bytes a fill asks
  * for (PC_SOCKBUF_SMALL_READ at most when it asks for none): TCP gives a receive the arrival
@@ -53,7 +60,7 @@ int pc_sockbuf_stamp_arrivals(pc_sockbuf *sb);
 uint64_t pc_sockbuf_arrival_of(const pc_sockbuf *sb, uint64_t offset);
 /* The offset of the first unread byte (not for a buffer given bytes back with pc_sockbuf_unread). */
 static inline uint64_t pc_sockbuf_offset(const pc_sockbuf *sb) { return sb->bytes - (sb->tail - sb->head); }
-/* Wait (on the CPU) until sb's socket is readable or its spin deadline passes. */
+/* Wait (on the CPU) until sb's socket is readable or its spin deadline (or linger) passes. */
 void pc_sockbuf_spin(pc_sockbuf *sb);
 /* One recv(): >0 bytes received, 0 at EOF, -errno. */
 int64_t pc_sockbuf_recv(pc_sockbuf *sb);
