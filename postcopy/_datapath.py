@@ -540,11 +540,6 @@ class SourcePath:
         """Never send a host page twice (a QEMU destination fails on the second copy)."""
         lib.pc_src_set_send_once(self._s, int(once))
 
-    def set_bulk_linger(self, seconds: float) -> None:
-        """How long the bulk stream's sender, its socket full, waits for room on its CPU before
-        it sleeps (default PC_SRC_BULK_LINGER_NS; 0: at once). Before :meth:`run_bulk`."""
-        lib.pc_src_set_bulk_linger(self._s, round(seconds * 1e9))
-
     def set_prefetch(self, max_window: int, min_window: int = 0) -> None:
         """Send ahead of sequential and strided request streams on the preempt channel, in windows
         of ``min_window`` up to ``max_window`` bytes (at least one host page; ``max_window`` 0: off).

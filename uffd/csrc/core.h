@@ -4,9 +4,7 @@
 #ifndef PC_CORE_H
 #define PC_CORE_H
 
-#include <poll.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -87,21 +85,6 @@ static inline void pc_mutex_lock_spinning(pthread_mutex_t *m, uint64_t spin_ns)
             return;
     } while (pc_now_ns() < until);
     pthread_mutex_lock(m);
-}
-
-/* Wait for `events` on fd on the CPU (poll without a timeout, yielding to whatever else is
- * runnable between polls) until they come or `until_ns` (pc_now_ns) passes: 1 when they came (or
- * an error / hang-up the caller's next call reports), 0 at the deadline. A thread that sleeps
- * instead is woken late where idle CPUs halt (a VM: 50-100 us, at times over 1 ms). */
-static inline int pc_poll_spinning(int fd, short events, uint64_t until_ns)
-{
-    struct pollfd p = { fd, events, 0 };
-    do {
-        if (poll(&p, 1, 0) != 0)
-            return 1;
-        sched_yield();
-    } while (pc_now_ns() < until_ns);
-    return 0;
 }
 
 static inline void pc_put_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }

@@ -68,12 +68,6 @@ typedef struct pc_src_counters {
 #define PC_SRC_PLACE_NS_PER_MIB 250000ull
 #define PC_SRC_PAUSE_MAX_NS 3000000ull
 #define PC_SRC_PAUSE_POLL_NS 50000ull
-/* The bulk stream's sender, its socket full, waits for room on its CPU this long before it
- * sleeps (pc_poll_spinning): its receiver is behind and will take the next bytes soon, and a
- * sender asleep is woken late where idle CPUs halt (idle 4 KiB bulk 2.77 -> 3.28 GB/s, medians
- * of 6 interleaved runs; docs/performance.md, Round 23). The source's guest is stopped during
- * postcopy: the CPU it spins on is one the guest no longer uses. */
-#define PC_SRC_BULK_LINGER_NS 300000ull
 
 /* A run of target pages of one block (hot sets: pushed first, or recorded). */
 typedef struct pc_src_range {
@@ -87,7 +81,6 @@ typedef struct pc_src {
     uint32_t ram_section_id;
     int preempt;                    /* requested pages go on the preempt channel */
     int send_once;                  /* never send a host page twice (QEMU's destination fails on EEXIST) */
-    uint64_t bulk_linger_ns;        /* the bulk sender's wait for room on its CPU (PC_SRC_BULK_LINGER_NS) */
     uint64_t bandwidth_cap;         /* bulk bytes per second, 0 = unlimited */
     uint64_t section_bytes;         /* bulk data per PART section */
     uint64_t heartbeat_ns;          /* between sections, a PING at least this often (0 = never) */
@@ -153,9 +146,6 @@ void pc_src_configure(pc_src *s, int preempt, uint64_t bandwidth_cap, uint64_t s
 /* once: a requested page the bulk stream already took is not sent again on the preempt channel,
  * however long it waits in the socket queue (a QEMU destination fails on a second copy). */
 void pc_src_set_send_once(pc_src *s, int once);
-/* How long the bulk stream's sender, its socket full, waits for room on its CPU before it sleeps
- * (PC_SRC_BULK_LINGER_NS unless set; 0: sleeps at once). Before the bulk runs. */
-void pc_src_set_bulk_linger(pc_src *s, uint64_t ns);
 void pc_src_set_heartbeat(pc_src *s, uint64_t interval_ns);
 /* Prefetch windows in bytes (max_bytes 0 = off, the default). Set before the
  * return-path thread runs. Needs preempt: without it, nothing is sent ahead. */

@@ -1,9 +1,8 @@
-"""Threads of a stream wait on the CPU for a while before they sleep: a destination channel's
-receiver for its next bytes (Receiver.linger: the main channel's bulk stream always, the
-preempt channel only while a thread waits for a page), the source's bulk sender for room in its
-full socket (SourcePath.set_bulk_linger). On an idle virtual CPU a sleeping thread is woken
-late, and the peer that wakes it pays for the wake-up too. Real userfaultfd, a real thread
-faulting, real sockets; each thread's CPU time and yields are read from /proc."""
+"""A channel's receiver waits for its next bytes on the CPU for a while before it sleeps
+(Receiver.linger): the main channel's bulk stream always, the preempt channel only while a
+thread waits for a page. On an idle virtual CPU a sleeping receiver is woken late, and its
+sender pays for the wake-up too. Real userfaultfd, a real thread faulting, socketpairs; the
+receiver's CPU time and yields are read from /proc per thread."""
 
 from __future__ import annotations
 
@@ -12,14 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import pytest
-
 from postcopy import _datapath as dp
-from uffd import PAGE_4K, Feature, RamBlock, Userfaultfd
+from uffd import Feature, RamBlock, Userfaultfd
 from uffd import memtouch as mt
 from uffd._native import lib
 
-from .conftest import Toucher, drain, serving, tcp_pair
+from .conftest import Toucher, serving
 from .records import encode, page, read
 
 PAGE = 4096
@@ -143,47 +140,3 @@ def test_the_preempt_receiver_lingers_only_while_a_thread_waits_for_a_page(
             receiver.join(5.0)
         ours.close()
         theirs.close()
-
-
-@pytest.mark.parametrize(("linger", "spins"), [(10.0, True), (0.0, False)])
-def test_the_bulk_sender_waits_for_room_on_its_cpu_then_sleeps(linger: float, spins: bool) -> None:
-    assert 0 < lib.PC_SRC_BULK_LINGER_NS <= 2_000_000
-    pages = 1024        # 4 MiB: far more than the small socket holds
-    with RamBlock("pc.ram", pages * PAGE, PAGE_4K, "anon") as block:
-        for p in range(pages):
-            mt.write_byte(block, p * PAGE, 0x5A)
-        path = dp.SourcePath([block], 2)
-        path.dirty[0].set_range(0, pages)
-        path.configure(preempt=False)
-        path.set_bulk_linger(linger)
-        writer, reader = tcp_pair(small=True)
-        tid: list[int] = []
-        code: list[int] = []
-
-        def send() -> None:
-            tid.append(threading.get_native_id())
-            code.append(path.run_bulk())
-
-        sender = threading.Thread(target=send, daemon=True)
-        got = [0]
-        draining = threading.Thread(target=drain, args=(reader, got), daemon=True)
-        try:
-            path.set_channel(dp.CHAN_MAIN, writer)
-            sender.start()
-            while not tid:
-                time.sleep(0.001)
-            time.sleep(0.05)        # the socket is full: nobody reads yet
-            cpu, yields = ThreadClock(tid[0]).over(WINDOW)
-            assert spinning(cpu, yields) == spins, (cpu, yields)
-            draining.start()
-            sender.join(20.0)
-            assert code == [dp.SourcePath.DONE]     # every page went, once there was room
-        finally:
-            path.stop()
-            sender.join(5.0)
-            writer.shutdown(socket.SHUT_WR)
-            if draining.ident is not None:
-                draining.join(5.0)
-            reader.close()
-            writer.close()
-        assert got[0] > pages * PAGE                # records: each page and its header
