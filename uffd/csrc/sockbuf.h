@@ -37,7 +37,7 @@ void pc_sockbuf_spin_until(pc_sockbuf *sb, uint64_t deadline_ns);
 /* From now on, a receive that finds no data waits for it on its CPU up to ns (as the spin
  * above) before it sleeps (0: sleeps at once). For a stream's receiver, set by its own thread:
  * between a stream's segments the thread would otherwise sleep and be woken for the next one,
- * and on this VM the wake-up of an idle CPU costs more than the segment (docs/design.md). */
+ * and where idle CPUs halt (a VM) that wake-up costs more than the segment (docs/design.md). */
 void pc_sockbuf_linger(pc_sockbuf *sb, uint64_t ns);
 
 /* Until deadline_ns (pc_now_ns; 0 ends it now), a receive reads only the bytes a fill asks
