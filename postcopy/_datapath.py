@@ -294,6 +294,12 @@ class DestinationPath:
         """Attach the return path (None pauses it: requests stay outstanding)."""
         lib.pc_dst_set_rp(self._d, sock.fileno() if sock is not None else -1)
 
+    def set_request_channel(self, sock: socket.socket | None) -> None:
+        """Send page requests on ``sock``'s way back (the preempt channel of a source that reads
+        them there), or on the return path again (None). Set it back before ``sock`` closes;
+        a new return path sets it back too."""
+        lib.pc_dst_set_request_channel(self._d, sock.fileno() if sock is not None else -1)
+
     def send(self, message: bytes) -> None:
         """Write one whole return-path message (shares a lock with the fault service)."""
         rc = lib.pc_dst_rp_write(self._d, message, len(message))
@@ -664,7 +670,7 @@ class SourcePath:
         out = {name: int(getattr(s.c, name)) for name in (
             "requests", "request_pages_sent", "request_pages_skipped", "resent_target_pages", "requests_queued",
             "host_pages_sent", "hot_pages_sent", "hot_pages_recorded", "hot_pages_preempt",
-            "bulk_pauses", "bulk_pause_ns", "bulk_pauses_capped")}
+            "bulk_pauses", "bulk_pause_ns", "bulk_pauses_capped", "requests_preempt")}
         pf = s.pf.c
         for name in ("hits", "misses", "windows", "pages_sent", "pages_used"):
             out[f"prefetch_{name}"] = int(getattr(pf, name))

@@ -167,6 +167,7 @@ class Destination:
         self._channel_totals = {"main": ChannelStats(), "preempt": ChannelStats()}
         self._requests_resent = 0
         self._channel_rx: dict[str, Receiver | None] = {"main": None, "preempt": None}
+        self._request_conn: int | None = None   # page requests go on this preempt channel's way back
         self._wake_r, self._wake_w = os.pipe()
         self._finish: Finish | None = None
         self._done = threading.Event()
@@ -383,11 +384,14 @@ class Destination:
                     # its first stack pages (1-2 ms on a lazily backed host) before what follows
                     # here, READY's PONG: not beside the source guest's stop
                     c.started.wait(PREEMPT_THREAD_START_WAIT_S)
-            case StartPreemptReceiver(conn=conn) if conn in self._conns:
+            case StartPreemptReceiver(conn=conn, requests=requests) if conn in self._conns:
                 c = self._conns[conn]
                 if c.rx is None:
                     c.rx = Receiver(self.path, c.sock, RX_PREEMPT, 0)
                 self._channel_rx["preempt"] = c.rx
+                if requests:
+                    self._request_conn = conn
+                    self.path.set_request_channel(c.sock)
                 if c.listen is not None:
                     os.write(c.listen[1], b"g")
             case ReceivePages(conn=conn, silence_breaks=silence_breaks) if conn in self._conns:
@@ -405,7 +409,7 @@ class Destination:
                     if c2.listen is not None:
                         os.write(c2.listen[1], b"x")    # a preempt thread still waiting for LISTEN ends
                 if c2 is not None and c2.rx is not None:
-                    self._retire_channel(c2)        # its reader thread may still be in recv(): no close yet
+                    self._retire_channel(conn, c2)  # its reader thread may still be in recv(): no close yet
                     shutdown_quietly(c2.sock)
                     self._retired.append(c2.sock)
                 elif c2 is not None:
@@ -678,6 +682,7 @@ class Destination:
             if conn in self._conns:
                 self._channel_error(conn, exc)
             return
+        self._requests_back_on_return_path(conn)     # (ended: no more requests read there)
         if conn not in self._conns:
             return      # closed by the session (CloseConnection), which knows
         if code == Receiver.EOS:
@@ -692,9 +697,17 @@ class Destination:
         else:
             self._feed(DataPathFailed(exc.kind, str(exc), conn))
 
-    def _retire_channel(self, c: _Conn) -> None:
+    def _requests_back_on_return_path(self, conn: int) -> None:
+        """The preempt channel ``conn`` ended or is closing: page requests go on the return path
+        again (before its socket closes: the fault service must never write to a closed fd)."""
+        if self._request_conn == conn and self._path is not None:
+            self._request_conn = None
+            self._path.set_request_channel(None)
+
+    def _retire_channel(self, conn: int, c: _Conn) -> None:
         if c.rx is None:
             return
+        self._requests_back_on_return_path(conn)
         c.rx.stop()
         for name, rx in self._channel_rx.items():
             if rx is c.rx:

@@ -57,7 +57,7 @@ from ._io import (
 )
 from ._status import MigrationStatus, Trigger, next_status
 
-__all__ = ["PREEMPT_SILENCE_SECONDS", "SHUT_NOTHING_TO_RECOVER", "DestinationSession"]
+__all__ = ["PREEMPT_REQUESTS_PING", "PREEMPT_SILENCE_SECONDS", "SHUT_NOTHING_TO_RECOVER", "DestinationSession"]
 
 S = MigrationStatus
 
@@ -79,6 +79,10 @@ PREEMPT_SILENCE_SECONDS: Final = 0.005
 #: (uffd/csrc/source.h). QEMU sends none: silence is a broken link only from a peer that pings.
 HEARTBEAT_MASK: Final = 0xFFFF0000
 HEARTBEAT_PING: Final = 0x50430000
+#: Our source's PING before READY (and before RESUME): it reads page requests on the preempt
+#: channel's way back, so they go there, not on the return path, which shares the main
+#: channel's socket (and its lock) with the bulk stream. QEMU neither sends nor reads this.
+PREEMPT_REQUESTS_PING: Final = 0x52455150      # "REQP"
 #: SHUT value answering a recovery when no guest runs here yet (the source starts over).
 SHUT_NOTHING_TO_RECOVER: Final = 2
 _FIRST_HEADER: Final = b"Q"        # QEMU_VM_FILE_MAGIC's first byte
@@ -112,6 +116,7 @@ class _Attempt:
     pongs_deadline: float = 0.0                             # preempt channel is known (see _ping)
     setup_deadline: float | None = None    # its RAM setup must arrive by then (a stalled peer is dropped)
     pages_in_c: bool = False    # after the RAM setup section the C receiver places precopy pages
+    requests_on_preempt: bool = False   # the source reads page requests there (PREEMPT_REQUESTS_PING)
 
 
 @dataclass(slots=True)
@@ -138,6 +143,7 @@ class _Link:
     preempt_ended: bool = False
     resume_held: bool = False     # RESUME came before the preempt channel: answered once it is here
     heartbeats: bool = False      # the source pings while it streams: its silence means a broken link
+    requests_on_preempt: bool = False   # a recovery's source reads page requests there (PREEMPT_REQUESTS_PING)
 
 
 class DestinationSession:
@@ -414,7 +420,7 @@ class DestinationSession:
                 a.preempt = conn
                 self._answer_held_pongs()
                 if a.listening:
-                    self._out.append(StartPreemptReceiver(conn))
+                    self._out.append(StartPreemptReceiver(conn, requests=a.requests_on_preempt))
                 if a.held is not None and a.main is not None:
                     held, a.held = a.held, None
                     self._packaged(a.main, held, now)
@@ -582,6 +588,8 @@ class DestinationSession:
         next connection after main its preempt channel: taken now if it is here; if not, the
         PONG waits for it (it is accepted at once then, not after a silence), at most a link timeout."""
         a = self.attempt
+        if value == PREEMPT_REQUESTS_PING:
+            a.requests_on_preempt = True
         if a.layout is not None and self._expects_preempt():
             self._claim_preempt(now)
             if a.preempt is None:
@@ -674,7 +682,7 @@ class DestinationSession:
         a.listening = True
         self._out.append(RegisterMemory())
         if a.preempt is not None:
-            self._out.append(StartPreemptReceiver(a.preempt))
+            self._out.append(StartPreemptReceiver(a.preempt, requests=a.requests_on_preempt))
 
     def _run(self, conn: int, now: float, pongs: tuple[int, ...] = ()) -> None:
         """RUN; ``pongs``: the package's PINGs, answered once the guest is started."""
@@ -720,6 +728,8 @@ class DestinationSession:
                 else:
                     self._out.append(AnswerBitmapRequest(conn, idstr))
             case wire.Ping(value=v):
+                if v == PREEMPT_REQUESTS_PING:
+                    self.link.requests_on_preempt = True
                 self._out.append(Send(conn, wire.encode(wire.Pong(value=v))))
             case wire.PostcopyResume():
                 if self.preempt and self.link.preempt is None and not self._claim_preempt(now):
@@ -741,7 +751,7 @@ class DestinationSession:
         link.resume_held = False
         self._out += [Send(conn, wire.encode(wire.ResumeAck(value=1))), AttachReturnPath(conn), ResendRequests()]
         if link.preempt is not None:
-            self._out.append(StartPreemptReceiver(link.preempt))
+            self._out.append(StartPreemptReceiver(link.preempt, requests=link.requests_on_preempt))
         self._out.append(ReceivePages(conn, silence_breaks=False))
         self.recoveries += 1
         self._move(Trigger.RESUMED, now)

@@ -328,7 +328,12 @@ class ReceivePages:
 
 @dataclass(frozen=True, slots=True)
 class StartPreemptReceiver:
+    """Receive the urgent pages of the preempt channel ``conn`` (LISTEN came). ``requests``:
+    the source reads page requests on this channel's way back (it said so with
+    PREEMPT_REQUESTS_PING): send them there from now on, not on the return path."""
+
     conn: int
+    requests: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .. import wire
-from ._destination import HEARTBEAT_MASK, HEARTBEAT_PING, SHUT_NOTHING_TO_RECOVER
+from ._destination import HEARTBEAT_MASK, HEARTBEAT_PING, PREEMPT_REQUESTS_PING, SHUT_NOTHING_TO_RECOVER
 from ._errors import MigrationFailed
 from ._io import (
     Action,
@@ -360,6 +360,7 @@ class SourceSession:
                 discards = self._whole_block_discards()
                 self.discard_ranges += len(discards)
                 self._out += [MarkAllDirty(), Write(Channel.MAIN, self._encode(discards))]
+            self._say_requests_on_preempt()
             self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=READY_PING)])))
             self.ready_deadline = now + self.link_timeout
             self.channels_up = True
@@ -649,6 +650,13 @@ class SourceSession:
         self._move(Trigger.RUN, now)
         self._stream(now, hold=BULK_HOLD_SECONDS)
 
+    def _say_requests_on_preempt(self) -> None:
+        """Our destination may send page requests on the preempt channel's way back, which the
+        data path reads too: they do not wait behind the bulk stream for the main channel's socket.
+        QEMU answers the PING and sends its requests on the return path as ever."""
+        if self.preempt:
+            self._out.append(Write(Channel.MAIN, self._encode([wire.Ping(value=PREEMPT_REQUESTS_PING)])))
+
     def _stream(self, now: float, hold: float = 0.0) -> None:
         self.streaming = True
         self.ending_sent = False
@@ -745,6 +753,7 @@ class SourceSession:
         self._out.append(ReloadDirty(index, bitmap))
         if not r.pending_bitmaps:
             r.resume_sent = True
+            self._say_requests_on_preempt()
             self._out.append(Write(Channel.MAIN, self._encode([wire.PostcopyResume()])))
 
     # -- pause and recovery --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from session_drivers import (
 )
 
 from postcopy import wire
-from postcopy.session._destination import HEARTBEAT_PING
+from postcopy.session._destination import HEARTBEAT_PING, PREEMPT_REQUESTS_PING
 from postcopy.session import (
     DESTINATION_TRANSITIONS,
     PREEMPT_SILENCE_SECONDS,
@@ -879,3 +879,43 @@ def test_silence_breaks_the_link_only_once_the_source_has_pinged() -> None:
     acts = d.items(d.main, [wire.Ping(value=HEARTBEAT_PING | 7)])
     assert ReceivePages(d.main, silence_breaks=True) in acts
     assert not of_type(d.items(d.main, [wire.Ping(value=HEARTBEAT_PING | 8)]), ReceivePages)
+
+
+def test_preempt_requests_ping_sends_page_requests_on_the_preempt_channel() -> None:
+    """Our source reads page requests on the preempt channel's way back and says so with
+    PREEMPT_REQUESTS_PING (answered as any PING): the preempt receiver is started with
+    ``requests`` then, at LISTEN or when a preempt channel held for comes; a source that never
+    said so (QEMU) gets them on the return path. A recovery is a new connection: it says so again."""
+    requests_ping = wire.Ping(value=PREEMPT_REQUESTS_PING)
+    pong = SendReturnPath(wire.encode(wire.Pong(value=PREEMPT_REQUESTS_PING)))
+    for said in (True, False):
+        d = Dest(preempt=True).to_setup_with_main()
+        d.pre, _ = d.silent()
+        acts = d.items(d.main, [*preamble_items(), *([requests_ping] if said else [])])
+        assert (pong in acts) is said
+        acts = d.items(d.main, switch_items())
+        assert StartPreemptReceiver(d.pre, requests=said) in acts
+    # the preempt channel comes after PACKAGED (held): started with what was said before
+    d = Dest(preempt=True).to_setup_with_main()
+    d.items(d.main, [*preamble_items(), requests_ping])
+    assert d.items(d.main, switch_items())[-1] == HoldStream(d.main)
+    pre, acts = d.accept()
+    assert StartPreemptReceiver(pre, requests=True) in acts
+    # a recovery's source says it on its new connection, before RESUME; a recovery that does not: not
+    for said in (True, False):
+        d = Dest(preempt=True)
+        d.to_setup_with_main()
+        d.pre, _ = d.silent()
+        d.items(d.main, [*preamble_items(), requests_ping])
+        d.items(d.main, switch_items())
+        d.items(d.main, [wire.Ping(value=4)])
+        d.feed(ConnectionClosed(d.main, "reset"))
+        d.feed(ConnectionClosed(d.pre, "reset"))
+        d.recovery_main, _ = d.connect(b"\x08")
+        d.pre, _ = d.silent()
+        if said:
+            acts = d.items(d.recovery_main, [requests_ping])
+            assert acts == [Send(d.recovery_main, wire.encode(wire.Pong(value=PREEMPT_REQUESTS_PING)))]
+        acts = d.resume()
+        assert d.s.status is S.POSTCOPY_ACTIVE
+        assert StartPreemptReceiver(d.pre, requests=said) in acts

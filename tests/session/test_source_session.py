@@ -59,6 +59,7 @@ from postcopy.session import (
     Trigger,
     Write,
 )
+from postcopy.session._destination import PREEMPT_REQUESTS_PING
 from postcopy.session._source import BULK_HOLD_SECONDS, READY_PING, _encode
 
 READY_PING_BYTES = wire.encode(wire.Ping(value=READY_PING))
@@ -224,6 +225,31 @@ def recover_resumed(preempt: bool):
     assert StartBulk() in acts
     assert s.s.recoveries == 1 and s.s.restarts == 0
     return s, S.POSTCOPY_RECOVER, acts
+
+
+def test_preempt_requests_ping() -> None:
+    """With a preempt channel the source says it reads page requests there too: PREEMPT_REQUESTS_PING
+    right before READY_PING, and again right before RESUME in a recovery (a new connection);
+    without one it never says so (requests only ever come on the return path then)."""
+    requests_ping = Write(Channel.MAIN, _encode([wire.Ping(value=PREEMPT_REQUESTS_PING)]))
+    ready = Write(Channel.MAIN, _encode([wire.Ping(value=READY_PING)]))
+    for preempt in (True, False):
+        s = Src(preempt=preempt, answer_ready=False)
+        acts = s.start()
+        assert ready in acts
+        if preempt:
+            assert acts.index(requests_ping) == acts.index(ready) - 1
+            assert acts.index(Connect(Channel.PREEMPT)) < acts.index(requests_ping)   # both channels up
+        else:
+            assert requests_ping not in acts
+        s = Src(preempt=preempt).to_recover()
+        acts = s.good_bitmaps()
+        resume = Write(Channel.MAIN, _encode([wire.PostcopyResume()]))
+        assert resume in acts
+        if preempt:
+            assert acts.index(requests_ping) == acts.index(resume) - 1
+        else:
+            assert requests_ping not in acts
 
 
 def _bad_bitmap(preempt: bool, body: bytes, idstr: str = ODD_BLOCK):
@@ -559,7 +585,10 @@ def test_guest_stops_only_once_the_destination_answered_ready() -> None:
     # (its PONG says they are carried out), not inside the downtime nor beside the stop
     discards = _encode([wire.PostcopyRamDiscard(idstr=b.idstr, ranges=((0, b.used_length),))
                         for b in source_blocks()])
-    assert _writes(acts).endswith(discards + ready) and _writes(acts).index(ready) > len(_encode(s.s.preamble())) - 1
+    # (with preempt, PREEMPT_REQUESTS_PING right before it: see test_preempt_requests_ping)
+    requests_ping = wire.encode(wire.Ping(value=PREEMPT_REQUESTS_PING))
+    assert _writes(acts).endswith(discards + requests_ping + ready)
+    assert _writes(acts).index(ready) > len(_encode(s.s.preamble())) - 1
     assert acts.index(MarkAllDirty()) < acts.index(Write(Channel.MAIN, discards))
     assert not of_type(acts, StopGuest) and s.s.status is S.ACTIVE
     assert s.s.get_timer() == pytest.approx(s.now + s.link_timeout)

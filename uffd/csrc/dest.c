@@ -62,6 +62,7 @@ pc_dst *pc_dst_new(uint32_t nblocks)
     d->nblocks = nblocks;
     d->uffd = -1;
     d->rp_fd = -1;
+    d->req_fd = -1;
     d->rp_last_block = -1;
     pthread_mutex_init(&d->rp_lock, NULL);
     pthread_mutex_init(&d->wlock, NULL);
@@ -283,6 +284,15 @@ void pc_dst_set_rp(pc_dst *d, int fd)
     pthread_mutex_lock(&d->rp_lock);
     d->rp_fd = fd;
     d->rp_last_block = -1;      /* the first request on a new return path names its block */
+    d->req_fd = -1;             /* a new connection: the source says again where it reads them */
+    pthread_mutex_unlock(&d->rp_lock);
+}
+
+void pc_dst_set_request_channel(pc_dst *d, int fd)
+{
+    pthread_mutex_lock(&d->rp_lock);
+    d->req_fd = fd;
+    d->req_last_block = -1;
     pthread_mutex_unlock(&d->rp_lock);
 }
 
@@ -314,15 +324,17 @@ int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len)
     return rc;
 }
 
-/* Under rp_lock: one page request, naming the block when it changed. */
+/* Under rp_lock: one page request, naming the block when it changed (each way on its own). */
 static int send_request_locked(pc_dst *d, uint32_t bi, uint64_t host_off)
 {
-    if (d->rp_fd < 0)
+    int fd = d->req_fd >= 0 ? d->req_fd : d->rp_fd;
+    int64_t *last = d->req_fd >= 0 ? &d->req_last_block : &d->rp_last_block;
+    if (fd < 0)
         return -EPIPE;
     pc_dst_block *b = &d->blocks[bi];
     uint8_t msg[4 + 13 + 255];
     uint64_t len;
-    if (d->rp_last_block != (int64_t)bi) {
+    if (*last != (int64_t)bi) {
         pc_put_be16(msg, PC_RP_REQ_PAGES_ID);
         pc_put_be16(msg + 2, 13 + b->idlen);
         pc_put_be64(msg + 4, host_off);
@@ -337,9 +349,9 @@ static int send_request_locked(pc_dst *d, uint32_t bi, uint64_t host_off)
         pc_put_be32(msg + 12, (uint32_t)b->host_page_size);
         len = 16;
     }
-    int rc = write_all(d->rp_fd, msg, len);
+    int rc = write_all(fd, msg, len);
     if (rc == 0)
-        d->rp_last_block = bi;
+        *last = bi;
     return rc;
 }
 

@@ -76,6 +76,8 @@ typedef struct pc_dst {
     pthread_mutex_t rp_lock;
     int rp_fd;                          /* -1 while paused */
     int64_t rp_last_block;              /* block of the last REQ_PAGES(_ID); -1 none */
+    int req_fd;                         /* >= 0: page requests go here instead (the preempt channel) */
+    int64_t req_last_block;             /* as rp_last_block, on req_fd */
     /* threads waiting for a page */
     pthread_mutex_t wlock;
     pc_dst_waiter waiters[PC_DST_MAX_WAITERS];
@@ -141,6 +143,11 @@ int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */
 void pc_dst_set_rp(pc_dst *d, int fd);
+/* Page requests on the preempt channel's way back (fd; -1: on the return path
+ * again): a source that reads them there (it says so, PREEMPT_REQUESTS_PING)
+ * gets them without waiting for the main channel's socket, which its bulk
+ * stream holds. A new return path (pc_dst_set_rp) sets it back to -1. */
+void pc_dst_set_request_channel(pc_dst *d, int fd);
 int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -errno; whole message or nothing */
 /* Send a request for every requested-but-not-received host page (after a
  * recovery). Returns the number sent or -errno. */

@@ -73,6 +73,7 @@ pc_src *pc_src_new(uint32_t nblocks, uint32_t ram_section_id)
     s->ram_section_id = ram_section_id;
     s->section_bytes = 64u << 20;
     s->rp_block = -1;
+    s->req_fd = -1;
     s->pause_credit_ns = PC_SRC_PAUSE_MAX_NS;
     for (int ch = 0; ch < 2; ch++) {
         pthread_mutex_init(&s->chan[ch].lock, NULL);
@@ -95,6 +96,8 @@ void pc_src_free(pc_src *s)
         return;
     if (s->rp_ready)
         pc_sockbuf_release(&s->rp);
+    if (s->req_fd >= 0)
+        pc_sockbuf_release(&s->req);
     for (int ch = 0; ch < 2; ch++)
         pthread_mutex_destroy(&s->chan[ch].lock);
     pthread_mutex_destroy(&s->qlock);
@@ -207,6 +210,10 @@ void pc_src_restart(pc_src *s)
     pc_pf_reset(&s->pf);        /* the return-path thread is not running */
     s->hot_pos = s->hot_off = s->rp_hot_pos = s->rp_hot_off = 0;   /* the hot set first again, after a recovery */
     s->hot_armed = 0;
+    if (s->req_fd >= 0)             /* the new connection's preempt channel is read once it is set */
+        pc_sockbuf_release(&s->req);
+    s->req_fd = -1;
+    s->req_ended = 0;
     __atomic_store_n(&s->urgent, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&s->urgent_end, 0, __ATOMIC_RELEASE);
     s->pause_credit_ns = PC_SRC_PAUSE_MAX_NS;   /* the bulk thread is not running */
@@ -941,30 +948,101 @@ static int64_t find_block(pc_src *s, const uint8_t *id, uint32_t n)
     return -1;
 }
 
+/* Page requests on the preempt channel's way back: read from the moment this
+ * connection's preempt channel is set until it ends (its sockets are closed only
+ * after this thread is joined, see Source._close_channels). */
+static void req_follow_preempt(pc_src *s)
+{
+    if (s->req_ended || s->req_fd >= 0)
+        return;
+    int fd = __atomic_load_n(&s->chan[PC_CHAN_PREEMPT].fd, __ATOMIC_RELAXED);
+    if (fd < 0)
+        return;
+    if (pc_sockbuf_init(&s->req, fd, 4096, PC_RP_MAX_FRAME + 4) == 0) {
+        s->req_fd = fd;
+        s->req_block = -1;
+    } else {
+        s->req_ended = 1;           /* no memory for it: requests come on the return path */
+    }
+}
+
+/* The preempt channel's way back closed (or broke): a request cut short there
+ * is asked for again after a recovery. */
+static void req_end(pc_src *s)
+{
+    pc_sockbuf_release(&s->req);
+    s->req_fd = -1;
+    s->req_ended = 1;
+}
+
+/* Nothing unread either way: wait for the return path or the preempt channel
+ * and take in what came (as pc_sockbuf_spin: on the CPU while the return path's
+ * spin deadline is ahead). 1: something came, 0: EOF on the return path, -errno. */
+static int64_t rp_wait_both(pc_src *s)
+{
+    struct pollfd pfd[2] = { { s->rp.fd, POLLIN, 0 }, { s->req_fd, POLLIN, 0 } };
+    for (;;) {
+        uint64_t until = __atomic_load_n(&s->rp.spin_until_ns, __ATOMIC_RELAXED);
+        int n = poll(pfd, 2, until && pc_now_ns() < until ? 0 : -1);
+        if (n > 0)
+            break;
+        if (n == 0)
+            sched_yield();
+        else if (errno != EINTR)
+            return -errno;
+    }
+    if (pfd[1].revents && pc_sockbuf_recv(&s->req) <= 0)
+        req_end(s);
+    if (pfd[0].revents) {
+        int64_t r = pc_sockbuf_recv(&s->rp);
+        if (r <= 0)
+            return r;
+    }
+    return 1;
+}
+
 int pc_src_rp_run(pc_src *s)
 {
     if (!s->rp_ready)
         return src_fail(s, PC_RP_E_IO, EBADF, "no return path");
-    pc_sockbuf *in = &s->rp;
     for (;;) {
         if (stopped(s))
             return PC_RP_STOPPED;
+        req_follow_preempt(s);
+        int both = s->req_fd >= 0;
+        /* what came on the preempt channel first: it only ever carries requests */
+        pc_sockbuf *in = both && pc_sockbuf_avail(&s->req) ? &s->req : &s->rp;
+        int64_t *block = in == &s->req ? &s->req_block : &s->rp_block;
+        int idle = pc_sockbuf_avail(&s->rp) < 4 && !(both && pc_sockbuf_avail(&s->req));
         int pf_due = pc_pf_pending(&s->pf);
         int hot_due = !pf_due && s->preempt && s->rp_hot_pos < s->nhot && __atomic_load_n(&s->hot_armed, __ATOMIC_ACQUIRE);
-        if (pc_sockbuf_avail(in) < 4 && (pf_due || hot_due)) {
+        if (idle && (pf_due || hot_due)) {
             /* Pages are due ahead of the guest (the detector's first, then the hot set's):
              * a chunk of them, unless a request is waiting. */
-            struct pollfd pfd = { in->fd, POLLIN, 0 };
-            if (poll(&pfd, 1, 0) == 0) {
+            struct pollfd pfd[2] = { { s->rp.fd, POLLIN, 0 }, { both ? s->req_fd : -1, POLLIN, 0 } };
+            if (poll(pfd, 2, 0) == 0) {
                 int rc = prefetch_chunk(s, !pf_due);
                 if (rc < 0)
                     return rc;
                 if (rc == PF_FULL)
-                    poll(&pfd, 1, 1);
+                    poll(pfd, 2, 1);
                 continue;
             }
         }
+        if (both && !pc_sockbuf_avail(&s->rp) && !pc_sockbuf_avail(&s->req)) {
+            /* (a message begun on one way is read to its end below, on that way alone) */
+            int64_t w = rp_wait_both(s);
+            if (w == 0)
+                return PC_RP_EOF;
+            if (w < 0)
+                return src_fail(s, PC_RP_E_IO, (int)-w, "return path recv: %s", strerror((int)-w));
+            continue;
+        }
         int64_t r = pc_sockbuf_fill(in, 4);
+        if (r <= 0 && in == &s->req) {
+            req_end(s);
+            continue;
+        }
         if (r == 0)
             return pc_sockbuf_avail(in) ? src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message")
                                         : PC_RP_EOF;
@@ -975,6 +1053,9 @@ int pc_src_rp_run(pc_src *s)
         if (len > PC_RP_MAX_FRAME)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
+        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES && in == &s->req)
+            return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u on the preempt channel "
+                            "(it carries page requests only)", type);
         if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
             /* when its header came in (a PONG read after a page was sent counts from its arrival),
              * not when Python gets the GIL back */
@@ -982,6 +1063,10 @@ int pc_src_rp_run(pc_src *s)
             return PC_RP_CONTROL;
         }
         r = pc_sockbuf_fill(in, 4u + len);
+        if (r <= 0 && in == &s->req) {
+            req_end(s);
+            continue;
+        }
         if (r == 0)
             return src_fail(s, PC_RP_E_PROTO, EPIPE, "return path closed mid-message");
         if (r < 0)
@@ -991,21 +1076,21 @@ int pc_src_rp_run(pc_src *s)
         if (type == PC_RP_REQ_PAGES_ID) {
             if (len < 14 || len != 13u + body[12])
                 return src_fail(s, PC_RP_E_PROTO, EINVAL, "REQ_PAGES_ID with length %u", len);
-            s->rp_block = find_block(s, body + 13, body[12]);
-            if (s->rp_block < 0) {
+            *block = find_block(s, body + 13, body[12]);
+            if (*block < 0) {
                 pc_sockbuf_consume(in, 4u + len);
                 return src_fail(s, PC_RP_BAD_REQUEST, ENOENT, "page request names unknown block '%.*s'",
                                 (int)body[12], (const char *)body + 13);
             }
         } else if (len != 12) {
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "REQ_PAGES with length %u (expected 12)", len);
-        } else if (s->rp_block < 0) {
+        } else if (*block < 0) {
             pc_sockbuf_consume(in, 4u + len);
             return src_fail(s, PC_RP_BAD_REQUEST, EINVAL, "REQ_PAGES before any REQ_PAGES_ID named a block");
         }
         uint64_t start = pc_get_be64(body);
         uint64_t rlen = pc_get_be32(body + 8);
-        pc_src_block *b = &s->blocks[s->rp_block];
+        pc_src_block *b = &s->blocks[*block];
         pc_sockbuf_consume(in, 4u + len);
         if (rlen == 0 || start % PC_TARGET_PAGE_SIZE || rlen % PC_TARGET_PAGE_SIZE || start >= b->length ||
             rlen > b->length - start)
@@ -1013,7 +1098,9 @@ int pc_src_rp_run(pc_src *s)
                             "page request %s offset 0x%llx len 0x%llx is outside the block (0x%llx bytes) or misaligned",
                             b->idstr, (unsigned long long)start, (unsigned long long)rlen,
                             (unsigned long long)b->length);
-        int rc = serve_request(s, (uint32_t)s->rp_block, start, rlen);
+        if (in == &s->req)
+            __atomic_add_fetch(&s->c.requests_preempt, 1, __ATOMIC_RELAXED);
+        int rc = serve_request(s, (uint32_t)*block, start, rlen);
         if (rc < 0)
             return rc;
     }

@@ -7,6 +7,10 @@
  *    channel at once (never behind the bulk stream or its cap); without, it is
  *    queued for the bulk sender, which sends it before its next batch and
  *    while it waits for the cap. Other messages go back to Python.
+ *    Requests are read on the preempt channel's way back too (our destination
+ *    sends them there once told: PREEMPT_REQUESTS_PING): the return path is the
+ *    main channel's socket, whose lock the bulk stream holds through each send,
+ *    so a request read there waits for it (p50 ~60 us on loopback).
  *    With prefetch on (and preempt), each request also feeds a stream
  *    detector (prefetch.h): the pages it expects next are sent ahead on the
  *    preempt channel, in small chunks between requests (a request waiting on
@@ -56,6 +60,7 @@ typedef struct pc_src_counters {
     uint64_t bulk_pauses;           /* times the bulk stream stood aside for urgent pages (preempt) */
     uint64_t bulk_pause_ns;         /* time it spent so */
     uint64_t bulk_pauses_capped;    /* of bulk_pauses: ended by its bound (PC_SRC_PAUSE_MAX_NS or its credit), not by the urgent work */
+    uint64_t requests_preempt;      /* of requests: read on the preempt channel's way back */
 } pc_src_counters;
 
 /* Preempt: while requested pages are being served (urgent > 0), their bytes are
@@ -100,6 +105,11 @@ typedef struct pc_src {
     pc_sockbuf rp;
     int rp_ready;
     int64_t rp_block;               /* block named by the last REQ_PAGES_ID */
+    /* page requests on the preempt channel's way back (the return-path thread's own) */
+    pc_sockbuf req;
+    int req_fd;                     /* the preempt channel read (-1: none yet, or it ended) */
+    int req_ended;                  /* this connection's ended: requests come on the return path only */
+    int64_t req_block;              /* as rp_block, for this way */
     uint64_t rp_control_ns;         /* when the control message pc_src_rp_run last returned for came in
                                      * (PONG 3: the downtime's end) */
     struct batch *preempt_batch;    /* requested and sent-ahead pages' writev (under chan[PREEMPT].lock),
