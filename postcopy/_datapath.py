@@ -295,9 +295,11 @@ class DestinationPath:
         lib.pc_dst_set_rp(self._d, sock.fileno() if sock is not None else -1)
 
     def set_request_channel(self, sock: socket.socket | None) -> None:
-        """Send page requests on ``sock``'s way back (the preempt channel of a source that reads
-        them there), or on the return path again (None). Set it back before ``sock`` closes;
-        a new return path sets it back too."""
+        """Send page requests for 4 KiB pages on ``sock``'s way back (the preempt channel of a
+        source that reads them there), or on the return path again (None); a huge page's stay on
+        the return path (the preempt channel is busy with urgent huge pages then, and the bulk
+        stream stands aside for them). Set it back before ``sock`` closes; a new return path
+        sets it back too."""
         lib.pc_dst_set_request_channel(self._d, sock.fileno() if sock is not None else -1)
 
     def send(self, message: bytes) -> None:

@@ -2,7 +2,8 @@
 socket read backwards, and the bulk stream holds that socket's lock through each send (and
 the destination's bulk receiver through each receive): a request read or written there waits
 for it. Our source reads requests on the preempt channel too, and our destination sends them
-there once told (PREEMPT_REQUESTS_PING, tests/session). Each way names its own block; only
+there once told (PREEMPT_REQUESTS_PING, tests/session), for 4 KiB pages (a huge page's stays
+on the return path). Each way names its own block; only
 requests may come the preempt way; once that way closes, requests come on the return path.
 Real TCP over loopback and socketpairs, a real userfaultfd and a faulting thread; C threads."""
 
@@ -15,10 +16,12 @@ import struct
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from postcopy import _datapath as dp
 from postcopy._datapath import CHAN_MAIN, CHAN_PREEMPT, SourcePath
 from postcopy.wire import RpMessage
-from uffd import Feature, RamBlock, Userfaultfd
+from uffd import PAGE_2M, Feature, RamBlock, Userfaultfd
 from uffd import memtouch as mt
 from uffd.memtouch import write_byte
 
@@ -196,6 +199,43 @@ def test_the_destination_sends_requests_on_the_request_channel(
                 assert toucher.wait() == page(6)[0]
                 assert _quiet(theirs)
             assert read(block, 3 * PAGE, 4 * PAGE) == page(3) + page(4) + page(5) + page(6)
+            receiver.join(5.0)
+            assert code == [dp.Receiver.EOS]
+    finally:
+        theirs.shutdown(socket.SHUT_RDWR)
+        if receiver.is_alive():
+            receiver.join(5.0)
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.hugetlb
+def test_a_huge_pages_request_stays_on_the_return_path(
+        make_block: Callable[..., RamBlock], make_uffd: Callable[..., Userfaultfd],
+        pipes: Callable[[], tuple[int, int]]) -> None:
+    """The preempt channel then carries megabytes of urgent pages (its receiver holding that
+    socket through each read), while the bulk stream stands aside for them: main's socket is
+    the quiet way for a huge page's request."""
+    block = make_block("huge.ram", 2 * PAGE_2M, PAGE_2M, "hugetlbfs")
+    path = dp.DestinationPath([block])
+    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
+    ours, theirs = socket.socketpair()
+    rx = dp.Receiver(path, ours, dp.RX_PREEMPT, 0)
+    code: list[int] = []
+    receiver = threading.Thread(target=lambda: code.append(rx.run()), daemon=True)
+    try:
+        with serving(path, pipes) as (go, rp_far):
+            path.listen(uffd.fileno(), go)
+            receiver.start()
+            path.set_request_channel(ours)
+            toucher = Toucher(mt.read_byte, block, PAGE_2M + 5 * PAGE)
+            kind, length = struct.unpack(">HH", rp_far.recv(4, socket.MSG_WAITALL))
+            start, size = struct.unpack(">QI", rp_far.recv(length, socket.MSG_WAITALL)[:12])
+            assert (kind, start, size) == (RpMessage.REQ_PAGES_ID, PAGE_2M, PAGE_2M)
+            assert _quiet(theirs)
+            bodies = [page(100 + i) for i in range(PAGE_2M // PAGE)]
+            theirs.sendall(encode([("huge.ram", PAGE_2M + i * PAGE, b) for i, b in enumerate(bodies)], eos=True))
+            assert toucher.wait() == bodies[5][0]
             receiver.join(5.0)
             assert code == [dp.Receiver.EOS]
     finally:

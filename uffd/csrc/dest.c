@@ -327,11 +327,15 @@ int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len)
 /* Under rp_lock: one page request, naming the block when it changed (each way on its own). */
 static int send_request_locked(pc_dst *d, uint32_t bi, uint64_t host_off)
 {
-    int fd = d->req_fd >= 0 ? d->req_fd : d->rp_fd;
-    int64_t *last = d->req_fd >= 0 ? &d->req_last_block : &d->rp_last_block;
+    pc_dst_block *b = &d->blocks[bi];
+    /* A huge page's request stays on the return path: the preempt channel is then busy with
+     * megabytes of urgent pages (its receiver holds that socket through each 256 KiB read),
+     * while the bulk stream stands aside for them (bulk_pause), so main's socket is quiet. */
+    int preempt_way = d->req_fd >= 0 && b->host_page_size == PC_TARGET_PAGE_SIZE;
+    int fd = preempt_way ? d->req_fd : d->rp_fd;
+    int64_t *last = preempt_way ? &d->req_last_block : &d->rp_last_block;
     if (fd < 0)
         return -EPIPE;
-    pc_dst_block *b = &d->blocks[bi];
     uint8_t msg[4 + 13 + 255];
     uint64_t len;
     if (*last != (int64_t)bi) {

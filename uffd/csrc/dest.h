@@ -143,10 +143,12 @@ int pc_dst_set_alias(pc_dst *d, uint32_t i, uint64_t alias, int fd);
 void pc_dst_set_vcpus(pc_dst *d, const uint32_t *tids, uint32_t n);
 /* Return path: fd -1 pauses requests (they stay outstanding). */
 void pc_dst_set_rp(pc_dst *d, int fd);
-/* Page requests on the preempt channel's way back (fd; -1: on the return path
- * again): a source that reads them there (it says so, PREEMPT_REQUESTS_PING)
- * gets them without waiting for the main channel's socket, which its bulk
- * stream holds. A new return path (pc_dst_set_rp) sets it back to -1. */
+/* Page requests for 4 KiB pages on the preempt channel's way back (fd; -1: on
+ * the return path again): a source that reads them there (it says so,
+ * PREEMPT_REQUESTS_PING) gets them without waiting for the main channel's
+ * socket, which its bulk stream holds. Huge pages' requests stay on the return
+ * path (see send_request_locked). A new return path (pc_dst_set_rp) sets it
+ * back to -1. */
 void pc_dst_set_request_channel(pc_dst *d, int fd);
 int pc_dst_rp_write(pc_dst *d, const uint8_t *data, uint64_t len);   /* 0 or -errno; whole message or nothing */
 /* Send a request for every requested-but-not-received host page (after a
