@@ -14,7 +14,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -150,63 +150,86 @@ def test_the_preempt_way_carries_requests_only(make_block: Callable[..., RamBloc
         src.close()
 
 
+class _PreemptReceiver:
+    """A preempt channel's receiver of ``path`` on its thread, over a socketpair: ``ours`` is the
+    destination's end (what set_request_channel takes), ``theirs`` the source's."""
+
+    def __init__(self, path: dp.DestinationPath) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.settimeout(5.0)
+        self.rx = dp.Receiver(path, self.ours, dp.RX_PREEMPT, 0)
+        self.codes: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.codes.append(self.rx.run()), daemon=True)
+        self.thread.start()
+
+    def ended(self) -> list[int]:
+        self.thread.join(5.0)
+        return self.codes
+
+    def close(self) -> None:
+        self.theirs.shutdown(socket.SHUT_RDWR)      # a receiver still running sees the end
+        self.thread.join(5.0)
+        self.ours.close()
+        self.theirs.close()
+
+
+def _header(sock: socket.socket) -> tuple[int, int, int]:
+    """A page request read off ``sock``: (type, first page, pages)."""
+    kind, length = struct.unpack(">HH", sock.recv(4, socket.MSG_WAITALL))
+    start, size = struct.unpack(">QI", sock.recv(length, socket.MSG_WAITALL)[:12])
+    return kind, start // PAGE, size // PAGE
+
+
+@contextlib.contextmanager
+def _requests_on_preempt(block: RamBlock, make_uffd: Callable[..., Userfaultfd], pipes: Callable[[], tuple[int, int]],
+                         ) -> Iterator[tuple[dp.DestinationPath, socket.socket, _PreemptReceiver]]:
+    """``block``'s destination after LISTEN (its fault service on a thread), a preempt receiver,
+    and page requests sent on that channel: (the path, the return path's far end, the receiver)."""
+    path = dp.DestinationPath([block])
+    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
+    with serving(path, pipes) as (go, rp_far):
+        path.listen(uffd.fileno(), go)
+        pre = _PreemptReceiver(path)
+        try:
+            path.set_request_channel(pre.ours)
+            yield path, rp_far, pre
+        finally:
+            pre.close()
+
+
 def test_the_destination_sends_requests_on_the_request_channel(
         make_block: Callable[..., RamBlock], make_uffd: Callable[..., Userfaultfd],
         pipes: Callable[[], tuple[int, int]]) -> None:
     block = make_block("pc.ram", 16 * PAGE)
-    path = dp.DestinationPath([block])
-    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(5.0)
-    rx = dp.Receiver(path, ours, dp.RX_PREEMPT, 0)
-    code: list[int] = []
-    receiver = threading.Thread(target=lambda: code.append(rx.run()), daemon=True)
-
-    def header(sock: socket.socket) -> tuple[int, int]:
-        kind, length = struct.unpack(">HH", sock.recv(4, socket.MSG_WAITALL))
-        body = sock.recv(length, socket.MSG_WAITALL)
-        return kind, struct.unpack(">Q", body[:8])[0] // PAGE
-
-    try:
-        with serving(path, pipes) as (go, rp_far):
-            path.listen(uffd.fileno(), go)
-            receiver.start()
-            path.set_request_channel(ours)
-            toucher = Toucher(mt.read_byte, block, 3 * PAGE)
-            assert header(theirs) == (RpMessage.REQ_PAGES_ID, 3)     # the first one there names its block
-            theirs.sendall(encode([("pc.ram", 3 * PAGE, page(3))], eos=False))
-            assert toucher.wait() == page(3)[0]
-            toucher = Toucher(mt.read_byte, block, 4 * PAGE)
-            assert header(theirs) == (RpMessage.REQ_PAGES, 4)
-            theirs.sendall(encode([("pc.ram", 4 * PAGE, page(4))], eos=False))
-            assert toucher.wait() == page(4)[0]
-            assert _quiet(rp_far)                                   # nothing came on the return path
-            # back on the return path (the preempt channel ended): it names its block there too
-            path.set_request_channel(None)
-            toucher = Toucher(mt.read_byte, block, 5 * PAGE)
-            assert header(rp_far) == (RpMessage.REQ_PAGES_ID, 5)
-            theirs.sendall(encode([("pc.ram", 5 * PAGE, page(5))], eos=False))
-            assert toucher.wait() == page(5)[0]
-            # a new return path (a new connection) sets it back too, until told again
-            path.set_request_channel(ours)
-            new_near, new_far = socket.socketpair()
-            with new_near, new_far:
-                new_far.settimeout(5.0)
-                path.set_return_path(new_near)
-                toucher = Toucher(mt.read_byte, block, 6 * PAGE)
-                assert header(new_far) == (RpMessage.REQ_PAGES_ID, 6)
-                theirs.sendall(encode([("pc.ram", 6 * PAGE, page(6))], eos=True))
-                assert toucher.wait() == page(6)[0]
-                assert _quiet(theirs)
-            assert read(block, 3 * PAGE, 4 * PAGE) == page(3) + page(4) + page(5) + page(6)
-            receiver.join(5.0)
-            assert code == [dp.Receiver.EOS]
-    finally:
-        theirs.shutdown(socket.SHUT_RDWR)
-        if receiver.is_alive():
-            receiver.join(5.0)
-        ours.close()
-        theirs.close()
+    with _requests_on_preempt(block, make_uffd, pipes) as (path, rp_far, pre):
+        toucher = Toucher(mt.read_byte, block, 3 * PAGE)
+        assert _header(pre.theirs) == (RpMessage.REQ_PAGES_ID, 3, 1)     # the first there names its block
+        pre.theirs.sendall(encode([("pc.ram", 3 * PAGE, page(3))], eos=False))
+        assert toucher.wait() == page(3)[0]
+        toucher = Toucher(mt.read_byte, block, 4 * PAGE)
+        assert _header(pre.theirs) == (RpMessage.REQ_PAGES, 4, 1)
+        pre.theirs.sendall(encode([("pc.ram", 4 * PAGE, page(4))], eos=False))
+        assert toucher.wait() == page(4)[0]
+        assert _quiet(rp_far)                                   # nothing came on the return path
+        # back on the return path (the preempt channel ended): it names its block there too
+        path.set_request_channel(None)
+        toucher = Toucher(mt.read_byte, block, 5 * PAGE)
+        assert _header(rp_far) == (RpMessage.REQ_PAGES_ID, 5, 1)
+        pre.theirs.sendall(encode([("pc.ram", 5 * PAGE, page(5))], eos=False))
+        assert toucher.wait() == page(5)[0]
+        # a new return path (a new connection) sets it back too, until told again
+        path.set_request_channel(pre.ours)
+        new_near, new_far = socket.socketpair()
+        with new_near, new_far:
+            new_far.settimeout(5.0)
+            path.set_return_path(new_near)
+            toucher = Toucher(mt.read_byte, block, 6 * PAGE)
+            assert _header(new_far) == (RpMessage.REQ_PAGES_ID, 6, 1)
+            pre.theirs.sendall(encode([("pc.ram", 6 * PAGE, page(6))], eos=True))
+            assert toucher.wait() == page(6)[0]
+            assert _quiet(pre.theirs)
+        assert read(block, 3 * PAGE, 4 * PAGE) == page(3) + page(4) + page(5) + page(6)
+        assert pre.ended() == [dp.Receiver.EOS]
 
 
 @pytest.mark.hugetlb
@@ -217,30 +240,11 @@ def test_a_huge_pages_request_stays_on_the_return_path(
     socket through each read), while the bulk stream stands aside for them: main's socket is
     the quiet way for a huge page's request."""
     block = make_block("huge.ram", 2 * PAGE_2M, PAGE_2M, "hugetlbfs")
-    path = dp.DestinationPath([block])
-    uffd = make_uffd(Feature.THREAD_ID, user_mode_only=True)
-    ours, theirs = socket.socketpair()
-    rx = dp.Receiver(path, ours, dp.RX_PREEMPT, 0)
-    code: list[int] = []
-    receiver = threading.Thread(target=lambda: code.append(rx.run()), daemon=True)
-    try:
-        with serving(path, pipes) as (go, rp_far):
-            path.listen(uffd.fileno(), go)
-            receiver.start()
-            path.set_request_channel(ours)
-            toucher = Toucher(mt.read_byte, block, PAGE_2M + 5 * PAGE)
-            kind, length = struct.unpack(">HH", rp_far.recv(4, socket.MSG_WAITALL))
-            start, size = struct.unpack(">QI", rp_far.recv(length, socket.MSG_WAITALL)[:12])
-            assert (kind, start, size) == (RpMessage.REQ_PAGES_ID, PAGE_2M, PAGE_2M)
-            assert _quiet(theirs)
-            bodies = [page(100 + i) for i in range(PAGE_2M // PAGE)]
-            theirs.sendall(encode([("huge.ram", PAGE_2M + i * PAGE, b) for i, b in enumerate(bodies)], eos=True))
-            assert toucher.wait() == bodies[5][0]
-            receiver.join(5.0)
-            assert code == [dp.Receiver.EOS]
-    finally:
-        theirs.shutdown(socket.SHUT_RDWR)
-        if receiver.is_alive():
-            receiver.join(5.0)
-        ours.close()
-        theirs.close()
+    with _requests_on_preempt(block, make_uffd, pipes) as (_, rp_far, pre):
+        toucher = Toucher(mt.read_byte, block, PAGE_2M + 5 * PAGE)
+        assert _header(rp_far) == (RpMessage.REQ_PAGES_ID, PAGE_2M // PAGE, PAGE_2M // PAGE)
+        assert _quiet(pre.theirs)
+        bodies = [page(100 + i) for i in range(PAGE_2M // PAGE)]
+        pre.theirs.sendall(encode([("huge.ram", PAGE_2M + i * PAGE, b) for i, b in enumerate(bodies)]))
+        assert toucher.wait() == bodies[5][0]
+        assert pre.ended() == [dp.Receiver.EOS]
