@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -43,9 +44,10 @@ def _request(sock: socket.socket, first: int, npages: int = 1, idstr: bytes | No
 
 class _Source:
     """A SourcePath (every page dirty) with its return path (a socketpair), both channels over
-    loopback (their readers drain them), and its return-path thread running."""
+    loopback (their readers drain them), and its return-path thread running (``preempt_later``:
+    started before the preempt channel is set, as in a recovery)."""
 
-    def __init__(self, blocks: list[RamBlock]) -> None:
+    def __init__(self, blocks: list[RamBlock], preempt_later: bool = False) -> None:
         self.path = SourcePath(blocks, 2)
         for bm in self.path.dirty:
             bm.set_range(0, PAGES)
@@ -54,7 +56,8 @@ class _Source:
         self.pre_w, self.pre_r = tcp_pair()
         self.rp_src, self.rp_dst = socket.socketpair()
         self.path.set_channel(CHAN_MAIN, self.main_w)
-        self.path.set_channel(CHAN_PREEMPT, self.pre_w)
+        if not preempt_later:
+            self.path.set_channel(CHAN_PREEMPT, self.pre_w)
         self.path.set_return_path(self.rp_src)
         self.pre_got = [0]
         threading.Thread(target=drain, args=(self.pre_r, self.pre_got), daemon=True).start()
@@ -130,6 +133,20 @@ def test_the_source_serves_requests_from_both_ways(make_block: Callable[..., Ram
         wait_until(lambda: path.counters()["request_pages_sent"] == 5, "a request after the preempt way closed")
         assert path.counters()["requests_preempt"] == 2
         assert src.rp.is_alive()
+    finally:
+        src.close()
+
+
+def test_a_preempt_channel_set_after_the_return_path_started_is_read(make_block: Callable[..., RamBlock]) -> None:
+    """A recovery starts the return path before its preempt channel connects: the return-path
+    thread, waiting on the return path alone then, still finds the preempt channel once it is
+    set, with nothing coming on the return path to wake it."""
+    src = _Source(_blocks(make_block), preempt_later=True)
+    try:
+        time.sleep(0.05)        # the thread waits on the return path
+        src.path.set_channel(CHAN_PREEMPT, src.pre_w)
+        _request(src.pre_r, 3)
+        wait_until(lambda: src.path.counters()["requests_preempt"] == 1, "the request read the preempt way", 5.0)
     finally:
         src.close()
 

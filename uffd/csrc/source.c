@@ -1038,6 +1038,13 @@ int pc_src_rp_run(pc_src *s)
                 return src_fail(s, PC_RP_E_IO, (int)-w, "return path recv: %s", strerror((int)-w));
             continue;
         }
+        if (!both && s->preempt && !s->req_ended && !pc_sockbuf_avail(&s->rp)) {
+            /* No preempt channel set yet (a recovery connects it after the return path): wait
+             * for the return path a millisecond at a time, looking for it in between. */
+            struct pollfd pfd = { s->rp.fd, POLLIN, 0 };
+            if (poll(&pfd, 1, 1) <= 0)
+                continue;
+        }
         int64_t r = pc_sockbuf_fill(in, 4);
         if (r <= 0 && in == &s->req) {
             req_end(s);
