@@ -659,6 +659,12 @@ class SourcePath:
         PONG that came while this thread sent a requested page counts from its arrival."""
         return int(self._s.rp_control_ns)
 
+    @property
+    def preempt_requests_ended(self) -> bool:
+        """This connection's preempt channel ended its way back (EOF or an error): page requests
+        come on the return path alone from now on (see pc_src_rp_run)."""
+        return bool(self._s.req_ended)
+
     def urgent_pending(self) -> bool:
         """Preempt: requested pages are being sent, or not yet taken in by the destination's
         TCP (the bulk stream stands aside between its batches, at most ``PAUSE_MAX_NS`` at a time)."""

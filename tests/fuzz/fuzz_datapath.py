@@ -436,33 +436,58 @@ def run_preempt(ctx: Ctx, seed: Seed, data: bytes, rng: random.Random) -> None:
             b.close()
 
 
+def _end_after_the_preempt_way(path: Any, feeder: threading.Thread, rp_far: socket.socket,
+                               done: threading.Event) -> None:
+    """Close the return path once the preempt channel's way back is read to its end (its feeder
+    done, the C loop past its EOF), so that run_rp's loop ends; or once that loop is ``done``."""
+    feeder.join()
+    deadline = time.monotonic() + 10.0
+    while not path.preempt_requests_ended and not done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    with contextlib.suppress(OSError):
+        rp_far.shutdown(socket.SHUT_RDWR)
+
+
 def run_rp(ctx: Ctx, seed: Seed, data: bytes, rng: random.Random) -> None:
-    """The source's return path: requests served in C, the rest decoded in Python."""
+    """The source's return path: requests served in C, the rest decoded in Python. With preempt,
+    now and then the bytes come the preempt channel's way back instead (page requests only)."""
     wire, dp = ctx.wire, ctx.dp
     huge = rng.random() < 0.25
     blocks, temp = ctx.blocks.get(_seed_layout(ctx, huge))
     layout = wire.RamLayout(blocks=tuple(wire.RamBlockLayout(idstr=b.idstr, used_length=b.used_length,
                                                              host_page_size=b.page_size) for b in blocks))
+    preempt = rng.random() < 0.75
+    preempt_way = preempt and rng.random() < 0.3
     pair = _Pair(data, rng)
     out, sink = socket.socketpair()
-    drain = threading.Thread(target=_drain, args=(sink,), daemon=True)
-    drain.start()
+    drains = [threading.Thread(target=_drain, args=(sink,), daemon=True)]
+    rp_near, rp_far = socket.socketpair()
+    done = threading.Event()
     try:
         path = dp.SourcePath(blocks, ctx.layout.section_id)
         path.mark_all_dirty()
-        preempt = rng.random() < 0.75
         path.configure(preempt=preempt)
         path.set_channel(dp.CHAN_MAIN, out)
-        if preempt:
-            path.set_channel(dp.CHAN_PREEMPT, out)
-        path.set_return_path(pair.ours)
+        if preempt_way:
+            # the bytes come back on the preempt channel, whose pages are drained off the far end
+            drains.append(threading.Thread(target=_drain, args=(pair.theirs,), daemon=True))
+            drains.append(threading.Thread(target=_end_after_the_preempt_way,
+                                           args=(path, pair.thread, rp_far, done), daemon=True))
+            path.set_channel(dp.CHAN_PREEMPT, pair.ours)
+            path.set_return_path(rp_near)
+        else:
+            if preempt:
+                path.set_channel(dp.CHAN_PREEMPT, out)
+            path.set_return_path(pair.ours)
+        for t in drains:
+            t.start()
         for _ in range(100000):
             code = path.serve_return_path()
             if code == dp.SourcePath.RP_BAD_REQUEST:
                 ctx.count("rp:bad-request")
                 continue
             if code != dp.SourcePath.RP_CONTROL:
-                ctx.count(f"rp:{code}")
+                ctx.count(f"rp:{code}{':preempt-way' if preempt_way else ''}")
                 return
             event = next(dp.decoded_items(path.rp, wire.ReturnPathDecoder(layout=layout, page_size=4096)))
             if isinstance(event, wire.RecvBitmap):
@@ -477,11 +502,16 @@ def run_rp(ctx: Ctx, seed: Seed, data: bytes, rng: random.Random) -> None:
     except (wire.RemoteProtocolError, dp.DataPathError) as exc:
         _protocol_error(ctx, exc)
     finally:
+        done.set()
         pair.close()
         out.shutdown(socket.SHUT_RDWR)
-        drain.join()
-        out.close()
-        sink.close()
+        with contextlib.suppress(OSError):
+            rp_far.shutdown(socket.SHUT_RDWR)
+        for t in drains:
+            if t.is_alive() or t.ident is not None:
+                t.join()
+        for s in (out, sink, rp_near, rp_far):
+            s.close()
         for b in temp:
             b.close()
 
