@@ -136,6 +136,8 @@ class SourceMetrics(Metrics):
     """Times the background stream stood aside for requested pages (preempt)."""
     bulk_pause_seconds: Counter
     """Time it spent so."""
+    page_requests_preempt: Counter
+    """Of the page requests, those read on the preempt channel's way back (our destination's 4 KiB ones)."""
     hot_set_pages_pushed: MappingProxyType[str, Counter]
     """Hot set pages sent before they were asked for, by channel (main: first in the bulk stream)."""
     hot_set_pages_recorded: Counter
@@ -306,6 +308,10 @@ def make_metrics(registry: CollectorRegistry, role: Role) -> Metrics:
             bulk_pause_seconds=Counter("postcopy_bulk_pause_seconds",
                                        "Time the background stream stood aside for requested pages (preempt).",
                                        registry=registry),
+            page_requests_preempt=Counter("postcopy_page_requests_preempt",
+                                          "Page requests read on the preempt channel's way back (our destination "
+                                          "sends 4 KiB pages' there; QEMU's all come on the return path).",
+                                          registry=registry),
             hot_set_pages_pushed=MappingProxyType({ch: hot_pushed.labels(ch) for ch in CHANNELS}),
             hot_set_pages_recorded=Counter("postcopy_hot_set_pages_recorded",
                                            "Target pages recorded for a later migration's hot set.",

@@ -811,6 +811,7 @@ class SourceService(_RoleService[R]):
             m.precopy_dirty_rate.set(pre.dirty_rate_pages_per_s)
         self._sync(m.bulk_pauses, snap.counters.get("bulk_pauses", 0))
         self._sync(m.bulk_pause_seconds, snap.counters.get("bulk_pause_ns", 0) / 1e9)
+        self._sync(m.page_requests_preempt, snap.counters.get("requests_preempt", 0))
         pf = snap.prefetch
         if pf is not None:
             self._sync(m.prefetch_pages_sent, pf.pages_sent)

@@ -294,7 +294,8 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     value = registry.get_sample_value
     names = ["postcopy_prefetch_pages_sent_total", "postcopy_prefetch_pages_used_total",
              "postcopy_prefetch_windows_total", "postcopy_prefetch_wasted_pages", "postcopy_hot_set_pages",
-             "postcopy_hot_set_pages_recorded_total", "postcopy_bulk_pauses_total", "postcopy_bulk_pause_seconds_total"]
+             "postcopy_hot_set_pages_recorded_total", "postcopy_bulk_pauses_total", "postcopy_bulk_pause_seconds_total",
+             "postcopy_page_requests_preempt_total"]
     assert [value(n) for n in names] == [0] * len(names)           # there from the start, at 0
     for result in ("hit", "miss"):
         assert value("postcopy_prefetch_requests_total", {"result": result}) == 0
@@ -312,7 +313,8 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     m.hot_set_pages_recorded.inc(2100)
     m.bulk_pauses.inc(12)
     m.bulk_pause_seconds.inc(0.25)
-    assert [value(n) for n in names] == [96, 90, 5, 6, 2048, 2100, 12, 0.25]
+    m.page_requests_preempt.inc(40)
+    assert [value(n) for n in names] == [96, 90, 5, 6, 2048, 2100, 12, 0.25, 40]
     assert value("postcopy_prefetch_requests_total", {"result": "hit"}) == 7
     assert value("postcopy_prefetch_requests_total", {"result": "miss"}) == 2
     assert value("postcopy_hot_set_pages_pushed_total", {"channel": "preempt"}) == 1500
@@ -322,3 +324,4 @@ def test_source_prefetch_and_hot_set_series(registry: CollectorRegistry) -> None
     assert reg.get_sample_value("postcopy_prefetch_pages_sent_total") is None
     assert reg.get_sample_value("postcopy_hot_set_pages") is None
     assert reg.get_sample_value("postcopy_bulk_pauses_total") is None
+    assert reg.get_sample_value("postcopy_page_requests_preempt_total") is None

@@ -83,6 +83,8 @@ def test_scrape_during_and_after_matches_the_reports(tmp_path: Path) -> None:
         assert value(safter, "postcopy_bulk_pause_seconds_total") == pytest.approx(s["counters"]["bulk_pause_ns"] / 1e9)
         assert total(after, "postcopy_received_bytes_total") <= s["bytes_transferred"]
         assert value(safter, "postcopy_page_requests_received_total") == s["requests_received"]
+        # our destination sent its (4 KiB) requests on the preempt channel's way back
+        assert value(safter, "postcopy_page_requests_preempt_total") == s["counters"]["requests_preempt"] > 0
         assert value(safter, "postcopy_downtime_seconds") == pytest.approx(s["downtime_ms"] / 1e3, abs=1e-3)
         # the series that stay at zero until they happen are there
         assert value(after, "postcopy_recoveries_total") == 0
