@@ -508,7 +508,7 @@ def run_rp(ctx: Ctx, seed: Seed, data: bytes, rng: random.Random) -> None:
         with contextlib.suppress(OSError):
             rp_far.shutdown(socket.SHUT_RDWR)
         for t in drains:
-            if t.is_alive() or t.ident is not None:
+            if t.ident is not None:     # started
                 t.join()
         for s in (out, sink, rp_near, rp_far):
             s.close()

@@ -3,8 +3,8 @@ socket read backwards, and the bulk stream holds that socket's lock through each
 the destination's bulk receiver through each receive): a request read or written there waits
 for it. Our source reads requests on the preempt channel too, and our destination sends them
 there once told (PREEMPT_REQUESTS_PING, tests/session), for 4 KiB pages (a huge page's stays
-on the return path). Each way names its own block; only
-requests may come the preempt way; once that way closes, requests come on the return path.
+on the return path). Each way names its own block; only requests may come the preempt way;
+once that way closes, requests come on the return path.
 Real TCP over loopback and socketpairs, a real userfaultfd and a faulting thread; C threads."""
 
 from __future__ import annotations

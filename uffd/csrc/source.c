@@ -1060,10 +1060,10 @@ int pc_src_rp_run(pc_src *s)
         if (len > PC_RP_MAX_FRAME)
             return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u has length %u > %u", type, len,
                             PC_RP_MAX_FRAME);
-        if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES && in == &s->req)
-            return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u on the preempt channel "
-                            "(it carries page requests only)", type);
         if (type != PC_RP_REQ_PAGES_ID && type != PC_RP_REQ_PAGES) {
+            if (in == &s->req)
+                return src_fail(s, PC_RP_E_PROTO, EINVAL, "return-path message type %u on the preempt channel "
+                                "(it carries page requests only)", type);
             /* when its header came in (a PONG read after a page was sent counts from its arrival),
              * not when Python gets the GIL back */
             s->rp_control_ns = pc_sockbuf_arrival_of(in, pc_sockbuf_offset(in) + 3);
