@@ -60,8 +60,10 @@ class _Source:
             self.path.set_channel(CHAN_PREEMPT, self.pre_w)
         self.path.set_return_path(self.rp_src)
         self.pre_got = [0]
-        threading.Thread(target=drain, args=(self.pre_r, self.pre_got), daemon=True).start()
-        threading.Thread(target=drain, args=(self.main_r, [0]), daemon=True).start()
+        self.readers = [threading.Thread(target=drain, args=(self.pre_r, self.pre_got), daemon=True),
+                        threading.Thread(target=drain, args=(self.main_r, [0]), daemon=True)]
+        for t in self.readers:
+            t.start()
         self.codes: list[int] = []
         self.failed: dp.DataPathError | None = None
         self.rp = threading.Thread(target=self._serve, daemon=True)
@@ -86,8 +88,11 @@ class _Source:
         for s in (self.main_w, self.main_r, self.pre_w, self.pre_r, self.rp_src, self.rp_dst):
             with contextlib.suppress(OSError):     # (one the test shut already)
                 s.shutdown(socket.SHUT_RDWR)
-        self.rp.join(5.0)
-        assert not self.rp.is_alive()
+        # the readers see the shutdown's end before their sockets close (a recv on a closed
+        # socket would raise in them)
+        for t in [self.rp, *self.readers]:
+            t.join(5.0)
+            assert not t.is_alive()
         for s in (self.main_w, self.main_r, self.pre_w, self.pre_r, self.rp_src, self.rp_dst):
             s.close()
 
