@@ -175,6 +175,10 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
     assert len(names) == 4
     assert any("remote faults <= 5%" in n for n in names)
     assert any("no slower with prefetch" in n for n in names)
+    random_on = next(r for r in pf["rows"] if r["pattern"] == "random" and r["prefetch"])
+    assert pf["medians"]["random on/off paired"]["pages_sent_ahead"] == random_on["prefetch_pages"]
+    paired = next(t for t in pf["targets"] if "no slower with prefetch" in t["target"])
+    assert paired["measured"].endswith(f"; {random_on['prefetch_pages']} pages sent ahead in the random demos")
     assert {t["verdict"] for t in pf["targets"]} <= {"ok", "miss"}
     for t in pf["targets"]:
         assert f"target {t['target']}: {t['measured']} -> {t['verdict']}" in text

@@ -250,11 +250,15 @@ class _Pair:
         self.thread = threading.Thread(target=_feed, args=(self.theirs, data, own), daemon=True)
         self.thread.start()
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Both ends shut (their readers see the end) and the feeder joined; nothing closed."""
         for s in (self.ours, self.theirs):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
         self.thread.join()
+
+    def close(self) -> None:
+        self.shutdown()
         self.ours.close()
         self.theirs.close()
 
@@ -503,13 +507,16 @@ def run_rp(ctx: Ctx, seed: Seed, data: bytes, rng: random.Random) -> None:
         _protocol_error(ctx, exc)
     finally:
         done.set()
-        pair.close()
+        pair.shutdown()
         out.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             rp_far.shutdown(socket.SHUT_RDWR)
+        # the drains end on the shutdowns; only then their sockets close (a drain between two
+        # recvs would meet a closed socket, or a new one reusing its fd number)
         for t in drains:
             if t.ident is not None:     # started
                 t.join()
+        pair.close()
         for s in (out, sink, rp_near, rp_far):
             s.close()
         for b in temp:

@@ -181,8 +181,15 @@ class _PreemptReceiver:
         self.theirs.settimeout(5.0)
         self.rx = dp.Receiver(path, self.ours, dp.RX_PREEMPT, 0)
         self.codes: list[int] = []
-        self.thread = threading.Thread(target=lambda: self.codes.append(self.rx.run()), daemon=True)
+        self.failed: dp.DataPathError | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.codes.append(self.rx.run())
+        except dp.DataPathError as exc:     # (a test that failed mid-page: its close cut the record)
+            self.failed = exc
 
     def ended(self) -> list[int]:
         self.thread.join(5.0)
@@ -191,6 +198,7 @@ class _PreemptReceiver:
     def close(self) -> None:
         self.theirs.shutdown(socket.SHUT_RDWR)      # a receiver still running sees the end
         self.thread.join(5.0)
+        assert not self.thread.is_alive()
         self.ours.close()
         self.theirs.close()
 
