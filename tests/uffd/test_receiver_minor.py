@@ -196,17 +196,19 @@ def test_the_preempt_channel_writes_a_requested_page_as_its_records_arrive(
     feed = feeds(encode(recs), chunks=[head], pause=2.0)
     t = threading.Thread(target=receive, args=(path, feed))
     t.start()
-    alias = b.alias()
-    first, beyond = PAGE_2M + 0 * PAGE, PAGE_2M + 200 * PAGE
-    deadline = time.monotonic() + 1.5
-    while ctypes.string_at(alias + first, PAGE) != bodies[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # during the feed's pause: the first records are written, a later one is not, nothing is placed
-    assert ctypes.string_at(alias + first, PAGE) == bodies[0]
-    assert ctypes.string_at(alias + PAGE_2M + 97 * PAGE, PAGE) == bodies[97]
-    assert ctypes.string_at(alias + beyond, PAGE) == bytes(PAGE)
-    assert path.received[0].count() == 0
-    t.join(30)
+    try:
+        alias = b.alias()
+        first, beyond = PAGE_2M + 0 * PAGE, PAGE_2M + 200 * PAGE
+        deadline = time.monotonic() + 1.5
+        while ctypes.string_at(alias + first, PAGE) != bodies[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # during the feed's pause: the first records are written, a later one is not, nothing is placed
+        assert ctypes.string_at(alias + first, PAGE) == bodies[0]
+        assert ctypes.string_at(alias + PAGE_2M + 97 * PAGE, PAGE) == bodies[97]
+        assert ctypes.string_at(alias + beyond, PAGE) == bytes(PAGE)
+        assert path.received[0].count() == 0
+    finally:
+        t.join(30)      # (the feed ends after its pause) the receiver never outlives the block's fixtures
     assert not t.is_alive()
     assert path.counters().host_pages_placed == 1
     assert read(b, PAGE_2M, PAGE_2M) == expected(bodies)
@@ -253,18 +255,20 @@ def test_a_requested_copy_takes_over_the_page_the_bulk_stream_is_writing(
     feed = main.feed(encode(recs), chunks=[len(encode(recs[:100], eos=False))])
     t = threading.Thread(target=main.receive, args=(path, feed))
     t.start()
-    alias = b.alias()
-    deadline = time.monotonic() + 1.5
-    while ctypes.string_at(alias + 99 * PAGE, PAGE) != bodies[99] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ctypes.string_at(alias + 99 * PAGE, PAGE) == bodies[99]      # written in place, not placed
-    assert path.received[0].count() == 0
-    receive(path, feeds(encode(recs)))
-    assert (path.counters().host_pages_placed, path.counters().taken_over) == (1, 1)
-    assert read(b, 0, PAGE_2M) == expected(bodies)
-    check_hashes(path, 0, b, range(NTP))
-    mt.write_byte(b, 300 * PAGE + 5, bodies[300][5] ^ 0xFF)            # the guest runs on it
-    t.join(30)
+    try:
+        alias = b.alias()
+        deadline = time.monotonic() + 1.5
+        while ctypes.string_at(alias + 99 * PAGE, PAGE) != bodies[99] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ctypes.string_at(alias + 99 * PAGE, PAGE) == bodies[99]      # written in place, not placed
+        assert path.received[0].count() == 0
+        receive(path, feeds(encode(recs)))
+        assert (path.counters().host_pages_placed, path.counters().taken_over) == (1, 1)
+        assert read(b, 0, PAGE_2M) == expected(bodies)
+        check_hashes(path, 0, b, range(NTP))
+        mt.write_byte(b, 300 * PAGE + 5, bodies[300][5] ^ 0xFF)            # the guest runs on it
+    finally:
+        t.join(30)      # (the feed ends after its pause) the receiver never outlives the block's fixtures
     assert not t.is_alive()
     assert mt.read_byte(b, 300 * PAGE + 5) == bodies[300][5] ^ 0xFF
     c = path.counters()
