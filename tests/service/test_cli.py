@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_demo_serves_both_roles_metrics_and_the_report_plots(tmp_path: Path) -> 
             for role, p in (("destination", port), ("source", port + 1)):
                 try:
                     parsed = samples(scrape(p))
-                except OSError:
+                except (OSError, http.client.HTTPException):     # not up yet, or gone mid-answer
                     continue
                 if state(parsed) in ("postcopy-active", "completed"):
                     seen[role] = parsed
