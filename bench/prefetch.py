@@ -120,7 +120,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str
     if ons and offs:
         # Paired: on / off of the same run (they take turns going first), which takes out the
         # drift between runs, not the spread of one demo to the next: a random guest's GB/s
-        # ranged 1.4-2.9 here with the same code (docs/performance.md, Rounds 24-25).
+        # ranged 1.4-3.1 here with the same code (docs/performance.md, Rounds 24-25).
         ratios = [a / b for a, b in zip(ons, offs, strict=True)]
         ratio = statistics.median(ratios)
         # what prefetch did in them: with nothing sent ahead, on and off ran the same data path

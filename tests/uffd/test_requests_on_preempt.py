@@ -193,6 +193,7 @@ class _PreemptReceiver:
 
     def ended(self) -> list[int]:
         self.thread.join(5.0)
+        assert self.failed is None, self.failed
         return self.codes
 
     def close(self) -> None:
