@@ -164,10 +164,10 @@ def copy_floor_ns(page_size: int, rounds: int) -> float:
 
 
 def plain_fault_ns(page_size: int, quick: bool) -> list[int]:
-    # One untimed pass first: the first pass after other work, or after the CPUs idled, ran
-    # ~10-35 % slower here than the next (2 MiB p50 500 against 444 us after a migration, 600-680
-    # against 435-450 at a process's start: docs/performance.md, Round 25), and the busy runs
-    # it is set against start on CPUs their guest already keeps busy.
+    # One untimed pass first: the first pass at a process's start or after the CPUs idled ran
+    # slower here than the next (2 MiB p50 599-678 against 430-450 us; right after a migration
+    # 452 against 444, medians: docs/performance.md, Round 25), and the busy runs it is set
+    # against start on CPUs their guest already keeps busy.
     if page_size == PAGE_2M:
         plain_remote_fault_ns(16, PAGE_2M)
         return plain_remote_fault_ns(32 if quick else 64, PAGE_2M)
