@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.root
 
 
 def serve_echo(listener: socket.socket) -> None:
-    """Echo every connection until the listener is closed (one thread per connection)."""
+    """Echo every connection until the listener is shut down (one thread per connection)."""
 
     def echo(conn: socket.socket) -> None:
         with conn:
@@ -34,12 +36,23 @@ def serve_echo(listener: socket.socket) -> None:
         threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
 
-def echo_server(net: NetnsPair) -> tuple[socket.socket, tuple[str, int]]:
+@contextlib.contextmanager
+def echo_server(net: NetnsPair) -> Iterator[tuple[str, int]]:
+    """An echo server in namespace b, for the block; its address. At the end its listener is
+    shut down (close alone leaves a thread blocked in accept() there) and its thread joined."""
     listener = net.socket("b")
     listener.bind((net.addr_b, 0))
     listener.listen()
-    threading.Thread(target=serve_echo, args=(listener,), daemon=True).start()
-    return listener, listener.getsockname()
+    t = threading.Thread(target=serve_echo, args=(listener,), daemon=True)
+    t.start()
+    try:
+        yield listener.getsockname()
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        t.join(5.0)
+        listener.close()
+        assert not t.is_alive()
 
 
 def connect_from_a(
@@ -79,8 +92,7 @@ def round_trip(sock: socket.socket, data: bytes) -> bytes:
 
 
 def test_echo_across_the_link_and_subprocess_in_a_namespace() -> None:
-    with netns_pair(subnet=7) as net:
-        listener, address = echo_server(net)
+    with netns_pair(subnet=7) as net, echo_server(net) as address:
         with connect_from_a(net, address, 5.0) as sock:
             assert sock.getsockname()[0] == net.addr_a
             payload = os.urandom(3 * 1024 * 1024)
@@ -94,12 +106,10 @@ def test_echo_across_the_link_and_subprocess_in_a_namespace() -> None:
             "a", [sys.executable, "-c", code, address[0], str(address[1])], timeout_seconds=30
         )
         assert proc.stdout.strip() == "ping"
-        listener.close()
 
 
 def test_link_down_times_out_and_link_up_recovers() -> None:
-    with netns_pair() as net:
-        listener, address = echo_server(net)
+    with netns_pair() as net, echo_server(net) as address:
         established = connect_from_a(net, address, 10.0)
         assert round_trip(established, b"before") == b"before"
 
@@ -121,13 +131,11 @@ def test_link_down_times_out_and_link_up_recovers() -> None:
         with connect_from_a(net, address, 5.0) as fresh:
             assert round_trip(fresh, b"after") == b"after"
         established.close()
-        listener.close()
 
 
 def test_proxy_in_a_namespace_forwards_across_the_link() -> None:
     # The fault proxy on the source host (namespace a) in front of a destination in namespace b.
-    with netns_pair(subnet=9) as net:
-        listener, address = echo_server(net)
+    with netns_pair(subnet=9) as net, echo_server(net) as address:
         proxy = net.call("a", FaultProxy.start_in_thread, address)
         try:
             with connect_from_a(net, proxy.address, 5.0) as sock:
@@ -138,7 +146,6 @@ def test_proxy_in_a_namespace_forwards_across_the_link() -> None:
             assert proxy.wait_for(ProxyEvent.CUT, 0)["bytes_up"] == 100_000
         finally:
             proxy.close()
-            listener.close()
 
 
 def test_namespaces_are_removed_even_when_the_test_fails() -> None:
