@@ -168,11 +168,9 @@ def plain_fault_ns(page_size: int, quick: bool) -> list[int]:
     # slower here than the next (2 MiB p50 599-678 against 430-450 us; right after a migration
     # 452 against 444, medians: docs/performance.md, Round 25), and the busy runs it is set
     # against start on CPUs their guest already keeps busy.
-    if page_size == PAGE_2M:
-        plain_remote_fault_ns(16, PAGE_2M)
-        return plain_remote_fault_ns(32 if quick else 64, PAGE_2M)
-    plain_remote_fault_ns(500)
-    return plain_remote_fault_ns(2000 if quick else 5000)
+    warm, timed = (16, 32 if quick else 64) if page_size == PAGE_2M else (500, 2000 if quick else 5000)
+    plain_remote_fault_ns(warm, page_size)
+    return plain_remote_fault_ns(timed, page_size)
 
 
 def ceiling_now(page_size: int, quick: bool) -> float:

@@ -115,7 +115,8 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str
                f"{s['gbps']:.2f} GB/s (off: {summary['seq/off']['gbps']:.2f})", s["gbps"] >= 0.8)
         target("sequential guest: pages sent ahead and never passed < 10% of what prefetch sends",
                f"{s['wasted_pct']:.2f}% of {s['prefetch_pages']:.0f} pages", s["wasted_pct"] < 10.0)
-    ons = [r["gbps"] for r in rows if r["pattern"] == "random" and r["prefetch"]]
+    random_on = [r for r in rows if r["pattern"] == "random" and r["prefetch"]]
+    ons = [r["gbps"] for r in random_on]
     offs = [r["gbps"] for r in rows if r["pattern"] == "random" and not r["prefetch"]]
     if ons and offs:
         # Paired: on / off of the same run (they take turns going first), which takes out the
@@ -124,7 +125,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str
         ratios = [a / b for a, b in zip(ons, offs, strict=True)]
         ratio = statistics.median(ratios)
         # what prefetch did in them: with nothing sent ahead, on and off ran the same data path
-        ahead = sum(r["prefetch_pages"] for r in rows if r["pattern"] == "random" and r["prefetch"])
+        ahead = sum(r["prefetch_pages"] for r in random_on)
         summary["random on/off paired"] = {"median": ratio, "min": min(ratios), "max": max(ratios),
                                            "pages_sent_ahead": ahead}
         target("random guest: no slower with prefetch (on/off GB/s paired by run, median >= 0.95)",
