@@ -45,7 +45,9 @@ def _cut_repeatedly(n: int, every: float, who: str, counter: list[int]):
 
 @pytest.mark.parametrize("preempt", [True, False], ids=["preempt", "no-preempt"])
 def test_twenty_cuts_in_one_migration(preempt: bool) -> None:
-    spec = _slow_spec()
+    # 16 MiB: twenty cuts 0.12 s apart need ~2.4 s of postcopy and their recoveries more; an
+    # 8 MiB guest's migration took ~2.7 s in all, and CI once saw it complete after the 19th cut
+    spec = _slow_spec(16 << 20)
     cuts: list[int] = []
     o = migrate(spec, preempt=preempt, cap=2 << 20, during=_cut_repeatedly(20, 0.12, "dest", cuts),
                 source_options=FAST_LINK, dest_options=FAST_LINK)
