@@ -222,7 +222,15 @@ class Qemu:
 
     def cmd(self, name: str, **args: Any) -> Any:
         assert self.qmp is not None, "not started"
-        return self.qmp.cmd(name, **args)
+        try:
+            return self.qmp.cmd(name, **args)
+        except OSError as e:    # QMP dropped: QEMU died; say how, with its log (its last words)
+            rc = None
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    rc = self.proc.wait(timeout=3)
+            raise RuntimeError(f"{self.name}: QMP {name} failed ({e}); qemu exit status {rc}\n"
+                               f"--- {self.name} log:\n{self.log()}") from e
 
     def hmp(self, line: str) -> str:
         return str(self.cmd("human-monitor-command", **{"command-line": line}))
