@@ -82,10 +82,14 @@ def copy_cost_ns(page_size: int, npages: int, rounds: int = 3) -> float:
     return best
 
 
-def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K) -> list[int]:
-    """Per-fault ns of a minimal C client/server remote fault over loopback TCP."""
-    if npages <= 0:
-        raise ValueError(f"plain_remote_fault_ns: npages={npages} must be positive")
+def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K, faulters: int = 1) -> list[int]:
+    """Per-fault ns of a minimal C client/server remote fault over loopback TCP.
+
+    ``faulters``: threads touching the pages (each every ``faulters``-th page, in order) while one
+    handler serves their faults one after the other over one connection, as two vCPUs share our
+    preempt channel."""
+    if npages <= 0 or not 1 <= faulters <= 8:
+        raise ValueError(f"plain_remote_fault_ns: npages={npages} must be positive, faulters={faulters} 1-8")
     backing = "anon" if page_size == PAGE_4K else "hugetlbfs"
     with (
         Userfaultfd(user_mode_only=True) as u,
@@ -95,8 +99,8 @@ def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K) -> list[int]:
         mt.fill_pattern(src, 0, src.used_length, seed=3)
         u.register(dst.addr, dst.used_length, RegisterMode.MISSING)
         lat = ffi.new("uint64_t[]", npages)
-        _check(lib.pc_nb_remote_fault(u.fileno(), dst.addr, npages, page_size, src.addr, lat),
-               f"plain_remote_fault_ns(npages={npages}, page_size={page_size})")
+        _check(lib.pc_nb_remote_fault(u.fileno(), dst.addr, npages, page_size, src.addr, faulters, lat),
+               f"plain_remote_fault_ns(npages={npages}, page_size={page_size}, faulters={faulters})")
         if mt.check_pattern(dst, 0, dst.used_length, seed=3) != -1:
             raise FloorError(0, "plain_remote_fault_ns: a placed page differs from the page served")
         return list(lat)

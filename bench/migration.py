@@ -163,14 +163,14 @@ def copy_floor_ns(page_size: int, rounds: int) -> float:
     return copy_cost_ns(page_size, 32 if page_size == PAGE_2M else 16384, rounds=rounds)
 
 
-def plain_fault_ns(page_size: int, quick: bool) -> list[int]:
+def plain_fault_ns(page_size: int, quick: bool, faulters: int = 1) -> list[int]:
     # One untimed pass first: the first pass at a process's start or after the CPUs idled ran
     # slower here than the next (2 MiB p50 599-678 against 430-450 us; right after a migration
     # 452 against 444, medians: docs/performance.md, Round 25), and the busy runs it is set
     # against start on CPUs their guest already keeps busy.
     warm, timed = (16, 32 if quick else 64) if page_size == PAGE_2M else (500, 2000 if quick else 5000)
-    plain_remote_fault_ns(warm, page_size)
-    return plain_remote_fault_ns(timed, page_size)
+    plain_remote_fault_ns(warm, page_size, faulters)
+    return plain_remote_fault_ns(timed, page_size, faulters)
 
 
 def ceiling_now(page_size: int, quick: bool) -> float:
@@ -628,6 +628,9 @@ class Row:
     # ... and the p50 of a busy run with one vCPU right after each (same plain C fault): no other vCPU's
     # page to wait behind, what the two-vCPU figure adds to a requested page's own transfer
     one_vcpu_p50s_ns: list[float] = field(default_factory=list)
+    # ... and the plain C fault with two faulting threads over its one connection, measured right after
+    # the one-thread fault: the same wait behind the other's page, with none of our code in the way
+    plain_two_p50s_ns: list[float] = field(default_factory=list)
     ceilings_bps: list[float] = field(default_factory=list)    # measured right before each idle run
 
     @property
@@ -638,9 +641,10 @@ class Row:
     def ratio_p99(self) -> float:
         return self.lat_p99_ns / self.floor_p99_ns
 
-    def _over_paired_plain(self, p50s_ns: list[float]) -> float:
+    def _over_paired_plain(self, p50s_ns: list[float], plains_ns: list[float] | None = None) -> float:
         """The median of each run's p50 over the plain C fault measured with it."""
-        return statistics.median(r / p for r, p in zip(p50s_ns, self.plain_p50s_ns, strict=True))
+        plains = self.plain_p50s_ns if plains_ns is None else plains_ns
+        return statistics.median(r / p for r, p in zip(p50s_ns, plains, strict=True))
 
     def ratio_vs_plain(self) -> float:
         """p50 over the plain C fault: the median of each busy run's over the one measured before it."""
@@ -651,6 +655,12 @@ class Row:
     def ratio_one_vcpu(self) -> float:
         """The same ratio with one busy vCPU (nan: not measured)."""
         return self._over_paired_plain(self.one_vcpu_p50s_ns) if self.one_vcpu_p50s_ns else float("nan")
+
+    def ratio_vs_plain_two(self) -> float:
+        """The busy p50 over the plain C fault of two faulting threads (nan: not measured)."""
+        if not self.plain_two_p50s_ns:
+            return float("nan")
+        return self._over_paired_plain(self.run_p50s_ns, self.plain_two_p50s_ns)
 
     def bulk_ratio(self) -> float:
         if self.idle_bulk_bps:
@@ -672,12 +682,14 @@ class Row:
         if self.page == "2M" and self.preempt and not self.cap and self.plain_p50_ns:
             r = self.ratio_vs_plain()
             one = f"; one busy vCPU {self.ratio_one_vcpu():.2f}x" if self.one_vcpu_p50s_ns else ""
+            if self.plain_two_p50s_ns:
+                one += f"; over two C faulters {self.ratio_vs_plain_two():.2f}x"
             out.append(f"p50<=1.2x plain C ({r:.2f}x{one}) {'ok' if r <= TARGET_2M_P50_VS_PLAIN else 'MISS'}")
         return out
 
 
 def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run], ceilings: list[float],
-              plains: list[float], one_vcpu: list[Run]) -> Row:
+              plains: list[float], one_vcpu: list[Run], plains_two: list[float]) -> Row:
     lat = [x for r in busy for x in r.latencies_ns]
     return Row(
         config=cfg.label, page=page_label(cfg.page_size), cap=cfg.cap, preempt=cfg.preempt,
@@ -695,6 +707,7 @@ def build_row(cfg: Config, floors: Floors, busy: list[Run], idle: list[Run], cei
         plain_p50s_ns=plains,
         run_p50s_ns=[pct(r.latencies_ns, 50) for r in busy] if plains else [],
         one_vcpu_p50s_ns=[pct(r.latencies_ns, 50) for r in one_vcpu],
+        plain_two_p50s_ns=plains_two,
     )
 
 
@@ -1136,11 +1149,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     runs_json: list[dict[str, Any]] = []
     for cfg in configs(args.quick, args.scale, with_2m):
-        busy, idle, ceilings, plains, one_vcpu = [], [], [], [], []
+        busy, idle, ceilings, plains, one_vcpu, plains_two = [], [], [], [], [], []
         paired_plain = cfg.page_size == PAGE_2M and cfg.preempt and not cfg.cap     # the 2 MiB fault target
         for _ in range(repeat):
             if paired_plain:
                 plains.append(pct(plain_fault_ns(PAGE_2M, args.quick), 50))
+                plains_two.append(pct(plain_fault_ns(PAGE_2M, args.quick, faulters=2), 50))
             busy.append(migrate(cfg.busy_size, cfg.page_size, busy=True, preempt=cfg.preempt, cap=cfg.cap,
                                 profile=args.profile))
             if paired_plain:
@@ -1150,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
                 ceilings.append(ceiling_now(cfg.page_size, args.quick))
                 idle.append(migrate(cfg.idle_size, cfg.page_size, busy=False, preempt=cfg.preempt, cap=cfg.cap,
                                     profile=args.profile))
-        rows.append(build_row(cfg, floors, busy, idle, ceilings, plains, one_vcpu))
+        rows.append(build_row(cfg, floors, busy, idle, ceilings, plains, one_vcpu, plains_two))
         runs_json += [{"config": cfg.label, **asdict(r), "latencies_ns": None, "bulk_bps": r.bulk_bps}
                       for r in busy + idle]
         if args.profile:
@@ -1230,6 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
             "floors": asdict(floors) | {"ceiling_bps": {str(p): floors.ceiling_bps(p) for p in floors.copy_ns}},
             "rows": [asdict(r) | {"ratio_p50": r.ratio_p50, "ratio_p99": r.ratio_p99, "bulk_ratio": r.bulk_ratio(),
                                   "ratio_vs_plain": r.ratio_vs_plain(), "ratio_one_vcpu": r.ratio_one_vcpu(),
+                                  "ratio_vs_plain_two": r.ratio_vs_plain_two(),
                                   "targets": r.verdicts()} for r in rows],
             "runs": runs_json,
             "downtime_targets": downtime_targets(downtime_runs, ref, same_run, two_runs),

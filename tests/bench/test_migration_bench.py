@@ -81,8 +81,15 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
             assert math.isclose(r["ratio_one_vcpu"], statistics.median(
                 a / b for a, b in zip(r["one_vcpu_p50s_ns"], r["plain_p50s_ns"], strict=True)))
             assert any("one busy vCPU" in t for t in r["targets"])
+            # and the plain C fault of two faulting threads, measured with each pair
+            assert len(r["plain_two_p50s_ns"]) == r["runs"]
+            assert all(p > 0 for p in r["plain_two_p50s_ns"])
+            assert math.isclose(r["ratio_vs_plain_two"], statistics.median(
+                a / b for a, b in zip(r["run_p50s_ns"], r["plain_two_p50s_ns"], strict=True)))
+            assert any("over two C faulters" in t for t in r["targets"])
         else:
             assert not r["one_vcpu_p50s_ns"]
+            assert not r["plain_two_p50s_ns"]
         if r["faults"]:
             assert r["lat_p50_ns"] <= r["lat_p99_ns"] <= r["lat_max_ns"]
             assert math.isclose(r["ratio_p50"], r["lat_p50_ns"] / r["floor_p50_ns"])

@@ -280,10 +280,30 @@ static void *handler_main(void *arg)
     return NULL;
 }
 
-int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
-                       uint64_t *lat_ns)
+struct faulter {
+    uint64_t addr, npages, page_size, first, step;
+    uint64_t *lat_ns;
+};
+
+static void *faulter_main(void *arg)
 {
-    if (page_size < 4096 || (page_size & (page_size - 1)) || addr % page_size || !npages || !lat_ns)
+    const struct faulter *f = arg;
+    for (uint64_t i = f->first; i < f->npages; i += f->step) {
+        volatile const uint8_t *p = (volatile const uint8_t *)(uintptr_t)(f->addr + i * f->page_size);
+        uint64_t t0 = pc_now_ns();
+        (void)*p;
+        f->lat_ns[i] = pc_now_ns() - t0;
+    }
+    return NULL;
+}
+
+#define NB_MAX_FAULTERS 8
+
+int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
+                       uint32_t nfaulters, uint64_t *lat_ns)
+{
+    if (page_size < 4096 || (page_size & (page_size - 1)) || addr % page_size || !npages || !lat_ns ||
+        !nfaulters || nfaulters > NB_MAX_FAULTERS)
         return -EINVAL;
     struct remote r = { .uffd = uffd_fd, .page_size = page_size, .src = src, .addr = addr, .npages = npages };
     if (!(r.page = aligned_alloc(4096, page_size)))
@@ -301,18 +321,28 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
         free(r.page);
         return rc;
     }
-    pthread_t server, handler;
+    pthread_t server, handler, faulters[NB_MAX_FAULTERS];
+    struct faulter f[NB_MAX_FAULTERS];
     int have_server = (rc = -pthread_create(&server, NULL, server_main, &r)) == 0;
     int have_handler = have_server && (rc = -pthread_create(&handler, NULL, handler_main, &r)) == 0;
     if (have_handler) {
-        for (uint64_t i = 0; i < npages; i++) {
-            volatile const uint8_t *p = (volatile const uint8_t *)(uintptr_t)(addr + i * page_size);
-            uint64_t t0 = pc_now_ns();
-            (void)*p;
-            lat_ns[i] = pc_now_ns() - t0;
+        uint32_t started = 0;
+        for (uint32_t t = 0; t < nfaulters; t++) {
+            f[t] = (struct faulter){ addr, npages, page_size, t, nfaulters, lat_ns };
+            if (nfaulters == 1) {
+                faulter_main(&f[t]);            /* on this thread, as before: no thread start in the way */
+                continue;
+            }
+            if ((rc = -pthread_create(&faulters[t], NULL, faulter_main, &f[t])) != 0)
+                break;
+            started++;
         }
+        for (uint32_t t = 0; t < started; t++)
+            pthread_join(faulters[t], NULL);
+        /* a faulter that could not start leaves its pages missing: the handler is stopped now,
+         * so nothing touches them; rc already says why */
         char x = 1;
-        if (write(r.stop[1], &x, 1) != 1)
+        if (write(r.stop[1], &x, 1) != 1 && rc == 0)
             rc = -errno;
         pthread_join(handler, NULL);
         if (rc == 0)

@@ -20,12 +20,13 @@ int pc_nb_tcp_rtt(uint64_t iters, uint32_t msg_size, uint64_t *lat_ns);
 int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns);
 
 /* npages pages at addr (registered MISSING with uffd_fd, page_size each) are
- * touched in order by one thread; each fault is read by a handler thread,
- * requested from a server thread over loopback TCP (16-byte request, page_size
- * reply from src) and placed with one UFFDIO_COPY. lat_ns[i]: the touch of
- * page i as the faulting thread saw it. */
+ * touched by nfaulters threads (1-8), thread t the pages t, t+nfaulters, ... in
+ * order; each fault is read by one handler thread, requested from a server
+ * thread over one loopback TCP connection (16-byte request, page_size reply
+ * from src) and placed with one UFFDIO_COPY, one fault after the other.
+ * lat_ns[i]: the touch of page i as its faulting thread saw it. */
 int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
-                       uint64_t *lat_ns);
+                       uint32_t nfaulters, uint64_t *lat_ns);
 
 /* UFFDIO_COPY len bytes from src onto missing pages at dst in ioctls of chunk
  * bytes each (a multiple of the page size): what batching the placement of
