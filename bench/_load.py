@@ -1,4 +1,6 @@
-"""Waiting for a quiet machine before a bench run (2 cores: other jobs move every figure)."""
+"""Waiting for a quiet machine before a bench run (2 cores: other jobs move every figure), and
+how much of the run the hypervisor took (a VM's CPUs stolen for other guests stall every thread
+at once: a downtime then has every phase slow together)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import os
 import time
 
-__all__ = ["add_load_options", "wait_for_load"]
+__all__ = ["StealLog", "add_load_options", "host_steal_s", "wait_for_load"]
 
 
 def add_load_options(ap: argparse.ArgumentParser, max_wait: float) -> None:
@@ -26,3 +28,31 @@ def wait_for_load(max_load: float, max_wait: float, poll: float = 2.0) -> float:
         if load < max_load or time.monotonic() >= deadline:
             return load
         time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+
+def host_steal_s() -> float:
+    """CPU seconds the hypervisor gave this VM's CPUs to others since boot (/proc/stat, all CPUs)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()      # cpu user nice system idle iowait irq softirq steal ...
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+class StealLog:
+    """Steal by section of a run: :meth:`mark` closes the section that ran since the last mark."""
+
+    def __init__(self) -> None:
+        self._last = host_steal_s()
+        self.sections: dict[str, float] = {}
+
+    def mark(self, section: str) -> None:
+        now = host_steal_s()
+        self.sections[section] = self.sections.get(section, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return sum(self.sections.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in self.sections.items())
+        return f"{self.total:.1f} s ({parts})"

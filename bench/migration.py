@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # this checkout's postcopy and uffd
 
 from _growth import TARGET_MEMORY_FRACTION, CostRun, DowntimeRun, fits, measure_cost, measure_downtime
+from _load import StealLog
 from _qemu_ref import QemuDowntime, qemu_available, qemu_downtime
 from prefetch import print_summary as print_prefetch_summary
 from prefetch import run_demos as run_prefetch_demos
@@ -1129,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--qemu on: {why_no_qemu}")
     with_qemu = args.qemu == "on" or (args.qemu == "auto" and not args.quick and why_no_qemu is None)
     t_start = time.monotonic()
+    steal = StealLog()
     print(f"postcopy migration bench on {platform.node()} (Linux {os.uname().release}, {os.cpu_count()} CPUs), "
           f"{'quick' if args.quick else 'full'}, {repeat} run(s) per configuration")
     py_speed = interpreter_speed_us()
@@ -1143,6 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2 MiB rows skipped: {free_hugepages(PAGE_2M)} free 2 MiB hugepages, need {need_2m}")
     dt_sizes = downtime_sizes(args.quick, args.scale)
     floors = measure_floors(args.quick, with_2m)
+    steal.mark("floors")
     print_floors(floors)
     print()
 
@@ -1174,6 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{role} {v['cpu_ms']:.0f} ms cpu, {v['runqueue_ms']:.0f} ms runq "
                           f"({v['runqueue_ms'] * 1000 / max(v['runs'], 1):.0f} us/run)"
                           for role, v in sorted((r.profile or {}).items())))
+    steal.mark("migrations")
     print("Migrations (busy guest -> latency, idle guest -> bulk throughput):")
     print_rows(rows)
     print()
@@ -1188,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Downtime by guest size, each role in its own process (as on two hosts; the targets use these):")
     two_runs, two_skipped = run_two_process(two_process_sizes(dt_sizes, args.quick), repeat)
     two_groups = two_process_groups(two_runs)
+    steal.mark("downtime")
     print_two_process(two_groups, two_skipped)
     print()
     print("Downtime by guest size, both roles in this process (diagnostic: phases traced; the roles share one GIL, "
@@ -1198,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
     same_run: list[dict[str, Any]] = []
     if with_qemu:
         same_run = qemu_rows(downtime_runs, run_qemu(qemu_sizes(downtime_runs), repeat), two_runs)
+        steal.mark("QEMU")
         print_qemu_same_run(same_run)
     else:
         print(f"QEMU 7.2 downtime in this run: not measured ({'--qemu off' if args.qemu == 'off' else why_no_qemu or '--quick; --qemu on measures it'})")
@@ -1205,6 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = cost_sizes(args.quick, args.scale, args.cost_sizes) if args.cost_sizes != "0" else []
     costs = run_costs(sizes)
+    steal.mark("cost")
     if costs:
         print("Cost as the guest grows:")
         print_costs(costs, floors)
@@ -1220,6 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
               f"preempt on, each role in its own process; {prefetch_runs} round(s), on and off interleaved):")
         prows = run_prefetch_demos(prefetch_runs, f"{demo_mib}M", ["seq", "random"], max_load=float("inf"),
                                    max_wait=0.0, verify=False)
+        steal.mark("prefetch")
         psummary, ptargets = summarize_prefetch(prows)
         print_prefetch_summary(psummary, ptargets)
         print("  GB/s: guest bytes / postcopy time as the demo reports it; faults: remote faults (% of the guest's "
@@ -1233,7 +1241,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in downtime_targets(downtime_runs, ref, same_run, two_runs):
         print(f"  target {t['target']}: {t['measured']} -> {t['verdict']}")
     elapsed = time.monotonic() - t_start
-    print(f"\ntotal {elapsed:.1f} s")
+    steal.mark("rest")
+    print(f"\ntotal {elapsed:.1f} s; host CPU steal (/proc/stat: CPU time the hypervisor gave this VM's CPUs to "
+          f"others) {steal.describe()}: every thread stalls at once, and a run with seconds of it is not "
+          "comparable with one without")
 
     if args.json:
         report = {
@@ -1260,6 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
             "downtime_two_process_skipped": two_skipped,
             "qemu_7_2_reference": ref,
             "elapsed_s": elapsed,
+            "host_steal_s": steal.sections | {"total": steal.total},
         }
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         print(f"JSON written to {args.json}")

@@ -39,10 +39,15 @@ def test_quick_run_prints_every_column_and_writes_json(tmp_path: Path) -> None:
                  "Downtime against QEMU 7.2 in this run", "Cost as the guest grows", "src CPU s/GiB",
                  "dst MB beyond guest", "each role in its own process (as on two hosts",
                  "both roles in this process (diagnostic", "2-proc worst / QEMU", "in-proc worst / QEMU",
-                 "Prefetch that follows the guest"):
+                 "Prefetch that follows the guest", "host CPU steal"):
         assert line in text, f"{line!r} missing from:\n{text}"
 
     report = json.loads(out.read_text())
+    # the hypervisor's share of the run, by section: each from /proc/stat, adding up to the total
+    steal = report["host_steal_s"]
+    assert set(steal) == {"floors", "migrations", "downtime", "QEMU", "cost", "prefetch", "rest", "total"}
+    assert all(v >= 0 for v in steal.values())
+    assert math.isclose(steal["total"], sum(v for k, v in steal.items() if k != "total"), abs_tol=1e-6)
     assert report["host"]["python_sum_range_1000_us"] > 0
     assert f"sum(range(1000)) in {report['host']['python_sum_range_1000_us']:.1f} us" in text
     f = report["floors"]
