@@ -82,14 +82,17 @@ def copy_cost_ns(page_size: int, npages: int, rounds: int = 3) -> float:
     return best
 
 
-def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K, faulters: int = 1) -> list[int]:
+def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K, faulters: int = 1,
+                          connections: int = 1) -> list[int]:
     """Per-fault ns of a minimal C client/server remote fault over loopback TCP.
 
-    ``faulters``: threads touching the pages (each every ``faulters``-th page, in order) while one
-    handler serves their faults one after the other over one connection, as two vCPUs share our
-    preempt channel."""
-    if npages <= 0 or not 1 <= faulters <= 8:
-        raise ValueError(f"plain_remote_fault_ns: npages={npages} must be positive, faulters={faulters} 1-8")
+    ``faulters``: threads touching the pages (each every ``faulters``-th page, in order);
+    ``connections``: handlers, each with its own connection and server, serving the faults as they
+    come, each one fault after the other: two faulters on one connection share it as two vCPUs
+    share our preempt channel."""
+    if npages <= 0 or not 1 <= faulters <= 8 or not 1 <= connections <= 4:
+        raise ValueError(f"plain_remote_fault_ns: npages={npages} must be positive, faulters={faulters} 1-8, "
+                         f"connections={connections} 1-4")
     backing = "anon" if page_size == PAGE_4K else "hugetlbfs"
     with (
         Userfaultfd(user_mode_only=True) as u,
@@ -99,8 +102,9 @@ def plain_remote_fault_ns(npages: int, page_size: int = PAGE_4K, faulters: int =
         mt.fill_pattern(src, 0, src.used_length, seed=3)
         u.register(dst.addr, dst.used_length, RegisterMode.MISSING)
         lat = ffi.new("uint64_t[]", npages)
-        _check(lib.pc_nb_remote_fault(u.fileno(), dst.addr, npages, page_size, src.addr, faulters, lat),
-               f"plain_remote_fault_ns(npages={npages}, page_size={page_size}, faulters={faulters})")
+        _check(lib.pc_nb_remote_fault(u.fileno(), dst.addr, npages, page_size, src.addr, faulters, connections, lat),
+               f"plain_remote_fault_ns(npages={npages}, page_size={page_size}, faulters={faulters}, "
+               f"connections={connections})")
         if mt.check_pattern(dst, 0, dst.used_length, seed=3) != -1:
             raise FloorError(0, "plain_remote_fault_ns: a placed page differs from the page served")
         return list(lat)

@@ -298,34 +298,54 @@ static void *faulter_main(void *arg)
 }
 
 #define NB_MAX_FAULTERS 8
+#define NB_MAX_CONNS 4
+
+/* One connection's server and handler; every handler polls the one userfaultfd (a fault is read
+ * by one of them: the others see EAGAIN) and the one stop pipe, whose byte stays unread. */
+static void remote_close(struct remote *r)
+{
+    close(r->net[0]);
+    close(r->net[1]);
+    free(r->page);
+}
 
 int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
-                       uint32_t nfaulters, uint64_t *lat_ns)
+                       uint32_t nfaulters, uint32_t nconns, uint64_t *lat_ns)
 {
     if (page_size < 4096 || (page_size & (page_size - 1)) || addr % page_size || !npages || !lat_ns ||
-        !nfaulters || nfaulters > NB_MAX_FAULTERS)
+        !nfaulters || nfaulters > NB_MAX_FAULTERS || !nconns || nconns > NB_MAX_CONNS)
         return -EINVAL;
-    struct remote r = { .uffd = uffd_fd, .page_size = page_size, .src = src, .addr = addr, .npages = npages };
-    if (!(r.page = aligned_alloc(4096, page_size)))
-        return -ENOMEM;
-    memset(r.page, 0, page_size);
-    int rc = tcp_pair(r.net, 1);
-    if (rc < 0) {
-        free(r.page);
-        return rc;
+    int fl = fcntl(uffd_fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (nconns > 1 && !(fl & O_NONBLOCK))
+        return -EINVAL;     /* a handler that lost the race for a fault would block in read() for good */
+    int stop[2];
+    if (pipe2(stop, O_CLOEXEC) != 0)
+        return -errno;
+    struct remote r[NB_MAX_CONNS];
+    pthread_t server[NB_MAX_CONNS], handler[NB_MAX_CONNS], faulters[NB_MAX_FAULTERS];
+    uint32_t nready = 0, nservers = 0, nhandlers = 0;
+    int rc = 0;
+    for (; nready < nconns; nready++) {
+        r[nready] = (struct remote){ .uffd = uffd_fd, .stop = { stop[0], stop[1] }, .page_size = page_size,
+                                     .src = src, .addr = addr, .npages = npages };
+        if (!(r[nready].page = aligned_alloc(4096, page_size))) {
+            rc = -ENOMEM;
+            break;
+        }
+        memset(r[nready].page, 0, page_size);
+        if ((rc = tcp_pair(r[nready].net, 1)) < 0) {
+            free(r[nready].page);
+            break;
+        }
     }
-    if (pipe2(r.stop, O_CLOEXEC) != 0) {
-        rc = -errno;
-        close(r.net[0]);
-        close(r.net[1]);
-        free(r.page);
-        return rc;
-    }
-    pthread_t server, handler, faulters[NB_MAX_FAULTERS];
-    struct faulter f[NB_MAX_FAULTERS];
-    int have_server = (rc = -pthread_create(&server, NULL, server_main, &r)) == 0;
-    int have_handler = have_server && (rc = -pthread_create(&handler, NULL, handler_main, &r)) == 0;
-    if (have_handler) {
+    for (; rc == 0 && nservers < nready; nservers++)
+        rc = -pthread_create(&server[nservers], NULL, server_main, &r[nservers]);
+    for (; rc == 0 && nhandlers < nready; nhandlers++)
+        rc = -pthread_create(&handler[nhandlers], NULL, handler_main, &r[nhandlers]);
+    if (rc == 0) {
+        struct faulter f[NB_MAX_FAULTERS];
         uint32_t started = 0;
         for (uint32_t t = 0; t < nfaulters; t++) {
             f[t] = (struct faulter){ addr, npages, page_size, t, nfaulters, lat_ns };
@@ -339,26 +359,28 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
         }
         for (uint32_t t = 0; t < started; t++)
             pthread_join(faulters[t], NULL);
-        /* a faulter that could not start leaves its pages missing: the handler is stopped now,
+        /* a faulter that could not start leaves its pages missing: the handlers are stopped now,
          * so nothing touches them; rc already says why */
-        char x = 1;
-        if (write(r.stop[1], &x, 1) != 1 && rc == 0)
-            rc = -errno;
-        pthread_join(handler, NULL);
-        if (rc == 0)
-            rc = r.handler_rc;
     }
-    shutdown(r.net[0], SHUT_RDWR);      /* EOF ends the server */
-    if (have_server) {
-        pthread_join(server, NULL);
+    char x = 1;
+    if (write(stop[1], &x, 1) != 1 && rc == 0)
+        rc = -errno;
+    for (uint32_t i = 0; i < nhandlers; i++) {
+        pthread_join(handler[i], NULL);
         if (rc == 0)
-            rc = r.server_rc;
+            rc = r[i].handler_rc;
     }
-    close(r.net[0]);
-    close(r.net[1]);
-    close(r.stop[0]);
-    close(r.stop[1]);
-    free(r.page);
+    for (uint32_t i = 0; i < nready; i++)
+        shutdown(r[i].net[0], SHUT_RDWR);       /* EOF ends its server */
+    for (uint32_t i = 0; i < nservers; i++) {
+        pthread_join(server[i], NULL);
+        if (rc == 0)
+            rc = r[i].server_rc;
+    }
+    for (uint32_t i = 0; i < nready; i++)
+        remote_close(&r[i]);
+    close(stop[0]);
+    close(stop[1]);
     return rc;
 }
 

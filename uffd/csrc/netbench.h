@@ -21,12 +21,14 @@ int pc_nb_tcp_stream(uint64_t total_bytes, uint32_t chunk, uint64_t *elapsed_ns)
 
 /* npages pages at addr (registered MISSING with uffd_fd, page_size each) are
  * touched by nfaulters threads (1-8), thread t the pages t, t+nfaulters, ... in
- * order; each fault is read by one handler thread, requested from a server
- * thread over one loopback TCP connection (16-byte request, page_size reply
- * from src) and placed with one UFFDIO_COPY, one fault after the other.
- * lat_ns[i]: the touch of page i as its faulting thread saw it. */
+ * order. nconns (1-4) loopback TCP connections each have a handler thread and a
+ * server thread: a handler reads a fault, requests it from its server (16-byte
+ * request, page_size reply from src) and places it with one UFFDIO_COPY, one
+ * fault after the other; the handlers share the userfaultfd, which must be
+ * O_NONBLOCK when nconns > 1. lat_ns[i]: the touch of page i as its faulting
+ * thread saw it. */
 int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t src,
-                       uint32_t nfaulters, uint64_t *lat_ns);
+                       uint32_t nfaulters, uint32_t nconns, uint64_t *lat_ns);
 
 /* UFFDIO_COPY len bytes from src onto missing pages at dst in ioctls of chunk
  * bytes each (a multiple of the page size): what batching the placement of
