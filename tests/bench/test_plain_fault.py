@@ -42,7 +42,8 @@ def test_faulters_out_of_range_is_refused(faulters: int) -> None:
 @pytest.mark.parametrize(("faulters", "connections"), [(1, 2), (2, 2), (3, 4)])
 def test_several_connections_serve_every_fault(page_size: int, faulters: int, connections: int) -> None:
     """Each connection's handler reads the faults it wins from the one userfaultfd: none is lost
-    (a lost one would leave its faulter blocked: the call would not return) or served twice wrong."""
+    (its faulter would stay blocked: the call would not return), and every page holds what its
+    server sent (checked after the call)."""
     npages = 9 if page_size == PAGE_2M else 257
     lat = plain_remote_fault_ns(npages, page_size, faulters, connections)
     assert len(lat) == npages

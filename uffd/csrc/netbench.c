@@ -300,8 +300,6 @@ static void *faulter_main(void *arg)
 #define NB_MAX_FAULTERS 8
 #define NB_MAX_CONNS 4
 
-/* One connection's server and handler; every handler polls the one userfaultfd (a fault is read
- * by one of them: the others see EAGAIN) and the one stop pipe, whose byte stays unread. */
 static void remote_close(struct remote *r)
 {
     close(r->net[0]);
@@ -340,10 +338,15 @@ int pc_nb_remote_fault(int uffd_fd, uint64_t addr, uint64_t npages, uint64_t pag
             break;
         }
     }
-    for (; rc == 0 && nservers < nready; nservers++)
-        rc = -pthread_create(&server[nservers], NULL, server_main, &r[nservers]);
-    for (; rc == 0 && nhandlers < nready; nhandlers++)
-        rc = -pthread_create(&handler[nhandlers], NULL, handler_main, &r[nhandlers]);
+    /* A server and a handler per connection; every handler polls the one userfaultfd (a fault is
+     * read by one of them: the others see EAGAIN) and the one stop pipe, whose byte stays unread.
+     * Counted as they start: only started threads are joined. */
+    while (rc == 0 && nservers < nready && (rc = -pthread_create(&server[nservers], NULL, server_main,
+                                                                   &r[nservers])) == 0)
+        nservers++;
+    while (rc == 0 && nhandlers < nready && (rc = -pthread_create(&handler[nhandlers], NULL, handler_main,
+                                                                    &r[nhandlers])) == 0)
+        nhandlers++;
     if (rc == 0) {
         struct faulter f[NB_MAX_FAULTERS];
         uint32_t started = 0;
