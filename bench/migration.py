@@ -12,7 +12,9 @@ Floors (C, no Python between timestamps; see bench/_floor.py):
                      the 2 MiB fault target's row measures it again right before each busy run
                      and takes the median of each run's p50 over its own; beside it (a diagnostic,
                      not the target) the same ratio of a busy run with one vCPU right after each:
-                     what is left once no other vCPU's requested page is ahead in the queue.
+                     what is left once no other vCPU's requested page is ahead in the queue; and
+                     the busy p50 over the plain C fault of two faulting threads on its one
+                     connection, measured right after the one-thread fault (the same queue);
 
 Migrations (a Source and a Destination in this process over loopback TCP, real
 userfaultfd, the built-in guest's vCPUs as C threads on both sides; each 4 KiB-page run first
@@ -32,6 +34,9 @@ share one GIL, so a phase may include waiting for the other role's Python thread
 Prefetch that follows the guest: the default demo (`postcopy demo`: 1 GiB times --scale,
 4 KiB pages, 2 busy vCPUs, preempt on, each role in its own process), a sequential and a
 random guest, prefetch on and off, interleaved (bench/prefetch.py runs more of them).
+
+The host's CPU steal (/proc/stat: time the hypervisor gave this VM's CPUs to others) is read by
+section of the run and printed with the total: it stalls every thread at once.
 
 Usage: python3 bench/migration.py [--quick] [--repeat N] [--json PATH] [--profile]
 The bench only prints (and writes JSON); it asserts nothing about speed.
