@@ -521,6 +521,13 @@ class DestinationSession:
         elif conn == self.link.main:
             if self.link.handshake:
                 self._handshake_item(conn, item, now)
+            elif self.link.resume_held:
+                # RESUME waits for its preempt channel and the stream is held: a source that goes on
+                # before RESUME_ACK (its EOF would complete a migration still in recovery)
+                if isinstance(item, wire.ConnectionClosed):
+                    self._refuse_attempt("the recovery connection closed before RESUME was answered", now)
+                else:
+                    self._refuse_attempt(f"{type(item).__name__} before RESUME was answered", now, "malformed")
             else:
                 self._postcopy_item(item, now)
 

@@ -919,3 +919,25 @@ def test_preempt_requests_ping_sends_page_requests_on_the_preempt_channel() -> N
         acts = d.resume()
         assert d.s.status is S.POSTCOPY_ACTIVE
         assert StartPreemptReceiver(d.pre, requests=said) in acts
+
+
+@pytest.mark.parametrize(("item", "reason"), [(wire.EndOfStream(), "malformed"), (wire.Ping(value=5), "malformed"),
+                                              (wire.ConnectionClosed(complete=False), "stalled")])
+def test_a_recovery_stream_that_goes_on_before_resume_is_answered_is_refused(item, reason: str) -> None:
+    """RESUME waits for its preempt channel (the stream held): anything more on it before RESUME_ACK
+    is a source that did not wait. Found by the state machine: its EOF completed a migration still in
+    postcopy-recover (IllegalTransition). Now the attempt is refused, the migration paused for the next."""
+    d = Dest(preempt=True).to_paused()
+    d.recovery_main, _ = d.connect(b"\x08")
+    assert d.resume()[-1] == HoldStream(d.recovery_main)      # no preempt channel yet
+    assert d.s.status is S.POSTCOPY_RECOVER
+    acts = d.items(d.recovery_main, [item])
+    assert d.s.status is S.POSTCOPY_PAUSED
+    assert CloseConnection(d.recovery_main) in acts and AttachReturnPath(None) in acts
+    assert not of_type(acts, Finish) and not of_type(acts, CheckComplete)
+    assert d.s.refused[reason] == 1
+    # the next attempt recovers as ever
+    d.recovery_main, _ = d.connect(b"\x08")
+    d.pre, _ = d.silent()
+    d.resume()
+    assert d.s.status is S.POSTCOPY_ACTIVE
