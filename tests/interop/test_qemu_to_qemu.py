@@ -37,7 +37,7 @@ def test_qemu_to_qemu_precopy_then_postcopy(tmp_path: Path) -> None:
     r = migrate_qemu_to_qemu(tmp_path, preempt=True, precopy_s=0.5)
     _check(r)
     # precopy ran before the switch: QEMU counts its bytes apart (not "transferred" > the guest's
-    # size, which also needs the guest to have written every page and dirtied some again: CI once
+    # size, which also needs the guest to have written every page and dirtied some again: a local run once
     # saw 41.7 MB of a 64 MiB guest's pages, the migration itself exact)
     ram = r.src_info["ram"]
     assert ram["precopy-bytes"] > 0, ram
