@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def test_qemu_to_us_after_precopy(tmp_path: Path) -> None:
     r = migrate_qemu_to_us(tmp_path, preempt=True, precopy_s=0.5)
     _check_saved(r)
     # precopy ran before the switch (pages placed, then discarded): 0.2 s at 32 MiB/s after the slow
-    # start, where an immediate switch sends at most the slow start's first window (26 KB)
+    # start, where an immediate switch sends about the slow start's first window (26 KB)
     assert r.src_info["ram"]["precopy-bytes"] > 2 * MiB, r.src_info["ram"]
 
 
@@ -113,8 +112,8 @@ def test_qemu_whose_guest_never_ran_switches_to_postcopy(tmp_path: Path, on_huge
     """A guest that never ran (QEMU -S) has RAM of zero pages: QEMU 7.2's first precopy pass over
     it is a few hundred KB and, ending before QEMU has measured a rate window, found nothing left
     and completed in precopy (CI once, on hugetlbfs). Behind the slow start of precopy
-    (``start_postcopy_from_qemu``) the switch comes first, and the destination places the zero
-    pages on request and in the background (4 KiB: ZEROPAGE; 2 MiB: a zeroed huge page)."""
+    (``start_postcopy_from_qemu``) the switch comes first; the device state comes in the package
+    and the saved RAM equals A's."""
     with contextlib.ExitStack() as stack:
         huge = stack.enter_context(hugetlbfs_mount()) if on_hugetlbfs else None
         r = migrate_qemu_to_us(tmp_path, preempt=True, never_ran=True, hugetlbfs=huge)
