@@ -33,6 +33,7 @@ from .qemu import (
     hugetlbfs_mount,
     migrate_qemu_to_us,
     restore_into_qemu,
+    start_postcopy_from_qemu,
 )
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -145,8 +146,7 @@ def test_preempt_mismatch_is_one_sentence_within_the_link_timeout(tmp_path: Path
         a.set_capabilities((*POSTCOPY_CAPS, "postcopy-preempt") if qemu_preempt else POSTCOPY_CAPS)
         d, port = _postcopy_dest(tmp_path, tmp_path / "snapshot", preempt=ours, link_timeout=link_timeout)
         t0 = time.monotonic()
-        a.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        a.cmd("migrate-start-postcopy")
+        start_postcopy_from_qemu(a, f"tcp:127.0.0.1:{port}")
         rc = d.wait(30)
         took = time.monotonic() - t0
     finally:
